@@ -1,0 +1,289 @@
+"""The dsv4 custom-op registry: the hot pieces of DeepSeek-V4 as `torch.library` custom ops.
+
+Each op is declared once here with
+  * its schema (tensors + static attributes only, so every target can implement it),
+  * a plain PyTorch reference implementation (the ground truth every target is tested against),
+  * a fake (meta) kernel so torch.export can trace shapes without running it.
+Targets add their own implementation per op name (ONNX schema + function body, C++ ORT kernel, TensorRT
+plugin, CANN mapping) in their own packages; `OPS` is the list they iterate.
+
+Conventions shared by all ops:
+  * activations are float32 tensors; "bf16" attributes round results to bfloat16 where the DeepSeek
+    reference stores bfloat16 (computing in fp32 and rounding keeps CPUs on their fast fp32 paths);
+  * FP8 weights are uint8 bit patterns of float8_e4m3fn with float32 block scales (128x128);
+  * FP4 weights are uint8 bytes holding two e2m1 values (low nibble first) with float32 scales per 1x32;
+  * index tensors are int64 and use -1 for "no entry".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from dsv4c.graphs import quant
+
+FP8_BLOCK = 128
+FP4_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str  # torch name: torch.ops.dsv4.<name>
+    onnx_name: str  # op type in the ONNX `dsv4` domain
+    schema: str
+    reference: Callable
+    doc: str
+    attributes: tuple[str, ...] = field(default=())  # static (non-tensor) arguments, in schema order
+
+    @property
+    def overload(self) -> torch._ops.OpOverload:
+        return getattr(torch.ops.dsv4, self.name).default
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def _register(name: str, onnx_name: str, schema: str, fake: Callable, attributes: tuple[str, ...] = ()):
+    """Define `dsv4::name` with the decorated function as its reference kernel and `fake` as meta kernel."""
+
+    def wrap(reference: Callable) -> Callable:
+        lib_name = f"dsv4::{name}"
+        torch.library.define(lib_name, schema)
+        torch.library.impl(lib_name, "CompositeExplicitAutograd")(reference)
+        torch.library.register_fake(lib_name)(fake)
+        OPS[name] = OpDef(name, onnx_name, schema, reference, (reference.__doc__ or "").strip(), attributes)
+        return reference
+
+    return wrap
+
+
+def round_bf16(x: torch.Tensor, enabled: bool) -> torch.Tensor:
+    return x.to(torch.bfloat16).float() if enabled else x
+
+
+# ---- weight decoding (shared by the linear ops) ----------------------------------------------------------
+def decode_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """uint8 e4m3 bits [N, K] + f32 scale [ceil(N/128), ceil(K/128)] -> f32 [N, K]."""
+    n, k = w.shape
+    s = scale.repeat_interleave(FP8_BLOCK, 0)[:n].repeat_interleave(FP8_BLOCK, 1)[:, :k]
+    return w.view(torch.float8_e4m3fn).float() * s
+
+
+def decode_fp4(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """uint8 packed e2m1 [N, K/2] + f32 scale [N, K/32] -> f32 [N, K]."""
+    values = quant.unpack_fp4(w.view(torch.int8))
+    return values * scale.repeat_interleave(FP4_BLOCK, 1)
+
+
+def decode_expert(w: torch.Tensor, scale: torch.Tensor, fmt: int) -> torch.Tensor:
+    if fmt == 0:
+        return decode_fp4(w, scale)
+    if fmt == 1:
+        return decode_fp8(w, scale)
+    return w.float()
+
+
+# ---- quantized linears -----------------------------------------------------------------------------------
+def _fp8_linear_fake(x, w, w_scale, act_quant):
+    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=torch.float32)
+
+
+@_register("fp8_linear", "Fp8Linear", "(Tensor x, Tensor w, Tensor w_scale, bool act_quant) -> Tensor",
+           _fp8_linear_fake, ("act_quant",))
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_quant: bool) -> torch.Tensor:
+    """y[..., N] = q(x)[..., K] @ dequant(w)[N, K]^T. Weights FP8 e4m3 with 128x128 e8m0 scales; with
+    act_quant, x is quantised to FP8 per token and 128 channels with power-of-two scales first (W8A8)."""
+    if act_quant:
+        x = quant.fake_quant_fp8(x, FP8_BLOCK)
+    return F.linear(x.float(), decode_fp8(w, w_scale))
+
+
+def _grouped_fake(x, w, w_scale, act_quant):
+    groups = x.shape[-2]
+    return x.new_empty((*x.shape[:-1], w.shape[0] // groups), dtype=torch.float32)
+
+
+@_register("fp8_grouped_linear", "Fp8GroupedLinear",
+           "(Tensor x, Tensor w, Tensor w_scale, bool act_quant) -> Tensor", _grouped_fake, ("act_quant",))
+def fp8_grouped_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_quant: bool) -> torch.Tensor:
+    """Grouped low-rank projection (`wo_a`): x [..., G, K], w FP8 [G*R, K] -> y[..., g, :] = x[..., g, :] @ w_g^T."""
+    if act_quant:
+        x = quant.fake_quant_fp8(x, FP8_BLOCK)
+    g, k = x.shape[-2], x.shape[-1]
+    wg = decode_fp8(w, w_scale).view(g, -1, k)  # [G, R, K]
+    return torch.einsum("...gk,grk->...gr", x.float(), wg)
+
+
+def _moe_fake(x, weights, indices, w1, s1, w3, s3, w2, s2, fmt, swiglu_limit, act_quant, bf16):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+@_register("moe_experts", "MoeExperts",
+           "(Tensor x, Tensor weights, Tensor indices, Tensor w1, Tensor s1, Tensor w3, Tensor s3, Tensor w2, "
+           "Tensor s2, int fmt, float swiglu_limit, bool act_quant, bool bf16) -> Tensor",
+           _moe_fake, ("fmt", "swiglu_limit", "act_quant", "bf16"))
+def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor,
+                w3: torch.Tensor, s3: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, fmt: int,
+                swiglu_limit: float, act_quant: bool, bf16: bool) -> torch.Tensor:
+    """Routed experts: x [T, D], routing weights [T, k] f32, expert ids [T, k] int64.
+    Expert weights stacked [E, ...]: fmt 0 = FP4 (w [E,N,K/2] u8, s [E,N,K/32]), 1 = FP8 (w [E,N,K] u8,
+    s [E,N/128,K/128]), 2 = float (w [E,N,K], s unused). Per expert e: g = w1 x, u = w3 x (clamped: u in
+    [-L, L], g <= L), h = silu(g) * u * routing_weight (applied BEFORE w2), y = w2 h; out = sum over picks."""
+    y = torch.zeros(x.shape, dtype=torch.float32)
+    for e in torch.unique(indices).tolist():
+        if e < 0:
+            continue
+        tok, slot = torch.where(indices == e)
+        xe = x[tok].float()
+        if act_quant:
+            xe = quant.fake_quant_fp8(xe, FP8_BLOCK)
+        gate = round_bf16(F.linear(xe, decode_expert(w1[e], s1[e], fmt)), bf16)
+        up = round_bf16(F.linear(xe, decode_expert(w3[e], s3[e], fmt)), bf16)
+        if swiglu_limit > 0:
+            up = up.clamp(-swiglu_limit, swiglu_limit)
+            gate = gate.clamp(max=swiglu_limit)
+        h = round_bf16(F.silu(gate) * up * weights[tok, slot, None], bf16)
+        if act_quant:
+            h = quant.fake_quant_fp8(h, FP8_BLOCK)
+        y.index_add_(0, tok, round_bf16(F.linear(h, decode_expert(w2[e], s2[e], fmt)), bf16))
+    return y
+
+
+# ---- QAT simulations -------------------------------------------------------------------------------------
+def _same_fake(x, *args):
+    return torch.empty_like(x, dtype=torch.float32)
+
+
+@_register("fake_quant_fp8", "FakeQuantFp8", "(Tensor x, int block) -> Tensor", _same_fake, ("block",))
+def fake_quant_fp8(x: torch.Tensor, block: int) -> torch.Tensor:
+    """FP8 e4m3 quantise-dequantise along the last dim in blocks of `block`, power-of-two scales (KV sim)."""
+    return quant.fake_quant_fp8(x.float(), block)
+
+
+@_register("hadamard_fp4", "HadamardFp4", "(Tensor x) -> Tensor", _same_fake)
+def hadamard_fp4(x: torch.Tensor) -> torch.Tensor:
+    """Indexer QAT: orthonormal Walsh-Hadamard rotation of the last dim, then FP4 e2m1 quantise-dequantise
+    in blocks of 32 with power-of-two scales."""
+    return quant.fake_quant_fp4(quant.hadamard(x.float()), FP4_BLOCK)
+
+
+# ---- attention -------------------------------------------------------------------------------------------
+def _sparse_attn_fake(q, kv, sink, idx, scale):
+    return torch.empty_like(q, dtype=torch.float32)
+
+
+@_register("sparse_attn", "SparseAttn", "(Tensor q, Tensor kv, Tensor sink, Tensor idx, float scale) -> Tensor",
+           _sparse_attn_fake, ("scale",))
+def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """q [B,S,H,D], kv [B,N,D] (K = V), sink [H], idx [B,S,K] int64 rows of kv (-1 = none).
+    o[b,s,h] = sum_k p_k kv[idx_k] with p = exp(l_k) / (sum_j exp(l_j) + exp(sink_h)), l = scale q.kv."""
+    b, s, h, d = q.shape
+    out = torch.empty(b, s, h, d, dtype=torch.float32)
+    for s0 in range(0, s, 64):  # query blocks bound the gathered [B, s, K, D] tensor
+        ib = idx[:, s0:s0 + 64]  # [B, s, K]
+        valid = ib >= 0
+        rows = torch.gather(kv.float(), 1, ib.clamp(min=0).flatten(1)[..., None].expand(-1, -1, d))
+        rows = rows.view(b, ib.shape[1], ib.shape[2], d)  # [B, s, K, D]
+        logits = torch.einsum("bshd,bskd->bshk", q[:, s0:s0 + 64].float(), rows) * scale
+        logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
+        sink_col = sink.float().view(1, 1, h, 1).expand(b, ib.shape[1], h, 1)
+        probs = torch.cat([logits, sink_col], dim=-1).softmax(dim=-1)[..., :-1]
+        out[:, s0:s0 + 64] = torch.einsum("bshk,bskd->bshd", probs, rows)
+    return out
+
+
+def _indexer_fake(q, k, w, n_visible, topk):
+    return q.new_empty((*q.shape[:2], min(topk, k.shape[1])), dtype=torch.int64)
+
+
+@_register("indexer_topk", "IndexerTopK", "(Tensor q, Tensor k, Tensor w, Tensor n_visible, int topk) -> Tensor",
+           _indexer_fake, ("topk",))
+def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_visible: torch.Tensor,
+                 topk: int) -> torch.Tensor:
+    """Lightning indexer: q [B,S,h,d], compressed keys k [B,N,d], head weights w [B,S,h] (already scaled),
+    n_visible [B,S] = entries each query may see. score[j] = sum_h w_h relu(q_h . k_j); entries j >= n_visible
+    are -inf; returns the top-min(topk, N) entry ids [B,S,K], with -1 for picks that are not visible."""
+    scores = torch.einsum("bshd,bnd->bshn", q.float(), k.float()).relu()
+    scores = (scores * w.float()[..., None]).sum(dim=2)  # [B, S, N]
+    entry = torch.arange(k.shape[1])
+    hidden = entry.view(1, 1, -1) >= n_visible[..., None]
+    scores = scores.masked_fill(hidden, float("-inf"))
+    picks = scores.topk(min(topk, k.shape[1]), dim=-1).indices
+    return torch.where(picks >= n_visible[..., None], torch.full_like(picks, -1), picks)
+
+
+# ---- compressor ------------------------------------------------------------------------------------------
+def _pool_fake(kv, score, ends, ratio, overlap):
+    d = kv.shape[-1] // (2 if overlap else 1)
+    return kv.new_empty((kv.shape[0], ends.shape[1], d), dtype=torch.float32)
+
+
+@_register("compress_pool", "CompressPool", "(Tensor kv, Tensor score, Tensor ends, int ratio, bool overlap) -> Tensor",
+           _pool_fake, ("ratio", "overlap"))
+def compress_pool(kv: torch.Tensor, score: torch.Tensor, ends: torch.Tensor, ratio: int,
+                  overlap: bool) -> torch.Tensor:
+    """Gated pooling of raw token rows into compressed entries. kv, score [B, L, c*d] (score already has the
+    position bias `ape`; rows that hold no token have score -inf), ends [B, K] = row of each window's last
+    token (-1 = no entry). Without overlap (c=1) entry = sum over the window's m rows of softmax_rows(score)
+    * kv, per channel. With overlap (c=2, CSA) the candidates are the previous window's rows with channels
+    [:d] and the window's own rows with channels [d:] (2m candidates). Returns [B, K, d] (zeros for -1)."""
+    b, _, cd = kv.shape
+    c = 2 if overlap else 1
+    d = cd // c
+    span = c * ratio
+    offs = torch.arange(span) - (span - 1)  # rows e-span+1 .. e
+    rows = (ends.clamp(min=span - 1)[..., None] + offs).flatten(1)  # [B, K*span]
+    g_kv = torch.gather(kv.float(), 1, rows[..., None].expand(-1, -1, cd)).view(b, -1, span, cd)
+    g_sc = torch.gather(score.float(), 1, rows[..., None].expand(-1, -1, cd)).view(b, -1, span, cd)
+    if overlap:  # first m rows: previous window, channels [:d]; last m rows: this window, channels [d:]
+        g_kv = torch.cat([g_kv[:, :, :ratio, :d], g_kv[:, :, ratio:, d:]], dim=2)
+        g_sc = torch.cat([g_sc[:, :, :ratio, :d], g_sc[:, :, ratio:, d:]], dim=2)
+    pooled = (g_kv * g_sc.softmax(dim=2)).sum(dim=2)  # [B, K, d]
+    return torch.where((ends >= 0)[..., None], pooled, torch.zeros_like(pooled))
+
+
+# ---- manifold-constrained hyper-connections --------------------------------------------------------------
+def _hc_pre_fake(x, fn, scale, base, iters, norm_eps, hc_eps):
+    b, s, n, d = x.shape
+    return (x.new_empty((b, s, d), dtype=torch.float32), x.new_empty((b, s, n), dtype=torch.float32),
+            x.new_empty((b, s, n, n), dtype=torch.float32))
+
+
+@_register("hc_pre", "HcPre",
+           "(Tensor x, Tensor fn, Tensor scale, Tensor base, int iters, float norm_eps, float hc_eps) "
+           "-> (Tensor, Tensor, Tensor)", _hc_pre_fake, ("iters", "norm_eps", "hc_eps"))
+def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int,
+           norm_eps: float, hc_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mHC pre: x [B,S,n,D] streams, fn [(2+n)n, nD]. mix = (flat(x) @ fn^T) * rsqrt(mean(flat(x)^2) + eps);
+    pre = sigmoid(mix[:n]*scale0 + base) + hc_eps; post = 2 sigmoid(mix[n:2n]*scale1 + base);
+    comb = Sinkhorn(softmax_rows(mix[2n:]*scale2 + base) + hc_eps) with `iters` row/col passes (first pass
+    column only). Returns y = sum_j pre_j x_j [B,S,D], post [B,S,n], comb [B,S,n,n]."""
+    b, s, n, d = x.shape
+    flat = x.float().flatten(2)
+    mix = F.linear(flat, fn.float()) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + norm_eps)
+    pre = torch.sigmoid(mix[..., :n] * scale[0] + base[:n]) + hc_eps
+    post = 2 * torch.sigmoid(mix[..., n:2 * n] * scale[1] + base[n:2 * n])
+    comb = (mix[..., 2 * n:] * scale[2] + base[2 * n:]).view(b, s, n, n)
+    comb = comb.softmax(dim=-1) + hc_eps
+    comb = comb / (comb.sum(dim=-2, keepdim=True) + hc_eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(dim=-1, keepdim=True) + hc_eps)
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + hc_eps)
+    y = (pre[..., None] * x.float()).sum(dim=2)
+    return y, post, comb
+
+
+def _hc_post_fake(f, res, post, comb):
+    return torch.empty_like(res, dtype=torch.float32)
+
+
+@_register("hc_post", "HcPost", "(Tensor f, Tensor res, Tensor post, Tensor comb) -> Tensor", _hc_post_fake)
+def hc_post(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """mHC post: out[:,:,k] = post_k f + sum_j comb[j,k] res_j (comb applied transposed). f [B,S,D],
+    res [B,S,n,D], post [B,S,n], comb [B,S,n,n] -> [B,S,n,D]."""
+    mixed = torch.einsum("bsjk,bsjd->bskd", comb.float(), res.float())
+    return post.float()[..., None] * f.float()[:, :, None, :] + mixed
