@@ -225,7 +225,7 @@ TINY = ModelConfig(
 # A second tiny shape: HCA with a short ratio (16) so compressed entries appear in short prompts, more heads,
 # a wider window, two hash layers and top-3 routing.
 TINY_B = ModelConfig(
-    vocab_size=1024, hidden_size=384, num_hidden_layers=5, num_attention_heads=8, head_dim=192,
+    vocab_size=1024, hidden_size=384, num_hidden_layers=5, num_attention_heads=8, head_dim=128,
     q_lora_rank=256, o_groups=4, o_lora_rank=32, sliding_window=24, compress_ratios=(4, 16, 4, 0, 16, 0),
     index_n_heads=2, index_head_dim=128, index_topk=5, n_routed_experts=6, num_experts_per_tok=3,
     moe_intermediate_size=256, num_hash_layers=2, routed_scaling_factor=2.5)

@@ -1,0 +1,149 @@
+"""`dsv4c` command line: build, run, inspect, schema.
+
+Exit codes: 0 ok · 2 recipe invalid · 3 infeasible on the declared target · 4 toolchain missing or mismatched ·
+5 validation gate failed · 6 build error · 7 checkpoint invalid.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from dsv4c.compiler.errors import EXIT_CODES, Dsv4cError, format_error
+
+EXIT_HELP = "\n".join(f"  {code}  {meaning}" for code, meaning in sorted(EXIT_CODES.items()))
+
+
+def _fail(e: Exception, debug: bool = False) -> None:
+    if isinstance(e, Dsv4cError):
+        click.echo(format_error(e), err=True)
+        if debug:
+            import traceback
+
+            traceback.print_exception(e, file=sys.stderr)
+        sys.exit(e.exit_code)
+    raise e
+
+
+@click.group(epilog=f"\b\nExit codes:\n{EXIT_HELP}")
+@click.version_option(package_name="dsv4c")
+def main() -> None:
+    """Compile DeepSeek-V4 checkpoints into deployable engines (CPU, TensorRT, CANN)."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Artifact directory (default artifacts/NAME).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. runtime.max_batch_size=4.")
+@click.option("--until", type=click.Choice(["resolve", "plan", "load", "quantize", "export", "lower", "build",
+                                            "validate", "package"]), default="package", help="Stop after this stage.")
+@click.option("--cache", "cache_mode", type=click.Choice(["readwrite", "readonly", "off", "redo"]),
+              default="readwrite", show_default=True, help="Stage cache policy.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="Stage cache (default ~/.cache/dsv4c/stages).")
+@click.option("--events", type=click.Choice(["text", "json", "quiet"]), default="text", help="Progress format.")
+@click.option("--debug", is_flag=True, help="Show tracebacks on failure.")
+def build(recipe: Path, output: Path | None, overrides: tuple[str, ...], until: str, cache_mode: str,
+          cache_dir: Path | None, events: str, debug: bool) -> None:
+    """Build RECIPE into an artifact directory."""
+    from dsv4c.compiler.pipeline import Build, Events, default_cache_dir, execute
+    from dsv4c.compiler.recipe import check_model_source, load_recipe
+
+    try:
+        r = load_recipe(recipe, list(overrides))
+        check_model_source(r)
+        out = (output or Path("artifacts") / r.name).resolve()
+        b = Build(recipe=r, out_dir=out, cache_dir=(cache_dir or default_cache_dir()).resolve(),
+                  cache_mode=cache_mode, events=Events(events), until=until, debug=debug)
+        artifact = execute(b)
+    except Exception as e:  # noqa: BLE001 - _fail re-raises anything that is not ours
+        _fail(e, debug)
+        return
+    if artifact is not None:
+        if events == "json":
+            print(json.dumps({"event": "artifact", "path": str(artifact)}))
+        elif events == "text":
+            click.echo(f"artifact: {artifact}", err=True)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--prompt", help="Text prompt (needs the artifact's tokenizer).")
+@click.option("--tokens", help="Comma-separated prompt token ids.")
+@click.option("--max-new-tokens", default=32, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True)
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
+def run(artifact: Path, prompt: str | None, tokens: str | None, max_new_tokens: int, temperature: float,
+        top_p: float, seed: int | None, stream: bool) -> None:
+    """Generate from ARTIFACT for one prompt."""
+    from dsv4c.artifact import ArtifactError
+    from dsv4c.runtime import Engine
+
+    if (prompt is None) == (tokens is None):
+        raise click.UsageError("give exactly one of --prompt or --tokens")
+    try:
+        eng = Engine.load(artifact)
+    except ArtifactError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(4)
+    tok = eng.tokenizer
+    if prompt is not None:
+        if tok is None:
+            raise click.UsageError(f"{artifact} has no tokenizer; use --tokens")
+        ids = [tok.bos_id] + tok.encode(prompt)
+    else:
+        ids = [int(t) for t in tokens.split(",") if t.strip()]
+    decoder = tok.incremental_decoder() if (tok is not None and stream) else None
+    out = []
+    for _, t in eng.stream([ids], max_new_tokens, temperature, top_p, seed):
+        out.append(t)
+        if stream:
+            click.echo(decoder.push(t) if decoder else f"{t} ", nl=False)
+    if stream:
+        click.echo(decoder.flush() if decoder else "")
+    elif tok is not None and prompt is not None:
+        click.echo(tok.decode(out))
+    else:
+        click.echo(",".join(map(str, out)))
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def inspect(artifact: Path, as_json: bool) -> None:
+    """Show what ARTIFACT holds: target, recipe, toolchain, fallbacks, validation."""
+    from dsv4c.runtime.engine import engine_info
+
+    info = engine_info(artifact)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{artifact}", show_header=False)
+    t.add_row("name", info.get("name", ""))
+    t.add_row("target", json.dumps(info["target"]))
+    t.add_row("runtime", json.dumps(info["runtime"]))
+    t.add_row("experts", str(info["engine"].get("expert_format")))
+    t.add_row("kernels", json.dumps(info["engine"].get("kernels")))
+    t.add_row("fallbacks", json.dumps(info.get("fallbacks")))
+    t.add_row("validation", json.dumps(info.get("validation")))
+    t.add_row("toolchain", json.dumps(info.get("toolchain")))
+    Console().print(t)
+
+
+@main.command()
+def schema() -> None:
+    """Print the recipe JSON Schema."""
+    from dsv4c.compiler.recipe import recipe_json_schema
+
+    click.echo(json.dumps(recipe_json_schema(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

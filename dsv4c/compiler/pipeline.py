@@ -1,0 +1,135 @@
+"""The build pipeline: named stages with content-addressed caching, `--until`, events, atomic output.
+
+    resolve -> plan -> load -> quantize -> export -> lower -> build -> validate -> package
+
+Each stage has a key: a sha256 over what determines its output (the recipe sections it reads, the digests of
+its inputs, the dsv4c and toolchain versions). Stages whose output lives on disk (load's synthetic checkpoint,
+lower's bundle, build's engine files, validate's report) are stored under the cache directory by key and
+reused when the key matches; in-memory stages (quantize, export) run only when a stage that needs them misses.
+The artifact is assembled in a temporary directory beside the output and renamed into place at the end, so a
+failed build leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import dsv4c
+from dsv4c.compiler.errors import BuildError, CheckpointInvalidError, Dsv4cError, InfeasibleError, ToolchainError
+
+STAGES = ("resolve", "plan", "load", "quantize", "export", "lower", "build", "validate", "package")
+CACHE_MODES = ("readwrite", "readonly", "off", "redo")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DSV4C_CACHE_DIR", Path.home() / ".cache" / "dsv4c" / "stages"))
+
+
+def toolchain_versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "dsv4c": dsv4c.__version__}
+
+
+def digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@dataclass
+class Events:
+    """Progress to the terminal (rich) or JSON lines on stdout (`--events json`) for CI."""
+
+    mode: str = "text"  # text | json | quiet
+    log: list[dict[str, Any]] = field(default_factory=list)
+
+    def emit(self, **event: Any) -> None:
+        self.log.append(event)
+        if self.mode == "json":
+            print(json.dumps(event, sort_keys=True), flush=True)
+        elif self.mode == "text" and event.get("event") == "stage":
+            from rich.console import Console
+
+            status = event["status"]
+            colour = {"cached": "cyan", "done": "green", "skipped": "dim"}.get(status, "white")
+            extra = f" {event['seconds']:.1f}s" if "seconds" in event else ""
+            Console(stderr=True).print(f"[{colour}]{status:>7}[/{colour}] {event['stage']}{extra}")
+
+
+@dataclass
+class Build:
+    recipe: Any  # dsv4c.compiler.recipe.Recipe
+    out_dir: Path
+    cache_dir: Path
+    cache_mode: str = "readwrite"
+    events: Events = field(default_factory=Events)
+    until: str = "package"
+    debug: bool = False
+    state: dict[str, Any] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)
+
+    # -- cache helpers ---------------------------------------------------------------------------------------
+    def cached_dir(self, stage: str, key: str) -> Path | None:
+        path = self.cache_dir / stage / key
+        if self.cache_mode in ("readwrite", "readonly") and (path / ".complete").is_file():
+            return path
+        return None
+
+    def store_dir(self, stage: str, key: str, fill: Callable[[Path], None]) -> Path:
+        """Run `fill(tmp)` and keep the result under the cache (unless caching is off / readonly)."""
+        if self.cache_mode in ("off", "readonly"):
+            tmp = Path(tempfile.mkdtemp(prefix=f"dsv4c-{stage}-"))
+            fill(tmp)
+            return tmp
+        final = self.cache_dir / stage / key
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
+        try:
+            fill(tmp)
+            (tmp / ".complete").write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final
+
+
+def run_stage(build: Build, name: str, fn: Callable[[Build], str | None]) -> None:
+    """Run one stage, timing it and emitting an event. fn returns "cached" on a cache hit."""
+    t0 = time.perf_counter()
+    status = fn(build) or "done"
+    build.events.emit(event="stage", stage=name, status=status, key=build.keys.get(name),
+                      seconds=round(time.perf_counter() - t0, 3))
+
+
+def execute(build: Build) -> Path | None:
+    """Run the stages up to `build.until`; returns the artifact directory (None when stopped early)."""
+    from dsv4c.compiler import stages
+
+    last = STAGES.index(build.until)
+    try:
+        for name in STAGES[: last + 1]:
+            run_stage(build, name, getattr(stages, f"stage_{name}"))
+    except Dsv4cError:
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # an unexpected failure inside a stage is a build error (exit 6)
+        raise BuildError(f"{type(e).__name__}: {e}") from e
+    return build.state.get("artifact")
+
+
+__all__ = ["Build", "Events", "STAGES", "CACHE_MODES", "execute", "digest", "toolchain_versions",
+           "default_cache_dir", "BuildError", "CheckpointInvalidError", "InfeasibleError", "ToolchainError"]

@@ -1,0 +1,168 @@
+"""FP8 / FP4 formats as DeepSeek ships V4, bit-exact with the format rules (spec §3, §5.2).
+
+* FP8 e4m3fn weights: 128x128 blocks, one e8m0 scale per block (value 2^(byte-127)).
+* FP4 e2m1 weights: 1x32 blocks along K, e8m0 scales, two values per byte, element 2k in the LOW nibble.
+* Activation fake-quant (the reference's act_quant / fp4_act_quant): power-of-two scales rounded UP.
+All scale exponents are computed exactly with frexp (a float log2 can round an exact power of two up).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_MAX = 448.0
+FP4_MAX = 6.0
+# e2m1 magnitudes by 3-bit code (e e m): 0, .5, 1, 1.5, 2, 3, 4, 6
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def ceil_pow2(x: torch.Tensor) -> torch.Tensor:
+    """Smallest power of two >= x (x > 0), exactly: frexp gives x = m * 2^e with m in [0.5, 1)."""
+    m, e = torch.frexp(x)
+    e = torch.where(m == 0.5, e - 1, e)  # x already a power of two
+    return torch.ldexp(torch.ones_like(x), e)
+
+
+def e8m0_to_float(s: torch.Tensor) -> torch.Tensor:
+    """e8m0 scales (float8_e8m0fnu or raw uint8 bytes) -> float32 2^(byte-127)."""
+    raw = s.view(torch.uint8) if s.dtype == torch.float8_e8m0fnu else s.to(torch.uint8)
+    return torch.ldexp(torch.ones(raw.shape), raw.to(torch.int32) - 127)
+
+
+def float_to_e8m0(scale: torch.Tensor) -> torch.Tensor:
+    """Exact powers of two (float32) -> float8_e8m0fnu."""
+    m, e = torch.frexp(scale.float())
+    if not bool((m == 0.5).all()):
+        raise ValueError("e8m0 scales must be exact powers of two")
+    return (e - 1 + 127).clamp(0, 254).to(torch.uint8).view(torch.float8_e8m0fnu)
+
+
+# ---- FP8 weights --------------------------------------------------------------------------------------------
+def _blocks(w: torch.Tensor, block: int) -> tuple[torch.Tensor, int, int]:
+    """[N, K] -> zero-padded [N/b, b, K/b, b] blocks (original N, K returned)."""
+    n, k = w.shape
+    pn, pk = -n % block, -k % block
+    wp = torch.nn.functional.pad(w.float(), (0, pk, 0, pn))
+    return wp.view((n + pn) // block, block, (k + pk) // block, block), n, k
+
+
+def quantize_fp8_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (float8_e4m3fn [N, K], e8m0 scales [ceil(N/128), ceil(K/128)])."""
+    wb, n, k = _blocks(w, block)
+    amax = wb.abs().amax(dim=(1, 3), keepdim=True).clamp(min=1e-4)
+    scale = ceil_pow2(amax / FP8_MAX)
+    q = (wb / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    q = q.view(wb.shape[0] * block, wb.shape[2] * block)[:n, :k]
+    return q.contiguous(), float_to_e8m0(scale[:, 0, :, 0])
+
+
+def dequantize_fp8_blocks(w: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
+    n, k = w.shape
+    s = e8m0_to_float(scale) if scale.dtype != torch.float32 else scale
+    s = s.repeat_interleave(block, 0)[:n].repeat_interleave(block, 1)[:, :k]
+    return w.view(torch.float8_e4m3fn).float() * s
+
+
+# ---- FP4 weights --------------------------------------------------------------------------------------------
+def round_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest e2m1 value (ties to even mantissa), saturating at ±6. Returns the 4-bit codes."""
+    mag = x.abs().clamp(max=FP4_MAX)
+    grid = torch.tensor(_E2M1)
+    dist = (mag[..., None] - grid).abs()
+    best = dist.min(dim=-1, keepdim=True).values
+    ties = dist == best
+    # among tied candidates prefer the even code (mantissa bit 0): codes 0,2,4,6 are even
+    even = torch.tensor([c % 2 == 0 for c in range(8)])
+    pick = torch.where((ties & even).any(-1, keepdim=True), ties & even, ties).float().argmax(-1)
+    sign = (x < 0) | ((x == 0) & torch.signbit(x))
+    return pick.to(torch.uint8) | (sign.to(torch.uint8) << 3)
+
+
+def decode_e2m1(codes: torch.Tensor) -> torch.Tensor:
+    codes = codes.to(torch.int64)
+    mag = torch.tensor(_E2M1)[codes & 7]
+    return torch.where((codes & 8) != 0, -mag, mag)
+
+
+def quantize_fp4(w: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (int8 packed [N, K/2], e8m0 scales [N, K/32])."""
+    n, k = w.shape
+    wb = w.float().view(n, k // block, block)
+    amax = wb.abs().amax(-1, keepdim=True).clamp(min=FP4_MAX * 2.0 ** -126)
+    scale = ceil_pow2(amax / FP4_MAX)
+    codes = round_e2m1(wb / scale).view(n, k)
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)  # element 2k -> low nibble
+    return packed.view(torch.int8), float_to_e8m0(scale[..., 0])
+
+
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """int8/uint8 [N, K/2] -> float32 e2m1 values [N, K] (no scale)."""
+    b = packed.view(torch.uint8)
+    return torch.stack([decode_e2m1(b & 15), decode_e2m1(b >> 4)], dim=-1).flatten(-2)
+
+
+def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, block: int = 32) -> torch.Tensor:
+    s = e8m0_to_float(scale) if scale.dtype != torch.float32 else scale
+    return unpack_fp4(packed) * s.repeat_interleave(block, -1)
+
+
+def transcode_fp4_to_fp8(packed: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lossless FP4 (1x32 scales) -> FP8 (128x128 scales), as DeepSeek's convert.py: per 128x128 block
+    s_blk = max(32-block scales) / 2^6; values rescaled by scale / s_blk. Exact as long as no 32-block scale
+    in a 128x128 block is more than 2^6... below the block's largest so far that e2m1 values leave FP8's range
+    (checked: raises ValueError rather than lose bits)."""
+    values = unpack_fp4(packed)  # [N, K]
+    n, k = values.shape
+    s32 = e8m0_to_float(scale)  # [N, K/32]
+    sb, _, _ = _blocks(s32.repeat_interleave(32, 1), 128)
+    s_blk = sb.amax(dim=(1, 3), keepdim=True) / 64.0  # [N/128, 1, K/128, 1]
+    full = values * s32.repeat_interleave(32, 1)
+    fb, _, _ = _blocks(full, 128)
+    q = (fb / s_blk).view(-1, fb.shape[2] * 128)[:n, :k]
+    q8 = q.to(torch.float8_e4m3fn)
+    if not torch.equal(q8.float(), q):
+        raise ValueError("FP4 -> FP8 transcode would lose precision (32-block scales within a 128x128 block "
+                         "differ by more than FP8's range allows)")
+    return q8, float_to_e8m0(s_blk[:, 0, :, 0])
+
+
+# ---- activation fake-quant (QAT simulations and W8A8 inputs) ----------------------------------------------------
+def fake_quant_fp8(x: torch.Tensor, block: int) -> torch.Tensor:
+    """FP8 e4m3 quantise-dequantise along the last dim in blocks of `block`, scale 2^ceil(log2(amax/448))."""
+    shape = x.shape
+    xb = x.float().reshape(*shape[:-1], shape[-1] // block, block)
+    scale = ceil_pow2(xb.abs().amax(-1, keepdim=True).clamp(min=1e-4) / FP8_MAX)
+    q = (xb / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    return (q * scale).reshape(shape)
+
+
+def fake_quant_fp4(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """FP4 e2m1 quantise-dequantise along the last dim in blocks of 32, scale 2^ceil(log2(amax/6))."""
+    shape = x.shape
+    xb = x.float().reshape(*shape[:-1], shape[-1] // block, block)
+    scale = ceil_pow2(xb.abs().amax(-1, keepdim=True).clamp(min=FP4_MAX * 2.0 ** -126) / FP4_MAX)
+    q = _round_e2m1_values(xb / scale)
+    return (q * scale).reshape(shape)
+
+
+def _round_e2m1_values(x: torch.Tensor) -> torch.Tensor:
+    """Round to e2m1 (ties to even), saturating, arithmetically (no table: traceable by torch.export).
+    Grid steps: 0.5 in [0, 2), 1 in [2, 4), 2 in [4, 6]."""
+    mag = x.abs().clamp(max=FP4_MAX)
+    step = torch.where(mag < 2, torch.full_like(mag, 0.5), torch.where(mag < 4, torch.ones_like(mag),
+                                                                        torch.full_like(mag, 2.0)))
+    q = torch.round(mag / step) * step  # torch.round is half-to-even on the step grid
+    return torch.copysign(q.clamp(max=FP4_MAX), x)
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal Sylvester Walsh-Hadamard transform along the last dim (a power of two), by butterflies."""
+    d = x.shape[-1]
+    y = x.float()
+    h = 1
+    while h < d:
+        y = y.reshape(*x.shape[:-1], d // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = torch.stack([a + b, a - b], dim=-2)
+        h *= 2
+    return y.reshape(x.shape) * d ** -0.5
