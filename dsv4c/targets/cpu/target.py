@@ -1,5 +1,9 @@
-"""The CPU target: ONNX programs run by ONNX Runtime, the dsv4 ops by a C++ kernel library compiled here
-(falling back to the ops' ONNX function bodies, recorded in the manifest, when no compiler/headers exist)."""
+"""The CPU target.
+
+Current engine format: the torch.export programs themselves, serialised with `torch.export.save` (`.pt2`) and
+run by the runtime with the dsv4 ops' PyTorch kernels. The ONNX Runtime engine (ONNX `dsv4` domain + C++
+kernels, see the README's roadmap) replaces this format; the manifest's `engine.format` says which one an
+artifact holds, so the runtime never guesses."""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from dsv4c.targets.base import TargetCheck
-from dsv4c.targets.cpu.executor import KERNELS
 
 SUPPORTED = {"experts": ("fp4", "fp8"), "dense": ("fp8",), "activations": ("fp8", "none"),
              "kv_cache": ("fp8", "bf16"), "indexer": ("fp4", "bf16")}
@@ -31,30 +34,18 @@ class CpuTarget:
         return check
 
     def lower(self, programs: dict[str, Any], bundle_dir: Path, recipe: Any, meta: dict[str, Any]) -> None:
-        from dsv4c.graphs.ops.onnx import export_program
+        import torch
 
         files = {}
         for name, ep in programs.items():
-            export_program(ep, bundle_dir / f"{name}.onnx")
-            files[name] = f"{name}.onnx"
-        (bundle_dir / "bundle.json").write_text(json.dumps({**meta, "programs": files}, indent=2))
+            torch.export.save(ep, bundle_dir / f"{name}.pt2")
+            files[name] = f"{name}.pt2"
+        (bundle_dir / "bundle.json").write_text(json.dumps({**meta, "format": "pt2", "programs": files}, indent=2))
 
     def build(self, bundle_dir: Path, engine_dir: Path, recipe: Any) -> None:
         meta = json.loads((bundle_dir / "bundle.json").read_text())
         for f in bundle_dir.iterdir():
             if f.name not in ("bundle.json", ".complete"):
                 shutil.copy(f, engine_dir / f.name)
-        meta["kernels"] = self._kernels(engine_dir)
+        meta["kernels"] = {"implementation": "torch-reference"}
         (engine_dir / "engine.json").write_text(json.dumps(meta, indent=2))
-
-    @staticmethod
-    def _kernels(engine_dir: Path) -> dict[str, str]:
-        """Compile (or reuse) the C++ kernels; without them ORT runs the ops' ONNX function bodies."""
-        try:
-            from dsv4c.targets.cpu.kernels.build import build_kernels
-
-            library = build_kernels()
-        except Exception as e:  # no compiler, no headers: a recorded fallback, never a silent one
-            return {"implementation": "onnx-function-bodies", "reason": f"{type(e).__name__}: {e}"}
-        shutil.copy(library, engine_dir / KERNELS)
-        return {"implementation": "cpp", "library": KERNELS}
