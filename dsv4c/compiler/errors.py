@@ -1,8 +1,18 @@
-"""One exception type per documented exit code. The first line of every message names the cause."""
+"""One exception type per documented exit code.
+
+Every `dsv4c` failure the user can act on is a `Dsv4cError` subclass: its class fixes the process exit code,
+its message's first line names the cause (the key path, file, tensor or op that is wrong), `details` add context
+lines and `hint` says what to do. `format_error` renders all of that for the terminal; the CLI exits with
+`e.exit_code`. Anything else escaping a stage is wrapped in `BuildError` by the pipeline.
+"""
 
 from __future__ import annotations
 
-EXIT_CODES = {
+from collections.abc import Sequence
+from typing import ClassVar
+
+# The exit-code contract, shared by `dsv4c --help` and the README (keep them in sync with this table).
+EXIT_CODES: dict[int, str] = {
     0: "ok",
     2: "recipe invalid",
     3: "infeasible on the declared target",
@@ -14,41 +24,71 @@ EXIT_CODES = {
 
 
 class Dsv4cError(Exception):
-    exit_code = 6
-    hint: str | None = None
+    """Base class. Raise a subclass: the subclass decides the exit code."""
 
-    def __init__(self, message: str, hint: str | None = None):
+    exit_code: ClassVar[int] = 6  # an unclassified failure is reported as a build error
+    hint: str | None = None  # class-level default; an instance may carry its own
+
+    def __init__(self, message: str, hint: str | None = None, details: Sequence[str] = ()):
         super().__init__(message)
         if hint is not None:
             self.hint = hint
+        self.details: list[str] = list(details)
+
+    @property
+    def meaning(self) -> str:
+        return EXIT_CODES[self.exit_code]
 
 
 class RecipeError(Dsv4cError):
+    """The recipe (or a `--set` override) is invalid: syntax, unknown key, wrong type or value, `extends` cycle."""
+
     exit_code = 2
+    hint = "`dsv4c schema` prints every recipe key with its allowed values"
 
 
 class InfeasibleError(Dsv4cError):
+    """The recipe is valid but the declared target cannot build or run it (format, op, memory, layout)."""
+
     exit_code = 3
 
 
 class ToolchainError(Dsv4cError):
+    """A compiler/runtime toolchain the target needs is missing or has the wrong version."""
+
     exit_code = 4
 
 
 class ValidationGateError(Dsv4cError):
+    """The built engine does not match the PyTorch reference within the recipe's `validate` thresholds."""
+
     exit_code = 5
 
 
 class BuildError(Dsv4cError):
+    """A stage failed for a reason that is none of the above (a bug, a full disk, an interrupted write)."""
+
     exit_code = 6
 
 
 class CheckpointInvalidError(Dsv4cError):
+    """The checkpoint is missing, incomplete, or not in the official DeepSeek-V4 format."""
+
     exit_code = 7
 
 
+ERROR_TYPES: dict[int, type[Dsv4cError]] = {
+    cls.exit_code: cls
+    for cls in (RecipeError, InfeasibleError, ToolchainError, ValidationGateError, BuildError, CheckpointInvalidError)
+}
+
+
 def format_error(e: Dsv4cError) -> str:
-    lines = [f"error: {e}", f"  ({EXIT_CODES[e.exit_code]}, exit {e.exit_code})"]
+    """`error (<meaning>, exit N): <cause>` on the first line, then the message's further lines, the details and
+    the hint, each indented so the first line stands out."""
+    first, *rest = str(e).splitlines() or [type(e).__name__]
+    lines = [f"error ({e.meaning}, exit {e.exit_code}): {first}"]
+    lines += [f"  {line}" for line in (*rest, *getattr(e, "details", ()))]
     if e.hint:
         lines.append(f"  hint: {e.hint}")
     return "\n".join(lines)

@@ -1,0 +1,634 @@
+"""The dsv4 custom ops in ONNX: schemas, function-body fallbacks, exporter translations, ORT sessions.
+
+Every op in `OPS` becomes a node of type `OpDef.onnx_name` in domain `dsv4` (version 1). Its inputs are the
+schema's Tensor arguments in schema order, its attributes the non-tensor arguments under the same names
+(bool -> INT 0/1, int -> INT, float -> FLOAT); one output `y`, except `HcPre` (y, post, comb).
+
+A model carries, next to the custom nodes, a model-local ONNX function per op used (`attach_functions`):
+ONNX Runtime runs a custom-op library's kernel when one is registered and otherwise inlines the function
+body, so one file serves both. The bodies implement the reference semantics of registry.py with standard
+ONNX ops; what ORT 1.32 (CPU) supports shaped them:
+  * FP8 / FP4 weight bytes are decoded with a 256-entry lookup table (a `Constant` inside the body; a
+    Cast uint8 -> FLOAT8E4M3FN converts the number instead of reinterpreting the bits, and ORT has no
+    `BitCast`). The tables are built from torch's own decoding, so decoding is bit-exact.
+  * fake-quant rounds with `Cast(FLOAT8E4M3FN, saturate=1)` and back (ORT rounds half-to-even, bit-exact
+    with torch's cast incl. subnormals), bf16 rounding with `Cast(BFLOAT16)` (round-half-to-even too) and
+    e2m1 with `Round` on the step grid (half-to-even). Power-of-two scales are 2^ceil(log2(v)) from a
+    log estimate corrected by one step each way; `Pow(2, integer)` is exact in ORT.
+  * attribute-dependent work (act_quant, bf16, fmt) sits in `If` branches, so an unused path is neither
+    run nor shape-checked at run time; Sinkhorn iterations and Hadamard butterflies are `Loop`s whose trip
+    counts come from an attribute or a shape (never from data).
+  * ORT's `Sigmoid` is an approximation; silu is written x / (1 + Exp(-x)) as torch does, so the bf16 /
+    FP8 rounding after it flips less often (exactness after transcendental functions is not possible).
+Fake-quant ops are bit-exact with torch; the others match to float rounding (~1e-7 relative). Where the
+reference breaks ties (TopK among equal visible scores) torch and ORT may pick differently; see
+`_body_indexer_topk`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+from onnx import AttributeProto, TensorProto, helper, numpy_helper
+from onnx.defs import OpSchema
+
+from dsv4c.graphs import quant
+from dsv4c.graphs.ops.registry import FP4_BLOCK, FP8_BLOCK, OPS, OpDef
+
+__all__ = ["DOMAIN", "DOMAIN_VERSION", "ONNX_OPSET", "attach_functions", "attribute_kinds", "export_program",
+           "function_bodies", "function_body", "ort_session", "output_names", "register_schemas", "tensor_inputs",
+           "translation_table"]
+
+ONNX_OPSET = 23  # default-domain opset of the function bodies and of exported models
+DOMAIN = "dsv4"
+DOMAIN_VERSION = 1
+
+_FLOAT, _U8, _I64 = "tensor(float)", "tensor(uint8)", "tensor(int64)"
+# inputs that are not float32 activations/scales; the rest are tensor(float)
+_INPUT_TYPES: dict[str, dict[str, str]] = {
+    "fp8_linear": {"w": _U8},
+    "fp8_grouped_linear": {"w": _U8},
+    "moe_experts": {"indices": _I64, "w1": "TW", "w3": "TW", "w2": "TW"},  # TW: uint8 (fmt 0/1) or float (fmt 2)
+    "sparse_attn": {"idx": _I64},
+    "indexer_topk": {"n_visible": _I64},
+    "compress_pool": {"ends": _I64},
+}
+_OUTPUTS: dict[str, tuple[str, ...]] = {"hc_pre": ("y", "post", "comb")}
+_OUTPUT_TYPES: dict[str, str] = {"indexer_topk": _I64}
+_ATTR_TYPES = {"bool": OpSchema.AttrType.INT, "int": OpSchema.AttrType.INT, "float": OpSchema.AttrType.FLOAT}
+
+
+# ---- op signatures ---------------------------------------------------------------------------------------
+def tensor_inputs(op: OpDef) -> list[str]:
+    """Names of the op's Tensor arguments, in schema order (= the ONNX node's inputs)."""
+    return [a.name for a in op.overload._schema.arguments if isinstance(a.type, torch.TensorType)]
+
+
+def attribute_kinds(op: OpDef) -> dict[str, str]:
+    """Non-tensor arguments -> 'bool' | 'int' | 'float' (= the ONNX node's attributes)."""
+    kinds = {}
+    for a in op.overload._schema.arguments:
+        if not isinstance(a.type, torch.TensorType):
+            kinds[a.name] = str(a.type)
+    assert tuple(kinds) == op.attributes, f"{op.name}: schema attributes {tuple(kinds)} != {op.attributes}"
+    return kinds
+
+
+def output_names(op: OpDef) -> tuple[str, ...]:
+    return _OUTPUTS.get(op.name, ("y",))
+
+
+# ---- schemas ---------------------------------------------------------------------------------------------
+def register_schemas() -> None:
+    """Register an ONNX OpSchema (with shape inference) for every dsv4 op. Idempotent.
+
+    The exporter refuses custom nodes without a schema, and onnx.checker / shape inference use it."""
+    for op in OPS.values():
+        if onnx.defs.has(op.onnx_name, DOMAIN):
+            continue
+        types = _INPUT_TYPES.get(op.name, {})
+        inputs = [OpSchema.FormalParameter(n, types.get(n, _FLOAT)) for n in tensor_inputs(op)]
+        out_type = _OUTPUT_TYPES.get(op.name, _FLOAT)
+        outputs = [OpSchema.FormalParameter(n, out_type) for n in output_names(op)]
+        constraints = [("TW", [_U8, _FLOAT], "expert weights: packed bytes or float")] if "TW" in types.values() else []
+        attrs = [OpSchema.Attribute(n, _ATTR_TYPES[k], f"{k} argument `{n}`") for n, k in attribute_kinds(op).items()]
+        schema = OpSchema(op.onnx_name, DOMAIN, DOMAIN_VERSION, op.doc, inputs=inputs, outputs=outputs,
+                          type_constraints=constraints, attributes=attrs)
+        schema.set_type_and_shape_inference_function(_shape_inference(op))
+        onnx.defs.register_schema(schema)
+
+
+def _input_dims(ctx, i: int) -> list[int | str | None] | None:
+    """An input's dims (int, dim name, or None when unknown); None when even the rank is unknown."""
+    t = ctx.get_input_type(i)
+    if t is None or not t.tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.tensor_type.shape.dim]
+
+
+def _shape_inference(op: OpDef) -> Callable:
+    """Output shapes of `op` from its input shapes (symbolic dims pass through; unknowns stay unknown)."""
+    elem = TensorProto.INT64 if op.name in _OUTPUT_TYPES else TensorProto.FLOAT
+
+    def infer(ctx) -> None:
+        shapes = [_input_dims(ctx, i) for i in range(ctx.get_num_inputs())]
+        attrs = {}
+        for name in op.attributes:
+            a = ctx.get_attribute(name)
+            if a is not None:
+                attrs[name] = helper.get_attribute_value(a)
+        try:
+            outs = _OUT_SHAPES[op.name](shapes, attrs)
+        except (TypeError, IndexError, KeyError, ValueError):  # unknown rank or attribute: element type only
+            outs = [None] * len(output_names(op))
+        for i, dims in enumerate(outs):
+            ctx.set_output_type(i, helper.make_tensor_type_proto(elem, dims))
+
+    return infer
+
+
+def _ratio(a, b):
+    return a // b if isinstance(a, int) and isinstance(b, int) and b else None
+
+
+def _min(a, b):
+    return min(a, b) if isinstance(a, int) and isinstance(b, int) else None
+
+
+_OUT_SHAPES: dict[str, Callable[[list, dict], list]] = {
+    "fp8_linear": lambda s, a: [s[0][:-1] + [s[1][0]]],
+    "fp8_grouped_linear": lambda s, a: [s[0][:-1] + [_ratio(s[1][0], s[0][-2])]],
+    "moe_experts": lambda s, a: [s[0]],
+    "fake_quant_fp8": lambda s, a: [s[0]],
+    "hadamard_fp4": lambda s, a: [s[0]],
+    "sparse_attn": lambda s, a: [s[0]],
+    "indexer_topk": lambda s, a: [s[0][:2] + [_min(a["topk"], s[1][1])]],
+    "compress_pool": lambda s, a: [[s[0][0], s[2][1], _ratio(s[0][2], 2 if a.get("overlap") else 1)]],
+    "hc_pre": lambda s, a: [s[0][:2] + [s[0][3]], s[0][:3], s[0][:3] + [s[0][2]]],
+    "hc_post": lambda s, a: [s[1]],
+}
+
+
+# ---- a small builder for function bodies -----------------------------------------------------------------
+class _Graph:
+    """Nodes of one function body or subgraph. `g.MatMul(a, b)` appends a node and returns its output name
+    (a list with `_outputs=n`). Names come from a counter shared with subgraphs, so they never collide."""
+
+    def __init__(self, counter: itertools.count | None = None):
+        self.counter = counter or itertools.count()
+        self.nodes: list[onnx.NodeProto] = []
+
+    def fresh(self) -> str:
+        return f"_v{next(self.counter)}"
+
+    def __getattr__(self, op_type: str) -> Callable:
+        if not op_type[:1].isupper():
+            raise AttributeError(op_type)
+
+        def make(*inputs: str, _outputs: int = 1, **attrs):
+            outs = [self.fresh() for _ in range(_outputs)]
+            self.nodes.append(helper.make_node(op_type, list(inputs), outs, **attrs))
+            return outs[0] if _outputs == 1 else outs
+
+        return make
+
+    def const(self, value, dtype=np.float32) -> str:
+        return self.Constant(value=numpy_helper.from_array(np.asarray(value, dtype)))
+
+    def i64(self, *values: int) -> str:
+        """1-D int64 constant (axes, shapes, starts ...)."""
+        return self.const(list(values), np.int64)
+
+    def attr(self, name: str, kind: str) -> str:
+        """A scalar tensor holding the function's attribute `name` (int64 for int/bool, float32 for float)."""
+        ref = AttributeProto(name="value_float" if kind == "float" else "value_int", ref_attr_name=name,
+                             type=AttributeProto.FLOAT if kind == "float" else AttributeProto.INT)
+        out = self.fresh()
+        node = helper.make_node("Constant", [], [out])
+        node.attribute.append(ref)
+        self.nodes.append(node)
+        return out
+
+    def sub(self) -> "_Graph":
+        return _Graph(self.counter)
+
+    def graph(self, outputs: list[tuple[str, int]], inputs: list[tuple[str, int, list | None]] = ()) -> onnx.GraphProto:
+        """Close a subgraph: outputs are (value, elem type), each copied so the subgraph produces it; inputs
+        are (name, elem type, shape) — ORT's Loop wants the shapes of its body's inputs (rank at least)."""
+        outs = [(self.Identity(v), t) for v, t in outputs]
+        return helper.make_graph(self.nodes, "body", [helper.make_tensor_value_info(*i) for i in inputs],
+                                 [helper.make_tensor_value_info(n, t, None) for n, t in outs])
+
+
+def _branch(g: _Graph, flag: str, then: Callable[[_Graph], str], otherwise: Callable[[_Graph], str],
+            elem: int = TensorProto.FLOAT) -> str:
+    """If(flag != 0): run only the chosen builder (the other branch may not even be shape-valid)."""
+    cond = g.Cast(flag, to=TensorProto.BOOL)
+    branches = []
+    for build in (then, otherwise):
+        s = g.sub()
+        branches.append(s.graph([(build(s), elem)]))
+    return g.If(cond, then_branch=branches[0], else_branch=branches[1])
+
+
+def _maybe(g: _Graph, flag: str, fn: Callable[[_Graph, str], str], x: str) -> str:
+    """fn(x) if flag else x."""
+    return _branch(g, flag, lambda s: fn(s, x), lambda s: x)
+
+
+# ---- shared pieces of the bodies ---------------------------------------------------------------------------
+def _fp8_table() -> np.ndarray:
+    """float32 value of every e4m3fn byte (incl. NaN at 0x7f/0xff), decoded by torch: bit-exact."""
+    return torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+
+
+def _fp4_table() -> np.ndarray:
+    """[256, 2]: the two e2m1 values of every byte, low nibble first (quant.unpack_fp4's order)."""
+    return quant.unpack_fp4(torch.arange(256, dtype=torch.uint8)[:, None]).numpy()
+
+
+def _decode_fp8(g: _Graph, w: str, s: str) -> str:
+    """uint8 e4m3 bits [..., N, K] * f32 scales [..., ceil(N/128), ceil(K/128)] -> f32 [..., N, K]."""
+    values = g.Gather(g.const(_fp8_table()), g.Cast(w, to=TensorProto.INT32))
+    blocks = g.Expand(g.Unsqueeze(s, g.i64(-3, -1)), g.i64(1, FP8_BLOCK, 1, FP8_BLOCK))  # [..., nb, 128, kb, 128]
+    full = g.Reshape(blocks, g.Concat(g.Shape(s, end=-2), g.Mul(g.Shape(s, start=-2), g.i64(FP8_BLOCK)), axis=0))
+    scale = g.Slice(full, g.i64(0, 0), g.Shape(w, start=-2), g.i64(-2, -1))  # crop the padded last blocks
+    return g.Mul(values, scale)
+
+
+def _decode_fp4(g: _Graph, w: str, s: str) -> str:
+    """uint8 packed e2m1 [..., N, K/2] * f32 scales [..., N, K/32] -> f32 [..., N, K]."""
+    pairs = g.Gather(g.const(_fp4_table()), g.Cast(w, to=TensorProto.INT32))  # [..., N, K/2, 2]
+    values = g.Reshape(pairs, g.Concat(g.Shape(w, end=-1), g.i64(-1), axis=0))
+    scale = g.Expand(g.Unsqueeze(s, g.i64(-1)), g.i64(FP4_BLOCK))  # [..., N, K/32, 32]
+    scale = g.Reshape(scale, g.Concat(g.Shape(s, end=-1), g.i64(-1), axis=0))
+    return g.Mul(values, scale)
+
+
+def _ceil_pow2(g: _Graph, v: str) -> str:
+    """Smallest power of two >= v (v > 0 finite), exactly: a log2 estimate fixed by one step each way."""
+    e = g.Ceil(g.Mul(g.Log(v), g.const(1 / math.log(2))))
+    p = g.Pow(g.const(2.0), e)  # exact for integer exponents
+    p = g.Where(g.Less(p, v), g.Mul(p, g.const(2.0)), p)
+    half = g.Mul(p, g.const(0.5))
+    return g.Where(g.GreaterOrEqual(half, v), half, p)
+
+
+def _blocked(g: _Graph, x: str, block: str, quantize: Callable[[_Graph, str], str], qmax: float,
+             amax_min: float) -> str:
+    """Fake-quant along the last dim in blocks: scale = ceil_pow2(max(amax, amax_min) / qmax) per block,
+    y = quantize(x / scale) * scale (quant.fake_quant_fp8 / fake_quant_fp4)."""
+    shape = g.Shape(x)
+    xb = g.Reshape(x, g.Concat(g.Shape(x, end=-1), g.i64(-1), block, axis=0))
+    amax = g.Max(g.ReduceMax(g.Abs(xb), g.i64(-1), keepdims=1), g.const(amax_min))
+    scale = _ceil_pow2(g, g.Div(amax, g.const(qmax)))
+    return g.Reshape(g.Mul(quantize(g, g.Div(xb, scale)), scale), shape)
+
+
+def _round_fp8(g: _Graph, x: str) -> str:
+    """Clamp to ±448, round to e4m3fn (half-to-even) and back."""
+    x = g.Clip(x, g.const(-quant.FP8_MAX), g.const(quant.FP8_MAX))
+    return g.Cast(g.Cast(x, to=TensorProto.FLOAT8E4M3FN, saturate=1), to=TensorProto.FLOAT)
+
+
+def _round_e2m1(g: _Graph, x: str) -> str:
+    """quant._round_e2m1_values: |x| clamped to 6 rounded half-to-even on the grid (step .5 / 1 / 2), sign kept
+    (also of -0.0: 1/x < 0 tells it apart)."""
+    mag = g.Min(g.Abs(x), g.const(quant.FP4_MAX))
+    step = g.Where(g.Less(mag, g.const(2.0)), g.const(0.5),
+                   g.Where(g.Less(mag, g.const(4.0)), g.const(1.0), g.const(2.0)))
+    q = g.Min(g.Mul(g.Round(g.Div(mag, step)), step), g.const(quant.FP4_MAX))
+    negative = g.Or(g.Less(x, g.const(0.0)), g.Less(g.Reciprocal(x), g.const(0.0)))
+    return g.Where(negative, g.Neg(q), q)
+
+
+def _fake_quant_fp8(g: _Graph, x: str, block: str | None = None) -> str:
+    block = block or g.i64(FP8_BLOCK)
+    return _blocked(g, x, block, _round_fp8, quant.FP8_MAX, 1e-4)
+
+
+def _fake_quant_fp4(g: _Graph, x: str) -> str:
+    return _blocked(g, x, g.i64(FP4_BLOCK), _round_e2m1, quant.FP4_MAX, quant.FP4_MAX * 2.0 ** -126)
+
+
+def _hadamard(g: _Graph, x: str) -> str:
+    """quant.hadamard: log2(d) butterfly stages (a+b, a-b) in a Loop, then * d**-0.5 — the same fp32
+    operations in the same order as the reference, so the result is bit-exact."""
+    shape = g.Shape(x)
+    d = g.Shape(x, start=-1)  # [1]
+    rows = g.Reshape(x, g.Concat(g.i64(-1), d, axis=0))  # [R, d]
+    one = g.i64(1)
+    body = g.sub()
+    it, cond_in, y_in, h_in = body.fresh(), body.fresh(), body.fresh(), body.fresh()
+    pairs = body.Reshape(y_in, body.Concat(body.i64(-1), body.Div(d, body.Mul(h_in, body.i64(2))),
+                                           body.i64(2), h_in, axis=0))  # [R, d/2h, 2, h]
+    a = body.Slice(pairs, body.i64(0), body.i64(1), body.i64(2))
+    b = body.Slice(pairs, body.i64(1), body.i64(2), body.i64(2))
+    y_out = body.Reshape(body.Concat(body.Add(a, b), body.Sub(a, b), axis=2), body.Concat(body.i64(-1), d, axis=0))
+    h_out = body.Mul(h_in, body.i64(2))
+    cond_out = body.Squeeze(body.Less(h_out, d), body.i64(0))
+    loop_body = body.graph([(cond_out, TensorProto.BOOL), (y_out, TensorProto.FLOAT), (h_out, TensorProto.INT64)],
+                           [(it, TensorProto.INT64, []), (cond_in, TensorProto.BOOL, []),
+                            (y_in, TensorProto.FLOAT, [None, None]), (h_in, TensorProto.INT64, [1])])
+    start = g.Squeeze(g.Less(one, d), g.i64(0))
+    y, _ = g.Loop("", start, rows, one, body=loop_body, _outputs=2)
+    # torch multiplies by the double d**-0.5 rounded to float32
+    norm = g.Cast(g.Pow(g.Cast(d, to=TensorProto.DOUBLE), g.const(-0.5, np.float64)), to=TensorProto.FLOAT)
+    return g.Mul(g.Reshape(y, shape), norm)
+
+
+def _round_bf16(g: _Graph, x: str) -> str:
+    return g.Cast(g.Cast(x, to=TensorProto.BFLOAT16), to=TensorProto.FLOAT)
+
+
+def _silu(g: _Graph, x: str) -> str:
+    """x / (1 + exp(-x)), torch's formula: agrees with F.silu on ~96% of floats (ORT's x * Sigmoid(x),
+    an approximation, on ~40%), so rounding that follows flips less often."""
+    return g.Div(x, g.Add(g.Exp(g.Neg(x)), g.const(1.0)))
+
+
+def _linear(g: _Graph, x: str, w: str) -> str:
+    """F.linear without bias: x [..., K] @ w[..., N, K]^T."""
+    return g.MatMul(x, g.Transpose(w, perm=[1, 0]))
+
+
+# ---- the bodies: one builder per op, (graph, inputs by name, attributes by name) -> outputs ---------------
+def _body_fp8_linear(g: _Graph, x, w, w_scale, act_quant):
+    xq = _maybe(g, act_quant, _fake_quant_fp8, x)
+    return [_linear(g, xq, _decode_fp8(g, w, w_scale))]
+
+
+def _body_fp8_grouped_linear(g: _Graph, x, w, w_scale, act_quant):
+    xq = _maybe(g, act_quant, _fake_quant_fp8, x)  # [..., G, K]
+    groups, k = g.Shape(x, start=-2, end=-1), g.Shape(x, start=-1)
+    wg = g.Reshape(_decode_fp8(g, w, w_scale), g.Concat(groups, g.i64(-1), k, axis=0))  # [G, R, K]
+    y = g.MatMul(g.Unsqueeze(xq, g.i64(-2)), g.Transpose(wg, perm=[0, 2, 1]))  # [..., G, 1, R]
+    return [g.Squeeze(y, g.i64(-2))]
+
+
+def _decode_experts(g: _Graph, w: str, s: str, used: str, fmt: str) -> str:
+    """Experts `used` of stacked weights by format: 0 FP4, 1 FP8, 2 float. Scales are read only in their
+    branch: with fmt 2 they are unused and may be empty."""
+    def fp4(b: _Graph) -> str:
+        return _decode_fp4(b, b.Gather(w, used), b.Gather(s, used))
+
+    def fp8(b: _Graph) -> str:
+        return _decode_fp8(b, b.Gather(w, used), b.Gather(s, used))
+
+    def dense(b: _Graph) -> str:
+        return b.Cast(b.Gather(w, used), to=TensorProto.FLOAT)
+
+    is_fp4, is_fp8 = g.Equal(fmt, g.const(0, np.int64)), g.Equal(fmt, g.const(1, np.int64))
+    return _branch(g, is_fp4, fp4, lambda b: _branch(b, is_fp8, fp8, dense))
+
+
+def _body_moe_experts(g: _Graph, x, weights, indices, w1, s1, w3, s3, w2, s2, fmt, swiglu_limit, act_quant, bf16):
+    """Exact without a data-dependent loop. Each of the P = T*k picks is computed on its own (as the
+    reference does: a repeated expert contributes twice, each rounded on its own), but the matmuls are
+    dense over the E' distinct experts used: gate/up [E', T, I] once per token, down [E', P, D], then the
+    pick's own expert row is gathered. Only the used experts' weights are decoded."""
+    flat = g.Reshape(indices, g.i64(-1))  # [P]
+    valid = g.GreaterOrEqual(flat, g.const(0, np.int64))
+    used, _, local, _ = g.Unique(g.Max(flat, g.const(0, np.int64)), sorted=1, _outputs=4)  # local: [P] -> E'
+    experts = [_decode_experts(g, w, s, used, fmt) for w, s in ((w1, s1), (w3, s3), (w2, s2))]
+    xq = _maybe(g, act_quant, _fake_quant_fp8, x)  # [T, D]
+    gate_all, up_all = (_maybe(g, bf16, _round_bf16, g.MatMul(xq, g.Transpose(e, perm=[0, 2, 1]))) for e in experts[:2])
+    # pick p = (token t, slot j) reads row [local[p], t] of the [E', T, I] results
+    tokens = g.Range(g.const(0, np.int64), g.Squeeze(g.Shape(x, end=1), g.i64(0)), g.const(1, np.int64))
+    tok = g.Reshape(g.Expand(g.Unsqueeze(tokens, g.i64(1)), g.Shape(indices)), g.i64(-1))  # [P]
+    at = g.Concat(g.Unsqueeze(local, g.i64(1)), g.Unsqueeze(tok, g.i64(1)), axis=1)  # [P, 2]
+    gate, up = g.GatherND(gate_all, at), g.GatherND(up_all, at)  # [P, I]
+    limit = g.Where(g.Greater(swiglu_limit, g.const(0.0)), swiglu_limit, g.const(np.inf))
+    up = g.Clip(up, g.Neg(limit), limit)
+    gate = g.Min(gate, limit)
+    h = g.Mul(g.Mul(_silu(g, gate), up), g.Reshape(weights, g.i64(-1, 1)))
+    h = _maybe(g, act_quant, _fake_quant_fp8, _maybe(g, bf16, _round_bf16, h))
+    down_all = g.MatMul(h, g.Transpose(experts[2], perm=[0, 2, 1]))  # [E', P, D]
+    picks = g.Range(g.const(0, np.int64), g.Squeeze(g.Shape(flat), g.i64(0)), g.const(1, np.int64))
+    down = g.GatherND(down_all, g.Concat(g.Unsqueeze(local, g.i64(1)), g.Unsqueeze(picks, g.i64(1)), axis=1))
+    down = g.Where(g.Unsqueeze(valid, g.i64(1)), _maybe(g, bf16, _round_bf16, down), g.const(0.0))  # [P, D]
+    per_slot = g.Reshape(down, g.Concat(g.Shape(indices), g.i64(-1), axis=0))  # [T, k, D]
+    return [g.ReduceSum(per_slot, g.i64(1), keepdims=0)]
+
+
+def _body_fake_quant_fp8(g: _Graph, x, block):
+    return [_fake_quant_fp8(g, x, g.Unsqueeze(block, g.i64(0)))]
+
+
+def _body_hadamard_fp4(g: _Graph, x):
+    return [_fake_quant_fp4(g, _hadamard(g, x))]
+
+
+def _body_sparse_attn(g: _Graph, q, kv, sink, idx, scale):
+    """Gather the picked kv rows [B,S,K,D] (-1 -> row 0, masked to -inf), softmax with the sink column."""
+    valid = g.GreaterOrEqual(idx, g.const(0, np.int64))
+    rows = g.GatherND(kv, g.Unsqueeze(g.Max(idx, g.const(0, np.int64)), g.i64(-1)), batch_dims=1)  # [B,S,K,D]
+    logits = g.Mul(g.MatMul(q, g.Transpose(rows, perm=[0, 1, 3, 2])), scale)  # [B,S,H,K]
+    logits = g.Where(g.Unsqueeze(valid, g.i64(2)), logits, g.const(-np.inf))
+    sink_col = g.Expand(g.Reshape(sink, g.i64(1, 1, -1, 1)), g.Concat(g.Shape(logits, end=-1), g.i64(1), axis=0))
+    probs = g.Softmax(g.Concat(logits, sink_col, axis=-1), axis=-1)
+    probs = g.Slice(probs, g.i64(0), g.i64(-1), g.i64(-1))  # drop the sink column
+    return [g.MatMul(probs, rows)]
+
+
+def _body_indexer_topk(g: _Graph, q, k, w, n_visible, topk):
+    """ONNX TopK puts the lower index first among equal scores; torch.topk leaves the order of ties
+    unspecified, so equal visible scores (relu zeros are common once q and k are FP4) can come out in
+    another order, or, when they straddle the k-th place, as other picks."""
+    scores = g.Relu(g.MatMul(q, g.Unsqueeze(g.Transpose(k, perm=[0, 2, 1]), g.i64(1))))  # [B,S,h,N]
+    scores = g.ReduceSum(g.Mul(scores, g.Unsqueeze(w, g.i64(-1))), g.i64(2), keepdims=0)  # [B,S,N]
+    n = g.Shape(k, start=1, end=2)
+    entry = g.Range(g.const(0, np.int64), g.Squeeze(n, g.i64(0)), g.const(1, np.int64))
+    visible = g.Unsqueeze(n_visible, g.i64(-1))
+    scores = g.Where(g.GreaterOrEqual(entry, visible), g.const(-np.inf), scores)
+    _, picks = g.TopK(scores, g.Min(n, g.Unsqueeze(topk, g.i64(0))), axis=-1, largest=1, sorted=1, _outputs=2)
+    # picks of hidden (-inf) entries tie in an order backends disagree on: they all become -1
+    return [g.Where(g.GreaterOrEqual(picks, visible), g.const(-1, np.int64), picks)]
+
+
+def _body_compress_pool(g: _Graph, kv, score, ends, ratio, overlap):
+    c = g.Add(overlap, g.const(1, np.int64))
+    span = g.Mul(ratio, c)
+    last = g.Max(ends, g.Sub(span, g.const(1, np.int64)))
+    offsets = g.Range(g.Sub(g.const(1, np.int64), span), g.const(1, np.int64), g.const(1, np.int64))
+    rows = g.Unsqueeze(g.Add(g.Unsqueeze(last, g.i64(-1)), offsets), g.i64(-1))  # [B,K,span,1]
+    d = g.Div(g.Shape(kv, start=2), g.Unsqueeze(c, g.i64(0)))  # [1]
+    prev = g.Unsqueeze(g.Mul(ratio, overlap), g.i64(0))  # rows from the previous window: m with overlap, else 0
+    d_prev = g.Mul(d, g.Unsqueeze(overlap, g.i64(0)))
+
+    def candidates(t: str) -> str:
+        """[B,K,span,c*d] -> [B,K,c*m,d]: previous window's rows with channels [:d], own rows [d:]."""
+        gathered = g.GatherND(t, rows, batch_dims=1)
+        older = g.Slice(gathered, g.i64(0, 0), g.Concat(prev, d, axis=0), g.i64(2, 3))
+        own = g.Slice(gathered, g.Concat(prev, d_prev, axis=0), g.i64(2 ** 62, 2 ** 62), g.i64(2, 3))
+        return g.Concat(older, own, axis=2)
+
+    weights = g.Softmax(candidates(score), axis=2)
+    pooled = g.ReduceSum(g.Mul(candidates(kv), weights), g.i64(2), keepdims=0)  # [B,K,d]
+    return [g.Where(g.Unsqueeze(g.GreaterOrEqual(ends, g.const(0, np.int64)), g.i64(-1)), pooled, g.const(0.0))]
+
+
+def _body_hc_pre(g: _Graph, x, fn, scale, base, iters, norm_eps, hc_eps):
+    bs, n = g.Shape(x, end=2), g.Shape(x, start=2, end=3)
+    flat = g.Reshape(x, g.Concat(bs, g.i64(-1), axis=0))  # [B,S,nD]
+    rms = g.Reciprocal(g.Sqrt(g.Add(g.ReduceMean(g.Mul(flat, flat), g.i64(-1), keepdims=1), norm_eps)))
+    mix = g.Mul(_linear(g, flat, fn), rms)  # [B,S,(2+n)n]
+    two_n = g.Mul(n, g.i64(2))
+
+    def part(start: str, end: str, i: int) -> str:
+        sl = g.Slice(mix, start, end, g.i64(-1))
+        return g.Add(g.Mul(sl, g.Gather(scale, g.const(i, np.int64))), g.Slice(base, start, end, g.i64(0)))
+
+    pre = g.Add(g.Sigmoid(part(g.i64(0), n, 0)), hc_eps)
+    post = g.Mul(g.const(2.0), g.Sigmoid(part(n, two_n, 1)))
+    comb = g.Reshape(part(two_n, g.i64(2 ** 62), 2), g.Concat(bs, n, n, axis=0))
+    comb = g.Add(g.Softmax(comb, axis=-1), hc_eps)
+    comb = g.Div(comb, g.Add(g.ReduceSum(comb, g.i64(-2), keepdims=1), hc_eps))
+    # iters - 1 further row/column passes
+    body = g.sub()
+    it, cond, c_in = body.fresh(), body.fresh(), body.fresh()
+    c = body.Div(c_in, body.Add(body.ReduceSum(c_in, body.i64(-1), keepdims=1), hc_eps))
+    c = body.Div(c, body.Add(body.ReduceSum(c, body.i64(-2), keepdims=1), hc_eps))
+    loop_body = body.graph([(cond, TensorProto.BOOL), (c, TensorProto.FLOAT)],
+                           [(it, TensorProto.INT64, []), (cond, TensorProto.BOOL, []),
+                            (c_in, TensorProto.FLOAT, [None] * 4)])
+    trips = g.Max(g.Sub(iters, g.const(1, np.int64)), g.const(0, np.int64))
+    comb = g.Loop(trips, g.const(True, np.bool_), comb, body=loop_body)
+    y = g.ReduceSum(g.Mul(g.Unsqueeze(pre, g.i64(-1)), x), g.i64(2), keepdims=0)
+    return [y, post, comb]
+
+
+def _body_hc_post(g: _Graph, f, res, post, comb):
+    mixed = g.MatMul(g.Transpose(comb, perm=[0, 1, 3, 2]), res)  # [B,S,k,D] = sum_j comb[j,k] res_j
+    return [g.Add(g.Mul(g.Unsqueeze(post, g.i64(-1)), g.Unsqueeze(f, g.i64(2))), mixed)]
+
+
+_BODIES: dict[str, Callable[..., list[str]]] = {
+    "fp8_linear": _body_fp8_linear,
+    "fp8_grouped_linear": _body_fp8_grouped_linear,
+    "moe_experts": _body_moe_experts,
+    "fake_quant_fp8": _body_fake_quant_fp8,
+    "hadamard_fp4": _body_hadamard_fp4,
+    "sparse_attn": _body_sparse_attn,
+    "indexer_topk": _body_indexer_topk,
+    "compress_pool": _body_compress_pool,
+    "hc_pre": _body_hc_pre,
+    "hc_post": _body_hc_post,
+}
+
+
+def function_body(op: OpDef) -> onnx.FunctionProto:
+    """The model-local function `dsv4.<onnx_name>` implementing `op` with standard ONNX ops."""
+    g = _Graph()
+    inputs = tensor_inputs(op)
+    attrs = {n: g.attr(n, k) for n, k in attribute_kinds(op).items()}
+    outs = _BODIES[op.name](g, *inputs, **attrs)
+    names = output_names(op)
+    nodes = g.nodes + [helper.make_node("Identity", [v], [n]) for v, n in zip(outs, names)]
+    return helper.make_function(DOMAIN, op.onnx_name, inputs, list(names), nodes,
+                                [helper.make_opsetid("", ONNX_OPSET)], attributes=list(op.attributes),
+                                doc_string=op.doc)
+
+
+def function_bodies() -> list[onnx.FunctionProto]:
+    """One model-local function per dsv4 op (domain dsv4, the op's ONNX name)."""
+    return [function_body(op) for op in OPS.values()]
+
+
+# ---- models: attach bodies, export, run --------------------------------------------------------------------
+def _used_op_types(graph: onnx.GraphProto) -> set[str]:
+    """dsv4 op types used by a graph, its subgraphs included."""
+    used = set()
+    for node in graph.node:
+        if node.domain == DOMAIN:
+            used.add(node.op_type)
+        for a in node.attribute:
+            for sub in [a.g] if a.HasField("g") else list(a.graphs):
+                used |= _used_op_types(sub)
+    return used
+
+
+def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Add (in place, and return) the function bodies of the dsv4 ops the model uses, and the dsv4 opset
+    import. The model's default-domain opset must be ONNX_OPSET (the bodies are written against it)."""
+    opsets = {o.domain: o.version for o in model.opset_import}
+    if opsets.get("", ONNX_OPSET) != ONNX_OPSET:
+        raise ValueError(f"model uses ONNX opset {opsets['']}, the dsv4 function bodies need {ONNX_OPSET}")
+    if "" not in opsets:
+        model.opset_import.append(helper.make_opsetid("", ONNX_OPSET))
+    if DOMAIN not in opsets:
+        model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    model.ir_version = max(model.ir_version, 8)  # model-local functions need IR 8
+    have = {(f.domain, f.name) for f in model.functions}
+    used = _used_op_types(model.graph)
+    for f in model.functions:  # dsv4 nodes inside the exporter's own functions count too
+        used |= _used_op_types(helper.make_graph(f.node, f.name, [], []))
+    by_name = {op.onnx_name: op for op in OPS.values()}
+    for op_type in sorted(used):
+        if (DOMAIN, op_type) not in have and op_type in by_name:
+            model.functions.append(function_body(by_name[op_type]))
+    return model
+
+
+def translation_table() -> dict[torch._ops.OpOverload, Callable]:
+    """custom_translation_table for torch.onnx.export(dynamo=True): each torch.ops.dsv4.* overload -> one
+    dsv4 node. The exporter calls the translation with the FX node's arguments (ONNX values for tensors,
+    Python values for the rest)."""
+    import onnxscript
+
+    register_schemas()
+    opset = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
+    return {op.overload: _translation(op, getattr(opset, op.onnx_name)) for op in OPS.values()}
+
+
+def _translation(op: OpDef, onnx_op) -> Callable:
+    names = [a.name for a in op.overload._schema.arguments]
+    kinds = attribute_kinds(op)
+    casts = {"bool": int, "int": int, "float": float}
+
+    def translate(*args, **kwargs):
+        bound = dict(zip(names, args), **kwargs)
+        inputs = [bound[n] for n in names if n not in kinds]
+        attrs = {n: casts[k](bound[n]) for n, k in kinds.items()}
+        return onnx_op(*inputs, **attrs)
+
+    translate.__name__ = f"dsv4_{op.name}"
+    return translate
+
+
+def export_program(ep: torch.export.ExportedProgram, path: str | Path, *,
+                   external_data: bool = True) -> onnx.ModelProto:
+    """Lower an exported program to ONNX: dsv4 ops become dsv4 nodes (+ their function bodies), the rest
+    goes through torch's exporter at ONNX_OPSET without the optimizer (which would fold small packed
+    weights into float). Saved at `path`, weights in one `<file>.data` beside it when `external_data`.
+
+    Returns the saved ModelProto; with external data its initializers are references (not loaded).
+    What comes out (torch 2.13 / onnxscript 0.7.2):
+      * inputs: the user inputs under their FX placeholder names (the forward's argument names, a nested
+        tuple flattened as `cache_0`, `cache_1` ...); outputs are named after the FX nodes producing them
+        (`select`, `where_2` ...): rely on positions, not on output names;
+      * dynamic dims are named by the exporter's symbols (`s77`, `s27`), not by the torch.export Dim names;
+      * parameters and buffers become initializers named by the exported module's state-dict paths
+        (`model.layers.0.hc_attn_fn` under compiler.export's StepProgram wrapper),
+        dtypes kept (uint8 stays uint8); only the larger ones go to the `.data` file, small ones stay
+        inline; past 2 GB the weights go external even with external_data=False."""
+    import onnx_ir as ir
+
+    register_schemas()
+    program = torch.onnx.export(ep, dynamo=True, custom_translation_table=translation_table(), optimize=False,
+                                opset_version=ONNX_OPSET, verbose=False)
+    model = program.model
+    used = {n.op_type for n in model.graph.all_nodes() if n.domain == DOMAIN}
+    # subgraphs (e.g. from torch.cond) are walked by all_nodes(); local functions of the exporter too
+    for fn in model.functions.values():
+        used |= {n.op_type for n in fn.all_nodes() if n.domain == DOMAIN}
+    by_name = {op.onnx_name: op for op in OPS.values()}
+    for op_type in sorted(used):
+        fn = ir.serde.deserialize_function(function_body(by_name[op_type]))
+        model.functions[fn.identifier()] = fn
+    model.opset_imports[DOMAIN] = DOMAIN_VERSION
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(path, external_data=external_data)
+    return onnx.load(path, load_external_data=False)
+
+
+def ort_session(path: str | Path, *, custom_ops_library: str | None = None,
+                threads: int | None = None) -> "onnxruntime.InferenceSession":  # noqa: F821
+    """An ONNX Runtime CPU session. With `custom_ops_library` its dsv4 kernels run the dsv4 nodes;
+    without, ORT inlines the model-local function bodies."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if custom_ops_library:
+        options.register_custom_ops_library(str(custom_ops_library))
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
