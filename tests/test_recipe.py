@@ -22,7 +22,7 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 SHIPPED = sorted(RECIPES.glob("*.yaml"))
 
 OFFICIAL = {"experts": "fp4", "dense": "fp8", "activations": "fp8", "kv_cache": "fp8", "indexer": "fp4"}
-PLAIN = {"experts": "bf16", "dense": "bf16", "activations": "none", "kv_cache": "bf16", "indexer": "bf16"}
+PLAIN = {"experts": "fp4", "dense": "fp8", "activations": "none", "kv_cache": "bf16", "indexer": "bf16"}
 GROUPS = tuple(OFFICIAL)
 SECTIONS = ("model", "quantization", "target", "runtime", "validate")
 

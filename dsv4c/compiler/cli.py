@@ -35,7 +35,9 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("recipe", type=click.Path(path_type=Path))
+@click.argument("recipe", type=click.Path(path_type=Path), required=False)
+@click.option("--from-bundle", "from_bundle", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="Finish a `--until lower` bundle (e.g. TensorRT .plan build on an NVIDIA machine).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Artifact directory (default artifacts/NAME).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. runtime.max_batch_size=4.")
 @click.option("--until", type=click.Choice(["resolve", "plan", "load", "quantize", "export", "lower", "build",
@@ -45,9 +47,14 @@ def main() -> None:
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Stage cache (default ~/.cache/dsv4c/stages).")
 @click.option("--events", type=click.Choice(["text", "json", "quiet"]), default="text", help="Progress format.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on failure.")
-def build(recipe: Path, output: Path | None, overrides: tuple[str, ...], until: str, cache_mode: str,
-          cache_dir: Path | None, events: str, debug: bool) -> None:
-    """Build RECIPE into an artifact directory."""
+def build(recipe: Path | None, from_bundle: Path | None, output: Path | None, overrides: tuple[str, ...],
+          until: str, cache_mode: str, cache_dir: Path | None, events: str, debug: bool) -> None:
+    """Build RECIPE into an artifact directory (or finish a bundle with --from-bundle)."""
+    if (recipe is None) == (from_bundle is None):
+        raise click.UsageError("give exactly one of RECIPE or --from-bundle DIR")
+    if from_bundle is not None:
+        _build_from_bundle(from_bundle, output, debug)
+        return
     from dsv4c.compiler.pipeline import Build, Events, default_cache_dir, execute
     from dsv4c.compiler.recipe import check_model_source, load_recipe
 
@@ -68,6 +75,18 @@ def build(recipe: Path, output: Path | None, overrides: tuple[str, ...], until: 
             click.echo(f"artifact: {artifact}", err=True)
 
 
+def _build_from_bundle(bundle: Path, output: Path | None, debug: bool) -> None:
+    from dsv4c.compiler.stages import build_from_bundle
+
+    try:
+        name = json.loads((bundle / "manifest.json").read_text())["name"]
+        out = build_from_bundle(bundle, (output or Path("artifacts") / name).resolve())
+    except Exception as e:  # noqa: BLE001 - _fail re-raises anything that is not ours
+        _fail(e, debug)
+        return
+    click.echo(f"artifact: {out}", err=True)
+
+
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--prompt", help="Text prompt (needs the artifact's tokenizer).")
@@ -77,8 +96,9 @@ def build(recipe: Path, output: Path | None, overrides: tuple[str, ...], until: 
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
+@click.option("--emulate", is_flag=True, help="Run a TensorRT/CANN bundle or engine on ONNX Runtime CPU.")
 def run(artifact: Path, prompt: str | None, tokens: str | None, max_new_tokens: int, temperature: float,
-        top_p: float, seed: int | None, stream: bool) -> None:
+        top_p: float, seed: int | None, stream: bool, emulate: bool) -> None:
     """Generate from ARTIFACT for one prompt."""
     from dsv4c.artifact import ArtifactError
     from dsv4c.runtime import Engine
@@ -86,7 +106,7 @@ def run(artifact: Path, prompt: str | None, tokens: str | None, max_new_tokens: 
     if (prompt is None) == (tokens is None):
         raise click.UsageError("give exactly one of --prompt or --tokens")
     try:
-        eng = Engine.load(artifact)
+        eng = Engine.load(artifact, emulate=emulate)
     except ArtifactError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(4)
@@ -144,6 +164,43 @@ def schema() -> None:
 
     click.echo(json.dumps(recipe_json_schema(), indent=2))
 
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True)
+@click.option("--model-name", help="Model id clients send (default: the artifact's name).")
+@click.option("--max-batch", "batch_size", type=click.IntRange(min=1), help="Sequences decoded together "
+              "(default and maximum: the artifact's runtime.max_batch_size).")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=0),
+              help="Requests waiting for a slot before the server answers 429.")
+@click.option("--request-timeout", default=600.0, show_default=True, help="Seconds per request, queue included.")
+@click.option("--threads", type=int, help="Engine threads (default: the runtime's choice).")
+@click.option("--emulate", is_flag=True, help="Run a TensorRT/CANN artifact on ONNX Runtime CPU.")
+def serve(artifact: Path, host: str, port: int, model_name: str | None, batch_size: int | None, max_queue: int,
+          request_timeout: float, threads: int | None, emulate: bool) -> None:
+    """Serve ARTIFACT over OpenAI- and Anthropic-compatible HTTP APIs."""
+    from dsv4c.runtime.serve.app import serve_main
+
+    serve_main(artifact, host, port, model_name, batch_size, max_queue, request_timeout, threads, emulate)
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--system", help="System prompt.")
+@click.option("--mode", type=click.Choice(["thinking", "chat"]), default="thinking", show_default=True,
+              help="Starting mode (switch with /think and /chat).")
+@click.option("--max-new-tokens", default=512, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True)
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--threads", type=int, help="Engine threads (default: the runtime's choice).")
+def chat(artifact: Path, system: str | None, mode: str, max_new_tokens: int, temperature: float, top_p: float,
+         seed: int | None, threads: int | None) -> None:
+    """Chat with ARTIFACT in the terminal (streamed; /think, /chat, /reset, /exit)."""
+    from dsv4c.runtime.chat_cli import chat_main
+
+    chat_main(artifact, system, mode, max_new_tokens, temperature, top_p, seed, threads)
 
 if __name__ == "__main__":
     main()

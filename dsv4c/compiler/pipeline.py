@@ -106,12 +106,37 @@ class Build:
         return final
 
 
+# Stages with no stored output of their own: resolve/plan are cheap pure functions of the recipe, quantize is a
+# deterministic function of its key materialised in memory only when a later stage misses (export is stored
+# for models small enough, see stages.STORE_EXPORT_MAX_BYTES, else it too materialises lazily). They report
+# "cached" when a build with the same key has completed them before (a marker under the cache dir), and a lazy
+# stage that materialises later emits its own "done" event then (`materialised`).
+MARKER_STAGES = ("resolve", "plan", "quantize")
+
+
 def run_stage(build: Build, name: str, fn: Callable[[Build], str | None]) -> None:
     """Run one stage, timing it and emitting an event. fn returns "cached" on a cache hit."""
     t0 = time.perf_counter()
     status = fn(build) or "done"
+    if name in MARKER_STAGES and status == "done" and build.keys.get(name):
+        status = _marker(build, name, build.keys[name])
     build.events.emit(event="stage", stage=name, status=status, key=build.keys.get(name),
                       seconds=round(time.perf_counter() - t0, 3))
+
+
+def materialised(build: Build, name: str, seconds: float) -> None:
+    """A lazy stage (quantize, export) actually ran, because a later stage needed its output."""
+    build.events.emit(event="stage", stage=name, status="done", key=build.keys.get(name), seconds=round(seconds, 3))
+
+
+def _marker(build: Build, stage: str, key: str) -> str:
+    path = build.cache_dir / stage / key / ".complete"
+    if build.cache_mode in ("readwrite", "readonly") and path.is_file():
+        return "cached"
+    if build.cache_mode in ("readwrite", "redo"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return "done"
 
 
 def execute(build: Build) -> Path | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 
 import dsv4c
 from dsv4c.compiler.errors import CheckpointInvalidError, InfeasibleError, ToolchainError, ValidationGateError
-from dsv4c.compiler.pipeline import Build, digest, toolchain_versions
+from dsv4c.compiler.pipeline import Build, digest, materialised, toolchain_versions
 
 
 # ---- resolve: the recipe, fully resolved ----------------------------------------------------------------------
@@ -86,7 +87,14 @@ def numerics_for(recipe):
 
 def expert_format_for(build: Build) -> str:
     fallback = {f["group"]: f["to"] for f in build.state["check"].fallbacks}
-    return fallback.get("routed_experts", build.recipe.quantization.experts)
+    return fallback.get("experts", build.recipe.quantization.experts)
+
+
+def graph_expert_format(build: Build) -> str:
+    """The routed-expert format of the PyTorch graph: fp4 or fp8 (a lossless transcode). Other engine formats
+    (INT8/INT4 on Ascend 910B) are requantized by the target's lowering from the shipped FP4 weights."""
+    fmt = expert_format_for(build)
+    return fmt if fmt in ("fp4", "fp8") else "fp4"
 
 
 def stage_quantize(build: Build) -> None:
@@ -99,40 +107,65 @@ def reference_model(build: Build):
     if "model" not in build.state:
         from dsv4c.graphs.model import DeepseekV4, load_official
 
+        t0 = time.perf_counter()
         reader = build.state["reader"]
-        fmt = {"fp4": "fp4", "fp8": "fp8"}.get(expert_format_for(build))
-        if fmt is None:
-            raise InfeasibleError(f"routed expert format {expert_format_for(build)!r} is not implemented by the "
-                                  "CPU engine yet; use experts: fp4 or fp8")
+        fmt = graph_expert_format(build)
         model = DeepseekV4(reader.config, numerics_for(build.recipe), expert_format=fmt)
         load_official(model, reader.read_globals())
         for _, tensors in reader.iter_layers():
             load_official(model, tensors)
         build.state["model"] = model.eval()
+        materialised(build, "quantize", time.perf_counter() - t0)
     return build.state["model"]
 
 
 # ---- export: torch.export of the prefill and decode programs (lazy) -------------------------------------------
-def stage_export(build: Build) -> None:
+STORE_EXPORT_MAX_BYTES = 2 << 30  # exported programs embed the weights: store them only for models this small
+
+
+def stage_export(build: Build) -> str | None:
     rt = build.recipe.runtime
-    build.keys["export"] = digest(build.keys["quantize"], rt.max_batch_size, rt.max_seq_len,
-                                  build.state["toolchain"]["torch"])
+    build.keys["export"] = key = digest(build.keys["quantize"], rt.max_batch_size, rt.max_seq_len,
+                                        build.state["toolchain"]["torch"])
+    stored = build.cached_dir("export", key)
+    return "cached" if stored and (stored / "decode.pt2").is_file() else None
 
 
 def exported_programs(build: Build) -> dict:
+    """The torch.export programs: from the stage cache when stored, else exported now (and stored if small)."""
     if "programs" not in build.state:
         from dsv4c.compiler.export import PROGRAMS, export_program
 
+        import dsv4c.graphs.ops  # noqa: F401  registers the dsv4 ops the stored programs call
+
+        key = build.keys["export"]
+        stored = build.cached_dir("export", key)
+        if stored is not None and all((stored / f"{p}.pt2").is_file() for p in PROGRAMS):
+            build.state["programs"] = {p: torch.export.load(stored / f"{p}.pt2") for p in PROGRAMS}
+            return build.state["programs"]
         rt, model = build.recipe.runtime, reference_model(build)
-        build.state["programs"] = {p: export_program(model, p, rt.max_batch_size, rt.max_seq_len) for p in PROGRAMS}
+        t0 = time.perf_counter()
+        programs = {p: export_program(model, p, rt.max_batch_size, rt.max_seq_len) for p in PROGRAMS}
+        materialised(build, "export", time.perf_counter() - t0)
+        weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        if weight_bytes <= STORE_EXPORT_MAX_BYTES:
+            build.store_dir("export", key, lambda d: [torch.export.save(ep, d / f"{p}.pt2")
+                                                      for p, ep in programs.items()])
+        build.state["programs"] = programs
     return build.state["programs"]
 
 
 def engine_meta(build: Build) -> dict:
-    model, rt = reference_model(build), build.recipe.runtime
+    """What the runtime needs besides the programs: cache layout, vocab, eos (from a meta-device model: no
+    weights are read for it)."""
+    from dsv4c.graphs.model import DeepseekV4
+
+    cfg, rt = build.state["reader"].config, build.recipe.runtime
+    with torch.device("meta"):
+        model = DeepseekV4(cfg, numerics_for(build.recipe), expert_format=graph_expert_format(build))
     return {"cache": [{"name": e.name, "shape": list(e.shape[1:]), "fill": e.fill}
                       for e in model.cache_spec(1, rt.max_seq_len)],
-            "vocab_size": model.cfg.vocab_size, "eos_token_id": model.cfg.eos_token_id,
+            "vocab_size": cfg.vocab_size, "eos_token_id": cfg.eos_token_id,
             "expert_format": model.expert_format, "numerics": vars(model.numerics)}
 
 
@@ -146,6 +179,8 @@ def stage_lower(build: Build) -> str | None:
         path = build.store_dir("lower", key, lambda d: build.state["target"].lower(
             exported_programs(build), d, build.recipe, engine_meta(build)))
     build.state["bundle"] = path
+    if build.until == "lower":  # `--until lower`: the relocatable bundle is the output
+        _publish(build, _assemble(build, _staging(build), validation=None, kind="bundle"))
     return status
 
 
@@ -193,51 +228,100 @@ def stage_validate(build: Build) -> str | None:
     return None
 
 
-def validate_engine(artifact: Path, model, v) -> dict:
-    """Seeded prompts of unequal lengths: prefill + `decode_steps` teacher-forced decode steps on the engine
-    and on the PyTorch reference; per step logit cosine, top-1 agreement and KL(ref || engine)."""
+def validate_engine(artifact: Path, model, v, emulate: bool = False) -> dict:
+    """Seeded prompts of unequal lengths: prefill + `decode_steps` teacher-forced decode steps on the engine and
+    on the PyTorch reference; per logit row (step x sequence) cosine, top-1 and KL(ref || engine), per step the
+    cosine of the new caches.
+
+    The gate measures the engine's *step function*: every decode step starts the engine from the reference's
+    cache. DeepSeek's numerics are discontinuous (FP8 block scales, bf16 rounding, routing and indexer top-k), so a
+    1e-6 relative perturbation of the inputs moves the PyTorch reference itself to cosine 0.965-0.999 per step
+    and ~0.8 free-running on a tiny random model (README "Validation"). A gate on every row would test luck, so:
+    a row *agrees* when cosine >= min_cosine, top-1 equal (unless the reference's top-1 lead is <= top1_margin)
+    and KL <= max_kl; at least `agreement` of the rows (and of the per-step cache checks) must agree, and every
+    row must reach `floor_cosine`. An engine bug breaks most rows, not a few. Free-running figures are reported."""
     from dsv4c.runtime.engine import Engine
 
-    engine = Engine.load(artifact)
+    engine = Engine.load(artifact, emulate=emulate)
     gen = torch.Generator().manual_seed(v.seed)
     lengths = [max(2, v.prompt_len - 3 * i) for i in range(v.prompts)]
     prompts = [torch.randint(2, model.cfg.vocab_size, (n,), generator=gen).tolist() for n in lengths]
-    session = engine.session(len(prompts))
+    stepped, free = engine.session(len(prompts)), engine.session(len(prompts))
     cache = model.new_cache(len(prompts), engine.max_seq_len)
     batch = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
     for b, p in enumerate(prompts):
         batch[b, : len(p)] = torch.tensor(p)
     start, n_valid = torch.zeros(len(prompts), dtype=torch.long), torch.tensor(lengths)
-    steps = []
+    rows, free_rows, caches = [], [], []
     with torch.no_grad():
         ref, cache = model(batch, start, n_valid, cache)
-        got = session.prefill(prompts)
-        steps.append(_compare(ref.numpy(), got))
+        got = stepped.prefill(prompts)
+        free.prefill(prompts)
+        rows += _compare_rows(ref.numpy(), got, 0, v)
+        free_rows += rows[:]
+        caches.append(_cache_cosine(cache, stepped.cache))
         pos = n_valid.clone()
-        for _ in range(v.decode_steps):
+        for step in range(1, v.decode_steps + 1):
             nxt = ref.argmax(-1)  # teacher forcing with the reference's greedy tokens
+            stepped.cache, stepped.positions = [c.numpy().copy() for c in cache], pos.numpy().copy()
+            got = stepped.decode(nxt.numpy())
+            free_got = free.decode(nxt.numpy())
             ref, cache = model(nxt[:, None], pos, torch.ones_like(pos), cache)
-            got = session.decode(nxt.numpy())
-            steps.append(_compare(ref.numpy(), got))
+            rows += _compare_rows(ref.numpy(), got, step, v)
+            free_rows += _compare_rows(ref.numpy(), free_got, step, v)
+            caches.append(_cache_cosine(cache, stepped.cache))
             pos += 1
-    min_cos = min(s["min_cosine"] for s in steps)
-    top1 = all(s["top1_equal"] for s in steps)
-    max_kl = max(s["max_kl"] for s in steps)
-    passed = min_cos >= v.min_cosine and (top1 or not v.require_top1) and max_kl <= v.max_kl
+    checks = [r["agrees"] for r in rows] + [c >= v.min_cosine for c in caches]
+    agreement = sum(checks) / len(checks)
+    min_cos = min(min(r["cosine"] for r in rows), min(caches))
+    top1 = all(r["top1_equal"] or r["near_tie"] for r in rows)
+    max_kl = max(r["kl"] for r in rows)
+    passed = agreement >= v.agreement and min_cos >= v.floor_cosine
     return {"passed": passed, "prompts": lengths, "decode_steps": v.decode_steps,
-            "min_cosine": min_cos, "top1_equal": top1, "max_kl": max_kl,
-            "thresholds": {"min_cosine": v.min_cosine, "require_top1": v.require_top1, "max_kl": v.max_kl},
-            "summary": f"min cosine {min_cos:.6f}, top-1 {'equal' if top1 else 'differs'}, max KL {max_kl:.2e}",
-            "steps": steps}
+            "agreement": agreement, "min_cosine": min_cos, "top1_equal": top1, "max_kl": max_kl,
+            "thresholds": {k: getattr(v, k) for k in ("min_cosine", "require_top1", "top1_margin", "max_kl",
+                                                      "agreement", "floor_cosine")},
+            "summary": f"{agreement:.1%} of rows agree (need {v.agreement:.0%}), min cosine {min_cos:.6f} "
+                       f"(floor {v.floor_cosine}), top-1 {'equal' if top1 else 'differs'} outside near-ties, "
+                       f"max KL {max_kl:.2e}",
+            "rows": rows, "cache_cosine": caches,
+            "free_running": {"agreement": sum(r["agrees"] for r in free_rows) / len(free_rows),
+                             "min_cosine": min(r["cosine"] for r in free_rows), "rows": free_rows}}
 
 
-def _compare(ref: np.ndarray, got: np.ndarray) -> dict:
+def _compare_rows(ref: np.ndarray, got: np.ndarray, step: int, v) -> list[dict]:
+    """One record per sequence: cosine, top-1 (near-ties: reference lead <= top1_margin), KL, agrees."""
     ref, got = ref.astype(np.float64), got.astype(np.float64)
     cos = (ref * got).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1))
+    top2 = np.sort(ref, -1)[:, -2:]
+    near_tie = top2[:, 1] - top2[:, 0] <= v.top1_margin
+    same = ref.argmax(-1) == got.argmax(-1)
     lp, lq = _log_softmax(ref), _log_softmax(got)
     kl = (np.exp(lp) * (lp - lq)).sum(-1)
-    return {"min_cosine": float(cos.min()), "top1_equal": bool((ref.argmax(-1) == got.argmax(-1)).all()),
-            "max_kl": float(kl.max())}
+    out = []
+    for b in range(ref.shape[0]):
+        top1_ok = bool(same[b] or near_tie[b] or not v.require_top1)
+        agrees = bool(cos[b] >= v.min_cosine and top1_ok and kl[b] <= v.max_kl)
+        out.append({"step": step, "sequence": b, "cosine": float(cos[b]), "top1_equal": bool(same[b]),
+                    "near_tie": bool(near_tie[b]), "kl": float(kl[b]), "agrees": agrees})
+    return out
+
+
+def _cache_cosine(ref_cache, got_cache: list[np.ndarray]) -> float:
+    """Lowest cosine over the cache tensors (finite entries; a differing set of empty/-inf slots counts as 0)."""
+    worst = 1.0
+    for r, g in zip(ref_cache, got_cache):
+        r, g = r.numpy().astype(np.float64), np.asarray(g, dtype=np.float64)
+        finite = np.isfinite(r)
+        if not np.array_equal(finite, np.isfinite(g)):
+            return 0.0
+        r, g = r[finite], g[finite]
+        norm = np.linalg.norm(r) * np.linalg.norm(g)
+        if norm == 0:
+            worst = min(worst, 1.0 if np.array_equal(r, g) else 0.0)
+            continue
+        worst = min(worst, float((r * g).sum() / norm))
+    return worst
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -246,24 +330,57 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 # ---- package: the artifact directory, written atomically ------------------------------------------------------
-def stage_package(build: Build) -> None:
+def stage_package(build: Build) -> str | None:
+    build.keys["package"] = key = digest(build.keys["validate"], build.state["lock"])
+    if _existing_package_key(build.out_dir) == key:
+        build.state["artifact"] = build.out_dir
+        return "cached"  # the artifact at the output path is this exact build, verified against its manifest
+    _publish(build, _assemble(build, _staging(build), validation=build.state["validation"]))
+    return None
+
+
+def _existing_package_key(out: Path) -> str | None:
+    from dsv4c.artifact import ArtifactError, read_manifest
+
+    if not (out / "manifest.json").is_file():
+        return None
+    try:
+        return read_manifest(out, verify=True).data.get("stage_keys", {}).get("package")
+    except (ArtifactError, ValueError, KeyError):
+        return None
+
+
+def _staging(build: Build) -> Path:
+    return build.out_dir.parent / f".{build.out_dir.name}.tmp"
+
+
+def _publish(build: Build, staged: Path) -> None:
+    """Swap the staged artifact into place (the only step that touches the output path)."""
     out = build.out_dir
-    tmp = _assemble(build, out.parent / f".{out.name}.tmp", validation=build.state["validation"])
     if out.exists():
         shutil.rmtree(out)
-    tmp.rename(out)
+    staged.rename(out)
     build.state["artifact"] = out
-    build.keys["package"] = digest(build.keys["validate"])
 
 
-def _assemble(build: Build, root: Path, validation: dict | None) -> Path:
-    """Lay out an artifact in `root` (manifest last)."""
+def _kernel_fallbacks(engine_info: dict) -> list[dict[str, str]]:
+    """An engine running portable fallbacks instead of its native kernels says so in the manifest."""
+    kernels = engine_info.get("kernels", {})
+    if kernels.get("implementation") in (None, "cpp", "native"):
+        return []
+    return [{"group": "kernels", "from": "native", "to": kernels["implementation"], "reason": kernels.get("reason", "")}]
+
+
+def _assemble(build: Build, root: Path, validation: dict | None, kind: str = "engine") -> Path:
+    """Lay out an artifact in `root` (manifest last). kind "engine": the built engine; kind "bundle": the
+    target's lowered bundle (`--until lower`), which `dsv4c build --from-bundle` turns into an engine elsewhere."""
     from dsv4c.artifact import write_manifest
 
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
-    shutil.copytree(build.state["engine_dir"], root / "engine", ignore=shutil.ignore_patterns(".complete"))
+    source = build.state["engine_dir"] if kind == "engine" else build.state["bundle"]
+    shutil.copytree(source, root / "engine", ignore=shutil.ignore_patterns(".complete"))
     ckpt = build.state["checkpoint"]
     shutil.copy(ckpt / "config.json", root / "config.json")
     if (ckpt / "tokenizer.json").is_file():
@@ -274,19 +391,64 @@ def _assemble(build: Build, root: Path, validation: dict | None) -> Path:
     (root / "recipe.lock.yaml").write_text(build.state["lock"])
     if validation is not None:
         (root / "validation.json").write_text(json.dumps(validation, indent=2))
-    r, info = build.recipe, build.state["engine_info"]
+    r = build.recipe
+    info = build.state["engine_info"] if kind == "engine" else json.loads((source / "bundle.json").read_text())
     write_manifest(root, {
+        "kind": kind,
         "dsv4c_version": dsv4c.__version__,
         "name": r.name,
         "recipe_sha256": build.keys["resolve"],
-        "target": {"kind": r.target.kind},
+        "target": {"kind": r.target.kind, "arch": r.target.arch, "soc_version": r.target.soc_version},
         "runtime": {"max_batch_size": r.runtime.max_batch_size, "max_seq_len": r.runtime.max_seq_len},
         "engine": info,
         "toolchain": build.state["toolchain"],
-        "fallbacks": build.state["check"].fallbacks,
+        "fallbacks": build.state["check"].fallbacks + _kernel_fallbacks(info),
         "stage_keys": build.keys,
         "inputs": {"checkpoint": str(ckpt), "checkpoint_key": build.keys["load"]},
         "validation": None if validation is None else {k: validation[k] for k in
                                                        ("passed", "min_cosine", "top1_equal", "max_kl")},
     })
     return root
+
+
+# ---- --from-bundle: finish a `--until lower` bundle on a machine with the target's toolchain ------------------
+def build_from_bundle(bundle: Path, out_dir: Path) -> Path:
+    """Build the engine of a bundle artifact (e.g. TensorRT `.plan`s on an NVIDIA machine) into `out_dir`.
+    The bundle is read-only input; the new artifact is staged beside `out_dir` and renamed into place."""
+    from dsv4c.artifact import ArtifactError, read_manifest, write_manifest
+    from dsv4c.compiler.errors import RecipeError
+    from dsv4c.compiler.recipe import load_recipe
+    from dsv4c.targets.base import ToolchainMissing, get_target
+
+    bundle = Path(bundle)
+    try:
+        manifest = read_manifest(bundle, verify=True)
+    except ArtifactError as e:
+        raise RecipeError(f"--from-bundle {bundle}: {e}") from e
+    if manifest.data.get("kind") != "bundle":
+        raise RecipeError(f"--from-bundle {bundle}: manifest kind is {manifest.data.get('kind')!r}, not 'bundle' "
+                          "(make one with `dsv4c build RECIPE --until lower`)")
+    recipe = load_recipe(bundle / "recipe.lock.yaml")
+    staged = out_dir.parent / f".{out_dir.name}.tmp"
+    if staged.exists():
+        shutil.rmtree(staged)
+    shutil.copytree(bundle, staged, ignore=shutil.ignore_patterns("engine", "manifest.json"))
+    (staged / "engine").mkdir()
+    try:
+        get_target(manifest.target).build(bundle / "engine", staged / "engine", recipe)
+    except ToolchainMissing as e:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise ToolchainError(str(e)) from e
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    data = {k: v for k, v in manifest.data.items() if k not in ("schema_version", "outputs")}
+    data.update(kind="engine", engine=json.loads((staged / "engine" / "engine.json").read_text()),
+                built_from_bundle={"path": str(bundle), "outputs": manifest.data["outputs"]},
+                validation=None, validation_note="engine built from a bundle: numerics were checked by emulating "
+                "the bundle (Engine.load(bundle, emulate=True)); run the engine against it on this machine")
+    write_manifest(staged, data)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staged.rename(out_dir)
+    return out_dir

@@ -44,9 +44,15 @@ class Executor(Protocol):
             cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]: ...
 
 
-def get_target(kind: str) -> Target:
-    if kind == "cpu":
-        from dsv4c.targets.cpu.target import CpuTarget
+TARGETS = {"cpu": "dsv4c.targets.cpu.target:CpuTarget", "tensorrt": "dsv4c.targets.tensorrt.target:TensorRTTarget",
+           "cann": "dsv4c.targets.cann.target:CannTarget"}
 
-        return CpuTarget()
-    raise ToolchainMissing(f"target {kind!r} is not available in this dsv4c build (available: cpu)")
+
+def get_target(kind: str) -> Target:
+    """The target for a recipe's `target.kind` (targets are peers: each lives in dsv4c.targets.<kind>)."""
+    import importlib
+
+    if kind not in TARGETS:
+        raise ToolchainMissing(f"target {kind!r} is not available in this dsv4c (available: {', '.join(TARGETS)})")
+    module, cls = TARGETS[kind].split(":")
+    return getattr(importlib.import_module(module), cls)()

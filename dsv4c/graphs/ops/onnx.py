@@ -20,9 +20,9 @@ ONNX ops; what ORT 1.32 (CPU) supports shaped them:
     counts come from an attribute or a shape (never from data).
   * ORT's `Sigmoid` is an approximation; silu is written x / (1 + Exp(-x)) as torch does, so the bf16 /
     FP8 rounding after it flips less often (exactness after transcendental functions is not possible).
-Fake-quant ops are bit-exact with torch; the others match to float rounding (~1e-7 relative). Where the
-reference breaks ties (TopK among equal visible scores) torch and ORT may pick differently; see
-`_body_indexer_topk`.
+Fake-quant ops are bit-exact with torch; the others match to float rounding (~1e-7 relative). Top-k ties
+(equal visible scores) are ordered lower entry id first on both sides: ONNX TopK's rule, which the torch
+reference follows with a stable sort; see `_body_indexer_topk`.
 """
 
 from __future__ import annotations
@@ -418,9 +418,9 @@ def _body_sparse_attn(g: _Graph, q, kv, sink, idx, scale):
 
 
 def _body_indexer_topk(g: _Graph, q, k, w, n_visible, topk):
-    """ONNX TopK puts the lower index first among equal scores; torch.topk leaves the order of ties
-    unspecified, so equal visible scores (relu zeros are common once q and k are FP4) can come out in
-    another order, or, when they straddle the k-th place, as other picks."""
+    """ONNX TopK puts the lower index first among equal scores (relu zeros are common once q and k are
+    FP4), the rule the torch reference implements with a stable descending sort: picks agree exactly,
+    ties included, even when they straddle the k-th place."""
     scores = g.Relu(g.MatMul(q, g.Unsqueeze(g.Transpose(k, perm=[0, 2, 1]), g.i64(1))))  # [B,S,h,N]
     scores = g.ReduceSum(g.Mul(scores, g.Unsqueeze(w, g.i64(-1))), g.i64(2), keepdims=0)  # [B,S,N]
     n = g.Shape(k, start=1, end=2)
@@ -583,7 +583,8 @@ def _translation(op: OpDef, onnx_op) -> Callable:
 
 
 def export_program(ep: torch.export.ExportedProgram, path: str | Path, *,
-                   external_data: bool = True) -> onnx.ModelProto:
+                   external_data: bool = True, opset: int = ONNX_OPSET,
+                   with_functions: bool = True) -> onnx.ModelProto:
     """Lower an exported program to ONNX: dsv4 ops become dsv4 nodes (+ their function bodies), the rest
     goes through torch's exporter at ONNX_OPSET without the optimizer (which would fold small packed
     weights into float). Saved at `path`, weights in one `<file>.data` beside it when `external_data`.
@@ -597,16 +598,27 @@ def export_program(ep: torch.export.ExportedProgram, path: str | Path, *,
       * parameters and buffers become initializers named by the exported module's state-dict paths
         (`model.layers.0.hc_attn_fn` under compiler.export's StepProgram wrapper),
         dtypes kept (uint8 stays uint8); only the larger ones go to the `.data` file, small ones stay
-        inline; past 2 GB the weights go external even with external_data=False."""
+        inline; past 2 GB the weights go external even with external_data=False.
+    `opset` below ONNX_OPSET is for toolchains that parse older opsets (TensorRT, CANN ATC); such models get no
+    function bodies (the bodies are written against ONNX_OPSET), i.e. `with_functions` must be False."""
+    if with_functions and opset != ONNX_OPSET:
+        raise ValueError(f"function bodies need ONNX opset {ONNX_OPSET}; export at {opset} with_functions=False")
+    import logging
+    import warnings
+
     import onnx_ir as ir
 
     register_schemas()
-    program = torch.onnx.export(ep, dynamo=True, custom_translation_table=translation_table(), optimize=False,
-                                opset_version=ONNX_OPSET, verbose=False)
+    # torch's exporter logs a warning per absent torchvision op and a treespec deprecation: noise for our users
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        program = torch.onnx.export(ep, dynamo=True, custom_translation_table=translation_table(), optimize=False,
+                                    opset_version=opset, verbose=False)
     model = program.model
-    used = {n.op_type for n in model.graph.all_nodes() if n.domain == DOMAIN}
+    used = {n.op_type for n in model.graph.all_nodes() if n.domain == DOMAIN} if with_functions else set()
     # subgraphs (e.g. from torch.cond) are walked by all_nodes(); local functions of the exporter too
-    for fn in model.functions.values():
+    for fn in list(model.functions.values()) if with_functions else []:
         used |= {n.op_type for n in fn.all_nodes() if n.domain == DOMAIN}
     by_name = {op.onnx_name: op for op in OPS.values()}
     for op_type in sorted(used):

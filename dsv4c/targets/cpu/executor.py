@@ -34,44 +34,13 @@ class OrtExecutor:
         return out[0], list(out[1:])
 
 
-class ExportedProgramExecutor:
-    """Runs `.pt2` programs (torch.export.save) with the dsv4 ops' PyTorch kernels."""
-
-    def __init__(self, engine_dir: Path, programs: dict[str, str], threads: int | None = None):
-        import torch
-
-        import dsv4c.graphs.ops  # noqa: F401  registers the dsv4 ops the programs call
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.modules = {n: torch.export.load(engine_dir / rel).module() for n, rel in programs.items()}
-
-    def run(self, program: str, tokens: np.ndarray, start_pos: np.ndarray, n_valid: np.ndarray,
-            cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        import torch
-
-        with torch.no_grad():
-            out = self.modules[program](torch.from_numpy(tokens), torch.from_numpy(start_pos),
-                                        torch.from_numpy(n_valid), tuple(torch.from_numpy(c) for c in cache))
-        return out[0].numpy(), [t.numpy() for t in out[1:]]
-
-
 def load_executor(root: Path, manifest: Manifest, emulate: bool = False, threads: int | None = None):
-    fmt = manifest.engine.get("format", "onnx")
-    if fmt == "pt2":
-        _check_torch(manifest)
-        return ExportedProgramExecutor(root / "engine", manifest.engine["programs"], threads)
+    fmt = manifest.engine.get("format")
+    if fmt != "onnx":
+        raise ArtifactError(f"{root}: engine format {fmt!r} is not runnable by this dsv4c (expected 'onnx'); "
+                            "rebuild the artifact")
     _check_toolchain(manifest)
     return OrtExecutor(root / "engine", manifest.engine["programs"], threads)
-
-
-def _check_torch(manifest: Manifest) -> None:
-    import torch
-
-    built_with = manifest.data.get("toolchain", {}).get("torch")
-    if built_with and built_with.split("+")[0] != torch.__version__.split("+")[0]:
-        raise ArtifactError(f"artifact was exported with torch {built_with}, this machine has {torch.__version__}; "
-                            f"install torch=={built_with.split('+')[0]} or rebuild the artifact here")
 
 
 def _check_toolchain(manifest: Manifest) -> None:

@@ -1,0 +1,152 @@
+"""The ONNX lowering that the accelerator targets (TensorRT, CANN) share, and its CPU emulation.
+
+    export_bundle_programs: exported programs -> `<program>.onnx` + `.onnx.data` at the opset the vendor parser
+        reads, *without* the dsv4 function bodies (a vendor parser must meet the V4 ops as custom nodes and map
+        them to its plugins / custom operators, never inline a portable body), CastLike rewritten to Cast (not in
+        every vendor's operator list; its target type is static here), then a target hook rewrites the custom
+        nodes (plugin attributes, CANN operator names).
+    emulation_session: the exact bundle file on ONNX Runtime CPU, with reference implementations of the custom
+        nodes attached as model-local functions in memory; the weights are read from the bundle's `.data` file.
+
+Everything here works on ModelProtos loaded *without* external data, so a 160 GB bundle is rewritten by
+touching only its graph.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import onnx
+from onnx import helper
+
+from dsv4c.graphs.ops.onnx import DOMAIN, ONNX_OPSET, export_program
+
+NodeHook = Callable[[onnx.ModelProto], None]
+
+
+def export_bundle_programs(programs: dict[str, Any], bundle_dir: Path, opset: int,
+                           hook: NodeHook | None = None) -> dict[str, str]:
+    """Export each program at `opset` (no function bodies), post-process, save in place. -> {program: file}."""
+    files = {}
+    for name, ep in programs.items():
+        path = bundle_dir / f"{name}.onnx"
+        export_program(ep, path, opset=opset, with_functions=False)
+        model = onnx.load(path, load_external_data=False)
+        castlike_to_cast(model)
+        if hook is not None:
+            hook(model)
+        onnx.save(model, path)  # initializers keep their references into <name>.onnx.data
+        files[name] = path.name
+    return files
+
+
+def castlike_to_cast(model: onnx.ModelProto) -> int:
+    """Rewrite CastLike(x, like) to Cast(x, to=dtype(like)) where the dtype is known; returns the count."""
+    types = _value_types(model)
+    done = 0
+    for node in model.graph.node:
+        if node.op_type == "CastLike" and node.domain in ("", "ai.onnx") and node.input[1] in types:
+            to = types[node.input[1]]
+            del node.input[1:]
+            node.op_type = "Cast"
+            del node.attribute[:]
+            node.attribute.append(helper.make_attribute("to", to))
+            done += 1
+    return done
+
+
+def _value_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every named value the graph declares (inputs, initializers, value_info, Constants)."""
+    g = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.value_info, *g.output]
+             if v.type.HasField("tensor_type")}
+    types.update({t.name: t.data_type for t in g.initializer})
+    for node in g.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    types[node.output[0]] = a.t.data_type
+    if any(n.op_type == "CastLike" and n.input[1] not in types for n in g.node):
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=False)
+        types.update({v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info
+                      if v.type.HasField("tensor_type")})
+    return {k: v for k, v in types.items() if v}
+
+
+def op_census(model: onnx.ModelProto) -> Counter:
+    """(domain, op_type) -> count over the main graph and subgraphs."""
+    counts: Counter = Counter()
+
+    def walk(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            counts[(node.domain or "ai.onnx", node.op_type)] += 1
+            for a in node.attribute:
+                for sub in [a.g] if a.HasField("g") else list(a.graphs):
+                    walk(sub)
+
+    walk(model.graph)
+    return counts
+
+
+def standard_op_types(model: onnx.ModelProto) -> set[str]:
+    return {op for (domain, op) in op_census(model) if domain == "ai.onnx"}
+
+
+def custom_nodes(model: onnx.ModelProto, domain: str) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.domain == domain]
+
+
+def emulation_session(path: Path, functions: Iterable[onnx.FunctionProto], prepare: NodeHook | None = None,
+                      threads: int | None = None, custom_ops_library: str | None = None):
+    """An ORT CPU session over the bundle file at `path`: `prepare` undoes target-only node details (plugin
+    attributes, vendor op names) in memory, the reference `functions` are attached, and the default opset is
+    raised to the function bodies' (opsets 18..22 -> 23 changed no semantics of the ops our graphs use: only new
+    element types). Weights come from the `.data` file beside `path`."""
+    import onnxruntime as ort
+
+    model = onnx.load(path, load_external_data=False)
+    if prepare is not None:
+        prepare(model)
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = ONNX_OPSET
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    have = {(f.domain, f.name) for f in model.functions}
+    model.functions.extend(f for f in functions if (f.domain, f.name) not in have)
+    model.ir_version = max(model.ir_version, 10)
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+    if custom_ops_library:
+        options.register_custom_ops_library(custom_ops_library)
+    if threads:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def read_op_list(path: Path) -> set[str]:
+    """An operator list kept in the repo: one op type per line, `#` comments (the file names its source)."""
+    ops = set()
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            ops.add(line)
+    return ops
+
+
+class EmulatedExecutor:
+    """Runs a bundle's programs on ONNX Runtime CPU through `emulation_session` (positional I/O, like the CPU
+    engine: tokens, start_pos, n_valid, *cache -> logits, *new_cache)."""
+
+    def __init__(self, bundle_dir: Path, programs: dict[str, str], functions: list[onnx.FunctionProto],
+                 prepare: NodeHook | None = None, threads: int | None = None):
+        self.sessions = {name: emulation_session(bundle_dir / rel, functions, prepare, threads)
+                         for name, rel in programs.items()}
+        self.inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
+
+    def run(self, program: str, tokens, start_pos, n_valid, cache):
+        values = [tokens, start_pos, n_valid, *cache]
+        out = self.sessions[program].run(None, dict(zip(self.inputs[program], values)))
+        return out[0], list(out[1:])

@@ -1,0 +1,202 @@
+"""The TensorRT target.
+
+    check:  the recipe's formats on the exact SM (sm_100: FP4 experts native; sm_90: no FP4 tensor cores, so the
+            experts need the recipe's declared fallback: lossless FP4->FP8 transcode), the parallel layout, the
+            local toolchain (tensorrt importable? GPU present?).
+    lower:  exported programs -> ONNX opset 22 (what TensorRT 10.8+ and 11 parse) where every V4 op is a `dsv4`
+            node carrying `plugin_namespace="dsv4"` / `plugin_version="1"`: TensorRT's ONNX parser maps such a node
+            to the plugin `dsv4::<op type>` registered by dsv4c.targets.tensorrt.plugins (Triton kernels). Weights
+            stay packed (FP8 bits / FP4 nibbles as uint8 initializers in `<program>.onnx.data`). No function
+            bodies: the parser must meet the plugins, not inline a portable body.
+    build:  where TensorRT and a GPU exist, one serialized engine (`.plan`) per program, with optimization
+            profiles for the dynamic batch / prompt length and a persisted timing cache; else ToolchainMissing
+            (exit 4), and `dsv4c build --until lower` leaves the relocatable bundle that `--from-bundle` finishes.
+
+What runs here: lower, the structural checks (operator list, plugin coverage) and the emulation of the exact
+bundle on ONNX Runtime (executor.py). What cannot: engine build and TensorRT execution (toolchain-facts.md §6).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import onnx
+from onnx import helper
+
+from dsv4c.graphs.ops.onnx import DOMAIN
+from dsv4c.targets.base import TargetCheck, ToolchainMissing
+
+OPSET = 22  # TensorRT 10.x parses opsets 9..22, TensorRT 11.x up to 25: 22 serves both
+PLUGIN_NAMESPACE, PLUGIN_VERSION = DOMAIN, "1"
+SUPPORTED_OPS_FILE = Path(__file__).with_name("trt_onnx_ops.txt")
+# What each SM runs natively, per quantization group (None: any value the recipe schema allows).
+NATIVE = {"sm_90": {"experts": ("fp8",), "dense": ("fp8",)},
+          "sm_100": {"experts": ("fp4", "fp8"), "dense": ("fp8",)}}
+IMPLEMENTED_FALLBACKS = {"experts": ("fp8",)}  # lossless FP4->FP8 transcode (checked bit-exact at load)
+WORKSPACE_BYTES = 8 << 30
+
+
+class TensorRTTarget:
+    kind = "tensorrt"
+
+    def check(self, recipe: Any) -> TargetCheck:
+        check = TargetCheck(toolchain=toolchain())
+        t, q = recipe.target, recipe.quantization
+        for group, native in NATIVE[t.arch].items():
+            wanted = getattr(q, group)
+            if wanted in native:
+                continue
+            if q.on_unsupported != "fallback":
+                check.problems.append(f"quantization.{group}={wanted!r} has no {t.arch} kernel; set "
+                                      f"quantization.on_unsupported: fallback (with fallback.{group}: "
+                                      f"{native[0]}) or choose {' / '.join(native)}")
+                continue
+            to = q.fallback_for(group) or IMPLEMENTED_FALLBACKS.get(group, (None,))[0]
+            if to not in IMPLEMENTED_FALLBACKS.get(group, ()):
+                check.problems.append(f"quantization.fallback.{group}={to!r} is not implemented by the TensorRT "
+                                      f"target (implemented: {', '.join(IMPLEMENTED_FALLBACKS.get(group, ()))})")
+                continue
+            check.fallbacks.append({"group": group, "from": wanted, "to": to,
+                                    "reason": f"{t.arch} has no {wanted} tensor-core path; lossless transcode"})
+        if t.world_size > 1:
+            check.problems.append(f"target declares {t.world_size} devices, but per-rank (tensor/expert-parallel) "
+                                  "lowering is not implemented in this dsv4c yet: it builds single-device engines "
+                                  "(set target.devices_per_node: 1 and nodes: 1)")
+        return check
+
+    def lower(self, programs: dict[str, Any], bundle_dir: Path, recipe: Any, meta: dict[str, Any]) -> None:
+        from dsv4c.targets.onnx_bundle import export_bundle_programs
+
+        files = export_bundle_programs(programs, bundle_dir, OPSET, hook=mark_plugins)
+        _copy_plugin_sources(bundle_dir / "plugins")
+        rt = recipe.runtime
+        (bundle_dir / "bundle.json").write_text(json.dumps({
+            **meta, "format": "onnx", "opset": OPSET, "programs": files,
+            "arch": recipe.target.arch,
+            "plugins": sorted({f"{PLUGIN_NAMESPACE}::{n.op_type}" for f in files.values()
+                               for n in _custom_nodes(bundle_dir / f)}),
+            "profiles": profiles(rt.max_batch_size, rt.max_seq_len),
+            "build_command": "dsv4c build --from-bundle .",
+        }, indent=2))
+
+    def build(self, bundle_dir: Path, engine_dir: Path, recipe: Any) -> None:
+        have = toolchain()
+        if have["tensorrt"] == "missing" or have["cuda_device"] == "missing":
+            raise ToolchainMissing(
+                f"TensorRT engine build needs the `tensorrt` Python package (10.8+) and an NVIDIA GPU; here: "
+                f"tensorrt {have['tensorrt']}, GPU {have['cuda_device']}. Run `dsv4c build RECIPE --until lower` "
+                "for a relocatable bundle and `dsv4c build --from-bundle DIR` on a TensorRT machine")
+        meta = json.loads((bundle_dir / "bundle.json").read_text())
+        flags = build_engines(bundle_dir, engine_dir, meta)
+        meta.update(format="tensorrt", plans={p: f"{p}.plan" for p in meta["programs"]}, builder=flags,
+                    toolchain=have)
+        (engine_dir / "engine.json").write_text(json.dumps(meta, indent=2))
+
+
+def toolchain() -> dict[str, str]:
+    """tensorrt version and the CUDA device name, "missing" for each that is absent."""
+    try:
+        import tensorrt as trt
+
+        version = trt.__version__
+    except Exception:  # ImportError, or the bindings wheel without libnvinfer (toolchain-facts §6)
+        version = "missing"
+    try:
+        import torch
+
+        device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "missing"
+    except Exception:
+        device = "missing"
+    return {"tensorrt": version, "cuda_device": device}
+
+
+def mark_plugins(model: onnx.ModelProto) -> None:
+    """Give each dsv4 node the attributes TensorRT's ONNX parser uses to find its plugin creator
+    (op type = plugin name, `plugin_namespace`, `plugin_version`)."""
+    for node in model.graph.node:
+        if node.domain == DOMAIN:
+            names = {a.name for a in node.attribute}
+            if "plugin_namespace" not in names:
+                node.attribute.append(helper.make_attribute("plugin_namespace", PLUGIN_NAMESPACE))
+            if "plugin_version" not in names:
+                node.attribute.append(helper.make_attribute("plugin_version", PLUGIN_VERSION))
+
+
+def unmark_plugins(model: onnx.ModelProto) -> None:
+    """The inverse of mark_plugins, for emulation: the function bodies declare only the ops' own attributes."""
+    for node in model.graph.node:
+        if node.domain == DOMAIN:
+            keep = [a for a in node.attribute if a.name not in ("plugin_namespace", "plugin_version")]
+            del node.attribute[:]
+            node.attribute.extend(keep)
+
+
+def profiles(max_batch: int, max_seq_len: int) -> dict[str, dict[str, list[int]]]:
+    """Optimization-profile ranges of the dynamic dims: batch for both programs, prompt length for prefill."""
+    opt_batch = max(1, min(max_batch, 8))
+    return {"prefill": {"batch": [1, opt_batch, max_batch], "seq": [2, min(512, max_seq_len), max_seq_len]},
+            "decode": {"batch": [1, opt_batch, max_batch], "seq": [1, 1, 1]}}
+
+
+def build_engines(bundle_dir: Path, engine_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Parse each program's ONNX and serialize a `.plan` (TensorRT Python API). Returns the builder flags used.
+    Not executable on machines without TensorRT (see README 'TensorRT')."""
+    import tensorrt as trt
+
+    from dsv4c.targets.tensorrt import plugins
+
+    plugins.register_all()
+    logger = trt.Logger(trt.Logger.WARNING)
+    cache_file = bundle_dir / "timing.cache"
+    flags = {"network": "STRONGLY_TYPED", "workspace_bytes": WORKSPACE_BYTES, "timing_cache": cache_file.name,
+             "tensorrt": trt.__version__}
+    for program, rel in meta["programs"].items():
+        builder = trt.Builder(logger)
+        # strongly typed: the ONNX dtypes (uint8 packed weights, f32 activations, bf16 rounding inside plugins)
+        # are the numerics; TensorRT must not pick its own precisions
+        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(bundle_dir / rel)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise RuntimeError(f"TensorRT could not parse {rel}: {errors}")
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+        cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+        config.add_optimization_profile(_profile(builder, network, meta["profiles"][program], meta["cache"]))
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise RuntimeError(f"TensorRT failed to build {rel} (see the log above)")
+        (engine_dir / f"{program}.plan").write_bytes(bytes(plan))
+        cache_file.write_bytes(bytes(config.get_timing_cache().serialize()))
+        shutil.copy(cache_file, engine_dir / cache_file.name)
+    return flags
+
+
+def _profile(builder, network, ranges: dict[str, list[int]], cache: list[dict[str, Any]]):
+    """Inputs are positional: tokens [B, S], start_pos [B], n_valid [B], then the cache tensors [B, *shape]."""
+    profile = builder.create_optimization_profile()
+    b, s = ranges["batch"], ranges["seq"]
+    shapes = [[(b[i], s[i]) for i in range(3)], [(b[i],) for i in range(3)], [(b[i],) for i in range(3)]]
+    shapes += [[(b[i], *c["shape"]) for i in range(3)] for c in cache]
+    for i, (lo, opt, hi) in enumerate(shapes):
+        profile.set_shape(network.get_input(i).name, lo, opt, hi)
+    return profile
+
+
+def _custom_nodes(path: Path) -> list[onnx.NodeProto]:
+    return [n for n in onnx.load(path, load_external_data=False).graph.node if n.domain == DOMAIN]
+
+
+def _copy_plugin_sources(dest: Path) -> None:
+    """The plugin registrations and Triton kernels travel with the bundle (they are also in dsv4c itself)."""
+    here = Path(__file__).parent
+    dest.mkdir(parents=True, exist_ok=True)
+    if (here / "plugins.py").is_file():
+        shutil.copy(here / "plugins.py", dest / "plugins.py")
+    if (here / "kernels").is_dir():
+        shutil.copytree(here / "kernels", dest / "kernels", ignore=shutil.ignore_patterns("__pycache__"),
+                        dirs_exist_ok=True)

@@ -1,0 +1,67 @@
+"""Shared fixtures: one stage cache per test session (the synthetic checkpoint is generated once), the CLI in a
+subprocess, and the PyTorch reference model read straight from the build's checkpoint."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dsv4c(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dsv4c.compiler.cli", *args, "--cache-dir", str(cache)],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def stage_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("stage-cache")
+
+
+def reference_model(cache: Path, numerics=None, expert_format: str = "fp4"):
+    """DeepseekV4 on the synthetic checkpoint a build in `cache` generated (independent of the engine)."""
+    from dsv4c.graphs.checkpoint import CheckpointReader
+    from dsv4c.graphs.model import DeepseekV4, Numerics, load_official
+
+    reader = CheckpointReader(next(cache.glob("load/*/checkpoint")))
+    model = DeepseekV4(reader.config, numerics or Numerics.reference(), expert_format=expert_format)
+    load_official(model, reader.read_globals())
+    for _, tensors in reader.iter_layers():
+        load_official(model, tensors)
+    return model.eval()
+
+
+def compare_with_reference(session, model, prompts: list[list[int]], steps: int, resync: bool):
+    """Prefill + `steps` teacher-forced decode steps on an engine session and on the reference; with `resync`
+    every decode step starts the engine from the reference's cache (the engine's step function, see
+    dsv4c.compiler.stages.validate_engine for why). Yields (step, engine logits, reference logits)."""
+    import torch
+
+    batch = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        batch[b, : len(p)] = torch.tensor(p)
+    pos = torch.tensor([len(p) for p in prompts])
+    cache = model.new_cache(len(prompts), session.engine.max_seq_len)
+    with torch.no_grad():
+        want, cache = model(batch, torch.zeros_like(pos), pos.clone(), cache)
+        got = session.prefill(prompts)
+        yield 0, got, want.numpy()
+        for step in range(1, steps + 1):
+            nxt = want.argmax(-1)
+            if resync:
+                session.cache, session.positions = [c.numpy().copy() for c in cache], pos.numpy().copy()
+            got = session.decode(nxt.numpy())
+            want, cache = model(nxt[:, None], pos, torch.ones_like(pos), cache)
+            pos += 1
+            yield step, got, want.numpy()
+
+
+def cosine(a, b):
+    import numpy as np
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
