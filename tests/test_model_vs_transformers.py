@@ -12,8 +12,6 @@ The indexer's selection itself is checked against its formula in test_ops.py.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -40,22 +38,9 @@ def load_ours(path, numerics: Numerics) -> DeepseekV4:
 
 
 def load_hf(path):
-    """transformers' model in fp32 with the checkpoint's FP8/FP4 weights dequantised on load."""
-    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM, FineGrainedFP8Config
+    from dsv4c.graphs.transformers_oracle import load_transformers_model
 
-    d = json.loads((path / "config.json").read_text())
-    ratios = d.pop("compress_ratios")[: d["num_hidden_layers"]]
-    kind = {0: "sliding_attention", 4: "compressed_sparse_attention"}
-    d["layer_types"] = [kind.get(r, "heavily_compressed_attention") for r in ratios]
-    d["compress_rates"] = {"compressed_sparse_attention": 4,
-                           "heavily_compressed_attention": max([r for r in ratios if r not in (0, 4)] or [128])}
-    d["mlp_layer_types"] = ["hash_moe"] * d.pop("num_hash_layers") + ["moe"] * d["num_hidden_layers"]
-    d["mlp_layer_types"] = d["mlp_layer_types"][: d["num_hidden_layers"]]
-    d["partial_rotary_factor"] = d.pop("qk_rope_head_dim") / d["head_dim"]
-    config = DeepseekV4Config(**d)
-    model = DeepseekV4ForCausalLM.from_pretrained(
-        path, config=config, quantization_config=FineGrainedFP8Config(dequantize=True), dtype=torch.float32)
-    return model.float().eval()
+    return load_transformers_model(path)
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-b"])

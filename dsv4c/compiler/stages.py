@@ -45,12 +45,14 @@ def stage_load(build: Build) -> str | None:
     model = build.recipe.model
     status = None
     if model.synthetic is not None:
-        key = digest("synthetic", model.synthetic.preset, model.synthetic.seed, dsv4c.__version__)
+        cfg = preset(model.synthetic.preset)
+        tokenizer = _synthetic_tokenizer(cfg.vocab_size)
+        key = digest("synthetic", model.synthetic.preset, model.synthetic.seed, dsv4c.__version__,
+                     tokenizer.name)
         path = build.cached_dir("load", key)
         if path is None:
-            cfg = preset(model.synthetic.preset)
             path = build.store_dir("load", key, lambda d: write_synthetic_checkpoint(
-                d / "checkpoint", cfg, seed=model.synthetic.seed, tokenizer_dir=_synthetic_tokenizer()))
+                d / "checkpoint", cfg, seed=model.synthetic.seed, tokenizer_dir=tokenizer))
         else:
             status = "cached"
         path = path / "checkpoint"
@@ -68,12 +70,11 @@ def stage_load(build: Build) -> str | None:
     return status
 
 
-def _synthetic_tokenizer() -> Path | None:
-    try:
-        from dsv4c.runtime.tokenizer import synthetic_tokenizer_dir
-    except ImportError:
-        return None
-    return synthetic_tokenizer_dir()
+def _synthetic_tokenizer(vocab_size: int) -> Path:
+    """A byte-level BPE with V4's special tokens and exactly `vocab_size` ids (built once, cached)."""
+    from dsv4c.runtime.tokenizer import synthetic_tokenizer_dir
+
+    return synthetic_tokenizer_dir(vocab_size)
 
 
 # ---- quantize: the model in the engine's weight formats (lazy: only when a later stage needs it) -------------
