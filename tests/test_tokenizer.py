@@ -63,12 +63,12 @@ def test_vocab_beyond_the_built_in_merges_is_topped_up_with_placeholders(tmp_pat
     assert tok.decode(tok.encode(MIXED)) == MIXED
 
 
-def test_stage_default_call(monkeypatch, tmp_path):
-    """dsv4c.compiler.stages calls synthetic_tokenizer_dir() with no argument when writing a synthetic checkpoint."""
+def test_stage_sizes_the_tokenizer_to_the_model(monkeypatch, tmp_path):
+    """dsv4c.compiler.stages gives a synthetic checkpoint a tokenizer with exactly the model's vocab size."""
     from dsv4c.compiler.stages import _synthetic_tokenizer
 
     monkeypatch.setenv("DSV4C_TOKENIZER_CACHE", str(tmp_path))
-    path = _synthetic_tokenizer()
+    path = _synthetic_tokenizer(1024)
     assert path.parent == tmp_path and Tokenizer.from_dir(path).vocab_size == 1024
 
 
