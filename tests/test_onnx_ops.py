@@ -15,6 +15,8 @@ from dsv4c.graphs.ops import OPS
 from dsv4c.graphs.ops.onnx import (DOMAIN, ONNX_OPSET, _fp8_table, attach_functions, attribute_kinds, export_program,
                                    ort_session, output_names, register_schemas, tensor_inputs)
 
+from tensors import assert_outputs_match, fp8_weight, rand
+
 register_schemas()
 ops = torch.ops.dsv4
 _ELEM = {np.dtype(np.float32): onnx.TensorProto.FLOAT, np.dtype(np.uint8): onnx.TensorProto.UINT8,
@@ -75,24 +77,8 @@ def check(name: str, attrs: dict, *, exact: bool = False, **inputs: torch.Tensor
     shapes = {n: (t.numpy().dtype, list(t.shape)) for n, t in inputs.items()}
     assert inferred_shapes(name, attrs, shapes) == [list(w.shape) for w in want]
     got = run_onnx(name, attrs, [w.ndim for w in want], **inputs)
-    for g, w in zip(got, want):
-        assert g.shape == w.shape and g.dtype == w.dtype
-        if exact:
-            np.testing.assert_array_equal(g, w)
-        else:
-            assert np.abs(g - w).max(initial=0) <= 1e-5 * max(np.abs(w).max(initial=0), 1e-30)
+    assert_outputs_match(got, want, exact)
     return got
-
-
-def rand(*shape: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
-
-
-# ---- weights ----------------------------------------------------------------------------------------------
-def fp8_weight(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real FP8 weights: uint8 e4m3 bits [n, k] and float32 power-of-two block scales."""
-    q, s = quant.quantize_fp8_blocks(rand(n, k, seed=seed, scale=0.05))
-    return q.view(torch.uint8), quant.e8m0_to_float(s)
 
 
 def fp4_weight(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

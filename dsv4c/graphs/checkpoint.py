@@ -168,9 +168,18 @@ def _read_header(path: Path) -> dict:
             raise CheckpointError(f"{path}: truncated shard (header claims {n} bytes, file has {size})")
         try:
             header = json.loads(f.read(n))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{path}: corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
+    for name, entry in header.items():
+        ok = isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and isinstance(entry.get("shape"), list)
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (ok and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"tensor {name!r} in {path}: corrupt header entry (needs dtype, shape and "
+                                  f"data_offsets [begin, end]), got {entry!r}")
     end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + n + end != size:
         raise CheckpointError(f"{path}: truncated or padded shard (header describes {8 + n + end} bytes, file has "
@@ -190,15 +199,18 @@ class CheckpointReader:
             self.config = ModelConfig.from_json_file(self.path / "config.json")
         except ConfigError as e:
             raise CheckpointError(str(e)) from None
-        self._handles: dict[str, object] = {}
 
     def _weight_map(self) -> dict[str, str]:
         index = self.path / INDEX
         if index.is_file():
             try:
-                return json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError):
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
                 raise CheckpointError(f"{index}: not a valid safetensors index (needs a weight_map)") from None
+            if not (isinstance(weight_map, dict)
+                    and all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
+                raise CheckpointError(f"{index}: `weight_map` must map tensor names to shard file names")
+            return weight_map
         single = self.path / "model.safetensors"
         if single.is_file():
             return {name: single.name for name in _read_header(single)}
@@ -237,14 +249,24 @@ class CheckpointReader:
                     raise CheckpointError(f"tensor {name!r} in {file}: {got['dtype']} {got['shape']}, expected "
                                           f"{DTYPE_NAMES[spec.dtype]} {list(spec.shape)}")
 
-    def _tensor(self, name: str) -> torch.Tensor:
+    def _tensor(self, name: str, handles: dict[str, object]) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise CheckpointError(f"tensor {name!r} missing from {self.path / INDEX}")
         shard = self.weight_map[name]
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(self.path / shard, framework="pt")
-        return self._handles[shard].get_tensor(name)
+        try:
+            if shard not in handles:
+                handles[shard] = safe_open(self.path / shard, framework="pt")
+            return handles[shard].get_tensor(name)
+        except Exception as e:  # safetensors raises its own error types (and OSError) for bad files
+            raise CheckpointError(f"tensor {name!r} in {self.path / shard}: cannot be read ({e})") from None
 
     def read(self, names) -> dict[str, torch.Tensor]:
-        return {n: self._tensor(n) for n in names}
+        """The named tensors, as safetensors hands them out: views of the memory-mapped shard, paged in when
+        touched. Shard handles live for this call only: an open handle keeps every page read through it
+        resident (RSS grew to the whole checkpoint when the reader cached them), while each tensor keeps just
+        its own mapping alive, so memory follows what the caller still holds."""
+        handles: dict[str, object] = {}
+        return {n: self._tensor(n, handles) for n in names}
 
     def read_globals(self) -> dict[str, torch.Tensor]:
         return self.read(global_tensors(self.config))
@@ -253,6 +275,9 @@ class CheckpointReader:
         return self.read([n for n in self.weight_map if n.startswith(prefix + ".")])
 
     def iter_layers(self) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+        """(prefix, tensors) per block, main layers then MTP. A plain `for prefix, tensors in ...` loop still
+        holds the previous layer while the next one is read (the loop variable); `del tensors` at the end of
+        the loop body keeps it to one layer."""
         for p, _ in layer_prefixes(self.config):
             yield p, self.read_layer(p)
 
@@ -351,12 +376,23 @@ def write_checkpoint(out_dir: str | Path, cfg: ModelConfig, tensors: Iterator[tu
             for f in ("tokenizer.json", "tokenizer_config.json"):
                 if (Path(tokenizer_dir) / f).is_file():
                     shutil.copy(Path(tokenizer_dir) / f, tmp / f)
+        _usual_modes(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _usual_modes(d: Path) -> None:
+    """mkdtemp creates the directory 0700 and safetensors writes 0600 files: give them the modes the umask
+    gives ordinary files, so a shared build cache or another user can read the checkpoint."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(d, 0o777 & ~mask)
+    for f in d.iterdir():
+        os.chmod(f, 0o666 & ~mask)
 
 
 def _flush(tmp: Path, i: int, tensors: dict[str, torch.Tensor]) -> tuple[str, list[str]]:

@@ -86,6 +86,12 @@ def decode_expert(w: torch.Tensor, scale: torch.Tensor, fmt: int) -> torch.Tenso
     return w.float()
 
 
+def _expert_weight(w: torch.Tensor, scale: torch.Tensor, e: int, fmt: int) -> torch.Tensor:
+    """Expert e of stacked weights. Float experts (fmt 2) carry no scales (model.Experts passes an empty
+    tensor), so the scale is indexed only for the quantised formats."""
+    return decode_expert(w[e], scale[e] if fmt != 2 else scale, fmt)
+
+
 # ---- quantized linears -----------------------------------------------------------------------------------
 def _fp8_linear_fake(x, w, w_scale, act_quant):
     return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=torch.float32)
@@ -140,15 +146,15 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w
         xe = x[tok].float()
         if act_quant:
             xe = quant.fake_quant_fp8(xe, FP8_BLOCK)
-        gate = round_bf16(F.linear(xe, decode_expert(w1[e], s1[e], fmt)), bf16)
-        up = round_bf16(F.linear(xe, decode_expert(w3[e], s3[e], fmt)), bf16)
+        gate = round_bf16(F.linear(xe, _expert_weight(w1, s1, e, fmt)), bf16)
+        up = round_bf16(F.linear(xe, _expert_weight(w3, s3, e, fmt)), bf16)
         if swiglu_limit > 0:
             up = up.clamp(-swiglu_limit, swiglu_limit)
             gate = gate.clamp(max=swiglu_limit)
         h = round_bf16(F.silu(gate) * up * weights[tok, slot, None], bf16)
         if act_quant:
             h = quant.fake_quant_fp8(h, FP8_BLOCK)
-        y.index_add_(0, tok, round_bf16(F.linear(h, decode_expert(w2[e], s2[e], fmt)), bf16))
+        y.index_add_(0, tok, round_bf16(F.linear(h, _expert_weight(w2, s2, e, fmt)), bf16))
     return y
 
 
@@ -206,13 +212,16 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_visible: t
                  topk: int) -> torch.Tensor:
     """Lightning indexer: q [B,S,h,d], compressed keys k [B,N,d], head weights w [B,S,h] (already scaled),
     n_visible [B,S] = entries each query may see. score[j] = sum_h w_h relu(q_h . k_j); entries j >= n_visible
-    are -inf; returns the top-min(topk, N) entry ids [B,S,K], with -1 for picks that are not visible."""
+    are -inf; returns the top-min(topk, N) entry ids [B,S,K] in descending score order, with -1 for picks that
+    are not visible. Equal scores are ordered by entry id, lower first (ONNX TopK's rule, which every target
+    kernel follows), so the picks are deterministic even when ties straddle the k-th place."""
     scores = torch.einsum("bshd,bnd->bshn", q.float(), k.float()).relu()
     scores = (scores * w.float()[..., None]).sum(dim=2)  # [B, S, N]
     entry = torch.arange(k.shape[1])
     hidden = entry.view(1, 1, -1) >= n_visible[..., None]
     scores = scores.masked_fill(hidden, float("-inf"))
-    picks = scores.topk(min(topk, k.shape[1]), dim=-1).indices
+    # torch.topk leaves the order of ties unspecified; a stable descending sort keeps lower ids first
+    picks = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :min(topk, k.shape[1])]
     return torch.where(picks >= n_visible[..., None], torch.full_like(picks, -1), picks)
 
 
@@ -230,7 +239,18 @@ def compress_pool(kv: torch.Tensor, score: torch.Tensor, ends: torch.Tensor, rat
     position bias `ape`; rows that hold no token have score -inf), ends [B, K] = row of each window's last
     token (-1 = no entry). Without overlap (c=1) entry = sum over the window's m rows of softmax_rows(score)
     * kv, per channel. With overlap (c=2, CSA) the candidates are the previous window's rows with channels
-    [:d] and the window's own rows with channels [d:] (2m candidates). Returns [B, K, d] (zeros for -1)."""
+    [:d] and the window's own rows with channels [d:] (2m candidates). Returns [B, K, d] (zeros for -1).
+
+    Preconditions (the caller's job; nothing is checked at run time, targets may assume them):
+      * c = 2 if overlap else 1, and the last dim of kv and score is c*d (d = compressed entry width);
+      * rows are in position order: the span = c*ratio rows ending at row `ends[b, k]` are, oldest first,
+        the previous window (overlap only, `ratio` rows) then the window's own `ratio` tokens, in offset
+        order (offset p got ape[p]);
+      * every entry that is not -1 satisfies span - 1 <= ends[b, k] < L: the whole span lies inside the
+        tensor. Smaller values are clamped to span - 1 (reading the wrong rows), not rejected;
+      * the window's own `ratio` rows hold real tokens (finite scores); only the previous-window half may be
+        padding (score -inf, e.g. before position 0). A channel whose candidates are all -inf gives NaN;
+      * kv is finite everywhere, padding rows included (0 * inf would be NaN)."""
     b, _, cd = kv.shape
     c = 2 if overlap else 1
     d = cd // c
