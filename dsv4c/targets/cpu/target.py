@@ -71,12 +71,13 @@ def _install_kernels(engine_dir: Path) -> dict[str, str]:
     from dsv4c.targets.base import ToolchainMissing
 
     try:
-        from dsv4c.targets.cpu.kernels.build import build_library
+        from dsv4c.targets.cpu.kernels.build import KernelBuildError, build_key, build_library, kernel_isa
     except ImportError as e:  # the kernels package is absent from this install
         return {"implementation": "onnx-function-bodies", "reason": f"kernel sources unavailable: {e}"}
     try:
         library = build_library()
-    except ToolchainMissing as e:
+    except (ToolchainMissing, KernelBuildError) as e:  # a compile failure falls back too, and says why
         return {"implementation": "onnx-function-bodies", "reason": str(e)}
     shutil.copy(library, engine_dir / KERNELS_FILE)
-    return {"implementation": "cpp", "library": KERNELS_FILE}
+    return {"implementation": "cpp", "library": KERNELS_FILE, "sources_key": build_key(),
+            "isa_at_build": kernel_isa(library)}

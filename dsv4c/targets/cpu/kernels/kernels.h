@@ -1,0 +1,75 @@
+// The inner loops of the dsv4 ONNX Runtime kernels, behind one table per instruction set.
+//
+// kernels_impl.h is compiled twice: isa_generic.cc (the compiler's baseline, runs anywhere) and isa_avx2.cc
+// (-mavx2 -mfma -mf16c). ops.cc picks a table at kernel creation from the CPU's cpuid, so the library stays
+// portable while the hot loops use AVX2 where it exists. Only plain pointers cross this interface: the ISA
+// translation units instantiate no std:: templates, so no AVX2 code can be shared with the generic path by the
+// linker's merging of identical inline functions.
+#pragma once
+
+#include <cstdint>
+
+namespace dsv4 {
+
+enum WeightFormat : int32_t { kFp4 = 0, kFp8 = 1, kF32 = 2 };  // = the `fmt` attribute of MoeExperts
+
+// One [N, K] weight matrix as stored in the model.
+//   fp4: uint8 [N, K/2], two e2m1 values per byte (element 2i in the low nibble), float scale [N, K/32]
+//   fp8: uint8 [N, K] e4m3fn bits, float scale [ceil(N/128), ceil(K/128)]
+//   f32: float [N, K], no scale
+struct QuantWeight {
+  int32_t format;
+  const void* data;
+  const float* scale;
+  int64_t n, k;
+};
+
+// x rows multiplied with an fp4 weight are given in "fp4 order": within each block of 32 the even elements
+// first, then the odd ones (x0 x2 .. x30 x1 x3 .. x31), the order in which the vector decoder produces the
+// packed nibbles. fp4_order() in ops.cc makes it; fp8 and f32 take x as is.
+
+struct IsaKernels {
+  const char* name;
+
+  // y[m * ldy + j] = sum_k x[m * ldx + k] * W[j, k] for j in [n0, n1), m in [0, rows).
+  void (*linear)(const QuantWeight& w, const float* x, int64_t ldx, int64_t rows, float* y, int64_t ldy,
+                 int64_t n0, int64_t n1);
+
+  // Sparse attention of one query position, heads [h0, h1): q [H, D], kv [N, D] (K = V), idx [K] rows of kv
+  // (-1 = none, all < N), sink [H]; out [H, D] rows h0..h1-1. scratch: at least 4 * K floats.
+  void (*sparse_attn_query)(const float* q, const float* kv, const int64_t* idx, int64_t k, const float* sink,
+                            int64_t h0, int64_t h1, int64_t d, float scale, float* out, float* scratch);
+
+  // Lightning-indexer scores of one query for entries [n0, n1): score[j] = sum_h w[h] relu(q[h] . k[j]),
+  // h summed in order (as the reference's reduction). q [h, d], k [N, d], scores indexed by entry.
+  void (*indexer_scores)(const float* q, const float* w, int64_t heads, const float* k, int64_t d,
+                         int64_t n0, int64_t n1, float* scores);
+
+  // MoE activation of one pick: h[i] = r(silu(g') u' weight), g' = r(g) clamped above at limit, u' = r(u)
+  // clamped to [-limit, limit] (no clamp when limit <= 0), r = bf16 rounding when `bf16` (else identity).
+  void (*swiglu)(const float* gate, const float* up, int64_t n, float weight, float limit, bool bf16, float* h);
+
+  // One compressed entry over channels [0, nc): out[i] = sum_j softmax_j(score_j[i]) kv_j[i], j over the span
+  // candidate rows (row j at offset j * stride, plus `shift` channels for j >= split). scratch: (span + 2) * nc.
+  void (*pool_channels)(const float* kv, const float* score, int64_t stride, int64_t span, int64_t split,
+                        int64_t shift, int64_t nc, float* out, float* scratch);
+
+  // mHC pre of one token: x [n, D] -> y [D], post [n], comb [n, n]. fn [(2+n)n, nD], scale [3],
+  // base [(2+n)n]. scratch: at least (2+n)n floats.
+  void (*hc_pre_token)(const float* x, const float* fn, const float* scale, const float* base, int64_t n,
+                       int64_t d, int64_t iters, float norm_eps, float hc_eps, float* y, float* post, float* comb,
+                       float* scratch);
+
+  // mHC post of one token: out[k] = post[k] f + sum_j comb[j, k] res[j]. f [D], res [n, D], out [n, D].
+  void (*hc_post_token)(const float* f, const float* res, const float* post, const float* comb, int64_t n,
+                        int64_t d, float* out);
+};
+
+namespace generic {
+extern const IsaKernels kernels;
+}
+namespace avx2 {
+extern const IsaKernels kernels;
+}
+
+}  // namespace dsv4

@@ -1,0 +1,742 @@
+// Inner loops of the dsv4 kernels, compiled once per instruction set into namespace dsv4::DSV4_ISA
+// (isa_generic.cc: the compiler's baseline; isa_avx2.cc: -mavx2 -mfma -mf16c, explicit intrinsics below).
+// Only raw pointers, libc/libm and intrinsics here: no std:: templates or inline library helpers whose
+// out-of-line copies the linker could share between the two builds (see kernels.h). No include guard: each
+// isa_*.cc includes it once, with its own DSV4_ISA.
+//
+// Weights are decoded on the fly, never materialised: decode is weight-bandwidth bound, so a GEMV reads the
+// packed bytes once, turns them into fp32 in registers (FP8 e4m3 -> fp16 bits -> vcvtph2ps; FP4 e2m1 nibbles ->
+// pshufb lookup of the fp16 high byte -> vcvtph2ps; both exact) and multiplies. Up to 4 token rows share one
+// decode (5-6 rows: two passes). More rows (prefill, busy experts) decode up to 64 weight rows once into an fp32
+// tile and run a 4x2 register-blocked dot-product kernel over it.
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <new>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "kernels.h"
+
+namespace dsv4 {
+namespace DSV4_ISA {
+namespace {
+
+inline int64_t lo(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Decoded value of every FP8 e4m3fn byte (0x7f / 0xff are NaN) and every FP4 e2m1 nibble.
+struct Tables {
+  float fp8[256];
+  float fp4[16];
+  Tables() {
+    for (int b = 0; b < 256; ++b) {
+      int e = (b >> 3) & 15, m = b & 7;
+      float v = e == 0 ? ldexpf((float)m, -9) : ldexpf((float)(8 + m), e - 10);  // subnormal m/8 2^-6
+      if ((b & 0x7f) == 0x7f) v = NAN;
+      fp8[b] = (b & 0x80) ? -v : v;
+    }
+    const float mag[8] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
+    for (int c = 0; c < 16; ++c) fp4[c] = (c & 8) ? -mag[c & 7] : mag[c & 7];
+  }
+};
+
+const Tables& tables() {
+  static const Tables t;
+  return t;
+}
+
+// A per-thread growable float buffer (64-byte aligned). Tasks run one at a time per thread.
+struct Scratch {
+  float* p = nullptr;
+  int64_t cap = 0;
+  ~Scratch() { free(p); }
+  float* get(int64_t n) {
+    if (n > cap) {
+      free(p);
+      size_t bytes = ((size_t)n * sizeof(float) + 63) / 64 * 64;
+      p = (float*)aligned_alloc(64, bytes);
+      if (!p) throw std::bad_alloc();
+      cap = n;
+    }
+    return p;
+  }
+};
+thread_local Scratch tl_row, tl_tile;
+
+// A per-thread growable list of row offsets.
+struct Offsets {
+  int64_t* p = nullptr;
+  int64_t cap = 0;
+  ~Offsets() { free(p); }
+  int64_t* get(int64_t n) {
+    if (n > cap) {
+      free(p);
+      p = (int64_t*)malloc((size_t)(n > 0 ? n : 1) * sizeof(int64_t));
+      if (!p) throw std::bad_alloc();
+      cap = n;
+    }
+    return p;
+  }
+};
+thread_local Offsets tl_offsets;
+
+// ---- scalar pieces (both builds) ---------------------------------------------------------------------------
+// W row j, scaled, in kernel order (fp4: per 32-block the low nibbles, then the high ones) -> out [K].
+[[maybe_unused]] void decode_row_scalar(const QuantWeight& w, int64_t j, float* out) {
+  const Tables& t = tables();
+  const int64_t K = w.k;
+  if (w.format == kFp8) {
+    const uint8_t* row = (const uint8_t*)w.data + j * K;
+    const float* srow = w.scale + (j / 128) * ((K + 127) / 128);
+    for (int64_t k = 0; k < K; ++k) out[k] = t.fp8[row[k]] * srow[k / 128];
+  } else if (w.format == kFp4) {
+    const uint8_t* row = (const uint8_t*)w.data + j * (K / 2);
+    const float* srow = w.scale + j * (K / 32);
+    for (int64_t b = 0; b < K / 32; ++b) {
+      const float s = srow[b];
+      for (int i = 0; i < 16; ++i) {
+        out[b * 32 + i] = t.fp4[row[b * 16 + i] & 15] * s;
+        out[b * 32 + 16 + i] = t.fp4[row[b * 16 + i] >> 4] * s;
+      }
+    }
+  } else {
+    memcpy(out, (const float*)w.data + j * K, (size_t)K * sizeof(float));
+  }
+}
+
+#if !defined(__AVX2__)
+float dot(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 8 partial sums: vectorisable without reassociation
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int i = 0; i < 8; ++i) acc[i] += a[k + i] * b[k + i];
+  float r = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; k < n; ++k) r += a[k] * b[k];
+  return r;
+}
+
+void linear_impl(const QuantWeight& w, const float* x, int64_t ldx, int64_t rows, float* y, int64_t ldy,
+                 int64_t n0, int64_t n1) {
+  const int64_t K = w.k;
+  float* buf = tl_row.get(K);
+  for (int64_t j = n0; j < n1; ++j) {
+    const float* wr = buf;
+    if (w.format == kF32)
+      wr = (const float*)w.data + j * K;
+    else
+      decode_row_scalar(w, j, buf);
+    for (int64_t m = 0; m < rows; ++m) y[m * ldy + j] = dot(x + m * ldx, wr, K);
+  }
+}
+
+// G heads against one kv row.
+template <int G>
+void dot_heads(const float* q, int64_t d, const float* row, float* out) {
+  for (int g = 0; g < G; ++g) out[g] = dot(q + g * d, row, d);
+}
+
+// l[j][g] = q[g] . kv[rows[j]] for the n listed rows (offsets of kv rows, in floats).
+template <int G>
+void logits_heads(const float* q, int64_t d, const float* kv, const int64_t* rows, int64_t n, float* l) {
+  for (int64_t j = 0; j < n; ++j) dot_heads<G>(q, d, kv + rows[j], l + j * G);
+}
+
+// out[g] = sum_j p[j][g] kv[rows[j]] for G heads.
+template <int G>
+void weighted_rows(float* out, int64_t d, const float* kv, const int64_t* rows, const float* p, int64_t n) {
+  for (int64_t i = 0; i < G * d; ++i) out[i] = 0.f;
+  for (int64_t j = 0; j < n; ++j)
+    for (int g = 0; g < G; ++g)
+      for (int64_t k = 0; k < d; ++k) out[g * d + k] += p[j * G + g] * kv[rows[j] + k];
+}
+
+void axpy(float* y, float a, const float* x, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
+}
+
+#else  // ---- AVX2 + FMA + F16C ---------------------------------------------------------------------------------
+
+inline float hsum(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  a = _mm_add_ss(a, _mm_movehdup_ps(a));
+  return _mm_cvtss_f32(a);
+}
+
+float dot(const float* a, const float* b, int64_t n) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  int64_t k = 0;
+  for (; k + 32 <= n; k += 32) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), s1);
+    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 16), _mm256_loadu_ps(b + k + 16), s2);
+    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 24), _mm256_loadu_ps(b + k + 24), s3);
+  }
+  for (; k + 8 <= n; k += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
+  float r = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+  for (; k < n; ++k) r += a[k] * b[k];
+  return r;
+}
+
+void axpy(float* y, float a, const float* x, int64_t n) {
+  const __m256 av = _mm256_set1_ps(a);
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    _mm256_storeu_ps(y + k, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + k), _mm256_loadu_ps(y + k)));
+  for (; k < n; ++k) y[k] += a * x[k];
+}
+
+// 16 e4m3 bytes -> 2 x 8 floats equal to value / 256: the 7 low bits shifted into an fp16 (exponent bias 15
+// instead of 7, subnormals included) and the sign moved to bit 15; the caller folds the 256 into the scale.
+// (The NaN codes 0x7f / 0xff come out as +-480 here; quantised weights never hold them.)
+inline void decode_fp8_16(const uint8_t* p, __m256& a, __m256& b) {
+  __m256i v = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p));  // sign-extended: 0xFF80 | low7
+  v = _mm256_and_si256(_mm256_slli_epi16(v, 7), _mm256_set1_epi16((short)0xBF80));
+  a = _mm256_cvtph_ps(_mm256_castsi256_si128(v));
+  b = _mm256_cvtph_ps(_mm256_extracti128_si256(v, 1));
+}
+
+// 16 packed e2m1 bytes (32 values) -> 4 x 8 floats, exact, in kernel order: low nibbles of bytes 0-7, of 8-15,
+// high nibbles of bytes 0-7, of 8-15. Every e2m1 value is an fp16 whose low byte is 0, so a pshufb table of high
+// bytes gives the fp16 bits.
+inline void decode_fp4_32(const uint8_t* p, __m256 v[4]) {
+  const __m128i lut = _mm_setr_epi8(0x00, 0x38, 0x3C, 0x3E, 0x40, 0x42, 0x44, 0x46, (char)0x80, (char)0xB8,
+                                    (char)0xBC, (char)0xBE, (char)0xC0, (char)0xC2, (char)0xC4, (char)0xC6);
+  const __m128i nib = _mm_set1_epi8(0x0F), zero = _mm_setzero_si128();
+  const __m128i b = _mm_loadu_si128((const __m128i*)p);
+  const __m128i lo = _mm_shuffle_epi8(lut, _mm_and_si128(b, nib));
+  const __m128i hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16(b, 4), nib));
+  v[0] = _mm256_cvtph_ps(_mm_unpacklo_epi8(zero, lo));
+  v[1] = _mm256_cvtph_ps(_mm_unpackhi_epi8(zero, lo));
+  v[2] = _mm256_cvtph_ps(_mm_unpacklo_epi8(zero, hi));
+  v[3] = _mm256_cvtph_ps(_mm_unpackhi_epi8(zero, hi));
+}
+
+// W row j, scaled, in kernel order -> out [K] (vector decode; scalar for a ragged FP8 tail).
+void decode_row(const QuantWeight& w, int64_t j, float* out) {
+  const int64_t K = w.k;
+  if (w.format == kFp8) {
+    const float* t8 = tables().fp8;
+    const uint8_t* row = (const uint8_t*)w.data + j * K;
+    const float* srow = w.scale + (j / 128) * ((K + 127) / 128);
+    for (int64_t k0 = 0; k0 < K; k0 += 128) {
+      const int64_t k1 = lo(K, k0 + 128);
+      const float s = srow[k0 / 128];
+      const __m256 s256 = _mm256_set1_ps(s * 256.f);
+      int64_t k = k0;
+      for (; k + 16 <= k1; k += 16) {
+        __m256 a, b;
+        decode_fp8_16(row + k, a, b);
+        _mm256_storeu_ps(out + k, _mm256_mul_ps(a, s256));
+        _mm256_storeu_ps(out + k + 8, _mm256_mul_ps(b, s256));
+      }
+      for (; k < k1; ++k) out[k] = t8[row[k]] * s;
+    }
+  } else if (w.format == kFp4) {
+    const uint8_t* row = (const uint8_t*)w.data + j * (K / 2);
+    const float* srow = w.scale + j * (K / 32);
+    for (int64_t b = 0; b < K / 32; ++b) {
+      __m256 v[4];
+      decode_fp4_32(row + b * 16, v);
+      const __m256 s = _mm256_set1_ps(srow[b]);
+      for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + b * 32 + 8 * i, _mm256_mul_ps(v[i], s));
+    }
+  } else {
+    memcpy(out, (const float*)w.data + j * K, (size_t)K * sizeof(float));
+  }
+}
+
+// ---- fused decode + dot for M <= 4 token rows: every decoded weight vector meets all M rows ---------------
+// A independent accumulators per row hide the FMA latency (A = 4 for M <= 2, else 2).
+template <int M, int A>
+void fused_fp8(const QuantWeight& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  const float* t8 = tables().fp8;
+  const int64_t K = w.k, kblocks = (K + 127) / 128;
+  for (int64_t j = n0; j < n1; ++j) {
+    const uint8_t* row = (const uint8_t*)w.data + j * K;
+    const float* srow = w.scale + (j / 128) * kblocks;
+    __m256 acc[M];
+    float tail[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps(), tail[m] = 0.f;
+    for (int64_t kb = 0; kb < kblocks; ++kb) {
+      const int64_t k0 = kb * 128, k1 = lo(K, k0 + 128);
+      __m256 t[M][A];
+      for (int m = 0; m < M; ++m)
+        for (int a = 0; a < A; ++a) t[m][a] = _mm256_setzero_ps();
+      int64_t k = k0;
+      for (; k + 8 * A <= k1; k += 8 * A) {
+        __m256 v[A];
+        for (int a = 0; a < A; a += 2) decode_fp8_16(row + k + 8 * a, v[a], v[a + 1]);
+        for (int m = 0; m < M; ++m)
+          for (int a = 0; a < A; ++a)
+            t[m][a] = _mm256_fmadd_ps(v[a], _mm256_loadu_ps(x + m * ldx + k + 8 * a), t[m][a]);
+      }
+      for (; k + 16 <= k1; k += 16) {  // A = 4 and a block of 16 left over (ragged last block)
+        __m256 v0, v1;
+        decode_fp8_16(row + k, v0, v1);
+        for (int m = 0; m < M; ++m) {
+          t[m][0] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(x + m * ldx + k), t[m][0]);
+          t[m][1] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(x + m * ldx + k + 8), t[m][1]);
+        }
+      }
+      const float s = srow[kb];
+      for (; k < k1; ++k)
+        for (int m = 0; m < M; ++m) tail[m] += x[m * ldx + k] * (t8[row[k]] * s);
+      const __m256 s256 = _mm256_set1_ps(s * 256.f);
+      for (int m = 0; m < M; ++m) {
+        __m256 sum = t[m][0];
+        for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, t[m][a]);
+        acc[m] = _mm256_fmadd_ps(sum, s256, acc[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) y[m * ldy + j] = hsum(acc[m]) + tail[m];
+  }
+}
+
+template <int M, int A>
+void fused_fp4(const QuantWeight& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  const int64_t K = w.k, nblk = K / 32;
+  for (int64_t j = n0; j < n1; ++j) {
+    const uint8_t* row = (const uint8_t*)w.data + j * (K / 2);
+    const float* srow = w.scale + j * nblk;
+    __m256 acc[M][A];
+    for (int m = 0; m < M; ++m)
+      for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nblk; ++b) {
+      __m256 v[4];
+      decode_fp4_32(row + b * 16, v);
+      const __m256 s = _mm256_set1_ps(srow[b]);
+      for (int i = 0; i < 4; ++i) v[i] = _mm256_mul_ps(v[i], s);  // value * scale, as the reference decodes
+      const float* xb = x + b * 32;
+      for (int m = 0; m < M; ++m)
+        for (int i = 0; i < 4; ++i)
+          acc[m][i % A] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(xb + m * ldx + 8 * i), acc[m][i % A]);
+    }
+    for (int m = 0; m < M; ++m) {
+      __m256 sum = acc[m][0];
+      for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[m][a]);
+      y[m * ldy + j] = hsum(sum);
+    }
+  }
+}
+
+template <int M, int A>
+void fused_f32(const QuantWeight& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  const int64_t K = w.k;
+  for (int64_t j = n0; j < n1; ++j) {
+    const float* row = (const float*)w.data + j * K;
+    __m256 acc[M][A];
+    float tail[M];
+    for (int m = 0; m < M; ++m) {
+      tail[m] = 0.f;
+      for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
+    }
+    int64_t k = 0;
+    for (; k + 8 * A <= K; k += 8 * A)
+      for (int a = 0; a < A; ++a) {
+        const __m256 v = _mm256_loadu_ps(row + k + 8 * a);
+        for (int m = 0; m < M; ++m) acc[m][a] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + m * ldx + k + 8 * a), acc[m][a]);
+      }
+    for (; k < K; ++k)
+      for (int m = 0; m < M; ++m) tail[m] += x[m * ldx + k] * row[k];
+    for (int m = 0; m < M; ++m) {
+      __m256 sum = acc[m][0];
+      for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[m][a]);
+      y[m * ldy + j] = hsum(sum) + tail[m];
+    }
+  }
+}
+
+template <int M>
+void fused(const QuantWeight& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  constexpr int A = M <= 2 ? 4 : 2;
+  if (w.format == kFp8)
+    fused_fp8<M, A>(w, x, ldx, y, ldy, n0, n1);
+  else if (w.format == kFp4)
+    fused_fp4<M, A>(w, x, ldx, y, ldy, n0, n1);
+  else
+    fused_f32<M, A>(w, x, ldx, y, ldy, n0, n1);
+}
+
+// ---- tiled (M > 6): decode up to 64 weight rows once into a row-major fp32 tile, then R x C register blocks
+// of dot products (R x rows, C weight rows) that read the tile from L2 and a few x rows from L1.
+template <int R, int C>
+void dot_block(const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy) {
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = _mm256_loadu_ps(w + c * K + k);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x + r * ldx + k);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, wv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      float v = hsum(acc[r][c]);
+      for (int64_t kk = k; kk < K; ++kk) v += x[r * ldx + kk] * w[c * K + kk];
+      y[r * ldy + c] = v;
+    }
+}
+
+void dot_rows(int64_t r, int64_t c, const float* x, int64_t ldx, const float* w, int64_t K, float* y, int64_t ldy) {
+  switch (r * 2 + c) {  // r in 1..4, c in 1..2
+    case 3: dot_block<1, 1>(x, ldx, w, K, y, ldy); break;
+    case 4: dot_block<1, 2>(x, ldx, w, K, y, ldy); break;
+    case 5: dot_block<2, 1>(x, ldx, w, K, y, ldy); break;
+    case 6: dot_block<2, 2>(x, ldx, w, K, y, ldy); break;
+    case 7: dot_block<3, 1>(x, ldx, w, K, y, ldy); break;
+    case 8: dot_block<3, 2>(x, ldx, w, K, y, ldy); break;
+    case 9: dot_block<4, 1>(x, ldx, w, K, y, ldy); break;
+    default: dot_block<4, 2>(x, ldx, w, K, y, ldy); break;
+  }
+}
+
+void linear_tiled(const QuantWeight& w, const float* x, int64_t ldx, int64_t rows, float* y, int64_t ldy,
+                  int64_t n0, int64_t n1) {
+  const int64_t K = w.k;
+  int64_t nb_max = 65536 / (K > 0 ? K : 1);  // a tile of <= 256 KB (L2), 2..64 rows
+  nb_max = nb_max < 2 ? 2 : (nb_max > 64 ? 64 : nb_max);
+  float* tile = tl_tile.get(nb_max * K);
+  for (int64_t nt = n0; nt < n1; nt += nb_max) {
+    const int64_t nb = lo(nb_max, n1 - nt);
+    const float* wt = tile;
+    if (w.format == kF32)
+      wt = (const float*)w.data + nt * K;  // already fp32: use in place
+    else
+      for (int64_t c = 0; c < nb; ++c) decode_row(w, nt + c, tile + c * K);
+    for (int64_t m0 = 0; m0 < rows; m0 += 4)
+      for (int64_t c = 0; c < nb; c += 2)
+        dot_rows(lo(4, rows - m0), lo(2, nb - c), x + m0 * ldx, ldx, wt + c * K, K, y + m0 * ldy + nt + c, ldy);
+  }
+}
+
+void linear_impl(const QuantWeight& w, const float* x, int64_t ldx, int64_t rows, float* y, int64_t ldy,
+                 int64_t n0, int64_t n1) {
+  if (rows > 6) return linear_tiled(w, x, ldx, rows, y, ldy, n0, n1);  // 5-6 rows: two fused passes are cheaper
+  for (int64_t m0 = 0; m0 < rows; m0 += 4) {
+    const float* xm = x + m0 * ldx;
+    float* ym = y + m0 * ldy;
+    switch (lo(4, rows - m0)) {
+      case 1: fused<1>(w, xm, ldx, ym, ldy, n0, n1); break;
+      case 2: fused<2>(w, xm, ldx, ym, ldy, n0, n1); break;
+      case 3: fused<3>(w, xm, ldx, ym, ldy, n0, n1); break;
+      default: fused<4>(w, xm, ldx, ym, ldy, n0, n1); break;
+    }
+  }
+}
+
+// G (<= 4) heads against one kv row: G dot products sharing the row's loads.
+template <int G>
+void dot_heads(const float* q, int64_t d, const float* row, float* out) {
+  __m256 s[G][2];
+  for (int g = 0; g < G; ++g) s[g][0] = _mm256_setzero_ps(), s[g][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= d; k += 16) {
+    const __m256 r0 = _mm256_loadu_ps(row + k), r1 = _mm256_loadu_ps(row + k + 8);
+    for (int g = 0; g < G; ++g) {
+      s[g][0] = _mm256_fmadd_ps(r0, _mm256_loadu_ps(q + g * d + k), s[g][0]);
+      s[g][1] = _mm256_fmadd_ps(r1, _mm256_loadu_ps(q + g * d + k + 8), s[g][1]);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    float r = hsum(_mm256_add_ps(s[g][0], s[g][1]));
+    for (int64_t kk = k; kk < d; ++kk) r += q[g * d + kk] * row[kk];
+    out[g] = r;
+  }
+}
+
+// l[j][g] = q[g] . kv[rows[j]]: two rows at a time, so each q load feeds two FMAs (2G accumulators).
+template <int G>
+void logits_heads(const float* q, int64_t d, const float* kv, const int64_t* rows, int64_t n, float* l) {
+  int64_t j = 0;
+  for (; j + 2 <= n; j += 2) {
+    const float* r0 = kv + rows[j];
+    const float* r1 = kv + rows[j + 1];
+    __m256 a[G], b[G];
+    for (int g = 0; g < G; ++g) a[g] = _mm256_setzero_ps(), b[g] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= d; k += 8) {
+      const __m256 v0 = _mm256_loadu_ps(r0 + k), v1 = _mm256_loadu_ps(r1 + k);
+      for (int g = 0; g < G; ++g) {
+        const __m256 qv = _mm256_loadu_ps(q + g * d + k);
+        a[g] = _mm256_fmadd_ps(qv, v0, a[g]);
+        b[g] = _mm256_fmadd_ps(qv, v1, b[g]);
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      float sa = hsum(a[g]), sb = hsum(b[g]);
+      for (int64_t kk = k; kk < d; ++kk) sa += q[g * d + kk] * r0[kk], sb += q[g * d + kk] * r1[kk];
+      l[j * G + g] = sa;
+      l[(j + 1) * G + g] = sb;
+    }
+  }
+  if (j < n) dot_heads<G>(q, d, kv + rows[j], l + j * G);
+}
+
+// out[g] = sum_j p[j][g] kv[rows[j]]: per 16 channels the G x 2 sums stay in registers while the rows stream by.
+template <int G>
+void weighted_rows(float* out, int64_t d, const float* kv, const int64_t* rows, const float* p, int64_t n) {
+  int64_t c = 0;
+  for (; c + 16 <= d; c += 16) {
+    __m256 acc[G][2];
+    for (int g = 0; g < G; ++g) acc[g][0] = _mm256_setzero_ps(), acc[g][1] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256 v0 = _mm256_loadu_ps(kv + rows[j] + c), v1 = _mm256_loadu_ps(kv + rows[j] + c + 8);
+      for (int g = 0; g < G; ++g) {
+        const __m256 pb = _mm256_broadcast_ss(p + j * G + g);
+        acc[g][0] = _mm256_fmadd_ps(pb, v0, acc[g][0]);
+        acc[g][1] = _mm256_fmadd_ps(pb, v1, acc[g][1]);
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      _mm256_storeu_ps(out + g * d + c, acc[g][0]);
+      _mm256_storeu_ps(out + g * d + c + 8, acc[g][1]);
+    }
+  }
+  for (; c < d; ++c)
+    for (int g = 0; g < G; ++g) {
+      float sum = 0.f;
+      for (int64_t j = 0; j < n; ++j) sum += p[j * G + g] * kv[rows[j] + c];
+      out[g * d + c] = sum;
+    }
+}
+#endif  // __AVX2__
+
+// ---- attention -------------------------------------------------------------------------------------------------
+// Heads h..h+G-1 of one query: logits over the picked rows (`rows`: offsets of the n valid picks), softmax
+// with the sink column, probability-weighted sum of the rows.
+template <int G>
+void attn_heads(const float* q, const float* kv, const int64_t* rows, int64_t n, const float* sink, int64_t d,
+                float scale, float* out, float* p /* [n][G] */) {
+  logits_heads<G>(q, d, kv, rows, n, p);
+  float mx[G], z[G];
+  for (int g = 0; g < G; ++g) mx[g] = sink[g];
+  for (int64_t j = 0; j < n; ++j)
+    for (int g = 0; g < G; ++g) {
+      p[j * G + g] *= scale;
+      if (p[j * G + g] > mx[g]) mx[g] = p[j * G + g];
+    }
+  for (int g = 0; g < G; ++g) z[g] = expf(sink[g] - mx[g]);
+  for (int64_t j = 0; j < n; ++j)
+    for (int g = 0; g < G; ++g) z[g] += (p[j * G + g] = expf(p[j * G + g] - mx[g]));
+  for (int64_t j = 0; j < n; ++j)
+    for (int g = 0; g < G; ++g) p[j * G + g] /= z[g];  // the probability, as softmax gives it
+  weighted_rows<G>(out, d, kv, rows, p, n);
+}
+
+void sparse_attn_query(const float* q, const float* kv, const int64_t* idx, int64_t k, const float* sink,
+                       int64_t h0, int64_t h1, int64_t d, float scale, float* out, float* scratch) {
+  int64_t* rows = tl_offsets.get(k);
+  int64_t n = 0;
+  for (int64_t j = 0; j < k; ++j)
+    if (idx[j] >= 0) rows[n++] = idx[j] * d;  // -1 picks drop out (a repeated row stays twice)
+  for (int64_t h = h0; h < h1;) {
+    const int64_t g = lo(4, h1 - h);
+    const float* qh = q + h * d;
+    float* oh = out + h * d;
+    switch (g) {
+      case 4: attn_heads<4>(qh, kv, rows, n, sink + h, d, scale, oh, scratch); break;
+      case 3: attn_heads<3>(qh, kv, rows, n, sink + h, d, scale, oh, scratch); break;
+      case 2: attn_heads<2>(qh, kv, rows, n, sink + h, d, scale, oh, scratch); break;
+      default: attn_heads<1>(qh, kv, rows, n, sink + h, d, scale, oh, scratch); break;
+    }
+    h += g;
+  }
+}
+
+void indexer_scores(const float* q, const float* w, int64_t heads, const float* k, int64_t d, int64_t n0,
+                    int64_t n1, float* scores) {
+  for (int64_t j = n0; j < n1; ++j) {
+    const float* row = k + j * d;
+    float s = 0.f;
+    for (int64_t h = 0; h < heads; h += 4) {
+      float l[4];
+      const int64_t g = lo(4, heads - h);
+      if (g == 4)
+        dot_heads<4>(q + h * d, d, row, l);
+      else
+        for (int64_t i = 0; i < g; ++i) l[i] = dot(q + (h + i) * d, row, d);
+      for (int64_t i = 0; i < g; ++i) s += (l[i] > 0.f ? l[i] : 0.f) * w[h + i];  // relu, then weight: in h order
+    }
+    scores[j] = s;
+  }
+}
+
+// ---- element-wise: bf16 rounding, exp ------------------------------------------------------------------------
+inline float round_bf16(float x) {  // float -> bfloat16 -> float, ties to even (torch's conversion)
+  if (x != x) return x;
+  uint32_t u;
+  memcpy(&u, &x, 4);
+  u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  memcpy(&x, &u, 4);
+  return x;
+}
+
+#if defined(__AVX2__)
+inline __m256 round_bf16(__m256 x) {
+  __m256i u = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  u = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  u = _mm256_and_si256(u, _mm256_set1_epi32((int)0xFFFF0000u));
+  return _mm256_blendv_ps(_mm256_castsi256_ps(u), x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));  // NaN stays NaN
+}
+
+// e^x, 8 lanes: x = n ln2 + r (Cody-Waite), e^r by the Cephes expf polynomial, 2^n into the exponent bits.
+// Within 1 ulp of glibc's expf on [-87.3, 88] (checked on 3.9M points); below -87.3: 0 (no denormals);
+// (88, 88.72]: e^88; above: inf; NaN stays NaN. Callers feed it softmax arguments (<= 0) and silu's -g.
+inline __m256 exp256(__m256 x) {
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ));
+  y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, _mm256_set1_ps(88.7228f), _CMP_GT_OQ));
+  return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+#endif
+
+// ---- MoE activation, compressor pooling ---------------------------------------------------------------------
+void swiglu(const float* gate, const float* up, int64_t n, float weight, float limit, bool bf16, float* h) {
+  const bool clamp = limit > 0.f;
+  int64_t i = 0;
+#if defined(__AVX2__)
+  const __m256 lim = _mm256_set1_ps(clamp ? limit : INFINITY), w = _mm256_set1_ps(weight), one = _mm256_set1_ps(1.f);
+  for (; i + 8 <= n; i += 8) {
+    __m256 g = _mm256_loadu_ps(gate + i), u = _mm256_loadu_ps(up + i);
+    if (bf16) g = round_bf16(g), u = round_bf16(u);
+    g = _mm256_min_ps(g, lim);
+    u = _mm256_max_ps(_mm256_min_ps(u, lim), _mm256_sub_ps(_mm256_setzero_ps(), lim));
+    const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    __m256 v = _mm256_mul_ps(_mm256_mul_ps(silu, u), w);
+    _mm256_storeu_ps(h + i, bf16 ? round_bf16(v) : v);
+  }
+#endif
+  for (; i < n; ++i) {
+    float g = gate[i], u = up[i];
+    if (bf16) g = round_bf16(g), u = round_bf16(u);
+    if (clamp) {
+      u = u < -limit ? -limit : (u > limit ? limit : u);
+      g = g > limit ? limit : g;
+    }
+    const float v = g / (1.0f + expf(-g)) * u * weight;  // F.silu is x / (1 + exp(-x))
+    h[i] = bf16 ? round_bf16(v) : v;
+  }
+}
+
+void pool_channels(const float* kv, const float* score, int64_t stride, int64_t span, int64_t split, int64_t shift,
+                   int64_t nc, float* out, float* scratch) {
+  float* mx = scratch;
+  float* z = scratch + nc;
+  float* p = scratch + 2 * nc;  // [span][nc]
+  auto row = [&](const float* base, int64_t j) { return base + j * stride + (j >= split ? shift : 0); };
+  for (int64_t i = 0; i < nc; ++i) mx[i] = -INFINITY, z[i] = 0.f, out[i] = 0.f;
+  for (int64_t j = 0; j < span; ++j) {
+    const float* s = row(score, j);
+    for (int64_t i = 0; i < nc; ++i) mx[i] = s[i] > mx[i] ? s[i] : mx[i];
+  }
+  for (int64_t j = 0; j < span; ++j) {
+    const float* s = row(score, j);
+    float* pj = p + j * nc;
+    int64_t i = 0;
+#if defined(__AVX2__)
+    for (; i + 8 <= nc; i += 8) {
+      const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + i), _mm256_loadu_ps(mx + i)));
+      _mm256_storeu_ps(pj + i, e);
+      _mm256_storeu_ps(z + i, _mm256_add_ps(_mm256_loadu_ps(z + i), e));
+    }
+#endif
+    for (; i < nc; ++i) z[i] += (pj[i] = expf(s[i] - mx[i]));
+  }
+  for (int64_t j = 0; j < span; ++j) {  // softmax weight first, then the product, as the reference
+    const float* v = row(kv, j);
+    const float* pj = p + j * nc;
+    for (int64_t i = 0; i < nc; ++i) out[i] += v[i] * (pj[i] / z[i]);
+  }
+}
+
+// ---- hyper-connections ----------------------------------------------------------------------------------------
+inline float sigmoid(float v) { return 1.f / (1.f + expf(-v)); }
+
+void hc_pre_token(const float* x, const float* fn, const float* scale, const float* base, int64_t n, int64_t d,
+                  int64_t iters, float norm_eps, float hc_eps, float* y, float* post, float* comb, float* mix) {
+  const int64_t nd = n * d, nmix = (2 + n) * n;
+  const float rms = 1.f / sqrtf(dot(x, x, nd) / (float)nd + norm_eps);
+  for (int64_t i = 0; i < nmix; ++i) mix[i] = dot(x, fn + i * nd, nd) * rms;
+  float pre[64];  // n <= 64 is checked by the caller
+  for (int64_t j = 0; j < n; ++j) {
+    pre[j] = sigmoid(mix[j] * scale[0] + base[j]) + hc_eps;
+    post[j] = 2.f * sigmoid(mix[n + j] * scale[1] + base[n + j]);
+  }
+  for (int64_t r = 0; r < n; ++r) {  // softmax over each row, + eps
+    float* c = comb + r * n;
+    float mx = -INFINITY, z = 0.f;
+    for (int64_t i = 0; i < n; ++i) {
+      c[i] = mix[2 * n + r * n + i] * scale[2] + base[2 * n + r * n + i];
+      if (c[i] > mx) mx = c[i];
+    }
+    for (int64_t i = 0; i < n; ++i) z += (c[i] = expf(c[i] - mx));
+    for (int64_t i = 0; i < n; ++i) c[i] = c[i] / z + hc_eps;
+  }
+  auto normalize_columns = [&]() {
+    for (int64_t i = 0; i < n; ++i) {
+      float s = 0.f;
+      for (int64_t r = 0; r < n; ++r) s += comb[r * n + i];
+      for (int64_t r = 0; r < n; ++r) comb[r * n + i] /= s + hc_eps;
+    }
+  };
+  normalize_columns();  // Sinkhorn: the first pass normalises columns only
+  for (int64_t it = 1; it < iters; ++it) {
+    for (int64_t r = 0; r < n; ++r) {
+      float s = 0.f;
+      for (int64_t i = 0; i < n; ++i) s += comb[r * n + i];
+      for (int64_t i = 0; i < n; ++i) comb[r * n + i] /= s + hc_eps;
+    }
+    normalize_columns();
+  }
+  for (int64_t i = 0; i < d; ++i) y[i] = 0.f;
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = 0; i < d; ++i) y[i] += pre[j] * x[j * d + i];
+}
+
+void hc_post_token(const float* f, const float* res, const float* post, const float* comb, int64_t n, int64_t d,
+                   float* out) {
+  for (int64_t k = 0; k < n; ++k) {
+    float* o = out + k * d;
+    for (int64_t i = 0; i < d; ++i) o[i] = 0.f;
+    for (int64_t j = 0; j < n; ++j) axpy(o, comb[j * n + k], res + j * d, d);  // comb applied transposed
+    for (int64_t i = 0; i < d; ++i) o[i] = post[k] * f[i] + o[i];
+  }
+}
+
+void linear(const QuantWeight& w, const float* x, int64_t ldx, int64_t rows, float* y, int64_t ldy, int64_t n0,
+            int64_t n1) {
+  if (rows <= 0 || n1 <= n0) return;
+  linear_impl(w, x, ldx, rows, y, ldy, n0, n1);
+}
+
+}  // namespace
+
+#define DSV4_STR2(x) #x
+#define DSV4_STR(x) DSV4_STR2(x)
+const IsaKernels kernels = {DSV4_STR(DSV4_ISA), linear,       sparse_attn_query, indexer_scores,
+                            swiglu,              pool_channels, hc_pre_token,      hc_post_token};
+
+}  // namespace DSV4_ISA
+}  // namespace dsv4

@@ -1,0 +1,870 @@
+// The dsv4 custom ops for ONNX Runtime's CPU execution provider: one kernel per op of
+// dsv4c/graphs/ops/registry.py, registered in the ONNX domain "dsv4" under the op types, inputs and attributes
+// that dsv4c/graphs/ops/onnx.py gives the nodes, so the library is a drop-in for the ops' function bodies.
+//
+// Built against the C API only (onnxruntime_c_api.h, ORT_API_VERSION of the headers; newer runtimes accept it) and
+// not linked to libonnxruntime: ORT hands the API table to RegisterCustomOps. Work is split into tasks run on the
+// session's intra-op thread pool (KernelContext_ParallelFor), so `intra_op_num_threads` bounds the threads used.
+// Numerics follow the torch references: fake-quant, bf16 rounding and Hadamard are bit-exact; matmuls and
+// softmaxes agree to float rounding (summation order differs).
+#include <onnxruntime_c_api.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace dsv4 {
+namespace {
+
+const OrtApi* api = nullptr;
+
+// ---- numerics shared with the torch reference (bit-exact) ---------------------------------------------------
+inline float from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+// float -> bfloat16 -> float, round half to even (torch's conversion).
+inline float round_bf16(float x) {
+  if (std::isnan(x)) return x;
+  uint32_t u = to_bits(x);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return from_bits(u & 0xFFFF0000u);
+}
+
+// Smallest power of two >= v > 0 (quant.ceil_pow2: frexp, exact).
+inline float ceil_pow2(float v) {
+  int e;
+  const float m = std::frexp(v, &e);
+  return std::ldexp(1.0f, m == 0.5f ? e - 1 : e);
+}
+
+// |v| <= 448 (clamped) -> nearest float8_e4m3fn value, ties to even, subnormals included.
+inline float round_e4m3(float v) {
+  if (std::isnan(v)) return v;
+  const uint32_t u = to_bits(v), sign = u & 0x80000000u, a = u ^ sign;
+  if (a >= 0x3C800000u) {  // >= 2^-6: keep 3 mantissa bits
+    return from_bits(((a + 0x7FFFFu + ((a >> 20) & 1u)) & 0xFFF00000u) | sign);
+  }
+  const float r = (from_bits(a) + 16384.0f) - 16384.0f;  // the float add rounds to a multiple of 2^-9
+  return from_bits(to_bits(r) | sign);
+}
+
+// |v| -> nearest e2m1 value (ties to even on the 0.5 / 1 / 2 step grid), saturating at 6, sign kept.
+inline float round_e2m1(float v) {
+  const float mag = std::fmin(std::fabs(v), 6.0f);
+  const float step = mag < 2.f ? 0.5f : (mag < 4.f ? 1.f : 2.f);
+  return std::copysign(std::fmin(std::nearbyint(mag / step) * step, 6.0f), v);
+}
+
+// quant.fake_quant_fp8 on `n` values in blocks of `block`: scale 2^ceil(log2(max(amax, 1e-4) / 448)).
+void fake_quant_fp8(const float* x, float* y, int64_t n, int64_t block) {
+  for (int64_t b0 = 0; b0 < n; b0 += block) {
+    float amax = 0.f;
+    for (int64_t i = b0; i < b0 + block; ++i) amax = std::fmax(amax, std::fabs(x[i]));
+    const float scale = ceil_pow2(std::fmax(amax, 1e-4f) / 448.0f), inv = 1.0f / scale;  // powers of two: exact
+    for (int64_t i = b0; i < b0 + block; ++i) {
+      float v = x[i] * inv;
+      v = v > 448.f ? 448.f : (v < -448.f ? -448.f : v);
+      y[i] = round_e4m3(v) * scale;
+    }
+  }
+}
+
+// quant.fake_quant_fp4 (blocks of 32) of quant.hadamard(x) for one row of d (a power of two, >= 32).
+void hadamard_fp4(const float* x, float* y, int64_t d) {
+  std::memcpy(y, x, d * sizeof(float));
+  for (int64_t h = 1; h < d; h *= 2)  // butterflies in the reference's order: bit-exact
+    for (int64_t i = 0; i < d; i += 2 * h)
+      for (int64_t t = i; t < i + h; ++t) {
+        const float a = y[t], b = y[t + h];
+        y[t] = a + b;
+        y[t + h] = a - b;
+      }
+  const float norm = (float)std::pow((double)d, -0.5);
+  for (int64_t i = 0; i < d; ++i) y[i] *= norm;
+  for (int64_t b0 = 0; b0 < d; b0 += 32) {
+    float amax = 0.f;
+    for (int64_t i = b0; i < b0 + 32; ++i) amax = std::fmax(amax, std::fabs(y[i]));
+    const float scale = ceil_pow2(std::fmax(amax, 6.0f * 0x1p-126f) / 6.0f), inv = 1.0f / scale;
+    for (int64_t i = b0; i < b0 + 32; ++i) y[i] = round_e2m1(y[i] * inv) * scale;
+  }
+}
+
+// x row [K] -> fp4 kernel order (kernels.h): per 32-block the even elements, then the odd ones.
+void fp4_order(const float* x, float* out, int64_t k) {
+  for (int64_t b = 0; b < k; b += 32)
+    for (int64_t i = 0; i < 16; ++i) {
+      out[b + i] = x[b + 2 * i];
+      out[b + 16 + i] = x[b + 2 * i + 1];
+    }
+}
+
+// ---- ORT plumbing --------------------------------------------------------------------------------------------
+void check(OrtStatus* status) {
+  if (status) {
+    std::string msg = api->GetErrorMessage(status);
+    api->ReleaseStatus(status);
+    throw std::runtime_error(msg);
+  }
+}
+
+const char* type_name(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return "bfloat16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+    default: return "other";
+  }
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+struct Tensor {
+  const char* name;
+  ONNXTensorElementDataType type;
+  std::vector<int64_t> shape;
+  const void* data;
+
+  int64_t dim(int i) const { return shape[i < 0 ? shape.size() + i : i]; }
+  int64_t rank() const { return (int64_t)shape.size(); }
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t s : shape) n *= s;
+    return n;
+  }
+  const float* f32() const { return static_cast<const float*>(data); }
+  const uint8_t* u8() const { return static_cast<const uint8_t*>(data); }
+  const int64_t* i64() const { return static_cast<const int64_t*>(data); }
+};
+
+// One compute call: inputs, outputs, errors naming the op, tasks on ORT's intra-op pool.
+// Calls with less work (~ multiply-adds) run on the calling thread: ~10 us of one core, below which a hand-over
+// to another thread costs more than it gives. DSV4C_KERNEL_INLINE_WORK overrides it (0: always split; tests).
+double inline_work() {
+  const char* env = std::getenv("DSV4C_KERNEL_INLINE_WORK");
+  return env ? std::atof(env) : 32768.0;
+}
+
+class Context {
+ public:
+  Context(OrtKernelContext* ctx, const char* op, double inline_work = 32768.0)
+      : ctx_(ctx), op_(op), inline_work_(inline_work) {}
+
+  [[noreturn]] void fail(const std::string& msg) const {
+    throw std::runtime_error(std::string("dsv4.") + op_ + ": " + msg);
+  }
+  void require(bool ok, const std::string& msg) const {
+    if (!ok) fail(msg);
+  }
+
+  Tensor input(size_t i, const char* name, ONNXTensorElementDataType type, int rank = -1) const {
+    const OrtValue* value = nullptr;
+    check(api->KernelContext_GetInput(ctx_, i, &value));
+    if (!value) fail(std::string("input '") + name + "' is missing");
+    OrtTensorTypeAndShapeInfo* info = nullptr;
+    check(api->GetTensorTypeAndShape(value, &info));
+    Tensor t{name, ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, {}, nullptr};
+    size_t n = 0;
+    OrtStatus* st = api->GetTensorElementType(info, &t.type);
+    if (!st) st = api->GetDimensionsCount(info, &n);
+    t.shape.resize(n);
+    if (!st) st = api->GetDimensions(info, t.shape.data(), n);
+    api->ReleaseTensorTypeAndShapeInfo(info);
+    check(st);
+    void* data = nullptr;
+    check(api->GetTensorMutableData(const_cast<OrtValue*>(value), &data));
+    t.data = data;
+    if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED && t.type != type)
+      fail(std::string("input '") + name + "' must be " + type_name(type) + ", got " + type_name(t.type) + " " +
+           shape_str(t.shape));
+    if (rank >= 0 && t.rank() != rank)
+      fail(std::string("input '") + name + "' must have rank " + std::to_string(rank) + ", got shape " +
+           shape_str(t.shape));
+    return t;
+  }
+
+  template <typename T>
+  T* output(size_t i, const std::vector<int64_t>& shape) const {
+    OrtValue* value = nullptr;
+    check(api->KernelContext_GetOutput(ctx_, i, shape.data(), shape.size(), &value));
+    void* data = nullptr;
+    check(api->GetTensorMutableData(value, &data));
+    return static_cast<T*>(data);
+  }
+
+  // f(i) for i in [0, n) on the session's intra-op threads; inline when the pool has one thread or the whole
+  // call is less `work` (~ multiply-adds) than a hand-over to another thread costs. The first exception of any
+  // task is rethrown here, so it never crosses ORT's thread pool.
+  template <typename F>
+  void parallel(size_t n, double work, F&& f) const {
+    if (n == 0) return;
+    if (n == 1 || work < inline_work_) {
+      for (size_t i = 0; i < n; ++i) f(i);
+      return;
+    }
+    struct Job {
+      F* f;
+      std::atomic<bool> failed{false};
+      std::mutex mu;
+      std::string error;
+    } job;
+    job.f = &f;
+    auto run = [](void* p, size_t i) {
+      auto* j = static_cast<Job*>(p);
+      if (j->failed.load(std::memory_order_relaxed)) return;
+      try {
+        (*j->f)(i);
+      } catch (const std::exception& e) {
+        std::lock_guard<std::mutex> lock(j->mu);
+        if (!j->failed.exchange(true)) j->error = e.what();
+      }
+    };
+    check(api->KernelContext_ParallelFor(ctx_, run, n, 0, &job));
+    if (job.failed) throw std::runtime_error(job.error);
+  }
+
+ private:
+  OrtKernelContext* ctx_;
+  const char* op_;
+  double inline_work_;
+};
+
+// Rows of a weight per task: about 64 tasks over `matrices` weights of n rows (enough to balance any pool),
+// each at least 16 rows (64 when many tokens share the decode), multiples of 16 so the decode loops stay long.
+int64_t rows_per_task(int64_t n, int64_t tokens, int64_t matrices = 1) {
+  const int64_t min_rows = tokens > 6 ? 64 : 16;
+  int64_t per = (n * matrices + 63) / 64;
+  per = (per + 15) / 16 * 16;
+  return std::max(min_rows, per);
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+#define DSV4_HAVE_AVX2_BUILD 1  // build.py compiles isa_avx2.cc on x86 only
+#endif
+
+const IsaKernels* select_isa() {
+#ifdef DSV4_HAVE_AVX2_BUILD
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                           __builtin_cpu_supports("f16c");
+#else
+  static const bool avx2 = false;
+#endif
+  const char* want = std::getenv("DSV4C_KERNEL_ISA");  // "generic" forces the portable loops (tests, debugging)
+  if (want && std::string(want) == "generic") return &generic::kernels;
+  if (want && std::string(want) == "avx2" && !avx2)
+    throw std::runtime_error("DSV4C_KERNEL_ISA=avx2 but this CPU lacks AVX2/FMA/F16C");
+#ifdef DSV4_HAVE_AVX2_BUILD
+  if (avx2) return &avx2::kernels;
+#endif
+  return &generic::kernels;
+}
+
+// ---- kernels --------------------------------------------------------------------------------------------------
+struct Kernel {
+  const IsaKernels* isa = select_isa();
+  double inline_work_ = inline_work();
+  virtual ~Kernel() = default;
+  virtual void compute(OrtKernelContext* ctx) = 0;
+};
+
+int64_t attr_int(const OrtKernelInfo* info, const char* op, const char* name) {
+  int64_t v = 0;
+  OrtStatus* st = api->KernelInfoGetAttribute_int64(info, name, &v);
+  if (st) {
+    api->ReleaseStatus(st);
+    throw std::runtime_error(std::string("dsv4.") + op + ": missing int attribute '" + name + "'");
+  }
+  return v;
+}
+
+float attr_float(const OrtKernelInfo* info, const char* op, const char* name) {
+  float v = 0.f;
+  OrtStatus* st = api->KernelInfoGetAttribute_float(info, name, &v);
+  if (st) {
+    api->ReleaseStatus(st);
+    throw std::runtime_error(std::string("dsv4.") + op + ": missing float attribute '" + name + "'");
+  }
+  return v;
+}
+
+constexpr auto F32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+constexpr auto U8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+constexpr auto I64 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+constexpr auto ANY = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+
+// FP8 weight [N, K] with scales [ceil(N/128), ceil(K/128)], checked.
+QuantWeight fp8_weight(const Context& c, const Tensor& w, const Tensor& s) {
+  c.require(w.rank() == 2, std::string("input '") + w.name + "' must be uint8 [N, K], got " + shape_str(w.shape));
+  const int64_t n = w.dim(0), k = w.dim(1);
+  c.require(s.rank() == 2 && s.dim(0) == (n + 127) / 128 && s.dim(1) == (k + 127) / 128,
+            std::string("input '") + s.name + "' must be [ceil(N/128), ceil(K/128)] = [" +
+                std::to_string((n + 127) / 128) + ", " + std::to_string((k + 127) / 128) + "] for " + w.name + " " +
+                shape_str(w.shape) + ", got " + shape_str(s.shape));
+  return QuantWeight{kFp8, w.data, s.f32(), n, k};
+}
+
+// Activations [rows, K] fake-quantised to FP8 (blocks of 128) into `buf`, in parallel; returns buf.
+const float* act_quant_rows(const Context& c, const float* x, int64_t rows, int64_t k, std::vector<float>& buf) {
+  c.require(k % 128 == 0, "act_quant needs the last dim of x to be a multiple of 128, got " + std::to_string(k));
+  buf.resize(rows * k);
+  const int64_t per = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
+  c.parallel((rows + per - 1) / per, 4.0 * rows * k, [&](size_t t) {
+    for (int64_t r = t * per; r < std::min(rows, (int64_t)(t + 1) * per); ++r)
+      fake_quant_fp8(x + r * k, buf.data() + r * k, k, 128);
+  });
+  return buf.data();
+}
+
+struct Fp8Linear : Kernel {
+  bool act_quant;
+  explicit Fp8Linear(const OrtKernelInfo* info) : act_quant(attr_int(info, "Fp8Linear", "act_quant") != 0) {}
+
+  void compute(OrtKernelContext* ctx) override {
+    Context c(ctx, "Fp8Linear", inline_work_);
+    const Tensor x = c.input(0, "x", F32), w = c.input(1, "w", U8), s = c.input(2, "w_scale", F32);
+    const QuantWeight qw = fp8_weight(c, w, s);
+    c.require(x.rank() >= 1 && x.dim(-1) == qw.k, "x " + shape_str(x.shape) + " does not match w " +
+                                                         shape_str(w.shape) + " (last dims must agree)");
+    const int64_t rows = x.numel() / std::max<int64_t>(qw.k, 1);
+    std::vector<int64_t> shape = x.shape;
+    shape.back() = qw.n;
+    float* y = c.output<float>(0, shape);
+    if (rows == 0 || qw.n == 0) return;
+    if (qw.k == 0) return (void)std::fill(y, y + rows * qw.n, 0.f);
+    std::vector<float> xq;
+    const float* xin = act_quant ? act_quant_rows(c, x.f32(), rows, qw.k, xq) : x.f32();
+    const int64_t per = rows_per_task(qw.n, rows);
+    c.parallel((qw.n + per - 1) / per, double(rows + 1) * qw.n * qw.k, [&](size_t t) {
+      isa->linear(qw, xin, qw.k, rows, y, qw.n, t * per, std::min(qw.n, (int64_t)(t + 1) * per));
+    });
+  }
+};
+
+struct Fp8GroupedLinear : Kernel {
+  bool act_quant;
+  explicit Fp8GroupedLinear(const OrtKernelInfo* info)
+      : act_quant(attr_int(info, "Fp8GroupedLinear", "act_quant") != 0) {}
+
+  // x [..., G, K], w [G*R, K] -> y[..., g, r] = x[..., g, :] . w[g*R + r, :]
+  void compute(OrtKernelContext* ctx) override {
+    Context c(ctx, "Fp8GroupedLinear", inline_work_);
+    const Tensor x = c.input(0, "x", F32), w = c.input(1, "w", U8), s = c.input(2, "w_scale", F32);
+    const QuantWeight qw = fp8_weight(c, w, s);
+    c.require(x.rank() >= 2 && x.dim(-1) == qw.k, "x must be [..., G, K] with K = w's last dim " +
+                                                       std::to_string(qw.k) + ", got " + shape_str(x.shape));
+    const int64_t g = x.dim(-2), k = qw.k;
+    c.require(g > 0 && qw.n % g == 0, "w rows (" + std::to_string(qw.n) + ") must be a multiple of the " +
+                                          std::to_string(g) + " groups of x " + shape_str(x.shape));
+    const int64_t r = qw.n / g, rows = x.numel() / std::max<int64_t>(g * k, 1);
+    std::vector<int64_t> shape = x.shape;
+    shape.back() = r;
+    float* y = c.output<float>(0, shape);
+    if (rows == 0 || r == 0) return;
+    if (k == 0) return (void)std::fill(y, y + rows * g * r, 0.f);
+    std::vector<float> xq;
+    const float* xin = act_quant ? act_quant_rows(c, x.f32(), rows * g, k, xq) : x.f32();
+    const int64_t per = rows_per_task(r, rows, g), chunks = (r + per - 1) / per;
+    c.parallel(g * chunks, double(rows + 1) * qw.n * k, [&](size_t t) {  // group gi's rows, its slice of x
+      const int64_t gi = t / chunks, r0 = (t % chunks) * per;
+      isa->linear(qw, xin + gi * k, g * k, rows, y, g * r, gi * r + r0, gi * r + std::min(r, r0 + per));
+    });
+  }
+};
+
+struct MoeExperts : Kernel {
+  int64_t fmt;
+  float swiglu_limit;
+  bool act_quant, bf16;
+  explicit MoeExperts(const OrtKernelInfo* info)
+      : fmt(attr_int(info, "MoeExperts", "fmt")),
+        swiglu_limit(attr_float(info, "MoeExperts", "swiglu_limit")),
+        act_quant(attr_int(info, "MoeExperts", "act_quant") != 0),
+        bf16(attr_int(info, "MoeExperts", "bf16") != 0) {
+    if (fmt < 0 || fmt > 2)
+      throw std::runtime_error("dsv4.MoeExperts: attribute fmt must be 0 (fp4), 1 (fp8) or 2 (float), got " +
+                               std::to_string(fmt));
+  }
+
+  // Stacked weights [E, N, K(/2)] -> one expert's QuantWeight; checks shapes and scales against (E, N, K).
+  struct Stack {
+    int32_t format;
+    const uint8_t* data;
+    const float* scale;
+    int64_t e, n, k, w_stride, s_stride;
+    QuantWeight at(int64_t i) const {
+      return QuantWeight{format, data + i * w_stride, scale ? scale + i * s_stride : nullptr, n, k};
+    }
+  };
+
+  Stack stack(const Context& c, const Tensor& w, const Tensor& s, int64_t e, int64_t n, int64_t k) const {
+    const std::string what = std::string("input '") + w.name + "'";
+    const std::vector<int64_t> want_w = fmt == 0 ? std::vector<int64_t>{e, n, k / 2} : std::vector<int64_t>{e, n, k};
+    c.require(w.type == (fmt == 2 ? F32 : U8), what + " must be " + (fmt == 2 ? "float32" : "uint8") +
+                                                   " for fmt " + std::to_string(fmt) + ", got " + type_name(w.type));
+    c.require(w.shape == want_w, what + " must be " + shape_str(want_w) + ", got " + shape_str(w.shape));
+    if (fmt == 0) c.require(k % 32 == 0, "fp4 experts need dims that are multiples of 32, got " + std::to_string(k));
+    Stack st{(int32_t)fmt, w.u8(), nullptr, e, n, k, 0, 0};
+    st.w_stride = (fmt == 0 ? n * k / 2 : n * k) * (fmt == 2 ? 4 : 1);
+    if (fmt == 2) return st;  // float experts carry no scales (model.Experts passes an empty tensor)
+    const std::vector<int64_t> want_s = fmt == 0 ? std::vector<int64_t>{e, n, k / 32}
+                                                 : std::vector<int64_t>{e, (n + 127) / 128, (k + 127) / 128};
+    c.require(s.shape == want_s, std::string("input '") + s.name + "' must be " + shape_str(want_s) + ", got " +
+                                     shape_str(s.shape));
+    st.scale = s.f32();
+    st.s_stride = want_s[1] * want_s[2];
+    return st;
+  }
+
+  void compute(OrtKernelContext* ctx) override {
+    Context c(ctx, "MoeExperts", inline_work_);
+    const Tensor x = c.input(0, "x", F32, 2), wts = c.input(1, "weights", F32, 2), ids = c.input(2, "indices", I64, 2);
+    const Tensor w1 = c.input(3, "w1", ANY, 3), s1 = c.input(4, "s1", F32), w3 = c.input(5, "w3", ANY, 3),
+                 s3 = c.input(6, "s3", F32), w2 = c.input(7, "w2", ANY, 3), s2 = c.input(8, "s2", F32);
+    const int64_t T = x.dim(0), D = x.dim(1), K = ids.dim(1), E = w1.dim(0), I = w1.dim(1);
+    c.require(ids.dim(0) == T && wts.shape == ids.shape, "weights " + shape_str(wts.shape) + " and indices " +
+                                                             shape_str(ids.shape) + " must both be [T, k] for x " +
+                                                             shape_str(x.shape));
+    const Stack up1 = stack(c, w1, s1, E, I, D), up3 = stack(c, w3, s3, E, I, D), down = stack(c, w2, s2, E, D, I);
+    if (act_quant)
+      c.require(D % 128 == 0 && I % 128 == 0, "act_quant needs hidden (" + std::to_string(D) + ") and expert (" +
+                                                   std::to_string(I) + ") dims that are multiples of 128");
+    float* y = c.output<float>(0, {T, D});
+    std::fill(y, y + T * D, 0.f);
+
+    // picks grouped by expert, ascending; within an expert in (token, slot) order, as the reference loops
+    std::vector<int64_t> count(E + 1, 0);
+    const int64_t* idx = ids.i64();
+    for (int64_t p = 0; p < T * K; ++p) {
+      if (idx[p] < 0) continue;
+      c.require(idx[p] < E, "indices holds expert " + std::to_string(idx[p]) + ", the weights have " +
+                                std::to_string(E) + " experts");
+      ++count[idx[p] + 1];
+    }
+    for (int64_t e = 0; e < E; ++e) count[e + 1] += count[e];  // count[e]: first pick of expert e
+    const int64_t P = count[E];
+    if (P == 0 || D == 0) return;
+    std::vector<int64_t> pick(P), fill(count.begin(), count.end() - 1);
+    for (int64_t p = 0; p < T * K; ++p)
+      if (idx[p] >= 0) pick[fill[idx[p]]++] = p;  // flat (token * k + slot)
+
+    // x rows of every pick, quantised if asked, in the kernel order of the weight format
+    std::vector<float> xq;
+    const float* xs = act_quant ? act_quant_rows(c, x.f32(), T, D, xq) : x.f32();
+    std::vector<float> xp(P * D);
+    c.parallel((P + 63) / 64, double(P) * D, [&](size_t t) {
+      for (int64_t p = t * 64; p < std::min(P, (int64_t)(t + 1) * 64); ++p) {
+        const float* src = xs + (pick[p] / K) * D;
+        if (fmt == 0)
+          fp4_order(src, xp.data() + p * D, D);
+        else
+          std::memcpy(xp.data() + p * D, src, D * sizeof(float));
+      }
+    });
+
+    // jobs: (expert, row range) over the used experts
+    struct Job {
+      int64_t e, r0, r1;
+    };
+    int64_t used = 0;
+    for (int64_t e = 0; e < E; ++e) used += count[e + 1] > count[e];
+    auto jobs_for = [&](int64_t rows) {  // ~64 jobs over all used experts together
+      std::vector<Job> jobs;
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t m = count[e + 1] - count[e];
+        if (!m) continue;
+        const int64_t per = rows_per_task(rows, m, used);
+        for (int64_t r0 = 0; r0 < rows; r0 += per) jobs.push_back({e, r0, std::min(rows, r0 + per)});
+      }
+      return jobs;
+    };
+
+    std::vector<float> gate(P * I), up(P * I);
+    const std::vector<Job> gu = jobs_for(I);
+    c.parallel(gu.size(), 2.0 * (P + used) * I * D, [&](size_t t) {
+      const Job& j = gu[t];
+      const int64_t p0 = count[j.e], m = count[j.e + 1] - p0;
+      isa->linear(up1.at(j.e), xp.data() + p0 * D, D, m, gate.data() + p0 * I, I, j.r0, j.r1);
+      isa->linear(up3.at(j.e), xp.data() + p0 * D, D, m, up.data() + p0 * I, I, j.r0, j.r1);
+    });
+
+    // h = silu(gate) * up * routing weight, with the reference's clamps and roundings
+    const float* rw = wts.f32();
+    std::vector<float> h(P * I);
+    c.parallel((P + 15) / 16, 8.0 * P * I, [&](size_t t) {
+      thread_local std::vector<float> tmp;
+      tmp.resize(I);
+      for (int64_t p = t * 16; p < std::min(P, (int64_t)(t + 1) * 16); ++p) {
+        float* hp = tmp.data();
+        isa->swiglu(gate.data() + p * I, up.data() + p * I, I, rw[pick[p]], swiglu_limit, bf16, hp);
+        if (act_quant) fake_quant_fp8(hp, hp, I, 128);
+        if (fmt == 0)
+          fp4_order(hp, h.data() + p * I, I);
+        else
+          std::memcpy(h.data() + p * I, hp, I * sizeof(float));
+      }
+    });
+
+    std::vector<float> out(P * D);
+    const std::vector<Job> dn = jobs_for(D);
+    c.parallel(dn.size(), double(P + used) * I * D, [&](size_t t) {
+      const Job& j = dn[t];
+      const int64_t p0 = count[j.e], m = count[j.e + 1] - p0;
+      isa->linear(down.at(j.e), h.data() + p0 * I, I, m, out.data() + p0 * D, D, j.r0, j.r1);
+    });
+
+    // y[t] += each pick's output, experts ascending (the reference's index_add_ order); tokens in parallel
+    std::vector<int64_t> order(P);  // picks sorted by token, stable: expert order kept within a token
+    for (int64_t p = 0; p < P; ++p) order[p] = p;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return pick[a] / K < pick[b] / K; });
+    std::vector<int64_t> start(T + 1, 0);
+    for (int64_t p = 0; p < P; ++p) ++start[pick[p] / K + 1];
+    for (int64_t t = 0; t < T; ++t) start[t + 1] += start[t];
+    c.parallel((T + 15) / 16, double(P) * D, [&](size_t task) {
+      for (int64_t t = task * 16; t < std::min(T, (int64_t)(task + 1) * 16); ++t)
+        for (int64_t q = start[t]; q < start[t + 1]; ++q) {
+          const float* o = out.data() + order[q] * D;
+          float* yt = y + t * D;
+          for (int64_t i = 0; i < D; ++i) yt[i] += bf16 ? round_bf16(o[i]) : o[i];
+        }
+    });
+  }
+};
+
+struct FakeQuantFp8 : Kernel {
+  int64_t block;
+  explicit FakeQuantFp8(const OrtKernelInfo* info) : block(attr_int(info, "FakeQuantFp8", "block")) {
+    if (block <= 0) throw std::runtime_error("dsv4.FakeQuantFp8: attribute block must be positive");
+  }
+
+  void compute(OrtKernelContext* ctx) override {
+    Context c(ctx, "FakeQuantFp8", inline_work_);
+    const Tensor x = c.input(0, "x", F32);
+    c.require(x.rank() >= 1 && x.dim(-1) % block == 0, "the last dim of x " + shape_str(x.shape) +
+                                                           " must be a multiple of block=" + std::to_string(block));
+    float* y = c.output<float>(0, x.shape);
+    const int64_t n = x.numel(), chunk = std::max<int64_t>(block, 65536 / block * block);
+    c.parallel((n + chunk - 1) / chunk, 4.0 * n, [&](size_t t) {
+      const int64_t i0 = t * chunk;
+      fake_quant_fp8(x.f32() + i0, y + i0, std::min(chunk, n - i0), block);
+    });
+  }
+};
+
+struct HadamardFp4 : Kernel {
+  explicit HadamardFp4(const OrtKernelInfo*) {}
+
+  void compute(OrtKernelContext* ctx) override {
+    Context c(ctx, "HadamardFp4", inline_work_);
+    const Tensor x = c.input(0, "x", F32);
+    const int64_t d = x.rank() ? x.dim(-1) : 0;
+    c.require(d >= 32 && (d & (d - 1)) == 0, "the last dim of x " + shape_str(x.shape) +
+                                                 " must be a power of two >= 32 (Hadamard, FP4 blocks of 32)");
+    float* y = c.output<float>(0, x.shape);
+    const int64_t rows = x.numel() / d, per = std::max<int64_t>(1, 16384 / d);
+    c.parallel((rows + per - 1) / per, 8.0 * rows * d, [&](size_t t) {
+      for (int64_t r = t * per; r < std::min(rows, (int64_t)(t + 1) * per); ++r)
+        hadamard_fp4(x.f32() + r * d, y + r * d, d);
+    });
+  }
+};
+
+struct SparseAttn : Kernel {
+  float scale;
+  explicit SparseAttn(const OrtKernelInfo* info) : scale(attr_float(info, "SparseAttn", "scale")) {}
+
+  void compute(OrtKernelContext* ctx) override {
+    Context c(ctx, "SparseAttn", inline_work_);
+    const Tensor q = c.input(0, "q", F32, 4), kv = c.input(1, "kv", F32, 3), sink = c.input(2, "sink", F32, 1),
+                 idx = c.input(3, "idx", I64, 3);
+    const int64_t B = q.dim(0), S = q.dim(1), H = q.dim(2), D = q.dim(3), N = kv.dim(1), K = idx.dim(2);
+    c.require(kv.dim(0) == B && kv.dim(2) == D, "kv " + shape_str(kv.shape) + " must be [B, N, D] for q " +
+                                                    shape_str(q.shape));
+    c.require(sink.dim(0) == H, "sink " + shape_str(sink.shape) + " must be [H] = [" + std::to_string(H) + "]");
+    c.require(idx.dim(0) == B && idx.dim(1) == S, "idx " + shape_str(idx.shape) + " must be [B, S, K] for q " +
+                                                      shape_str(q.shape));
+    const int64_t* ix = idx.i64();
+    for (int64_t i = 0; i < idx.numel(); ++i)
+      c.require(ix[i] < N, "idx holds row " + std::to_string(ix[i]) + ", kv has " + std::to_string(N) + " rows");
+    float* out = c.output<float>(0, q.shape);
+    const int64_t groups = (H + 3) / 4;  // tasks: (query position, 4 heads): decode still spreads over threads
+    c.parallel(B * S * groups, 2.0 * B * S * H * K * D, [&](size_t t) {
+      thread_local std::vector<float> scratch;
+      scratch.resize(4 * std::max<int64_t>(K, 1));
+      const int64_t bs = t / groups, h0 = (t % groups) * 4, b = bs / S;
+      isa->sparse_attn_query(q.f32() + bs * H * D, kv.f32() + b * N * D, ix + bs * K, K, sink.f32(), h0,
+                             std::min(H, h0 + 4), D, scale, out + bs * H * D, scratch.data());
+    });
+  }
+};
+
+struct IndexerTopK : Kernel {
+  int64_t topk;
+  explicit IndexerTopK(const OrtKernelInfo* info) : topk(attr_int(info, "IndexerTopK", "topk")) {
+    if (topk < 0) throw std::runtime_error("dsv4.IndexerTopK: attribute topk must be >= 0");
+  }
+
+  void compute(OrtKernelContext* ctx) override {
+    Context c(ctx, "IndexerTopK", inline_work_);
+    const Tensor q = c.input(0, "q", F32, 4), k = c.input(1, "k", F32, 3), w = c.input(2, "w", F32, 3),
+                 nv = c.input(3, "n_visible", I64, 2);
+    const int64_t B = q.dim(0), S = q.dim(1), Hh = q.dim(2), D = q.dim(3), N = k.dim(1), Kout = std::min(topk, N);
+    c.require(k.dim(0) == B && k.dim(2) == D, "k " + shape_str(k.shape) + " must be [B, N, d] for q " +
+                                                  shape_str(q.shape));
+    c.require(w.shape == std::vector<int64_t>{B, S, Hh}, "w " + shape_str(w.shape) + " must be [B, S, h] for q " +
+                                                             shape_str(q.shape));
+    c.require(nv.shape == std::vector<int64_t>{B, S}, "n_visible " + shape_str(nv.shape) + " must be [B, S]");
+    int64_t* out = c.output<int64_t>(0, {B, S, Kout});
+    if (B * S * Kout == 0) return;
+    auto visible = [&](int64_t bs) { return std::clamp<int64_t>(nv.i64()[bs], 0, N); };
+
+    // scores of the visible entries, tasks of (query, 256 entries)
+    std::vector<float> scores(B * S * N);
+    const int64_t chunk = 256, chunks = (N + chunk - 1) / chunk;
+    c.parallel(B * S * chunks, double(B) * S * N * Hh * D, [&](size_t t) {
+      const int64_t bs = t / chunks, n0 = (t % chunks) * chunk, n1 = std::min(visible(bs), n0 + chunk);
+      if (n0 >= n1) return;
+      isa->indexer_scores(q.f32() + bs * Hh * D, w.f32() + bs * Hh, Hh, k.f32() + (bs / S) * N * D, D, n0, n1,
+                          scores.data() + bs * N);
+    });
+
+    // top-K per query: descending score, ties lower entry first (NaN counts as largest, as torch's sort);
+    // hidden entries come last in the reference and become -1
+    c.parallel(B * S, 4.0 * B * S * N, [&](size_t bs) {
+      const float* sc = scores.data() + bs * N;
+      const int64_t vis = visible(bs), take = std::min(Kout, vis);
+      std::vector<int64_t> ids(vis);
+      for (int64_t j = 0; j < vis; ++j) ids[j] = j;
+      auto before = [sc](int64_t a, int64_t b) {
+        const bool na = std::isnan(sc[a]), nb = std::isnan(sc[b]);
+        if (na != nb) return na;
+        if (!na && sc[a] != sc[b]) return sc[a] > sc[b];
+        return a < b;
+      };
+      std::partial_sort(ids.begin(), ids.begin() + take, ids.end(), before);
+      int64_t* o = out + bs * Kout;
+      for (int64_t j = 0; j < Kout; ++j) o[j] = j < take ? ids[j] : -1;
+    });
+  }
+};
+
+struct CompressPool : Kernel {
+  int64_t ratio;
+  bool overlap;
+  explicit CompressPool(const OrtKernelInfo* info)
+      : ratio(attr_int(info, "CompressPool", "ratio")), overlap(attr_int(info, "CompressPool", "overlap") != 0) {
+    if (ratio <= 0) throw std::runtime_error("dsv4.CompressPool: attribute ratio must be positive");
+  }
+
+  void compute(OrtKernelContext* ctx) override {
+    Context c(ctx, "CompressPool", inline_work_);
+    const Tensor kv = c.input(0, "kv", F32, 3), score = c.input(1, "score", F32, 3), ends = c.input(2, "ends", I64, 2);
+    const int64_t B = kv.dim(0), L = kv.dim(1), cd = kv.dim(2), groups = overlap ? 2 : 1, d = cd / groups;
+    const int64_t K = ends.dim(1), span = groups * ratio;
+    c.require(cd % groups == 0, "kv's last dim " + std::to_string(cd) + " must be 2 * d with overlap");
+    c.require(score.shape == kv.shape, "score " + shape_str(score.shape) + " must match kv " + shape_str(kv.shape));
+    c.require(ends.dim(0) == B, "ends " + shape_str(ends.shape) + " must be [B, K] for kv " + shape_str(kv.shape));
+    float* out = c.output<float>(0, {B, K, d});
+    const int64_t* e = ends.i64();
+    for (int64_t i = 0; i < B * K; ++i)
+      if (e[i] >= 0)
+        c.require(std::max(e[i], span - 1) < L, "ends holds row " + std::to_string(e[i]) + ": its window of " +
+                                                    std::to_string(span) + " rows does not fit kv's " +
+                                                    std::to_string(L) + " rows");
+    const int64_t chunk = 64, chunks = (d + chunk - 1) / chunk;  // tasks: (entry, 64 channels)
+    c.parallel(B * K * chunks, 8.0 * B * K * span * d, [&](size_t task) {
+      const int64_t t = task / chunks, c0 = (task % chunks) * chunk, nc = std::min(chunk, d - c0);
+      float* o = out + t * d + c0;
+      if (e[t] < 0) return (void)std::fill(o, o + nc, 0.f);
+      thread_local std::vector<float> scratch;
+      scratch.resize((span + 2) * nc);
+      // candidate j: row first + j; channels [0, d) for the previous window (overlap), [d, 2d) for its own rows
+      const int64_t row0 = (t / K * L + std::max(e[t], span - 1) - span + 1) * cd + c0;
+      isa->pool_channels(kv.f32() + row0, score.f32() + row0, cd, span, ratio, overlap ? d : 0, nc, o,
+                         scratch.data());
+    });
+  }
+};
+
+struct HcPre : Kernel {
+  int64_t iters;
+  float norm_eps, hc_eps;
+  explicit HcPre(const OrtKernelInfo* info)
+      : iters(attr_int(info, "HcPre", "iters")),
+        norm_eps(attr_float(info, "HcPre", "norm_eps")),
+        hc_eps(attr_float(info, "HcPre", "hc_eps")) {}
+
+  void compute(OrtKernelContext* ctx) override {
+    Context c(ctx, "HcPre", inline_work_);
+    const Tensor x = c.input(0, "x", F32, 4), fn = c.input(1, "fn", F32, 2), scale = c.input(2, "scale", F32, 1),
+                 base = c.input(3, "base", F32, 1);
+    const int64_t B = x.dim(0), S = x.dim(1), n = x.dim(2), D = x.dim(3), nmix = (2 + n) * n;
+    c.require(n >= 1 && n <= 64, "x " + shape_str(x.shape) + ": the stream count n must be in [1, 64]");
+    c.require(fn.shape == std::vector<int64_t>{nmix, n * D}, "fn " + shape_str(fn.shape) + " must be [(2+n)n, nD] = " +
+                                                                 shape_str({nmix, n * D}));
+    c.require(scale.dim(0) == 3, "scale " + shape_str(scale.shape) + " must be [3]");
+    c.require(base.dim(0) == nmix,
+              "base " + shape_str(base.shape) + " must be [(2+n)n] = [" + std::to_string(nmix) + "]");
+    float* y = c.output<float>(0, {B, S, D});
+    float* post = c.output<float>(1, {B, S, n});
+    float* comb = c.output<float>(2, {B, S, n, n});
+    c.parallel(B * S, double(B) * S * nmix * n * D, [&](size_t t) {
+      thread_local std::vector<float> mix;
+      mix.resize(nmix);
+      isa->hc_pre_token(x.f32() + t * n * D, fn.f32(), scale.f32(), base.f32(), n, D, iters, norm_eps, hc_eps,
+                        y + t * D, post + t * n, comb + t * n * n, mix.data());
+    });
+  }
+};
+
+struct HcPost : Kernel {
+  explicit HcPost(const OrtKernelInfo*) {}
+
+  void compute(OrtKernelContext* ctx) override {
+    Context c(ctx, "HcPost", inline_work_);
+    const Tensor f = c.input(0, "f", F32, 3), res = c.input(1, "res", F32, 4), post = c.input(2, "post", F32, 3),
+                 comb = c.input(3, "comb", F32, 4);
+    const int64_t B = res.dim(0), S = res.dim(1), n = res.dim(2), D = res.dim(3);
+    c.require(f.shape == std::vector<int64_t>{B, S, D}, "f " + shape_str(f.shape) + " must be [B, S, D] for res " +
+                                                            shape_str(res.shape));
+    c.require(post.shape == std::vector<int64_t>{B, S, n}, "post " + shape_str(post.shape) + " must be [B, S, n]");
+    c.require(comb.shape == std::vector<int64_t>{B, S, n, n},
+              "comb " + shape_str(comb.shape) + " must be [B, S, n, n]");
+    float* out = c.output<float>(0, res.shape);
+    c.parallel(B * S, double(B) * S * (n + 2) * n * D, [&](size_t t) {
+      isa->hc_post_token(f.f32() + t * D, res.f32() + t * n * D, post.f32() + t * n, comb.f32() + t * n * n, n, D,
+                         out + t * n * D);
+    });
+  }
+};
+
+// ---- registration ---------------------------------------------------------------------------------------------
+// One OrtCustomOp per op type; ORT calls these function pointers (C ABI) with the op as `this_`.
+struct OpEntry : OrtCustomOp {
+  const char* name;
+  std::vector<ONNXTensorElementDataType> inputs, outputs;
+  Kernel* (*create)(const OrtKernelInfo*);
+
+  OpEntry(const char* op_name, std::vector<ONNXTensorElementDataType> in,
+          std::vector<ONNXTensorElementDataType> out, Kernel* (*factory)(const OrtKernelInfo*))
+      : OrtCustomOp{}, name(op_name), inputs(std::move(in)), outputs(std::move(out)), create(factory) {
+    version = ORT_API_VERSION;
+    GetName = [](const OrtCustomOp* op) { return self(op)->name; };
+    GetExecutionProviderType = [](const OrtCustomOp*) -> const char* { return nullptr; };  // CPU
+    GetInputTypeCount = [](const OrtCustomOp* op) { return self(op)->inputs.size(); };
+    GetInputType = [](const OrtCustomOp* op, size_t i) { return self(op)->inputs[i]; };  // UNDEFINED: any type
+    GetOutputTypeCount = [](const OrtCustomOp* op) { return self(op)->outputs.size(); };
+    GetOutputType = [](const OrtCustomOp* op, size_t i) { return self(op)->outputs[i]; };
+    GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+    GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+    GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
+    GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
+    GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 1; };
+    GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+    GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
+    GetStartVersion = [](const OrtCustomOp*) { return 1; };
+    GetEndVersion = [](const OrtCustomOp*) { return 1; };  // dsv4 domain version 1
+    CreateKernelV2 = [](const OrtCustomOp* op, const OrtApi*, const OrtKernelInfo* info,
+                        void** kernel) -> OrtStatusPtr {
+      try {
+        *kernel = self(op)->create(info);
+        return nullptr;
+      } catch (const std::exception& e) {
+        return api->CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+      }
+    };
+    KernelComputeV2 = [](void* kernel, OrtKernelContext* ctx) -> OrtStatusPtr {
+      try {
+        static_cast<Kernel*>(kernel)->compute(ctx);
+        return nullptr;
+      } catch (const std::exception& e) {
+        return api->CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+      }
+    };
+    KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
+  }
+
+  static const OpEntry* self(const OrtCustomOp* op) { return static_cast<const OpEntry*>(op); }
+};
+
+template <typename K>
+Kernel* make(const OrtKernelInfo* info) {
+  return new K(info);
+}
+
+std::vector<OpEntry>& ops() {
+  static std::vector<OpEntry> table = [] {
+    std::vector<OpEntry> t;
+    t.reserve(10);
+    t.emplace_back("Fp8Linear", std::vector{F32, U8, F32}, std::vector{F32}, make<Fp8Linear>);
+    t.emplace_back("Fp8GroupedLinear", std::vector{F32, U8, F32}, std::vector{F32}, make<Fp8GroupedLinear>);
+    t.emplace_back("MoeExperts", std::vector{F32, F32, I64, ANY, F32, ANY, F32, ANY, F32}, std::vector{F32},
+                   make<MoeExperts>);
+    t.emplace_back("FakeQuantFp8", std::vector{F32}, std::vector{F32}, make<FakeQuantFp8>);
+    t.emplace_back("HadamardFp4", std::vector{F32}, std::vector{F32}, make<HadamardFp4>);
+    t.emplace_back("SparseAttn", std::vector{F32, F32, F32, I64}, std::vector{F32}, make<SparseAttn>);
+    t.emplace_back("IndexerTopK", std::vector{F32, F32, F32, I64}, std::vector{I64}, make<IndexerTopK>);
+    t.emplace_back("CompressPool", std::vector{F32, F32, I64}, std::vector{F32}, make<CompressPool>);
+    t.emplace_back("HcPre", std::vector{F32, F32, F32, F32}, std::vector{F32, F32, F32}, make<HcPre>);
+    t.emplace_back("HcPost", std::vector{F32, F32, F32, F32}, std::vector{F32}, make<HcPost>);
+    return t;
+  }();
+  return table;
+}
+
+}  // namespace
+}  // namespace dsv4
+
+extern "C" {
+
+// Called by ORT for SessionOptions.register_custom_ops_library(path): adds the "dsv4" domain with every op.
+// The domain is created once and lives as long as the library (every session that registered it shares it).
+__attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                                                  const OrtApiBase* api_base) {
+  using namespace dsv4;
+  static std::once_flag once;
+  static OrtCustomOpDomain* domain = nullptr;
+  static OrtStatus* init_error = nullptr;
+  std::call_once(once, [&] {
+    api = api_base->GetApi(ORT_API_VERSION);
+    if (!api) return;
+    init_error = api->CreateCustomOpDomain("dsv4", &domain);
+    for (OpEntry& op : ops())
+      if (!init_error) init_error = api->CustomOpDomain_Add(domain, &op);
+  });
+  if (!api) return nullptr;  // cannot even report: this ORT is older than the headers (ORT_API_VERSION)
+  if (init_error) return api->CreateStatus(ORT_FAIL, api->GetErrorMessage(init_error));
+  return api->AddCustomOpDomain(options, domain);
+}
+
+// Which inner loops this CPU gets ("avx2" or "generic"); for tests and benchmarks (ctypes).
+__attribute__((visibility("default"))) const char* dsv4_kernels_isa(void) {
+  try {
+    return dsv4::select_isa()->name;
+  } catch (const std::exception&) {
+    return "unavailable";
+  }
+}
+}

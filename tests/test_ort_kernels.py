@@ -1,0 +1,388 @@
+"""The dsv4 C++ ONNX Runtime kernels (dsv4c/targets/cpu/kernels) against the torch references of registry.py.
+
+Every case is a one-node ONNX model WITHOUT the op's function body, so ONNX Runtime can only run it with the
+kernel library (checked once below: without the library such a model does not even load). Each case runs with
+the AVX2 loops and with the portable ones (DSV4C_KERNEL_ISA=generic), on 2 intra-op threads, at sizes that reach
+every code path: 1-4 token rows (fused decode), 5-12 (fused, several passes), > 12 (tiled GEMM), ragged K,
+odd head counts, -1 sentinels, repeated picks, exact score ties.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import helper
+
+from dsv4c.graphs import quant
+from dsv4c.graphs.ops import OPS
+from dsv4c.graphs.ops.onnx import (DOMAIN, DOMAIN_VERSION, ONNX_OPSET, attach_functions, attribute_kinds, output_names,
+                                   register_schemas, tensor_inputs)
+from dsv4c.targets.base import ToolchainMissing
+from dsv4c.targets.cpu.kernels import build
+
+from tensors import assert_outputs_match, fp8_weight, rand
+
+register_schemas()
+ops = torch.ops.dsv4
+_ELEM = {np.dtype(np.float32): onnx.TensorProto.FLOAT, np.dtype(np.uint8): onnx.TensorProto.UINT8,
+         np.dtype(np.int64): onnx.TensorProto.INT64}
+
+
+@pytest.fixture(scope="module")
+def library() -> str:
+    try:
+        return str(build.build_library())
+    except ToolchainMissing as e:  # no C++ compiler or no ORT headers on this machine: nothing to test
+        pytest.skip(f"dsv4 ORT kernel library cannot be built here: {e}")
+
+
+@pytest.fixture(autouse=True)
+def split_all_work(monkeypatch):
+    """Small calls normally run on the calling thread; the tests' shapes are small, so force the task split."""
+    monkeypatch.setenv("DSV4C_KERNEL_INLINE_WORK", "0")
+
+
+@pytest.fixture(params=["avx2", "generic"])
+def isa(request, library, monkeypatch) -> str:
+    """Which inner loops the kernels created next use (read at session creation)."""
+    if request.param == "avx2" and build.kernel_isa(library) != "avx2":
+        pytest.skip("this CPU has no AVX2/FMA/F16C")
+    monkeypatch.setenv("DSV4C_KERNEL_ISA", request.param)
+    return request.param
+
+
+# ---- one-node models ----------------------------------------------------------------------------------------
+def node_model(name: str, inputs: dict[str, torch.Tensor], attrs: dict, out_ranks: list[int],
+               with_body: bool = False) -> onnx.ModelProto:
+    """One dsv4 node, every dim dynamic; the op's function body only when asked."""
+    op = OPS[name]
+    names = tensor_inputs(op)
+    onnx_attrs = {n: int(attrs[n]) if k == "bool" else attrs[n] for n, k in attribute_kinds(op).items()}
+    node = helper.make_node(op.onnx_name, names, list(output_names(op)), domain=DOMAIN, **onnx_attrs)
+    graph_inputs = [helper.make_tensor_value_info(n, _ELEM[inputs[n].numpy().dtype], [None] * inputs[n].dim())
+                    for n in names]
+    out_type = onnx.TensorProto.INT64 if name == "indexer_topk" else onnx.TensorProto.FLOAT
+    outputs = [helper.make_tensor_value_info(n, out_type, [None] * r) for n, r in zip(output_names(op), out_ranks)]
+    opsets = [helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)]
+    model = helper.make_model(helper.make_graph([node], name, graph_inputs, outputs), ir_version=10,
+                              opset_imports=opsets)
+    return attach_functions(model) if with_body else model
+
+
+def session(model: onnx.ModelProto, library: str | None, threads: int = 2, profile: str | None = None):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    if library:
+        options.register_custom_ops_library(library)
+    if profile:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def run_kernel(library: str, name: str, attrs: dict, out_ranks: list[int], threads: int = 2,
+               **inputs: torch.Tensor) -> list[np.ndarray]:
+    s = session(node_model(name, inputs, attrs, out_ranks), library, threads)
+    return s.run(None, {n: t.numpy() for n, t in inputs.items()})
+
+
+def reference(name: str, attrs: dict, **inputs: torch.Tensor) -> list[np.ndarray]:
+    op = OPS[name]
+    out = getattr(ops, name)(*(inputs[n] for n in tensor_inputs(op)), *(attrs[n] for n in op.attributes))
+    return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
+
+
+def check(library: str, name: str, attrs: dict, *, exact: bool = False, threads: int = 2,
+          **inputs: torch.Tensor) -> list[np.ndarray]:
+    """Kernel vs torch: bit-exact, or max |diff| <= 1e-5 * max |reference| per output."""
+    want = reference(name, attrs, **inputs)
+    got = run_kernel(library, name, attrs, [w.ndim for w in want], threads, **inputs)
+    assert_outputs_match(got, want, exact)
+    return got
+
+
+# ---- the library is what runs ----------------------------------------------------------------------------------
+def test_models_without_function_bodies_need_the_library(library):
+    w, s = fp8_weight(16, 128)
+    model = node_model("fp8_linear", {"x": rand(1, 128), "w": w, "w_scale": s}, {"act_quant": False}, [2])
+    with pytest.raises(Exception, match="not a registered function/op"):
+        session(model, None)
+    session(model, library)  # loads with it
+
+
+def test_kernel_preferred_over_function_body(library, tmp_path):
+    """A node that carries its function body too runs as ONE node when the library is registered (ORT's
+    profile lists the executed nodes), and as the body's inlined standard ops without it."""
+    w, s = fp8_weight(64, 128)
+    inputs = {"x": rand(2, 128), "w": w, "w_scale": s}
+    model = node_model("fp8_linear", inputs, {"act_quant": True}, [2], with_body=True)
+    executed = {}
+    for label, lib in (("library", library), ("body", None)):
+        sess = session(model, lib, profile=str(tmp_path / label))
+        sess.run(None, {n: t.numpy() for n, t in inputs.items()})
+        events = json.loads(open(sess.end_profiling()).read())
+        executed[label] = {e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e["args"]}
+    assert executed["library"] == {"Fp8Linear"}
+    assert "Fp8Linear" not in executed["body"] and "Gather" in executed["body"] and len(executed["body"]) > 5
+
+
+def test_library_build_is_cached_and_reports_its_isa(library):
+    assert build.library_path() == build.build_library() == type(build.build_library())(library)
+    assert build.kernel_isa(library) in ("avx2", "generic")
+
+
+def test_missing_toolchain_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-dsv4c")
+    with pytest.raises(ToolchainMissing, match="no-such-compiler-dsv4c"):
+        build.build_library(tmp_path)
+    monkeypatch.delenv("CXX")
+    monkeypatch.setenv("DSV4C_ORT_INCLUDE", str(tmp_path))
+    with pytest.raises(ToolchainMissing, match="onnxruntime_c_api.h"):
+        build.build_library(tmp_path)
+
+
+# ---- linears ----------------------------------------------------------------------------------------------------
+def test_fp8_decode_every_byte(library, isa):
+    """x = I reads the decoded weight back exactly, fused (1 row) and tiled (16 rows) paths; the NaN codes
+    0x7f / 0xff are left out (quantised weights never hold them; the vector decoder reads them as +-480)."""
+    w = torch.arange(256, dtype=torch.uint8).view(16, 16)
+    w[w & 0x7F == 0x7F] = 0
+    scale = torch.full((1, 1), 2.0 ** -3)
+    want = w.view(torch.float8_e4m3fn).float().numpy() * 2.0 ** -3
+    got = run_kernel(library, "fp8_linear", {"act_quant": False}, [2], x=torch.eye(16), w=w, w_scale=scale)[0]
+    np.testing.assert_array_equal(got.T, want)
+    for j in (0, 5, 15):  # one row at a time: the fused path
+        row = run_kernel(library, "fp8_linear", {"act_quant": False}, [2], x=torch.eye(16)[j:j + 1], w=w,
+                         w_scale=scale)[0]
+        np.testing.assert_array_equal(row[0], want[:, j])
+
+
+@pytest.mark.parametrize("act_quant", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, 6, 17])  # fused 1 / 3 rows, fused 4 + 2, tiled GEMM
+def test_fp8_linear(library, isa, act_quant, rows):
+    w, s = fp8_weight(200, 384, seed=2)  # N = 200: the last 128-row scale block is cropped
+    check(library, "fp8_linear", {"act_quant": act_quant}, x=rand(rows, 384, seed=3), w=w, w_scale=s)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 20])
+def test_fp8_linear_ragged_k(library, isa, rows):
+    w, s = fp8_weight(70, 200, seed=4)  # K = 200: a partial 128-block, a 16-wide and a scalar tail
+    check(library, "fp8_linear", {"act_quant": False}, x=rand(2, rows, 200, seed=5), w=w, w_scale=s)
+
+
+def test_fp8_linear_one_thread_inline_and_empty_batch(library, monkeypatch):
+    w, s = fp8_weight(64, 128, seed=6)
+    check(library, "fp8_linear", {"act_quant": True}, threads=1, x=rand(3, 128, seed=7), w=w, w_scale=s)
+    monkeypatch.delenv("DSV4C_KERNEL_INLINE_WORK")  # the default: this small call runs on the calling thread
+    check(library, "fp8_linear", {"act_quant": True}, x=rand(3, 128, seed=7), w=w, w_scale=s)
+    assert run_kernel(library, "fp8_linear", {"act_quant": False}, [3], x=torch.zeros(0, 4, 128), w=w,
+                      w_scale=s)[0].shape == (0, 4, 64)
+
+
+@pytest.mark.parametrize("act_quant", [False, True])
+@pytest.mark.parametrize("batch", [(1, 1), (2, 3), (4, 5)])
+def test_fp8_grouped_linear(library, isa, act_quant, batch):
+    w, s = fp8_weight(4 * 48, 128, seed=6)  # G = 4 groups of R = 48 rows: groups straddle 128-row scale blocks
+    check(library, "fp8_grouped_linear", {"act_quant": act_quant}, x=rand(*batch, 4, 128, seed=7), w=w, w_scale=s)
+
+
+# ---- routed experts ---------------------------------------------------------------------------------------------
+def expert_stack(fmt: int, e: int, n: int, k: int, seed: int,
+                 coarse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked expert weights [e, n, ...] in format fmt (0 FP4, 1 FP8, 2 float) and their scales. `coarse`
+    weights have few bits, so that (with coarse x) every matmul before the first rounding is exact in fp32."""
+    w = rand(e, n, k, seed=seed, scale=0.05)
+    if coarse:
+        w = (rand(e, n, k, seed=seed) * 3).round().clamp(-6, 6) / 64
+    if fmt == 2:
+        return w, torch.zeros(e, 1, 1)  # the reference indexes the scales even for float experts
+    pack = quant.quantize_fp4 if fmt == 0 else quant.quantize_fp8_blocks
+    ws, ss = zip(*(pack(m) for m in w))
+    return torch.stack(ws).view(torch.uint8), quant.e8m0_to_float(torch.stack(ss))
+
+
+@functools.lru_cache(maxsize=None)  # shared by the avx2 / generic runs (never mutated)
+def moe_inputs(fmt: int, tokens: int = 6, coarse: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
+    """3 picks per token over 5 experts, hidden 128, expert dim 256: the first six tokens hold repeated experts,
+    -1 slots and a token without any expert; more tokens get random picks (busy experts take the tiled path)."""
+    d, inter, e, k = 128, 256, 5, 3
+    x = rand(tokens, d, seed=seed + 12)
+    if coarse:
+        x = (x * 16).round().clamp(-32, 32) / 16
+    indices = torch.randint(-1, e, (tokens, k), generator=torch.Generator().manual_seed(seed))
+    indices[:6] = torch.tensor([[0, 1, 2], [4, 4, 1], [3, -1, 0], [-1, -1, -1], [2, 2, 2], [1, 3, 4]])[:tokens]
+    w1, s1 = expert_stack(fmt, e, inter, d, seed + 10, coarse)
+    w3, s3 = expert_stack(fmt, e, inter, d, seed + 20, coarse)
+    w2, s2 = expert_stack(fmt, e, d, inter, seed + 30, coarse)
+    return dict(x=x, weights=rand(tokens, k, seed=seed + 11).abs(), indices=indices, w1=w1, s1=s1, w3=w3, s3=s3,
+                w2=w2, s2=s2)
+
+
+@functools.lru_cache(maxsize=None)
+def moe_reference(fmt: int, tokens: int, coarse: bool, swiglu_limit: float, act_quant: bool, bf16: bool) -> np.ndarray:
+    attrs = {"fmt": fmt, "swiglu_limit": swiglu_limit, "act_quant": act_quant, "bf16": bf16}
+    return reference("moe_experts", attrs, **moe_inputs(fmt, tokens, coarse))[0]
+
+
+@pytest.mark.parametrize("fmt", [0, 1, 2])
+@pytest.mark.parametrize("tokens", [1, 6, 48])
+def test_moe_experts(library, isa, fmt, tokens):
+    limit = 0.5 if fmt else 0.0
+    attrs = {"fmt": fmt, "swiglu_limit": limit, "act_quant": False, "bf16": False}
+    want = moe_reference(fmt, tokens, False, limit, False, False)
+    got = run_kernel(library, "moe_experts", attrs, [2], **moe_inputs(fmt, tokens))[0]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    if tokens > 3:
+        assert not got[3].any()  # a token without experts gets zeros
+
+
+def test_moe_float_experts_without_scales(library):
+    """model.Experts passes empty scales for float experts: the kernel must not read them."""
+    inputs = moe_inputs(2)
+    attrs = {"fmt": 2, "swiglu_limit": 0.0, "act_quant": False, "bf16": False}
+    want = moe_reference(2, 6, False, 0.0, False, False)
+    empty = torch.zeros(0)
+    got = run_kernel(library, "moe_experts", attrs, [2], **{**inputs, "s1": empty, "s3": empty, "s2": empty})[0]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("fmt", [0, 1, 2])
+@pytest.mark.parametrize("act_quant,bf16", [(True, False), (False, True), (True, True)])
+def test_moe_experts_rounding(library, isa, fmt, act_quant, bf16):
+    """With bf16 / FP8 rounding inside, ulp-level differences (silu's exp, the down projection's summation
+    order) move an element across a rounding boundary now and then, so exactness is asked of nearly all
+    elements. Gate/up are exact by construction (coarse inputs); a missing or misplaced rounding would make
+    most elements differ (checked: the unrounded result is far off)."""
+    inputs = moe_inputs(fmt, tokens=24, coarse=True)
+    attrs = {"fmt": fmt, "swiglu_limit": 0.5, "act_quant": act_quant, "bf16": bf16}
+    want = moe_reference(fmt, 24, True, 0.5, act_quant, bf16)
+    got = run_kernel(library, "moe_experts", attrs, [2], **inputs)[0]
+    err = np.abs(got - want) / np.abs(want).max()
+    assert (err <= 1e-5).mean() >= 0.99 and err.max() <= 1e-2
+    unrounded = moe_reference(fmt, 24, True, 0.5, False, False)
+    assert (np.abs(unrounded - want) / np.abs(want).max() > 1e-5).mean() > 0.5
+
+
+# ---- attention / indexer / compressor -----------------------------------------------------------------------------
+@pytest.mark.parametrize("h,d", [(4, 32), (5, 40), (16, 128)])  # 5 heads: a group of 4 + 1; d = 40: vector tails
+def test_sparse_attn(library, isa, h, d):
+    b, s, n, k = 2, 5, 9, 6
+    idx = torch.randint(0, n, (b, s, k), generator=torch.Generator().manual_seed(0))
+    idx[0, 1, 3:] = -1  # partly empty
+    idx[1, 2] = -1  # nothing to attend to: only the sink, output 0
+    idx[1, 3] = torch.tensor([2, 2, 2, -1, 5, 5])  # repeated rows count twice
+    out = check(library, "sparse_attn", {"scale": d ** -0.5}, q=rand(b, s, h, d, seed=1), kv=rand(b, n, d, seed=2),
+                sink=rand(h, seed=3), idx=idx)[0]
+    assert not out[1, 2].any()
+
+
+def test_sparse_attn_rejects_rows_outside_kv(library):
+    q, kv, sink = rand(1, 1, 2, 8), rand(1, 4, 8), rand(2)
+    with pytest.raises(Exception, match="idx holds row 4, kv has 4 rows"):
+        run_kernel(library, "sparse_attn", {"scale": 1.0}, [4], q=q, kv=kv, sink=sink,
+                   idx=torch.tensor([[[0, 4]]]))
+
+
+@pytest.mark.parametrize("topk", [4, 20])  # 20 > N: K = N
+def test_indexer_topk(library, isa, topk):
+    b, s, h, d, n = 2, 4, 3, 16, 10
+    q, kk, w = rand(b, s, h, d, seed=1).abs(), rand(b, n, d, seed=2).abs(), rand(b, s, h, seed=3).abs()
+    n_visible = torch.tensor([[10, 7, 2, 0], [1, 3, 12, 6]])  # fewer visible than k, none, more than N
+    picks = check(library, "indexer_topk", {"topk": topk}, exact=True, q=q, k=kk, w=w, n_visible=n_visible)[0]
+    assert (picks[0, 3] == -1).all() and (picks[1, 0, 1:] == -1).all()
+
+
+def test_indexer_topk_ties(library, isa):
+    """Small-integer q, k, w: every score is an exact integer whatever the summation order, so many scores tie
+    (relu zeros among them) and ties straddle the k-th place: lower entry id first, as the stable reference."""
+    g = torch.Generator().manual_seed(5)
+    b, s, h, d, n = 2, 6, 5, 8, 40
+    q = torch.randint(-1, 2, (b, s, h, d), generator=g).float()
+    kk = torch.randint(-1, 2, (b, n, d), generator=g).float()
+    w = torch.randint(-2, 3, (b, s, h), generator=g).float()
+    n_visible = torch.tensor([[40, 33, 17, 5, 1, 0], [39, 40, 2, 21, 8, 30]])
+    picks = check(library, "indexer_topk", {"topk": 12}, exact=True, q=q, k=kk, w=w, n_visible=n_visible)[0]
+    scores = torch.einsum("bshd,bnd->bshn", q, kk).relu().mul(w[..., None]).sum(2)
+    vis = scores[0, 0]
+    assert len(set(vis[picks[0, 0]].tolist())) < 12  # ties among the picks really happen
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_compress_pool(library, isa, overlap):
+    b, length, d, ratio = 2, 24, 20, 4
+    c = 2 if overlap else 1
+    kv, score = rand(b, length, c * d, seed=1), rand(b, length, c * d, seed=2)
+    score[:, 22:] = -torch.inf  # rows holding no token yet
+    ends = torch.tensor([[3, 11, 15, 19], [23, -1, 11, -1]])  # 3 < span - 1 with overlap: clamped to span - 1
+    out = check(library, "compress_pool", {"ratio": ratio, "overlap": overlap}, kv=kv, score=score, ends=ends)[0]
+    assert not out[1, 1].any() and not out[1, 3].any()
+
+
+# ---- hyper-connections / QAT simulations -----------------------------------------------------------------------
+@pytest.mark.parametrize("n,iters", [(4, 1), (4, 20), (3, 4)])
+def test_hc_pre(library, isa, n, iters):
+    b, s, d = 2, 3, 40
+    attrs = {"iters": iters, "norm_eps": 1e-6, "hc_eps": 1e-6}
+    check(library, "hc_pre", attrs, x=rand(b, s, n, d, seed=1), fn=rand((2 + n) * n, n * d, seed=2, scale=0.1),
+          scale=rand(3, seed=3), base=rand((2 + n) * n, seed=4))
+
+
+@pytest.mark.parametrize("n", [4, 3])
+def test_hc_post(library, isa, n):
+    b, s, d = 2, 3, 20
+    check(library, "hc_post", {}, f=rand(b, s, d, seed=1), res=rand(b, s, n, d, seed=2), post=rand(b, s, n, seed=3),
+          comb=rand(b, s, n, n, seed=4))
+
+
+@pytest.mark.parametrize("block", [128, 32])
+def test_fake_quant_fp8(library, block):
+    x = rand(3, 5, 256, seed=1, scale=3.0)
+    x[0, 0, :block] = torch.linspace(-448, 448, block)  # scale exactly 1: round-to-nearest at every binade
+    x[0, 0, 1:6] = torch.tensor([7.9, 1.97, 124.3, -15.9, 0.0019])  # round up across a power of two
+    x[0, 1, :block] = x[0, 0, :block] * 2.0 ** -5
+    x[1, 0, :block] = torch.linspace(-1e-3, 1e-3, block)  # tiny amax: e4m3 subnormals
+    x[1, 1, :block] = 0.0  # all zero: amax clamped to 1e-4
+    x[1, 2, :block] = 448.0 * 2.0 ** -3  # amax / 448 exactly a power of two
+    x[2, 0, :block] = torch.nextafter(x[1, 2, :block], torch.tensor(1e9))  # just above: the next power of two
+    check(library, "fake_quant_fp8", {"block": block}, exact=True, x=x)
+
+
+def test_fake_quant_fp8_scale_at_powers_of_two(library):
+    base = 448.0 * torch.pow(2.0, torch.arange(-15.0, 119.0))
+    x = torch.cat([base, torch.nextafter(base, base * 2), torch.nextafter(base, base / 2), -1.3 * base])
+    check(library, "fake_quant_fp8", {"block": 1}, exact=True, x=x.view(-1, 1))
+
+
+def test_fake_quant_fp8_every_e4m3_value(library):
+    """Block of 2 with 448 as the partner: scale 1, so each value of the first column is rounded on its own; all
+    e4m3 values, the midpoints between neighbours (ties to even) and points just off them."""
+    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    values = values[values.isfinite() & (values.abs() <= 448)].sort().values
+    mids = (values[1:] + values[:-1]) / 2
+    probe = torch.cat([values, mids, torch.nextafter(mids, values[1:]), torch.nextafter(mids, values[:-1])])
+    x = torch.stack([probe, torch.full_like(probe, 448.0)], dim=1)
+    check(library, "fake_quant_fp8", {"block": 2}, exact=True, x=x)
+
+
+@pytest.mark.parametrize("d", [32, 64, 128])
+def test_hadamard_fp4(library, d):
+    x = rand(2, 3, d, seed=d)
+    x[0, 0] = 0.0
+    x[0, 1, :] = torch.linspace(-6, 6, d)
+    check(library, "hadamard_fp4", {}, exact=True, x=x)
+
+
+def test_hadamard_fp4_odd_leading_dims(library):
+    check(library, "hadamard_fp4", {}, exact=True, x=rand(7, 64, seed=3, scale=1e-3))
+
+
+def test_every_op_has_a_kernel_test():
+    tested = {"fp8_linear", "fp8_grouped_linear", "moe_experts", "fake_quant_fp8", "hadamard_fp4", "sparse_attn",
+              "indexer_topk", "compress_pool", "hc_pre", "hc_post"}
+    assert set(OPS) == tested
