@@ -34,12 +34,22 @@ def export_bundle_programs(programs: dict[str, Any], bundle_dir: Path, opset: in
         path = bundle_dir / f"{name}.onnx"
         export_program(ep, path, opset=opset, with_functions=False)
         model = onnx.load(path, load_external_data=False)
+        _check_opset(model, opset, path)
         castlike_to_cast(model)
         if hook is not None:
             hook(model)
         onnx.save(model, path)  # initializers keep their references into <name>.onnx.data
         files[name] = path.name
     return files
+
+
+def _check_opset(model: onnx.ModelProto, opset: int, path: Path) -> None:
+    """The exporter quietly keeps a newer opset when it cannot convert down to the one asked for; a target whose
+    parser stops at `opset` would then reject the bundle much later, on the machine that has the toolchain."""
+    got = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if got != opset:
+        raise RuntimeError(f"{path.name}: exported at ONNX opset {got}, but the target needs opset {opset} "
+                           "(the exporter could not convert this graph down; see the torch.onnx log)")
 
 
 def castlike_to_cast(model: onnx.ModelProto) -> int:

@@ -151,13 +151,13 @@ def build_engines(bundle_dir: Path, engine_dir: Path, meta: dict[str, Any]) -> d
     plugins.register_all()
     logger = trt.Logger(trt.Logger.WARNING)
     cache_file = bundle_dir / "timing.cache"
-    flags = {"network": "STRONGLY_TYPED", "workspace_bytes": WORKSPACE_BYTES, "timing_cache": cache_file.name,
+    flags = {"network": "STRONGLY_TYPED|PREFER_AOT_PYTHON_PLUGINS", "workspace_bytes": WORKSPACE_BYTES, "timing_cache": cache_file.name,
              "tensorrt": trt.__version__}
     for program, rel in meta["programs"].items():
         builder = trt.Builder(logger)
         # strongly typed: the ONNX dtypes (uint8 packed weights, f32 activations, bf16 rounding inside plugins)
         # are the numerics; TensorRT must not pick its own precisions
-        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        network = builder.create_network(_network_flags(trt))
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(bundle_dir / rel)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -173,6 +173,17 @@ def build_engines(bundle_dir: Path, engine_dir: Path, meta: dict[str, Any]) -> d
         (engine_dir / f"{program}.plan").write_bytes(bytes(plan))
         cache_file.write_bytes(bytes(config.get_timing_cache().serialize()))
         shutil.copy(cache_file, engine_dir / cache_file.name)
+    return flags
+
+
+def _network_flags(trt) -> int:
+    """STRONGLY_TYPED, plus PREFER_AOT_PYTHON_PLUGINS (TensorRT 10.9+) so the ops that have both a PTX (aot_impl)
+    and a Python launcher (impl) are built with the PTX: the engine then runs without Python. Ops with only a
+    JIT impl (indexer_topk, moe_experts) still need Python + torch at run time (see plugins.py)."""
+    kinds = trt.NetworkDefinitionCreationFlag
+    flags = 1 << int(kinds.STRONGLY_TYPED)
+    if hasattr(kinds, "PREFER_AOT_PYTHON_PLUGINS"):
+        flags |= 1 << int(kinds.PREFER_AOT_PYTHON_PLUGINS)
     return flags
 
 

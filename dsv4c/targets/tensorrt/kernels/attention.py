@@ -1,0 +1,96 @@
+"""Sparse MQA with an attention sink over gathered K=V rows: `sparse_attn`.
+
+Every query (b, s) attends to K rows of its batch's kv picked by idx[b, s] (-1 = no row); all H heads share
+those rows (one latent K=V head), so a program loads each gathered row block once for BLOCK_H heads and runs
+an online softmax over the K picks (flash-decoding style). The sink joins the softmax denominator only:
+
+    o[h] = sum_k exp(l_k - m) kv_k / (sum_k exp(l_k - m) + exp(sink_h - m)),   l_k = scale * q_h . kv_k
+
+Rows with no valid pick give o = 0 (only the sink's mass remains), like the reference. Indices outside
+[0, N) are treated as -1 (never read), so a bad index cannot fault the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv4c.targets.tensorrt.kernels._common import (F32_PRECISION, check_shape, check_tensors, f32, next_pow2,
+                                                    require)
+
+
+@triton.jit
+def sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, S, H, N, K, o_ptr,
+                       D: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr):
+    # q [B,S,H,D] f32, kv [B,N,D] f32, sink [H] f32, idx [B,S,K] i64 -> o [B,S,H,D]; program (b*S+s, head block)
+    # q.kv runs over D in chunks of BLOCK_DC (only a [BH, DC] slice of q and a [BK, DC] slice of the rows live
+    # at once); the P.V product needs the full rows, re-read from L1/L2
+    bs = tl.program_id(0).to(tl.int64)
+    b = bs // S
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_D)
+    h_ok, d_ok = heads < H, dims < D
+    q_rows = (bs * H + heads)[:, None] * D
+    m = tl.full((BLOCK_H,), float("-inf"), tl.float32)  # running max of the logits
+    l = tl.zeros((BLOCK_H,), tl.float32)  # running sum of exp(logit - m)
+    acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        picks = k0 + tl.arange(0, BLOCK_K)
+        ids = tl.load(idx_ptr + bs * K + picks, mask=picks < K, other=-1)
+        valid = (ids >= 0) & (ids < N)
+        row_base = (b * N + ids)[:, None] * D
+        logits = tl.zeros((BLOCK_H, BLOCK_K), tl.float32)
+        for d0 in tl.static_range(0, BLOCK_D, BLOCK_DC):
+            dc = d0 + tl.arange(0, BLOCK_DC)
+            qc = tl.load(q_ptr + q_rows + dc[None, :], mask=h_ok[:, None] & (dc < D)[None, :], other=0.0)
+            rc = tl.load(kv_ptr + row_base + dc[None, :], mask=valid[:, None] & (dc < D)[None, :], other=0.0)
+            logits += tl.dot(qc, tl.trans(rc), input_precision=PRECISION)
+        logits = tl.where(valid[None, :], logits * SCALE, float("-inf"))  # [BH, BK]
+        m_new = tl.maximum(m, tl.max(logits, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: keep exp() finite
+        alpha = tl.exp(m - m_ref)
+        p = tl.exp(logits - m_ref[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        rows = tl.load(kv_ptr + row_base + dims[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p, rows, input_precision=PRECISION)
+        m = m_new
+    sink = tl.load(sink_ptr + heads, mask=h_ok, other=0.0)
+    m_all = tl.maximum(m, sink)  # finite: the sink always takes part
+    keep = tl.exp(m - m_all)
+    o = acc * (keep / (l * keep + tl.exp(sink - m_all)))[:, None]
+    tl.store(o_ptr + q_rows + dims[None, :], o, mask=h_ok[:, None] & d_ok[None, :])
+
+
+# (BLOCK_H, BLOCK_K, BLOCK_DC, num_warps) by padded head dim; overridable for tuning (benchmarks/)
+# "large" measured best on H100 at V4-Flash shapes (benchmarks/triton_kernels.py --sweep)
+ATTN_CONFIG: dict[str, tuple[int, int, int, int]] = {"large": (16, 32, 128, 8), "small": (16, 32, 64, 4)}
+
+
+def attn_blocks(d: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_H, BLOCK_K, BLOCK_D, BLOCK_DC, num_warps): 16 heads share each gathered row block."""
+    bd = max(16, next_pow2(d))
+    bh, bk, dc, warps = ATTN_CONFIG["large" if bd >= 256 else "small"]
+    return bh, bk, bd, min(dc, bd), warps
+
+
+def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float) -> torch.Tensor:
+    """dsv4::sparse_attn: q [B,S,H,D], kv [B,N,D], sink [H], idx [B,S,K] int64 (-1 = none) -> o [B,S,H,D]."""
+    op = "sparse_attn"
+    check_tensors(op, q=q, kv=kv, sink=sink, idx=idx)
+    require(q.dim() == 4, op, f"`q` must be [B, S, H, D], got shape {list(q.shape)}")
+    b, s, h, d = q.shape
+    check_shape(op, "kv", kv, (b, None, d))
+    check_shape(op, "sink", sink, (h,))
+    check_shape(op, "idx", idx, (b, s, None))
+    require(idx.dtype == torch.int64, op, f"`idx` must be int64, got {idx.dtype}")
+    n, k = kv.shape[1], idx.shape[2]
+    o = torch.empty(b, s, h, d, dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        return o
+    bh, bk, bd, dc, warps = attn_blocks(d)
+    sparse_attn_kernel[(b * s, triton.cdiv(h, bh))](
+        f32(q), f32(kv), f32(sink), idx.contiguous(), s, h, n, k, o, D=d, SCALE=float(scale),
+        PRECISION=F32_PRECISION, BLOCK_H=bh, BLOCK_K=bk, BLOCK_D=bd, BLOCK_DC=dc, num_warps=warps)
+    return o
