@@ -1,0 +1,275 @@
+"""Reference implementations of the CANN bundle's custom nodes, as ONNX functions ONNX Runtime runs on CPU
+(`Engine.load(bundle, emulate=True)`), and the in-memory `prepare` that turns a bundle graph into one ONNX Runtime
+accepts. The bundle file itself is never changed.
+
+What each function computes (the CANN operator semantics, from the sources named in mapping.py):
+  DynamicQuant          x -> bf16 (the kernel reads bf16/fp16) -> per row s = amax / 127 (1 where amax = 0),
+                        y = int8(clamp(round_half_even(x / s), -128, 127)), scale = s      ([ops-nn] golden.py)
+  DynamicMxQuant        dst FLOAT8_E4M3FN, block 32, scale_alg 1: per 1x32 block s = 2^ceil(log2(amax / 448)),
+                        y = e4m3(x / s) (carried as its float value), mxscale = e8m0 bytes [.., K/64, 2]
+                        (aclnnDynamicMxQuant.md, scenario 2; an all-zero block gets s = 2^-126, y = 0)
+  QuantBatchMatmulV3    int8 x int8^T (transpose_x2) * scale[n] * pertoken_scale[m], bf16 out for dtype 27
+  QuantBatchMatmulV3Mx  the same operator with group_size [1, 1, 32] (MX): e4m3 x e4m3^T with e8m0 scales per
+                        1x32 block on both sides (prepare routes MX nodes here)
+  MoeExpertsInt/Mx      registry.moe_experts with the SoC's weights and activation quantization (per-token INT8
+                        or MXFP8) instead of DeepSeek's FP8 one
+HcPre / HcPost and the dsv4-domain nodes run the dsv4 function bodies (same semantics; mapping.py).
+
+The bodies reuse the building blocks of dsv4c.graphs.ops.onnx (the dsv4 function bodies' helpers), so the
+rounding steps (FP8 cast, bf16 cast, pow2 scales) are bit-identical to the dsv4 bodies'.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from dsv4c.graphs import quant
+from dsv4c.graphs.ops.onnx import (  # the dsv4 bodies' helpers: shared rounding rules
+    ONNX_OPSET, _blocked, _branch, _ceil_pow2, _decode_fp4, _fp8_table, _Graph, _maybe, _round_bf16, _round_fp8,
+    _silu,
+)
+from dsv4c.targets.cann.mapping import (
+    DOMAIN, DSV4_DOMAIN, DT_BF16, DT_FLOAT8_E4M3FN, DT_INT8, MX_BLOCK, MX_GROUP_SIZE, ONNX_DOMAIN,
+)
+
+MX_MIN_AMAX = quant.FP8_MAX * 2.0 ** -126  # MX: smallest amax given a normal scale (all-zero blocks)
+
+
+# ---- quantizers (fake: quantize-dequantize, for the fused MoE nodes) ----------------------------------------
+def _int8_per_token(g: _Graph, x: str) -> str:
+    """DynamicQuant followed by its dequantization: the activation the int8 GEMM effectively sees."""
+    xb = _round_bf16(g, x)
+    s = g.Div(g.ReduceMax(g.Abs(xb), g.i64(-1), keepdims=1), g.const(127.0))
+    s = g.Where(g.Equal(s, g.const(0.0)), g.const(1.0), s)
+    return g.Mul(g.Clip(g.Round(g.Div(xb, s)), g.const(-128.0), g.const(127.0)), s)
+
+
+def _mx_fp8(g: _Graph, x: str) -> str:
+    """DynamicMxQuant (scale_alg 1, block 32) followed by its dequantization."""
+    return _blocked(g, x, g.i64(MX_BLOCK), _round_fp8, quant.FP8_MAX, MX_MIN_AMAX)
+
+
+def _e8m0_value(g: _Graph, byte: str) -> str:
+    return g.Pow(g.const(2.0), g.Sub(g.Cast(byte, to=TensorProto.FLOAT), g.const(127.0)))
+
+
+# ---- the functions ------------------------------------------------------------------------------------------
+def _body_dynamic_quant(g: _Graph, x):
+    xb = _round_bf16(g, x)
+    s = g.Div(g.ReduceMax(g.Abs(xb), g.i64(-1), keepdims=1), g.const(127.0))
+    s = g.Where(g.Equal(s, g.const(0.0)), g.const(1.0), s)
+    q = g.Clip(g.Round(g.Div(xb, s)), g.const(-128.0), g.const(127.0))
+    return [g.Cast(q, to=TensorProto.INT8), g.Squeeze(s, g.i64(-1))]
+
+
+def _body_dynamic_mx_quant(g: _Graph, x):
+    blocks = g.Reshape(x, g.Concat(g.Shape(x, end=-1), g.i64(-1, MX_BLOCK), axis=0))  # [..., K/32, 32]
+    amax = g.Max(g.ReduceMax(g.Abs(blocks), g.i64(-1), keepdims=1), g.const(MX_MIN_AMAX))
+    p = _ceil_pow2(g, g.Div(amax, g.const(quant.FP8_MAX)))  # [..., K/32, 1], exact powers of two
+    y = g.Reshape(_round_fp8(g, g.Div(blocks, p)), g.Shape(x))
+    exponent = g.Round(g.Div(g.Log(p), g.const(math.log(2.0))))  # exact: p is a power of two
+    byte = g.Cast(g.Add(exponent, g.const(127.0)), to=TensorProto.UINT8)
+    return [y, g.Reshape(byte, g.Concat(g.Shape(x, end=-1), g.i64(-1, 2), axis=0))]  # [..., K/64, 2]
+
+
+def _bf16_out(g: _Graph, dtype: str, y: str) -> str:
+    return _maybe(g, g.Cast(g.Equal(dtype, g.const(DT_BF16, np.int64)), to=TensorProto.INT64), _round_bf16, y)
+
+
+def _body_qbmm(g: _Graph, x1, x2, scale, pertoken_scale, dtype):
+    acc = g.MatMul(g.Cast(x1, to=TensorProto.FLOAT), g.Transpose(g.Cast(x2, to=TensorProto.FLOAT), perm=[1, 0]))
+    y = g.Mul(g.Mul(acc, g.Unsqueeze(scale, g.i64(0))), g.Unsqueeze(pertoken_scale, g.i64(-1)))
+    return [_bf16_out(g, dtype, y)]
+
+
+def _mx_expand(g: _Graph, byte: str) -> str:
+    """e8m0 bytes [R, K/64, 2] -> f32 scale per element [R, K]."""
+    value = g.Reshape(_e8m0_value(g, byte), g.Concat(g.Shape(byte, end=1), g.i64(-1), axis=0))  # [R, K/32]
+    per = g.Expand(g.Unsqueeze(value, g.i64(-1)), g.i64(MX_BLOCK))
+    return g.Reshape(per, g.Concat(g.Shape(byte, end=1), g.i64(-1), axis=0))
+
+
+def _body_qbmm_mx(g: _Graph, x1, x2, scale, pertoken_scale, dtype):
+    a = g.Mul(x1, _mx_expand(g, pertoken_scale))  # x1: e4m3 values from DynamicMxQuant
+    w = g.Mul(g.Gather(g.const(_fp8_table()), g.Cast(x2, to=TensorProto.INT32)), _mx_expand(g, scale))
+    return [_bf16_out(g, dtype, g.MatMul(a, g.Transpose(w, perm=[1, 0])))]
+
+
+def _scale_per_element(g: _Graph, s: str) -> str:
+    """Scales [..., N, K/32] -> [..., N, K]."""
+    per = g.Expand(g.Unsqueeze(s, g.i64(-1)), g.i64(MX_BLOCK))
+    return g.Reshape(per, g.Concat(g.Shape(s, end=-1), g.i64(-1), axis=0))
+
+
+def _int4_table() -> np.ndarray:
+    """[256, 2]: the two int4 values (two's complement) of every byte, low nibble first."""
+    b = np.arange(256)
+    nib = np.stack([b & 15, b >> 4], axis=1)
+    return np.where(nib >= 8, nib - 16, nib).astype(np.float32)
+
+
+def _decode_int(bits_attr: str):
+    def decode(g: _Graph, w: str, s: str) -> str:
+        def int8(b: _Graph) -> str:
+            return b.Mul(b.Cast(w, to=TensorProto.FLOAT), _scale_per_element(b, s))
+
+        def int4(b: _Graph) -> str:
+            pairs = b.Gather(b.const(_int4_table()), b.Cast(w, to=TensorProto.INT32))  # [..., N, K/2, 2]
+            values = b.Reshape(pairs, b.Concat(b.Shape(w, end=-1), b.i64(-1), axis=0))
+            return b.Mul(values, _scale_per_element(b, s))
+
+        return _branch(g, g.Equal(bits_attr, g.const(4, np.int64)), int4, int8)
+
+    return decode
+
+
+def _decode_mxfp4(g: _Graph, w: str, s: str) -> str:
+    return _decode_fp4(g, w, _e8m0_value(g, s))
+
+
+def _moe(g: _Graph, x, weights, indices, w1, s1, w3, s3, w2, s2, swiglu_limit, act_quant, bf16, decode, actq):
+    """registry.moe_experts' algorithm (as the dsv4 MoeExperts body: per pick, dense over the used experts),
+    with the SoC's weight decode and activation quantizer."""
+    flat = g.Reshape(indices, g.i64(-1))
+    valid = g.GreaterOrEqual(flat, g.const(0, np.int64))
+    used, _, local, _ = g.Unique(g.Max(flat, g.const(0, np.int64)), sorted=1, _outputs=4)
+    experts = [decode(g, g.Gather(w, used), g.Gather(s, used)) for w, s in ((w1, s1), (w3, s3), (w2, s2))]
+    xq = _maybe(g, act_quant, actq, x)
+    gate_all, up_all = (_maybe(g, bf16, _round_bf16, g.MatMul(xq, g.Transpose(e, perm=[0, 2, 1])))
+                        for e in experts[:2])
+    tokens = g.Range(g.const(0, np.int64), g.Squeeze(g.Shape(x, end=1), g.i64(0)), g.const(1, np.int64))
+    tok = g.Reshape(g.Expand(g.Unsqueeze(tokens, g.i64(1)), g.Shape(indices)), g.i64(-1))
+    at = g.Concat(g.Unsqueeze(local, g.i64(1)), g.Unsqueeze(tok, g.i64(1)), axis=1)
+    gate, up = g.GatherND(gate_all, at), g.GatherND(up_all, at)
+    limit = g.Where(g.Greater(swiglu_limit, g.const(0.0)), swiglu_limit, g.const(np.inf))
+    up, gate = g.Clip(up, g.Neg(limit), limit), g.Min(gate, limit)
+    h = g.Mul(g.Mul(_silu(g, gate), up), g.Reshape(weights, g.i64(-1, 1)))
+    h = _maybe(g, act_quant, actq, _maybe(g, bf16, _round_bf16, h))
+    down_all = g.MatMul(h, g.Transpose(experts[2], perm=[0, 2, 1]))
+    picks = g.Range(g.const(0, np.int64), g.Squeeze(g.Shape(flat), g.i64(0)), g.const(1, np.int64))
+    down = g.GatherND(down_all, g.Concat(g.Unsqueeze(local, g.i64(1)), g.Unsqueeze(picks, g.i64(1)), axis=1))
+    down = g.Where(g.Unsqueeze(valid, g.i64(1)), _maybe(g, bf16, _round_bf16, down), g.const(0.0))
+    per_slot = g.Reshape(down, g.Concat(g.Shape(indices), g.i64(-1), axis=0))
+    return [g.ReduceSum(per_slot, g.i64(1), keepdims=0)]
+
+
+def _body_moe_int(g: _Graph, x, weights, indices, w1, s1, w3, s3, w2, s2, weight_bits, swiglu_limit, act_quant,
+                  bf16):
+    return _moe(g, x, weights, indices, w1, s1, w3, s3, w2, s2, swiglu_limit, act_quant, bf16,
+                _decode_int(weight_bits), _int8_per_token)
+
+
+def _body_moe_mx(g: _Graph, x, weights, indices, w1, s1, w3, s3, w2, s2, swiglu_limit, act_quant, bf16):
+    return _moe(g, x, weights, indices, w1, s1, w3, s3, w2, s2, swiglu_limit, act_quant, bf16,
+                _decode_mxfp4, _mx_fp8)
+
+
+# name -> (body, inputs, outputs, attributes {name: kind})
+_FUNCTIONS = {
+    "DynamicQuant": (_body_dynamic_quant, ("x",), ("y", "scale"), {}),
+    "DynamicMxQuant": (_body_dynamic_mx_quant, ("x",), ("y", "mxscale"), {}),
+    "QuantBatchMatmulV3": (_body_qbmm, ("x1", "x2", "scale", "pertoken_scale"), ("y",), {"dtype": "int"}),
+    "QuantBatchMatmulV3Mx": (_body_qbmm_mx, ("x1", "x2", "scale", "pertoken_scale"), ("y",), {"dtype": "int"}),
+    "MoeExpertsInt": (_body_moe_int, ("x", "weights", "indices", "w1", "s1", "w3", "s3", "w2", "s2"), ("y",),
+                      {"weight_bits": "int", "swiglu_limit": "float", "act_quant": "int", "bf16": "int"}),
+    "MoeExpertsMx": (_body_moe_mx, ("x", "weights", "indices", "w1", "s1", "w3", "s3", "w2", "s2"), ("y",),
+                     {"swiglu_limit": "float", "act_quant": "int", "bf16": "int"}),
+}
+
+
+def reference_function(name: str) -> onnx.FunctionProto:
+    body, inputs, outputs, attrs = _FUNCTIONS[name]
+    g = _Graph()
+    values = body(g, *inputs, **{a: g.attr(a, kind) for a, kind in attrs.items()})
+    nodes = g.nodes + [helper.make_node("Identity", [v], [o]) for v, o in zip(values, outputs)]
+    return helper.make_function(DOMAIN, name, list(inputs), list(outputs), nodes,
+                                [helper.make_opsetid("", ONNX_OPSET)], attributes=list(attrs))
+
+
+def reference_functions() -> list[onnx.FunctionProto]:
+    """The dsv4.cann reference functions and the dsv4 bodies (for HcPre/HcPost and the dsv4-domain nodes)."""
+    from dsv4c.graphs.ops.onnx import function_bodies
+
+    return [reference_function(n) for n in _FUNCTIONS] + function_bodies()
+
+
+# ---- prepare: a bundle graph -> what ONNX Runtime runs (in memory) ------------------------------------------
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _set_attrs(node: onnx.NodeProto, values: dict) -> None:
+    del node.attribute[:]
+    node.attribute.extend(helper.make_attribute(k, v) for k, v in values.items())
+
+
+def _expect(node: onnx.NodeProto, attrs: dict, want: dict) -> None:
+    """The emulation implements one configuration of an operator; anything else is an error, never a guess."""
+    for k, v in want.items():
+        got = attrs.get(k)
+        got = got.decode() if isinstance(got, bytes) else got
+        if got != v:
+            raise ValueError(f"node {node.name!r} ({node.op_type}): attribute {k}={got!r}; the CPU emulation "
+                             f"implements {k}={v!r} only")
+
+
+def _only_inputs(node: onnx.NodeProto, keep: tuple[int, ...]) -> None:
+    names = list(node.input)
+    dropped = [names[i] for i in range(len(names)) if i not in keep and names[i]]
+    if dropped:
+        raise ValueError(f"node {node.name!r} ({node.op_type}): optional inputs {dropped} are not emulated")
+    del node.input[:]
+    node.input.extend(names[i] if i < len(names) else "" for i in keep)
+
+
+def _to_reference(node: onnx.NodeProto) -> None:
+    a = _attrs(node)
+    if node.op_type == "HcPre":
+        node.domain = DSV4_DOMAIN
+        _set_attrs(node, {"iters": a["hc_sinkhorn_iters"], "norm_eps": a["norm_eps"], "hc_eps": a["hc_eps"]})
+    elif node.op_type == "HcPost":
+        node.domain = DSV4_DOMAIN
+    elif node.op_type == "DynamicQuant":
+        _expect(node, a, {"dst_type": DT_INT8})
+        _only_inputs(node, (0,))
+        _set_attrs(node, {})
+    elif node.op_type == "DynamicMxQuant":
+        _expect(node, a, {"axis": -1, "round_mode": "rint", "dst_type": DT_FLOAT8_E4M3FN, "block_size": MX_BLOCK,
+                          "scale_alg": 1})
+        _set_attrs(node, {})
+    elif node.op_type == "QuantBatchMatmulV3":
+        _expect(node, a, {"transpose_x1": 0, "transpose_x2": 1})
+        if a.get("group_size", 0) == MX_GROUP_SIZE:
+            node.op_type = "QuantBatchMatmulV3Mx"
+        else:
+            _expect(node, a, {"group_size": 0})
+        _only_inputs(node, (0, 1, 2, 5))
+        _set_attrs(node, {"dtype": a["dtype"]})
+    elif node.op_type == "MoeExpertsInt":
+        _expect(node, a, {"group_size": MX_BLOCK})
+        _set_attrs(node, {k: a[k] for k in ("weight_bits", "swiglu_limit", "act_quant", "bf16")})
+    elif node.op_type == "MoeExpertsMx":
+        _set_attrs(node, {k: a[k] for k in ("swiglu_limit", "act_quant", "bf16")})
+    else:
+        raise ValueError(f"node {node.name!r}: {DOMAIN}.{node.op_type} has no CPU reference implementation")
+
+
+def prepare(model: onnx.ModelProto) -> None:
+    """Undo the ATC conventions in memory: explicit `ai.onnx` domains back to the default domain, the
+    `cann_kernel` markers dropped, CANN operator nodes pointed at their reference functions."""
+    for o in model.opset_import:
+        if o.domain == ONNX_DOMAIN:
+            o.domain = ""
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    for node in model.graph.node:
+        if node.domain == ONNX_DOMAIN:
+            node.domain = ""
+        elif node.domain == DSV4_DOMAIN:
+            _set_attrs(node, {k: v for k, v in _attrs(node).items() if k != "cann_kernel"})
+        elif node.domain == DOMAIN:
+            _to_reference(node)
