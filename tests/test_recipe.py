@@ -78,11 +78,15 @@ def test_tiny_cpu_is_the_readme_default():
     assert (v.min_cosine, v.require_top1, v.max_kl) == (0.999, True, 0.01)
 
 
-def test_tiny_plain_cpu_differs_from_tiny_cpu_only_in_name_and_numerics():
+def test_tiny_plain_cpu_differs_from_tiny_cpu_only_in_name_numerics_and_tolerance():
     base, plain = load_recipe(RECIPES / "tiny-cpu.yaml"), load_recipe(RECIPES / "tiny-plain-cpu.yaml")
     assert plain.quantization.preset == "plain" and groups(plain) == PLAIN
-    for section in ("model", "target", "runtime", "validate"):
+    for section in ("model", "target", "runtime"):
         assert plain.digest(section) == base.digest(section), section
+    # same prompts, tighter gate: continuous numerics leave no quantization-boundary flips to forgive
+    pv, bv = plain.validate, base.validate
+    assert (pv.prompts, pv.prompt_len, pv.decode_steps, pv.seed) == (bv.prompts, bv.prompt_len, bv.decode_steps, bv.seed)
+    assert pv.min_cosine > bv.min_cosine and pv.floor_cosine > bv.floor_cosine
     assert plain.digest("quantization") != base.digest("quantization")
     assert plain.digest() != base.digest()
 

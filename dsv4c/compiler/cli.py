@@ -1,4 +1,4 @@
-"""`dsv4c` command line: build, run, inspect, schema.
+"""`dsv4c` command line: build, plan, run, inspect, schema.
 
 Exit codes: 0 ok · 2 recipe invalid · 3 infeasible on the declared target · 4 toolchain missing or mismatched ·
 5 validation gate failed · 6 build error · 7 checkpoint invalid.
@@ -46,7 +46,7 @@ def main() -> None:
               default="readwrite", show_default=True, help="Stage cache policy.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Stage cache (default ~/.cache/dsv4c/stages).")
 @click.option("--events", type=click.Choice(["text", "json", "quiet"]), default="text", help="Progress format.")
-@click.option("--debug", is_flag=True, help="Show tracebacks on failure.")
+@click.option("--debug", is_flag=True, help="On failure: show the traceback and keep a repro bundle beside the output.")
 def build(recipe: Path | None, from_bundle: Path | None, output: Path | None, overrides: tuple[str, ...],
           until: str, cache_mode: str, cache_dir: Path | None, events: str, debug: bool) -> None:
     """Build RECIPE into an artifact directory (or finish a bundle with --from-bundle)."""
@@ -56,11 +56,10 @@ def build(recipe: Path | None, from_bundle: Path | None, output: Path | None, ov
         _build_from_bundle(from_bundle, output, debug)
         return
     from dsv4c.compiler.pipeline import Build, Events, default_cache_dir, execute
-    from dsv4c.compiler.recipe import check_model_source, load_recipe
+    from dsv4c.compiler.recipe import load_recipe
 
     try:
         r = load_recipe(recipe, list(overrides))
-        check_model_source(r)
         out = (output or Path("artifacts") / r.name).resolve()
         b = Build(recipe=r, out_dir=out, cache_dir=(cache_dir or default_cache_dir()).resolve(),
                   cache_mode=cache_mode, events=Events(events), until=until, debug=debug)
@@ -73,6 +72,33 @@ def build(recipe: Path | None, from_bundle: Path | None, output: Path | None, ov
             print(json.dumps({"event": "artifact", "path": str(artifact)}))
         elif events == "text":
             click.echo(f"artifact: {artifact}", err=True)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON on stdout.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe key, e.g. target.nodes=2.")
+def plan(recipe: Path, as_json: bool, overrides: tuple[str, ...]) -> None:
+    """What building RECIPE needs (weights, KV cache, memory per device, ops, toolchain), without loading weights.
+
+    Exits 0 when the recipe fits its declared hardware, 3 when not (the problems say what to change)."""
+    from dsv4c.compiler.errors import InfeasibleError
+    from dsv4c.compiler.plan import make_plan, render
+    from dsv4c.compiler.recipe import load_recipe
+
+    try:
+        result = make_plan(load_recipe(recipe, list(overrides)))
+    except Exception as e:  # noqa: BLE001 - _fail re-raises anything that is not ours
+        _fail(e)
+        return
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        render(result)
+    if not result["feasible"]:
+        first, *rest = result["problems"]
+        _fail(InfeasibleError(f"recipe {result['recipe']!r} does not fit its declared target: {first}", details=rest))
 
 
 def _build_from_bundle(bundle: Path, output: Path | None, debug: bool) -> None:

@@ -90,7 +90,11 @@ class Build:
         """Run `fill(tmp)` and keep the result under the cache (unless caching is off / readonly)."""
         if self.cache_mode in ("off", "readonly"):
             tmp = Path(tempfile.mkdtemp(prefix=f"dsv4c-{stage}-"))
-            fill(tmp)
+            try:
+                fill(tmp)
+            except BaseException:  # a failed stage leaves no temporary directory behind
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             return tmp
         final = self.cache_dir / stage / key
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -140,20 +144,73 @@ def _marker(build: Build, stage: str, key: str) -> str:
 
 
 def execute(build: Build) -> Path | None:
-    """Run the stages up to `build.until`; returns the artifact directory (None when stopped early)."""
+    """Run the stages up to `build.until`; returns the artifact directory (None when stopped early). On failure
+    nothing is left beside the output; with `build.debug` a repro bundle is (its path is in the error's details)."""
     from dsv4c.compiler import stages
 
     last = STAGES.index(build.until)
+    name = STAGES[0]
     try:
         for name in STAGES[: last + 1]:
             run_stage(build, name, getattr(stages, f"stage_{name}"))
-    except Dsv4cError:
-        raise
     except (KeyboardInterrupt, SystemExit):
+        shutil.rmtree(stages._staging(build), ignore_errors=True)
         raise
-    except Exception as e:  # an unexpected failure inside a stage is a build error (exit 6)
-        raise BuildError(f"{type(e).__name__}: {e}") from e
+    except Exception as e:
+        shutil.rmtree(stages._staging(build), ignore_errors=True)
+        # an unexpected failure inside a stage is a build error (exit 6)
+        error = e if isinstance(e, Dsv4cError) else BuildError(f"{type(e).__name__}: {e}")
+        if build.debug:
+            bundle = write_repro_bundle(build, name, e)
+            error.details.append(f"repro bundle: {bundle} (replay the stage: sh {bundle / 'replay.sh'})")
+        if error is e:
+            raise
+        raise error from e
     return build.state.get("artifact")
+
+
+def write_repro_bundle(build: Build, stage: str, error: BaseException) -> Path:
+    """`--debug`: a directory beside the output with what it takes to reproduce the failed stage: the resolved
+    recipe, the stage keys and input fingerprints, the traceback, the stage outputs already on disk (the bundle
+    whose engine build failed, ...) and the command that replays the stage (earlier stages come from the cache)."""
+    import shlex
+    import traceback
+
+    out = build.out_dir
+    bundle = out.parent / f"{out.name}.repro-{time.strftime('%Y%m%d-%H%M%S')}"
+    bundle.mkdir(parents=True, exist_ok=True)
+    (bundle / "recipe.lock.yaml").write_text(build.recipe.lock_yaml())
+    (bundle / "traceback.txt").write_text("".join(traceback.format_exception(error)))
+    argv = [sys.executable, "-m", "dsv4c.compiler.cli", "build", str(bundle / "recipe.lock.yaml"), "--until", stage,
+            "-o", str(out), "--cache-dir", str(build.cache_dir), "--cache", build.cache_mode, "--debug"]
+    (bundle / "replay.sh").write_text(f"#!/bin/sh\n# replays stage {stage!r} of {build.recipe.name}\n"
+                                      f"exec {shlex.join(argv)}\n")
+    on_disk = {k: str(build.state[k]) for k in ("checkpoint", "bundle", "engine_dir") if k in build.state}
+    (bundle / "stages.json").write_text(json.dumps({
+        "failing_stage": stage, "error": f"{type(error).__name__}: {error}",
+        "exit_code": getattr(error, "exit_code", BuildError.exit_code),
+        "stage_keys": build.keys, "recipe_sha256": build.recipe.digest(), "inputs": _input_fingerprints(build),
+        "stage_outputs": on_disk, "toolchain": build.state.get("toolchain"), "events": build.events.log,
+        "replay": shlex.join(argv)}, indent=2, default=str))
+    return bundle
+
+
+def _input_fingerprints(build: Build) -> dict[str, Any]:
+    """What the load stage's key is made of: synthetic seed/preset, or the checkpoint's files (name, size, mtime;
+    sha256 of the small JSON files). Hashing a 160 GB checkpoint is left to `sha256sum`."""
+    model = build.recipe.model
+    if model.synthetic is not None:
+        return {"synthetic": model.synthetic.model_dump()}
+    path = Path(model.checkpoint or "")
+    if not path.is_dir():
+        return {"checkpoint": str(path), "exists": False}
+    files = {}
+    for f in sorted(p for p in path.iterdir() if p.is_file()):
+        entry: dict[str, Any] = {"bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
+        if f.suffix == ".json":
+            entry["sha256"] = hashlib.sha256(f.read_bytes()).hexdigest()
+        files[f.name] = entry
+    return {"checkpoint": str(path), "files": files}
 
 
 __all__ = ["Build", "Events", "STAGES", "CACHE_MODES", "execute", "digest", "toolchain_versions",

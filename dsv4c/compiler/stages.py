@@ -39,9 +39,11 @@ def stage_plan(build: Build) -> None:
 
 # ---- load: locate (or synthesise) and verify the official-format checkpoint ----------------------------------
 def stage_load(build: Build) -> str | None:
+    from dsv4c.compiler.recipe import check_model_source
     from dsv4c.graphs.checkpoint import CheckpointError, CheckpointReader, write_synthetic_checkpoint
     from dsv4c.graphs.config import preset
 
+    check_model_source(build.recipe)  # here, not before the build: a plan-stage problem is reported first
     model = build.recipe.model
     status = None
     if model.synthetic is not None:
