@@ -130,6 +130,27 @@ class Session:
         self._check_room(n_valid)
         return self._step("decode", ids, n_valid)
 
+    def prefill_slots(self, slots: Sequence[int], token_ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """Prefill (or continue prefilling) only the sequences in `slots`, one token list each: the engine runs on
+        a sub-batch gathered from those slots' caches, so the other sequences are neither touched nor computed
+        (a scheduler's newcomers cost what their own tokens cost). -> float32 [len(slots), vocab]."""
+        idx = np.asarray(slots, dtype=np.int64)
+        sub = Session.__new__(Session)
+        sub.engine, sub.batch_size = self.engine, len(idx)
+        sub.cache, sub.positions = [c[idx] for c in self.cache], self.positions[idx]
+        logits = sub.prefill(token_ids)
+        for whole, part in zip(self.cache, sub.cache):
+            whole[idx] = part
+        self.positions[idx] = sub.positions
+        return logits
+
+    def reset(self, slot: int) -> None:
+        """Forget sequence `slot`: its caches back to their initial fill, its position back to 0 (the slot can
+        then take a new sequence while the others keep theirs)."""
+        for spec, tensor in zip(self.engine.cache_slots, self.cache):
+            tensor[slot] = spec.fill
+        self.positions[slot] = 0
+
     def _step(self, program: str, tokens: np.ndarray, n_valid: np.ndarray) -> np.ndarray:
         logits, self.cache = self.engine.executor.run(program, tokens, self.positions.copy(), n_valid, self.cache)
         self.positions = self.positions + n_valid
