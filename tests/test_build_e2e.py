@@ -71,7 +71,7 @@ def test_plain_generate_greedy_equals_reference_greedy(plain, stage_cache):
 
 def test_official_engine_step_function_matches_reference(official, stage_cache):
     """DeepSeek's numerics (FP8 activations, FP8 KV, FP4 indexer, bf16), per-step agreement gated like the recipe
-    (tiny-cpu.yaml: 90% of rows at cosine 0.999 + top-1, every row >= 0.9; the comment there has the figures)."""
+    (tiny-cpu.yaml: 85% of rows at cosine 0.999 + top-1, every row >= 0.9; the comment there has the figures)."""
     out, _ = official
     eng = Engine.load(out)
     report = eng.manifest.data["validation"]
@@ -82,7 +82,7 @@ def test_official_engine_step_function_matches_reference(official, stage_cache):
         cos = cosine(got, want)
         assert cos.min() >= 0.9, f"step {step}: {cos}"
         rows += [(c >= 0.999) and (g == w) for c, g, w in zip(cos, got.argmax(-1), want.argmax(-1))]
-    assert sum(rows) / len(rows) >= 0.9, rows
+    assert sum(rows) / len(rows) >= 0.85, rows
 
 
 def test_rebuild_is_a_cache_hit_for_every_stage(official, stage_cache):

@@ -458,7 +458,7 @@ def test_atc_command_lines_and_script(tmp_path):
 
 
 # ---- slow: the tiny model, built --until lower per SoC, emulated against PyTorch --------------------------------
-TINY_GATE = dict(min_cosine=0.999, agreement=0.9, floor_cosine=0.9)  # recipes/tiny-cpu.yaml (README Validation)
+TINY_GATE = dict(min_cosine=0.999, agreement=0.85, floor_cosine=0.9)  # recipes/tiny-cpu.yaml (README Validation)
 # Ascend 910B against DeepSeek's numerics (INT8 W8A8 with per-token activations; INT4 experts): a different
 # quantization, so on a tiny random model (flat logits: top-1 leads are tiny) top-1 is not gated; a row agrees at
 # cosine >= 0.95 and KL <= 0.1. Measured over seeds 0-5 (README, CANN): INT8 86-92% of rows agree, worst row

@@ -69,7 +69,7 @@ def test_every_standard_op_is_on_tensorrts_list_and_every_v4_op_is_a_plugin_node
 
 def test_emulated_engine_matches_reference(bundle, stage_cache):
     """The exact TensorRT ONNX on ONNX Runtime vs PyTorch (experts transcoded to FP8, as on sm_90): per-step
-    agreement gated like recipes/tiny-cpu.yaml (90% of rows cosine >= 0.999 and top-1 equal, all >= 0.9)."""
+    agreement gated like recipes/tiny-cpu.yaml (85% of rows cosine >= 0.999 and top-1 equal, all >= 0.9)."""
     eng = Engine.load(bundle, emulate=True)
     ref = reference_model(stage_cache, Numerics.reference(), expert_format="fp8")
     rows = []
@@ -77,7 +77,7 @@ def test_emulated_engine_matches_reference(bundle, stage_cache):
         cos = cosine(got, want)
         assert cos.min() >= 0.9, f"step {step}: {cos}"
         rows += [(c >= 0.999) and (g == w) for c, g, w in zip(cos, got.argmax(-1), want.argmax(-1))]
-    assert sum(rows) / len(rows) >= 0.9, rows
+    assert sum(rows) / len(rows) >= 0.85, rows
 
 
 def test_bundle_is_not_runnable_without_emulate(bundle):
