@@ -370,3 +370,32 @@ def test_tiny_model_matches_torch(tmp_path):
             np.testing.assert_array_equal(g[~finite], w[~finite])
             g, w = g[finite], w[finite]
             assert np.abs(g - w).max(initial=0) <= 1e-5 * max(np.abs(w).max(initial=0), 1e-30)
+
+
+def test_share_weights_stores_each_tensor_once_and_models_still_run(tmp_path):
+    """Two programs (y = x @ W + b) sharing W, each with its own b: after share_weights W is stored once, the second
+    program's data file holds only its b, and both give the same results as before."""
+    from dsv4c.targets.onnx_bundle import share_weights
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    biases = {"prefill": rng.standard_normal(32).astype(np.float32), "decode": rng.standard_normal(32).astype(np.float32)}
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    for name, b in biases.items():
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])], name,
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, 64])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, 32])],
+            [onnx.numpy_helper.from_array(w, "W"), onnx.numpy_helper.from_array(b, f"b_{name}")])
+        graph.node[1].input[1] = f"b_{name}"
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        onnx.save(model, tmp_path / f"{name}.onnx", save_as_external_data=True, location=f"{name}.onnx.data",
+                  size_threshold=0)
+
+    saved = share_weights(tmp_path, {"prefill": "prefill.onnx", "decode": "decode.onnx"})
+
+    assert saved == w.nbytes
+    assert (tmp_path / "decode.onnx.data").stat().st_size == biases["decode"].nbytes  # only its own bias
+    for name, b in biases.items():
+        session = ort.InferenceSession(str(tmp_path / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ w + b, rtol=1e-5, atol=1e-5)

@@ -68,9 +68,10 @@ class TensorRTTarget:
         return check
 
     def lower(self, programs: dict[str, Any], bundle_dir: Path, recipe: Any, meta: dict[str, Any]) -> None:
-        from dsv4c.targets.onnx_bundle import export_bundle_programs
+        from dsv4c.targets.onnx_bundle import export_bundle_programs, share_weights
 
         files = export_bundle_programs(programs, bundle_dir, OPSET, hook=mark_plugins)
+        share_weights(bundle_dir, files)  # the bundle ships each weight once; the parser follows each location
         _copy_plugin_sources(bundle_dir / "plugins")
         rt = recipe.runtime
         (bundle_dir / "bundle.json").write_text(json.dumps({
