@@ -20,18 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from dsv4c.graphs.checkpoint import CheckpointReader
-from dsv4c.graphs.model import DeepseekV4, Numerics, load_official
+from dsv4c.graphs.model import DeepseekV4, Numerics, load_checkpoint_model
 
 PROMPT_LENS = (24, 21)
-
-
-def load_reference(checkpoint: str) -> DeepseekV4:
-    reader = CheckpointReader(checkpoint)
-    model = DeepseekV4(reader.config, Numerics.reference(), expert_format="fp4")
-    load_official(model, reader.read_globals())
-    for _, tensors in reader.iter_layers():
-        load_official(model, tensors)
-    return model.eval()
 
 
 @torch.no_grad()
@@ -64,7 +55,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--noise", type=float, default=1e-6)
     args = ap.parse_args()
-    model = load_reference(args.checkpoint)
+    model = load_checkpoint_model(CheckpointReader(args.checkpoint), Numerics.reference())
     vocab = model.embed.shape[0]
     print("| seed | rows | agree (cos >= 0.999, top-1) | min cosine | top-1 differs | bit-identical rows |")
     print("|---|---|---|---|---|---|")

@@ -25,14 +25,9 @@ def stage_cache(tmp_path_factory) -> Path:
 def reference_model(cache: Path, numerics=None, expert_format: str = "fp4"):
     """DeepseekV4 on the synthetic checkpoint a build in `cache` generated (independent of the engine)."""
     from dsv4c.graphs.checkpoint import CheckpointReader
-    from dsv4c.graphs.model import DeepseekV4, Numerics, load_official
+    from dsv4c.graphs.model import load_checkpoint_model
 
-    reader = CheckpointReader(next(cache.glob("load/*/checkpoint")))
-    model = DeepseekV4(reader.config, numerics or Numerics.reference(), expert_format=expert_format)
-    load_official(model, reader.read_globals())
-    for _, tensors in reader.iter_layers():
-        load_official(model, tensors)
-    return model.eval()
+    return load_checkpoint_model(CheckpointReader(next(cache.glob("load/*/checkpoint"))), numerics, expert_format)
 
 
 def compare_with_reference(session, model, prompts: list[list[int]], steps: int, resync: bool):
@@ -58,6 +53,19 @@ def compare_with_reference(session, model, prompts: list[list[int]], steps: int,
             want, cache = model(nxt[:, None], pos, torch.ones_like(pos), cache)
             pos += 1
             yield step, got, want.numpy()
+
+
+def assert_step_function_agrees(session, model, prompts: list[list[int]], steps: int, *, min_cosine: float,
+                                agreement: float, floor: float) -> None:
+    """A recipe's per-step gate, computed here independently of the validate stage: every logit row (prefill and
+    each resynced decode step) reaches cosine `floor`, and at least `agreement` of them reach `min_cosine` with
+    the reference's top-1."""
+    rows = []
+    for step, got, want in compare_with_reference(session, model, prompts, steps, resync=True):
+        cos = cosine(got, want)
+        assert cos.min() >= floor, f"step {step}: {cos}"
+        rows += [(c >= min_cosine) and (g == w) for c, g, w in zip(cos, got.argmax(-1), want.argmax(-1))]
+    assert sum(rows) / len(rows) >= agreement, rows
 
 
 def cosine(a, b):

@@ -17,7 +17,7 @@ import torch
 
 from dsv4c.graphs.checkpoint import CheckpointReader, write_synthetic_checkpoint
 from dsv4c.graphs.config import preset
-from dsv4c.graphs.model import DeepseekV4, Numerics, load_official
+from dsv4c.graphs.model import DeepseekV4, Numerics, load_checkpoint_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -29,12 +29,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def load_ours(path, numerics: Numerics) -> DeepseekV4:
-    reader = CheckpointReader(path)
-    model = DeepseekV4(reader.config, numerics)
-    load_official(model, reader.read_globals())
-    for _, tensors in reader.iter_layers():
-        load_official(model, tensors)
-    return model.eval()
+    return load_checkpoint_model(CheckpointReader(path), numerics)
 
 
 def load_hf(path):

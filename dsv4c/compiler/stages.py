@@ -108,16 +108,11 @@ def stage_quantize(build: Build) -> None:
 def reference_model(build: Build):
     """The PyTorch model with the checkpoint's weights in the engine's formats (built on first use)."""
     if "model" not in build.state:
-        from dsv4c.graphs.model import DeepseekV4, load_official
+        from dsv4c.graphs.model import load_checkpoint_model
 
         t0 = time.perf_counter()
-        reader = build.state["reader"]
-        fmt = graph_expert_format(build)
-        model = DeepseekV4(reader.config, numerics_for(build.recipe), expert_format=fmt)
-        load_official(model, reader.read_globals())
-        for _, tensors in reader.iter_layers():
-            load_official(model, tensors)
-        build.state["model"] = model.eval()
+        build.state["model"] = load_checkpoint_model(build.state["reader"], numerics_for(build.recipe),
+                                                     graph_expert_format(build))
         materialised(build, "quantize", time.perf_counter() - t0)
     return build.state["model"]
 

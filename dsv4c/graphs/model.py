@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ from torch import nn
 import dsv4c.graphs.ops  # noqa: F401  (registers torch.ops.dsv4.*)
 from dsv4c.graphs.cache import CacheEntry, layer_cache_fields, layer_cache_spec
 from dsv4c.graphs.config import ModelConfig
+
+if TYPE_CHECKING:  # only a type here: importing the model needs no checkpoint I/O
+    from dsv4c.graphs.checkpoint import CheckpointReader
 
 ops = torch.ops.dsv4
 EXPERT_FORMATS = {"fp4": 0, "fp8": 1, "float": 2}
@@ -569,6 +573,17 @@ def load_official(model: DeepseekV4, tensors: dict[str, torch.Tensor]) -> list[s
         dst.copy_(src)
         written.append(target)
     return written
+
+
+def load_checkpoint_model(reader: CheckpointReader, numerics: Numerics | None = None,
+                          expert_format: str | None = None) -> DeepseekV4:
+    """DeepseekV4 with the weights of an official-format checkpoint, read layer by layer (besides the model,
+    at most one layer's tensors and the globals are held at once). Defaults as DeepseekV4's."""
+    model = DeepseekV4(reader.config, numerics, expert_format)
+    load_official(model, reader.read_globals())
+    for _, tensors in reader.iter_layers():
+        load_official(model, tensors)
+    return model.eval()
 
 
 def _convert(t: torch.Tensor, dtype: torch.dtype, quant) -> torch.Tensor:
