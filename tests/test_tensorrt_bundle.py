@@ -10,7 +10,7 @@ import json
 import onnx
 import pytest
 import torch
-from conftest import compare_with_reference, cosine, dsv4c, reference_model
+from conftest import assert_step_function_agrees, dsv4c, reference_model
 
 from dsv4c.graphs.model import Numerics
 from dsv4c.graphs.ops import OPS
@@ -78,12 +78,7 @@ def test_emulated_engine_matches_reference(bundle, stage_cache):
     agreement gated like recipes/tiny-cpu.yaml (85% of rows cosine >= 0.999 and top-1 equal, all >= 0.9)."""
     eng = Engine.load(bundle, emulate=True)
     ref = reference_model(stage_cache, Numerics.reference(), expert_format="fp8")
-    rows = []
-    for step, got, want in compare_with_reference(eng.session(2), ref, PROMPTS, 16, resync=True):
-        cos = cosine(got, want)
-        assert cos.min() >= 0.9, f"step {step}: {cos}"
-        rows += [(c >= 0.999) and (g == w) for c, g, w in zip(cos, got.argmax(-1), want.argmax(-1))]
-    assert sum(rows) / len(rows) >= 0.85, rows
+    assert_step_function_agrees(eng.session(2), ref, PROMPTS, 16, min_cosine=0.999, agreement=0.85, floor=0.9)
 
 
 def test_bundle_is_not_runnable_without_emulate(bundle):
