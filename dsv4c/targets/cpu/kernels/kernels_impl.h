@@ -49,40 +49,25 @@ const Tables& tables() {
   return t;
 }
 
-// A per-thread growable float buffer (64-byte aligned). Tasks run one at a time per thread.
-struct Scratch {
-  float* p = nullptr;
+// A per-thread growable buffer (64-byte aligned). Tasks run one at a time per thread.
+template <class T>
+struct ThreadBuffer {
+  T* p = nullptr;
   int64_t cap = 0;
-  ~Scratch() { free(p); }
-  float* get(int64_t n) {
+  ~ThreadBuffer() { free(p); }
+  T* get(int64_t n) {
     if (n > cap) {
       free(p);
-      size_t bytes = ((size_t)n * sizeof(float) + 63) / 64 * 64;
-      p = (float*)aligned_alloc(64, bytes);
+      size_t bytes = ((size_t)n * sizeof(T) + 63) / 64 * 64;
+      p = (T*)aligned_alloc(64, bytes);
       if (!p) throw std::bad_alloc();
       cap = n;
     }
     return p;
   }
 };
-thread_local Scratch tl_row, tl_tile;
-
-// A per-thread growable list of row offsets.
-struct Offsets {
-  int64_t* p = nullptr;
-  int64_t cap = 0;
-  ~Offsets() { free(p); }
-  int64_t* get(int64_t n) {
-    if (n > cap) {
-      free(p);
-      p = (int64_t*)malloc((size_t)(n > 0 ? n : 1) * sizeof(int64_t));
-      if (!p) throw std::bad_alloc();
-      cap = n;
-    }
-    return p;
-  }
-};
-thread_local Offsets tl_offsets;
+thread_local ThreadBuffer<float> tl_row, tl_tile;  // decoded weight rows / tiles
+thread_local ThreadBuffer<int64_t> tl_offsets;     // row offsets
 
 // ---- scalar pieces (both builds) ---------------------------------------------------------------------------
 // W row j, scaled, in kernel order (fp4: per 32-block the low nibbles, then the high ones) -> out [K].
