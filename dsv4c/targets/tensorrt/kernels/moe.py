@@ -59,6 +59,14 @@ def _expert_tile(w_ptr, s_ptr, e, rows, k0, N, K, FMT: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
+def _tile_pairs(order_ptr, tile_lo_ptr, tile_hi_ptr, slot, BLOCK_M: tl.constexpr):
+    """Tile `slot`'s rows: positions in the expert-sorted order [BM], which are real, and their pair ids."""
+    pos = tl.load(tile_lo_ptr + slot) + tl.arange(0, BLOCK_M)
+    p_ok = pos < tl.load(tile_hi_ptr + slot)
+    return pos, p_ok, tl.load(order_ptr + pos, mask=p_ok, other=0)
+
+
+@triton.jit
 def _dot(a, w, EXACT_BF16: tl.constexpr, PRECISION: tl.constexpr):
     """a [BM, 128] . w[BN, 128]^T in fp32; bf16 operands when both are exactly bf16 (GPU only)."""
     if EXACT_BF16:
@@ -79,9 +87,7 @@ def moe_gate_up_kernel(x_ptr, rw_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_h
     slot = tl.program_id(0)
     e = tl.load(tile_e_ptr + slot)
     if e >= 0:
-        pos = tl.load(tile_lo_ptr + slot) + tl.arange(0, BLOCK_M)
-        p_ok = pos < tl.load(tile_hi_ptr + slot)
-        pair = tl.load(order_ptr + pos, mask=p_ok, other=0)
+        pos, p_ok, pair = _tile_pairs(order_ptr, tile_lo_ptr, tile_hi_ptr, slot, BLOCK_M)
         tok = pair // TOPK
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         gate = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -118,9 +124,7 @@ def moe_down_kernel(h_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w2_p
     slot = tl.program_id(0)
     e = tl.load(tile_e_ptr + slot)
     if e >= 0:
-        pos = tl.load(tile_lo_ptr + slot) + tl.arange(0, BLOCK_M)
-        p_ok = pos < tl.load(tile_hi_ptr + slot)
-        pair = tl.load(order_ptr + pos, mask=p_ok, other=0)
+        pos, p_ok, pair = _tile_pairs(order_ptr, tile_lo_ptr, tile_hi_ptr, slot, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(0, I, 128):
