@@ -152,13 +152,14 @@ def build_engines(bundle_dir: Path, engine_dir: Path, meta: dict[str, Any]) -> d
     plugins.register_all()
     logger = trt.Logger(trt.Logger.WARNING)
     cache_file = bundle_dir / "timing.cache"
-    flags = {"network": "STRONGLY_TYPED|PREFER_AOT_PYTHON_PLUGINS", "workspace_bytes": WORKSPACE_BYTES, "timing_cache": cache_file.name,
+    network_flags = _network_flags(trt)
+    flags = {"network": "|".join(network_flags), "workspace_bytes": WORKSPACE_BYTES, "timing_cache": cache_file.name,
              "tensorrt": trt.__version__}
     for program, rel in meta["programs"].items():
         builder = trt.Builder(logger)
         # strongly typed: the ONNX dtypes (uint8 packed weights, f32 activations, bf16 rounding inside plugins)
         # are the numerics; TensorRT must not pick its own precisions
-        network = builder.create_network(_network_flags(trt))
+        network = builder.create_network(sum(1 << int(f) for f in network_flags.values()))
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(bundle_dir / rel)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -177,15 +178,14 @@ def build_engines(bundle_dir: Path, engine_dir: Path, meta: dict[str, Any]) -> d
     return flags
 
 
-def _network_flags(trt) -> int:
-    """STRONGLY_TYPED, plus PREFER_AOT_PYTHON_PLUGINS (TensorRT 10.9+) so the ops that have both a PTX (aot_impl)
-    and a Python launcher (impl) are built with the PTX: the engine then runs without Python. Ops with only a
-    JIT impl (indexer_topk, moe_experts) still need Python + torch at run time (see plugins.py)."""
+def _network_flags(trt) -> dict[str, Any]:
+    """{name: NetworkDefinitionCreationFlag} to set: STRONGLY_TYPED, plus PREFER_AOT_PYTHON_PLUGINS (TensorRT
+    10.9+) so the ops that have both a PTX (aot_impl) and a Python launcher (impl) are built with the PTX: the
+    engine then runs without Python. Ops with only a JIT impl (indexer_topk, moe_experts) still need Python +
+    torch at run time (see plugins.py). The manifest records the names actually set."""
     kinds = trt.NetworkDefinitionCreationFlag
-    flags = 1 << int(kinds.STRONGLY_TYPED)
-    if hasattr(kinds, "PREFER_AOT_PYTHON_PLUGINS"):
-        flags |= 1 << int(kinds.PREFER_AOT_PYTHON_PLUGINS)
-    return flags
+    names = ["STRONGLY_TYPED"] + (["PREFER_AOT_PYTHON_PLUGINS"] if hasattr(kinds, "PREFER_AOT_PYTHON_PLUGINS") else [])
+    return {name: getattr(kinds, name) for name in names}
 
 
 def _profile(builder, network, ranges: dict[str, list[int]], cache: list[dict[str, Any]]):
