@@ -226,7 +226,7 @@ class Indexer(nn.Module):
         entries, state_kv, state_score = self.compressor(x, step, entries, state_kv, state_score, freqs, num)
         w = _rnd(_rnd(self.weights_proj(x), num) * (self.head_dim ** -0.5 * self.n_heads ** -0.5), num)
         n_visible = (step.positions + 1) // 4  # entry j is complete for query i iff 4(j+1) <= i+1
-        picks = ops.indexer_topk(q, entries, w, n_visible, self.topk)
+        picks = ops.indexer_topk(q, entries, w, n_visible, self.topk, num.bf16)
         return picks, entries, state_kv, state_score
 
 
@@ -260,7 +260,7 @@ class Attention(nn.Module):
         pos, W, r = step.positions, self.window, self.rope_dim
         qr = _rnd(self.q_norm(_rnd(self.wq_a(x, num.act_quant), num)), num)  # [B,S,q_lora], also the indexer's
         q = _rnd(self.wq_b(qr, num.act_quant), num).view(b, s, self.n_heads, self.head_dim)
-        q = _rnd(q * torch.rsqrt(q.square().mean(-1, keepdim=True) + self.eps), num)  # weightless per-head norm
+        q = head_rescale(q, self.eps, num)  # weightless per-head norm
         q = _rnd(apply_rope(q, self.freqs, pos), num)
         kv = _rnd(self.kv_norm(_rnd(self.wkv(x, num.act_quant), num)), num)  # [B,S,d]
         kv = fake_quant_nope(_rnd(apply_rope(kv, self.freqs, pos), num), r, num.kv_fp8)
@@ -281,7 +281,8 @@ class Attention(nn.Module):
                 entry = torch.arange(cmp.shape[1])
                 picks = torch.where(entry[None, None, :] < ((pos + 1) // self.ratio)[..., None], entry, -1)
             idx.append(torch.where(picks >= 0, picks + W + s, picks))
-        o = ops.sparse_attn(q, torch.cat(keys, dim=1), self.attn_sink, torch.cat(idx, dim=-1), self.head_dim ** -0.5)
+        o = ops.sparse_attn(q, torch.cat(keys, dim=1), self.attn_sink, torch.cat(idx, dim=-1), self.head_dim ** -0.5,
+                            num.bf16)
         o = _rnd(apply_rope(_rnd(o, num), self.freqs, pos, inverse=True), num)  # strip V's absolute position
         z = _rnd(self.project_groups(o.view(b, s, self.groups, -1)), num)  # [B, S, G, o_lora]
         return _rnd(self.wo_b(z.flatten(2), num.act_quant), num), new_cache
@@ -294,13 +295,15 @@ class Attention(nn.Module):
         return torch.einsum("bsgk,grk->bsgr", o, self.wo_a.weight.view(self.groups, -1, o.shape[-1]))
 
     def window_indices(self, step: Step) -> torch.Tensor:
-        """[B, S, W] key rows for positions i-W+1 .. i: ring slot (pos % W) for positions before this call,
-        row W + t for this call's tokens, -1 before position 0."""
+        """[B, S, W] key rows for positions max(i-W+1, 0) .. i, oldest first and -1 padding after, the
+        reference's order (model.py:254-276; the attention kernel's 64-pick blocks make the order part of the
+        numerics): ring slot (pos % W) for positions before this call, row W + t for this call's tokens."""
         W = self.window
-        kpos = step.positions[..., None] - (W - 1) + torch.arange(W)  # [B, S, W]
+        pos = step.positions[..., None]
+        kpos = (pos - (W - 1)).clamp(min=0) + torch.arange(W)  # [B, S, W]
         start = step.start[:, None, None]
         rows = torch.where(kpos >= start, W + (kpos - start), kpos % W)
-        return torch.where(kpos >= 0, rows, torch.full_like(rows, -1))
+        return torch.where(kpos <= pos, rows, torch.full_like(rows, -1))
 
     def updated_ring(self, ring: torch.Tensor, kv: torch.Tensor, step: Step) -> torch.Tensor:
         """Slot s holds the latest position p < end with p % W == s: from this call if p >= start."""
@@ -400,19 +403,27 @@ class Block(nn.Module):
             self.register_buffer(f"hc_{part}_base", torch.zeros(mix))
             self.register_buffer(f"hc_{part}_scale", torch.zeros(3))
 
-    def mix(self, part: str, streams: torch.Tensor):
+    def hc_pre(self, part: str, streams: torch.Tensor, num: Numerics):
+        """Streams [B,S,n,D] -> (the `part` sub-layer's normed input [B,S,D], post, comb)."""
         c = self.cfg
-        return ops.hc_pre(streams, getattr(self, f"hc_{part}_fn"), getattr(self, f"hc_{part}_scale"),
-                          getattr(self, f"hc_{part}_base"), c.hc_sinkhorn_iters, c.rms_norm_eps, c.hc_eps)
+        x, post, comb = ops.hc_pre(streams, getattr(self, f"hc_{part}_fn"), getattr(self, f"hc_{part}_scale"),
+                                   getattr(self, f"hc_{part}_base"), c.hc_sinkhorn_iters, c.rms_norm_eps, c.hc_eps)
+        norm = self.attn_norm if part == "attn" else self.ffn_norm
+        return _rnd(norm(_rnd(x, num)), num), post, comb
+
+    @staticmethod
+    def hc_post(out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+                num: Numerics) -> torch.Tensor:
+        """A sub-layer's output back into the streams (bf16 streams, as the reference keeps them)."""
+        return _rnd(ops.hc_post(out, streams, post, comb), num)
 
     def forward(self, streams: torch.Tensor, tokens: torch.Tensor, step: Step, cache: dict, num: Numerics):
         # streams [B, S, n, D]
-        x, post, comb = self.mix("attn", streams)
-        x, new_cache = self.attn(_rnd(self.attn_norm(_rnd(x, num)), num), step, cache, num)
-        streams = _rnd(ops.hc_post(x, streams, post, comb), num)
-        x, post, comb = self.mix("ffn", streams)
-        x = self.ffn(_rnd(self.ffn_norm(_rnd(x, num)), num), tokens, num)
-        return _rnd(ops.hc_post(x, streams, post, comb), num), new_cache
+        x, post, comb = self.hc_pre("attn", streams, num)
+        x, new_cache = self.attn(x, step, cache, num)
+        streams = self.hc_post(x, streams, post, comb, num)
+        x, post, comb = self.hc_pre("ffn", streams, num)
+        return self.hc_post(self.ffn(x, tokens, num), streams, post, comb, num), new_cache
 
 
 class HcHead(nn.Module):
@@ -503,19 +514,33 @@ class DeepseekV4(nn.Module):
         y = F.linear(head(streams, self.numerics), self.head)
         return y if all_logits else y[:, 0]
 
+    def mtp_input(self, tokens: torch.Tensor, streams: torch.Tensor, index: int = 0) -> torch.Tensor:
+        """The MTP block's input streams: e_proj(enorm(embed(token t+1))) + h_proj(hnorm(streams_t)) per stream."""
+        num, mtp = self.numerics, self.mtp[index]
+        e = _rnd(mtp.enorm(self.embed[tokens]), num)
+        h = _rnd(mtp.hnorm(streams), num)
+        return _rnd(_rnd(mtp.e_proj(e, num.act_quant), num)[:, :, None, :] + _rnd(mtp.h_proj(h, num.act_quant), num), num)
+
     def forward_mtp(self, tokens: torch.Tensor, streams: torch.Tensor, start_pos: torch.Tensor,
                     n_valid: torch.Tensor, cache: tuple[torch.Tensor, ...], index: int = 0, all_logits: bool = False):
         """MTP block `index`: tokens [B,S] (token t+1 for stream position t), streams [B,S,n,D] from forward(...,
         return_streams=True). Cache: this MTP layer's entries only. -> (logits, new cache)."""
         num, mtp = self.numerics, self.mtp[index]
         step = Step(start_pos, n_valid, tokens.shape[1])
-        e = _rnd(mtp.enorm(self.embed[tokens]), num)
-        h = _rnd(mtp.hnorm(streams), num)
-        x = _rnd(_rnd(mtp.e_proj(e, num.act_quant), num)[:, :, None, :] + _rnd(mtp.h_proj(h, num.act_quant), num), num)
+        x = self.mtp_input(tokens, streams, index)
         layer = self.cfg.num_hidden_layers + index
         names = layer_cache_fields(self.cfg.layer_ratio(layer))
         x, updated = mtp.block(x, tokens, step, dict(zip(names, cache)), num)
         return self.logits(mtp.head, x, n_valid, all_logits), tuple(updated[n] for n in names)
+
+
+def head_rescale(q: torch.Tensor, eps: float, num: Numerics) -> torch.Tensor:
+    """q * rsqrt(mean(q^2) + eps) per head. The reference runs it op by op on bf16 q (spec §3.9.1): square,
+    mean, + eps, rsqrt and the product each round to bf16, which is not an fp32 RMS rounded once."""
+    if not num.bf16:
+        return q * torch.rsqrt(q.square().mean(-1, keepdim=True) + eps)
+    mean_sq = _rnd(_rnd(q.square(), num).mean(-1, keepdim=True), num)
+    return _rnd(q * _rnd(torch.rsqrt(_rnd(mean_sq + eps, num)), num), num)
 
 
 def _rnd(x: torch.Tensor, num: Numerics) -> torch.Tensor:

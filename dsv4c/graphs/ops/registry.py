@@ -171,52 +171,77 @@ def fake_quant_fp8(x: torch.Tensor, block: int) -> torch.Tensor:
 
 @_register("hadamard_fp4", "HadamardFp4", "(Tensor x) -> Tensor", _same_fake)
 def hadamard_fp4(x: torch.Tensor) -> torch.Tensor:
-    """Indexer QAT: orthonormal Walsh-Hadamard rotation of the last dim, then FP4 e2m1 quantise-dequantise
-    in blocks of 32 with power-of-two scales."""
-    return quant.fake_quant_fp4(quant.hadamard(x.float()), FP4_BLOCK)
+    """Indexer QAT: orthonormal Walsh-Hadamard rotation of the last dim, rounded to bf16 (the reference's
+    Hadamard takes and returns bf16, spec §3.9.3), then FP4 e2m1 quantise-dequantise in blocks of 32 with
+    power-of-two scales."""
+    return quant.fake_quant_fp4(round_bf16(quant.hadamard(x.float()), True), FP4_BLOCK)
 
 
 # ---- attention -------------------------------------------------------------------------------------------
-def _sparse_attn_fake(q, kv, sink, idx, scale):
+ATTN_BLOCK = 64  # picks per online-softmax block, as DeepSeek's sparse_attn kernel
+
+
+def _sparse_attn_fake(q, kv, sink, idx, scale, bf16):
     return torch.empty_like(q, dtype=torch.float32)
 
 
-@_register("sparse_attn", "SparseAttn", "(Tensor q, Tensor kv, Tensor sink, Tensor idx, float scale) -> Tensor",
-           _sparse_attn_fake, ("scale",))
-def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
-                scale: float) -> torch.Tensor:
+@_register("sparse_attn", "SparseAttn",
+           "(Tensor q, Tensor kv, Tensor sink, Tensor idx, float scale, bool bf16) -> Tensor",
+           _sparse_attn_fake, ("scale", "bf16"))
+def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
+                bf16: bool) -> torch.Tensor:
     """q [B,S,H,D], kv [B,N,D] (K = V), sink [H], idx [B,S,K] int64 rows of kv (-1 = none).
-    o[b,s,h] = sum_k p_k kv[idx_k] with p = exp(l_k) / (sum_j exp(l_j) + exp(sink_h)), l = scale q.kv."""
+    o[b,s,h] = sum_k p_k kv[idx_k] with p = exp(l_k) / (sum_j exp(l_j) + exp(sink_h)), l = scale q.kv,
+    computed as DeepSeek's kernel does (spec §3.9.2): an online softmax over blocks of 64 picks in idx order;
+    per block the unnormalised exp(l - running max) are rounded to bf16 (with `bf16`) before the P.V product,
+    the denominator sums them unrounded, and the sink joins the denominator at the end."""
     b, s, h, d = q.shape
     out = torch.empty(b, s, h, d, dtype=torch.float32)
+    kvf = kv.float()
     for s0 in range(0, s, 64):  # query blocks bound the gathered [B, s, K, D] tensor
         ib = idx[:, s0:s0 + 64]  # [B, s, K]
-        valid = ib >= 0
-        rows = torch.gather(kv.float(), 1, ib.clamp(min=0).flatten(1)[..., None].expand(-1, -1, d))
-        rows = rows.view(b, ib.shape[1], ib.shape[2], d)  # [B, s, K, D]
-        logits = torch.einsum("bshd,bskd->bshk", q[:, s0:s0 + 64].float(), rows) * scale
-        logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
-        sink_col = sink.float().view(1, 1, h, 1).expand(b, ib.shape[1], h, 1)
-        probs = torch.cat([logits, sink_col], dim=-1).softmax(dim=-1)[..., :-1]
-        out[:, s0:s0 + 64] = torch.einsum("bshk,bskd->bshd", probs, rows)
+        qb = q[:, s0:s0 + 64].float()
+        run_max = torch.full(qb.shape[:3], float("-inf"))
+        denom = torch.zeros(qb.shape[:3])
+        acc = torch.zeros(qb.shape)
+        for k0 in range(0, ib.shape[2], ATTN_BLOCK):
+            kb = ib[..., k0:k0 + ATTN_BLOCK]
+            rows = torch.gather(kvf, 1, kb.clamp(min=0).flatten(1)[..., None].expand(-1, -1, d))
+            rows = rows.view(b, kb.shape[1], kb.shape[2], d)  # [B, s, k, D]
+            logits = torch.einsum("bshd,bskd->bshk", qb, rows) * scale
+            logits = logits.masked_fill((kb < 0)[:, :, None, :], float("-inf"))
+            new_max = torch.maximum(run_max, logits.amax(-1))
+            shift = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))  # no -inf - -inf
+            rescale = torch.exp(run_max - shift)
+            p = torch.exp(logits - shift[..., None])
+            denom = denom * rescale + p.sum(-1)
+            acc = acc * rescale[..., None] + torch.einsum("bshk,bskd->bshd", round_bf16(p, bf16), rows)
+            run_max = new_max
+        shift = torch.where(torch.isfinite(run_max), run_max, torch.zeros_like(run_max))
+        denom = denom + torch.exp(sink.float().view(1, 1, h) - shift)
+        out[:, s0:s0 + 64] = acc / denom[..., None]
     return out
 
 
-def _indexer_fake(q, k, w, n_visible, topk):
+def _indexer_fake(q, k, w, n_visible, topk, bf16):
     return q.new_empty((*q.shape[:2], min(topk, k.shape[1])), dtype=torch.int64)
 
 
-@_register("indexer_topk", "IndexerTopK", "(Tensor q, Tensor k, Tensor w, Tensor n_visible, int topk) -> Tensor",
-           _indexer_fake, ("topk",))
+@_register("indexer_topk", "IndexerTopK",
+           "(Tensor q, Tensor k, Tensor w, Tensor n_visible, int topk, bool bf16) -> Tensor",
+           _indexer_fake, ("topk", "bf16"))
 def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_visible: torch.Tensor,
-                 topk: int) -> torch.Tensor:
+                 topk: int, bf16: bool) -> torch.Tensor:
     """Lightning indexer: q [B,S,h,d], compressed keys k [B,N,d], head weights w [B,S,h] (already scaled),
-    n_visible [B,S] = entries each query may see. score[j] = sum_h w_h relu(q_h . k_j); entries j >= n_visible
-    are -inf; returns the top-min(topk, N) entry ids [B,S,K] in descending score order, with -1 for picks that
-    are not visible. Equal scores are ordered by entry id, lower first (ONNX TopK's rule, which every target
-    kernel follows), so the picks are deterministic even when ties straddle the k-th place."""
-    scores = torch.einsum("bshd,bnd->bshn", q.float(), k.float()).relu()
-    scores = (scores * w.float()[..., None]).sum(dim=2)  # [B, S, N]
+    n_visible [B,S] = entries each query may see. score[j] = sum_h w_h relu(q_h . k_j); with `bf16` each
+    q_h . k_j, each w_h relu(.) and the head sum are rounded to bf16 as the reference's bf16 einsum, product
+    and reduction do (spec §3.9.4). Entries j >= n_visible are -inf; returns the top-min(topk, N) entry ids
+    [B,S,K] in descending score order, with -1 for picks that are not visible. Equal scores are ordered by
+    entry id, lower first (ONNX TopK's rule, which every target kernel follows), so the picks are deterministic
+    even when ties straddle the k-th place (the reference's own tie order is CPU torch.topk's, unspecified)."""
+    scores = round_bf16(torch.einsum("bshd,bnd->bshn", q.float(), k.float()), bf16).relu()
+    scores = round_bf16(scores * w.float()[..., None], bf16)
+    scores = round_bf16(scores.sum(dim=2), bf16)  # [B, S, N]
     entry = torch.arange(k.shape[1])
     hidden = entry.view(1, 1, -1) >= n_visible[..., None]
     scores = scores.masked_fill(hidden, float("-inf"))
@@ -305,5 +330,8 @@ def _hc_post_fake(f, res, post, comb):
 def hc_post(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """mHC post: out[:,:,k] = post_k f + sum_j comb[j,k] res_j (comb applied transposed). f [B,S,D],
     res [B,S,n,D], post [B,S,n], comb [B,S,n,n] -> [B,S,n,D]."""
-    mixed = torch.einsum("bsjk,bsjd->bskd", comb.float(), res.float())
+    res, comb = res.float(), comb.float()
+    mixed = comb[:, :, 0, :, None] * res[:, :, 0, None, :]
+    for j in range(1, res.shape[2]):  # summed over j in order, as the reference's torch.sum (model.py:685)
+        mixed = mixed + comb[:, :, j, :, None] * res[:, :, j, None, :]
     return post.float()[..., None] * f.float()[:, :, None, :] + mixed
