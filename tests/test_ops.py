@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -190,13 +191,13 @@ def test_sparse_attn_hand_computed():
     kv = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # [B=1, N=2, D=2]
     q = torch.tensor([[[[math.log(2), math.log(3)]]]])  # [1, 1, 1, 2]
     sink = torch.zeros(1)
-    o = ops.sparse_attn(q, kv, sink, torch.tensor([[[0, 1]]]), 1.0)
+    o = ops.sparse_attn(q, kv, sink, torch.tensor([[[0, 1]]]), 1.0, False)
     assert torch.allclose(o[0, 0, 0], torch.tensor([1 / 3, 1 / 2]), atol=1e-6)
     # -1 sentinels contribute nothing; a sink of ln 3 with only key 0 (e^{ln 2} = 2): o = 2/(2+3) kv0
-    o = ops.sparse_attn(q, kv, torch.tensor([math.log(3)]), torch.tensor([[[-1, 0, -1]]]), 1.0)
+    o = ops.sparse_attn(q, kv, torch.tensor([math.log(3)]), torch.tensor([[[-1, 0, -1]]]), 1.0, False)
     assert torch.allclose(o[0, 0, 0], torch.tensor([0.4, 0.0]), atol=1e-6)
     # nothing to attend to: only the sink, output exactly 0
-    o = ops.sparse_attn(q, kv, sink, torch.tensor([[[-1, -1]]]), 1.0)
+    o = ops.sparse_attn(q, kv, sink, torch.tensor([[[-1, -1]]]), 1.0, False)
     assert not o.any()
 
 
@@ -205,7 +206,7 @@ def test_sparse_attn_formula():
     q, kv, sink = rand(b, s, h, d, seed=1), rand(b, n, d, seed=2), rand(h, seed=3)
     idx = torch.randint(-1, n, (b, s, k), generator=torch.Generator().manual_seed(4))
     idx[0, 5] = torch.tensor([2, 2, 2, -1, 7])  # a repeated row counts each time
-    o = ops.sparse_attn(q, kv, sink, idx, scale)
+    o = ops.sparse_attn(q, kv, sink, idx, scale, False)
     for bi in range(b):
         for si in range(s):
             rows = [int(j) for j in idx[bi, si] if j >= 0]
@@ -216,12 +217,59 @@ def test_sparse_attn_formula():
                 assert close(o[bi, si, hi], torch.as_tensor(want), rtol=1e-5)
 
 
+def bf16(v: float) -> float:
+    """Round an fp32 value to bf16 (nearest, ties to even) with ml_dtypes, independently of torch."""
+    return float(np.float32(v).astype(ml_dtypes.bfloat16))
+
+
+def sparse_attn_like_the_kernel(q, kv, sink: float, picks: list[int], scale: float) -> np.ndarray:
+    """Spec §3.9.2, one query head, scalar fp32 loop: blocks of 64 picks in order; per block the running max
+    m, p_k = exp(l_k - m) in fp32, the bf16-rounded p_k times kv into the accumulator, the unrounded p_k into
+    the denominator, both rescaled by exp(m_old - m) when the max grows; the sink joins the denominator last."""
+    f = np.float32
+    m, denom, acc = f(-np.inf), f(0), np.zeros(kv.shape[-1], np.float32)
+    for b0 in range(0, len(picks), 64):
+        block = [j for j in picks[b0:b0 + 64] if j >= 0]
+        logits = [f(f(np.dot(q.astype(np.float64), kv[j].astype(np.float64))) * f(scale)) for j in block]
+        new_m = max([m] + logits)
+        if new_m == -np.inf:
+            continue
+        rescale = f(np.exp(f(m - new_m)))
+        p = [f(np.exp(f(lg - new_m))) for lg in logits]
+        denom = f(denom * rescale + f(sum(np.float64(v) for v in p)))
+        acc = (acc * rescale + sum((f(bf16(pk)) * kv[j] for pk, j in zip(p, block)), np.zeros_like(acc)))
+        m = new_m
+    denom = f(denom + f(np.exp(f(sink - (m if m > -np.inf else 0)))))
+    return acc / denom
+
+
+def test_sparse_attn_rounds_probabilities_per_block_of_64():
+    """K = 150 picks (three blocks, -1 picks scattered, one block all -1): the bf16 op follows the kernel's
+    block-wise rounding; the unrounded variant is the exact softmax (checked in test_sparse_attn_formula)."""
+    b, s, h, d, n, k, scale = 1, 3, 2, 16, 200, 150, 0.25
+    q, kv, sink = rand(b, s, h, d, seed=11), rand(b, n, d, seed=12), rand(h, seed=13)
+    g = torch.Generator().manual_seed(14)
+    idx = torch.randint(0, n, (b, s, k), generator=g)
+    idx[:, :, 64:128] = -1  # the middle block sees nothing
+    idx[:, 1, ::7] = -1
+    idx[:, 2, :64] = torch.sort(idx[:, 2, :64], descending=True).values  # logits grow across the blocks
+    got = ops.sparse_attn(q, kv, sink, idx, scale, True)
+    exact = ops.sparse_attn(q, kv, sink, idx, scale, False)
+    for si in range(s):
+        for hi in range(h):
+            want = sparse_attn_like_the_kernel(q[0, si, hi].numpy(), kv[0].numpy(), float(sink[hi]),
+                                               idx[0, si].tolist(), scale)
+            assert close(got[0, si, hi], torch.from_numpy(want), rtol=1e-5), (si, hi)
+    # the rounding is visible: bf16 probabilities move the output by ~2^-9 relative, far above fp32 noise
+    assert not close(got, exact, rtol=1e-5)
+
+
 # ---- lightning indexer top-k (spec §2.5) ----------------------------------------------------------------------------
 def test_indexer_topk_formula_and_sentinels():
     b, s, h, d, n, topk = 2, 5, 3, 8, 11, 4
     q, k, w = rand(b, s, h, d, seed=1), rand(b, n, d, seed=2), rand(b, s, h, seed=3)
     n_visible = torch.tensor([[11, 6, 2, 0, 4], [1, 11, 3, 9, 7]])
-    picks = ops.indexer_topk(q, k, w, n_visible, topk)
+    picks = ops.indexer_topk(q, k, w, n_visible, topk, False)
     assert picks.shape == (b, s, topk) and picks.dtype == torch.int64
     for bi in range(b):
         for si in range(s):
@@ -232,10 +280,30 @@ def test_indexer_topk_formula_and_sentinels():
             assert picks[bi, si].tolist() == want, (bi, si)
 
 
+def test_indexer_topk_scores_in_bf16():
+    """Spec §3.9.4: s_h = bf16(q_h . k), bf16(w_h * relu(s_h)), bf16(sum over heads); the rounded scores then
+    tie where the fp32 ones do not, and ties go to the lower entry id."""
+    b, s, h, d, n, topk = 1, 6, 4, 16, 40, 8
+    q, k, w = rand(b, s, h, d, seed=21), rand(b, n, d, seed=22), rand(b, s, h, seed=23).abs()
+    n_visible = torch.tensor([[40, 33, 17, 8, 3, 0]])
+    picks = ops.indexer_topk(q, k, w, n_visible, topk, True)
+    ties = 0
+    for si in range(s):
+        score = []
+        for j in range(int(n_visible[0, si])):
+            terms = [bf16(float(w[0, si, hh]) * max(bf16(float(q[0, si, hh].double() @ k[0, j].double())), 0.0))
+                     for hh in range(h)]
+            score.append(bf16(sum(terms)))
+        order = sorted(range(len(score)), key=lambda j: (-score[j], j))[:topk]
+        ties += len(score) - len(set(score))
+        assert picks[0, si].tolist() == order + [-1] * (topk - len(order)), si
+    assert ties > 0  # the case the rounding creates: equal bf16 scores, ordered by entry id
+
+
 def test_indexer_topk_more_than_entries():
     """topk > N returns N picks (min(index_topk, T) in the spec)."""
     q, k, w = rand(1, 2, 2, 8, seed=1).abs(), rand(1, 3, 8, seed=2).abs(), rand(1, 2, 2, seed=3).abs()
-    picks = ops.indexer_topk(q, k, w, torch.tensor([[3, 1]]), 512)
+    picks = ops.indexer_topk(q, k, w, torch.tensor([[3, 1]]), 512, False)
     assert picks.shape == (1, 2, 3)
     assert (picks[0, 1, 1:] == -1).all() and picks[0, 1, 0] == 0
 
@@ -247,9 +315,10 @@ def test_indexer_topk_ties_lower_index_first():
     k = torch.zeros(1, 8, 4)
     k[0, :, 0] = torch.tensor([1.0, 2, 1, 2, 0, -1, 2, 1])
     n_visible = torch.tensor([[8, 6]])
-    assert ops.indexer_topk(q, k, w, n_visible, 3).tolist() == [[[1, 3, 6], [1, 3, 0]]]
-    assert ops.indexer_topk(q, k, w, n_visible, 5).tolist() == [[[1, 3, 6, 0, 2], [1, 3, 0, 2, 4]]]
-    assert ops.indexer_topk(q, k, w, n_visible, 8).tolist() == [[[1, 3, 6, 0, 2, 7, 4, 5],
+    for rounded in (False, True):  # small integers: the bf16 roundings are exact and change nothing
+        assert ops.indexer_topk(q, k, w, n_visible, 3, rounded).tolist() == [[[1, 3, 6], [1, 3, 0]]]
+        assert ops.indexer_topk(q, k, w, n_visible, 5, rounded).tolist() == [[[1, 3, 6, 0, 2], [1, 3, 0, 2, 4]]]
+    assert ops.indexer_topk(q, k, w, n_visible, 8, False).tolist() == [[[1, 3, 6, 0, 2, 7, 4, 5],
                                                                  [1, 3, 0, 2, 4, 5, -1, -1]]]
 
 
@@ -264,9 +333,11 @@ def test_indexer_topk_ties_match_onnx_function_body():
     w = torch.randint(0, 3, (2, 16, 3), generator=g).float()
     n_visible = torch.randint(0, 301, (2, 16), generator=g)
     for topk in (7, 64):
-        want = ops.indexer_topk(q, k, w, n_visible, topk).numpy()
-        got = run_onnx("indexer_topk", {"topk": topk}, [3], q=q, k=k, w=w, n_visible=n_visible)[0]
-        np.testing.assert_array_equal(got, want)
+        for rounded in (False, True):
+            want = ops.indexer_topk(q, k, w, n_visible, topk, rounded).numpy()
+            got = run_onnx("indexer_topk", {"topk": topk, "bf16": int(rounded)}, [3], q=q, k=k, w=w,
+                           n_visible=n_visible)[0]
+            np.testing.assert_array_equal(got, want)
 
 
 # ---- compressor pooling (spec §2.4) -------------------------------------------------------------------------------
@@ -475,11 +546,15 @@ def e2m1_round_by_hand(v: float) -> float:
 
 
 def test_hadamard_fp4_op_by_hand():
-    """Indexer QAT (spec §2.5 step 2, §3.2): x H/sqrt(d) (Sylvester order), then FP4 per 32 with pow2 scale."""
+    """Indexer QAT (spec §2.5 step 2, §3.2, §3.9.3): x H/sqrt(d) (Sylvester order) rounded to bf16, then FP4
+    per 32 with pow2 scale."""
     d = 64
-    # small integers: the butterflies and the 1/8 scale are exact in fp32, so the FP4 rounding must agree exactly
-    x = torch.randint(-8, 9, (3, d), generator=torch.Generator().manual_seed(5)).float()
-    rotated = x.double() @ sylvester(d) / math.sqrt(d)
+    # integers up to 2^12: the butterflies and the 1/8 scale are exact in fp32 but need more than bf16's 8
+    # significant bits, so the bf16 rounding before the FP4 step is visible
+    x = torch.randint(-4096, 4097, (3, d), generator=torch.Generator().manual_seed(5)).float()
+    exact = x.double() @ sylvester(d) / math.sqrt(d)
+    rotated = exact.clone().apply_(bf16)
+    assert not torch.equal(rotated, exact)
     want = torch.empty_like(rotated)
     for r in range(3):
         for b0 in range(0, d, 32):
@@ -492,7 +567,8 @@ def test_hadamard_fp4_op_by_hand():
 # ---- sliding window ring (spec §2.3 step 6, trap 6) -------------------------------------------------------------
 def test_window_ring_wraps_around():
     """W = 4; calls of various sizes (decode, chunks, longer than W, padded, idle). Each query must see exactly
-    positions max(0, i-W+1) .. i, oldest first, -1 before position 0; kv rows carry their position + 1."""
+    positions max(0, i-W+1) .. i, oldest first, -1 padding after them (model.py:254-276); kv rows carry their
+    position + 1."""
     cfg = preset("tiny").replace(sliding_window=4)
     attn = Attention(cfg, 0)
     W, d = 4, cfg.head_dim
@@ -508,7 +584,8 @@ def test_window_ring_wraps_around():
             for t in range(n_valid[b]):
                 i = starts[b] + t
                 seen = [int(keys[b, j, 0]) - 1 if j >= 0 else None for j in idx[b, t].tolist()]
-                assert seen == [p if p >= 0 else None for p in range(i - W + 1, i + 1)], (b, i)
+                window = list(range(max(0, i - W + 1), i + 1))  # the reference's order: -1 padding after
+                assert seen == window + [None] * (W - len(window)), (b, i)
         ring = attn.updated_ring(ring, kv, step)
         for b in range(2):
             end = starts[b] + n_valid[b]

@@ -228,5 +228,32 @@ def chat(artifact: Path, system: str | None, mode: str, max_new_tokens: int, tem
 
     chat_main(artifact, system, mode, max_new_tokens, temperature, top_p, seed, threads)
 
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict and figures as JSON on stdout.")
+def conformance(directory: Path, as_json: bool) -> None:
+    """Check the graph's numerics against a recording of DeepSeek's official code, component by component.
+
+    DIRECTORY holds ckpt/ (official-format checkpoint) and conformance.npz (the reference's tensors at every
+    component boundary). Exits 0 when every check conforms, 5 when one does not."""
+    from dsv4c.compiler.errors import CheckpointInvalidError, ValidationGateError
+    from dsv4c.graphs.checkpoint import CheckpointError
+    from dsv4c.graphs.conformance import RecordingError, format_report, run_conformance
+
+    try:
+        report = run_conformance(directory)
+    except (RecordingError, CheckpointError) as e:
+        _fail(CheckpointInvalidError(str(e)))
+        return
+    if as_json:
+        click.echo(json.dumps({"passed": report["passed"], "checks": report["checks"]}, indent=2))
+    else:
+        click.echo(format_report(report))
+    if not report["passed"]:
+        failed = [name for name, c in report["checks"].items() if c.get("passed") is False]
+        _fail(ValidationGateError(f"{directory}: the graph does not conform to the recording "
+                                  f"(failed: {', '.join(failed)})"))
+
+
 if __name__ == "__main__":
     main()

@@ -140,17 +140,19 @@ class Recording:
         npz = self.dir / "conformance.npz"
         if not npz.is_file():
             raise RecordingError(f"{npz}: not found (a conformance directory holds ckpt/ and conformance.npz)")
-        self.data = np.load(npz, allow_pickle=False)
         try:
-            self.meta = json.loads(str(self.data["meta"]))
-            self.prompts = self.data["prompts"]
-            self.decode_tokens = self.data["decode_tokens"]
-            self.next_tokens = self.data["next_tokens"]
-        except KeyError as e:
-            raise RecordingError(f"{npz}: key {e.args[0]!r} missing") from None
+            self.data = np.load(npz, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise RecordingError(f"{npz}: not a readable .npz archive ({e})") from None
+        try:
+            self.meta = json.loads(str(self["meta"]))
+        except json.JSONDecodeError:
+            raise RecordingError(f"{npz}: key 'meta' is not a JSON string") from None
+        self.prompts, self.decode_tokens, self.next_tokens = (
+            self[k] for k in ("prompts", "decode_tokens", "next_tokens"))
         self.batch, self.prompt_len = self.prompts.shape
         self.steps = 1 + self.decode_tokens.shape[1]
-        ckpt = self.dir / self.meta.get("ckpt_dir", "ckpt")
+        ckpt = self.dir / str(self.meta.get("ckpt_dir", "ckpt"))
         self.ckpt = ckpt if ckpt.is_dir() else self.dir / "ckpt"
 
     def __getitem__(self, key: str) -> np.ndarray:
@@ -190,10 +192,14 @@ def run_conformance(directory: str | Path, numerics: Numerics | None = None) -> 
     """Feed every component of the graph the recording's inputs; -> the report (figures and verdicts)."""
     rec = Recording(directory)
     model = load_checkpoint_model(CheckpointReader(rec.ckpt), numerics or Numerics.reference())
-    with torch.no_grad():
-        attn, attn_ref_topk, topk = _attention_checks(model, rec)
-        ffn, routing = _moe_checks(model, rec)
-        hc, mtp_in, logits = _stream_checks(model, rec)
+    try:
+        with torch.no_grad():
+            attn, attn_ref_topk, topk = _attention_checks(model, rec)
+            ffn, routing = _moe_checks(model, rec)
+            hc, mtp_in, logits = _stream_checks(model, rec)
+    except (RuntimeError, ValueError, IndexError) as e:  # shapes of another model than the checkpoint's
+        raise RecordingError(f"{rec.dir / 'conformance.npz'} does not fit the checkpoint in {rec.ckpt}: "
+                             f"{str(e).splitlines()[0]}") from None
     figures = {
         "attn": attn.figures(),
         "attn_reference_topk": attn_ref_topk.figures(),
