@@ -44,7 +44,10 @@ class Engine:
         self.eos_id = int(eng["eos_token_id"])
 
     @classmethod
-    def load(cls, path: str | Path, emulate: bool = False, threads: int | None = None) -> "Engine":
+    def load(cls, path: str | Path, emulate: bool = False, threads: int | None = None,
+             device: str | None = None) -> "Engine":
+        """`device` runs a TensorRT bundle without TensorRT: "cuda" with the Triton plugin kernels on the GPU,
+        "cpu" with the ops' torch reference (dsv4c.targets.tensorrt.torch_executor)."""
         root = Path(path)
         manifest = read_manifest(root)
         kind = manifest.target
@@ -52,7 +55,11 @@ class Engine:
             executors = importlib.import_module(f"dsv4c.targets.{kind}.executor")
         except ModuleNotFoundError:
             raise ArtifactError(f"{root}: target {kind!r} has no executor in this dsv4c; upgrade dsv4c") from None
-        executor = executors.load_executor(root, manifest, emulate=emulate, threads=threads)
+        if device is not None and kind != "tensorrt":
+            raise ArtifactError(f"{root}: device={device!r} is for TensorRT bundles; a {kind} artifact runs on its "
+                                "own executor")
+        extra = {"device": device} if device is not None else {}
+        executor = executors.load_executor(root, manifest, emulate=emulate, threads=threads, **extra)
         return cls(root, manifest, executor, _load_tokenizer(root))
 
     def session(self, batch_size: int = 1) -> "Session":

@@ -2,6 +2,8 @@
 
     emulate=True:  the bundle's ONNX (exactly what TensorRT parses) on ONNX Runtime CPU, each dsv4 plugin node
                    run by the op's reference implementation (its ONNX function body).
+    device="cuda": the bundle's ONNX interpreted by torch on the GPU, plugin nodes on the Triton kernels
+                   (torch_executor.py): no TensorRT needed.
     emulate=False: the built `.plan` engines through TensorRT's Python API, inputs/outputs as CUDA tensors
                    (torch), the runtime's caches copied in and out per step. Needs tensorrt + a GPU; not
                    executable on the project's machines (README 'TensorRT').
@@ -16,8 +18,13 @@ import numpy as np
 from dsv4c.artifact import ArtifactError, Manifest
 
 
-def load_executor(root: Path, manifest: Manifest, emulate: bool = False, threads: int | None = None):
+def load_executor(root: Path, manifest: Manifest, emulate: bool = False, threads: int | None = None,
+                  device: str | None = None):
     engine = manifest.engine
+    if device is not None:  # the bundle's ONNX on torch, plugin nodes on the Triton kernels: no TensorRT needed
+        from dsv4c.targets.tensorrt.torch_executor import TorchExecutor, check_device
+
+        return TorchExecutor(root / "engine", engine["programs"], check_device(device))
     if emulate:
         from dsv4c.graphs.ops.onnx import function_bodies
         from dsv4c.targets.onnx_bundle import EmulatedExecutor
