@@ -7,8 +7,13 @@ round to bf16 / FP8 / FP4 everywhere, and a decode step runs its GEMMs as GEMVs 
 prefill GEMM's in the last fp32 bit; a rounding boundary then flips now and then and the flips compound through
 the layers, the FP8 scales and the indexer top-k. Measured on these synthetic models: a 1-ulp fp32 perturbation
 of the embeddings alone moves single-position logits to cosine 0.971 (tiny) / 0.994 (tiny-b), mean 0.9996. So
-reference numerics are held to a mean cosine >= 0.9999 over positions and >= 0.995 at every position: a real
-cache bug (a lost window row, a wrong compressor state, a misplaced entry) drives many positions far lower.
+reference numerics are held end to end only to what that chaos allows: spec §3.9 measures 0.93-0.99 for a
+last-bit difference, and here a decode step at the HCA boundary (position 127 of `tiny`) moves the next positions
+to cosine 0.927 (mean 0.989) although every attention layer's decode is bit-exact. The cache itself is held
+strictly where chaos cannot reach, component by component (spec §3.9's method): each attention layer fed the
+*same* inputs one-shot, in chunks with decode steps, and batched with idle rows must agree within one bf16 ulp
+(test_attention_caches_are_exact_on_identical_inputs); a real cache bug (a lost window row, a wrong compressor
+state, a misplaced entry) breaks whole rows there.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ def assert_same_logits(got: torch.Tensor, want: torch.Tensor, plain: bool, what:
         assert rel <= 1e-5 and min(cos) >= 0.9999, f"{what}: max relative diff {rel}, min cosine {min(cos)}"
     else:
         mean = sum(cos) / len(cos)
-        assert mean >= 0.9999 and min(cos) >= 0.995, f"{what}: mean cosine {mean}, min {min(cos)}"
+        assert mean >= 0.98 and min(cos) >= 0.9, f"{what}: mean cosine {mean}, min {min(cos)}"
 
 
 @pytest.fixture(scope="module", params=[(p, n) for p in CASES for n in ("plain", "reference")],
@@ -131,6 +136,47 @@ def test_batch_of_unequal_prompts_equals_each_alone(model):
                 pos[b] += 1
     for b, n in enumerate(lengths):
         assert_same_logits(torch.cat(got[b]), alone[b][:n + 3], model.numerics.bf16 is False, f"batch row {b}")
+
+
+def within_one_ulp(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Fraction of elements with |got - want| <= one bf16 ulp of want (FORMAT.md of the conformance recordings)."""
+    ulp = torch.exp2(torch.floor(torch.log2(want.abs().clamp(min=2.0 ** -126))) - 7)
+    return ((got - want).abs() <= ulp).double().mean().item()
+
+
+@torch.no_grad()
+def test_attention_caches_are_exact_on_identical_inputs(model):
+    """Every attention layer (SWA, CSA with the indexer, HCA) on one input sequence: one-shot, then a prefill
+    chunk + decode steps + a chunk, then the same inside a batch whose other row idles. Same inputs, so the
+    chaos of the end-to-end tests is absent: >= 99.9 % of outputs within one bf16 ulp and no row off."""
+    from dsv4c.graphs.conformance import _fresh_cache
+    from dsv4c.graphs.model import Step
+
+    cfg, n = model.cfg, 140  # past the HCA boundary (128) and many CSA windows
+    x = torch.randn(1, n, cfg.hidden_size, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16).float()
+    plan = [(0, 61), (61, 1), (62, 1), (63, 3), (66, 1), (67, 60), (127, 1), (128, 1), (129, 11)]
+
+    def step(start, count, width, valid):
+        return Step(torch.tensor(start), torch.tensor(valid), width)
+
+    for layer in range(cfg.num_hidden_layers):
+        attn = model.layers[layer].attn
+        want, _ = attn(x, step([0], n, n, [n]), _fresh_cache(model, layer, 1, MAX_LEN), model.numerics)
+        cache, single = _fresh_cache(model, layer, 1, MAX_LEN), []
+        batched_cache, batched = _fresh_cache(model, layer, 2, MAX_LEN), []
+        for i, (start, count) in enumerate(plan):
+            out, cache = attn(x[:, start:start + count], step([start], count, count, [count]), cache, model.numerics)
+            single.append(out)
+            idle = i % 2  # the second row idles every other call: its state must not move
+            other = [start if not idle else 0, count if not idle else 0]
+            pair = torch.cat([x[:, start:start + count], x[:, start:start + count]])
+            out, batched_cache = attn(pair, step([start, other[0]], count, count, [count, other[1]]),
+                                      batched_cache, model.numerics)
+            batched.append(out[:1])
+        for label, got in (("chunks + decode", torch.cat(single, 1)), ("batched", torch.cat(batched, 1))):
+            rows = ((got - want).norm(dim=-1) / want.norm(dim=-1)).max().item()
+            frac = within_one_ulp(got, want) if model.numerics.bf16 else 1.0
+            assert frac >= 0.999 and rows <= (1e-2 if model.numerics.bf16 else 1e-5), (layer, label, frac, rows)
 
 
 # ---- MTP (spec §2.7) ------------------------------------------------------------------------------------------
