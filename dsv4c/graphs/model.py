@@ -69,7 +69,11 @@ class Step:
 
     @property
     def positions(self) -> torch.Tensor:  # [B, S]
-        return self.start[:, None] + torch.arange(self.seqlen, device=self.start.device)[None, :]
+        return self.start[:, None] + self.arange(self.seqlen)[None, :]
+
+    def arange(self, n: int) -> torch.Tensor:
+        """0..n-1 on the step's device (the graph runs on CPU for export, on a GPU for eager checks)."""
+        return torch.arange(n, device=self.start.device)
 
 
 # ---- small building blocks ---------------------------------------------------------------------------------
@@ -176,14 +180,14 @@ class Compressor(nn.Module):
         kv = self.wkv(x)  # [B, S, c*d], fp32 like the reference
         score = self.wgate(x) + self.ape[pos % m]
         # Extended rows E = [state (positions start-span .. start-1) | new tokens (start .. start+S-1)]
-        state_pos = step.start[:, None] - span + torch.arange(span)  # [B, span]
+        state_pos = step.start[:, None] - span + step.arange(span)  # [B, span]
         before_start = (state_pos < 0)[..., None]
         ext_kv = torch.cat([state_kv.masked_fill(before_start, 0.0), kv], dim=1)
         ext_score = torch.cat([state_score.masked_fill(before_start, float("-inf")), score], dim=1)
         # Windows closing in this call: j = start//m + k, last token at (j+1)m-1, row (j+1)m-1 - (start-span).
         n_win = step.seqlen // m + 2  # at most S//m + 1 close; +1 more keeps the size >= 2 so export
         # does not specialise on a size-1 dimension
-        j = (step.start // m)[:, None] + torch.arange(n_win)  # [B, K]
+        j = (step.start // m)[:, None] + step.arange(n_win)  # [B, K]
         last = (j + 1) * m - 1
         closes = last < step.end[:, None]
         rows = torch.where(closes, last - (step.start[:, None] - span), torch.full_like(last, -1))
@@ -195,13 +199,13 @@ class Compressor(nn.Module):
         else:
             new = fake_quant_nope(new, self.rope_dim, num.kv_fp8)
         # Entry slot n takes new[n - start//m] when that window closed in this call, else keeps its value.
-        slot = torch.arange(entries.shape[1])[None, :] - (step.start // m)[:, None]  # [B, N]
+        slot = step.arange(entries.shape[1])[None, :] - (step.start // m)[:, None]  # [B, N]
         in_call = (slot >= 0) & (slot < n_win)
         slot_c = slot.clamp(0, n_win - 1)
         fresh = in_call & torch.gather(closes, 1, slot_c)
         entries = torch.where(fresh[..., None], take_rows(new, slot_c), entries)
         # New state: the span rows ending at position end-1, i.e. ext rows n_valid .. n_valid+span-1.
-        keep = step.n_valid[:, None] + torch.arange(span)
+        keep = step.n_valid[:, None] + step.arange(span)
         return entries, take_rows(ext_kv, keep), take_rows(ext_score, keep)
 
 
@@ -278,7 +282,7 @@ class Attention(nn.Module):
                                                      cache["idx_state_score"], self.freqs, num)
                 new_cache.update(idx=icmp, idx_state_kv=ikv, idx_state_score=isc)
             else:  # HCA: every complete entry
-                entry = torch.arange(cmp.shape[1])
+                entry = step.arange(cmp.shape[1])
                 picks = torch.where(entry[None, None, :] < ((pos + 1) // self.ratio)[..., None], entry, -1)
             idx.append(torch.where(picks >= 0, picks + W + s, picks))
         o = ops.sparse_attn(q, torch.cat(keys, dim=1), self.attn_sink, torch.cat(idx, dim=-1), self.head_dim ** -0.5,
@@ -300,7 +304,7 @@ class Attention(nn.Module):
         numerics): ring slot (pos % W) for positions before this call, row W + t for this call's tokens."""
         W = self.window
         pos = step.positions[..., None]
-        kpos = (pos - (W - 1)).clamp(min=0) + torch.arange(W)  # [B, S, W]
+        kpos = (pos - (W - 1)).clamp(min=0) + step.arange(W)  # [B, S, W]
         start = step.start[:, None, None]
         rows = torch.where(kpos >= start, W + (kpos - start), kpos % W)
         return torch.where(kpos <= pos, rows, torch.full_like(rows, -1))
@@ -309,7 +313,7 @@ class Attention(nn.Module):
         """Slot s holds the latest position p < end with p % W == s: from this call if p >= start."""
         W = self.window
         last = step.end[:, None] - 1
-        p = last - torch.remainder(last - torch.arange(W), W)  # [B, W]
+        p = last - torch.remainder(last - step.arange(W), W)  # [B, W]
         from_call = p >= step.start[:, None]
         row = (p - step.start[:, None]).clamp(0, kv.shape[1] - 1)
         return torch.where(from_call[..., None], take_rows(kv, row), ring)

@@ -26,7 +26,7 @@ def ceil_pow2(x: torch.Tensor) -> torch.Tensor:
 def e8m0_to_float(s: torch.Tensor) -> torch.Tensor:
     """e8m0 scales (float8_e8m0fnu or raw uint8 bytes) -> float32 2^(byte-127)."""
     raw = s.view(torch.uint8) if s.dtype == torch.float8_e8m0fnu else s.to(torch.uint8)
-    return torch.ldexp(torch.ones(raw.shape), raw.to(torch.int32) - 127)
+    return torch.ldexp(torch.ones(raw.shape, device=raw.device), raw.to(torch.int32) - 127)
 
 
 def float_to_e8m0(scale: torch.Tensor) -> torch.Tensor:
@@ -77,7 +77,7 @@ def round_e2m1(x: torch.Tensor) -> torch.Tensor:
 
 def decode_e2m1(codes: torch.Tensor) -> torch.Tensor:
     codes = codes.to(torch.int64)
-    mag = torch.tensor(_E2M1)[codes & 7]
+    mag = torch.tensor(_E2M1, device=codes.device)[codes & 7]
     return torch.where((codes & 8) != 0, -mag, mag)
 
 

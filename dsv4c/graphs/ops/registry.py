@@ -138,7 +138,7 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w
     Expert weights stacked [E, ...]: fmt 0 = FP4 (w [E,N,K/2] u8, s [E,N,K/32]), 1 = FP8 (w [E,N,K] u8,
     s [E,N/128,K/128]), 2 = float (w [E,N,K], s unused). Per expert e: g = w1 x, u = w3 x (clamped: u in
     [-L, L], g <= L), h = silu(g) * u * routing_weight (applied BEFORE w2), y = w2 h; out = sum over picks."""
-    y = torch.zeros(x.shape, dtype=torch.float32)
+    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in torch.unique(indices).tolist():
         if e < 0:
             continue
@@ -196,14 +196,14 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
     per block the unnormalised exp(l - running max) are rounded to bf16 (with `bf16`) before the P.V product,
     the denominator sums them unrounded, and the sink joins the denominator at the end."""
     b, s, h, d = q.shape
-    out = torch.empty(b, s, h, d, dtype=torch.float32)
+    out = torch.empty(b, s, h, d, dtype=torch.float32, device=q.device)
     kvf = kv.float()
     for s0 in range(0, s, 64):  # query blocks bound the gathered [B, s, K, D] tensor
         ib = idx[:, s0:s0 + 64]  # [B, s, K]
         qb = q[:, s0:s0 + 64].float()
-        run_max = torch.full(qb.shape[:3], float("-inf"))
-        denom = torch.zeros(qb.shape[:3])
-        acc = torch.zeros(qb.shape)
+        run_max = torch.full(qb.shape[:3], float("-inf"), device=q.device)
+        denom = torch.zeros(qb.shape[:3], device=q.device)
+        acc = torch.zeros_like(qb)
         for k0 in range(0, ib.shape[2], ATTN_BLOCK):
             kb = ib[..., k0:k0 + ATTN_BLOCK]
             rows = torch.gather(kvf, 1, kb.clamp(min=0).flatten(1)[..., None].expand(-1, -1, d))
@@ -242,7 +242,7 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_visible: t
     scores = round_bf16(torch.einsum("bshd,bnd->bshn", q.float(), k.float()), bf16).relu()
     scores = round_bf16(scores * w.float()[..., None], bf16)
     scores = round_bf16(scores.sum(dim=2), bf16)  # [B, S, N]
-    entry = torch.arange(k.shape[1])
+    entry = torch.arange(k.shape[1], device=k.device)
     hidden = entry.view(1, 1, -1) >= n_visible[..., None]
     scores = scores.masked_fill(hidden, float("-inf"))
     # torch.topk leaves the order of ties unspecified; a stable descending sort keeps lower ids first
@@ -280,7 +280,7 @@ def compress_pool(kv: torch.Tensor, score: torch.Tensor, ends: torch.Tensor, rat
     c = 2 if overlap else 1
     d = cd // c
     span = c * ratio
-    offs = torch.arange(span) - (span - 1)  # rows e-span+1 .. e
+    offs = torch.arange(span, device=kv.device) - (span - 1)  # rows e-span+1 .. e
     rows = (ends.clamp(min=span - 1)[..., None] + offs).flatten(1)  # [B, K*span]
     g_kv = torch.gather(kv.float(), 1, rows[..., None].expand(-1, -1, cd)).view(b, -1, span, cd)
     g_sc = torch.gather(score.float(), 1, rows[..., None].expand(-1, -1, cd)).view(b, -1, span, cd)
