@@ -138,6 +138,19 @@ def test_hadamard_fp4_bit_exact(d):
     assert torch.equal(got.cpu(), ops.hadamard_fp4(x))
 
 
+def test_hadamard_fp4_rounds_to_bf16_before_fp4():
+    # Hadamard outputs just above FP4 midpoints (1.25 + 1e-3, 2.5 + 1e-2; each block's amax 5 -> scale 1): bf16
+    # rounds them onto the midpoint, which FP4 then rounds to even (1, 2); unrounded they would go up (1.5, 3)
+    y = rand(4, 64, seed=63).clamp(-4, 4)
+    y[:, ::32] = 5.0
+    y[:, 1::4], y[:, 2::8], y[:, 3::8] = 1.251, -2.51, 2.51
+    x = quant.hadamard(y.double()).float()  # the transform is its own inverse
+    got = K.hadamard_fp4(*dev(x))
+    want = ops.hadamard_fp4(x)
+    assert torch.equal(got.cpu(), want)
+    assert not torch.equal(want, quant.fake_quant_fp4(quant.hadamard(x), 32))  # the rounding matters here
+
+
 # ---- FP8 linears ----------------------------------------------------------------------------------------------
 def fp8_weight(n: int, k: int, seed: int, pow2_scales: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     w8, s = quant.quantize_fp8_blocks(rand(n, k, seed=seed, scale=0.05))
@@ -175,23 +188,66 @@ def test_fp8_grouped_linear(act_quant):
 
 
 # ---- attention, compressor, indexer -----------------------------------------------------------------------------
+@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("b,s,h,d,n,k", [(2, 3, 5, 48, 20, 70),  # H, D, K not multiples of the blocks
                                          (1, 2, 3, 256, 12, 20)])  # the large-head-dim config (V4: 512)
-def test_sparse_attn(b, s, h, d, n, k):
+def test_sparse_attn(b, s, h, d, n, k, bf16):
     q, kv, sink = rand(b, s, h, d, seed=8), rand(b, n, d, seed=9), rand(h, seed=10, scale=2.0)
     idx = torch.randint(-1, n, (b, s, k), generator=torch.Generator().manual_seed(11))
     idx[0, 0] = -1  # no pick at all: only the sink's mass, o = 0
     idx[0, 1, :5] = 7  # duplicate picks count once each
     idx[-1, -1, 3:] = -1  # three valid picks
     scale = 3 * d ** -0.5  # sharp softmax
-    got = K.sparse_attn(*dev(q, kv, sink, idx), scale)
-    want = ops.sparse_attn(q, kv, sink, idx, scale)
+    got = K.sparse_attn(*dev(q, kv, sink, idx), scale, bf16)
+    want = ops.sparse_attn(q, kv, sink, idx, scale, bf16)
     # o is a convex combination of kv rows; logits carry ~(d u + 2^-20)|q||kv| scale error, so the weights
-    # err by that much relative: bound by max|kv| times the largest logit error (+ reordering of the K-sum)
+    # err by that much relative: bound by max|kv| times the largest logit error (+ reordering of the K-sum).
+    # With bf16 such a logit error may also move a probability across a bf16 rounding boundary (one bf16 ulp,
+    # <= 2^-7 of that weight): the bound allows it, so these random cases check the structure, and
+    # test_sparse_attn_bf16_blocks (exact logits) the rounding itself.
     logit_err = (d * U + 2.0 ** -20) * q.abs().max() * kv.abs().max() * d * scale
-    tol = kv.abs().max() * (2 * logit_err + 4 * k * U)
+    tol = kv.abs().max() * (2 * logit_err + 4 * k * U + (2.0 ** -7 if bf16 else 0.0))
     assert_within(got, want, tol.item(), "sparse_attn")
     assert torch.equal(got[0, 0].cpu(), torch.zeros(h, d))
+
+
+def near_bf16_boundary(p: torch.Tensor, rel: float) -> torch.Tensor:
+    """p (> 0) within `rel` (relative) of a point where rounding to bf16 changes direction (a midpoint)."""
+    p = p.double()
+    ulp = 2.0 ** (torch.floor(torch.log2(p)) - 7)
+    return ((p / ulp).frac() - 0.5).abs() * ulp < rel * p
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_sparse_attn_bf16_blocks(bf16):
+    # 200 picks = blocks of 64 picks [0, 64) [64, 128) [128, 192) [192, 200): -1 picks everywhere, a whole
+    # invalid block after a valid one (query 0), an invalid first block while the max is still -inf (query 1),
+    # and a later block raising the max (query 2: its first block sees rows with small logits only).
+    # Small integers and a power-of-two scale make every logit exact in any summation order, so the only
+    # inexact step before the bf16 rounding of p = exp(l - m) is exp itself (a few ulps), and no
+    # exp(j/8), j = 0..-160 (every l - m these inputs can give) lies within 2^-18 of a bf16 rounding
+    # boundary: kernel and reference round every p the same way, and the remaining difference is summation
+    # order. Without the rounding, or with another block size, outputs move by ~2^-9 of a term.
+    g = torch.Generator().manual_seed(60)
+    b, s, h, d, n, k, scale = 1, 3, 3, 32, 40, 200, 0.125
+    q = torch.randint(-2, 3, (b, s, h, d), generator=g).float()
+    kv = torch.randint(-1, 2, (b, n, d), generator=g).float()
+    sink = rand(h, seed=61)
+    idx = torch.randint(0, n, (b, s, k), generator=g)
+    idx[torch.rand(b, s, k, generator=g) < 0.2] = -1
+    idx[0, 0, 64:128] = -1
+    idx[0, 1, :64] = -1
+    kv[0, 39] = 0.0  # the only row query 2's first block sees: logit 0, later blocks go above it
+    idx[0, 2, :64] = 39
+    assert not near_bf16_boundary(torch.exp(-torch.arange(161.0) / 8), 2.0 ** -18).any()
+    assert (q.abs().max() * kv.abs().max() * d * scale).item() <= 8  # logits in [-8, 8]: |l - m| <= 16
+    got = K.sparse_attn(*dev(q, kv, sink, idx), scale, bf16)
+    want = ops.sparse_attn(q, kv, sink, idx, scale, bf16)
+    tol = ((k + 16) * U + 2.0 ** -20) * kv.abs().max().item()  # reordering (+ tf32x3 on a GPU)
+    assert_within(got, want, tol, "sparse_attn")
+    # the cases above do exercise the rounding: it moves the reference's outputs by far more than tol
+    other = ops.sparse_attn(q, kv, sink, idx, scale, not bf16)
+    assert (other - want).abs().max() > 20 * tol
 
 
 @pytest.mark.parametrize("ratio,overlap", [(4, True), (8, False), (128, False)])
@@ -211,8 +267,9 @@ def test_compress_pool(ratio, overlap):
     assert torch.equal(got[0, 1].cpu(), torch.zeros(d))
 
 
+@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("topk", [6, 64])
-def test_indexer_topk_ties_exact(topk):
+def test_indexer_topk_ties_exact(topk, bf16):
     # small integers / halves: every score is exact in fp32 whatever the summation order, so the picks must be
     # identical, including the order inside the many ties (lower id first) and the -1 tail
     g = torch.Generator().manual_seed(15)
@@ -221,11 +278,32 @@ def test_indexer_topk_ties_exact(topk):
     k = torch.randint(-1, 2, (b, n, d), generator=g).float()
     w = torch.randint(-2, 3, (b, s, h), generator=g).float() * 0.5
     n_visible = torch.tensor([[0, 5, 50], [12, 30, 1]])
-    got = K.indexer_topk(*dev(q, k, w, n_visible), topk)
-    want = ops.indexer_topk(q, k, w, n_visible, topk)
+    got = K.indexer_topk(*dev(q, k, w, n_visible), topk, bf16)
+    want = ops.indexer_topk(q, k, w, n_visible, topk, bf16)
     assert got.shape == want.shape == (b, s, min(topk, n))
     assert torch.equal(got.cpu(), want)
     assert (want == -1).any() and not torch.equal(want[0, 1, :5], torch.arange(5))  # ties and sentinels exercised
+
+
+def test_indexer_topk_bf16_rounding_points():
+    # Keys = one base row + sparse +-1 changes, and two heads with positive q: dots in the thousands that differ
+    # by a few units, where bf16 keeps steps of 8-16. Each of the three bf16 roundings (dot, weighted dot, head
+    # sum; weights are multiples of 1/16) then changes the picks (checked when written: dropping any one of
+    # them alone changes the reference's picks), mostly by merging scores into ties that must be ordered
+    # lower id first. Every fp32 value on the way is exact (integers and sixteenths below 2^14), so the kernel
+    # must match bit for bit whatever its summation order.
+    g = torch.Generator().manual_seed(62)
+    b, s, h, d, n, topk = 2, 3, 3, 32, 50, 20
+    q = torch.randint(-16, 17, (b, s, h, d), generator=g).float()
+    q[:, :, :2] = torch.randint(4, 17, (b, s, 2, d), generator=g).float()
+    base = torch.randint(4, 17, (b, 1, d), generator=g).float()
+    k = base + torch.randint(-1, 2, (b, n, d), generator=g).float() * (torch.rand(b, n, d, generator=g) < 0.2)
+    w = torch.randint(-4, 5, (b, s, h), generator=g).float() * 0.25 + 0.0625
+    n_visible = torch.tensor([[50, 7, 33], [0, 50, 49]])
+    got = K.indexer_topk(*dev(q, k, w, n_visible), topk, True)
+    want = ops.indexer_topk(q, k, w, n_visible, topk, True)
+    assert torch.equal(got.cpu(), want)
+    assert not torch.equal(want, ops.indexer_topk(q, k, w, n_visible, topk, False))  # the roundings matter
 
 
 def test_indexer_topk_all_zero_scores_keep_id_order():
@@ -234,9 +312,10 @@ def test_indexer_topk_all_zero_scores_keep_id_order():
     k = torch.ones(1, 9, 16)
     w = torch.tensor([[[-1.0, -2.0], [1.0, -1.0]]])  # all-negative weights give -0.0 scores
     n_visible = torch.tensor([[9, 4]])
-    got = K.indexer_topk(*dev(q, k, w, n_visible), 6)
-    assert torch.equal(got.cpu(), torch.tensor([[[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, -1, -1]]]))
-    assert torch.equal(got.cpu(), ops.indexer_topk(q, k, w, n_visible, 6))
+    for bf16 in (False, True):
+        got = K.indexer_topk(*dev(q, k, w, n_visible), 6, bf16)
+        assert torch.equal(got.cpu(), torch.tensor([[[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, -1, -1]]]))
+        assert torch.equal(got.cpu(), ops.indexer_topk(q, k, w, n_visible, 6, bf16))
 
 
 # ---- hyper-connections ------------------------------------------------------------------------------------------
@@ -322,7 +401,7 @@ def test_errors_name_the_tensor():
     q = torch.zeros(1, 2, 4, 32, device=DEV)
     with pytest.raises(K.KernelInputError, match="`kv` has shape"):
         K.sparse_attn(q, torch.zeros(1, 5, 16, device=DEV), torch.zeros(4, device=DEV),
-                      torch.zeros(1, 2, 3, dtype=torch.int64, device=DEV), 1.0)
+                      torch.zeros(1, 2, 3, dtype=torch.int64, device=DEV), 1.0, True)
     with pytest.raises(K.KernelInputError, match="multiple of 128"):
         K.fp8_linear(torch.zeros(2, 100, device=DEV), torch.zeros(8, 100, dtype=torch.uint8, device=DEV),
                      torch.ones(1, 1, device=DEV), True)
@@ -351,7 +430,7 @@ def plugin_cases() -> list[tuple[str, list[torch.Tensor], dict, int]]:
         ("fake_quant_fp8", [rand(3, 7, 256, seed=36) * torch.logspace(-6, 3, 256)], dict(block=64), 1),
         ("hadamard_fp4", [rand(5, 64, seed=37)], {}, 1),
         ("sparse_attn", [rand(2, 3, 5, 48, seed=38), rand(2, 20, 48, seed=39), rand(5, seed=40), idx],
-         dict(scale=0.3), 1),
+         dict(scale=0.3, bf16=1), 1),
         ("compress_pool", [rand(2, 30, 48, seed=41), rand(2, 30, 48, seed=42), ends], dict(ratio=4, overlap=1), 1),
         ("hc_pre", [rand(2, 9, 4, 40, seed=43), rand(24, 160, seed=44, scale=0.1), rand(3, seed=45),
                     rand(24, seed=46)], dict(iters=20, norm_eps=1e-6, hc_eps=1e-6), 1),
@@ -389,7 +468,7 @@ def test_register_all_without_tensorrt_names_what_is_missing():
 def test_output_shapes_equal_the_fake_kernels():
     cases = [(op, ins, attrs) for op, ins, attrs, _ in plugin_cases()]
     cases += [("indexer_topk", [torch.zeros(2, 3, 4, 32), torch.zeros(2, 9, 32), torch.zeros(2, 3, 4),
-                                torch.zeros(2, 3, dtype=torch.int64)], dict(topk=k)) for k in (4, 64)]
+                                torch.zeros(2, 3, dtype=torch.int64)], dict(topk=k, bf16=1)) for k in (4, 64)]
     moe = [torch.zeros(5, 256), torch.zeros(5, 2), torch.zeros(5, 2, dtype=torch.int64)]
     moe += [torch.zeros(4, 128, 128, dtype=torch.uint8), torch.zeros(4, 128, 8)] * 2
     moe += [torch.zeros(4, 256, 64, dtype=torch.uint8), torch.zeros(4, 256, 4)]

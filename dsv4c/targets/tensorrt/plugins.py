@@ -138,8 +138,8 @@ def aot_kernel(op: str, shapes: Sequence[Sequence[Any]], attrs: dict, cdiv: Call
         b, s_, h, d = shapes[0]
         d = _static(d, "sparse_attn: head dim of q")
         bh, bk, bd, dc, warps = attention.attn_blocks(d)
-        c = dict(D=d, SCALE=float(attrs["scale"]), PRECISION="tf32x3", BLOCK_H=bh, BLOCK_K=bk, BLOCK_D=bd,
-                 BLOCK_DC=dc)
+        c = dict(D=d, SCALE=float(attrs["scale"]), BF16=bool(attrs["bf16"]), PRECISION="tf32x3", BLOCK_H=bh,
+                 BLOCK_K=bk, BLOCK_D=bd, BLOCK_DC=dc)
         s = sig([("q_ptr", "fp32"), ("kv_ptr", "fp32"), ("sink_ptr", "fp32"), ("idx_ptr", "i64")],
                 ["S", "H", "N", "K"], [("o_ptr", "fp32")], c)
         return AotKernel(attention.sparse_attn_kernel, s, c, (b * s_, cdiv(h, bh), 1),
@@ -351,25 +351,25 @@ def _register(trt: Any, trtp: Any) -> None:  # noqa: C901  (one block per op, on
 
     # sparse_attn ----------------------------------------------------------------------------------------------
     @trtp.register(plugin_id("sparse_attn"))
-    def _(q: TD, kv: TD, sink: TD, idx: TD, scale: float) -> TD:
-        return desc("sparse_attn", [q, kv, sink, idx], dict(scale=scale))
+    def _(q: TD, kv: TD, sink: TD, idx: TD, scale: float, bf16: int) -> TD:
+        return desc("sparse_attn", [q, kv, sink, idx], dict(scale=scale, bf16=bf16))
 
     @trtp.impl(plugin_id("sparse_attn"))
-    def _(q: T, kv: T, sink: T, idx: T, scale: float, outputs: Tuple[T], stream: int) -> None:
-        jit("sparse_attn", [q, kv, sink, idx], dict(scale=scale), outputs, stream)
+    def _(q: T, kv: T, sink: T, idx: T, scale: float, bf16: int, outputs: Tuple[T], stream: int) -> None:
+        jit("sparse_attn", [q, kv, sink, idx], dict(scale=scale, bf16=bf16), outputs, stream)
 
     @aot_impl(plugin_id("sparse_attn"))
-    def _(q: TD, kv: TD, sink: TD, idx: TD, scale: float, outputs: Tuple[TD], tactic: int) -> AotOut:
-        return aot("sparse_attn", [q, kv, sink, idx], dict(scale=scale), tactic)
+    def _(q: TD, kv: TD, sink: TD, idx: TD, scale: float, bf16: int, outputs: Tuple[TD], tactic: int) -> AotOut:
+        return aot("sparse_attn", [q, kv, sink, idx], dict(scale=scale, bf16=bf16), tactic)
 
     # indexer_topk (JIT only) ----------------------------------------------------------------------------------
     @trtp.register(plugin_id("indexer_topk"))
-    def _(q: TD, k: TD, w: TD, n_visible: TD, topk: int) -> TD:
-        return desc("indexer_topk", [q, k, w, n_visible], dict(topk=topk))
+    def _(q: TD, k: TD, w: TD, n_visible: TD, topk: int, bf16: int) -> TD:
+        return desc("indexer_topk", [q, k, w, n_visible], dict(topk=topk, bf16=bf16))
 
     @trtp.impl(plugin_id("indexer_topk"))
-    def _(q: T, k: T, w: T, n_visible: T, topk: int, outputs: Tuple[T], stream: int) -> None:
-        jit("indexer_topk", [q, k, w, n_visible], dict(topk=topk), outputs, stream)
+    def _(q: T, k: T, w: T, n_visible: T, topk: int, bf16: int, outputs: Tuple[T], stream: int) -> None:
+        jit("indexer_topk", [q, k, w, n_visible], dict(topk=topk, bf16=bf16), outputs, stream)
 
     # compress_pool --------------------------------------------------------------------------------------------
     @trtp.register(plugin_id("compress_pool"))
