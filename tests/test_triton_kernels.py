@@ -16,6 +16,7 @@ rounding may flip for rare elements; those tests bound the flips separately (see
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import subprocess
 import sys
@@ -562,61 +563,103 @@ def test_aot_kernels_launched_like_tensorrt_match_reference(case):
         assert_within(got, w, 2e-5 * scale, op)  # the launcher tests above bound the kernels tightly
 
 
-class _RecordingTrtp:
-    """Stands in for tensorrt / tensorrt.plugin (not installable here) only to read back what plugins._register
-    declares: decorators record the functions, descriptors carry integer shapes."""
+# tensorrt.plugin itself: NVIDIA's pure-Python package over a fake `tensorrt` core where its sources can be found,
+# and a strict re-statement of its rules everywhere (tests/trt_plugin_api.py)
+import trt_plugin_api as trt_api  # noqa: E402  (tests/ is on sys.path, as for tensors.py)
+import trt_plugin_misuse  # noqa: E402
 
-    class TensorDesc:
-        def __init__(self, shape=(), dtype=None):
-            self.shape_expr, self.dtype = list(shape), dtype
-
-    Tensor = KernelLaunchParams = SymExprs = AutoTuneCombination = object
-    float32, int64 = "float32", "int64"
-    QuickPluginCreationRequest = object
-
-    def __init__(self):
-        self.registered: dict[str, dict[str, object]] = {}
-
-    def _recorder(self, kind):
-        def decorator_for(plugin):
-            def record(fn):
-                self.registered.setdefault(plugin, {})[kind] = fn
-                return fn
-            return record
-        return decorator_for
-
-    def __getattr__(self, kind):  # register / impl / aot_impl / autotune
-        if kind in ("register", "impl", "aot_impl", "autotune"):
-            return self._recorder(kind)
-        raise AttributeError(kind)
-
-    @staticmethod
-    def from_shape_expr(shape, dtype):
-        return _RecordingTrtp.TensorDesc(shape, dtype)
-
-    min = staticmethod(min)
+PLUGIN_SRC = trt_api.find_real_plugin_sources()
 
 
-def test_registrations_match_the_onnx_nodes():
-    """Each plugin declares the ONNX node's inputs (schema order) and attributes under their ONNX names, has a JIT
-    implementation, an AOT one exactly for the single-kernel ops, and its descriptor gives the fake kernel's
-    output shapes. (TensorRT itself is not available: this reads the declarations only.)"""
-    import inspect
+@pytest.fixture(params=["strict", "real"])
+def plugin_api(request):
+    if request.param == "real":
+        if PLUGIN_SRC is None:
+            pytest.skip("NVIDIA's tensorrt.plugin sources not found (set DSV4C_TRT_PLUGIN_SRC to an unzipped "
+                        "tensorrt-cu12-bindings wheel's tensorrt_bindings/ directory)")
+        api = trt_api.RealPluginAPI(PLUGIN_SRC)
+    else:
+        api = trt_api.StrictPluginAPI()
+    yield api
+    api.close()
 
+
+def test_registrations_match_the_onnx_nodes(plugin_api):
+    """plugins._register passes tensorrt.plugin's own checks (parameter kinds and annotations, tensors before
+    attributes, attribute types, impl / aot_impl / autotune schemas and return annotations); each plugin declares
+    the ONNX node's inputs (schema order) and attributes under their ONNX names, has a JIT implementation, an AOT
+    one exactly for the single-kernel ops, and its descriptor gives the fake kernel's output shapes."""
     from dsv4c.graphs.ops.onnx import tensor_inputs
 
-    rec = _RecordingTrtp()
-    plugins._register(rec, rec)
-    assert set(rec.registered) == {plugins.plugin_id(n) for n in dsv4c.graphs.ops.OPS}
+    api = plugin_api
+    plugins._register(api.trt, api.trtp)
+    assert api.registered() == {plugins.plugin_id(n) for n in dsv4c.graphs.ops.OPS}
     examples = {op: (ins, attrs) for op, ins, attrs, _ in plugin_cases()}
+    api.shape_context(trt_api.IExprBuilder())
     for name, op in dsv4c.graphs.ops.OPS.items():
-        fns = rec.registered[plugins.plugin_id(name)]
+        fns = api.definition(plugins.plugin_id(name))
         declared = list(inspect.signature(fns["register"]).parameters)
         assert declared == tensor_inputs(op) + list(op.attributes), name
         assert list(inspect.signature(fns["impl"]).parameters)[:len(declared)] == declared, name
-        assert ("aot_impl" in fns) == (name in plugins.AOT_OPS), name
+        assert (fns["aot_impl"] is not None) == (name in plugins.AOT_OPS), name
         if name in examples:
             ins, attrs = examples[name]
-            out = fns["register"](*(rec.TensorDesc(t.shape) for t in ins), **attrs)
+            out = fns["register"](*(api.tensor_desc(dims(t.shape)) for t in ins), **attrs)
             out = out if isinstance(out, tuple) else (out,)
-            assert [tuple(o.shape_expr) for o in out] == plugins.output_shapes(name, [list(t.shape) for t in ins], attrs)
+            got = [tuple(trt_api.value_of(e) for e in o.shape_expr) for o in out]
+            assert got == plugins.output_shapes(name, [list(t.shape) for t in ins], attrs), name
+
+
+def dims(shape, dynamic: int = 2) -> list:
+    """Shape expressions as TensorRT hands them to a plugin: the leading `dynamic` dims (batch, sequence) are
+    runtime values, the rest build-time constants; a dim of a 1-D / 2-D tensor's last axis is always constant."""
+    return [trt_api.IDimensionExpr(d, i >= min(dynamic, len(shape) - 1)) for i, d in enumerate(shape)]
+
+
+def aot_cases() -> list[tuple[str, list[tuple[int, ...]], dict]]:
+    """Shapes for every AOT op, including the 1-D inputs and static divisions that reach cdiv with two ints."""
+    cases = [(op, [tuple(t.shape) for t in ins], attrs) for op, ins, attrs, _ in plugin_cases()]
+    cases += [("fake_quant_fp8", [(256,)], dict(block=64)), ("hadamard_fp4", [(64,)], {}),
+              ("fp8_linear", [(256,), (200, 256), (2, 2)], dict(act_quant=1)),
+              ("compress_pool", [(1, 200, 64), (1, 200, 64), (1, 3)], dict(ratio=128, overlap=0))]
+    return cases
+
+
+@pytest.mark.parametrize("case", range(len(aot_cases())))
+def test_aot_impls_under_the_plugin_api(plugin_api, case, monkeypatch):
+    """Each aot_impl, called as TensorRT calls it (shape expressions, a shape context), returns launch parameters
+    and extra args that tensorrt.plugin accepts and that evaluate to the launcher's grid and int32 scalars. (The
+    PTX compile is stubbed: it needs a GPU target here and is checked by the sm_90 test above.)"""
+    op, shapes, attrs = aot_cases()[case]
+    api = plugin_api
+    monkeypatch.setattr(plugins, "compile_aot", lambda spec: ("kernel", "// ptx", 0))
+    plugins._register(api.trt, api.trtp)
+    api.shape_context(trt_api.IExprBuilder())
+    descs = [api.tensor_desc(dims(s)) for s in shapes]
+    outs = tuple(api.tensor_desc(dims(s)) for s in plugins.output_shapes(op, [list(s) for s in shapes], attrs))
+    name, ptx, launch, extra = api.definition(plugins.plugin_id(op))["aot_impl"](*descs, **attrs, outputs=outs,
+                                                                                 tactic=1)
+    assert isinstance(name, bytes) and isinstance(ptx, bytes)
+    want = plugins.aot_kernel(op, [list(s) for s in shapes], attrs, triton.cdiv, 1)
+    grid = [trt_api.value_of(g) for g in (launch.grid_x, launch.grid_y, launch.grid_z)]
+    assert grid == list(want.grid) and trt_api.value_of(launch.block_x) == want.num_warps * 32
+    assert [trt_api.value_of(e) for e in extra] == want.scalars
+
+
+def test_plugin_api_rejects_what_tensorrt_rejects(plugin_api):
+    """The checks above can fail: the API (real or re-stated) refuses the misuses issue 18 found or could find."""
+    t = plugin_api.trtp
+    plugin_api.shape_context(trt_api.IExprBuilder())
+    with pytest.raises(ValueError, match="Both arguments cannot be 'int's"):
+        t.cdiv(130, 128)
+    assert trt_api.value_of(t.cdiv(t.ShapeExpr(trt_api.IDimensionExpr(130, False)), 128)) == 2
+    with pytest.raises(AttributeError):
+        t.KernelLaunchParams().grid_w = 1
+
+    for bad in trt_plugin_misuse.bad_registrations(t):
+        with pytest.raises(ValueError):
+            t.register(f"dsv4test::{bad.__name__}")(bad)
+    t.register("dsv4test::ok")(trt_plugin_misuse.good_registration(t))
+    for decorator, bad in trt_plugin_misuse.bad_implementations(t):
+        with pytest.raises(ValueError):
+            getattr(t, decorator)("dsv4test::ok")(bad)
