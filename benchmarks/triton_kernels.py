@@ -128,8 +128,9 @@ def cases(phase: str) -> list[Case]:
     g = torch.Generator(device="cuda").manual_seed(3)
     idx = torch.randint(0, n_rows, (b, s, kk), device="cuda", generator=g)
     out.append(Case("sparse_attn", f"{tag} H{h} D{hd} K{kk} N{n_rows}",
-                    lambda q=q, kv=kv, sink=sink, idx=idx: K.sparse_attn(q, kv, sink, idx, hd ** -0.5),
-                    lambda q=q, kv=kv, sink=sink, idx=idx: REFERENCE["sparse_attn"](q, kv, sink, idx, hd ** -0.5),
+                    lambda q=q, kv=kv, sink=sink, idx=idx: K.sparse_attn(q, kv, sink, idx, hd ** -0.5, True),
+                    lambda q=q, kv=kv, sink=sink, idx=idx: REFERENCE["sparse_attn"](q, kv, sink, idx, hd ** -0.5,
+                                                                                    True),
                     bytes=2 * q.numel() * 4 + b * s * kk * 8 + min(b * s * kk, b * n_rows) * hd * 4,
                     flops=4 * b * s * h * kk * hd, unit="tf32x3"))
 
@@ -138,8 +139,8 @@ def cases(phase: str) -> list[Case]:
     iq, ik, iw = cuda_rand(b, s, ih, idim), cuda_rand(b, n_keys, idim), cuda_rand(b, s, ih, scale=0.1)
     nv = torch.full((b, s), n_keys, device="cuda", dtype=torch.int64)
     out.append(Case("indexer_topk", f"{tag} h{ih} d{idim} N{n_keys} top{itopk}",
-                    lambda iq=iq, ik=ik, iw=iw, nv=nv: K.indexer_topk(iq, ik, iw, nv, itopk),
-                    lambda iq=iq, ik=ik, iw=iw, nv=nv: REFERENCE["indexer_topk"](iq, ik, iw, nv, itopk),
+                    lambda iq=iq, ik=ik, iw=iw, nv=nv: K.indexer_topk(iq, ik, iw, nv, itopk, True),
+                    lambda iq=iq, ik=ik, iw=iw, nv=nv: REFERENCE["indexer_topk"](iq, ik, iw, nv, itopk, True),
                     bytes=iq.numel() * 4 + b * n_keys * idim * 4 + b * s * n_keys * 8 * 2 + b * s * itopk * 8,
                     flops=2 * b * s * ih * n_keys * idim, unit="tf32x3"))
 
@@ -218,14 +219,14 @@ def bench(fn: Callable[[], object], quick: bool = False) -> float:
 
 
 def sweep_attention(dev: Device) -> None:
-    """Time sparse_attn's large-head-dim configs (BLOCK_H, BLOCK_K, BLOCK_DC, warps) at the decode and prefill
-    shapes, then keep the one with the best summed relative time for the main table."""
+    """Time sparse_attn's large-head-dim configs (BLOCK_H, BLOCK_DC, warps) at the decode and prefill shapes,
+    then keep the one with the best summed relative time for the main table. (BLOCK_K is the reference's
+    64-pick softmax block, part of the numerics, not a tuning knob.)"""
     from dsv4c.targets.tensorrt.kernels import attention
 
-    configs = [(16, 16, 128, 8), (16, 32, 128, 8), (16, 16, 512, 8), (16, 32, 512, 8), (16, 16, 128, 4),
-               (16, 16, 64, 4), (32, 16, 128, 8), (16, 64, 128, 8)]
+    configs = [(16, 128, 8), (16, 512, 8), (16, 128, 4), (16, 64, 4), (16, 64, 8), (32, 128, 8)]
     shapes = [c for phase in ("decode", "prefill") for c in cases(phase) if c.kernel == "sparse_attn"]
-    print("| sparse_attn config (BH, BK, DC, warps) | " + " | ".join(c.shape for c in shapes) + " |")
+    print("| sparse_attn config (BH, DC, warps) | " + " | ".join(c.shape for c in shapes) + " |")
     print("|---|" + "---|" * len(shapes))
     times = {}
     for cfg in configs:

@@ -16,6 +16,7 @@ rounding may flip for rare elements; those tests bound the flips separately (see
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import subprocess
 import sys
@@ -138,6 +139,19 @@ def test_hadamard_fp4_bit_exact(d):
     assert torch.equal(got.cpu(), ops.hadamard_fp4(x))
 
 
+def test_hadamard_fp4_rounds_to_bf16_before_fp4():
+    # Hadamard outputs just above FP4 midpoints (1.25 + 1e-3, 2.5 + 1e-2; each block's amax 5 -> scale 1): bf16
+    # rounds them onto the midpoint, which FP4 then rounds to even (1, 2); unrounded they would go up (1.5, 3)
+    y = rand(4, 64, seed=63).clamp(-4, 4)
+    y[:, ::32] = 5.0
+    y[:, 1::4], y[:, 2::8], y[:, 3::8] = 1.251, -2.51, 2.51
+    x = quant.hadamard(y.double()).float()  # the transform is its own inverse
+    got = K.hadamard_fp4(*dev(x))
+    want = ops.hadamard_fp4(x)
+    assert torch.equal(got.cpu(), want)
+    assert not torch.equal(want, quant.fake_quant_fp4(quant.hadamard(x), 32))  # the rounding matters here
+
+
 # ---- FP8 linears ----------------------------------------------------------------------------------------------
 def fp8_weight(n: int, k: int, seed: int, pow2_scales: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     w8, s = quant.quantize_fp8_blocks(rand(n, k, seed=seed, scale=0.05))
@@ -175,23 +189,66 @@ def test_fp8_grouped_linear(act_quant):
 
 
 # ---- attention, compressor, indexer -----------------------------------------------------------------------------
+@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("b,s,h,d,n,k", [(2, 3, 5, 48, 20, 70),  # H, D, K not multiples of the blocks
                                          (1, 2, 3, 256, 12, 20)])  # the large-head-dim config (V4: 512)
-def test_sparse_attn(b, s, h, d, n, k):
+def test_sparse_attn(b, s, h, d, n, k, bf16):
     q, kv, sink = rand(b, s, h, d, seed=8), rand(b, n, d, seed=9), rand(h, seed=10, scale=2.0)
     idx = torch.randint(-1, n, (b, s, k), generator=torch.Generator().manual_seed(11))
     idx[0, 0] = -1  # no pick at all: only the sink's mass, o = 0
     idx[0, 1, :5] = 7  # duplicate picks count once each
     idx[-1, -1, 3:] = -1  # three valid picks
     scale = 3 * d ** -0.5  # sharp softmax
-    got = K.sparse_attn(*dev(q, kv, sink, idx), scale)
-    want = ops.sparse_attn(q, kv, sink, idx, scale)
+    got = K.sparse_attn(*dev(q, kv, sink, idx), scale, bf16)
+    want = ops.sparse_attn(q, kv, sink, idx, scale, bf16)
     # o is a convex combination of kv rows; logits carry ~(d u + 2^-20)|q||kv| scale error, so the weights
-    # err by that much relative: bound by max|kv| times the largest logit error (+ reordering of the K-sum)
+    # err by that much relative: bound by max|kv| times the largest logit error (+ reordering of the K-sum).
+    # With bf16 such a logit error may also move a probability across a bf16 rounding boundary (one bf16 ulp,
+    # <= 2^-7 of that weight): the bound allows it, so these random cases check the structure, and
+    # test_sparse_attn_bf16_blocks (exact logits) the rounding itself.
     logit_err = (d * U + 2.0 ** -20) * q.abs().max() * kv.abs().max() * d * scale
-    tol = kv.abs().max() * (2 * logit_err + 4 * k * U)
+    tol = kv.abs().max() * (2 * logit_err + 4 * k * U + (2.0 ** -7 if bf16 else 0.0))
     assert_within(got, want, tol.item(), "sparse_attn")
     assert torch.equal(got[0, 0].cpu(), torch.zeros(h, d))
+
+
+def near_bf16_boundary(p: torch.Tensor, rel: float) -> torch.Tensor:
+    """p (> 0) within `rel` (relative) of a point where rounding to bf16 changes direction (a midpoint)."""
+    p = p.double()
+    ulp = 2.0 ** (torch.floor(torch.log2(p)) - 7)
+    return ((p / ulp).frac() - 0.5).abs() * ulp < rel * p
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_sparse_attn_bf16_blocks(bf16):
+    # 200 picks = blocks of 64 picks [0, 64) [64, 128) [128, 192) [192, 200): -1 picks everywhere, a whole
+    # invalid block after a valid one (query 0), an invalid first block while the max is still -inf (query 1),
+    # and a later block raising the max (query 2: its first block sees rows with small logits only).
+    # Small integers and a power-of-two scale make every logit exact in any summation order, so the only
+    # inexact step before the bf16 rounding of p = exp(l - m) is exp itself (a few ulps), and no
+    # exp(j/8), j = 0..-160 (every l - m these inputs can give) lies within 2^-18 of a bf16 rounding
+    # boundary: kernel and reference round every p the same way, and the remaining difference is summation
+    # order. Without the rounding, or with another block size, outputs move by ~2^-9 of a term.
+    g = torch.Generator().manual_seed(60)
+    b, s, h, d, n, k, scale = 1, 3, 3, 32, 40, 200, 0.125
+    q = torch.randint(-2, 3, (b, s, h, d), generator=g).float()
+    kv = torch.randint(-1, 2, (b, n, d), generator=g).float()
+    sink = rand(h, seed=61)
+    idx = torch.randint(0, n, (b, s, k), generator=g)
+    idx[torch.rand(b, s, k, generator=g) < 0.2] = -1
+    idx[0, 0, 64:128] = -1
+    idx[0, 1, :64] = -1
+    kv[0, 39] = 0.0  # the only row query 2's first block sees: logit 0, later blocks go above it
+    idx[0, 2, :64] = 39
+    assert not near_bf16_boundary(torch.exp(-torch.arange(161.0) / 8), 2.0 ** -18).any()
+    assert (q.abs().max() * kv.abs().max() * d * scale).item() <= 8  # logits in [-8, 8]: |l - m| <= 16
+    got = K.sparse_attn(*dev(q, kv, sink, idx), scale, bf16)
+    want = ops.sparse_attn(q, kv, sink, idx, scale, bf16)
+    tol = ((k + 16) * U + 2.0 ** -20) * kv.abs().max().item()  # reordering (+ tf32x3 on a GPU)
+    assert_within(got, want, tol, "sparse_attn")
+    # the cases above do exercise the rounding: it moves the reference's outputs by far more than tol
+    other = ops.sparse_attn(q, kv, sink, idx, scale, not bf16)
+    assert (other - want).abs().max() > 20 * tol
 
 
 @pytest.mark.parametrize("ratio,overlap", [(4, True), (8, False), (128, False)])
@@ -211,8 +268,9 @@ def test_compress_pool(ratio, overlap):
     assert torch.equal(got[0, 1].cpu(), torch.zeros(d))
 
 
+@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("topk", [6, 64])
-def test_indexer_topk_ties_exact(topk):
+def test_indexer_topk_ties_exact(topk, bf16):
     # small integers / halves: every score is exact in fp32 whatever the summation order, so the picks must be
     # identical, including the order inside the many ties (lower id first) and the -1 tail
     g = torch.Generator().manual_seed(15)
@@ -221,11 +279,32 @@ def test_indexer_topk_ties_exact(topk):
     k = torch.randint(-1, 2, (b, n, d), generator=g).float()
     w = torch.randint(-2, 3, (b, s, h), generator=g).float() * 0.5
     n_visible = torch.tensor([[0, 5, 50], [12, 30, 1]])
-    got = K.indexer_topk(*dev(q, k, w, n_visible), topk)
-    want = ops.indexer_topk(q, k, w, n_visible, topk)
+    got = K.indexer_topk(*dev(q, k, w, n_visible), topk, bf16)
+    want = ops.indexer_topk(q, k, w, n_visible, topk, bf16)
     assert got.shape == want.shape == (b, s, min(topk, n))
     assert torch.equal(got.cpu(), want)
     assert (want == -1).any() and not torch.equal(want[0, 1, :5], torch.arange(5))  # ties and sentinels exercised
+
+
+def test_indexer_topk_bf16_rounding_points():
+    # Keys = one base row + sparse +-1 changes, and two heads with positive q: dots in the thousands that differ
+    # by a few units, where bf16 keeps steps of 8-16. Each of the three bf16 roundings (dot, weighted dot, head
+    # sum; weights are multiples of 1/16) then changes the picks (checked when written: dropping any one of
+    # them alone changes the reference's picks), mostly by merging scores into ties that must be ordered
+    # lower id first. Every fp32 value on the way is exact (integers and sixteenths below 2^14), so the kernel
+    # must match bit for bit whatever its summation order.
+    g = torch.Generator().manual_seed(62)
+    b, s, h, d, n, topk = 2, 3, 3, 32, 50, 20
+    q = torch.randint(-16, 17, (b, s, h, d), generator=g).float()
+    q[:, :, :2] = torch.randint(4, 17, (b, s, 2, d), generator=g).float()
+    base = torch.randint(4, 17, (b, 1, d), generator=g).float()
+    k = base + torch.randint(-1, 2, (b, n, d), generator=g).float() * (torch.rand(b, n, d, generator=g) < 0.2)
+    w = torch.randint(-4, 5, (b, s, h), generator=g).float() * 0.25 + 0.0625
+    n_visible = torch.tensor([[50, 7, 33], [0, 50, 49]])
+    got = K.indexer_topk(*dev(q, k, w, n_visible), topk, True)
+    want = ops.indexer_topk(q, k, w, n_visible, topk, True)
+    assert torch.equal(got.cpu(), want)
+    assert not torch.equal(want, ops.indexer_topk(q, k, w, n_visible, topk, False))  # the roundings matter
 
 
 def test_indexer_topk_all_zero_scores_keep_id_order():
@@ -234,9 +313,10 @@ def test_indexer_topk_all_zero_scores_keep_id_order():
     k = torch.ones(1, 9, 16)
     w = torch.tensor([[[-1.0, -2.0], [1.0, -1.0]]])  # all-negative weights give -0.0 scores
     n_visible = torch.tensor([[9, 4]])
-    got = K.indexer_topk(*dev(q, k, w, n_visible), 6)
-    assert torch.equal(got.cpu(), torch.tensor([[[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, -1, -1]]]))
-    assert torch.equal(got.cpu(), ops.indexer_topk(q, k, w, n_visible, 6))
+    for bf16 in (False, True):
+        got = K.indexer_topk(*dev(q, k, w, n_visible), 6, bf16)
+        assert torch.equal(got.cpu(), torch.tensor([[[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, -1, -1]]]))
+        assert torch.equal(got.cpu(), ops.indexer_topk(q, k, w, n_visible, 6, bf16))
 
 
 # ---- hyper-connections ------------------------------------------------------------------------------------------
@@ -261,8 +341,10 @@ def test_hc_post():
     post, comb = rand(b, s, n, seed=22), rand(b, s, n, n, seed=23)
     got = K.hc_post(*dev(f, res, post, comb))
     want = ops.hc_post(f, res, post, comb)
+    if not NATIVE:  # the same operations in the same order (the j-sum first, in order): bit for bit
+        assert torch.equal(got, want)
     terms = post.abs()[..., None] * f.abs()[:, :, None, :] + torch.einsum("bsjk,bsjd->bskd", comb.abs(), res.abs())
-    assert_within(got, want, (n + 2) * 2 * U * terms.double(), "hc_post")
+    assert_within(got, want, (n + 2) * 2 * U * terms.double(), "hc_post")  # a GPU may fuse into FMAs
 
 
 # ---- routed experts ---------------------------------------------------------------------------------------------
@@ -320,7 +402,7 @@ def test_errors_name_the_tensor():
     q = torch.zeros(1, 2, 4, 32, device=DEV)
     with pytest.raises(K.KernelInputError, match="`kv` has shape"):
         K.sparse_attn(q, torch.zeros(1, 5, 16, device=DEV), torch.zeros(4, device=DEV),
-                      torch.zeros(1, 2, 3, dtype=torch.int64, device=DEV), 1.0)
+                      torch.zeros(1, 2, 3, dtype=torch.int64, device=DEV), 1.0, True)
     with pytest.raises(K.KernelInputError, match="multiple of 128"):
         K.fp8_linear(torch.zeros(2, 100, device=DEV), torch.zeros(8, 100, dtype=torch.uint8, device=DEV),
                      torch.ones(1, 1, device=DEV), True)
@@ -349,7 +431,7 @@ def plugin_cases() -> list[tuple[str, list[torch.Tensor], dict, int]]:
         ("fake_quant_fp8", [rand(3, 7, 256, seed=36) * torch.logspace(-6, 3, 256)], dict(block=64), 1),
         ("hadamard_fp4", [rand(5, 64, seed=37)], {}, 1),
         ("sparse_attn", [rand(2, 3, 5, 48, seed=38), rand(2, 20, 48, seed=39), rand(5, seed=40), idx],
-         dict(scale=0.3), 1),
+         dict(scale=0.3, bf16=1), 1),
         ("compress_pool", [rand(2, 30, 48, seed=41), rand(2, 30, 48, seed=42), ends], dict(ratio=4, overlap=1), 1),
         ("hc_pre", [rand(2, 9, 4, 40, seed=43), rand(24, 160, seed=44, scale=0.1), rand(3, seed=45),
                     rand(24, seed=46)], dict(iters=20, norm_eps=1e-6, hc_eps=1e-6), 1),
@@ -387,7 +469,7 @@ def test_register_all_without_tensorrt_names_what_is_missing():
 def test_output_shapes_equal_the_fake_kernels():
     cases = [(op, ins, attrs) for op, ins, attrs, _ in plugin_cases()]
     cases += [("indexer_topk", [torch.zeros(2, 3, 4, 32), torch.zeros(2, 9, 32), torch.zeros(2, 3, 4),
-                                torch.zeros(2, 3, dtype=torch.int64)], dict(topk=k)) for k in (4, 64)]
+                                torch.zeros(2, 3, dtype=torch.int64)], dict(topk=k, bf16=1)) for k in (4, 64)]
     moe = [torch.zeros(5, 256), torch.zeros(5, 2), torch.zeros(5, 2, dtype=torch.int64)]
     moe += [torch.zeros(4, 128, 128, dtype=torch.uint8), torch.zeros(4, 128, 8)] * 2
     moe += [torch.zeros(4, 256, 64, dtype=torch.uint8), torch.zeros(4, 256, 4)]
@@ -481,61 +563,103 @@ def test_aot_kernels_launched_like_tensorrt_match_reference(case):
         assert_within(got, w, 2e-5 * scale, op)  # the launcher tests above bound the kernels tightly
 
 
-class _RecordingTrtp:
-    """Stands in for tensorrt / tensorrt.plugin (not installable here) only to read back what plugins._register
-    declares: decorators record the functions, descriptors carry integer shapes."""
+# tensorrt.plugin itself: NVIDIA's pure-Python package over a fake `tensorrt` core where its sources can be found,
+# and a strict re-statement of its rules everywhere (tests/trt_plugin_api.py)
+import trt_plugin_api as trt_api  # noqa: E402  (tests/ is on sys.path, as for tensors.py)
+import trt_plugin_misuse  # noqa: E402
 
-    class TensorDesc:
-        def __init__(self, shape=(), dtype=None):
-            self.shape_expr, self.dtype = list(shape), dtype
-
-    Tensor = KernelLaunchParams = SymExprs = AutoTuneCombination = object
-    float32, int64 = "float32", "int64"
-    QuickPluginCreationRequest = object
-
-    def __init__(self):
-        self.registered: dict[str, dict[str, object]] = {}
-
-    def _recorder(self, kind):
-        def decorator_for(plugin):
-            def record(fn):
-                self.registered.setdefault(plugin, {})[kind] = fn
-                return fn
-            return record
-        return decorator_for
-
-    def __getattr__(self, kind):  # register / impl / aot_impl / autotune
-        if kind in ("register", "impl", "aot_impl", "autotune"):
-            return self._recorder(kind)
-        raise AttributeError(kind)
-
-    @staticmethod
-    def from_shape_expr(shape, dtype):
-        return _RecordingTrtp.TensorDesc(shape, dtype)
-
-    min = staticmethod(min)
+PLUGIN_SRC = trt_api.find_real_plugin_sources()
 
 
-def test_registrations_match_the_onnx_nodes():
-    """Each plugin declares the ONNX node's inputs (schema order) and attributes under their ONNX names, has a JIT
-    implementation, an AOT one exactly for the single-kernel ops, and its descriptor gives the fake kernel's
-    output shapes. (TensorRT itself is not available: this reads the declarations only.)"""
-    import inspect
+@pytest.fixture(params=["strict", "real"])
+def plugin_api(request):
+    if request.param == "real":
+        if PLUGIN_SRC is None:
+            pytest.skip("NVIDIA's tensorrt.plugin sources not found (set DSV4C_TRT_PLUGIN_SRC to an unzipped "
+                        "tensorrt-cu12-bindings wheel's tensorrt_bindings/ directory)")
+        api = trt_api.RealPluginAPI(PLUGIN_SRC)
+    else:
+        api = trt_api.StrictPluginAPI()
+    yield api
+    api.close()
 
+
+def test_registrations_match_the_onnx_nodes(plugin_api):
+    """plugins._register passes tensorrt.plugin's own checks (parameter kinds and annotations, tensors before
+    attributes, attribute types, impl / aot_impl / autotune schemas and return annotations); each plugin declares
+    the ONNX node's inputs (schema order) and attributes under their ONNX names, has a JIT implementation, an AOT
+    one exactly for the single-kernel ops, and its descriptor gives the fake kernel's output shapes."""
     from dsv4c.graphs.ops.onnx import tensor_inputs
 
-    rec = _RecordingTrtp()
-    plugins._register(rec, rec)
-    assert set(rec.registered) == {plugins.plugin_id(n) for n in dsv4c.graphs.ops.OPS}
+    api = plugin_api
+    plugins._register(api.trt, api.trtp)
+    assert api.registered() == {plugins.plugin_id(n) for n in dsv4c.graphs.ops.OPS}
     examples = {op: (ins, attrs) for op, ins, attrs, _ in plugin_cases()}
+    api.shape_context(trt_api.IExprBuilder())
     for name, op in dsv4c.graphs.ops.OPS.items():
-        fns = rec.registered[plugins.plugin_id(name)]
+        fns = api.definition(plugins.plugin_id(name))
         declared = list(inspect.signature(fns["register"]).parameters)
         assert declared == tensor_inputs(op) + list(op.attributes), name
         assert list(inspect.signature(fns["impl"]).parameters)[:len(declared)] == declared, name
-        assert ("aot_impl" in fns) == (name in plugins.AOT_OPS), name
+        assert (fns["aot_impl"] is not None) == (name in plugins.AOT_OPS), name
         if name in examples:
             ins, attrs = examples[name]
-            out = fns["register"](*(rec.TensorDesc(t.shape) for t in ins), **attrs)
+            out = fns["register"](*(api.tensor_desc(dims(t.shape)) for t in ins), **attrs)
             out = out if isinstance(out, tuple) else (out,)
-            assert [tuple(o.shape_expr) for o in out] == plugins.output_shapes(name, [list(t.shape) for t in ins], attrs)
+            got = [tuple(trt_api.value_of(e) for e in o.shape_expr) for o in out]
+            assert got == plugins.output_shapes(name, [list(t.shape) for t in ins], attrs), name
+
+
+def dims(shape, dynamic: int = 2) -> list:
+    """Shape expressions as TensorRT hands them to a plugin: the leading `dynamic` dims (batch, sequence) are
+    runtime values, the rest build-time constants; a dim of a 1-D / 2-D tensor's last axis is always constant."""
+    return [trt_api.IDimensionExpr(d, i >= min(dynamic, len(shape) - 1)) for i, d in enumerate(shape)]
+
+
+def aot_cases() -> list[tuple[str, list[tuple[int, ...]], dict]]:
+    """Shapes for every AOT op, including the 1-D inputs and static divisions that reach cdiv with two ints."""
+    cases = [(op, [tuple(t.shape) for t in ins], attrs) for op, ins, attrs, _ in plugin_cases()]
+    cases += [("fake_quant_fp8", [(256,)], dict(block=64)), ("hadamard_fp4", [(64,)], {}),
+              ("fp8_linear", [(256,), (200, 256), (2, 2)], dict(act_quant=1)),
+              ("compress_pool", [(1, 200, 64), (1, 200, 64), (1, 3)], dict(ratio=128, overlap=0))]
+    return cases
+
+
+@pytest.mark.parametrize("case", range(len(aot_cases())))
+def test_aot_impls_under_the_plugin_api(plugin_api, case, monkeypatch):
+    """Each aot_impl, called as TensorRT calls it (shape expressions, a shape context), returns launch parameters
+    and extra args that tensorrt.plugin accepts and that evaluate to the launcher's grid and int32 scalars. (The
+    PTX compile is stubbed: it needs a GPU target here and is checked by the sm_90 test above.)"""
+    op, shapes, attrs = aot_cases()[case]
+    api = plugin_api
+    monkeypatch.setattr(plugins, "compile_aot", lambda spec: ("kernel", "// ptx", 0))
+    plugins._register(api.trt, api.trtp)
+    api.shape_context(trt_api.IExprBuilder())
+    descs = [api.tensor_desc(dims(s)) for s in shapes]
+    outs = tuple(api.tensor_desc(dims(s)) for s in plugins.output_shapes(op, [list(s) for s in shapes], attrs))
+    name, ptx, launch, extra = api.definition(plugins.plugin_id(op))["aot_impl"](*descs, **attrs, outputs=outs,
+                                                                                 tactic=1)
+    assert isinstance(name, bytes) and isinstance(ptx, bytes)
+    want = plugins.aot_kernel(op, [list(s) for s in shapes], attrs, triton.cdiv, 1)
+    grid = [trt_api.value_of(g) for g in (launch.grid_x, launch.grid_y, launch.grid_z)]
+    assert grid == list(want.grid) and trt_api.value_of(launch.block_x) == want.num_warps * 32
+    assert [trt_api.value_of(e) for e in extra] == want.scalars
+
+
+def test_plugin_api_rejects_what_tensorrt_rejects(plugin_api):
+    """The checks above can fail: the API (real or re-stated) refuses the misuses issue 18 found or could find."""
+    t = plugin_api.trtp
+    plugin_api.shape_context(trt_api.IExprBuilder())
+    with pytest.raises(ValueError, match="Both arguments cannot be 'int's"):
+        t.cdiv(130, 128)
+    assert trt_api.value_of(t.cdiv(t.ShapeExpr(trt_api.IDimensionExpr(130, False)), 128)) == 2
+    with pytest.raises(AttributeError):
+        t.KernelLaunchParams().grid_w = 1
+
+    for bad in trt_plugin_misuse.bad_registrations(t):
+        with pytest.raises(ValueError):
+            t.register(f"dsv4test::{bad.__name__}")(bad)
+    t.register("dsv4test::ok")(trt_plugin_misuse.good_registration(t))
+    for decorator, bad in trt_plugin_misuse.bad_implementations(t):
+        with pytest.raises(ValueError):
+            getattr(t, decorator)("dsv4test::ok")(bad)

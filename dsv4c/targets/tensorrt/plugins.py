@@ -22,9 +22,12 @@ Per op:
 Verified here: module imports without TensorRT, `output_shapes` equals every op's fake kernel, every AOT
 kernel spec compiles for sm_90 and its PTX has exactly TensorRT's parameter list (after dropping Triton's two
 trailing scratch pointers, which are unused when their sizes are 0). On a GPU: the stripped PTX launched
-through the CUDA driver the way TensorRT launches an AOT plugin gives the reference results. NOT verified
-(no TensorRT anywhere we can run): the registrations against a real tensorrt.plugin, the parser's
-attribute-to-field conversion (ONNX INT -> INT64 field, FLOAT -> FLOAT64 field), the engine build.
+through the CUDA driver the way TensorRT launches an AOT plugin gives the reference results. The registrations
+and every aot_impl (called with shape expressions, its grid and extra args evaluated) pass tensorrt.plugin's
+own checks: NVIDIA's pure-Python package (from the tensorrt-cu12-bindings wheel) over a fake `tensorrt` core
+where its sources are available, and tests/trt_plugin_api.py's re-statement of its rules everywhere. NOT
+verified (no TensorRT library anywhere we can run): the parser's attribute-to-field conversion (ONNX INT ->
+INT64 field, FLOAT -> FLOAT64 field), the engine build.
 Deliberately no `from __future__ import annotations`: tensorrt.plugin validates the annotation objects.
 """
 
@@ -100,11 +103,24 @@ def _prod(dims: Sequence[Any]) -> Any:
     return reduce(operator.mul, dims)  # starts from the first dim: shape expressions have no __rmul__
 
 
+def _ceil_div(a: Any, b: Any, cdiv: Callable) -> Any:
+    """ceil(a / b) for a grid size. tensorrt.plugin's cdiv (like its min / max) raises ValueError when both
+    arguments are ints ("Both arguments cannot be 'int's", plugin/_top_level.py), so static sizes (a compile-time
+    dim, the 1 row of a 1-D input) are divided here and only shape expressions go to `cdiv`."""
+    if isinstance(a, int) and isinstance(b, int):
+        return -(-a // b)
+    return cdiv(a, b)
+
+
 def aot_kernel(op: str, shapes: Sequence[Sequence[Any]], attrs: dict, cdiv: Callable, tactic: int = 1) -> AotKernel:
     """The kernel, its constants, grid and int32 scalars for one op instance. Mirrors the launchers in
-    dsv4c.targets.tensorrt.kernels (same kernels, same block choices); `cdiv` is triton.cdiv or trtp.cdiv."""
+    dsv4c.targets.tensorrt.kernels (same kernels, same block choices); `cdiv` is triton.cdiv or trtp.cdiv
+    (shape expressions), applied through _ceil_div."""
     from dsv4c.targets.tensorrt.kernels import attention, compressor, fp8_gemm, hyper_connections, quant
     from dsv4c.targets.tensorrt.kernels._common import next_pow2
+
+    def ceil_div(a: Any, b: Any) -> Any:
+        return _ceil_div(a, b, cdiv)
 
     def sig(ptrs_in: list[tuple[str, str]], ints: list[str], ptrs_out: list[tuple[str, str]], consts: dict) -> dict:
         out = {n: f"*{t}" for n, t in ptrs_in} | {n: "i32" for n in ints} | {n: f"*{t}" for n, t in ptrs_out}
@@ -115,13 +131,13 @@ def aot_kernel(op: str, shapes: Sequence[Sequence[Any]], attrs: dict, cdiv: Call
         rows = _prod(shapes[0][:-1]) if len(shapes[0]) > 1 else 1
         c = dict(BLOCK=block, BLOCK_P=next_pow2(block), BLOCK_R=quant.FAKE_QUANT_ROWS)
         return AotKernel(quant.fake_quant_fp8_kernel, sig([("x_ptr", "fp32")], ["R", "K"], [("y_ptr", "fp32")], c),
-                         c, (cdiv(rows, quant.FAKE_QUANT_ROWS), k // block, 1), [rows, k], n_inputs=1)
+                         c, (ceil_div(rows, quant.FAKE_QUANT_ROWS), k // block, 1), [rows, k], n_inputs=1)
     if op == "hadamard_fp4":
         d = _static(shapes[0][-1], "hadamard_fp4: last dim of x")
         rows = _prod(shapes[0][:-1]) if len(shapes[0]) > 1 else 1
         c = dict(D=d, LOG2_D=int(math.log2(d)), SCALE=d ** -0.5, BLOCK_R=quant.HADAMARD_ROWS)
         return AotKernel(quant.hadamard_fp4_kernel, sig([("x_ptr", "fp32")], ["R"], [("y_ptr", "fp32")], c), c,
-                         (cdiv(rows, quant.HADAMARD_ROWS), 1, 1), [rows], n_inputs=1)
+                         (ceil_div(rows, quant.HADAMARD_ROWS), 1, 1), [rows], n_inputs=1)
     if op in ("fp8_linear", "fp8_grouped_linear"):
         x, w = shapes[0], shapes[1]
         k = x[-1]
@@ -133,16 +149,17 @@ def aot_kernel(op: str, shapes: Sequence[Sequence[Any]], attrs: dict, cdiv: Call
         c = dict(ACT_QUANT=bool(attrs["act_quant"]), LOWP_DOT=True, PRECISION="tf32x3",
                  BLOCK_M=bm, BLOCK_N=bn)
         s = sig([("x_ptr", "fp32"), ("w_ptr", "u8"), ("ws_ptr", "fp32")], ["M", "N", "K", "G"], [("y_ptr", "fp32")], c)
-        return AotKernel(fp8_gemm.fp8_gemm_kernel, s, c, (cdiv(m, bm), cdiv(n, bn), g), [m, n, k, g], n_inputs=3)
+        return AotKernel(fp8_gemm.fp8_gemm_kernel, s, c, (ceil_div(m, bm), ceil_div(n, bn), g), [m, n, k, g],
+                         n_inputs=3)
     if op == "sparse_attn":
         b, s_, h, d = shapes[0]
         d = _static(d, "sparse_attn: head dim of q")
         bh, bk, bd, dc, warps = attention.attn_blocks(d)
-        c = dict(D=d, SCALE=float(attrs["scale"]), PRECISION="tf32x3", BLOCK_H=bh, BLOCK_K=bk, BLOCK_D=bd,
-                 BLOCK_DC=dc)
+        c = dict(D=d, SCALE=float(attrs["scale"]), BF16=bool(attrs["bf16"]), PRECISION="tf32x3", BLOCK_H=bh,
+                 BLOCK_K=bk, BLOCK_D=bd, BLOCK_DC=dc)
         s = sig([("q_ptr", "fp32"), ("kv_ptr", "fp32"), ("sink_ptr", "fp32"), ("idx_ptr", "i64")],
                 ["S", "H", "N", "K"], [("o_ptr", "fp32")], c)
-        return AotKernel(attention.sparse_attn_kernel, s, c, (b * s_, cdiv(h, bh), 1),
+        return AotKernel(attention.sparse_attn_kernel, s, c, (b * s_, ceil_div(h, bh), 1),
                          [s_, h, shapes[1][1], shapes[3][2]], num_warps=warps, n_inputs=4)
     if op == "compress_pool":
         b, length, cd = shapes[0]
@@ -153,7 +170,7 @@ def aot_kernel(op: str, shapes: Sequence[Sequence[Any]], attrs: dict, cdiv: Call
         s = sig([("kv_ptr", "fp32"), ("score_ptr", "fp32"), ("ends_ptr", "i64")], ["L", "KN", "D"],
                 [("out_ptr", "fp32")], c)
         kn = shapes[2][1]
-        return AotKernel(compressor.compress_pool_kernel, s, c, (b * kn, cdiv(d, block_d), 1), [length, kn, d],
+        return AotKernel(compressor.compress_pool_kernel, s, c, (b * kn, ceil_div(d, block_d), 1), [length, kn, d],
                          n_inputs=3)
     if op == "hc_pre":
         b, s_, n, d = shapes[0]
@@ -164,7 +181,7 @@ def aot_kernel(op: str, shapes: Sequence[Sequence[Any]], attrs: dict, cdiv: Call
         s = sig([("x_ptr", "fp32"), ("fn_ptr", "fp32"), ("scale_ptr", "fp32"), ("base_ptr", "fp32")], ["T", "D"],
                 [("y_ptr", "fp32"), ("post_ptr", "fp32"), ("comb_ptr", "fp32")], c)
         return AotKernel(hyper_connections.hc_pre_kernel, s, c,
-                         (cdiv(b * s_, hyper_connections.HC_PRE_BLOCKS["BLOCK_T"]), 1, 1), [b * s_, d], n_inputs=4,
+                         (ceil_div(b * s_, hyper_connections.HC_PRE_BLOCKS["BLOCK_T"]), 1, 1), [b * s_, d], n_inputs=4,
                          n_outputs=3)
     if op == "hc_post":
         b, s_, n, d = shapes[1]
@@ -173,7 +190,7 @@ def aot_kernel(op: str, shapes: Sequence[Sequence[Any]], attrs: dict, cdiv: Call
         c = dict(NS=n, NP=next_pow2(n), BLOCK_D=block_d)
         s = sig([("f_ptr", "fp32"), ("res_ptr", "fp32"), ("post_ptr", "fp32"), ("comb_ptr", "fp32")], ["T", "D"],
                 [("out_ptr", "fp32")], c)
-        return AotKernel(hyper_connections.hc_post_kernel, s, c, (b * s_, cdiv(d, block_d), 1), [b * s_, d],
+        return AotKernel(hyper_connections.hc_post_kernel, s, c, (b * s_, ceil_div(d, block_d), 1), [b * s_, d],
                          n_inputs=4)
     raise KeyError(f"op {op!r} has no AOT kernel (JIT only): {', '.join(AOT_OPS)} do")
 
@@ -351,25 +368,25 @@ def _register(trt: Any, trtp: Any) -> None:  # noqa: C901  (one block per op, on
 
     # sparse_attn ----------------------------------------------------------------------------------------------
     @trtp.register(plugin_id("sparse_attn"))
-    def _(q: TD, kv: TD, sink: TD, idx: TD, scale: float) -> TD:
-        return desc("sparse_attn", [q, kv, sink, idx], dict(scale=scale))
+    def _(q: TD, kv: TD, sink: TD, idx: TD, scale: float, bf16: int) -> TD:
+        return desc("sparse_attn", [q, kv, sink, idx], dict(scale=scale, bf16=bf16))
 
     @trtp.impl(plugin_id("sparse_attn"))
-    def _(q: T, kv: T, sink: T, idx: T, scale: float, outputs: Tuple[T], stream: int) -> None:
-        jit("sparse_attn", [q, kv, sink, idx], dict(scale=scale), outputs, stream)
+    def _(q: T, kv: T, sink: T, idx: T, scale: float, bf16: int, outputs: Tuple[T], stream: int) -> None:
+        jit("sparse_attn", [q, kv, sink, idx], dict(scale=scale, bf16=bf16), outputs, stream)
 
     @aot_impl(plugin_id("sparse_attn"))
-    def _(q: TD, kv: TD, sink: TD, idx: TD, scale: float, outputs: Tuple[TD], tactic: int) -> AotOut:
-        return aot("sparse_attn", [q, kv, sink, idx], dict(scale=scale), tactic)
+    def _(q: TD, kv: TD, sink: TD, idx: TD, scale: float, bf16: int, outputs: Tuple[TD], tactic: int) -> AotOut:
+        return aot("sparse_attn", [q, kv, sink, idx], dict(scale=scale, bf16=bf16), tactic)
 
     # indexer_topk (JIT only) ----------------------------------------------------------------------------------
     @trtp.register(plugin_id("indexer_topk"))
-    def _(q: TD, k: TD, w: TD, n_visible: TD, topk: int) -> TD:
-        return desc("indexer_topk", [q, k, w, n_visible], dict(topk=topk))
+    def _(q: TD, k: TD, w: TD, n_visible: TD, topk: int, bf16: int) -> TD:
+        return desc("indexer_topk", [q, k, w, n_visible], dict(topk=topk, bf16=bf16))
 
     @trtp.impl(plugin_id("indexer_topk"))
-    def _(q: T, k: T, w: T, n_visible: T, topk: int, outputs: Tuple[T], stream: int) -> None:
-        jit("indexer_topk", [q, k, w, n_visible], dict(topk=topk), outputs, stream)
+    def _(q: T, k: T, w: T, n_visible: T, topk: int, bf16: int, outputs: Tuple[T], stream: int) -> None:
+        jit("indexer_topk", [q, k, w, n_visible], dict(topk=topk, bf16=bf16), outputs, stream)
 
     # compress_pool --------------------------------------------------------------------------------------------
     @trtp.register(plugin_id("compress_pool"))

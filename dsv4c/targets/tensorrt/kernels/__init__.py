@@ -1,11 +1,12 @@
 """Triton kernels for the dsv4 custom ops (the TensorRT plugins' implementations).
 
 One module per kernel family; each exposes a launcher named like its op, taking the op's arguments
-(dsv4c/graphs/ops/registry.py) and returning what the torch reference returns:
+(dsv4c/graphs/ops/registry.py), bf16 attributes included, and returning what the torch reference returns,
+down to its bf16 rounding points (spec §3.9):
 
     quant.py               fake_quant_fp8, hadamard_fp4                    1 kernel each
     fp8_gemm.py            fp8_linear, fp8_grouped_linear                  1 kernel (act quant fused)
-    attention.py           sparse_attn                                     1 kernel (online softmax + sink)
+    attention.py           sparse_attn                                     1 kernel (64-pick online softmax + sink)
     compressor.py          compress_pool                                   1 kernel
     indexer.py             indexer_topk                                    score kernel + torch.topk on packed keys
     hyper_connections.py   hc_pre (Sinkhorn fused), hc_post                1 kernel each

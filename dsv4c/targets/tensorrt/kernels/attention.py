@@ -2,12 +2,16 @@
 
 Every query (b, s) attends to K rows of its batch's kv picked by idx[b, s] (-1 = no row); all H heads share
 those rows (one latent K=V head), so a program loads each gathered row block once for BLOCK_H heads and runs
-an online softmax over the K picks (flash-decoding style). The sink joins the softmax denominator only:
+an online softmax over the picks. The blocks are part of the numerics, not a tuning choice (registry.py
+sparse_attn, spec §3.9.2): exactly ATTN_BLOCK = 64 picks per block, in idx order; per block
 
-    o[h] = sum_k exp(l_k - m) kv_k / (sum_k exp(l_k - m) + exp(sink_h - m)),   l_k = scale * q_h . kv_k
+    m' = max(m, max_k l_k),   p_k = exp(l_k - m'),   l = scale * q_h . kv_k   (-inf for -1 picks)
+    denom = denom * exp(m - m') + sum_k p_k                  (the unrounded p)
+    acc   = acc   * exp(m - m') + sum_k bf16(p_k) kv_k        (p rounded to bf16 first when BF16)
 
-Rows with no valid pick give o = 0 (only the sink's mass remains), like the reference. Indices outside
-[0, N) are treated as -1 (never read), so a bad index cannot fault the GPU.
+and at the end o = acc / (denom + exp(sink_h - m)): the sink joins the denominator only, against the final
+max (0 while nothing was valid, so blocks of -1 picks give exp(-inf) = 0, never NaN). Rows with no valid pick
+give o = 0. Indices outside [0, N) are treated as -1 (never read), so a bad index cannot fault the GPU.
 """
 
 from __future__ import annotations
@@ -16,14 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4c.graphs.ops.registry import ATTN_BLOCK
 from dsv4c.targets.tensorrt.kernels._common import (F32_PRECISION, check_shape, check_tensors, f32, next_pow2,
-                                                    require)
+                                                    require, round_bf16)
 
 
 @triton.jit
 def sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, S, H, N, K, o_ptr,
-                       D: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr):
+                       D: tl.constexpr, SCALE: tl.constexpr, BF16: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr):
     # q [B,S,H,D] f32, kv [B,N,D] f32, sink [H] f32, idx [B,S,K] i64 -> o [B,S,H,D]; program (b*S+s, head block)
     # q.kv runs over D in chunks of BLOCK_DC (only a [BH, DC] slice of q and a [BK, DC] slice of the rows live
     # at once); the P.V product needs the full rows, re-read from L1/L2
@@ -49,34 +54,38 @@ def sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, S, H, N, K, o_ptr,
             logits += tl.dot(qc, tl.trans(rc), input_precision=PRECISION)
         logits = tl.where(valid[None, :], logits * SCALE, float("-inf"))  # [BH, BK]
         m_new = tl.maximum(m, tl.max(logits, axis=1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: keep exp() finite
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: no -inf - -inf
         alpha = tl.exp(m - m_ref)
         p = tl.exp(logits - m_ref[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
+        l = l * alpha + tl.sum(p, axis=1)  # the denominator sums the unrounded p
+        if BF16:
+            p = round_bf16(p)  # the reference's P.V takes bf16 probabilities
         rows = tl.load(kv_ptr + row_base + dims[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p, rows, input_precision=PRECISION)
         m = m_new
     sink = tl.load(sink_ptr + heads, mask=h_ok, other=0.0)
-    m_all = tl.maximum(m, sink)  # finite: the sink always takes part
-    keep = tl.exp(m - m_all)
-    o = acc * (keep / (l * keep + tl.exp(sink - m_all)))[:, None]
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    o = tl.div_rn(acc, (l + tl.exp(sink - m_ref))[:, None])  # correctly rounded, as torch's division
     tl.store(o_ptr + q_rows + dims[None, :], o, mask=h_ok[:, None] & d_ok[None, :])
 
 
-# (BLOCK_H, BLOCK_K, BLOCK_DC, num_warps) by padded head dim; overridable for tuning (benchmarks/)
-# "large" measured best on H100 at V4-Flash shapes (benchmarks/triton_kernels.py --sweep)
-ATTN_CONFIG: dict[str, tuple[int, int, int, int]] = {"large": (16, 32, 128, 8), "small": (16, 32, 64, 4)}
+# (BLOCK_H, BLOCK_DC, num_warps) by padded head dim; overridable for tuning (benchmarks/). BLOCK_K is not
+# tunable: it is the reference's ATTN_BLOCK. "large" was measured on H100 with 32-pick blocks
+# (benchmarks/triton_kernels.py --sweep); to be re-measured at 64.
+ATTN_CONFIG: dict[str, tuple[int, int, int]] = {"large": (16, 128, 8), "small": (16, 64, 4)}
 
 
 def attn_blocks(d: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_H, BLOCK_K, BLOCK_D, BLOCK_DC, num_warps): 16 heads share each gathered row block."""
     bd = max(16, next_pow2(d))
-    bh, bk, dc, warps = ATTN_CONFIG["large" if bd >= 256 else "small"]
-    return bh, bk, bd, min(dc, bd), warps
+    bh, dc, warps = ATTN_CONFIG["large" if bd >= 256 else "small"]
+    return bh, ATTN_BLOCK, bd, min(dc, bd), warps
 
 
-def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float) -> torch.Tensor:
-    """dsv4::sparse_attn: q [B,S,H,D], kv [B,N,D], sink [H], idx [B,S,K] int64 (-1 = none) -> o [B,S,H,D]."""
+def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
+                bf16: bool) -> torch.Tensor:
+    """dsv4::sparse_attn: q [B,S,H,D], kv [B,N,D], sink [H], idx [B,S,K] int64 (-1 = none) -> o [B,S,H,D];
+    `bf16` rounds each block's probabilities to bf16 before the P.V product."""
     op = "sparse_attn"
     check_tensors(op, q=q, kv=kv, sink=sink, idx=idx)
     require(q.dim() == 4, op, f"`q` must be [B, S, H, D], got shape {list(q.shape)}")
@@ -91,6 +100,6 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
         return o
     bh, bk, bd, dc, warps = attn_blocks(d)
     sparse_attn_kernel[(b * s, triton.cdiv(h, bh))](
-        f32(q), f32(kv), f32(sink), idx.contiguous(), s, h, n, k, o, D=d, SCALE=float(scale),
+        f32(q), f32(kv), f32(sink), idx.contiguous(), s, h, n, k, o, D=d, SCALE=float(scale), BF16=bool(bf16),
         PRECISION=F32_PRECISION, BLOCK_H=bh, BLOCK_K=bk, BLOCK_D=bd, BLOCK_DC=dc, num_warps=warps)
     return o

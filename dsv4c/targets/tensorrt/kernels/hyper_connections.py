@@ -7,7 +7,9 @@ hc_pre, one program per block of tokens, one kernel:
      with `iters` normalisations (the first one columns only) on a [tokens, n, n] tile (n a power of two with
      n*n >= 16, the tensor-core minimum; V4 has n = 4);
   3. y = sum_j pre_j x_j over D, re-reading x (it is L2-hot).
-hc_post, one program per (token, channel block): out[k] = post_k f + sum_j comb[j, k] res_j.
+hc_post, one program per (token, channel block): out[k] = post_k f + sum_j comb[j, k] res_j, the j-sum taken
+  first and in order j = 0, 1, ..., as the reference's explicit sum (registry.hc_post), so the interpreter is
+  bit-exact with it (a GPU may still contract a product and a sum into one FMA).
 """
 
 from __future__ import annotations
@@ -121,10 +123,12 @@ def hc_post_kernel(f_ptr, res_ptr, post_ptr, comb_ptr, T, D, out_ptr,
     d_ok, k_ok = dd < D, ks < NS
     f = tl.load(f_ptr + t * D + dd, mask=d_ok, other=0.0)
     post = tl.load(post_ptr + t * NS + ks, mask=k_ok, other=0.0)
-    out = post[:, None] * f[None, :]  # [NP, BD]
+    mixed = tl.zeros((NP, BLOCK_D), tl.float32)
     for j in tl.static_range(NS):
         c_j = tl.load(comb_ptr + t * NS * NS + j * NS + ks, mask=k_ok, other=0.0)  # comb[j, k]
-        out += c_j[:, None] * tl.load(res_ptr + (t * NS + j) * D + dd, mask=d_ok, other=0.0)[None, :]
+        term = c_j[:, None] * tl.load(res_ptr + (t * NS + j) * D + dd, mask=d_ok, other=0.0)[None, :]
+        mixed += term  # 0 + term 0 is term 0 exactly
+    out = post[:, None] * f[None, :] + mixed  # [NP, BD]
     tl.store(out_ptr + (t * NS + ks)[:, None] * D + dd[None, :], out, mask=k_ok[:, None] & d_ok[None, :])
 
 

@@ -4,6 +4,9 @@ Two passes. The kernel scores every compressed entry for a block of queries,
 
     score[b, s, n] = sum_h w[b, s, h] * relu(q[b, s, h] . k[b, n])      (-inf where n >= n_visible[b, s])
 
+(with BF16, as the reference's bf16 einsum / product / reduction: each q . k, each w * relu(.) and the head
+sum, accumulated in fp32, are rounded to bf16; spec §3.9.4)
+
 and writes one int64 sort key per entry: the score's order-preserving integer image in the high 32 bits and
 (2^32 - 1 - n) in the low 32 bits. Keys are unique, larger key = larger score, and among equal scores the lower
 entry id wins: exactly the reference's stable descending order (ONNX TopK's tie rule). The second pass is
@@ -19,15 +22,15 @@ import triton
 import triton.language as tl
 
 from dsv4c.targets.tensorrt.kernels._common import (F32_PRECISION, check_shape, check_tensors, f32, next_pow2,
-                                                    require)
+                                                    require, round_bf16)
 
 LOW_MASK = (1 << 32) - 1
 
 
 @triton.jit
 def indexer_keys_kernel(q_ptr, k_ptr, w_ptr, nvis_ptr, S, H, N, keys_ptr,
-                        D: tl.constexpr, PRECISION: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                        D: tl.constexpr, BF16: tl.constexpr, PRECISION: tl.constexpr, BLOCK_S: tl.constexpr,
+                        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # q [B,S,H,D], k [B,N,D], w [B,S,H] f32, n_visible [B,S] i64 -> keys [B,S,N] i64
     # program (b, query block, entry block); the BLOCK_S queries' heads form the rows of one dot
     b = tl.program_id(0).to(tl.int64)
@@ -42,7 +45,15 @@ def indexer_keys_kernel(q_ptr, k_ptr, w_ptr, nvis_ptr, S, H, N, keys_ptr,
     keys_t = tl.load(k_ptr + (b * N + ents)[:, None] * D + dims[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
     logits = tl.dot(tl.reshape(q, (BLOCK_S * BLOCK_H, BLOCK_D)), tl.trans(keys_t), input_precision=PRECISION)
     w = tl.load(w_ptr + q_rows, mask=s_ok[:, None] & h_ok[None, :], other=0.0)  # [BS, BH]
-    score = tl.sum(tl.maximum(tl.reshape(logits, (BLOCK_S, BLOCK_H, BLOCK_N)), 0.0) * w[:, :, None], axis=1)
+    logits = tl.reshape(logits, (BLOCK_S, BLOCK_H, BLOCK_N))
+    if BF16:
+        logits = round_bf16(logits)
+    weighted = tl.maximum(logits, 0.0) * w[:, :, None]
+    if BF16:
+        weighted = round_bf16(weighted)
+    score = tl.sum(weighted, axis=1)  # padding heads hold 0
+    if BF16:
+        score = round_bf16(score)
     n_vis = tl.load(nvis_ptr + b * S + qs, mask=s_ok, other=0)
     score = tl.where(ents[None, :] < n_vis[:, None], score, float("-inf"))
     score = tl.where(score == 0.0, 0.0, score)  # -0.0 ties with +0.0 (the reference compares values)
@@ -58,7 +69,8 @@ def indexer_blocks(h: int, d: int) -> tuple[int, int, int, int]:
     return max(1, 16 // bh), bh, 64, max(16, next_pow2(d))
 
 
-def indexer_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_visible: torch.Tensor) -> torch.Tensor:
+def indexer_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_visible: torch.Tensor,
+                   bf16: bool) -> torch.Tensor:
     """Pass 1: the int64 sort keys [B, S, N] (see the module doc)."""
     b, s, h, d = q.shape
     n = k.shape[1]
@@ -67,14 +79,16 @@ def indexer_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_visible:
         return keys
     bs, bh, bn, bd = indexer_blocks(h, d)
     indexer_keys_kernel[(b, triton.cdiv(s, bs), triton.cdiv(n, bn))](
-        f32(q), f32(k), f32(w), n_visible.contiguous(), s, h, n, keys, D=d, PRECISION=F32_PRECISION,
+        f32(q), f32(k), f32(w), n_visible.contiguous(), s, h, n, keys, D=d, BF16=bool(bf16), PRECISION=F32_PRECISION,
         BLOCK_S=bs, BLOCK_H=bh, BLOCK_N=bn, BLOCK_D=bd)
     return keys
 
 
-def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_visible: torch.Tensor, topk: int) -> torch.Tensor:
+def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_visible: torch.Tensor, topk: int,
+                 bf16: bool) -> torch.Tensor:
     """dsv4::indexer_topk: q [B,S,h,d], k [B,N,d], w [B,S,h], n_visible [B,S] int64 -> ids [B,S,min(topk,N)]
-    in descending score order (ties: lower id first), -1 for picks that are not visible."""
+    in descending score order (ties: lower id first), -1 for picks that are not visible; `bf16` scores at the
+    reference's bf16 rounding points."""
     op = "indexer_topk"
     check_tensors(op, q=q, k=k, w=w, n_visible=n_visible)
     require(q.dim() == 4, op, f"`q` must be [B, S, h, d], got shape {list(q.shape)}")
@@ -85,7 +99,7 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_visible: t
     require(n_visible.dtype == torch.int64, op, f"`n_visible` must be int64, got {n_visible.dtype}")
     require(topk > 0, op, f"topk must be positive, got {topk}")
     kk = min(topk, k.shape[1])
-    keys = indexer_scores(q, k, w, n_visible)
+    keys = indexer_scores(q, k, w, n_visible, bf16)
     if kk == 0:
         return keys[..., :0]
     best = torch.topk(keys, kk, dim=-1, largest=True, sorted=True).values

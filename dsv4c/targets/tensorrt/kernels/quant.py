@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from dsv4c.targets.tensorrt.kernels._common import (ceil_pow2, check_tensors, exp2i, exponent_of, f32, next_pow2,
-                                                    quantize_fp8_rows, require, round_to_e2m1)
+                                                    quantize_fp8_rows, require, round_bf16, round_to_e2m1)
 
 FAKE_QUANT_ROWS = 16  # rows per program
 HADAMARD_ROWS = 16
@@ -63,6 +63,7 @@ def hadamard_fp4_kernel(x_ptr, R, y_ptr, D: tl.constexpr, LOG2_D: tl.constexpr, 
         a, b = tl.split(pairs)
         y = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (BLOCK_R, D))
     y = y * SCALE  # d^-1/2 rounded to fp32, as torch multiplies by the Python float
+    y = round_bf16(y)  # the reference's Hadamard returns bf16, which the FP4 simulation takes (spec §3.9.3)
     # FP4 e2m1 fake-quant in blocks of 32, scale 2^ceil(log2(max(amax, 6 * 2^-126) / 6))
     yb = tl.reshape(y, (BLOCK_R, D // 32, 32))
     amax = tl.maximum(tl.max(tl.abs(yb), axis=2), 7.052966104933725e-38)
@@ -72,7 +73,8 @@ def hadamard_fp4_kernel(x_ptr, R, y_ptr, D: tl.constexpr, LOG2_D: tl.constexpr, 
 
 
 def hadamard_fp4(x: torch.Tensor) -> torch.Tensor:
-    """dsv4::hadamard_fp4: orthonormal Walsh-Hadamard rotation of the last dim, then FP4 fake-quant (blocks of 32)."""
+    """dsv4::hadamard_fp4: orthonormal Walsh-Hadamard rotation of the last dim, rounded to bf16, then FP4
+    fake-quant (blocks of 32)."""
     check_tensors("hadamard_fp4", x=x)
     d = x.shape[-1]
     require(d >= 32 and d & (d - 1) == 0, "hadamard_fp4", f"last dim of `x` must be a power of two >= 32, got {d}")
