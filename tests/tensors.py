@@ -20,6 +20,33 @@ def fp8_weight(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tenso
     return q.view(torch.uint8), quant.e8m0_to_float(s)
 
 
+def attention_blocks(h: int = 5, d: int = 40) -> dict[str, torch.Tensor]:
+    """sparse_attn inputs with K = 200 picks, i.e. four 64-pick online-softmax blocks (64, 64, 64, 8): -1 picks
+    scattered through a row, a whole block of them after valid picks, a row whose first block and a half are -1
+    (the running max is still -inf after an empty block), a row with none at all (sink only: zeros). With
+    bf16 the blocks' positions matter: the same picks compacted to the front give another result."""
+    b, s, n, k = 2, 3, 300, 200
+    idx = torch.randint(0, n, (b, s, k), generator=torch.Generator().manual_seed(0))
+    idx[0, 0, 64:128] = -1
+    idx[0, 1, ::3] = -1
+    idx[1, 1] = -1
+    idx[1, 2, :100] = -1
+    return dict(q=rand(b, s, h, d, seed=1), kv=rand(b, n, d, seed=2), sink=rand(h, seed=3), idx=idx)
+
+
+def indexer_grid(n: int = 80) -> dict[str, torch.Tensor]:
+    """indexer_topk inputs on integer grids (q, k small integers, w multiples of 1/8): every dot product, product
+    and head sum is exact in fp32 whatever the order, so the bf16 roundings are the only inexact steps and every
+    implementation must pick exactly the reference's entries. Keys near a common row give close scores, which
+    bf16 rounding makes tie (and reorders against fp32)."""
+    g = torch.Generator().manual_seed(5)
+    b, s, h, d = 2, 6, 5, 16
+    keys = torch.randint(-15, 16, (b, 1, d), generator=g) + torch.randint(-3, 4, (b, n, d), generator=g)
+    n_visible = torch.tensor([[n, n - 7, n // 2 - 3, 5, 1, 0], [n - 1, n, 2, n // 2, 8, 3 * n // 4]])
+    return dict(q=torch.randint(-15, 16, (b, s, h, d), generator=g).float(), k=keys.float(),
+                w=torch.randint(-16, 17, (b, s, h), generator=g).float() / 8, n_visible=n_visible)
+
+
 def e4m3_value(byte: int) -> float:
     """float8_e4m3fn by its definition (spec §3): sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is
     subnormal; S.1111.111 is NaN."""

@@ -24,6 +24,8 @@ from dsv4c.targets.cann.lowering import lower_program
 from dsv4c.targets.cann.reference import prepare, reference_function, reference_functions
 from dsv4c.targets.onnx_bundle import emulation_session, op_census, read_op_list
 
+from tensors import attention_blocks, indexer_grid, rand
+
 ROOT = Path(__file__).resolve().parents[1]
 ATC_OPS = read_op_list(ROOT / "dsv4c/targets/cann/atc_onnx_ops.txt")
 
@@ -333,6 +335,63 @@ def test_lowered_moe_runs_the_socs_numerics(tmp_path, soc, bits, seed):
     assert np.isclose(y, want, rtol=2 ** -7, atol=1e-5).mean() > 0.97
     experts = stats.summary()["experts"]
     assert (experts["rel_fro_error"] == 0.0) == (bits == 8) and experts["tensors"] == 3
+
+
+def dsv4_graph(tmp: Path, op_type: str, inputs: dict[str, torch.Tensor], outputs: dict[str, tuple[int, int]],
+               **attrs) -> Path:
+    """One dsv4 node whose inputs are all graph inputs (every dim dynamic); outputs: name -> (elem type, rank)."""
+    elem = {torch.float32: TensorProto.FLOAT, torch.int64: TensorProto.INT64}
+    node = helper.make_node(op_type, list(inputs), list(outputs), domain="dsv4", **attrs)
+    vi = helper.make_tensor_value_info
+    ins = [vi(n, elem[t.dtype], [None] * t.dim()) for n, t in inputs.items()]
+    outs = [vi(n, e, [None] * r) for n, (e, r) in outputs.items()]
+    return save_graph(tmp / f"{op_type}.onnx", node, ins, outs, {})
+
+
+def dsv4_cases():
+    """(op type, inputs, attributes, check) for the dsv4 ops whose numerics follow spec §3.9's rounding points."""
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    b, s, n, d = 2, 3, 4, 16
+    hc = dict(f=rand(b, s, d, seed=1), res=rand(b, s, n, d, seed=2), post=rand(b, s, n, seed=3),
+              comb=rand(b, s, n, n, seed=4))
+    close = lambda got, want: np.abs(got - want).max() <= 1e-5 * np.abs(want).max()  # noqa: E731
+    return {
+        "SparseAttn": (attention_blocks(), {"scale": 0.125, "bf16": 1}, (f, 4), close),  # float32-exact scale
+        "IndexerTopK": (indexer_grid(), {"topk": 24, "bf16": 1}, (i64, 3), np.array_equal),
+        "HadamardFp4": ({"x": rand(64, 64, seed=5)}, {}, (f, 2), np.array_equal),
+        "HcPost": (hc, {}, (f, 4), np.array_equal),
+    }
+
+
+@pytest.mark.parametrize("soc", ["Ascend950", "Ascend910B"])
+@pytest.mark.parametrize("op_type", ["SparseAttn", "IndexerTopK", "HadamardFp4", "HcPost"])
+def test_lowered_dsv4_ops_keep_the_registry_numerics(tmp_path, soc, op_type):
+    """SparseAttn / IndexerTopK / HadamardFp4 stay dsv4 nodes with their contract attributes (bf16 included),
+    HcPost becomes the CANN HcPost; emulated, each matches registry.py (tests/tensors.py inputs, on which the
+    reference without the §3.9 roundings fails: test_ort_kernels)."""
+    from dsv4c.graphs.ops.registry import OPS
+
+    inputs, attrs, (elem, rank), agree = dsv4_cases()[op_type]
+    op = next(o for o in OPS.values() if o.onnx_name == op_type)
+    path = dsv4_graph(tmp_path, op_type, inputs, {"y": (elem, rank)}, **attrs)
+    lowered = lower_program(path, soc, 8, requant.ErrorStats())
+    node = next(n for n in lowered.graph.node if n.op_type == op_type)
+    kept = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if op_type == "HcPost":
+        assert node.domain == "dsv4.cann"
+    else:
+        assert node.domain == "dsv4" and kept.pop("cann_kernel") == b"TBD" and kept == attrs
+    (got,) = emulate(path, {k: v.numpy() for k, v in inputs.items()})
+    want = getattr(torch.ops.dsv4, op.name)(*inputs.values(), *(bool(attrs[a]) if a == "bf16" else attrs[a]
+                                                                  for a in op.attributes))
+    assert agree(got, want.numpy())
+
+
+def test_lowering_refuses_a_node_without_its_contract_attributes(tmp_path):
+    """A SparseAttn exported before it had `bf16` would reach ATC without it: the lowering says so."""
+    path = dsv4_graph(tmp_path, "SparseAttn", attention_blocks(), {"y": (TensorProto.FLOAT, 4)}, scale=0.5)
+    with pytest.raises(ValueError, match=r"SparseAttn.*\['bf16'\].*missing"):
+        lower_program(path, "Ascend950", 8, requant.ErrorStats())
 
 
 @pytest.mark.parametrize("act_quant", [0, 1])

@@ -15,7 +15,7 @@ from dsv4c.graphs.ops import OPS
 from dsv4c.graphs.ops.onnx import (DOMAIN, ONNX_OPSET, _fp8_table, attach_functions, attribute_kinds, export_program,
                                    ort_session, output_names, register_schemas, tensor_inputs)
 
-from tensors import assert_outputs_match, fp8_weight, rand
+from tensors import assert_outputs_match, attention_blocks, fp8_weight, indexer_grid, rand
 
 register_schemas()
 ops = torch.ops.dsv4
@@ -128,10 +128,12 @@ def test_fake_quant_fp8_scale_at_powers_of_two():
 
 @pytest.mark.parametrize("d", [32, 64, 128])
 def test_hadamard_fp4(d):
-    x = rand(2, 3, d, seed=d)
-    x[0, 0] = 0.0
-    x[0, 1, :] = torch.linspace(-6, 6, d)
-    check("hadamard_fp4", {}, exact=True, x=x)
+    """Bit-exact, with enough rows that the bf16 rounding before the FP4 step changes some elements."""
+    x = rand(64, d, seed=d)
+    x[0] = 0.0
+    x[1, :] = torch.linspace(-6, 6, d)
+    got = check("hadamard_fp4", {}, exact=True, x=x)[0]
+    assert (quant.fake_quant_fp4(quant.hadamard(x), 32).numpy() != got).any()
 
 
 def test_hadamard_fp4_odd_leading_dims():
@@ -219,25 +221,53 @@ def test_moe_experts_rounding(fmt, act_quant, bf16):
 
 
 # ---- attention / indexer / compressor ---------------------------------------------------------------------------
-def test_sparse_attn():
+@pytest.mark.parametrize("bf16", [False, True])
+def test_sparse_attn(bf16):
     b, s, h, d, n, k = 2, 5, 4, 32, 9, 6
     idx = torch.randint(0, n, (b, s, k), generator=torch.Generator().manual_seed(0))
     idx[0, 1, 3:] = -1  # partly empty
     idx[1, 2] = -1  # nothing to attend to: only the sink, output 0
     idx[1, 3] = torch.tensor([2, 2, 2, -1, 5, 5])  # repeated rows count twice
-    out = check("sparse_attn", {"scale": d ** -0.5}, q=rand(b, s, h, d, seed=1), kv=rand(b, n, d, seed=2),
-                sink=rand(h, seed=3), idx=idx)[0]
+    out = check("sparse_attn", {"scale": d ** -0.5, "bf16": bf16}, q=rand(b, s, h, d, seed=1),
+                kv=rand(b, n, d, seed=2), sink=rand(h, seed=3), idx=idx)[0]
     assert not out[1, 2].any()
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_sparse_attn_blocks(bf16):
+    """K = 200: the body's Loop over four 64-pick blocks, with -1 picks scattered, an empty block after valid
+    ones and one before any (tensors.attention_blocks; test_ort_kernels shows that this data tells a rounding
+    in the wrong place, or none, from the reference's)."""
+    out = check("sparse_attn", {"scale": 40 ** -0.5, "bf16": bf16}, **attention_blocks())[0]
+    assert not out[1, 1].any()
+
+
+def test_sparse_attn_without_picks():
+    """K = 0: the block Loop runs no iteration, the output is zeros (only the sink in the denominator)."""
+    out = check("sparse_attn", {"scale": 0.5, "bf16": True}, q=rand(1, 2, 3, 8), kv=rand(1, 4, 8), sink=rand(3),
+                idx=torch.zeros(1, 2, 0, dtype=torch.int64))[0]
+    assert out.shape == (1, 2, 3, 8) and not out.any()
+
+
+@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("topk", [4, 20])  # 20 > N: K = N
-def test_indexer_topk(topk):
+def test_indexer_topk(topk, bf16):
     b, s, h, d, n = 2, 4, 3, 16, 10
     # positive q, k, w: no relu zeros, so no ties among visible scores (tie order is unspecified)
     q, kk, w = rand(b, s, h, d, seed=1).abs(), rand(b, n, d, seed=2).abs(), rand(b, s, h, seed=3).abs()
     n_visible = torch.tensor([[10, 7, 2, 0], [1, 3, 10, 6]])  # fewer visible than k, none at all
-    picks = check("indexer_topk", {"topk": topk}, exact=True, q=q, k=kk, w=w, n_visible=n_visible)[0]
+    picks = check("indexer_topk", {"topk": topk, "bf16": bf16}, exact=True, q=q, k=kk, w=w, n_visible=n_visible)[0]
     assert (picks[0, 3] == -1).all() and (picks[1, 0, 1:] == -1).all()
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_indexer_topk_bf16_scores(bf16):
+    """Integer-grid inputs (tensors.indexer_grid): exact up to the bf16 roundings, so the picks must be the
+    reference's exactly, bf16 ties included; the data tells the two settings apart on several rows."""
+    inputs = indexer_grid()
+    attrs = {"topk": 24, "bf16": bf16}
+    picks = check("indexer_topk", attrs, exact=True, **inputs)[0]
+    assert (reference("indexer_topk", {**attrs, "bf16": not bf16}, **inputs)[0] != picks).any(-1).sum() >= 2
 
 
 @pytest.mark.parametrize("overlap", [False, True])
@@ -260,10 +290,12 @@ def test_hc_pre(iters):
           scale=rand(3, seed=3), base=rand((2 + n) * n, seed=4))
 
 
-def test_hc_post():
-    b, s, n, d = 2, 3, 4, 16
-    check("hc_post", {}, f=rand(b, s, d, seed=1), res=rand(b, s, n, d, seed=2), post=rand(b, s, n, seed=3),
-          comb=rand(b, s, n, n, seed=4))
+@pytest.mark.parametrize("n", [4, 3, 1])
+def test_hc_post(n):
+    """Bit-exact: the streams summed in order j = 0, 1, ... (a Loop from j = 1; none for one stream)."""
+    b, s, d = 2, 3, 16
+    check("hc_post", {}, exact=True, f=rand(b, s, d, seed=1), res=rand(b, s, n, d, seed=2),
+          post=rand(b, s, n, seed=3), comb=rand(b, s, n, n, seed=4))
 
 
 def test_shape_inference_keeps_symbolic_dims():
@@ -272,7 +304,7 @@ def test_shape_inference_keeps_symbolic_dims():
                                                                "w_scale": (f, [2, 2])}) == [["B", "T", 200]]
     topk = {"q": (f, ["B", "S", 4, 64]), "k": (f, ["B", "N", 64]), "w": (f, ["B", "S", 4]),
             "n_visible": (i64, ["B", "S"])}
-    assert inferred_shapes("indexer_topk", {"topk": 512}, topk) == [["B", "S", ""]]  # min(512, N): unknown
+    assert inferred_shapes("indexer_topk", {"topk": 512, "bf16": True}, topk) == [["B", "S", ""]]  # min(512, N)
     hc = {"x": (f, ["B", "S", 4, "D"]), "fn": (f, [24, "nD"]), "scale": (f, [3]), "base": (f, [24])}
     assert inferred_shapes("hc_pre", {"iters": 20, "norm_eps": 1e-6, "hc_eps": 1e-6}, hc) == [
         ["B", "S", "D"], ["B", "S", 4], ["B", "S", 4, 4]]
@@ -307,10 +339,11 @@ class Tiny(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         # rounding ops only on exact inputs: a matmul's last-bit differences before them could flip a step
+        # (so no bf16 probabilities in the attention)
         h = ops.fp8_linear(ops.fake_quant_fp8(x, 64), self.w, self.w_scale, True)  # [B, T, 128]
         q = h.view(h.shape[0], h.shape[1], 2, 64)
         kv = h[..., :64]
-        return ops.sparse_attn(q, kv, self.sink, idx, 0.125) + 1.0
+        return ops.sparse_attn(q, kv, self.sink, idx, 0.125, False) + 1.0
 
 
 def test_export_program_dynamic_shapes(tmp_path):

@@ -4,7 +4,9 @@ Every case is a one-node ONNX model WITHOUT the op's function body, so ONNX Runt
 kernel library (checked once below: without the library such a model does not even load). Each case runs with
 the AVX2 loops and with the portable ones (DSV4C_KERNEL_ISA=generic), on 2 intra-op threads, at sizes that reach
 every code path: 1-4 token rows (fused decode), 5-12 (fused, several passes), > 12 (tiled GEMM), ragged K,
-odd head counts, -1 sentinels, repeated picks, exact score ties.
+odd head counts, -1 sentinels, repeated picks, exact score ties, several 64-pick attention blocks. Where the
+registry rounds to bf16 (attention probabilities, indexer scores, Hadamard output) each test also shows that its
+data tells the rounding apart: the reference without it (or with the blocks elsewhere) fails the same check.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dsv4c.graphs.ops.onnx import (DOMAIN, DOMAIN_VERSION, ONNX_OPSET, attach_fu
 from dsv4c.targets.base import ToolchainMissing
 from dsv4c.targets.cpu.kernels import build
 
-from tensors import assert_outputs_match, fp8_weight, rand
+from tensors import assert_outputs_match, attention_blocks, fp8_weight, indexer_grid, rand
 
 register_schemas()
 ops = torch.ops.dsv4
@@ -270,35 +272,61 @@ def test_moe_experts_rounding(library, isa, fmt, act_quant, bf16):
 
 
 # ---- attention / indexer / compressor -----------------------------------------------------------------------------
+def far(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of elements that differ by more than check()'s tolerance (1e-5 of max |b|)."""
+    return float((np.abs(a - b) > 1e-5 * np.abs(b).max()).mean())
+
+
+@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("h,d", [(4, 32), (5, 40), (16, 128)])  # 5 heads: a group of 4 + 1; d = 40: vector tails
-def test_sparse_attn(library, isa, h, d):
+def test_sparse_attn(library, isa, h, d, bf16):
     b, s, n, k = 2, 5, 9, 6
     idx = torch.randint(0, n, (b, s, k), generator=torch.Generator().manual_seed(0))
     idx[0, 1, 3:] = -1  # partly empty
     idx[1, 2] = -1  # nothing to attend to: only the sink, output 0
     idx[1, 3] = torch.tensor([2, 2, 2, -1, 5, 5])  # repeated rows count twice
-    out = check(library, "sparse_attn", {"scale": d ** -0.5}, q=rand(b, s, h, d, seed=1), kv=rand(b, n, d, seed=2),
-                sink=rand(h, seed=3), idx=idx)[0]
+    out = check(library, "sparse_attn", {"scale": d ** -0.5, "bf16": bf16}, q=rand(b, s, h, d, seed=1),
+                kv=rand(b, n, d, seed=2), sink=rand(h, seed=3), idx=idx)[0]
     assert not out[1, 2].any()
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_sparse_attn_blocks(library, isa, bf16):
+    """K = 200 picks: four online-softmax blocks, -1 picks scattered, an empty block after valid ones and one
+    before any (tensors.attention_blocks). The probabilities rounded per block (bf16) or not: the reference with
+    the other setting is far off on most elements, and with bf16 the same picks compacted to the front (other
+    blocks, other running maxima) are far off on whole rows, so a kernel that rounds elsewhere fails."""
+    inputs = attention_blocks()
+    attrs = {"scale": 40 ** -0.5, "bf16": bf16}
+    out = check(library, "sparse_attn", attrs, **inputs)[0]
+    assert not out[1, 1].any()
+    assert far(reference("sparse_attn", {**attrs, "bf16": not bf16}, **inputs)[0], out) > 0.5
+    if bf16:
+        idx = inputs["idx"]
+        compacted = torch.gather(idx, -1, torch.sort((idx < 0).long(), dim=-1, stable=True).indices)
+        assert far(reference("sparse_attn", attrs, **{**inputs, "idx": compacted})[0], out) > 0.05
 
 
 def test_sparse_attn_rejects_rows_outside_kv(library):
     q, kv, sink = rand(1, 1, 2, 8), rand(1, 4, 8), rand(2)
     with pytest.raises(Exception, match="idx holds row 4, kv has 4 rows"):
-        run_kernel(library, "sparse_attn", {"scale": 1.0}, [4], q=q, kv=kv, sink=sink,
+        run_kernel(library, "sparse_attn", {"scale": 1.0, "bf16": True}, [4], q=q, kv=kv, sink=sink,
                    idx=torch.tensor([[[0, 4]]]))
 
 
+@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("topk", [4, 20])  # 20 > N: K = N
-def test_indexer_topk(library, isa, topk):
+def test_indexer_topk(library, isa, topk, bf16):
     b, s, h, d, n = 2, 4, 3, 16, 10
     q, kk, w = rand(b, s, h, d, seed=1).abs(), rand(b, n, d, seed=2).abs(), rand(b, s, h, seed=3).abs()
     n_visible = torch.tensor([[10, 7, 2, 0], [1, 3, 12, 6]])  # fewer visible than k, none, more than N
-    picks = check(library, "indexer_topk", {"topk": topk}, exact=True, q=q, k=kk, w=w, n_visible=n_visible)[0]
+    picks = check(library, "indexer_topk", {"topk": topk, "bf16": bf16}, exact=True, q=q, k=kk, w=w,
+                  n_visible=n_visible)[0]
     assert (picks[0, 3] == -1).all() and (picks[1, 0, 1:] == -1).all()
 
 
-def test_indexer_topk_ties(library, isa):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_indexer_topk_ties(library, isa, bf16):
     """Small-integer q, k, w: every score is an exact integer whatever the summation order, so many scores tie
     (relu zeros among them) and ties straddle the k-th place: lower entry id first, as the stable reference."""
     g = torch.Generator().manual_seed(5)
@@ -307,10 +335,22 @@ def test_indexer_topk_ties(library, isa):
     kk = torch.randint(-1, 2, (b, n, d), generator=g).float()
     w = torch.randint(-2, 3, (b, s, h), generator=g).float()
     n_visible = torch.tensor([[40, 33, 17, 5, 1, 0], [39, 40, 2, 21, 8, 30]])
-    picks = check(library, "indexer_topk", {"topk": 12}, exact=True, q=q, k=kk, w=w, n_visible=n_visible)[0]
+    picks = check(library, "indexer_topk", {"topk": 12, "bf16": bf16}, exact=True, q=q, k=kk, w=w,
+                  n_visible=n_visible)[0]
     scores = torch.einsum("bshd,bnd->bshn", q, kk).relu().mul(w[..., None]).sum(2)
     vis = scores[0, 0]
     assert len(set(vis[picks[0, 0]].tolist())) < 12  # ties among the picks really happen
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_indexer_topk_bf16_scores(library, isa, bf16):
+    """Integer-grid inputs (tensors.indexer_grid): exact up to the bf16 roundings, so the picks must be the
+    reference's exactly, ties included; the data tells the two settings apart on several rows."""
+    inputs = indexer_grid()
+    attrs = {"topk": 24, "bf16": bf16}
+    picks = check(library, "indexer_topk", attrs, exact=True, **inputs)[0]
+    other = reference("indexer_topk", {**attrs, "bf16": not bf16}, **inputs)[0]
+    assert (other != picks).any(-1).sum() >= 2
 
 
 @pytest.mark.parametrize("overlap", [False, True])
@@ -335,9 +375,10 @@ def test_hc_pre(library, isa, n, iters):
 
 @pytest.mark.parametrize("n", [4, 3])
 def test_hc_post(library, isa, n):
+    """Bit-exact: streams summed in order j = 0, 1, ..., each product and sum rounded on its own (no FMA)."""
     b, s, d = 2, 3, 20
-    check(library, "hc_post", {}, f=rand(b, s, d, seed=1), res=rand(b, s, n, d, seed=2), post=rand(b, s, n, seed=3),
-          comb=rand(b, s, n, n, seed=4))
+    check(library, "hc_post", {}, exact=True, f=rand(b, s, d, seed=1), res=rand(b, s, n, d, seed=2),
+          post=rand(b, s, n, seed=3), comb=rand(b, s, n, n, seed=4))
 
 
 @pytest.mark.parametrize("block", [128, 32])
@@ -372,10 +413,13 @@ def test_fake_quant_fp8_every_e4m3_value(library):
 
 @pytest.mark.parametrize("d", [32, 64, 128])
 def test_hadamard_fp4(library, d):
-    x = rand(2, 3, d, seed=d)
-    x[0, 0] = 0.0
-    x[0, 1, :] = torch.linspace(-6, 6, d)
-    check(library, "hadamard_fp4", {}, exact=True, x=x)
+    """Bit-exact, and the bf16 rounding between the Hadamard and the FP4 step shows: without it some elements
+    land in another e2m1 step (or their block in another scale)."""
+    x = rand(64, d, seed=d)
+    x[0] = 0.0
+    x[1, :] = torch.linspace(-6, 6, d)
+    got = check(library, "hadamard_fp4", {}, exact=True, x=x)[0]
+    assert (quant.fake_quant_fp4(quant.hadamard(x), 32).numpy() != got).any()
 
 
 def test_hadamard_fp4_odd_leading_dims(library):

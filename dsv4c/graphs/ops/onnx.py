@@ -16,13 +16,16 @@ ONNX ops; what ORT 1.32 (CPU) supports shaped them:
     e2m1 with `Round` on the step grid (half-to-even). Power-of-two scales are 2^ceil(log2(v)) from a
     log estimate corrected by one step each way; `Pow(2, integer)` is exact in ORT.
   * attribute-dependent work (act_quant, bf16, fmt) sits in `If` branches, so an unused path is neither
-    run nor shape-checked at run time; Sinkhorn iterations and Hadamard butterflies are `Loop`s whose trip
-    counts come from an attribute or a shape (never from data).
+    run nor shape-checked at run time; Sinkhorn iterations, Hadamard butterflies, the attention's 64-pick
+    online-softmax blocks and hc_post's in-order stream sum are `Loop`s whose trip counts come from an
+    attribute or a shape (never from data).
   * ORT's `Sigmoid` is an approximation; silu is written x / (1 + Exp(-x)) as torch does, so the bf16 /
     FP8 rounding after it flips less often (exactness after transcendental functions is not possible).
-Fake-quant ops are bit-exact with torch; the others match to float rounding (~1e-7 relative). Top-k ties
-(equal visible scores) are ordered lower entry id first on both sides: ONNX TopK's rule, which the torch
-reference follows with a stable sort; see `_body_indexer_topk`.
+Fake-quant ops, Hadamard and hc_post are bit-exact with torch; the others match to float rounding (~1e-7
+relative), except that a bf16 rounding right after a matmul or exp (attention probabilities, indexer scores)
+lands on the other side of a rounding boundary now and then. Top-k ties (equal visible scores) are ordered
+lower entry id first on both sides: ONNX TopK's rule, which the torch reference follows with a stable sort;
+see `_body_indexer_topk`.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from onnx import AttributeProto, TensorProto, helper, numpy_helper
 from onnx.defs import OpSchema
 
 from dsv4c.graphs import quant
-from dsv4c.graphs.ops.registry import FP4_BLOCK, FP8_BLOCK, OPS, OpDef
+from dsv4c.graphs.ops.registry import ATTN_BLOCK, FP4_BLOCK, FP8_BLOCK, OPS, OpDef
 
 __all__ = ["DOMAIN", "DOMAIN_VERSION", "ONNX_OPSET", "attach_functions", "attribute_kinds", "export_program",
            "function_bodies", "function_body", "ort_session", "output_names", "register_schemas", "tensor_inputs",
@@ -402,27 +405,64 @@ def _body_fake_quant_fp8(g: _Graph, x, block):
 
 
 def _body_hadamard_fp4(g: _Graph, x):
-    return [_fake_quant_fp4(g, _hadamard(g, x))]
+    return [_fake_quant_fp4(g, _round_bf16(g, _hadamard(g, x)))]  # the reference's Hadamard returns bf16
 
 
-def _body_sparse_attn(g: _Graph, q, kv, sink, idx, scale):
-    """Gather the picked kv rows [B,S,K,D] (-1 -> row 0, masked to -inf), softmax with the sink column."""
-    valid = g.GreaterOrEqual(idx, g.const(0, np.int64))
-    rows = g.GatherND(kv, g.Unsqueeze(g.Max(idx, g.const(0, np.int64)), g.i64(-1)), batch_dims=1)  # [B,S,K,D]
-    logits = g.Mul(g.MatMul(q, g.Transpose(rows, perm=[0, 1, 3, 2])), scale)  # [B,S,H,K]
-    logits = g.Where(g.Unsqueeze(valid, g.i64(2)), logits, g.const(-np.inf))
-    sink_col = g.Expand(g.Reshape(sink, g.i64(1, 1, -1, 1)), g.Concat(g.Shape(logits, end=-1), g.i64(1), axis=0))
-    probs = g.Softmax(g.Concat(logits, sink_col, axis=-1), axis=-1)
-    probs = g.Slice(probs, g.i64(0), g.i64(-1), g.i64(-1))  # drop the sink column
-    return [g.MatMul(probs, rows)]
+def _finite_or_zero(g: _Graph, x: str) -> str:
+    """x where finite, else 0: the softmax shift that never computes -inf - -inf (registry.sparse_attn)."""
+    finite = g.Not(g.Or(g.IsInf(x), g.IsNaN(x)))
+    return g.Where(finite, x, g.const(0.0))
 
 
-def _body_indexer_topk(g: _Graph, q, k, w, n_visible, topk):
-    """ONNX TopK puts the lower index first among equal scores (relu zeros are common once q and k are
-    FP4), the rule the torch reference implements with a stable descending sort: picks agree exactly,
-    ties included, even when they straddle the k-th place."""
-    scores = g.Relu(g.MatMul(q, g.Unsqueeze(g.Transpose(k, perm=[0, 2, 1]), g.i64(1))))  # [B,S,h,N]
-    scores = g.ReduceSum(g.Mul(scores, g.Unsqueeze(w, g.i64(-1))), g.i64(2), keepdims=0)  # [B,S,N]
+def _body_sparse_attn(g: _Graph, q, kv, sink, idx, scale, bf16):
+    """registry.sparse_attn's online softmax: idx padded with -1 picks to whole blocks of ATTN_BLOCK, then a Loop
+    over the blocks (in idx order) carrying the running max, the denominator and the accumulator [B,S,H,D]; per
+    block the picked rows are gathered (-1 -> row 0, masked to -inf) and P is rounded to bf16 (with `bf16`)
+    for the P.V product only. After the loop the sink joins the denominator against the final max."""
+    zero, block = g.const(0, np.int64), g.i64(ATTN_BLOCK)
+    k = g.Shape(idx, start=2)  # [1]
+    blocks = g.Div(g.Add(k, g.i64(ATTN_BLOCK - 1)), block)
+    padding = g.Concat(g.i64(0, 0, 0, 0, 0), g.Sub(g.Mul(blocks, block), k), axis=0)
+    padded = g.Pad(idx, padding, g.const(-1, np.int64))
+    picks = g.Reshape(padded, g.Concat(g.Shape(idx, end=2), blocks, block, axis=0))  # [B,S,nb,64]
+    heads = g.Shape(q, end=3)  # [B,S,H]
+
+    body = g.sub()
+    it, cond, max_in, denom_in, acc_in = (body.fresh() for _ in range(5))
+    ids = body.Gather(picks, it, axis=2)  # [B,S,64]
+    rows = body.GatherND(kv, body.Unsqueeze(body.Max(ids, zero), body.i64(-1)), batch_dims=1)  # [B,S,64,D]
+    logits = body.Mul(body.MatMul(q, body.Transpose(rows, perm=[0, 1, 3, 2])), scale)  # [B,S,H,64]
+    logits = body.Where(body.Unsqueeze(body.GreaterOrEqual(ids, zero), body.i64(2)), logits, body.const(-np.inf))
+    new_max = body.Max(max_in, body.ReduceMax(logits, body.i64(-1), keepdims=0))
+    shift = _finite_or_zero(body, new_max)
+    rescale = body.Exp(body.Sub(max_in, shift))
+    p = body.Exp(body.Sub(logits, body.Unsqueeze(shift, body.i64(-1))))
+    denom = body.Add(body.Mul(denom_in, rescale), body.ReduceSum(p, body.i64(-1), keepdims=0))  # unrounded p
+    pv = body.MatMul(_maybe(body, bf16, _round_bf16, p), rows)
+    acc = body.Add(body.Mul(acc_in, body.Unsqueeze(rescale, body.i64(-1))), pv)
+    loop_body = body.graph([(cond, TensorProto.BOOL), (new_max, TensorProto.FLOAT), (denom, TensorProto.FLOAT),
+                            (acc, TensorProto.FLOAT)],
+                           [(it, TensorProto.INT64, []), (cond, TensorProto.BOOL, []),
+                            (max_in, TensorProto.FLOAT, [None] * 3), (denom_in, TensorProto.FLOAT, [None] * 3),
+                            (acc_in, TensorProto.FLOAT, [None] * 4)])
+    start = (g.Expand(g.const(-np.inf), heads), g.Expand(g.const(0.0), heads), g.Expand(g.const(0.0), g.Shape(q)))
+    run_max, denom, acc = g.Loop(g.Squeeze(blocks, g.i64(0)), g.const(True, np.bool_), *start, body=loop_body,
+                                 _outputs=3)
+    sink_term = g.Exp(g.Sub(g.Reshape(sink, g.i64(1, 1, -1)), _finite_or_zero(g, run_max)))
+    return [g.Div(acc, g.Unsqueeze(g.Add(denom, sink_term), g.i64(-1)))]
+
+
+def _body_indexer_topk(g: _Graph, q, k, w, n_visible, topk, bf16):
+    """With `bf16` the dot products, the weighted relus and the head sum are each rounded to bf16 (the
+    reference's bf16 einsum, product and reduction). ONNX TopK puts the lower index first among equal scores
+    (relu zeros are common once q and k are FP4, and bf16 scores tie often), the rule the torch reference
+    implements with a stable descending sort: picks agree exactly, ties included, even when they straddle the
+    k-th place."""
+    def rounded(x: str) -> str:
+        return _maybe(g, bf16, _round_bf16, x)
+
+    scores = g.Relu(rounded(g.MatMul(q, g.Unsqueeze(g.Transpose(k, perm=[0, 2, 1]), g.i64(1)))))  # [B,S,h,N]
+    scores = rounded(g.ReduceSum(rounded(g.Mul(scores, g.Unsqueeze(w, g.i64(-1)))), g.i64(2), keepdims=0))  # [B,S,N]
     n = g.Shape(k, start=1, end=2)
     entry = g.Range(g.const(0, np.int64), g.Squeeze(n, g.i64(0)), g.const(1, np.int64))
     visible = g.Unsqueeze(n_visible, g.i64(-1))
@@ -485,7 +525,20 @@ def _body_hc_pre(g: _Graph, x, fn, scale, base, iters, norm_eps, hc_eps):
 
 
 def _body_hc_post(g: _Graph, f, res, post, comb):
-    mixed = g.MatMul(g.Transpose(comb, perm=[0, 1, 3, 2]), res)  # [B,S,k,D] = sum_j comb[j,k] res_j
+    """sum_j comb[j,k] res_j summed over j = 0, 1, ... in order, each product and sum rounded on its own as
+    registry.hc_post (a MatMul would sum in its own order, with FMAs): the first term, then a Loop over j >= 1."""
+    def term(b: _Graph, j: str) -> str:  # [B,S,k,D] = comb[:, :, j, k] res[:, :, j]
+        return b.Mul(b.Unsqueeze(b.Gather(comb, j, axis=2), b.i64(-1)), b.Unsqueeze(b.Gather(res, j, axis=2), b.i64(2)))
+
+    body = g.sub()
+    it, cond, mixed_in = body.fresh(), body.fresh(), body.fresh()
+    mixed_out = body.Add(mixed_in, term(body, body.Add(it, body.const(1, np.int64))))
+    loop_body = body.graph([(cond, TensorProto.BOOL), (mixed_out, TensorProto.FLOAT)],
+                           [(it, TensorProto.INT64, []), (cond, TensorProto.BOOL, []),
+                            (mixed_in, TensorProto.FLOAT, [None] * 4)])
+    streams = g.Squeeze(g.Shape(res, start=2, end=3), g.i64(0))
+    trips = g.Sub(streams, g.const(1, np.int64))
+    mixed = g.Loop(trips, g.const(True, np.bool_), term(g, g.const(0, np.int64)), body=loop_body)
     return [g.Add(g.Mul(g.Unsqueeze(post, g.i64(-1)), g.Unsqueeze(f, g.i64(2))), mixed)]
 
 

@@ -7,7 +7,9 @@ Per dsv4 node (mapping.MAPPING says why):
                               act_quant=1: the Fp8Linear lowering per group, concatenated
   MoeExperts               -> MoeExpertsMx (950) | MoeExpertsInt (910B), kernel TBD
   HcPre / HcPost           -> the CANN custom operators of the same name (attributes renamed)
-  others                   -> kept in domain dsv4 with cann_kernel="TBD"
+  others                   -> kept in domain dsv4 with cann_kernel="TBD" and every attribute of the dsv4 contract
+                              (registry.py; e.g. SparseAttn / IndexerTopK bf16), checked: a future kernel and the
+                              emulation read them
 Weights are converted by requant.py (errors accumulated per group) and the program's external data file is
 rewritten by streaming: untouched weights are copied byte for byte, so memory stays bounded by the largest
 single tensor, not the model.
@@ -214,6 +216,10 @@ class Rewriter:
         self.emit("HcPost", list(node.input), list(node.output), DOMAIN)
 
     def keep_tbd(self, node: onnx.NodeProto) -> None:
+        missing = [a for a in _contract_attributes(node.op_type) if a not in _attrs(node)]
+        if missing:
+            raise ValueError(f"node {node.name!r} ({node.op_type}): attributes {missing} of the dsv4 contract are "
+                             "missing (exported before the op gained them?); re-export the program")
         node.attribute.append(helper.make_attribute("cann_kernel", KERNEL_TBD))
         self.nodes.append(node)
 
@@ -224,6 +230,13 @@ REWRITES = {"Fp8Linear": Rewriter.fp8_linear, "Fp8GroupedLinear": Rewriter.fp8_g
 
 def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _contract_attributes(op_type: str) -> tuple[str, ...]:
+    """The attributes registry.py gives the dsv4 op `op_type` (none for an op type it does not know)."""
+    from dsv4c.graphs.ops.registry import OPS
+
+    return next((op.attributes for op in OPS.values() if op.onnx_name == op_type), ())
 
 
 def lower_program(path: Path, soc: str, expert_bits: int, stats: requant.ErrorStats) -> onnx.ModelProto:

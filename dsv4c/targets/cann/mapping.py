@@ -117,8 +117,9 @@ MAPPING: dict[str, Mapping] = {m.dsv4_op: m for m in (
             "first pass column-only, iters-1 row/col passes). Kernel shape limits: hc_mult 4, hc_mix 24, "
             "d 4096 / 7168"),
     Mapping("HcPost", "HcPost", "HcPost", "public",
-            source="[recipes] hc_post_def.cpp: out = post*x + sum_j comb[j,k] residual_j (= registry.hc_post); "
-            "kernel shape limits: hc 4, d 4096"),
+            source="[recipes] hc_post_def.cpp: out = post*x + sum_j comb[j,k] residual_j (= registry.hc_post, "
+            "which sums j = 0..n-1 in order as DeepSeek's torch.sum; the kernel's order is not documented, a "
+            "last-bit difference); kernel shape limits: hc 4, d 4096"),
     Mapping("MoeExperts", "MoeExpertsMx: MXFP4 experts (the shipped FP4 bytes and e8m0 1x32 scales, exact), "
             "activations MXFP8 (DynamicMxQuant semantics)",
             "MoeExpertsInt: INT8 experts (2 x e2m1 with scale s/2 per 1x32, exact) or INT4 (per-1x32 absmax/7, "
@@ -131,13 +132,16 @@ MAPPING: dict[str, Mapping] = {m.dsv4_op: m for m in (
             nearest="SparseAttnSharedKV (+ AICPU SparseAttnSharedKVMetadata): takes the window KV (ori_kv) and the "
             "compressed KV (cmp_kv) as separate paged caches with block tables, masks the window with a band "
             "(ori_win_left 127) and picks compressed rows with int32 cmp_sparse_indices (K = 512, D = 512); ours "
-            "takes one gathered KV tensor with explicit int64 indices for both parts and any D",
+            "takes one gathered KV tensor with explicit int64 indices for both parts and any D. Numerics to keep "
+            "(attribute bf16, spec §3.9.2): an online softmax over 64-pick blocks in index order, each block's "
+            "unnormalised probabilities rounded to bf16 before P.V, the denominator unrounded, the sink last",
             source="[recipes] ops/ascendc/docs/custom-npu_sparse_attn_sharedkv.md"),
     Mapping("IndexerTopK", "dsv4 IndexerTopK (kernel TBD)", "dsv4 IndexerTopK (kernel TBD)", "tbd",
             nearest="LightningIndexer / QuantLightningIndexer (cmp_ratio, sparse_mode 3 gives V4's staircase "
             "mask): paged keys (PA_BSND, block_size <= 1024), int32 indices [B, S, N2, sparse_count], tie order "
             "unspecified; ours: contiguous keys, per-query n_visible, lower entry id first among ties, int64 "
-            "with -1 for hidden picks",
+            "with -1 for hidden picks, and (attribute bf16, spec §3.9.4) each dot product, weighted relu and the "
+            "head sum rounded to bf16 (bf16 scores tie often, so the tie rule decides picks)",
             source="[recipes] ops/ascendc/docs/custom-npu_lightning_indexer.md, "
             "custom-npu_quant_lightning_indexer.md"),
     Mapping("CompressPool", "dsv4 CompressPool (kernel TBD)", "dsv4 CompressPool (kernel TBD)", "tbd",
@@ -152,7 +156,8 @@ MAPPING: dict[str, Mapping] = {m.dsv4_op: m for m in (
             source="[recipes] ops/ascendc/docs/custom-npu_kv_compress_epilog.md"),
     Mapping("HadamardFp4", "dsv4 HadamardFp4 (kernel TBD)", "dsv4 HadamardFp4 (kernel TBD)", "tbd",
             nearest="none: the cann-recipes-infer indexer rotates with a matmul against a Hadamard matrix and "
-            "quantizes to FP8/INT8 (IndexerCompressEpilog, QuantLightningIndexer), not FP4",
+            "quantizes to FP8/INT8 (IndexerCompressEpilog, QuantLightningIndexer), not FP4; ours rounds the "
+            "rotation to bf16 before the FP4 simulation (spec §3.9.3)",
             source="[recipes] ops/ascendc/docs/custom-npu_indexer_compress_epilog.md"),
 )}
 

@@ -13,7 +13,9 @@ What each function computes (the CANN operator semantics, from the sources named
                         1x32 block on both sides (prepare routes MX nodes here)
   MoeExpertsInt/Mx      registry.moe_experts with the SoC's weights and activation quantization (per-token INT8
                         or MXFP8) instead of DeepSeek's FP8 one
-HcPre / HcPost and the dsv4-domain nodes run the dsv4 function bodies (same semantics; mapping.py).
+HcPre / HcPost and the dsv4-domain nodes run the dsv4 function bodies (same semantics; mapping.py), so the
+emulation keeps registry.py's rounding points too: SparseAttn's per-block bf16 probabilities and IndexerTopK's bf16
+scores (attribute bf16), HadamardFp4's bf16 rotation, HcPost's in-order sum over the streams.
 
 The bodies reuse the building blocks of dsv4c.graphs.ops.onnx (the dsv4 function bodies' helpers), so the
 rounding steps (FP8 cast, bf16 cast, pow2 scales) are bit-identical to the dsv4 bodies'.

@@ -36,14 +36,17 @@ struct IsaKernels {
                  int64_t n0, int64_t n1);
 
   // Sparse attention of one query position, heads [h0, h1): q [H, D], kv [N, D] (K = V), idx [K] rows of kv
-  // (-1 = none, all < N), sink [H]; out [H, D] rows h0..h1-1. scratch: at least 4 * K floats.
+  // (-1 = none, all < N), sink [H]; out [H, D] rows h0..h1-1. An online softmax over blocks of 64 picks in idx
+  // order; with `bf16` each block's unnormalised probabilities are rounded to bf16 before the P.V product
+  // (registry.sparse_attn). scratch: at least 4 * (64 + D) floats.
   void (*sparse_attn_query)(const float* q, const float* kv, const int64_t* idx, int64_t k, const float* sink,
-                            int64_t h0, int64_t h1, int64_t d, float scale, float* out, float* scratch);
+                            int64_t h0, int64_t h1, int64_t d, float scale, bool bf16, float* out, float* scratch);
 
-  // Lightning-indexer scores of one query for entries [n0, n1): score[j] = sum_h w[h] relu(q[h] . k[j]),
-  // h summed in order (as the reference's reduction). q [h, d], k [N, d], scores indexed by entry.
+  // Lightning-indexer scores of one query for entries [n0, n1): score[j] = r(sum_h r(w[h] relu(r(q[h] . k[j])))),
+  // h summed in order (as the reference's reduction), r = bf16 rounding with `bf16` (else identity).
+  // q [h, d], k [N, d], scores indexed by entry.
   void (*indexer_scores)(const float* q, const float* w, int64_t heads, const float* k, int64_t d,
-                         int64_t n0, int64_t n1, float* scores);
+                         int64_t n0, int64_t n1, bool bf16, float* scores);
 
   // MoE activation of one pick: h[i] = r(silu(g') u' weight), g' = r(g) clamped above at limit, u' = r(u)
   // clamped to [-limit, limit] (no clamp when limit <= 0), r = bf16 rounding when `bf16` (else identity).
@@ -60,7 +63,8 @@ struct IsaKernels {
                        int64_t d, int64_t iters, float norm_eps, float hc_eps, float* y, float* post, float* comb,
                        float* scratch);
 
-  // mHC post of one token: out[k] = post[k] f + sum_j comb[j, k] res[j]. f [D], res [n, D], out [n, D].
+  // mHC post of one token: out[k] = post[k] f + sum_j comb[j, k] res[j], j summed in order with every product
+  // and sum rounded on its own (bit-exact with registry.hc_post). f [D], res [n, D], out [n, D].
   void (*hc_post_token)(const float* f, const float* res, const float* post, const float* comb, int64_t n,
                         int64_t d, float* out);
 };

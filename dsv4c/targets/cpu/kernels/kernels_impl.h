@@ -67,6 +67,7 @@ struct ThreadBuffer {
   }
 };
 thread_local ThreadBuffer<float> tl_row, tl_tile;  // decoded weight rows / tiles
+thread_local ThreadBuffer<float> tl_dots;          // indexer dot products [heads][8 entries]
 thread_local ThreadBuffer<int64_t> tl_offsets;     // row offsets
 
 // ---- scalar pieces (both builds) ---------------------------------------------------------------------------
@@ -139,10 +140,6 @@ void weighted_rows(float* out, int64_t d, const float* kv, const int64_t* rows, 
       for (int64_t k = 0; k < d; ++k) out[g * d + k] += p[j * G + g] * kv[rows[j] + k];
 }
 
-void axpy(float* y, float a, const float* x, int64_t n) {
-  for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
-}
-
 #else  // ---- AVX2 + FMA + F16C ---------------------------------------------------------------------------------
 
 inline float hsum(__m256 v) {
@@ -165,14 +162,6 @@ float dot(const float* a, const float* b, int64_t n) {
   float r = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
   for (; k < n; ++k) r += a[k] * b[k];
   return r;
-}
-
-void axpy(float* y, float a, const float* x, int64_t n) {
-  const __m256 av = _mm256_set1_ps(a);
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8)
-    _mm256_storeu_ps(y + k, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + k), _mm256_loadu_ps(y + k)));
-  for (; k < n; ++k) y[k] += a * x[k];
 }
 
 // 16 e4m3 bytes -> 2 x 8 floats equal to value / 256: the 7 low bits shifted into an fp16 (exponent bias 15
@@ -495,67 +484,17 @@ void weighted_rows(float* out, int64_t d, const float* kv, const int64_t* rows, 
 }
 #endif  // __AVX2__
 
-// ---- attention -------------------------------------------------------------------------------------------------
-// Heads h..h+G-1 of one query: logits over the picked rows (`rows`: offsets of the n valid picks), softmax
-// with the sink column, probability-weighted sum of the rows.
-template <int G>
-void attn_heads(const float* q, const float* kv, const int64_t* rows, int64_t n, const float* sink, int64_t d,
-                float scale, float* out, float* p /* [n][G] */) {
-  logits_heads<G>(q, d, kv, rows, n, p);
-  float mx[G], z[G];
-  for (int g = 0; g < G; ++g) mx[g] = sink[g];
-  for (int64_t j = 0; j < n; ++j)
-    for (int g = 0; g < G; ++g) {
-      p[j * G + g] *= scale;
-      if (p[j * G + g] > mx[g]) mx[g] = p[j * G + g];
-    }
-  for (int g = 0; g < G; ++g) z[g] = expf(sink[g] - mx[g]);
-  for (int64_t j = 0; j < n; ++j)
-    for (int g = 0; g < G; ++g) z[g] += (p[j * G + g] = expf(p[j * G + g] - mx[g]));
-  for (int64_t j = 0; j < n; ++j)
-    for (int g = 0; g < G; ++g) p[j * G + g] /= z[g];  // the probability, as softmax gives it
-  weighted_rows<G>(out, d, kv, rows, p, n);
-}
-
-void sparse_attn_query(const float* q, const float* kv, const int64_t* idx, int64_t k, const float* sink,
-                       int64_t h0, int64_t h1, int64_t d, float scale, float* out, float* scratch) {
-  int64_t* rows = tl_offsets.get(k);
-  int64_t n = 0;
-  for (int64_t j = 0; j < k; ++j)
-    if (idx[j] >= 0) rows[n++] = idx[j] * d;  // -1 picks drop out (a repeated row stays twice)
-  for (int64_t h = h0; h < h1;) {
-    const int64_t g = lo(4, h1 - h);
-    const float* qh = q + h * d;
-    float* oh = out + h * d;
-    switch (g) {
-      case 4: attn_heads<4>(qh, kv, rows, n, sink + h, d, scale, oh, scratch); break;
-      case 3: attn_heads<3>(qh, kv, rows, n, sink + h, d, scale, oh, scratch); break;
-      case 2: attn_heads<2>(qh, kv, rows, n, sink + h, d, scale, oh, scratch); break;
-      default: attn_heads<1>(qh, kv, rows, n, sink + h, d, scale, oh, scratch); break;
-    }
-    h += g;
-  }
-}
-
-void indexer_scores(const float* q, const float* w, int64_t heads, const float* k, int64_t d, int64_t n0,
-                    int64_t n1, float* scores) {
-  for (int64_t j = n0; j < n1; ++j) {
-    const float* row = k + j * d;
-    float s = 0.f;
-    for (int64_t h = 0; h < heads; h += 4) {
-      float l[4];
-      const int64_t g = lo(4, heads - h);
-      if (g == 4)
-        dot_heads<4>(q + h * d, d, row, l);
-      else
-        for (int64_t i = 0; i < g; ++i) l[i] = dot(q + (h + i) * d, row, d);
-      for (int64_t i = 0; i < g; ++i) s += (l[i] > 0.f ? l[i] : 0.f) * w[h + i];  // relu, then weight: in h order
-    }
-    scores[j] = s;
-  }
-}
-
 // ---- element-wise: bf16 rounding, exp ------------------------------------------------------------------------
+// Two roundings each, never an FMA (-ffp-contract=off; the compiler still vectorises them): the reference's
+// separate torch ops, so these are bit-exact with it.
+void add_product(float* y, float a, const float* x, int64_t n) {  // y += a * x
+  for (int64_t k = 0; k < n; ++k) y[k] = y[k] + a * x[k];
+}
+
+void scale_add(float* y, float a, const float* x, int64_t n) {  // y = y * a + x
+  for (int64_t k = 0; k < n; ++k) y[k] = y[k] * a + x[k];
+}
+
 inline float round_bf16(float x) {  // float -> bfloat16 -> float, ties to even (torch's conversion)
   if (x != x) return x;
   uint32_t u;
@@ -596,6 +535,145 @@ inline __m256 exp256(__m256 x) {
   return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
 }
 #endif
+
+// ---- attention -------------------------------------------------------------------------------------------------
+// An online softmax over blocks of 64 picks in idx order, as DeepSeek's kernel (spec §3.9.2, registry.sparse_attn):
+// with bf16 the unnormalised probabilities exp(l - running max) are rounded before the P.V product while the
+// denominator sums them unrounded, so where the blocks start (fixed idx positions, -1 picks included) and the
+// running max each block rounds against are part of the numerics.
+constexpr int64_t kAttnBlock = 64;
+
+// One block for heads h..h+G-1: `rows` the offsets of its n > 0 valid picks. Updates the running max, the
+// denominator and the accumulator acc [G][d] as the reference does: the block's own P.V sum first, then
+// acc * rescale + that sum (a block of -1 picks only would leave all three unchanged, so callers skip it).
+template <int G>
+void attn_block(const float* q, const float* kv, const int64_t* rows, int64_t n, int64_t d, float scale, bool bf16,
+                float* run_max, float* denom, float* acc, float* p /* [n][G] */, float* part /* [G][d] */) {
+  logits_heads<G>(q, d, kv, rows, n, p);
+  float shift[G], rescale[G], sum[G];
+  for (int g = 0; g < G; ++g) {
+    float mx = run_max[g];
+    for (int64_t j = 0; j < n; ++j) {
+      const float l = p[j * G + g] * scale;
+      p[j * G + g] = l;
+      if (l > mx) mx = l;
+    }
+    shift[g] = __builtin_isfinite(mx) ? mx : 0.f;  // no -inf - -inf while nothing has been seen
+    rescale[g] = expf(run_max[g] - shift[g]);
+    run_max[g] = mx;
+    sum[g] = 0.f;
+  }
+  for (int64_t j = 0; j < n; ++j)
+    for (int g = 0; g < G; ++g) {
+      const float e = expf(p[j * G + g] - shift[g]);
+      sum[g] += e;  // the denominator takes the unrounded value
+      p[j * G + g] = bf16 ? round_bf16(e) : e;
+    }
+  weighted_rows<G>(part, d, kv, rows, p, n);
+  for (int g = 0; g < G; ++g) {
+    denom[g] = denom[g] * rescale[g] + sum[g];
+    scale_add(acc + g * d, rescale[g], part + g * d, d);
+  }
+}
+
+// Heads h..h+G-1 of one query over all blocks; block b's valid picks are rows[start[b] .. start[b + 1]).
+template <int G>
+void attn_heads(const float* q, const float* kv, const int64_t* rows, const int64_t* start, int64_t blocks,
+                const float* sink, int64_t d, float scale, bool bf16, float* out, float* scratch) {
+  float run_max[G], denom[G];
+  for (int g = 0; g < G; ++g) run_max[g] = -INFINITY, denom[g] = 0.f;
+  for (int64_t i = 0; i < G * d; ++i) out[i] = 0.f;  // the accumulator
+  float* p = scratch;
+  float* part = scratch + kAttnBlock * G;
+  for (int64_t b = 0; b < blocks; ++b)
+    if (start[b + 1] > start[b])
+      attn_block<G>(q, kv, rows + start[b], start[b + 1] - start[b], d, scale, bf16, run_max, denom, out, p, part);
+  for (int g = 0; g < G; ++g) {  // the sink joins the denominator last, against the final max
+    const float z = denom[g] + expf(sink[g] - (__builtin_isfinite(run_max[g]) ? run_max[g] : 0.f));
+    for (int64_t i = 0; i < d; ++i) out[g * d + i] /= z;
+  }
+}
+
+void sparse_attn_query(const float* q, const float* kv, const int64_t* idx, int64_t k, const float* sink,
+                       int64_t h0, int64_t h1, int64_t d, float scale, bool bf16, float* out, float* scratch) {
+  const int64_t blocks = (k + kAttnBlock - 1) / kAttnBlock;
+  int64_t* rows = tl_offsets.get(k + blocks + 1);
+  int64_t* start = rows + k;
+  int64_t n = 0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    start[b] = n;
+    for (int64_t j = b * kAttnBlock; j < lo(k, (b + 1) * kAttnBlock); ++j)
+      if (idx[j] >= 0) rows[n++] = idx[j] * d;  // -1 picks drop out (a repeated row stays twice)
+  }
+  start[blocks] = n;
+  for (int64_t h = h0; h < h1;) {
+    const int64_t g = lo(4, h1 - h);
+    const float* qh = q + h * d;
+    float* oh = out + h * d;
+    switch (g) {
+      case 4: attn_heads<4>(qh, kv, rows, start, blocks, sink + h, d, scale, bf16, oh, scratch); break;
+      case 3: attn_heads<3>(qh, kv, rows, start, blocks, sink + h, d, scale, bf16, oh, scratch); break;
+      case 2: attn_heads<2>(qh, kv, rows, start, blocks, sink + h, d, scale, bf16, oh, scratch); break;
+      default: attn_heads<1>(qh, kv, rows, start, blocks, sink + h, d, scale, bf16, oh, scratch); break;
+    }
+    h += g;
+  }
+}
+
+// Scores of 8 entries from their dot products l [heads][8]: r(sum_h r(w[h] relu(r(l[h][e])))), h summed in order,
+// r = bf16 rounding with `bf16` (the reference's bf16 einsum, product and head sum, spec §3.9.4). Across 8 entries
+// at a time, so the roundings cost a few vector instructions per head (the same operations in both builds).
+void weigh_heads8(const float* l, const float* w, int64_t heads, bool bf16, float* out) {
+#if defined(__AVX2__)
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 s = zero;
+  for (int64_t h = 0; h < heads; ++h) {
+    __m256 v = _mm256_loadu_ps(l + h * 8);
+    if (bf16) v = round_bf16(v);
+    v = _mm256_mul_ps(_mm256_max_ps(v, zero), _mm256_set1_ps(w[h]));  // relu: max(NaN, 0) = 0 as below
+    s = _mm256_add_ps(s, bf16 ? round_bf16(v) : v);
+  }
+  _mm256_storeu_ps(out, bf16 ? round_bf16(s) : s);
+#else
+  for (int e = 0; e < 8; ++e) {
+    float s = 0.f;
+    for (int64_t h = 0; h < heads; ++h) {
+      float v = l[h * 8 + e];
+      if (bf16) v = round_bf16(v);
+      v = (v > 0.f ? v : 0.f) * w[h];
+      s = s + (bf16 ? round_bf16(v) : v);
+    }
+    out[e] = bf16 ? round_bf16(s) : s;
+  }
+#endif
+}
+
+void indexer_scores(const float* q, const float* w, int64_t heads, const float* k, int64_t d, int64_t n0,
+                    int64_t n1, bool bf16, float* scores) {
+  float* l = tl_dots.get(heads * 8);
+  for (int64_t j0 = n0; j0 < n1; j0 += 8) {
+    const int64_t m = lo(8, n1 - j0);
+    for (int64_t e = 0; e < 8; ++e) {
+      if (e >= m) {  // lanes past the last entry: zeros, not stored
+        for (int64_t h = 0; h < heads; ++h) l[h * 8 + e] = 0.f;
+        continue;
+      }
+      const float* row = k + (j0 + e) * d;
+      for (int64_t h = 0; h < heads; h += 4) {
+        float t[4];
+        const int64_t g = lo(4, heads - h);
+        if (g == 4)
+          dot_heads<4>(q + h * d, d, row, t);
+        else
+          for (int64_t i = 0; i < g; ++i) t[i] = dot(q + (h + i) * d, row, d);
+        for (int64_t i = 0; i < g; ++i) l[(h + i) * 8 + e] = t[i];
+      }
+    }
+    float out[8];
+    weigh_heads8(l, w, heads, bf16, out);
+    memcpy(scores + j0, out, (size_t)m * sizeof(float));
+  }
+}
 
 // ---- MoE activation, compressor pooling ---------------------------------------------------------------------
 void swiglu(const float* gate, const float* up, int64_t n, float weight, float limit, bool bf16, float* h) {
@@ -704,8 +782,9 @@ void hc_post_token(const float* f, const float* res, const float* post, const fl
                    float* out) {
   for (int64_t k = 0; k < n; ++k) {
     float* o = out + k * d;
-    for (int64_t i = 0; i < d; ++i) o[i] = 0.f;
-    for (int64_t j = 0; j < n; ++j) axpy(o, comb[j * n + k], res + j * d, d);  // comb applied transposed
+    // sum_j comb[j, k] res_j for j = 0, 1, ... in order (comb applied transposed), as registry.hc_post
+    for (int64_t i = 0; i < d; ++i) o[i] = comb[k] * res[i];
+    for (int64_t j = 1; j < n; ++j) add_product(o, comb[j * n + k], res + j * d, d);
     for (int64_t i = 0; i < d; ++i) o[i] = post[k] * f[i] + o[i];
   }
 }

@@ -5,8 +5,9 @@
 // Built against the C API only (onnxruntime_c_api.h, ORT_API_VERSION of the headers; newer runtimes accept it) and
 // not linked to libonnxruntime: ORT hands the API table to RegisterCustomOps. Work is split into tasks run on the
 // session's intra-op thread pool (KernelContext_ParallelFor), so `intra_op_num_threads` bounds the threads used.
-// Numerics follow the torch references: fake-quant, bf16 rounding and Hadamard are bit-exact; matmuls and
-// softmaxes agree to float rounding (summation order differs).
+// Numerics follow the torch references: fake-quant, bf16 rounding, Hadamard and hc_post are bit-exact; matmuls and
+// softmaxes agree to float rounding (summation order, exp), so a bf16 rounding right after one of them (attention
+// probabilities, indexer scores) lands on the other side of a rounding boundary now and then.
 #include <onnxruntime_c_api.h>
 
 #include <algorithm>
@@ -86,7 +87,8 @@ void fake_quant_fp8(const float* x, float* y, int64_t n, int64_t block) {
   }
 }
 
-// quant.fake_quant_fp4 (blocks of 32) of quant.hadamard(x) for one row of d (a power of two, >= 32).
+// quant.fake_quant_fp4 (blocks of 32) of quant.hadamard(x) rounded to bf16 (registry.hadamard_fp4: the reference's
+// Hadamard returns bf16) for one row of d (a power of two, >= 32).
 void hadamard_fp4(const float* x, float* y, int64_t d) {
   std::memcpy(y, x, d * sizeof(float));
   for (int64_t h = 1; h < d; h *= 2)  // butterflies in the reference's order: bit-exact
@@ -97,7 +99,7 @@ void hadamard_fp4(const float* x, float* y, int64_t d) {
         y[t + h] = a - b;
       }
   const float norm = (float)std::pow((double)d, -0.5);
-  for (int64_t i = 0; i < d; ++i) y[i] *= norm;
+  for (int64_t i = 0; i < d; ++i) y[i] = round_bf16(y[i] * norm);
   for (int64_t b0 = 0; b0 < d; b0 += 32) {
     float amax = 0.f;
     for (int64_t i = b0; i < b0 + 32; ++i) amax = std::fmax(amax, std::fabs(y[i]));
@@ -593,7 +595,9 @@ struct HadamardFp4 : Kernel {
 
 struct SparseAttn : Kernel {
   float scale;
-  explicit SparseAttn(const OrtKernelInfo* info) : scale(attr_float(info, "SparseAttn", "scale")) {}
+  bool bf16;
+  explicit SparseAttn(const OrtKernelInfo* info)
+      : scale(attr_float(info, "SparseAttn", "scale")), bf16(attr_int(info, "SparseAttn", "bf16") != 0) {}
 
   void compute(OrtKernelContext* ctx) override {
     Context c(ctx, "SparseAttn", inline_work_);
@@ -612,17 +616,19 @@ struct SparseAttn : Kernel {
     const int64_t groups = (H + 3) / 4;  // tasks: (query position, 4 heads): decode still spreads over threads
     c.parallel(B * S * groups, 2.0 * B * S * H * K * D, [&](size_t t) {
       thread_local std::vector<float> scratch;
-      scratch.resize(4 * std::max<int64_t>(K, 1));
+      scratch.resize(4 * (64 + D));
       const int64_t bs = t / groups, h0 = (t % groups) * 4, b = bs / S;
       isa->sparse_attn_query(q.f32() + bs * H * D, kv.f32() + b * N * D, ix + bs * K, K, sink.f32(), h0,
-                             std::min(H, h0 + 4), D, scale, out + bs * H * D, scratch.data());
+                             std::min(H, h0 + 4), D, scale, bf16, out + bs * H * D, scratch.data());
     });
   }
 };
 
 struct IndexerTopK : Kernel {
   int64_t topk;
-  explicit IndexerTopK(const OrtKernelInfo* info) : topk(attr_int(info, "IndexerTopK", "topk")) {
+  bool bf16;
+  explicit IndexerTopK(const OrtKernelInfo* info)
+      : topk(attr_int(info, "IndexerTopK", "topk")), bf16(attr_int(info, "IndexerTopK", "bf16") != 0) {
     if (topk < 0) throw std::runtime_error("dsv4.IndexerTopK: attribute topk must be >= 0");
   }
 
@@ -647,7 +653,7 @@ struct IndexerTopK : Kernel {
       const int64_t bs = t / chunks, n0 = (t % chunks) * chunk, n1 = std::min(visible(bs), n0 + chunk);
       if (n0 >= n1) return;
       isa->indexer_scores(q.f32() + bs * Hh * D, w.f32() + bs * Hh, Hh, k.f32() + (bs / S) * N * D, D, n0, n1,
-                          scores.data() + bs * N);
+                          bf16, scores.data() + bs * N);
     });
 
     // top-K per query: descending score, ties lower entry first (NaN counts as largest, as torch's sort);
