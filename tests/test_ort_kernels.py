@@ -307,6 +307,13 @@ def test_sparse_attn_blocks(library, isa, bf16):
         assert far(reference("sparse_attn", attrs, **{**inputs, "idx": compacted})[0], out) > 0.05
 
 
+def test_sparse_attn_without_picks(library, isa):
+    """K = 0: no block at all, only the sink in the denominator: zeros."""
+    out = check(library, "sparse_attn", {"scale": 0.5, "bf16": True}, q=rand(1, 2, 5, 8), kv=rand(1, 4, 8),
+                sink=rand(5), idx=torch.zeros(1, 2, 0, dtype=torch.int64))[0]
+    assert out.shape == (1, 2, 5, 8) and not out.any()
+
+
 def test_sparse_attn_rejects_rows_outside_kv(library):
     q, kv, sink = rand(1, 1, 2, 8), rand(1, 4, 8), rand(2)
     with pytest.raises(Exception, match="idx holds row 4, kv has 4 rows"):
@@ -373,7 +380,7 @@ def test_hc_pre(library, isa, n, iters):
           scale=rand(3, seed=3), base=rand((2 + n) * n, seed=4))
 
 
-@pytest.mark.parametrize("n", [4, 3])
+@pytest.mark.parametrize("n", [4, 3, 1])
 def test_hc_post(library, isa, n):
     """Bit-exact: streams summed in order j = 0, 1, ..., each product and sum rounded on its own (no FMA)."""
     b, s, d = 2, 3, 20
