@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 import subprocess
 import weakref
@@ -436,36 +435,16 @@ def memory_problems(worst: dict[str, int], usable: float, what: str, recipe, kv_
 
 
 # ---- ops, toolchain, build peaks ----------------------------------------------------------------------------------
-def _source(module: str, filename: str) -> str:
-    import importlib.util
-
-    spec = importlib.util.find_spec(module)
-    path = Path(spec.origin).parent / filename if spec and spec.origin else None
-    return path.read_text() if path and path.is_file() else ""
-
-
 def op_coverage(kind: str, soc: str | None, needed: set[str]) -> list[dict[str, Any]]:
-    """Each dsv4 op the graph calls and how the target runs it. Registrations are read from the target's sources:
-    importing them needs the target's toolchain (tensorrt), which the planning machine may not have."""
+    """Each dsv4 op the graph calls and how the target runs it (the targets' own tables, dsv4c.targets.coverage)."""
     from dsv4c.graphs.ops.registry import OPS
-    from dsv4c.targets.cann.mapping import MAPPING
+    from dsv4c.targets import coverage
 
     rows = []
-    cpp = set(re.findall(r'emplace_back\("(\w+)"', _source("dsv4c.targets.cpu.kernels", "ops.cc")))
-    trt = set(re.findall(r'@trtp\.register\(plugin_id\("(\w+)"\)\)', _source("dsv4c.targets.tensorrt", "plugins.py")))
     for name in sorted(needed):
-        onnx_name = OPS[name].onnx_name
-        if kind == "cpu":
-            impl, ok = ("C++ ORT kernel" if onnx_name in cpp else "ONNX function body"), True
-        elif kind == "tensorrt":
-            ok = name in trt
-            impl = "TensorRT plugin (Triton)" if ok else "no TensorRT plugin"
-        else:
-            m = MAPPING.get(onnx_name)
-            ok = m is not None and m.status == "public"
-            impl = ((m.ascend950 if soc == "Ascend950" else m.ascend910b) if ok else
-                    ("mapped, AscendC kernel TBD" if m is not None else "no CANN mapping"))
-        rows.append({"op": name, "onnx": onnx_name, "implemented": ok, "implementation": impl})
+        c = coverage.op_coverage(kind, name, soc)
+        rows.append({"op": name, "onnx": OPS[name].onnx_name, "implemented": c.implemented,
+                     "implementation": c.implementation})
     return rows
 
 

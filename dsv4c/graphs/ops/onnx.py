@@ -42,7 +42,7 @@ from onnx import AttributeProto, TensorProto, helper, numpy_helper
 from onnx.defs import OpSchema
 
 from dsv4c.graphs import quant
-from dsv4c.graphs.ops.registry import ATTN_BLOCK, FP4_BLOCK, FP8_BLOCK, OPS, OpDef
+from dsv4c.graphs.ops.registry import ATTN_BLOCK, FP4_BLOCK, FP8_BLOCK, OPS, DimMath, OpDef
 
 __all__ = ["DOMAIN", "DOMAIN_VERSION", "ONNX_OPSET", "attach_functions", "attribute_kinds", "export_program",
            "function_bodies", "function_body", "ort_session", "output_names", "register_schemas", "tensor_inputs",
@@ -53,17 +53,7 @@ DOMAIN = "dsv4"
 DOMAIN_VERSION = 1
 
 _FLOAT, _U8, _I64 = "tensor(float)", "tensor(uint8)", "tensor(int64)"
-# inputs that are not float32 activations/scales; the rest are tensor(float)
-_INPUT_TYPES: dict[str, dict[str, str]] = {
-    "fp8_linear": {"w": _U8},
-    "fp8_grouped_linear": {"w": _U8},
-    "moe_experts": {"indices": _I64, "w1": "TW", "w3": "TW", "w2": "TW"},  # TW: uint8 (fmt 0/1) or float (fmt 2)
-    "sparse_attn": {"idx": _I64},
-    "indexer_topk": {"n_visible": _I64},
-    "compress_pool": {"ends": _I64},
-}
-_OUTPUTS: dict[str, tuple[str, ...]] = {"hc_pre": ("y", "post", "comb")}
-_OUTPUT_TYPES: dict[str, str] = {"indexer_topk": _I64}
+_ONNX_TYPES = {"float32": _FLOAT, "uint8": _U8, "int64": _I64, "uint8|float32": "TW"}  # TW: a type constraint
 _ATTR_TYPES = {"bool": OpSchema.AttrType.INT, "int": OpSchema.AttrType.INT, "float": OpSchema.AttrType.FLOAT}
 
 
@@ -84,7 +74,7 @@ def attribute_kinds(op: OpDef) -> dict[str, str]:
 
 
 def output_names(op: OpDef) -> tuple[str, ...]:
-    return _OUTPUTS.get(op.name, ("y",))
+    return op.outputs
 
 
 # ---- schemas ---------------------------------------------------------------------------------------------
@@ -95,10 +85,9 @@ def register_schemas() -> None:
     for op in OPS.values():
         if onnx.defs.has(op.onnx_name, DOMAIN):
             continue
-        types = _INPUT_TYPES.get(op.name, {})
+        types = {n: _ONNX_TYPES[t] for n, t in op.input_dtypes.items()}
         inputs = [OpSchema.FormalParameter(n, types.get(n, _FLOAT)) for n in tensor_inputs(op)]
-        out_type = _OUTPUT_TYPES.get(op.name, _FLOAT)
-        outputs = [OpSchema.FormalParameter(n, out_type) for n in output_names(op)]
+        outputs = [OpSchema.FormalParameter(n, _ONNX_TYPES[t]) for n, t in zip(output_names(op), op.output_dtypes)]
         constraints = [("TW", [_U8, _FLOAT], "expert weights: packed bytes or float")] if "TW" in types.values() else []
         attrs = [OpSchema.Attribute(n, _ATTR_TYPES[k], f"{k} argument `{n}`") for n, k in attribute_kinds(op).items()]
         schema = OpSchema(op.onnx_name, DOMAIN, DOMAIN_VERSION, op.doc, inputs=inputs, outputs=outputs,
@@ -117,7 +106,7 @@ def _input_dims(ctx, i: int) -> list[int | str | None] | None:
 
 def _shape_inference(op: OpDef) -> Callable:
     """Output shapes of `op` from its input shapes (symbolic dims pass through; unknowns stay unknown)."""
-    elem = TensorProto.INT64 if op.name in _OUTPUT_TYPES else TensorProto.FLOAT
+    elems = [TensorProto.INT64 if t == "int64" else TensorProto.FLOAT for t in op.output_dtypes]
 
     def infer(ctx) -> None:
         shapes = [_input_dims(ctx, i) for i in range(ctx.get_num_inputs())]
@@ -127,35 +116,25 @@ def _shape_inference(op: OpDef) -> Callable:
             if a is not None:
                 attrs[name] = helper.get_attribute_value(a)
         try:
-            outs = _OUT_SHAPES[op.name](shapes, attrs)
+            outs = op.output_shapes(shapes, attrs, _InferredDims)
         except (TypeError, IndexError, KeyError, ValueError):  # unknown rank or attribute: element type only
             outs = [None] * len(output_names(op))
-        for i, dims in enumerate(outs):
+        for i, (dims, elem) in enumerate(zip(outs, elems)):
             ctx.set_output_type(i, helper.make_tensor_type_proto(elem, dims))
 
     return infer
 
 
-def _ratio(a, b):
-    return a // b if isinstance(a, int) and isinstance(b, int) and b else None
+class _InferredDims(DimMath):
+    """Dims as ONNX shape inference has them: ints, dim names or None; anything not two ints is unknown."""
 
+    @staticmethod
+    def div(a, b):
+        return a // b if isinstance(a, int) and isinstance(b, int) and b else None
 
-def _min(a, b):
-    return min(a, b) if isinstance(a, int) and isinstance(b, int) else None
-
-
-_OUT_SHAPES: dict[str, Callable[[list, dict], list]] = {
-    "fp8_linear": lambda s, a: [s[0][:-1] + [s[1][0]]],
-    "fp8_grouped_linear": lambda s, a: [s[0][:-1] + [_ratio(s[1][0], s[0][-2])]],
-    "moe_experts": lambda s, a: [s[0]],
-    "fake_quant_fp8": lambda s, a: [s[0]],
-    "hadamard_fp4": lambda s, a: [s[0]],
-    "sparse_attn": lambda s, a: [s[0]],
-    "indexer_topk": lambda s, a: [s[0][:2] + [_min(a["topk"], s[1][1])]],
-    "compress_pool": lambda s, a: [[s[0][0], s[2][1], _ratio(s[0][2], 2 if a.get("overlap") else 1)]],
-    "hc_pre": lambda s, a: [s[0][:2] + [s[0][3]], s[0][:3], s[0][:3] + [s[0][2]]],
-    "hc_post": lambda s, a: [s[1]],
-}
+    @staticmethod
+    def min(a, b):
+        return min(a, b) if isinstance(a, int) and isinstance(b, int) else None
 
 
 # ---- a small builder for function bodies -----------------------------------------------------------------

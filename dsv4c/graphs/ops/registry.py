@@ -3,9 +3,12 @@
 Each op is declared once here with
   * its schema (tensors + static attributes only, so every target can implement it),
   * a plain PyTorch reference implementation (the ground truth every target is tested against),
-  * a fake (meta) kernel so torch.export can trace shapes without running it.
-Targets add their own implementation per op name (ONNX schema + function body, C++ ORT kernel, TensorRT
-plugin, CANN mapping) in their own packages; `OPS` is the list they iterate.
+  * its signature beyond the schema (ONNX output names, output dtypes, non-float inputs) and ONE shape rule,
+    which gives the fake (meta) kernel torch.export traces with, ONNX shape inference and the TensorRT
+    plugins' output descriptors.
+Targets add their own implementation per op name (ONNX function body, C++ ORT kernel, TensorRT plugin, CANN
+mapping) in their own packages, each with a table of what it implements (`dsv4c.targets.coverage`); `OPS` is
+the list they iterate.
 
 Conventions shared by all ops:
   * activations are float32 tensors; "bf16" attributes round results to bfloat16 where the DeepSeek
@@ -29,35 +32,75 @@ FP8_BLOCK = 128
 FP4_BLOCK = 32
 
 
+class DimMath:
+    """Arithmetic on dims for the ops' shape rules. `+ - *` apply to dims directly; division and minimum go
+    through here, because each user has its own dim type: ints and SymInts (the fake kernels), ONNX shape
+    inference (ints, dim names or None for unknown), TensorRT's shape expressions (no Python `min`)."""
+
+    @staticmethod
+    def div(a, b):
+        return a // b
+
+    @staticmethod
+    def min(a, b):
+        return min(a, b)
+
+
 @dataclass(frozen=True)
 class OpDef:
+    """Everything about one dsv4 op that is not a target's implementation: its schema and reference, and the
+    one shape/dtype rule the fake kernel, ONNX shape inference and the TensorRT output descriptors all use."""
+
     name: str  # torch name: torch.ops.dsv4.<name>
     onnx_name: str  # op type in the ONNX `dsv4` domain
     schema: str
     reference: Callable
     doc: str
+    shape: Callable  # (input shapes in tensor-input order, attributes, DimMath) -> output shapes
     attributes: tuple[str, ...] = field(default=())  # static (non-tensor) arguments, in schema order
+    outputs: tuple[str, ...] = ("y",)  # output names of the ONNX node
+    output_dtypes: tuple[str, ...] = ("float32",)
+    input_dtypes: dict[str, str] = field(default_factory=dict)  # tensor inputs that are not float32 activations
 
     @property
     def overload(self) -> torch._ops.OpOverload:
         return getattr(torch.ops.dsv4, self.name).default
 
+    def output_shapes(self, shapes, attrs: dict, math: type[DimMath] | DimMath = DimMath) -> list:
+        return [list(s) for s in self.shape(shapes, attrs, math)]
+
 
 OPS: dict[str, OpDef] = {}
+_TORCH_DTYPES = {"float32": torch.float32, "int64": torch.int64}
 
 
-def _register(name: str, onnx_name: str, schema: str, fake: Callable, attributes: tuple[str, ...] = ()):
-    """Define `dsv4::name` with the decorated function as its reference kernel and `fake` as meta kernel."""
+def _register(name: str, onnx_name: str, schema: str, shape: Callable, attributes: tuple[str, ...] = (),
+              **signature):
+    """Define `dsv4::name` with the decorated function as its reference kernel; its fake (meta) kernel is the
+    shape rule applied to the fake inputs. `signature`: OpDef's outputs / output_dtypes / input_dtypes."""
 
     def wrap(reference: Callable) -> Callable:
         lib_name = f"dsv4::{name}"
+        op = OpDef(name, onnx_name, schema, reference, (reference.__doc__ or "").strip(), shape, attributes,
+                   **signature)
         torch.library.define(lib_name, schema)
         torch.library.impl(lib_name, "CompositeExplicitAutograd")(reference)
-        torch.library.register_fake(lib_name)(fake)
-        OPS[name] = OpDef(name, onnx_name, schema, reference, (reference.__doc__ or "").strip(), attributes)
+        torch.library.register_fake(lib_name)(_fake_kernel(op))
+        OPS[name] = op
         return reference
 
     return wrap
+
+
+def _fake_kernel(op: OpDef) -> Callable:
+    def fake(*args):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        attrs = dict(zip(op.attributes, args[len(tensors):]))
+        outs = [tensors[0].new_empty(shape, dtype=_TORCH_DTYPES[dt])
+                for shape, dt in zip(op.output_shapes([list(t.shape) for t in tensors], attrs), op.output_dtypes)]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    return fake
 
 
 def round_bf16(x: torch.Tensor, enabled: bool) -> torch.Tensor:
@@ -93,12 +136,8 @@ def _expert_weight(w: torch.Tensor, scale: torch.Tensor, e: int, fmt: int) -> to
 
 
 # ---- quantized linears -----------------------------------------------------------------------------------
-def _fp8_linear_fake(x, w, w_scale, act_quant):
-    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=torch.float32)
-
-
 @_register("fp8_linear", "Fp8Linear", "(Tensor x, Tensor w, Tensor w_scale, bool act_quant) -> Tensor",
-           _fp8_linear_fake, ("act_quant",))
+           lambda s, a, m: [[*s[0][:-1], s[1][0]]], ("act_quant",), input_dtypes={"w": "uint8"})
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_quant: bool) -> torch.Tensor:
     """y[..., N] = q(x)[..., K] @ dequant(w)[N, K]^T. Weights FP8 e4m3 with 128x128 e8m0 scales; with
     act_quant, x is quantised to FP8 per token and 128 channels with power-of-two scales first (W8A8)."""
@@ -107,13 +146,9 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_quan
     return F.linear(x.float(), decode_fp8(w, w_scale))
 
 
-def _grouped_fake(x, w, w_scale, act_quant):
-    groups = x.shape[-2]
-    return x.new_empty((*x.shape[:-1], w.shape[0] // groups), dtype=torch.float32)
-
-
 @_register("fp8_grouped_linear", "Fp8GroupedLinear",
-           "(Tensor x, Tensor w, Tensor w_scale, bool act_quant) -> Tensor", _grouped_fake, ("act_quant",))
+           "(Tensor x, Tensor w, Tensor w_scale, bool act_quant) -> Tensor",
+           lambda s, a, m: [[*s[0][:-1], m.div(s[1][0], s[0][-2])]], ("act_quant",), input_dtypes={"w": "uint8"})
 def fp8_grouped_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_quant: bool) -> torch.Tensor:
     """Grouped low-rank projection (`wo_a`): x [..., G, K], w FP8 [G*R, K] -> y[..., g, :] = x[..., g, :] @ w_g^T."""
     if act_quant:
@@ -123,14 +158,14 @@ def fp8_grouped_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, 
     return torch.einsum("...gk,grk->...gr", x.float(), wg)
 
 
-def _moe_fake(x, weights, indices, w1, s1, w3, s3, w2, s2, fmt, swiglu_limit, act_quant, bf16):
-    return x.new_empty(x.shape, dtype=torch.float32)
+_PACKED_OR_FLOAT = "uint8|float32"  # expert weights: packed bytes (FP4 / FP8) or float
 
 
 @_register("moe_experts", "MoeExperts",
            "(Tensor x, Tensor weights, Tensor indices, Tensor w1, Tensor s1, Tensor w3, Tensor s3, Tensor w2, "
            "Tensor s2, int fmt, float swiglu_limit, bool act_quant, bool bf16) -> Tensor",
-           _moe_fake, ("fmt", "swiglu_limit", "act_quant", "bf16"))
+           lambda s, a, m: [s[0]], ("fmt", "swiglu_limit", "act_quant", "bf16"),
+           input_dtypes={"indices": "int64", "w1": _PACKED_OR_FLOAT, "w3": _PACKED_OR_FLOAT, "w2": _PACKED_OR_FLOAT})
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor,
                 w3: torch.Tensor, s3: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, fmt: int,
                 swiglu_limit: float, act_quant: bool, bf16: bool) -> torch.Tensor:
@@ -159,17 +194,17 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w
 
 
 # ---- QAT simulations -------------------------------------------------------------------------------------
-def _same_fake(x, *args):
-    return torch.empty_like(x, dtype=torch.float32)
+def _same_shape(s, a, m):
+    return [s[0]]
 
 
-@_register("fake_quant_fp8", "FakeQuantFp8", "(Tensor x, int block) -> Tensor", _same_fake, ("block",))
+@_register("fake_quant_fp8", "FakeQuantFp8", "(Tensor x, int block) -> Tensor", _same_shape, ("block",))
 def fake_quant_fp8(x: torch.Tensor, block: int) -> torch.Tensor:
     """FP8 e4m3 quantise-dequantise along the last dim in blocks of `block`, power-of-two scales (KV sim)."""
     return quant.fake_quant_fp8(x.float(), block)
 
 
-@_register("hadamard_fp4", "HadamardFp4", "(Tensor x) -> Tensor", _same_fake)
+@_register("hadamard_fp4", "HadamardFp4", "(Tensor x) -> Tensor", _same_shape)
 def hadamard_fp4(x: torch.Tensor) -> torch.Tensor:
     """Indexer QAT: orthonormal Walsh-Hadamard rotation of the last dim, rounded to bf16 (the reference's
     Hadamard takes and returns bf16, spec §3.9.3), then FP4 e2m1 quantise-dequantise in blocks of 32 with
@@ -181,13 +216,9 @@ def hadamard_fp4(x: torch.Tensor) -> torch.Tensor:
 ATTN_BLOCK = 64  # picks per online-softmax block, as DeepSeek's sparse_attn kernel
 
 
-def _sparse_attn_fake(q, kv, sink, idx, scale, bf16):
-    return torch.empty_like(q, dtype=torch.float32)
-
-
 @_register("sparse_attn", "SparseAttn",
            "(Tensor q, Tensor kv, Tensor sink, Tensor idx, float scale, bool bf16) -> Tensor",
-           _sparse_attn_fake, ("scale", "bf16"))
+           _same_shape, ("scale", "bf16"), input_dtypes={"idx": "int64"})
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
                 bf16: bool) -> torch.Tensor:
     """q [B,S,H,D], kv [B,N,D] (K = V), sink [H], idx [B,S,K] int64 rows of kv (-1 = none).
@@ -223,13 +254,10 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
     return out
 
 
-def _indexer_fake(q, k, w, n_visible, topk, bf16):
-    return q.new_empty((*q.shape[:2], min(topk, k.shape[1])), dtype=torch.int64)
-
-
 @_register("indexer_topk", "IndexerTopK",
            "(Tensor q, Tensor k, Tensor w, Tensor n_visible, int topk, bool bf16) -> Tensor",
-           _indexer_fake, ("topk", "bf16"))
+           lambda s, a, m: [[s[0][0], s[0][1], m.min(a["topk"], s[1][1])]], ("topk", "bf16"),
+           output_dtypes=("int64",), input_dtypes={"n_visible": "int64"})
 def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_visible: torch.Tensor,
                  topk: int, bf16: bool) -> torch.Tensor:
     """Lightning indexer: q [B,S,h,d], compressed keys k [B,N,d], head weights w [B,S,h] (already scaled),
@@ -251,13 +279,9 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_visible: t
 
 
 # ---- compressor ------------------------------------------------------------------------------------------
-def _pool_fake(kv, score, ends, ratio, overlap):
-    d = kv.shape[-1] // (2 if overlap else 1)
-    return kv.new_empty((kv.shape[0], ends.shape[1], d), dtype=torch.float32)
-
-
 @_register("compress_pool", "CompressPool", "(Tensor kv, Tensor score, Tensor ends, int ratio, bool overlap) -> Tensor",
-           _pool_fake, ("ratio", "overlap"))
+           lambda s, a, m: [[s[0][0], s[2][1], m.div(s[0][2], 2 if a.get("overlap") else 1)]], ("ratio", "overlap"),
+           input_dtypes={"ends": "int64"})
 def compress_pool(kv: torch.Tensor, score: torch.Tensor, ends: torch.Tensor, ratio: int,
                   overlap: bool) -> torch.Tensor:
     """Gated pooling of raw token rows into compressed entries. kv, score [B, L, c*d] (score already has the
@@ -292,15 +316,11 @@ def compress_pool(kv: torch.Tensor, score: torch.Tensor, ends: torch.Tensor, rat
 
 
 # ---- manifold-constrained hyper-connections --------------------------------------------------------------
-def _hc_pre_fake(x, fn, scale, base, iters, norm_eps, hc_eps):
-    b, s, n, d = x.shape
-    return (x.new_empty((b, s, d), dtype=torch.float32), x.new_empty((b, s, n), dtype=torch.float32),
-            x.new_empty((b, s, n, n), dtype=torch.float32))
-
-
 @_register("hc_pre", "HcPre",
            "(Tensor x, Tensor fn, Tensor scale, Tensor base, int iters, float norm_eps, float hc_eps) "
-           "-> (Tensor, Tensor, Tensor)", _hc_pre_fake, ("iters", "norm_eps", "hc_eps"))
+           "-> (Tensor, Tensor, Tensor)",
+           lambda s, a, m: [[*s[0][:2], s[0][3]], s[0][:3], [*s[0][:3], s[0][2]]], ("iters", "norm_eps", "hc_eps"),
+           outputs=("y", "post", "comb"), output_dtypes=("float32",) * 3)
 def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int,
            norm_eps: float, hc_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """mHC pre: x [B,S,n,D] streams, fn [(2+n)n, nD]. mix = (flat(x) @ fn^T) * rsqrt(mean(flat(x)^2) + eps);
@@ -322,11 +342,8 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
     return y, post, comb
 
 
-def _hc_post_fake(f, res, post, comb):
-    return torch.empty_like(res, dtype=torch.float32)
-
-
-@_register("hc_post", "HcPost", "(Tensor f, Tensor res, Tensor post, Tensor comb) -> Tensor", _hc_post_fake)
+@_register("hc_post", "HcPost", "(Tensor f, Tensor res, Tensor post, Tensor comb) -> Tensor",
+           lambda s, a, m: [s[1]])
 def hc_post(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """mHC post: out[:,:,k] = post_k f + sum_j comb[j,k] res_j (comb applied transposed). f [B,S,D],
     res [B,S,n,D], post [B,S,n], comb [B,S,n,n] -> [B,S,n,D]."""

@@ -39,6 +39,11 @@ from functools import reduce
 from typing import Any, Callable, Sequence
 
 PLUGIN_NAMESPACE = "dsv4"
+# What this target implements (dsv4c.targets.coverage reads these without importing TensorRT): every op has a
+# JIT plugin (`_register`); the single-kernel ones also an AOT kernel. tests/test_triton_kernels.py checks both
+# against what `_register` registers.
+PLUGIN_OPS = ("fp8_linear", "fp8_grouped_linear", "moe_experts", "fake_quant_fp8", "hadamard_fp4", "sparse_attn",
+              "indexer_topk", "compress_pool", "hc_pre", "hc_post")
 AOT_OPS = ("fp8_linear", "fp8_grouped_linear", "fake_quant_fp8", "hadamard_fp4", "sparse_attn", "compress_pool",
            "hc_pre", "hc_post")
 GEMM_TACTICS = {1: (16, 32), 2: (64, 128)}  # (BLOCK_M, BLOCK_N): decode-shaped / prefill-shaped
@@ -52,29 +57,31 @@ def plugin_id(op_name: str) -> str:
 
 # ---- output descriptors: ints or TensorRT shape expressions -------------------------------------------------
 def output_shapes(op: str, shapes: Sequence[Sequence[Any]], attrs: dict, minimum: Callable = min) -> list[tuple]:
-    """Output shapes of `op` from its input shapes (in tensor-input order), as tuples of the same kind of dims
-    (ints here, ShapeExpr inside TensorRT: they support + - * //). `minimum` is min / trtp.min."""
-    s = shapes
-    if op == "fp8_linear":
-        return [(*s[0][:-1], s[1][0])]
-    if op == "fp8_grouped_linear":
-        return [(*s[0][:-1], s[1][0] // s[0][-2])]
-    if op in ("moe_experts", "fake_quant_fp8", "hadamard_fp4", "sparse_attn"):
-        return [tuple(s[0])]
-    if op == "indexer_topk":
-        return [(s[0][0], s[0][1], minimum(attrs["topk"], s[1][1]))]
-    if op == "compress_pool":
-        return [(s[0][0], s[2][1], s[0][2] // (2 if attrs["overlap"] else 1))]
-    if op == "hc_pre":
-        b, t, n, d = s[0]
-        return [(b, t, d), (b, t, n), (b, t, n, n)]
-    if op == "hc_post":
-        return [tuple(s[1])]
-    raise KeyError(f"no TensorRT plugin for op {op!r}")
+    """Output shapes of `op` from its input shapes (in tensor-input order), by the op's own shape rule
+    (registry.OpDef.shape), as tuples of the same kind of dims (ints here, ShapeExpr inside TensorRT: they support
+    + - * //). `minimum` is min / trtp.min."""
+    from dsv4c.graphs.ops.registry import OPS
+
+    if op not in PLUGIN_OPS:
+        raise KeyError(f"no TensorRT plugin for op {op!r}")
+    return [tuple(s) for s in OPS[op].output_shapes(shapes, attrs, _ShapeExprMath(minimum))]
+
+
+class _ShapeExprMath:
+    """DimMath over TensorRT shape expressions: // is theirs, min is trtp.min (Python's min cannot compare them)."""
+
+    def __init__(self, minimum: Callable):
+        self.min = minimum
+
+    @staticmethod
+    def div(a: Any, b: Any) -> Any:
+        return a // b
 
 
 def output_dtypes(op: str) -> list[str]:
-    return {"indexer_topk": ["int64"], "hc_pre": ["float32"] * 3}.get(op, ["float32"])
+    from dsv4c.graphs.ops.registry import OPS
+
+    return list(OPS[op].output_dtypes)
 
 
 # ---- AOT kernels: what TensorRT launches ---------------------------------------------------------------------

@@ -1,1 +1,6 @@
 """dsv4 C++ ONNX Runtime custom-op kernels (sources here, built by `python -m dsv4c.targets.cpu.kernels.build`)."""
+
+# The ONNX op types ops.cc registers (its `emplace_back` table; tests/test_op_coverage.py keeps the two equal).
+# Ops not listed run as their ONNX function bodies (dsv4c.targets.coverage).
+CPP_KERNELS = frozenset({"Fp8Linear", "Fp8GroupedLinear", "MoeExperts", "FakeQuantFp8", "HadamardFp4", "SparseAttn",
+                         "IndexerTopK", "CompressPool", "HcPre", "HcPost"})
