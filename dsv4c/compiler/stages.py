@@ -31,10 +31,24 @@ def stage_plan(build: Build) -> None:
     check = target.check(build.recipe)
     if check.problems:
         raise InfeasibleError(f"recipe {build.recipe.name!r} cannot be built for target "
-                              f"{build.recipe.target.kind!r}: " + "; ".join(check.problems))
+                              f"{build.recipe.target.kind!r}: " + "; ".join(check.problems),
+                              hint="`dsv4c plan RECIPE` sizes the recipe and says what would build")
+    _check_build_toolchain(build, target)
     build.state.update(target=target, check=check)
     build.state["toolchain"].update(check.toolchain)
     build.keys["plan"] = digest(build.keys["resolve"], check.fallbacks, check.toolchain)
+
+
+def _check_build_toolchain(build: Build, target) -> None:
+    """A build that goes past `lower` needs the target's toolchain: say so now, not after minutes of export and
+    lowering (targets without a `missing_build_toolchain` build anywhere)."""
+    from dsv4c.compiler.pipeline import STAGES
+
+    if STAGES.index(build.until) <= STAGES.index("lower"):
+        return
+    missing = getattr(target, "missing_build_toolchain", lambda: None)()
+    if missing:
+        raise ToolchainError(missing)
 
 
 # ---- load: locate (or synthesise) and verify the official-format checkpoint ----------------------------------
