@@ -82,7 +82,8 @@ def build(recipe: Path | None, from_bundle: Path | None, output: Path | None, ov
 def plan(recipe: Path, as_json: bool, overrides: tuple[str, ...]) -> None:
     """What building RECIPE needs (weights, KV cache, memory per device, ops, toolchain), without loading weights.
 
-    Exits 0 when the recipe fits its declared hardware, 3 when not (the problems say what to change)."""
+    Exits 0 when the recipe fits its declared hardware and this dsv4c can build it, 3 when not (the problems and
+    hints say what to change)."""
     from dsv4c.compiler.errors import InfeasibleError
     from dsv4c.compiler.plan import make_plan, render
     from dsv4c.compiler.recipe import load_recipe
@@ -97,8 +98,21 @@ def plan(recipe: Path, as_json: bool, overrides: tuple[str, ...]) -> None:
     else:
         render(result)
     if not result["feasible"]:
+        _fail(plan_verdict(result))
+
+
+def plan_verdict(result: dict) -> InfeasibleError:
+    """The exit-3 error of an infeasible plan: what does not fit first, else what blocks the build."""
+    from dsv4c.compiler.errors import InfeasibleError
+
+    name = result["recipe"]
+    if result["problems"]:
         first, *rest = result["problems"]
-        _fail(InfeasibleError(f"recipe {result['recipe']!r} does not fit its declared target: {first}", details=rest))
+        cause = f"recipe {name!r} does not fit its declared target: {first}"
+    else:
+        first, *rest = result["build_blockers"]
+        cause = f"recipe {name!r} fits its declared target, but this dsv4c cannot build it: {first}"
+    return InfeasibleError(cause, details=rest, hint="; ".join(result["hints"]) or None)
 
 
 def _build_from_bundle(bundle: Path, output: Path | None, debug: bool) -> None:
