@@ -1,4 +1,4 @@
-"""`dsv4c` command line: build, plan, run, inspect, schema, serve, chat.
+"""`dsv4c` command line: build, plan, run, inspect, schema, serve, chat, doctor.
 
 Exit codes: 0 ok · 2 recipe or arguments invalid · 3 infeasible on the declared target · 4 toolchain missing or
 mismatched · 5 validation gate failed · 6 build error · 7 checkpoint invalid · 8 address in use.
@@ -352,7 +352,7 @@ def schema() -> None:
     click.echo(json.dumps(recipe_json_schema(), indent=2))
 
 
-# ---- serve, chat -------------------------------------------------------------------------------------------------
+# ---- serve, chat, doctor -------------------------------------------------------------------------------------------
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -414,6 +414,20 @@ def chat(artifact: Path, system: str | None, mode: str, max_new_tokens: int, tem
     if eng.tokenizer is None:
         raise ArgumentError(f"{artifact} has no tokenizer/ directory; `dsv4c chat` needs one")
     chat_main(eng, system, mode, max_new_tokens, temperature, top_p, seed)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON on stdout.")
+def doctor(as_json: bool) -> None:
+    """What this machine can do: toolchain, CPU kernel library, GPU / TensorRT / CANN, caches, and what each
+    missing piece disables. Exits 0: a missing optional piece is reported, not an error."""
+    from dsv4c.compiler.doctor import diagnose, render
+
+    report = diagnose()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        render(report)
 
 
 if __name__ == "__main__":
