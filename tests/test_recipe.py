@@ -401,7 +401,7 @@ def test_json_schema_shape():
 def test_exit_code_table_and_types():
     assert EXIT_CODES == {0: "ok", 2: "recipe or arguments invalid", 3: "infeasible on the declared target",
                           4: "toolchain missing or mismatched", 5: "validation gate failed", 6: "build error",
-                          7: "checkpoint invalid", 8: "address in use"}
+                          7: "checkpoint invalid", 8: "address in use or unavailable"}
     codes = {RecipeError: 2, ArgumentError: 2, InfeasibleError: 3, ToolchainError: 4, ValidationGateError: 5,
              BuildError: 6, CheckpointInvalidError: 7, AddressInUseError: 8}
     for cls, code in codes.items():

@@ -1,7 +1,8 @@
 """`dsv4c` command line: build, plan, run, inspect, schema, serve, chat, doctor.
 
 Exit codes: 0 ok · 2 recipe or arguments invalid · 3 infeasible on the declared target · 4 toolchain missing or
-mismatched · 5 validation gate failed · 6 build error · 7 checkpoint invalid · 8 address in use.
+mismatched · 5 validation gate failed · 6 build error · 7 checkpoint invalid · 8 address in use or
+unavailable.
 
 Every user error is one line `error (<meaning>, exit N): <cause>` (then indented details and a hint) on stderr,
 whatever the command and whichever layer found it (click's option parsing included); a traceback means a bug
@@ -386,10 +387,13 @@ def serve(artifact: Path, host: str, port: int, model_name: str | None, batch_si
     try:
         sock = bind_socket(host, port)
     except OSError as e:
+        import errno
+
         from dsv4c.compiler.errors import AddressInUseError
 
-        raise AddressInUseError(f"cannot listen on {host}:{port}: {e.strerror or e}",
-                                hint="another process holds the port: choose another with --port") from None
+        hint = ("another process holds the port: choose another with --port" if e.errno == errno.EADDRINUSE else
+                "--host must name an address of this machine (127.0.0.1, 0.0.0.0 for all)")
+        raise AddressInUseError(f"cannot listen on {host}:{port}: {e.strerror or e}", hint=hint) from None
     serve_main(eng, sock, model_name=model_name, batch_size=batch_size, max_queue=max_queue,
                request_timeout=request_timeout, stats_every=stats_every)
 

@@ -20,7 +20,7 @@ EXIT_CODES: dict[int, str] = {
     5: "validation gate failed",
     6: "build error",
     7: "checkpoint invalid",
-    8: "address in use",
+    8: "address in use or unavailable",
 }
 
 
