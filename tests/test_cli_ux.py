@@ -82,7 +82,7 @@ def test_a_long_stage_prints_progress_lines_when_not_a_tty(artifact, cache, tmp_
     assert done.returncode == 0, done.stderr
     progress = [line for line in done.stderr.splitlines() if line.startswith("running lower: ")]
     assert progress and "\r" not in done.stderr and "\x1b" not in done.stderr
-    assert re.fullmatch(r"running lower: \d+ s(, [\d.]+ (B|KB|MB|GB) written)?", progress[-1]), progress
+    assert re.fullmatch(r"running lower: \d+ s( \([\w ]+\))?(, [\d.]+ (B|KB|MB|GB) written)?", progress[-1]), progress
     assert any("written" in line for line in progress)
     finished = [line.split()[1] for line in done.stderr.splitlines() if re.match(r"\s*(done|cached|skipped) ", line)]
     assert finished == STAGES[:6], done.stderr

@@ -19,9 +19,10 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import dsv4c
 from dsv4c.compiler.errors import BuildError, CheckpointInvalidError, Dsv4cError, InfeasibleError, ToolchainError
@@ -68,11 +69,12 @@ class Events:
             extra = f" {event['seconds']:.1f}s" if "seconds" in event else ""
             Console(stderr=True).print(f"[{colour}]{status:>7}[/{colour}] {event['stage']}{extra}")
 
-    def progress(self, stage: str, seconds: float, written: int | None) -> None:
+    def progress(self, stage: str, seconds: float, written: int | None, activity: str | None = None) -> None:
         """A stage still running (text mode only: `--events json` keeps its one event per stage)."""
         if self.mode != "text":
             return
-        line = f"running {stage}: {seconds:.0f} s" + (f", {_human_bytes(written)} written" if written else "")
+        line = (f"running {stage}: {seconds:.0f} s" + (f" ({activity})" if activity else "")
+                + (f", {_human_bytes(written)} written" if written else ""))
         if sys.stderr.isatty():  # one line rewritten in place; the stage's own line replaces it
             sys.stderr.write(f"\r\033[2K{line}")
             self._line_open = True
@@ -121,6 +123,7 @@ class Build:
     filling: list[Path] = field(default_factory=list)  # directories stages are writing now (progress counts them)
     deferred: set[str] = field(default_factory=set)  # lazy stages whose event waits for `materialised`
     ran_lazy: set[str] = field(default_factory=set)  # lazy stages that have materialised
+    activity: list[str] = field(default_factory=list)  # what a stage is doing for a later one (progress shows it)
 
     # -- cache helpers ---------------------------------------------------------------------------------------
     def cached_dir(self, stage: str, key: str) -> Path | None:
@@ -151,6 +154,15 @@ class Build:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return final
+
+    @contextmanager
+    def doing(self, what: str) -> Iterator[None]:
+        """Name the work in progress (a lazy stage materialising inside `lower`) for the progress line."""
+        self.activity.append(what)
+        try:
+            yield
+        finally:
+            self.activity.pop()
 
     def _fill(self, fill: Callable[[Path], None], tmp: Path) -> None:
         self.filling.append(tmp)
@@ -220,10 +232,11 @@ class _ticker:
         self.build.events.end_progress()
 
     def _run(self) -> None:
-        wait = min(PROGRESS_AFTER_S, self.every)
+        wait = max(PROGRESS_AFTER_S, self.every)
         while not self.stop.wait(wait):
             written = sum(dir_bytes(p) for p in list(self.build.filling))
-            self.build.events.progress(self.stage, time.perf_counter() - self.t0, written)
+            activity = self.build.activity[-1] if self.build.activity else None
+            self.build.events.progress(self.stage, time.perf_counter() - self.t0, written, activity)
             wait = self.every
 
 

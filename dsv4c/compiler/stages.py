@@ -125,8 +125,9 @@ def reference_model(build: Build):
         from dsv4c.graphs.model import load_checkpoint_model
 
         t0 = time.perf_counter()
-        build.state["model"] = load_checkpoint_model(build.state["reader"], numerics_for(build.recipe),
-                                                     graph_expert_format(build))
+        with build.doing("quantize"):
+            build.state["model"] = load_checkpoint_model(build.state["reader"], numerics_for(build.recipe),
+                                                         graph_expert_format(build))
         materialised(build, "quantize", time.perf_counter() - t0)
     return build.state["model"]
 
@@ -157,12 +158,14 @@ def exported_programs(build: Build) -> dict:
             return build.state["programs"]
         rt, model = build.recipe.runtime, reference_model(build)
         t0 = time.perf_counter()
-        programs = {p: export_program(model, p, rt.max_batch_size, rt.max_seq_len) for p in PROGRAMS}
+        with build.doing("export"):
+            programs = {p: export_program(model, p, rt.max_batch_size, rt.max_seq_len) for p in PROGRAMS}
         materialised(build, "export", time.perf_counter() - t0)
         weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         if weight_bytes <= STORE_EXPORT_MAX_BYTES:
-            build.store_dir("export", key, lambda d: [torch.export.save(ep, d / f"{p}.pt2")
-                                                      for p, ep in programs.items()])
+            with build.doing("storing export"):
+                build.store_dir("export", key, lambda d: [torch.export.save(ep, d / f"{p}.pt2")
+                                                          for p, ep in programs.items()])
         build.state["programs"] = programs
     return build.state["programs"]
 
