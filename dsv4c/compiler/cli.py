@@ -323,7 +323,7 @@ def _inspect_table(artifact: Path, info: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from dsv4c.compiler.plan import _count, _size
+    from dsv4c.compiler.plan import _size, human_count
 
     size = info["size"]
     t = Table(title=f"{artifact}", show_header=False)
@@ -332,8 +332,8 @@ def _inspect_table(artifact: Path, info: dict[str, Any]) -> None:
     t.add_row("kind", kind + (" (runnable engine)" if kind == "engine" else
                               " (finish it with `dsv4c build --from-bundle`, or `dsv4c run --emulate` it)"))
     if "params" in size:
-        t.add_row("model", f"{_count(size['params'])} params ({_count(size['params_in_engine'])} in the engine, "
-                           "MTP excluded)")
+        in_engine = human_count(size["params_in_engine"])
+        t.add_row("model", f"{human_count(size['params'])} params ({in_engine} in the engine, MTP excluded)")
     t.add_row("size", f"engine {_size(size['engine_bytes'])}, artifact {_size(size['artifact_bytes'])}")
     t.add_row("target", json.dumps(info["target"]))
     t.add_row("runtime", json.dumps(info["runtime"]))

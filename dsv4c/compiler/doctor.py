@@ -42,11 +42,11 @@ def python_checks() -> list[dict[str, Any]]:
 
 def kernel_checks() -> list[dict[str, Any]]:
     """The C++ kernel library of the CPU target: compiler, ORT headers, the built library."""
-    from dsv4c.compiler.plan import _cxx_version
+    from dsv4c.compiler.plan import cxx_version
     from dsv4c.targets.base import ToolchainMissing
     from dsv4c.targets.cpu.kernels import build as kb
 
-    cxx = _cxx_version()
+    cxx = cxx_version()
     try:
         headers: str | None = str(kb.find_ort_headers(fetch=False))
     except ToolchainMissing:
@@ -92,7 +92,7 @@ def cache_rows() -> list[dict[str, Any]]:
 
     rows = [("stage cache", default_cache_dir(), "DSV4C_CACHE_DIR or --cache-dir"),
             ("kernel library cache", kb.cache_root(), "DSV4C_KERNEL_CACHE"),
-            ("ORT headers", kb._fetched_headers_dir(), "DSV4C_ORT_INCLUDE to use your own")]
+            ("ORT headers", kb.fetched_headers_dir(), "DSV4C_ORT_INCLUDE to use your own")]
     return [{"name": name, "path": str(path), "exists": path.exists(),
              "bytes": dir_bytes(path) if path.exists() else 0, "set_with": how} for name, path, how in rows]
 
@@ -106,7 +106,7 @@ def diagnose() -> dict[str, Any]:
 
 
 def render(report: dict[str, Any]) -> None:
-    from dsv4c.compiler.pipeline import _human_bytes
+    from dsv4c.compiler.pipeline import human_bytes
 
     styled = sys.stdout.isatty()
 
@@ -119,7 +119,7 @@ def render(report: dict[str, Any]) -> None:
         click.echo(f"{tag(c['ok'])}  {c['name']}: " + (c["found"] if c["ok"] else f"disables {c['disables']}"))
     click.echo("caches")
     for c in report["caches"]:
-        size = _human_bytes(c["bytes"]) if c["exists"] else "not created yet"
+        size = human_bytes(c["bytes"]) if c["exists"] else "not created yet"
         click.echo(f"         {c['name']}: {c['path']} ({size}; {c['set_with']})")
     t = report["targets"]
     yes = {True: "yes", False: "no"}

@@ -74,7 +74,7 @@ class Events:
         if self.mode != "text":
             return
         line = (f"running {stage}: {seconds:.0f} s" + (f" ({activity})" if activity else "")
-                + (f", {_human_bytes(written)} written" if written else ""))
+                + (f", {human_bytes(written)} written" if written else ""))
         if sys.stderr.isatty():  # one line rewritten in place; the stage's own line replaces it
             sys.stderr.write(f"\r\033[2K{line}")
             self._line_open = True
@@ -89,7 +89,7 @@ class Events:
             sys.stderr.flush()
 
 
-def _human_bytes(n: int) -> str:
+def human_bytes(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

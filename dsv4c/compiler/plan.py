@@ -479,7 +479,7 @@ def op_coverage(kind: str, soc: str | None, needed: set[str]) -> list[dict[str, 
 def toolchain_report(kind: str, target_tools: dict[str, str]) -> dict[str, Any]:
     from dsv4c.compiler.pipeline import toolchain_versions
 
-    tools = {**toolchain_versions(), "c++": _cxx_version(), **target_tools}
+    tools = {**toolchain_versions(), "c++": cxx_version(), **target_tools}
     if kind == "cpu":
         ok, note = True, ("ONNX Runtime present" + ("" if tools["c++"] != "missing" else
                           "; no C++ compiler: the dsv4 ops run as ONNX function bodies (slower, recorded)"))
@@ -494,7 +494,7 @@ def toolchain_report(kind: str, target_tools: dict[str, str]) -> dict[str, Any]:
     return {"tools": tools, "can_build_here": ok, "note": note}
 
 
-def _cxx_version() -> str:
+def cxx_version() -> str:
     cxx = os.environ.get("CXX") or next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
     if not cxx or not shutil.which(cxx):
         return "missing"
@@ -696,7 +696,7 @@ def _per_layer(cfg: ModelConfig, types: list[dict[str, Any]], key: str) -> list[
 
 
 # ---- the human table --------------------------------------------------------------------------------------------
-def _count(n: float) -> str:
+def human_count(n: float) -> str:
     """A parameter count as people write it: 7.41 M, 284.3 B, 1.57 T."""
     for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
         if n >= scale:
@@ -716,7 +716,7 @@ def render(plan: dict[str, Any]) -> None:
     console = Console()
     t, m = plan["target"], plan["model"]
     where = t["arch"] or t["soc_version"] or "host"
-    console.print(f"[bold]{plan['recipe']}[/bold]: {m['preset'] or m['checkpoint']} ({_count(m['params'])} "
+    console.print(f"[bold]{plan['recipe']}[/bold]: {m['preset'] or m['checkpoint']} ({human_count(m['params'])} "
                   f"params, {m['layers']} layers + {m['mtp_layers']} MTP) on {t['kind']} {where}, "
                   f"{t['world_size']} x {t['device']} ({t['device_memory_gib']:g} GiB), parallel {t['parallel']}")
     if plan["fallbacks"]:
@@ -726,10 +726,10 @@ def render(plan: dict[str, Any]) -> None:
     for col in ("group", "params", "as shipped", "recipe formats", "dsv4c graph"):
         w.add_column(col, justify="left" if col == "group" else "right")
     for g, v in plan["weights"].items():
-        w.add_row(GROUP_TITLES[g], _count(v["params"]), _size(v["shipped_bytes"]), _size(v["bytes"]),
+        w.add_row(GROUP_TITLES[g], human_count(v["params"]), _size(v["shipped_bytes"]), _size(v["bytes"]),
                   _size(v["dsv4c_graph_bytes"]))
     engine = [v for v in plan["weights"].values() if v["in_engine"]]
-    w.add_row("[bold]in the engine[/bold]", _count(sum(v["params"] for v in engine)),
+    w.add_row("[bold]in the engine[/bold]", human_count(sum(v["params"] for v in engine)),
               _size(sum(v["shipped_bytes"] for v in engine)), _size(plan["weights_bytes"]),
               _size(plan["weights_bytes_dsv4c_graph"]))
     console.print(w)

@@ -114,7 +114,7 @@ def _has_header(d: Path) -> bool:
     return (d / HEADER).is_file()
 
 
-def _fetched_headers_dir() -> Path:
+def fetched_headers_dir() -> Path:
     return cache_root().parent / "ort-headers" / ORT_DEV_DEB.removesuffix(".deb")
 
 
@@ -126,7 +126,7 @@ def find_ort_headers(fetch: bool = True) -> Path:
             raise ToolchainMissing(f"DSV4C_ORT_INCLUDE={env} holds no {HEADER}")
         return Path(env)
     for d in (Path("/usr/include/onnxruntime"), Path("/usr/local/include/onnxruntime"),
-              _fetched_headers_dir() / "include"):
+              fetched_headers_dir() / "include"):
         if _has_header(d):
             return d
     if not fetch:
@@ -208,7 +208,7 @@ def debian_mirror(sources: tuple[Path, ...] = APT_SOURCES, os_release: Path = OS
 
 def fetch_ort_headers() -> Path:
     """Download Debian's libonnxruntime-dev and unpack its headers into the cache; returns the include dir."""
-    dest = _fetched_headers_dir()
+    dest = fetched_headers_dir()
     errors = []
     deb = None
     mirror = debian_mirror()
