@@ -27,6 +27,10 @@ class ArtifactError(RuntimeError):
     """The artifact cannot be used here; the message says why and what to do."""
 
 
+class NotAnArtifact(ArtifactError):
+    """The directory holds no readable manifest: it is not a dsv4c artifact (a wrong path, not a wrong tool)."""
+
+
 @dataclass(frozen=True)
 class Manifest:
     data: dict[str, Any]
@@ -67,11 +71,11 @@ def read_manifest(root: str | Path, verify: bool = False) -> Manifest:
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
-        raise ArtifactError(f"{root}: no {MANIFEST}; not a dsv4c artifact (build one with `dsv4c build RECIPE`)")
+        raise NotAnArtifact(f"{root}: no {MANIFEST}; not a dsv4c artifact (build one with `dsv4c build RECIPE`)")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path}: unreadable manifest ({e.msg} at line {e.lineno}); rebuild the artifact") from None
+        raise NotAnArtifact(f"{path}: unreadable manifest ({e.msg} at line {e.lineno}); rebuild the artifact") from None
     version = data.get("schema_version")
     if version != MANIFEST_SCHEMA_VERSION:
         raise ArtifactError(f"{path}: manifest schema version {version!r}, this dsv4c reads version "

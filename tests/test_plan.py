@@ -93,9 +93,10 @@ def plan_cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def flash():
-    """`dsv4c plan recipes/flash-h100.yaml --json`, through the command line."""
+    """`dsv4c plan recipes/flash-h100.yaml --json`, through the command line. It fits its 8 H100s, but this dsv4c
+    builds single-device engines only: the verdict is infeasible (exit 3)."""
     done = plan_cli(str(RECIPES / "flash-h100.yaml"), "--json")
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 3, done.stderr
     return json.loads(done.stdout)
 
 
@@ -189,7 +190,8 @@ def test_engine_kv_layout_is_reported_in_float32(flash):
 
 # ---- devices and feasibility --------------------------------------------------------------------------------------
 def test_flash_h100_fits_eight_h100s_and_every_tp_rank_holds_the_whole_kv(flash):
-    assert flash["feasible"] and flash["problems"] == []
+    assert flash["fits"] and flash["problems"] == []
+    assert not flash["feasible"] and "per-rank" in flash["build_blockers"][0]
     stage = flash["per_device"]["stages"][0]
     _, per_seq = kv_by_hand(FLASH, 131072)
     assert stage["kv_cache"] == 64 * per_seq  # one K=V head: replicated on all 8 tensor-parallel ranks
@@ -224,7 +226,7 @@ def test_flash_on_one_h100_exits_3_naming_what_to_change():
 
 def test_a_kv_overflow_suggests_the_batch_that_fits():
     plan = make_plan(load_recipe(RECIPES / "flash-h100.yaml", ["runtime.max_batch_size=128"]))
-    assert not plan["feasible"]
+    assert not plan["fits"] and not plan["feasible"]
     stage = plan["per_device"]["stages"][0]
     room = 0.9 * 80 * GIB - stage["weights"] - stage["workspace"]
     _, per_seq = kv_by_hand(FLASH, 131072)

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dsv4c.compiler.errors import (EXIT_CODES, BuildError, CheckpointInvalidError, Dsv4cError, InfeasibleError,
-                                   RecipeError, ToolchainError, ValidationGateError, format_error)
+from dsv4c.compiler.errors import (EXIT_CODES, AddressInUseError, ArgumentError, BuildError, CheckpointInvalidError,
+                                   Dsv4cError, InfeasibleError, RecipeError, ToolchainError, ValidationGateError,
+                                   format_error)
 from dsv4c.compiler.recipe import check_model_source, load_recipe, recipe_json_schema
 from dsv4c.graphs.config import PRESETS
 
@@ -398,11 +399,11 @@ def test_json_schema_shape():
 
 # ---- errors -------------------------------------------------------------------------------------------------------
 def test_exit_code_table_and_types():
-    assert EXIT_CODES == {0: "ok", 2: "recipe invalid", 3: "infeasible on the declared target",
+    assert EXIT_CODES == {0: "ok", 2: "recipe or arguments invalid", 3: "infeasible on the declared target",
                           4: "toolchain missing or mismatched", 5: "validation gate failed", 6: "build error",
-                          7: "checkpoint invalid"}
-    codes = {RecipeError: 2, InfeasibleError: 3, ToolchainError: 4, ValidationGateError: 5, BuildError: 6,
-             CheckpointInvalidError: 7}
+                          7: "checkpoint invalid", 8: "address in use or unavailable"}
+    codes = {RecipeError: 2, ArgumentError: 2, InfeasibleError: 3, ToolchainError: 4, ValidationGateError: 5,
+             BuildError: 6, CheckpointInvalidError: 7, AddressInUseError: 8}
     for cls, code in codes.items():
         assert issubclass(cls, Dsv4cError) and cls.exit_code == code
 

@@ -190,9 +190,9 @@ def test_models_and_health(server, model, engine):
 
 
 def test_openai_chat_mode_non_stream(server, model, engine):
+    """Chat mode is the default: a plain OpenAI client gets the answer in `content`."""
     ids, want = reference(engine, PROMPT_CHAT, 8)
-    r = oai(server).chat.completions.create(model=model, messages=CHAT, max_tokens=8, temperature=0,
-                                            extra_body={"thinking": {"type": "disabled"}})
+    r = oai(server).chat.completions.create(model=model, messages=CHAT, max_tokens=8, temperature=0)
     choice = r.choices[0]
     assert choice.message.content == text_of(engine, want)
     assert getattr(choice.message, "reasoning_content", None) is None
@@ -202,10 +202,11 @@ def test_openai_chat_mode_non_stream(server, model, engine):
 
 
 def test_openai_thinking_stream(server, model, engine):
-    """Thinking (the default): reasoning deltas first, then content; one finish chunk; usage last; [DONE]."""
+    """Thinking, asked for the vLLM way: reasoning deltas first, then content; one finish chunk; usage last."""
     ids, want = reference(engine, PROMPT_THINK, 12)
     stream = oai(server).chat.completions.create(model=model, messages=CHAT, max_tokens=12, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True})
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"chat_template_kwargs": {"thinking": True}})
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     kinds, reasoning, content = [], "", ""
@@ -252,7 +253,30 @@ def test_openai_stop_string(server, model, engine):
     assert r.choices[0].finish_reason == "stop"
 
 
+def test_openai_thinking_switches(server, model, engine):
+    """Each way of asking for thinking gives the thinking prompt; an explicit `thinking` object wins."""
+    think, chat = len(engine.tokenizer.encode(PROMPT_THINK)), len(engine.tokenizer.encode(PROMPT_CHAT))
+    cases = [({}, chat), ({"reasoning_effort": "high"}, think), ({"chat_template_kwargs": {"thinking": True}}, think),
+             ({"chat_template_kwargs": {"enable_thinking": False}}, chat),
+             ({"thinking": {"type": "enabled"}}, think),
+             ({"reasoning_effort": "high", "thinking": {"type": "disabled"}}, chat)]
+    for extra, prompt_tokens in cases:
+        r = oai(server).chat.completions.create(model=model, messages=CHAT, max_tokens=1, extra_body=extra)
+        assert r.usage.prompt_tokens == prompt_tokens, extra
+
+
 # ---- Anthropic ---------------------------------------------------------------------------------------------------
+def test_anthropic_default_is_no_thinking(server, model, engine):
+    """As in Anthropic's API: without `thinking`, no thinking block, the chat-mode prompt."""
+    ids, want = reference(engine, PROMPT_CHAT, 6)
+    m = ant(server).messages.create(model=model, max_tokens=6, system="You are terse.",
+                                    messages=[{"role": "user", "content": "Hello there"}],
+                                    extra_body={"temperature": 0})
+    assert m.usage.input_tokens == len(ids)
+    assert [b.type for b in m.content] == (["text"] if text_of(engine, want) else [])
+    assert "".join(b.text for b in m.content) == text_of(engine, want)
+
+
 def test_anthropic_thinking_non_stream(server, model, engine):
     ids, want = reference(engine, PROMPT_THINK, 8)
     m = ant(server).messages.create(model=model, max_tokens=8, system="You are terse.",
@@ -329,7 +353,8 @@ def test_openai_tool_call_round_trip(scripted, vector1, model, engine, stream):
     tok = engine.tokenizer
     client = oai(url)
     scheduler.scripts.append(tok.encode(vector1["completion1"]))
-    kwargs = dict(model=model, messages=vector1["messages"][:2], tools=vector1["tools"], tool_choice="auto")
+    kwargs = dict(model=model, messages=vector1["messages"][:2], tools=vector1["tools"], tool_choice="auto",
+                  extra_body={"thinking": {"type": "enabled"}})
     if stream:
         chunks = list(client.chat.completions.create(**kwargs, stream=True))
         deltas = [c.choices[0].delta for c in chunks if c.choices]
@@ -420,12 +445,16 @@ def test_malformed_requests_get_clear_4xx(server, model, engine):
          "max_tokens"),
         (f"{server}/v1/nothing", {}, 404, "no route"),
     ]
+    params = {"temperature": "temperature", "gpt-4o": "model", "role": "messages.0.role",
+              "reasoning_effort": "reasoning_effort"}  # OpenAI's `param` names the field, as OpenAI's API does
     for url, body, status, needle in cases:
         r = httpx.post(url, content=body, headers={"content-type": "application/json"}) \
             if isinstance(body, bytes) else httpx.post(url, json=body)
         assert r.status_code == status, (body if isinstance(body, bytes) else str(body)[:200], r.text)
         err = r.json()["error"]
         assert needle in err["message"], err
+        if url == chat and needle in params:
+            assert err["param"] == params[needle], err
         if url == msgs:
             assert r.json()["type"] == "error" and err["type"] == "invalid_request_error"
     r = httpx.post(chat, content=json.dumps(ok).encode())  # no Content-Type
@@ -474,6 +503,7 @@ def test_request_timeout_is_504(engine, model):
 # ---- dsv4c chat ---------------------------------------------------------------------------------------------------
 def test_chat_cli_streams_and_switches_modes(engine):
     from dsv4c.runtime.chat_cli import run_chat
+    from dsv4c.runtime.terminal import escape_controls  # the model's control characters are shown escaped
 
     lines = iter(["Hello there", "/chat", "Hello there", "/bogus", "/exit", "never read"])
     out: list[tuple[str, bool]] = []
@@ -485,11 +515,11 @@ def test_chat_cli_streams_and_switches_modes(engine):
     # turn 1 (thinking) reasoning is shown dimmed; turn 2 (chat) sees turn 1 in its prompt
     _, want1 = reference(engine, PROMPT_THINK, 6)
     reasoning1, _, content1 = text_of(engine, want1).partition("</think>")
-    assert reasoning1 and reasoning1 in "".join(t for t, dim in out if dim)
+    assert reasoning1 and escape_controls(reasoning1) in "".join(t for t, dim in out if dim)
     # turn 2 (chat mode) continues the conversation: turn 1's answer without its reasoning, V4 chat mode
     history = f"{BOS}You are terse.{USER}Hello there{ASSISTANT}</think>{content1}{EOS}"
     _, want2 = reference(engine, f"{history}{USER}Hello there{ASSISTANT}</think>", 6)
-    assert text_of(engine, want2) in "".join(t for t, dim in out if not dim)
+    assert escape_controls(text_of(engine, want2)) in "".join(t for t, dim in out if not dim)
 
 
 def test_dsv4c_serve_command(artifact, model):

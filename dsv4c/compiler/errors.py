@@ -14,12 +14,13 @@ from typing import ClassVar
 # The exit-code contract, shared by `dsv4c --help` and the README (keep them in sync with this table).
 EXIT_CODES: dict[int, str] = {
     0: "ok",
-    2: "recipe invalid",
+    2: "recipe or arguments invalid",
     3: "infeasible on the declared target",
     4: "toolchain missing or mismatched",
     5: "validation gate failed",
     6: "build error",
     7: "checkpoint invalid",
+    8: "address in use or unavailable",
 }
 
 
@@ -27,6 +28,7 @@ class Dsv4cError(Exception):
     """Base class. Raise a subclass: the subclass decides the exit code."""
 
     exit_code: ClassVar[int] = 6  # an unclassified failure is reported as a build error
+    label: ClassVar[str | None] = None  # the meaning shown, when narrower than the exit code's (code 2: two kinds)
     hint: str | None = None  # class-level default; an instance may carry its own
 
     def __init__(self, message: str, hint: str | None = None, details: Sequence[str] = ()):
@@ -37,14 +39,23 @@ class Dsv4cError(Exception):
 
     @property
     def meaning(self) -> str:
-        return EXIT_CODES[self.exit_code]
+        return self.label or EXIT_CODES[self.exit_code]
 
 
 class RecipeError(Dsv4cError):
     """The recipe (or a `--set` override) is invalid: syntax, unknown key, wrong type or value, `extends` cycle."""
 
     exit_code = 2
+    label = "recipe invalid"
     hint = "`dsv4c schema` prints every recipe key with its allowed values"
+
+
+class ArgumentError(Dsv4cError):
+    """A command-line argument is invalid (a token id outside the vocabulary, a prompt longer than the context, a
+    directory that is not an artifact): the same exit code as a bad recipe, without the recipe's hint."""
+
+    exit_code = 2
+    label = "arguments invalid"
 
 
 class InfeasibleError(Dsv4cError):
@@ -77,9 +88,17 @@ class CheckpointInvalidError(Dsv4cError):
     exit_code = 7
 
 
+class AddressInUseError(Dsv4cError):
+    """`dsv4c serve` cannot listen on the address asked for (another process holds the port, or the host is not
+    one of this machine's addresses)."""
+
+    exit_code = 8
+
+
 ERROR_TYPES: dict[int, type[Dsv4cError]] = {
     cls.exit_code: cls
-    for cls in (RecipeError, InfeasibleError, ToolchainError, ValidationGateError, BuildError, CheckpointInvalidError)
+    for cls in (RecipeError, InfeasibleError, ToolchainError, ValidationGateError, BuildError, CheckpointInvalidError,
+                AddressInUseError)
 }
 
 

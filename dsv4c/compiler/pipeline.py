@@ -19,9 +19,10 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import dsv4c
 from dsv4c.compiler.errors import BuildError, CheckpointInvalidError, Dsv4cError, InfeasibleError, ToolchainError
@@ -53,9 +54,11 @@ class Events:
 
     mode: str = "text"  # text | json | quiet
     log: list[dict[str, Any]] = field(default_factory=list)
+    _line_open: bool = False  # a progress line is on the terminal, to be cleared before the next line
 
     def emit(self, **event: Any) -> None:
         self.log.append(event)
+        self.end_progress()
         if self.mode == "json":
             print(json.dumps(event, sort_keys=True), flush=True)
         elif self.mode == "text" and event.get("event") == "stage":
@@ -65,6 +68,45 @@ class Events:
             colour = {"cached": "cyan", "done": "green", "skipped": "dim"}.get(status, "white")
             extra = f" {event['seconds']:.1f}s" if "seconds" in event else ""
             Console(stderr=True).print(f"[{colour}]{status:>7}[/{colour}] {event['stage']}{extra}")
+
+    def progress(self, stage: str, seconds: float, written: int | None, activity: str | None = None) -> None:
+        """A stage still running (text mode only: `--events json` keeps its one event per stage)."""
+        if self.mode != "text":
+            return
+        line = (f"running {stage}: {seconds:.0f} s" + (f" ({activity})" if activity else "")
+                + (f", {human_bytes(written)} written" if written else ""))
+        if sys.stderr.isatty():  # one line rewritten in place; the stage's own line replaces it
+            sys.stderr.write(f"\r\033[2K{line}")
+            self._line_open = True
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def end_progress(self) -> None:
+        if self._line_open:
+            self._line_open = False
+            sys.stderr.write("\r\033[2K")
+            sys.stderr.flush()
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes of the files under `path` (0 when it is gone: a stage may rename its output while we count)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
 
 
 @dataclass
@@ -78,6 +120,10 @@ class Build:
     debug: bool = False
     state: dict[str, Any] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
+    filling: list[Path] = field(default_factory=list)  # directories stages are writing now (progress counts them)
+    deferred: set[str] = field(default_factory=set)  # lazy stages whose event waits for `materialised`
+    ran_lazy: set[str] = field(default_factory=set)  # lazy stages that have materialised
+    activity: list[str] = field(default_factory=list)  # what a stage is doing for a later one (progress shows it)
 
     # -- cache helpers ---------------------------------------------------------------------------------------
     def cached_dir(self, stage: str, key: str) -> Path | None:
@@ -91,7 +137,7 @@ class Build:
         if self.cache_mode in ("off", "readonly"):
             tmp = Path(tempfile.mkdtemp(prefix=f"dsv4c-{stage}-"))
             try:
-                fill(tmp)
+                self._fill(fill, tmp)
             except BaseException:  # a failed stage leaves no temporary directory behind
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -100,7 +146,7 @@ class Build:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
         try:
-            fill(tmp)
+            self._fill(fill, tmp)
             (tmp / ".complete").write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
             if final.exists():
                 shutil.rmtree(final)
@@ -109,28 +155,89 @@ class Build:
             shutil.rmtree(tmp, ignore_errors=True)
         return final
 
+    @contextmanager
+    def doing(self, what: str) -> Iterator[None]:
+        """Name the work in progress (a lazy stage materialising inside `lower`) for the progress line."""
+        self.activity.append(what)
+        try:
+            yield
+        finally:
+            self.activity.pop()
+
+    def _fill(self, fill: Callable[[Path], None], tmp: Path) -> None:
+        self.filling.append(tmp)
+        try:
+            fill(tmp)
+        finally:
+            self.filling.remove(tmp)
+
 
 # Stages with no stored output of their own: resolve/plan are cheap pure functions of the recipe, quantize is a
 # deterministic function of its key materialised in memory only when a later stage misses (export is stored
 # for models small enough, see stages.STORE_EXPORT_MAX_BYTES, else it too materialises lazily). They report
-# "cached" when a build with the same key has completed them before (a marker under the cache dir), and a lazy
-# stage that materialises later emits its own "done" event then (`materialised`).
+# "cached" when a build with the same key has completed them before (a marker under the cache dir). A lazy stage
+# (quantize, export) that has to run reports once: "done" when it materialises (`materialised`), or "skipped"
+# at the end when no later stage needed it.
 MARKER_STAGES = ("resolve", "plan", "quantize")
 
 
+LAZY_STAGES = ("quantize", "export")
+PROGRESS_AFTER_S = 2.0  # a stage quicker than this prints no progress line
+PROGRESS_EVERY_S = {True: 0.5, False: 10.0}  # seconds between progress lines: terminal (rewritten) | pipe or file
+
+
 def run_stage(build: Build, name: str, fn: Callable[[Build], str | None]) -> None:
-    """Run one stage, timing it and emitting an event. fn returns "cached" on a cache hit."""
+    """Run one stage, timing it and emitting an event. fn returns "cached" on a cache hit. A lazy stage that did
+    not run yet reports once, when it materialises (or as "skipped" when nothing needed it, see `execute`)."""
     t0 = time.perf_counter()
-    status = fn(build) or "done"
+    with _ticker(build, name, t0):
+        status = fn(build) or "done"
     if name in MARKER_STAGES and status == "done" and build.keys.get(name):
         status = _marker(build, name, build.keys[name])
+    if name in LAZY_STAGES and status == "done" and name not in build.ran_lazy:
+        build.deferred.add(name)
+        return
     build.events.emit(event="stage", stage=name, status=status, key=build.keys.get(name),
                       seconds=round(time.perf_counter() - t0, 3))
 
 
 def materialised(build: Build, name: str, seconds: float) -> None:
     """A lazy stage (quantize, export) actually ran, because a later stage needed its output."""
+    build.ran_lazy.add(name)
+    build.deferred.discard(name)
     build.events.emit(event="stage", stage=name, status="done", key=build.keys.get(name), seconds=round(seconds, 3))
+
+
+class _ticker:
+    """While a stage runs: a progress line (stage, elapsed, bytes its output directory holds so far) from a
+    daemon thread, so a 50 s `lower` is not silent. Rewritten in place on a terminal, plain lines in a log."""
+
+    def __init__(self, build: Build, stage: str, t0: float):
+        import threading
+
+        self.build, self.stage, self.t0 = build, stage, t0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.every = float(os.environ.get("DSV4C_PROGRESS_EVERY_S", PROGRESS_EVERY_S[sys.stderr.isatty()]))
+
+    def __enter__(self) -> "_ticker":
+        if self.build.events.mode == "text":
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+        self.build.events.end_progress()
+
+    def _run(self) -> None:
+        wait = max(PROGRESS_AFTER_S, self.every)
+        while not self.stop.wait(wait):
+            written = sum(dir_bytes(p) for p in list(self.build.filling))
+            activity = self.build.activity[-1] if self.build.activity else None
+            self.build.events.progress(self.stage, time.perf_counter() - self.t0, written, activity)
+            wait = self.every
 
 
 def _marker(build: Build, stage: str, key: str) -> str:
@@ -153,6 +260,8 @@ def execute(build: Build) -> Path | None:
     try:
         for name in STAGES[: last + 1]:
             run_stage(build, name, getattr(stages, f"stage_{name}"))
+        for lazy in sorted(build.deferred, key=STAGES.index):  # nothing later needed its output
+            build.events.emit(event="stage", stage=lazy, status="skipped", key=build.keys.get(lazy), seconds=0.0)
     except (KeyboardInterrupt, SystemExit):
         shutil.rmtree(stages._staging(build), ignore_errors=True)
         raise

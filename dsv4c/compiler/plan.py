@@ -17,10 +17,12 @@ Sources of every figure (nothing is loaded, no weights are needed):
     weights of spec §5.3 over `parallel.tensor`; the single K=V head makes every tensor-parallel rank hold the
     whole KV of its sequences, and `parallel.data` splits the sequences.
 
-Feasible (exit 0) when every device of the worst pipeline stage fits in (1 - RESERVE) of its memory and the target
-supports the recipe's formats; otherwise exit 3 with `problems` saying what to change. What this dsv4c cannot build
-yet (multi-device lowering, missing op kernels, a missing local toolchain) is listed apart (`build_blockers`,
-`toolchain`): it does not change whether the hardware can hold the model.
+`fits` when every device of the worst pipeline stage fits in (1 - RESERVE) of its memory and the target supports
+the recipe's formats (else `problems` say what to change). What this dsv4c cannot build yet (multi-device lowering,
+op kernels a target lacks) is listed apart as `build_blockers`. `feasible` = fits and nothing blocks the build: the
+verdict and the exit code (0, else 3), with `hints` that lead to a build that works (a hint is only given when
+following it passes `plan`). A toolchain missing on this machine (`toolchain`) blocks nothing: the bundle can be
+built here and finished where the toolchain is.
 """
 
 from __future__ import annotations
@@ -306,11 +308,16 @@ def probe_config(cfg: ModelConfig) -> ModelConfig:
 def rank_config(cfg: ModelConfig, tensor: int) -> ModelConfig:
     """The attention heads one tensor-parallel rank computes (the activations it holds); the model itself when
     the heads do not divide (a layout problem reported elsewhere)."""
+    from dsv4c.graphs.config import ConfigError
+
     heads = (cfg.num_attention_heads, cfg.o_groups, cfg.index_n_heads)
     if tensor == 1 or any(h % tensor for h in heads):
         return cfg
-    return cfg.replace(num_attention_heads=heads[0] // tensor, o_groups=heads[1] // tensor,
-                       index_n_heads=heads[2] // tensor)
+    try:
+        return cfg.replace(num_attention_heads=heads[0] // tensor, o_groups=heads[1] // tensor,
+                           index_n_heads=heads[2] // tensor)
+    except ConfigError:  # a shard too small for the FP8 blocks (tiny models): size the whole model's activations
+        return cfg
 
 
 def trace_prefill(cfg: ModelConfig, numerics, expert_format: str, batch: int, seqlen: int,
@@ -451,7 +458,7 @@ def op_coverage(kind: str, soc: str | None, needed: set[str]) -> list[dict[str, 
 def toolchain_report(kind: str, target_tools: dict[str, str]) -> dict[str, Any]:
     from dsv4c.compiler.pipeline import toolchain_versions
 
-    tools = {**toolchain_versions(), "c++": _cxx_version(), **target_tools}
+    tools = {**toolchain_versions(), "c++": cxx_version(), **target_tools}
     if kind == "cpu":
         ok, note = True, ("ONNX Runtime present" + ("" if tools["c++"] != "missing" else
                           "; no C++ compiler: the dsv4 ops run as ONNX function bodies (slower, recorded)"))
@@ -466,7 +473,7 @@ def toolchain_report(kind: str, target_tools: dict[str, str]) -> dict[str, Any]:
     return {"tools": tools, "can_build_here": ok, "note": note}
 
 
-def _cxx_version() -> str:
+def cxx_version() -> str:
     cxx = os.environ.get("CXX") or next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
     if not cxx or not shutil.which(cxx):
         return "missing"
@@ -592,6 +599,7 @@ def make_plan(recipe) -> dict[str, Any]:
         warnings.append(f"the build needs about {peaks['disk_peak_bytes'] / GIB:.1f} GiB of disk for its stage "
                         f"cache and artifact, {default_cache_dir()} has {free / GIB:.1f} GiB free")
 
+    fits = not problems
     return {
         "recipe": recipe.name,
         "model": {"preset": recipe.model.preset_name, "checkpoint": recipe.model.checkpoint,
@@ -619,11 +627,46 @@ def make_plan(recipe) -> dict[str, Any]:
         "build": peaks,
         "ops": coverage,
         "toolchain": toolchain_report(t.kind, check.toolchain),
-        "feasible": not problems,
+        "fits": fits,
+        "feasible": fits and not blockers,
         "problems": problems,
         "build_blockers": blockers,
+        "hints": build_hints(recipe, blockers, multi_device=len(check.problems) > len(single.problems)) if fits else [],
         "warnings": warnings,
     }
+
+
+SINGLE_DEVICE = {"target.devices_per_node": "1", "target.nodes": "1",
+                 "target.parallel": "{tensor: 1, expert: 1, pipeline: 1, data: 1}"}
+
+
+def build_hints(recipe, blockers: list[str], multi_device: bool) -> list[str]:
+    """What to do about the build blockers of a recipe that fits its hardware: a single-device variant when one
+    device holds the model (checked by planning it), else why there is nothing to set; the bundle for op kernels
+    the target lacks."""
+    if not blockers:
+        return []
+    if multi_device:
+        return [_single_device_hint(recipe)]
+    if recipe.target.kind == "cann":
+        return ["`dsv4c build RECIPE --until lower` writes the ATC bundle (with its ATC command lines); the ops "
+                "listed above need their AscendC kernels before `atc` can build a runnable .om"]
+    return []
+
+
+def _single_device_hint(recipe) -> str:
+    t = recipe.target
+    single = recipe.model_copy(update={"target": t.model_copy(update={
+        "devices_per_node": 1, "nodes": 1, "parallel": t.parallel.model_copy(update={
+            "tensor": 1, "expert": 1, "pipeline": 1, "data": 1})})})
+    plan = make_plan(single)
+    device = plan["target"]["device"]
+    if not plan["fits"]:
+        return (f"one {device} does not hold the model (it needs {plan['per_device_bytes'] / GIB:.1f} GiB, "
+                f"{plan['target']['usable_bytes'] / GIB:.1f} GiB usable) and this dsv4c builds single-device "
+                "engines only: no recipe change makes it buildable yet")
+    sets = " ".join(f"--set '{k}={v}'" for k, v in SINGLE_DEVICE.items())
+    return " ".join([f"one {device} holds the model: build a single-device engine with {sets}", *plan["hints"]])
 
 
 def _per_layer(cfg: ModelConfig, types: list[dict[str, Any]], key: str) -> list[float]:
@@ -632,18 +675,27 @@ def _per_layer(cfg: ModelConfig, types: list[dict[str, Any]], key: str) -> list[
 
 
 # ---- the human table --------------------------------------------------------------------------------------------
+def human_count(n: float) -> str:
+    """A parameter count as people write it: 7.41 M, 284.3 B, 1.57 T."""
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n:,.0f}"
+
+
 def _size(n: float) -> str:
     return f"{n / GIB:,.2f} GiB" if n >= GIB / 10 else f"{n / (1 << 20):,.2f} MiB" if n >= 1 << 16 else f"{n:,.0f} B"
 
 
 def render(plan: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
     t, m = plan["target"], plan["model"]
     where = t["arch"] or t["soc_version"] or "host"
-    console.print(f"[bold]{plan['recipe']}[/bold]: {m['preset'] or m['checkpoint']} ({m['params'] / 1e9:,.1f} B "
+    console.print(f"[bold]{plan['recipe']}[/bold]: {m['preset'] or m['checkpoint']} ({human_count(m['params'])} "
                   f"params, {m['layers']} layers + {m['mtp_layers']} MTP) on {t['kind']} {where}, "
                   f"{t['world_size']} x {t['device']} ({t['device_memory_gib']:g} GiB), parallel {t['parallel']}")
     if plan["fallbacks"]:
@@ -653,10 +705,10 @@ def render(plan: dict[str, Any]) -> None:
     for col in ("group", "params", "as shipped", "recipe formats", "dsv4c graph"):
         w.add_column(col, justify="left" if col == "group" else "right")
     for g, v in plan["weights"].items():
-        w.add_row(GROUP_TITLES[g], f"{v['params'] / 1e9:,.3f} B", _size(v["shipped_bytes"]), _size(v["bytes"]),
+        w.add_row(GROUP_TITLES[g], human_count(v["params"]), _size(v["shipped_bytes"]), _size(v["bytes"]),
                   _size(v["dsv4c_graph_bytes"]))
     engine = [v for v in plan["weights"].values() if v["in_engine"]]
-    w.add_row("[bold]in the engine[/bold]", f"{sum(v['params'] for v in engine) / 1e9:,.3f} B",
+    w.add_row("[bold]in the engine[/bold]", human_count(sum(v["params"] for v in engine)),
               _size(sum(v["shipped_bytes"] for v in engine)), _size(plan["weights_bytes"]),
               _size(plan["weights_bytes_dsv4c_graph"]))
     console.print(w)
@@ -692,16 +744,23 @@ def render(plan: dict[str, Any]) -> None:
     b = plan["build"]
     console.print(f"build: host RAM >= {_size(b['host_ram_peak_bytes'])} (streaming loader "
                   f"{_size(b['streaming_loader_bytes'])}), disk ~ {_size(b['disk_peak_bytes'])}")
-    console.print("ops: " + ", ".join(f"{o['onnx']} [{'green' if o['implemented'] else 'red'}]"
-                                      f"{o['implementation'][:40]}[/]" for o in plan["ops"]))
+    console.print("ops: " + "; ".join(f"{o['onnx']}: [{'green' if o['implemented'] else 'red'}]"
+                                      f"{escape(o['implementation'])}[/]" for o in plan["ops"]))
     tc = plan["toolchain"]
     console.print(f"toolchain: {'can' if tc['can_build_here'] else 'cannot'} build here ({tc['note']}); "
                   + ", ".join(f"{k}={v}" for k, v in tc["tools"].items()))
     for label, items, colour in (("build blocker", plan["build_blockers"], "yellow"),
                                  ("warning", plan["warnings"], "yellow"), ("problem", plan["problems"], "red")):
         for item in items:
-            console.print(f"[{colour}]{label}:[/{colour}] {item}")
-    console.print("[green]feasible[/green]" if plan["feasible"] else "[red]infeasible on the declared target[/red]")
+            console.print(f"[{colour}]{label}:[/{colour}] {escape(item)}")
+    for hint in plan["hints"]:
+        console.print(f"hint: {escape(hint)}")
+    if plan["feasible"]:
+        console.print("[green]feasible[/green]")
+    elif plan["fits"]:
+        console.print("[red]infeasible: the hardware holds it, but this dsv4c cannot build it (build blockers)[/red]")
+    else:
+        console.print("[red]infeasible on the declared target[/red]")
 
 
 __all__ = ["make_plan", "render", "DEVICE_MEMORY_GIB", "RESERVE", "format_bytes", "kv_entry_bytes",

@@ -31,10 +31,24 @@ def stage_plan(build: Build) -> None:
     check = target.check(build.recipe)
     if check.problems:
         raise InfeasibleError(f"recipe {build.recipe.name!r} cannot be built for target "
-                              f"{build.recipe.target.kind!r}: " + "; ".join(check.problems))
+                              f"{build.recipe.target.kind!r}: " + "; ".join(check.problems),
+                              hint="`dsv4c plan RECIPE` sizes the recipe and says what would build")
+    _check_build_toolchain(build, target)
     build.state.update(target=target, check=check)
     build.state["toolchain"].update(check.toolchain)
     build.keys["plan"] = digest(build.keys["resolve"], check.fallbacks, check.toolchain)
+
+
+def _check_build_toolchain(build: Build, target) -> None:
+    """A build that goes past `lower` needs the target's toolchain: say so now, not after minutes of export and
+    lowering (targets without a `missing_build_toolchain` build anywhere)."""
+    from dsv4c.compiler.pipeline import STAGES
+
+    if STAGES.index(build.until) <= STAGES.index("lower"):
+        return
+    missing = getattr(target, "missing_build_toolchain", lambda: None)()
+    if missing:
+        raise ToolchainError(missing)
 
 
 # ---- load: locate (or synthesise) and verify the official-format checkpoint ----------------------------------
@@ -111,8 +125,9 @@ def reference_model(build: Build):
         from dsv4c.graphs.model import load_checkpoint_model
 
         t0 = time.perf_counter()
-        build.state["model"] = load_checkpoint_model(build.state["reader"], numerics_for(build.recipe),
-                                                     graph_expert_format(build))
+        with build.doing("quantize"):
+            build.state["model"] = load_checkpoint_model(build.state["reader"], numerics_for(build.recipe),
+                                                         graph_expert_format(build))
         materialised(build, "quantize", time.perf_counter() - t0)
     return build.state["model"]
 
@@ -143,12 +158,14 @@ def exported_programs(build: Build) -> dict:
             return build.state["programs"]
         rt, model = build.recipe.runtime, reference_model(build)
         t0 = time.perf_counter()
-        programs = {p: export_program(model, p, rt.max_batch_size, rt.max_seq_len) for p in PROGRAMS}
+        with build.doing("export"):
+            programs = {p: export_program(model, p, rt.max_batch_size, rt.max_seq_len) for p in PROGRAMS}
         materialised(build, "export", time.perf_counter() - t0)
         weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         if weight_bytes <= STORE_EXPORT_MAX_BYTES:
-            build.store_dir("export", key, lambda d: [torch.export.save(ep, d / f"{p}.pt2")
-                                                      for p, ep in programs.items()])
+            with build.doing("storing export"):
+                build.store_dir("export", key, lambda d: [torch.export.save(ep, d / f"{p}.pt2")
+                                                          for p, ep in programs.items()])
         build.state["programs"] = programs
     return build.state["programs"]
 

@@ -7,20 +7,23 @@ Commands typed at the prompt:
     /exit     quit (also Ctrl-D); Ctrl-C stops the answer being generated
 
 The conversation is re-encoded with the V4 chat encoding every turn (earlier turns' reasoning is dropped by the
-encoding's own rules), so the history sent is exactly what `/v1/chat/completions` would send.
+encoding's own rules), so the history sent is exactly what `/v1/chat/completions` would send. Model text is shown
+with its control characters escaped (a random or hostile model must not drive the terminal), and each reply ends
+with its token count and rate.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from typing import Callable
 
 import click
 
-from dsv4c.artifact import ArtifactError
 from dsv4c.runtime.chat import ChatFormatError, encode_messages
 from dsv4c.runtime.engine import Engine
 from dsv4c.runtime.serve.textstream import GenerationText
+from dsv4c.runtime.terminal import escape_controls, rate_line
 
 HELP = "/think thinking mode · /chat chat mode · /reset new conversation · /exit quit"
 
@@ -77,9 +80,10 @@ def _answer(engine: Engine, messages: list[dict], thinking_mode: str, write, max
               "/reset to start again\n", fg="red")
         return None
     stream = GenerationText(engine.tokenizer, thinking_mode)
-    shown = None
+    shown, generated, t0 = None, 0, time.perf_counter()
     try:
         for _, token in engine.stream([prompt], min(max_new_tokens, room), temperature, top_p, seed):
+            generated += 1
             for channel, text in stream.push(token):
                 shown = _show(write, channel, text, shown)
     except KeyboardInterrupt:
@@ -87,9 +91,10 @@ def _answer(engine: Engine, messages: list[dict], thinking_mode: str, write, max
     for channel, text in stream.finish():
         shown = _show(write, channel, text, shown)
     write("\n")
+    write(f"[{rate_line(generated, time.perf_counter() - t0, len(prompt))}]\n", dim=True)
     parsed = stream.result()
     for call in parsed.tool_calls:
-        write(f"[tool call] {call.name}({call.arguments})\n", fg="cyan")
+        write(escape_controls(f"[tool call] {call.name}({call.arguments})") + "\n", fg="cyan")
     reply: dict = {"role": "assistant", "content": parsed.content or ""}
     if parsed.reasoning_content is not None:
         reply["reasoning_content"] = parsed.reasoning_content
@@ -99,21 +104,17 @@ def _answer(engine: Engine, messages: list[dict], thinking_mode: str, write, max
 def _show(write, channel: str, text: str, shown: str | None) -> str:
     if channel != shown and shown is not None:
         write("\n")
-    write(text, dim=channel == "reasoning")
+    write(escape_controls(text), dim=channel == "reasoning")
     return channel
 
 
-def chat_main(artifact, system: str | None, mode: str, max_new_tokens: int, temperature: float, top_p: float,
-              seed: int | None, threads: int | None) -> None:
-    try:
-        engine = Engine.load(artifact, threads=threads)
-    except ArtifactError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(4)
+def chat_main(engine: Engine, system: str | None, mode: str, max_new_tokens: int, temperature: float, top_p: float,
+              seed: int | None) -> None:
+    """`dsv4c chat` on a loaded engine (the CLI loads it, so that a bad artifact is reported like any command's)."""
     styled = sys.stdout.isatty()  # input() writes its prompt raw: no escape codes into a pipe
 
     def write(text: str, **style) -> None:
-        click.echo(click.style(text, **style) if style else text, nl=False)
+        click.echo(click.style(text, **style) if (style and styled) else text, nl=False)
 
     run_chat(engine, lambda prompt: input(click.style(prompt, bold=True) if styled else prompt), write, system=system,
              thinking_mode=mode, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)

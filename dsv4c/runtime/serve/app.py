@@ -41,9 +41,9 @@ DISCONNECT_POLL_S = 0.5  # how often a waiting request checks whether its client
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, param: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers
+        self.status, self.message, self.headers, self.param = status, message, headers, param
 
 
 @dataclass
@@ -56,9 +56,10 @@ class ServerState:
 
 def create_app(engine: Engine, *, model_name: str | None = None, batch_size: int | None = None,
                max_queue: int = 64, request_timeout: float | None = 600.0, max_body_bytes: int = 4 << 20,
-               scheduler: Scheduler | None = None) -> FastAPI:
+               scheduler: Scheduler | None = None, stats_every: float = 0.0) -> FastAPI:
     """An app serving `engine`. The scheduler (one batch of engine.max_batch_size slots unless `batch_size`
-    says fewer) starts with the app and stops with it."""
+    says fewer) starts with the app and stops with it; with `stats_every` > 0 a throughput line goes to stderr
+    every that many seconds in which tokens were generated."""
     if engine.tokenizer is None:
         raise ValueError(f"{engine.root}: the artifact has no tokenizer/ directory; the server needs one to "
                          "encode chats (rebuild from a checkpoint that ships tokenizer.json)")
@@ -69,9 +70,12 @@ def create_app(engine: Engine, *, model_name: str | None = None, batch_size: int
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         sched.start()
+        stats = asyncio.create_task(_throughput_log(sched, stats_every)) if stats_every > 0 else None
         try:
             yield
         finally:
+            if stats is not None:
+                stats.cancel()
             await asyncio.to_thread(sched.stop)
 
     app = FastAPI(title="dsv4c", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -196,12 +200,12 @@ def _start(state: ServerState, http: Request, *, messages: list[dict], tools: li
         text = encode_messages(messages, tools=tools, thinking_mode=thinking_mode, reasoning_effort=effort,
                                add_generation_prompt=True)
     except ChatFormatError as e:
-        raise ApiError(400, f"messages: {e}") from None
+        raise ApiError(400, f"messages: {e}", param="messages") from None
     prompt = state.engine.tokenizer.encode(text)
     try:
         state.scheduler.check_prompt(len(prompt))
     except PromptTooLong as e:
-        raise ApiError(400, str(e)) from None
+        raise ApiError(400, str(e), param="messages") from None
     room = state.engine.max_seq_len - len(prompt)
     request = GenerationRequest(prompt, max_tokens=min(max_tokens or room, room), temperature=temperature,
                                 top_p=top_p, seed=seed, stop_tokens=frozenset({state.engine.eos_id}))
@@ -213,7 +217,8 @@ def _start(state: ServerState, http: Request, *, messages: list[dict], tools: li
 
 def _check_model(state: ServerState, model: str) -> None:
     if model != state.model_name:
-        raise ApiError(404, f"model {model!r} not found; this server serves {state.model_name!r} (GET /v1/models)")
+        raise ApiError(404, f"model {model!r} not found; this server serves {state.model_name!r} (GET /v1/models)",
+                       param="model")
 
 
 # ---- OpenAI Chat Completions -------------------------------------------------------------------------------------
@@ -264,7 +269,7 @@ async def openai_stream(gen: Generation, model: str, include_usage: bool) -> Asy
             yield _data(usage.model_dump(exclude_none=True))
         yield "data: [DONE]\n\n"
     except ApiError as e:  # headers are gone: report in-band, as OpenAI does
-        yield _data({"error": {"message": e.message, "type": _openai_type(e.status), "param": None,
+        yield _data({"error": {"message": e.message, "type": _openai_type(e.status), "param": e.param,
                                "code": e.status}})
 
 
@@ -366,12 +371,14 @@ def _anthropic_type(status: int) -> str:
                                                                 else "invalid_request_error")
 
 
-def error_response(path: str, status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    """The error in the shape of the protocol the path belongs to."""
+def error_response(path: str, status: int, message: str, headers: dict[str, str] | None = None,
+                   param: str | None = None) -> JSONResponse:
+    """The error in the shape of the protocol the path belongs to (OpenAI's names the offending field in
+    `param`, as its own API does)."""
     if path.startswith("/v1/messages"):
         body: dict[str, Any] = {"type": "error", "error": {"type": _anthropic_type(status), "message": message}}
     else:
-        body = {"error": {"message": message, "type": _openai_type(status), "param": None, "code": status}}
+        body = {"error": {"message": message, "type": _openai_type(status), "param": param, "code": status}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -390,18 +397,27 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(dict.fromkeys(problems)) or "invalid request"
 
 
+def _validation_param(exc: RequestValidationError) -> str | None:
+    """The first offending field as a dotted path (`messages.0.role`), None for a body that is not JSON."""
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        if loc:
+            return loc
+    return None
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        return error_response(request.url.path, 400, _validation_message(exc))
+        return error_response(request.url.path, 400, _validation_message(exc), param=_validation_param(exc))
 
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError):
-        return error_response(request.url.path, exc.status, exc.message, exc.headers)
+        return error_response(request.url.path, exc.status, exc.message, exc.headers, param=exc.param)
 
     @app.exception_handler(P.ProtocolError)
     async def _protocol(request: Request, exc: P.ProtocolError):
-        return error_response(request.url.path, 400, str(exc))
+        return error_response(request.url.path, 400, str(exc), param=exc.param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -456,19 +472,59 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-def serve_main(artifact, host: str, port: int, model_name: str | None, batch_size: int | None, max_queue: int,
-               request_timeout: float | None, threads: int | None, emulate: bool = False,
-               log_level: str = "info") -> None:
-    """`dsv4c serve`: load the artifact and run uvicorn until interrupted."""
-    import click
+async def _throughput_log(sched: Scheduler, every: float) -> None:
+    """Every `every` seconds in which tokens were generated: one line on stderr with the rate, the slots in use,
+    the queue and the requests finished, like the periodic stats line of other servers."""
+    import sys
+
+    last, t_last = sched.stats["tokens"], time.perf_counter()
+    while True:
+        await asyncio.sleep(every)
+        now, tokens = time.perf_counter(), sched.stats["tokens"]
+        if tokens != last:
+            print(f"throughput: {tokens - last} tokens in {now - t_last:.1f} s ({(tokens - last) / (now - t_last):.1f} "
+                  f"tokens/s), {sched.active}/{sched.batch_size} slots busy, {len(sched.waiting)} waiting, "
+                  f"{sched.stats['completed']} requests completed", file=sys.stderr, flush=True)
+        last, t_last = tokens, now
+
+
+def bind_socket(host: str, port: int):
+    """The listening socket, bound before the server starts: a port in use is reported by the CLI as its own
+    error (exit 8) rather than as uvicorn's startup failure, and there is no window for another process to take
+    the port between the check and the bind."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart may reuse a port in TIME_WAIT
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def banner(engine: Engine, model_name: str, batch_size: int, host: str, port: int) -> str:
+    kernels = (engine.manifest.engine.get("kernels") or {}).get("implementation")
+    target = engine.manifest.target + (f", {kernels} kernels" if kernels else "")
+    return (f"dsv4c serve: model {model_name!r} ({target}), batch {batch_size}, context {engine.max_seq_len} "
+            f"tokens, listening on http://{host}:{port}\n"
+            "  OpenAI POST /v1/chat/completions · Anthropic POST /v1/messages · GET /v1/models · GET /health\n"
+            "  thinking is off unless a request asks for it (OpenAI reasoning_effort or chat_template_kwargs "
+            "{\"thinking\": true}; Anthropic thinking {\"type\": \"enabled\"})")
+
+
+def serve_main(engine: Engine, sock, *, model_name: str | None, batch_size: int | None, max_queue: int,
+               request_timeout: float | None, stats_every: float = 30.0, log_level: str = "info") -> None:
+    """`dsv4c serve`: serve `engine` on the bound socket `sock` with uvicorn until interrupted."""
+    import sys
+
     import uvicorn
 
-    from dsv4c.artifact import ArtifactError
-
-    try:
-        engine = Engine.load(artifact, emulate=emulate, threads=threads)
-        app = create_app(engine, model_name=model_name, batch_size=batch_size, max_queue=max_queue,
-                         request_timeout=request_timeout)
-    except (ArtifactError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    app = create_app(engine, model_name=model_name, batch_size=batch_size, max_queue=max_queue,
+                     request_timeout=request_timeout, stats_every=stats_every)
+    state = app.state.dsv4c
+    host, port = sock.getsockname()[:2]
+    print(banner(engine, state.model_name, state.scheduler.batch_size, host, port), file=sys.stderr, flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])

@@ -6,7 +6,10 @@ messages (the shape `dsv4c.runtime.chat.encode_messages` takes: OpenAI-style dic
 * Anthropic Messages (`POST /v1/messages`): thinking / text / tool_use / tool_result content blocks,
   `thinking: {"type": "enabled"|"disabled"}` and `output_config: {"effort": ...}`.
 
-Thinking is on by default in both, as in DeepSeek's own API. Efforts are the chat encoding's
+Thinking is off by default in both, as a plain OpenAI client and Anthropic's own API expect (the answer in
+`content`). It is on when asked: OpenAI `reasoning_effort`, `chat_template_kwargs: {"thinking": true}` (vLLM's
+convention; `enable_thinking` is read too) or `thinking: {"type": "enabled"}`; Anthropic `thinking: {"type":
+"enabled"}` (or "adaptive"). An explicit `thinking` object wins over the other two. Efforts are the chat encoding's
 (`REASONING_EFFORTS`: minimal..high -> V4's Think High, xhigh/max -> Think Max). Anthropic's `budget_tokens`
 is accepted and not enforced: V4 has no thinking budget, max_tokens bounds reasoning and answer together.
 
@@ -27,7 +30,11 @@ MAX_STOP_STRINGS = 16
 
 
 class ProtocolError(ValueError):
-    """A request that parses but cannot be served as asked (HTTP 400, message names the field)."""
+    """A request that parses but cannot be served as asked (HTTP 400, message names the field, `param` too)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 def _check_effort(effort: str | None) -> str | None:
@@ -107,6 +114,7 @@ class ChatCompletionRequest(_In):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     reasoning_effort: str | None = None
     thinking: Thinking | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -122,7 +130,17 @@ class ChatCompletionRequest(_In):
         return _check_effort(v)
 
     def thinking_mode(self) -> str:
-        return "chat" if self.thinking is not None and self.thinking.type == "disabled" else "thinking"
+        """Off unless asked for: the thinking object, else chat_template_kwargs, else a reasoning_effort."""
+        if self.thinking is not None:
+            return "chat" if self.thinking.type == "disabled" else "thinking"
+        kwargs = self.chat_template_kwargs or {}
+        for key in ("thinking", "enable_thinking"):
+            if key in kwargs:
+                if not isinstance(kwargs[key], bool):
+                    raise ProtocolError(f"chat_template_kwargs.{key}: must be true or false",
+                                        param=f"chat_template_kwargs.{key}")
+                return "thinking" if kwargs[key] else "chat"
+        return "thinking" if self.reasoning_effort is not None else "chat"
 
     def v4_messages(self) -> list[dict[str, Any]]:
         out = []
@@ -138,7 +156,8 @@ class ChatCompletionRequest(_In):
                                      for j, c in enumerate(m.tool_calls)]
             if m.role == "tool":
                 if m.tool_call_id is None:
-                    raise ProtocolError(f"messages[{i}]: a tool message needs tool_call_id")
+                    raise ProtocolError(f"messages[{i}]: a tool message needs tool_call_id",
+                                        param=f"messages.{i}.tool_call_id")
                 msg["tool_call_id"] = m.tool_call_id
             out.append(msg)
         return out
@@ -154,7 +173,7 @@ class ChatCompletionRequest(_In):
             name = self.tool_choice.function.get("name")
             tools = [t for t in tools if t["function"]["name"] == name]
             if not tools:
-                raise ProtocolError(f"tool_choice names function {name!r}, which is not in tools")
+                raise ProtocolError(f"tool_choice names function {name!r}, which is not in tools", param="tool_choice")
         return tools
 
 
@@ -168,9 +187,9 @@ def _json_object(text: str, field: str) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ProtocolError(f"{field}: not valid JSON ({e})") from None
+        raise ProtocolError(f"{field}: not valid JSON ({e})", param=field) from None
     if not isinstance(value, dict):
-        raise ProtocolError(f"{field}: must be a JSON object")
+        raise ProtocolError(f"{field}: must be a JSON object", param=field)
     return value
 
 
@@ -248,7 +267,8 @@ class MessagesRequest(_In):
     output_config: OutputConfig | None = None
 
     def thinking_mode(self) -> str:
-        return "chat" if self.thinking is not None and self.thinking.type == "disabled" else "thinking"
+        """Off unless `thinking` is enabled (or adaptive), as in Anthropic's API."""
+        return "thinking" if self.thinking is not None and self.thinking.type != "disabled" else "chat"
 
     def v4_messages(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -273,7 +293,8 @@ class MessagesRequest(_In):
         if self.tool_choice is not None and self.tool_choice.type == "tool":
             tools = [t for t in tools if t["function"]["name"] == self.tool_choice.name]
             if not tools:
-                raise ProtocolError(f"tool_choice names tool {self.tool_choice.name!r}, which is not in tools")
+                raise ProtocolError(f"tool_choice names tool {self.tool_choice.name!r}, which is not in tools",
+                                    param="tool_choice")
         return tools
 
 
@@ -288,7 +309,7 @@ def _user_blocks(blocks: list) -> list[dict[str, Any]]:
         elif isinstance(b, TextBlock):
             text.append(b.text)
         else:
-            raise ProtocolError(f"a user message cannot carry a {b.type!r} block")
+            raise ProtocolError(f"a user message cannot carry a {b.type!r} block", param="messages")
     if text or not out:
         out.append({"role": "user", "content": "".join(text)})
     return out
@@ -307,7 +328,7 @@ def _assistant_blocks(blocks: list) -> dict[str, Any]:
         elif isinstance(b, RedactedThinkingBlock):
             continue  # opaque to us: nothing to re-encode
         else:
-            raise ProtocolError(f"an assistant message cannot carry a {b.type!r} block")
+            raise ProtocolError(f"an assistant message cannot carry a {b.type!r} block", param="messages")
     return msg
 
 

@@ -11,7 +11,7 @@ models where the CANN toolkit exists.
     build:  `atc` per program where the CANN toolkit is installed, else ToolchainMissing (exit 4).
 
 What runs here: lower, the structural checks and the CPU emulation of the exact bundle (executor.py). What
-cannot: ATC and the NPU (the CANN toolkit is on neither PyPI nor Debian; toolchain-facts.md §8).
+cannot: ATC and the NPU (the CANN toolkit is on neither PyPI nor Debian).
 """
 
 from __future__ import annotations
@@ -69,8 +69,7 @@ class CannTarget:
             self._check_910b(q, check)
         if t.world_size > 1:
             check.problems.append(f"target declares {t.world_size} devices, but per-rank (tensor/expert-parallel) "
-                                  "lowering is not implemented in this dsv4c yet: it builds single-device models "
-                                  "(set target.devices_per_node: 1 and nodes: 1)")
+                                  "lowering is not implemented in this dsv4c yet: it builds single-device models")
         return check
 
     @staticmethod
@@ -129,14 +128,20 @@ class CannTarget:
             "build_command": "bash build_om.sh   (or: dsv4c build --from-bundle DIR, on an Ascend host)",
         }, indent=2))
 
+    def missing_build_toolchain(self) -> str | None:
+        """Why `build` would stop with ToolchainMissing here (None when it would not): asked before export."""
+        if toolchain()["atc"] == "missing":
+            return ("CANN ATC (`atc`) is not on PATH: the .om build needs the CANN toolkit (source "
+                    "<toolkit>/set_env.sh) plus the custom op package named in bundle.json `custom_ops`. Run `dsv4c "
+                    "build RECIPE --until lower` for the relocatable bundle (its build_om.sh and bundle.json "
+                    "`atc.commands` hold the exact ATC command lines) and build it on an Ascend host")
+        return None
+
     def build(self, bundle_dir: Path, engine_dir: Path, recipe: Any) -> None:
+        missing = self.missing_build_toolchain()
+        if missing:
+            raise ToolchainMissing(missing)
         have = toolchain()
-        if have["atc"] == "missing":
-            raise ToolchainMissing(
-                "CANN ATC (`atc`) is not on PATH: the .om build needs the CANN toolkit (source "
-                "<toolkit>/set_env.sh) plus the custom op package named in bundle.json `custom_ops`. Run `dsv4c "
-                "build RECIPE --until lower` for the relocatable bundle (its build_om.sh and bundle.json "
-                "`atc.commands` hold the exact ATC command lines) and build it on an Ascend host")
         meta = json.loads((bundle_dir / "bundle.json").read_text())
         soc = os.environ.get("DSV4C_SOC_VERSION", meta["soc_version"])
         ran, models = {}, {}

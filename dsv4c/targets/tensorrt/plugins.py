@@ -247,8 +247,8 @@ def register_all() -> None:
     try:
         import tensorrt as trt
         import tensorrt.plugin as trtp
-    except Exception as e:  # ImportError, or the bindings wheel without libnvinfer (toolchain-facts §6)
-        raise ToolchainMissing(f"the dsv4 TensorRT plugins need the `tensorrt` Python package (10.8+, with "
+    except Exception as e:  # ImportError, or the bindings wheel without libnvinfer
+        raise ToolchainMissing(f"the dsv4 TensorRT plugins need the `tensorrt` Python package (10.9+, with "
                                f"tensorrt.plugin) and its libraries; importing it failed: {e}") from None
     _register(trt, trtp)
     _REGISTERED = True
@@ -291,7 +291,7 @@ def _register(trt: Any, trtp: Any) -> None:  # noqa: C901  (one block per op, on
         extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(v) for v in spec.scalars])
         return name.encode(), ptx.encode(), launch, extra
 
-    # AOT plugins exist from the TensorRT release that added QuickPluginCreationRequest (toolchain-facts §6);
+    # AOT plugins exist from the TensorRT release that added QuickPluginCreationRequest (10.9);
     # older ones get the JIT implementations only
     aot_enabled = hasattr(trt, "QuickPluginCreationRequest") and hasattr(trtp, "aot_impl")
     AotOut = Tuple[bytes, bytes, trtp.KernelLaunchParams, trtp.SymExprs] if aot_enabled else None

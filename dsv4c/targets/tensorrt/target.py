@@ -13,7 +13,8 @@
             (exit 4), and `dsv4c build --until lower` leaves the relocatable bundle that `--from-bundle` finishes.
 
 What runs here: lower, the structural checks (operator list, plugin coverage) and the emulation of the exact
-bundle on ONNX Runtime (executor.py). What cannot: engine build and TensorRT execution (toolchain-facts.md §6).
+bundle on ONNX Runtime (executor.py). What cannot: engine build and TensorRT execution (no TensorRT on the
+machines dsv4c is developed on).
 """
 
 from __future__ import annotations
@@ -63,8 +64,7 @@ class TensorRTTarget:
                                     "reason": f"{t.arch} has no {wanted} tensor-core path; lossless transcode"})
         if t.world_size > 1:
             check.problems.append(f"target declares {t.world_size} devices, but per-rank (tensor/expert-parallel) "
-                                  "lowering is not implemented in this dsv4c yet: it builds single-device engines "
-                                  "(set target.devices_per_node: 1 and nodes: 1)")
+                                  "lowering is not implemented in this dsv4c yet: it builds single-device engines")
         return check
 
     def lower(self, programs: dict[str, Any], bundle_dir: Path, recipe: Any, meta: dict[str, Any]) -> None:
@@ -83,13 +83,21 @@ class TensorRTTarget:
             "build_command": "dsv4c build --from-bundle .",
         }, indent=2))
 
-    def build(self, bundle_dir: Path, engine_dir: Path, recipe: Any) -> None:
+    def missing_build_toolchain(self) -> str | None:
+        """Why `build` would stop with ToolchainMissing here (None when it would not): the pipeline asks before
+        spending minutes on export and lowering."""
         have = toolchain()
         if have["tensorrt"] == "missing" or have["cuda_device"] == "missing":
-            raise ToolchainMissing(
-                f"TensorRT engine build needs the `tensorrt` Python package (10.8+) and an NVIDIA GPU; here: "
-                f"tensorrt {have['tensorrt']}, GPU {have['cuda_device']}. Run `dsv4c build RECIPE --until lower` "
-                "for a relocatable bundle and `dsv4c build --from-bundle DIR` on a TensorRT machine")
+            return (f"TensorRT engine build needs the `tensorrt` Python package (10.9+) and an NVIDIA GPU; here: "
+                    f"tensorrt {have['tensorrt']}, GPU {have['cuda_device']}. Run `dsv4c build RECIPE --until lower` "
+                    "for a relocatable bundle and `dsv4c build --from-bundle DIR` on a TensorRT machine")
+        return None
+
+    def build(self, bundle_dir: Path, engine_dir: Path, recipe: Any) -> None:
+        missing = self.missing_build_toolchain()
+        if missing:
+            raise ToolchainMissing(missing)
+        have = toolchain()
         meta = json.loads((bundle_dir / "bundle.json").read_text())
         flags = build_engines(bundle_dir, engine_dir, meta)
         meta.update(format="tensorrt", plans={p: f"{p}.plan" for p in meta["programs"]}, builder=flags,
@@ -103,7 +111,7 @@ def toolchain() -> dict[str, str]:
         import tensorrt as trt
 
         version = trt.__version__
-    except Exception:  # ImportError, or the bindings wheel without libnvinfer (toolchain-facts §6)
+    except Exception:  # ImportError, or the bindings wheel without libnvinfer
         version = "missing"
     try:
         import torch

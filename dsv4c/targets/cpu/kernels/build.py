@@ -6,13 +6,15 @@
 Load it with `onnx.ort_session(path, custom_ops_library=library)` (SessionOptions.register_custom_ops_library):
 the `dsv4` nodes then run these kernels instead of their ONNX function bodies.
 
-Where things come from (toolchain-facts.md §5.1):
+Where things come from:
   * compiler: $CXX, else g++ / c++ / clang++ on PATH (C++17).
   * ORT C API header (onnxruntime_c_api.h): no PyPI wheel ships it and Debian bookworm has no package, so, in
     order: $DSV4C_ORT_INCLUDE; a system install (/usr/include/onnxruntime, /usr/local/include/onnxruntime);
     headers fetched earlier into the cache; else fetched now from Debian's `libonnxruntime-dev` 1.21.0+dfsg-1
     (the trixie package: an 85 KB .deb, sha256-pinned, unpacked in Python; when the pinned file is gone from
-    the mirror, `apt-get download` with a private sources list, which leaves the system's apt alone). API-21
+    the mirror, `apt-get download` with a private sources list, which leaves the system's apt alone). The mirror
+    is $DSV4C_DEBIAN_MIRROR, else the Debian archive this machine's own apt sources name (`debian_mirror`):
+    dsv4c names no download host of its own. API-21
     headers work with the newer runtime: the library asks ORT for the API version it was compiled with.
   * libonnxruntime: not linked. ORT passes its API table to `RegisterCustomOps`.
 Instruction sets: no -march=native (the library must run on any x86-64 the artifact is copied to). The inner
@@ -48,11 +50,13 @@ COMMON_FLAGS = ["-std=c++17", "-O3", "-fPIC", "-fvisibility=hidden", "-ffp-contr
 ISA_FLAGS = {"isa_avx2.cc": ["-mavx2", "-mfma", "-mf16c"]}  # run only after a cpuid check (ops.cc)
 LINK_FLAGS = ["-shared", "-Wl,--no-undefined", "-pthread"]
 
-# Debian trixie's libonnxruntime-dev: the only packaged ORT C/C++ API headers reachable here (toolchain-facts §5.1)
+# Debian trixie's libonnxruntime-dev: the only packaged ORT C/C++ API headers (no PyPI wheel ships them, bookworm
+# has no package); every Debian mirror's pool holds it whatever release the machine runs
 ORT_DEV_DEB = "libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb"
 ORT_DEV_SHA256 = "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08"
-DEBIAN_MIRROR = "http://deb.debian.org/debian"
 HEADER = "onnxruntime_c_api.h"
+APT_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
+OS_RELEASE = Path("/etc/os-release")
 
 
 class KernelBuildError(RuntimeError):
@@ -110,7 +114,7 @@ def _has_header(d: Path) -> bool:
     return (d / HEADER).is_file()
 
 
-def _fetched_headers_dir() -> Path:
+def fetched_headers_dir() -> Path:
     return cache_root().parent / "ort-headers" / ORT_DEV_DEB.removesuffix(".deb")
 
 
@@ -122,7 +126,7 @@ def find_ort_headers(fetch: bool = True) -> Path:
             raise ToolchainMissing(f"DSV4C_ORT_INCLUDE={env} holds no {HEADER}")
         return Path(env)
     for d in (Path("/usr/include/onnxruntime"), Path("/usr/local/include/onnxruntime"),
-              _fetched_headers_dir() / "include"):
+              fetched_headers_dir() / "include"):
         if _has_header(d):
             return d
     if not fetch:
@@ -131,12 +135,84 @@ def find_ort_headers(fetch: bool = True) -> Path:
     return fetch_ort_headers()
 
 
+# ---- the Debian mirror: the one this machine's apt already uses ---------------------------------------------------
+def apt_entries(sources: tuple[Path, ...] = APT_SOURCES) -> list[tuple[str, list[str], list[str]]]:
+    """(URI, suites, components) of every enabled `deb` entry in the apt sources: one-line `.list` files and
+    deb822 `.sources` files (other names in sources.list.d, e.g. `*.disabled`, are ignored, as apt does)."""
+    files: list[Path] = []
+    for src in sources:
+        if src.is_dir():
+            files += sorted(p for p in src.iterdir() if p.suffix in (".list", ".sources"))
+        elif src.is_file():
+            files.append(src)
+    entries = []
+    for f in files:
+        try:
+            text = f.read_text()
+        except OSError:
+            continue
+        entries += _deb822_entries(text) if f.suffix == ".sources" else _one_line_entries(text)
+    return entries
+
+
+def _one_line_entries(text: str) -> list[tuple[str, list[str], list[str]]]:
+    out = []
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if words[:1] != ["deb"]:
+            continue
+        if len(words) > 1 and words[1].startswith("["):  # [arch=amd64 signed-by=...] options
+            while len(words) > 2 and not words[1].endswith("]"):
+                words.pop(1)
+            words.pop(1)
+        if len(words) >= 3:
+            out.append((words[1], [words[2]], words[3:]))
+    return out
+
+
+def _deb822_entries(text: str) -> list[tuple[str, list[str], list[str]]]:
+    out = []
+    for para in text.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in para.splitlines():
+            if line.startswith("#") or ":" not in line or line[:1].isspace():
+                continue
+            key, value = line.split(":", 1)
+            fields[key.strip().lower()] = value.strip()
+        if "deb" not in fields.get("types", "").split() or fields.get("enabled", "yes").lower() == "no":
+            continue
+        for uri in fields.get("uris", "").split():
+            out.append((uri, fields.get("suites", "").split(), fields.get("components", "").split()))
+    return out
+
+
+def debian_mirror(sources: tuple[Path, ...] = APT_SOURCES, os_release: Path = OS_RELEASE) -> str:
+    """$DSV4C_DEBIAN_MIRROR, else the Debian archive in this machine's apt sources: an entry for the release's
+    own suite (its codename, e.g. bookworm) with the `main` component; security archives are not mirrors."""
+    if os.environ.get("DSV4C_DEBIAN_MIRROR"):
+        return os.environ["DSV4C_DEBIAN_MIRROR"].rstrip("/")
+    release = {}
+    if os_release.is_file():
+        for line in os_release.read_text().splitlines():
+            key, _, value = line.partition("=")
+            release[key] = value.strip().strip('"')
+    codename = release.get("VERSION_CODENAME")
+    if release.get("ID") == "debian" and codename:
+        for uri, suites, components in apt_entries(sources):
+            if codename in suites and "main" in components and "security" not in uri:
+                return uri.rstrip("/")
+    raise ToolchainMissing("no Debian mirror found in this machine's apt sources (not a Debian system, or no entry "
+                           "for its release with `main`): set DSV4C_DEBIAN_MIRROR to a Debian mirror, or "
+                           f"DSV4C_ORT_INCLUDE to a directory holding {HEADER}")
+
+
 def fetch_ort_headers() -> Path:
     """Download Debian's libonnxruntime-dev and unpack its headers into the cache; returns the include dir."""
-    dest = _fetched_headers_dir()
+    dest = fetched_headers_dir()
     errors = []
     deb = None
-    url = f"{os.environ.get('DSV4C_DEBIAN_MIRROR', DEBIAN_MIRROR)}/pool/main/o/onnxruntime/{ORT_DEV_DEB}"
+    mirror = debian_mirror()
+    url = f"{mirror}/pool/main/o/onnxruntime/{ORT_DEV_DEB}"
     try:
         with urllib.request.urlopen(url, timeout=60) as r:
             data = r.read()
@@ -146,7 +222,7 @@ def fetch_ort_headers() -> Path:
     except Exception as e:  # noqa: BLE001 - any failure falls through to apt, then to one clear message
         errors.append(f"{url}: {e}")
         try:
-            deb = _apt_download("libonnxruntime-dev")
+            deb = _apt_download("libonnxruntime-dev", mirror)
         except Exception as e2:  # noqa: BLE001
             errors.append(f"apt-get download libonnxruntime-dev (trixie): {e2}")
     if deb is None:
@@ -192,13 +268,12 @@ def _unpack_headers(deb: bytes, out: Path) -> None:
     raise ToolchainMissing("the fetched libonnxruntime-dev package has no data archive")
 
 
-def _apt_download(package: str) -> bytes:
+def _apt_download(package: str, mirror: str) -> bytes:
     """`apt-get download` from Debian trixie with a private sources list and state dirs (system apt untouched)."""
     apt = shutil.which("apt-get")
     if not apt:
         raise FileNotFoundError("apt-get not available")
     keyring = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
-    mirror = os.environ.get("DSV4C_DEBIAN_MIRROR", DEBIAN_MIRROR)
     with tempfile.TemporaryDirectory() as work:
         w = Path(work)
         for d in ("parts", "lists/partial", "cache/archives/partial"):

@@ -15,7 +15,7 @@ the bit patterns).
 
 Number formats. FP8 e4m3 and FP4 e2m1 rounding are written out arithmetically (exponent bits + round-half-to-
 even on the format's grid) instead of `x.to(tl.float8e4nv)`: the interpreter's FP8 cast is wrong for ~1% of
-inputs (toolchain-facts §7), and one code path for both modes keeps the kernels bit-exact with torch's
+inputs, and one code path for both modes keeps the kernels bit-exact with torch's
 `float8_e4m3fn` cast and with dsv4c.graphs.quant everywhere.
 """
 
