@@ -40,10 +40,13 @@ ROW_COSINE = 0.999  # discontinuous numerics: the cosine a row needs to count as
 #               [MIN_AGREEMENT, AGREEMENT_CAP]: the engine flips roundings elsewhere than a perturbation does, and
 #               34 rows estimate a rate to +-5 points; the cap keeps a lucky flip-free draw from demanding more
 #               than a correct tiny engine reaches (measured 88-97 % on seeds 0-5, NOTES-issue12.md).
-#   floor     = 1 - FLOOR_SLACK * (1 - reference's own worst cosine) per check kind, within [MIN_FLOOR, FLOOR_CAP].
+#   floor     = 1 - FLOOR_SLACK * (1 - reference's own worst cosine) per check kind, within [MIN_FLOOR, FLOOR_CAP]:
+#               the cap because a correct engine's worst row reached 0.91 (logits) / 0.87 (cache) where a draw
+#               may have flipped nothing. The broken engines of tests/mutants.py fail on agreement (<= 44 %) or on
+#               a missed cache write (cosine 0), far from these caps.
 # Continuous numerics: the same rules without margin and caps, bounded above by the strict cosine.
-AGREEMENT_SLACK, AGREEMENT_MARGIN, AGREEMENT_CAP = 2.0, 0.05, 0.85
-FLOOR_SLACK, FLOOR_CAP = 4.0, 0.95
+AGREEMENT_SLACK, AGREEMENT_MARGIN, AGREEMENT_CAP = 2.0, 0.05, 0.8
+FLOOR_SLACK, FLOOR_CAP = 4.0, 0.8
 MIN_AGREEMENT, MIN_FLOOR = 0.5, 0.5  # a gate looser than this would not test anything
 
 
