@@ -137,8 +137,25 @@ def test_a_row_only_one_side_wrote_fails_whatever_its_values():
     assert Gate(0.999, True, 0.0, 0.01, 1.0, 0.5).floor(check) == 0.5
 
 
+def test_batch1_export_keeps_the_batch_dynamic(tiny, stage_cache):
+    """max_batch_size 1 used to die in torch.export ("Constraints violated (batch)"): the program exported for a
+    batch-1 engine runs batch 1 and matches the model it was exported from."""
+    import torch
+
+    from dsv4c.compiler.export import export_program
+
+    model = reference_model(stage_cache, Numerics.reference())
+    program = export_program(model, "decode", 1, 64)
+    args = (torch.tensor([[5]]), torch.tensor([3]), torch.ones(1, dtype=torch.long), model.new_cache(1, 64))
+    with torch.no_grad():
+        got, want = program.module()(*args)[0], model(*args)[0]
+    assert got.shape == (1, model.cfg.vocab_size) and torch.equal(got, want)
+
+
+@pytest.mark.slow
 def test_batch1_official_checkpoint_without_validate_section_builds(tmp_path, stage_cache):
-    """The minimal recipe a user writes for their checkpoint: no `validate:`, batch 1. Exit 0, a correct engine."""
+    """The minimal recipe a user writes for their checkpoint: no `validate:`, batch 1. Exit 0, a correct engine.
+    (slow: a full export + lower of its own, ~70 s on 2 idle cores)"""
     checkpoint = next(stage_cache.glob("load/*/checkpoint"), None)
     if checkpoint is None:  # the session has not generated the tiny checkpoint yet
         r = dsv4c("build", RECIPE, "-o", str(tmp_path / "gen"), "--until", "load", cache=stage_cache)
