@@ -48,7 +48,10 @@ def export_program(model: DeepseekV4, program: str, max_batch: int, max_seq_len:
     """torch.export one step program with a dynamic batch (and a dynamic length for prefill)."""
     if program not in PROGRAMS:
         raise ValueError(f"unknown program {program!r}; expected one of {PROGRAMS}")
-    example_batch = min(2, max_batch)
+    # The example batch is always 2, even for a batch-1 engine: torch.export specialises a dimension whose example
+    # size is 1 (0/1 specialisation), which then violates the dynamic `batch` Dim ("Constraints violated (batch)").
+    # The exported graph serves every batch in 1..max(max_batch, 2); the runtime never feeds more than max_batch.
+    example_batch = 2
     seqlen = 7 if program == "prefill" else 1
     cache = model.new_cache(example_batch, max_seq_len)
     args = (torch.ones(example_batch, seqlen, dtype=torch.long), torch.zeros(example_batch, dtype=torch.long),

@@ -8,12 +8,12 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import dsv4c
-from dsv4c.compiler.errors import CheckpointInvalidError, InfeasibleError, ToolchainError, ValidationGateError
+from dsv4c.compiler.errors import CheckpointInvalidError, InfeasibleError, ToolchainError
 from dsv4c.compiler.pipeline import Build, digest, materialised, toolchain_versions
+from dsv4c.compiler.validation import GATE_VERSION, gate_error, validate_engine
 
 
 # ---- resolve: the recipe, fully resolved ----------------------------------------------------------------------
@@ -221,7 +221,7 @@ def stage_build(build: Build) -> str | None:
 # ---- validate: the built engine against the PyTorch reference -------------------------------------------------
 def stage_validate(build: Build) -> str | None:
     v = build.recipe.validate
-    key = digest(build.keys["build"], build.recipe.digest("validate"))
+    key = digest(build.keys["build"], build.recipe.digest("validate"), GATE_VERSION)
     build.keys["validate"] = key
     path = build.cached_dir("validate", key)
     if path is not None:
@@ -236,112 +236,10 @@ def stage_validate(build: Build) -> str | None:
         kept = build.cache_dir / "failed-validation" / f"{build.recipe.name}-{key}.json"
         kept.parent.mkdir(parents=True, exist_ok=True)
         kept.write_text(json.dumps(report, indent=2))
-        raise ValidationGateError(f"engine does not match the PyTorch reference: {report['summary']} "
-                                  f"(report kept at {kept})")
+        raise gate_error(report, kept)
     build.store_dir("validate", key, lambda d: (d / "validation.json").write_text(json.dumps(report, indent=2)))
     build.state["validation"] = report
     return None
-
-
-def validate_engine(artifact: Path, model, v, emulate: bool = False) -> dict:
-    """Seeded prompts of unequal lengths: prefill + `decode_steps` teacher-forced decode steps on the engine and
-    on the PyTorch reference; per logit row (step x sequence) cosine, top-1 and KL(ref || engine), per step the
-    cosine of the new caches.
-
-    The gate measures the engine's *step function*: every decode step starts the engine from the reference's
-    cache. DeepSeek's numerics are discontinuous (FP8 block scales, bf16 rounding, routing and indexer top-k), so a
-    1e-6 relative perturbation of the inputs moves the PyTorch reference itself to cosine 0.965-0.999 per step
-    and ~0.8 free-running on a tiny random model (README "Validation"). A gate on every row would test luck, so:
-    a row *agrees* when cosine >= min_cosine, top-1 equal (unless the reference's top-1 lead is <= top1_margin)
-    and KL <= max_kl; at least `agreement` of the rows (and of the per-step cache checks) must agree, and every
-    row must reach `floor_cosine`. An engine bug breaks most rows, not a few. Free-running figures are reported."""
-    from dsv4c.runtime.engine import Engine
-
-    engine = Engine.load(artifact, emulate=emulate)
-    gen = torch.Generator().manual_seed(v.seed)
-    lengths = [max(2, v.prompt_len - 3 * i) for i in range(v.prompts)]
-    prompts = [torch.randint(2, model.cfg.vocab_size, (n,), generator=gen).tolist() for n in lengths]
-    stepped, free = engine.session(len(prompts)), engine.session(len(prompts))
-    cache = model.new_cache(len(prompts), engine.max_seq_len)
-    batch = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        batch[b, : len(p)] = torch.tensor(p)
-    start, n_valid = torch.zeros(len(prompts), dtype=torch.long), torch.tensor(lengths)
-    rows, free_rows, caches = [], [], []
-    with torch.no_grad():
-        ref, cache = model(batch, start, n_valid, cache)
-        got = stepped.prefill(prompts)
-        free.prefill(prompts)
-        rows += _compare_rows(ref.numpy(), got, 0, v)
-        free_rows += rows[:]
-        caches.append(_cache_cosine(cache, stepped.cache))
-        pos = n_valid.clone()
-        for step in range(1, v.decode_steps + 1):
-            nxt = ref.argmax(-1)  # teacher forcing with the reference's greedy tokens
-            stepped.cache, stepped.positions = [c.numpy().copy() for c in cache], pos.numpy().copy()
-            got = stepped.decode(nxt.numpy())
-            free_got = free.decode(nxt.numpy())
-            ref, cache = model(nxt[:, None], pos, torch.ones_like(pos), cache)
-            rows += _compare_rows(ref.numpy(), got, step, v)
-            free_rows += _compare_rows(ref.numpy(), free_got, step, v)
-            caches.append(_cache_cosine(cache, stepped.cache))
-            pos += 1
-    checks = [r["agrees"] for r in rows] + [c >= v.min_cosine for c in caches]
-    agreement = sum(checks) / len(checks)
-    min_cos = min(min(r["cosine"] for r in rows), min(caches))
-    top1 = all(r["top1_equal"] or r["near_tie"] for r in rows)
-    max_kl = max(r["kl"] for r in rows)
-    passed = agreement >= v.agreement and min_cos >= v.floor_cosine
-    return {"passed": passed, "prompts": lengths, "decode_steps": v.decode_steps,
-            "agreement": agreement, "min_cosine": min_cos, "top1_equal": top1, "max_kl": max_kl,
-            "thresholds": {k: getattr(v, k) for k in ("min_cosine", "require_top1", "top1_margin", "max_kl",
-                                                      "agreement", "floor_cosine")},
-            "summary": f"{agreement:.1%} of rows agree (need {v.agreement:.0%}), min cosine {min_cos:.6f} "
-                       f"(floor {v.floor_cosine}), top-1 {'equal' if top1 else 'differs'} outside near-ties, "
-                       f"max KL {max_kl:.2e}",
-            "rows": rows, "cache_cosine": caches,
-            "free_running": {"agreement": sum(r["agrees"] for r in free_rows) / len(free_rows),
-                             "min_cosine": min(r["cosine"] for r in free_rows), "rows": free_rows}}
-
-
-def _compare_rows(ref: np.ndarray, got: np.ndarray, step: int, v) -> list[dict]:
-    """One record per sequence: cosine, top-1 (near-ties: reference lead <= top1_margin), KL, agrees."""
-    ref, got = ref.astype(np.float64), got.astype(np.float64)
-    cos = (ref * got).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1))
-    top2 = np.sort(ref, -1)[:, -2:]
-    near_tie = top2[:, 1] - top2[:, 0] <= v.top1_margin
-    same = ref.argmax(-1) == got.argmax(-1)
-    lp, lq = _log_softmax(ref), _log_softmax(got)
-    kl = (np.exp(lp) * (lp - lq)).sum(-1)
-    out = []
-    for b in range(ref.shape[0]):
-        top1_ok = bool(same[b] or near_tie[b] or not v.require_top1)
-        agrees = bool(cos[b] >= v.min_cosine and top1_ok and kl[b] <= v.max_kl)
-        out.append({"step": step, "sequence": b, "cosine": float(cos[b]), "top1_equal": bool(same[b]),
-                    "near_tie": bool(near_tie[b]), "kl": float(kl[b]), "agrees": agrees})
-    return out
-
-
-def _cache_cosine(ref_cache, got_cache: list[np.ndarray]) -> float:
-    """Lowest cosine over the cache tensors (finite entries; a differing set of empty/-inf slots counts as 0)."""
-    worst = 1.0
-    for r, g in zip(ref_cache, got_cache):
-        r, g = r.numpy().astype(np.float64), np.asarray(g, dtype=np.float64)
-        finite = np.isfinite(r)
-        if not np.array_equal(finite, np.isfinite(g)):
-            return 0.0
-        r, g = r[finite], g[finite]
-        norm = np.linalg.norm(r) * np.linalg.norm(g)
-        if norm == 0:
-            worst = min(worst, 1.0 if np.array_equal(r, g) else 0.0)
-            continue
-        worst = min(worst, float((r * g).sum() / norm))
-    return worst
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 # ---- package: the artifact directory, written atomically ------------------------------------------------------
@@ -386,6 +284,14 @@ def _kernel_fallbacks(engine_info: dict) -> list[dict[str, str]]:
     return [{"group": "kernels", "from": "native", "to": kernels["implementation"], "reason": kernels.get("reason", "")}]
 
 
+def _validation_summary(report: dict) -> dict:
+    """What the manifest keeps of validation.json: the verdict, the thresholds and where they came from, and
+    what each layer type did (the full report sits beside it)."""
+    keys = ("passed", "agreement", "min_cosine", "top1_equal", "max_kl", "thresholds", "threshold_derivation",
+            "coverage", "prompts", "decode_steps")
+    return {k: report[k] for k in keys if k in report}
+
+
 def _assemble(build: Build, root: Path, validation: dict | None, kind: str = "engine") -> Path:
     """Lay out an artifact in `root` (manifest last). kind "engine": the built engine; kind "bundle": the
     target's lowered bundle (`--until lower`), which `dsv4c build --from-bundle` turns into an engine elsewhere."""
@@ -420,8 +326,7 @@ def _assemble(build: Build, root: Path, validation: dict | None, kind: str = "en
         "fallbacks": build.state["check"].fallbacks + _kernel_fallbacks(info),
         "stage_keys": build.keys,
         "inputs": {"checkpoint": str(ckpt), "checkpoint_key": build.keys["load"]},
-        "validation": None if validation is None else {k: validation[k] for k in
-                                                       ("passed", "min_cosine", "top1_equal", "max_kl")},
+        "validation": None if validation is None else _validation_summary(validation),
     })
     return root
 
