@@ -37,6 +37,12 @@ RECIPES = {"tiny": "recipes/tiny-cpu.yaml", "mini-1b": "recipes/flash-cpu-mini.y
 
 
 def build(preset: str, max_batch: int, out_root: Path) -> Path:
+    """Build the preset's recipe with room for `max_batch` sequences, never below the recipe's own
+    runtime.max_batch_size (its validation prompts run as one batch: mini-1b's two refuse max_batch_size 1)."""
+    import yaml
+
+    recipe = yaml.safe_load((ROOT / RECIPES[preset]).read_text())
+    max_batch = max(max_batch, int((recipe.get("runtime") or {}).get("max_batch_size", 1)))
     out = out_root / preset
     cmd = [sys.executable, "-m", "dsv4c.compiler.cli", "build", RECIPES[preset], "-o", str(out), "--events", "quiet",
            "--set", f"runtime.max_batch_size={max_batch}"]
