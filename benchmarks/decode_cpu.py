@@ -154,7 +154,9 @@ def llama_bench(binary: Path, gguf: Path, prompt: int, steps: int, threads: int,
 
     pre = run("-p", str(prompt), "-n", "0")
     dec = run("-p", "0", "-n", str(steps), "-d", str(prompt))
-    build_info = f"{pre.get('build_commit', '?')} ({pre.get('build_number', '?')}), {pre.get('cpu_info', '')}".strip()
+    build_info = (f"{pre.get('build_commit', '?')} ({pre.get('build_number', '?')}), {pre.get('cpu_info', '')}, "
+                  f"prefill {pre['avg_ts']:.0f} ± {pre.get('stddev_ts', 0):.0f}, "
+                  f"decode {dec['avg_ts']:.1f} ± {dec.get('stddev_ts', 0):.1f} tok/s over {reps} runs")
     return pre["avg_ts"], dec["avg_ts"], build_info
 
 
