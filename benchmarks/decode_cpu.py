@@ -1,18 +1,28 @@
-"""CPU engine throughput next to transformers' DeepseekV4ForCausalLM on the same checkpoint, in one run.
+"""CPU engine throughput next to llama.cpp and transformers' DeepseekV4ForCausalLM on the same checkpoint, in one run.
 
     python benchmarks/decode_cpu.py                     # tiny and mini-1b (~0.9B, real per-head shapes)
     python benchmarks/decode_cpu.py --presets tiny --batches 1,8 --prompt 64 --steps 16
+    python benchmarks/decode_cpu.py --presets tiny --batches 1 --prompt 200 --steps 32 --llama-cpp LLAMA_CPP_DIR
 
 For each preset the artifact is built with `dsv4c build` (stage cache: DSV4C_CACHE_DIR), then, at each batch size,
 prefill (equal-length prompts, so transformers can batch them) and greedy decode are timed on both. The last
 column is the memory-bandwidth bound of decode: tokens/s if every step only streamed the weights it must read
 (dense weights + the routed experts a batch of that size touches, packed as stored) at this machine's measured
 copy bandwidth.
+
+llama.cpp (`--llama-cpp`, or DSV4C_LLAMA_CPP): the llama.cpp source tree with its tools built (vendor/llama.cpp of
+the llama-cpp-python sdist, `build/bin/llama-bench`; benchmarks/llama_cpp.md says how). The same checkpoint the
+artifact was built from (its manifest's inputs.checkpoint, tokenizer included) is converted to GGUF with the tree's
+convert_hf_to_gguf.py (through benchmarks/llama_cpp_convert.py: FP8 -> Q8_0, FP4 experts -> MXFP4), then
+llama-bench times prefill of the prompt (`-p PROMPT -n 0`) and decode after it (`-p 0 -n STEPS -d PROMPT`) with the
+same thread count, at batch 1 only (llama-bench runs one sequence; other batch rows show "-").
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -27,6 +37,12 @@ RECIPES = {"tiny": "recipes/tiny-cpu.yaml", "mini-1b": "recipes/flash-cpu-mini.y
 
 
 def build(preset: str, max_batch: int, out_root: Path) -> Path:
+    """Build the preset's recipe with room for `max_batch` sequences, never below the recipe's own
+    runtime.max_batch_size (its validation prompts run as one batch: mini-1b's two refuse max_batch_size 1)."""
+    import yaml
+
+    recipe = yaml.safe_load((ROOT / RECIPES[preset]).read_text())
+    max_batch = max(max_batch, int((recipe.get("runtime") or {}).get("max_batch_size", 1)))
     out = out_root / preset
     cmd = [sys.executable, "-m", "dsv4c.compiler.cli", "build", RECIPES[preset], "-o", str(out), "--events", "quiet",
            "--set", f"runtime.max_batch_size={max_batch}"]
@@ -90,6 +106,60 @@ def time_transformers(model, prompts: np.ndarray, steps: int) -> tuple[float, fl
     return prefill, (time.perf_counter() - t0) / steps
 
 
+def llama_cpp_tree(arg: str | None) -> tuple[Path, Path] | None:
+    """(source tree, llama-bench binary) from --llama-cpp / DSV4C_LLAMA_CPP, or None (with a note) when unset."""
+    arg = arg or os.environ.get("DSV4C_LLAMA_CPP")
+    if not arg:
+        print("note: llama.cpp columns skipped (pass --llama-cpp DIR or set DSV4C_LLAMA_CPP; see "
+              "benchmarks/llama_cpp.md)", file=sys.stderr)
+        return None
+    tree = Path(arg).resolve()
+    if not (tree / "convert_hf_to_gguf.py").is_file():
+        sys.exit(f"--llama-cpp {tree}: no convert_hf_to_gguf.py there; pass the llama.cpp source tree "
+                 "(vendor/llama.cpp of the llama-cpp-python sdist) with its tools built under build/")
+    for rel in ("build/bin/llama-bench", "build/bin/Release/llama-bench", "bin/llama-bench"):
+        if (tree / rel).is_file():
+            return tree, tree / rel
+    sys.exit(f"--llama-cpp {tree}: llama-bench is not built (cmake --build build --target llama-bench)")
+
+
+def convert_gguf(tree: Path, checkpoint: Path, out_root: Path, python: str) -> Path:
+    """GGUF of `checkpoint` (cached by checkpoint path: stage-cache paths are content-addressed)."""
+    key = hashlib.sha1(str(checkpoint.resolve()).encode()).hexdigest()[:16]
+    out = out_root / "gguf" / f"{checkpoint.parent.name}-{key}.gguf"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".part")
+    cmd = [python, str(ROOT / "benchmarks" / "llama_cpp_convert.py"), str(tree), str(checkpoint), "--outfile", str(tmp)]
+    log = out.with_suffix(".log")
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        sys.exit(f"GGUF conversion of {checkpoint} failed (exit {rc}); log: {log}\n"
+                 + "".join(log.read_text().splitlines(keepends=True)[-15:]))
+    tmp.rename(out)
+    return out
+
+
+def llama_bench(binary: Path, gguf: Path, prompt: int, steps: int, threads: int, reps: int) -> tuple[float, float, str]:
+    """(prefill tok/s of `prompt` tokens, decode tok/s of `steps` tokens after a `prompt`-token context, build)."""
+    def run(*args: str) -> dict:
+        cmd = [str(binary), "-m", str(gguf), "-t", str(threads), "-r", str(reps), "-o", "json", *args]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
+        (row,) = json.loads(res.stdout)
+        return row
+
+    pre = run("-p", str(prompt), "-n", "0")
+    dec = run("-p", "0", "-n", str(steps), "-d", str(prompt))
+    build_info = (f"{pre.get('build_commit', '?')} ({pre.get('build_number', '?')}), {pre.get('cpu_info', '')}, "
+                  f"prefill {pre['avg_ts']:.0f} ± {pre.get('stddev_ts', 0):.0f}, "
+                  f"decode {dec['avg_ts']:.1f} ± {dec.get('stddev_ts', 0):.1f} tok/s over {reps} runs")
+    return pre["avg_ts"], dec["avg_ts"], build_info
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", default="tiny,mini-1b")
@@ -98,36 +168,63 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench")
+    ap.add_argument("--llama-cpp", help="llama.cpp source tree with llama-bench built (default: $DSV4C_LLAMA_CPP; "
+                                        "unset: llama.cpp columns skipped)")
+    ap.add_argument("--llama-cpp-python", default=sys.executable,
+                    help="Python for llama.cpp's converter (needs torch, transformers, safetensors, numpy; gguf-py "
+                         "comes from the tree)")
+    ap.add_argument("--llama-reps", type=int, default=3, help="llama-bench repetitions (it reports the mean)")
     args = ap.parse_args()
+    llama = llama_cpp_tree(args.llama_cpp)
     torch.set_num_threads(args.threads)
     from dsv4c.graphs.transformers_oracle import load_transformers_model
     from dsv4c.runtime import Engine
 
     batches = [int(b) for b in args.batches.split(",")]
     bandwidth = copy_bandwidth()
-    rows = []
+    rows, notes = [], []
     for preset in args.presets.split(","):
         artifact = build(preset, max(batches), args.out)
         engine = Engine.load(artifact, threads=args.threads)
         checkpoint = Path(engine.manifest.data["inputs"]["checkpoint"])
         hf = load_transformers_model(checkpoint)
         kernels = engine.manifest.engine.get("kernels", {}).get("implementation", "?")
+        l_pre = l_dec = None
+        if llama is not None and 1 in batches:
+            gguf = convert_gguf(llama[0], checkpoint, args.out, args.llama_cpp_python)
+            try:
+                l_pre, l_dec, build_info = llama_bench(llama[1], gguf, args.prompt, args.steps, args.threads,
+                                                       args.llama_reps)
+                notes.append(f"{preset}: llama.cpp {build_info}, {gguf.name} ({gguf.stat().st_size / 1e6:.1f} MB)")
+            except RuntimeError as e:
+                notes.append(f"{preset}: llama.cpp failed: {e}")
         for batch in batches:
             rng = np.random.default_rng(0)
             prompts = rng.integers(2, engine.vocab_size, (batch, args.prompt)).astype(np.int64)
             e_pre, e_dec = time_engine(engine, prompts, args.steps)
             h_pre, h_dec = time_transformers(hf, prompts, args.steps)
             bound = batch * bandwidth / decode_bytes(hf_config_of(engine), batch)
-            rows.append((preset, kernels, batch, batch * args.prompt / e_pre, batch * args.prompt / h_pre,
-                         batch / e_dec, batch / h_dec, h_dec / e_dec, bound))
+            lp, ld = (l_pre, l_dec) if batch == 1 else (None, None)
+            rows.append((preset, kernels, batch, batch * args.prompt / e_pre, lp, batch * args.prompt / h_pre,
+                         batch / e_dec, ld, batch / h_dec, h_dec / e_dec, None if ld is None else batch / e_dec / ld,
+                         bound))
     print(f"\nthreads {args.threads}, prompt {args.prompt}, decode steps {args.steps}, "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s\n")
-    head = ("preset", "kernels", "batch", "prefill tok/s", "hf prefill tok/s", "decode tok/s", "hf decode tok/s",
-            "decode speedup", "bandwidth bound tok/s")
+    head = ("preset", "kernels", "batch", "prefill tok/s", "llama.cpp prefill tok/s", "hf prefill tok/s",
+            "decode tok/s", "llama.cpp decode tok/s", "hf decode tok/s", "decode speedup", "vs llama.cpp",
+            "bandwidth bound tok/s")
     print(" | ".join(head))
     print(" | ".join("---" for _ in head))
+
+    def opt(v, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
     for r in rows:
-        print(f"{r[0]} | {r[1]} | {r[2]} | {r[3]:.0f} | {r[4]:.0f} | {r[5]:.1f} | {r[6]:.1f} | {r[7]:.2f}x | {r[8]:.0f}")
+        print(f"{r[0]} | {r[1]} | {r[2]} | {r[3]:.0f} | {opt(r[4], '.0f')} | {r[5]:.0f} | {r[6]:.1f} | "
+              f"{opt(r[7], '.1f')} | {r[8]:.1f} | {r[9]:.2f}x | {opt(r[10], '.2f')}{'' if r[10] is None else 'x'} | "
+              f"{r[11]:.0f}")
+    for n in notes:
+        print(f"\n{n}")
 
 
 def hf_config_of(engine):
