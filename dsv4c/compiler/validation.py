@@ -39,7 +39,7 @@ ROW_COSINE = 0.999  # discontinuous numerics: the cosine a row needs to count as
 #   agreement = 1 - AGREEMENT_SLACK * (reference's own disagreement) - AGREEMENT_MARGIN, within
 #               [MIN_AGREEMENT, AGREEMENT_CAP]: the engine flips roundings elsewhere than a perturbation does, and
 #               34 rows estimate a rate to +-5 points; the cap keeps a lucky flip-free draw from demanding more
-#               than a correct tiny engine reaches (measured 88-97 % on seeds 0-5, NOTES-issue12.md).
+#               than a correct tiny engine reaches (measured 88-97 % on seeds 0-5, README "Validation").
 #   floor     = 1 - FLOOR_SLACK * (1 - reference's own worst cosine) per check kind, within [MIN_FLOOR, FLOOR_CAP]:
 #               the cap because a correct engine's worst row reached 0.91 (logits) / 0.87 (cache) where a draw
 #               may have flipped nothing. The broken engines of tests/mutants.py fail on agreement (<= 44 %) or on
