@@ -29,7 +29,7 @@ import torch
 
 from dsv4c.compiler.errors import ValidationGateError
 
-GATE_VERSION = 2  # part of the validate stage's cache key: a changed gate re-validates
+GATE_VERSION = 3  # part of the validate stage's cache key: a changed gate re-validates
 PREFILL_CHUNK = 256  # the runtime's chunk (dsv4c.runtime.engine.PREFILL_CHUNK); the reference prefills alike
 PERTURBATION = 1e-6  # relative noise on the embedding rows of the reference's sensitivity run
 SENSITIVITY_DRAWS = 2  # independent perturbations; the gate uses the worst of them
@@ -47,11 +47,11 @@ ROW_COSINE = 0.999  # discontinuous numerics: the cosine a row needs to count as
 # Continuous numerics: the same rules without margin and caps, bounded above by the strict cosine.
 AGREEMENT_SLACK, AGREEMENT_MARGIN, AGREEMENT_CAP = 2.0, 0.05, 0.8
 FLOOR_SLACK, FLOOR_CAP = 4.0, 0.8
-# Lower bounds, so the gate never vanishes: mini-1b's reference agrees with itself on only 62-74 % of its rows
-# (516-token prompts, 2 draws), the rule gives 0.19 there, and its engine sat 2-14 points under the reference's
-# own figure on the old 24-token prompts (README "Validation"): 0.3 keeps a correct mini engine passing while an
-# engine that gets most rows wrong (the tiny mutants: 0-44 %, most 0 %) still fails.
-MIN_AGREEMENT, MIN_FLOOR = 0.3, 0.5
+# Lower bounds, so the gate never vanishes: mini-1b's reference agrees with itself on only 47-65 % of its rows
+# (516-token prompts), where the rule gives < 0, and correct mini-1b engines agree on 26.5-55.9 % (seeds 0-5,
+# README "Validation"): 0.15 keeps them passing while the mutants that break most rows still fail there (0-9 %);
+# at that depth the per-kind floors and the written-row cache checks carry the rest of the gate.
+MIN_AGREEMENT, MIN_FLOOR = 0.15, 0.5
 
 
 # ---- inputs ---------------------------------------------------------------------------------------------------
