@@ -97,13 +97,14 @@ def build(recipe: Path | None, from_bundle: Path | None, output: Path | None, ov
         return
     from dsv4c.compiler.pipeline import Build, Events, default_cache_dir, execute
     from dsv4c.compiler.recipe import load_recipe
+    from dsv4c.compiler.stages import STAGE_FUNCTIONS
 
     try:
         r = load_recipe(recipe, list(overrides))
         out = (output or Path("artifacts") / r.name).resolve()
         b = Build(recipe=r, out_dir=out, cache_dir=(cache_dir or default_cache_dir()).resolve(),
                   cache_mode=cache_mode, events=Events(events), until=until, debug=debug)
-        artifact = execute(b)
+        artifact = execute(b, STAGE_FUNCTIONS)
     except Exception as e:  # noqa: BLE001 - _fail re-raises anything that is not ours
         _fail(e, debug)
         return
