@@ -1,3 +1,5 @@
 """dsv4c: compile DeepSeek-V4 checkpoints into deployable engines."""
 
-__version__ = "0.1.0"
+from dsv4c._version import __version__
+
+__all__ = ["__version__"]

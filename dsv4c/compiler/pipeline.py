@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-import dsv4c
+from dsv4c._version import __version__ as DSV4C_VERSION
 from dsv4c.compiler.errors import BuildError, CheckpointInvalidError, Dsv4cError, InfeasibleError, ToolchainError
 
 STAGES = ("resolve", "plan", "load", "quantize", "export", "lower", "build", "validate", "package")
@@ -42,7 +42,7 @@ def toolchain_versions() -> dict[str, str]:
     import torch
 
     return {"python": sys.version.split()[0], "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "dsv4c": dsv4c.__version__}
+            "onnxruntime": onnxruntime.__version__, "dsv4c": DSV4C_VERSION}
 
 
 def digest(*parts: Any) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-import dsv4c
+from dsv4c._version import __version__ as DSV4C_VERSION
 from dsv4c.compiler.errors import CheckpointInvalidError, InfeasibleError, ToolchainError
 from dsv4c.compiler.pipeline import Build, StageFunction, digest, materialised, toolchain_versions
 from dsv4c.compiler.validation import GATE_VERSION, gate_error, validate_engine
@@ -63,7 +63,7 @@ def stage_load(build: Build) -> str | None:
     if model.synthetic is not None:
         cfg = preset(model.synthetic.preset)
         tokenizer = _synthetic_tokenizer(cfg.vocab_size)
-        key = digest("synthetic", model.synthetic.preset, model.synthetic.seed, dsv4c.__version__,
+        key = digest("synthetic", model.synthetic.preset, model.synthetic.seed, DSV4C_VERSION,
                      tokenizer.name)
         path = build.cached_dir("load", key)
         if path is None:
@@ -312,7 +312,7 @@ def _assemble(build: Build, root: Path, validation: dict | None, kind: str = "en
     info = build.state["engine_info"] if kind == "engine" else json.loads((source / "bundle.json").read_text())
     write_manifest(root, {
         "kind": kind,
-        "dsv4c_version": dsv4c.__version__,
+        "dsv4c_version": DSV4C_VERSION,
         "name": r.name,
         "recipe_sha256": build.keys["resolve"],
         "target": {"kind": r.target.kind, "arch": r.target.arch, "soc_version": r.target.soc_version},
