@@ -29,6 +29,7 @@ from dsv4c.compiler.errors import BuildError, CheckpointInvalidError, Dsv4cError
 
 STAGES = ("resolve", "plan", "load", "quantize", "export", "lower", "build", "validate", "package")
 CACHE_MODES = ("readwrite", "readonly", "off", "redo")
+EVENT_MODES = ("text", "json", "quiet")
 StageFunction = Callable[["Build"], "str | None"]  # runs one stage; returns "cached" on a cache hit
 
 
@@ -53,7 +54,7 @@ def digest(*parts: Any) -> str:
 class Events:
     """Progress to the terminal (rich) or JSON lines on stdout (`--events json`) for CI."""
 
-    mode: str = "text"  # text | json | quiet
+    mode: str = "text"  # one of EVENT_MODES
     log: list[dict[str, Any]] = field(default_factory=list)
     _line_open: bool = False  # a progress line is on the terminal, to be cleared before the next line
 
@@ -327,5 +328,5 @@ def _input_fingerprints(build: Build) -> dict[str, Any]:
     return {"checkpoint": str(path), "files": files}
 
 
-__all__ = ["Build", "Events", "STAGES", "CACHE_MODES", "StageFunction", "execute", "digest", "toolchain_versions",
-           "default_cache_dir", "BuildError", "CheckpointInvalidError", "InfeasibleError", "ToolchainError"]
+__all__ = ["Build", "Events", "STAGES", "CACHE_MODES", "EVENT_MODES", "StageFunction", "execute", "digest",
+           "toolchain_versions", "default_cache_dir", "BuildError", "CheckpointInvalidError", "InfeasibleError", "ToolchainError"]
