@@ -58,12 +58,6 @@ class Dsv4cGroup(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-def load_engine(artifact: Path, emulate: bool = False, threads: int | None = None):
-    """`dsv4c.load`: the artifact's problems are dsv4c errors (not an artifact -> exit 2; built for another
-    target, schema or dsv4c version -> exit 4)."""
-    return dsv4c.load(artifact, emulate=emulate, threads=threads)
-
-
 @click.group(cls=Dsv4cGroup, epilog=f"\b\nExit codes:\n{EXIT_HELP}")
 @click.version_option(package_name="dsv4c")
 def main() -> None:
@@ -177,7 +171,7 @@ def run(artifact: Path, prompt: str | None, tokens: str | None, max_new_tokens: 
 
     if (prompt is None) == (tokens is None):
         raise click.UsageError("give exactly one of --prompt or --tokens")
-    eng = load_engine(artifact, emulate=emulate)
+    eng = dsv4c.load(artifact, emulate=emulate)
     ids = prompt_ids(eng, artifact, prompt, tokens)
     t0 = time.perf_counter()
     out = _generate(eng, ids, max_new_tokens, temperature, top_p, seed, stream)
@@ -354,7 +348,7 @@ def serve(artifact: Path, host: str, port: int, model_name: str | None, batch_si
     {"thinking": true}`, or `thinking: {"type": "enabled"}`; Anthropic: `thinking: {"type": "enabled"}`)."""
     from dsv4c.runtime.serve.app import bind_socket, serve_main
 
-    eng = load_engine(artifact, emulate=emulate, threads=threads)
+    eng = dsv4c.load(artifact, emulate=emulate, threads=threads)
     if eng.tokenizer is None:
         raise ArgumentError(f"{artifact} has no tokenizer/ directory; `dsv4c serve` needs one to encode chats")
     if batch_size is not None and batch_size > eng.max_batch_size:
@@ -391,7 +385,7 @@ def chat(artifact: Path, system: str | None, mode: str, max_new_tokens: int, tem
     """Chat with ARTIFACT in the terminal (streamed; /think, /chat, /reset, /exit)."""
     from dsv4c.runtime.chat_cli import chat_main
 
-    eng = load_engine(artifact, emulate=emulate, threads=threads)
+    eng = dsv4c.load(artifact, emulate=emulate, threads=threads)
     if eng.tokenizer is None:
         raise ArgumentError(f"{artifact} has no tokenizer/ directory; `dsv4c chat` needs one")
     chat_main(eng, system, mode, max_new_tokens, temperature, top_p, seed)
