@@ -34,8 +34,9 @@ def build(recipe: RecipeSource, out: str | os.PathLike[str] | None = None, overr
     """Build `recipe` (a recipe file, a mapping of recipe keys or a loaded Recipe; `overrides` as `--set`
     KEY=VALUE) into the artifact directory `out` (default artifacts/NAME) and return its absolute path.
 
-    until: stop after this stage (default: package, the whole build); a build stopped before `lower` writes no
-    artifact and returns None, `until="lower"` returns the target's bundle. cache_dir: the stage cache (default
+    until: stop after this stage (default: package, the whole build). Only two stages write an artifact: lower
+    (`until="lower"`: the target's bundle) and package (the engine); stopped after any other, the build returns
+    None. cache_dir: the stage cache (default
     $DSV4C_CACHE_DIR or ~/.cache/dsv4c/stages), shared with the command line; cache_mode: readwrite, readonly, off
     or redo. events: text (progress on stderr), json (one line per stage on stdout) or quiet. debug: on failure,
     keep a repro bundle beside `out` (named in the error's details)."""

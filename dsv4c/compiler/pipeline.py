@@ -259,7 +259,7 @@ def _marker(build: Build, stage: str, key: str) -> str:
 
 def execute(build: Build, stages: Mapping[str, StageFunction]) -> Path | None:
     """Run `stages` (dsv4c.compiler.stages.STAGE_FUNCTIONS: passed in, because the stages build on this module)
-    up to `build.until`; returns the artifact directory (None when stopped before one is written). On failure
+    up to `build.until`; returns the artifact directory (None when no stage up to there writes one). On failure
     nothing is left beside the output; with `build.debug` a repro bundle is (its path is in the error's details)."""
     last = STAGES.index(build.until)
     name = STAGES[0]
@@ -329,4 +329,5 @@ def _input_fingerprints(build: Build) -> dict[str, Any]:
 
 
 __all__ = ["Build", "Events", "STAGES", "CACHE_MODES", "EVENT_MODES", "StageFunction", "execute", "digest",
-           "toolchain_versions", "default_cache_dir", "BuildError", "CheckpointInvalidError", "InfeasibleError", "ToolchainError"]
+           "toolchain_versions", "default_cache_dir", "BuildError", "CheckpointInvalidError", "InfeasibleError",
+           "ToolchainError"]
