@@ -1,5 +1,9 @@
 """Shared fixtures: one stage cache per test session (the synthetic checkpoint is generated once), the CLI in a
-subprocess, and the PyTorch reference model read straight from the build's checkpoint."""
+subprocess, and the PyTorch reference model read straight from the build's checkpoint.
+
+A test that needs an artifact builds it with the Python API (`dsv4c.build(RECIPES / ..., out,
+cache_dir=stage_cache)`, no process to start); the tests of the command line itself run it with `dsv4c_cli`. Both
+share the session's stage cache."""
 
 from __future__ import annotations
 
@@ -10,9 +14,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
 
 
-def dsv4c(*args: str, cache: Path) -> subprocess.CompletedProcess:
+def dsv4c_cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dsv4c.compiler.cli", *args, "--cache-dir", str(cache)],
                           capture_output=True, text=True, cwd=ROOT)
 

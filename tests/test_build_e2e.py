@@ -8,14 +8,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import assert_step_function_agrees, compare_with_reference, cosine, dsv4c, reference_model
+from conftest import (RECIPES, assert_step_function_agrees, compare_with_reference, cosine, dsv4c_cli,
+                      reference_model)
 
+import dsv4c
 from dsv4c.graphs.model import Numerics
 from dsv4c.runtime import Engine
 
 
 def build(recipe: str, out, cache, *extra: str):
-    r = dsv4c("build", f"recipes/{recipe}.yaml", "-o", str(out), "--events", "json", *extra, cache=cache)
+    """`dsv4c build` on the command line, for the tests that read its events (one JSON line per stage)."""
+    r = dsv4c_cli("build", f"recipes/{recipe}.yaml", "-o", str(out), "--events", "json", *extra, cache=cache)
     assert r.returncode == 0, r.stderr
     return [json.loads(line) for line in r.stdout.splitlines()]
 
@@ -30,9 +33,8 @@ def stage_status(events) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory, stage_cache):
-    out = tmp_path_factory.mktemp("e2e") / "tiny-plain-cpu"
-    build("tiny-plain-cpu", out, stage_cache)
-    return out
+    return dsv4c.build(RECIPES / "tiny-plain-cpu.yaml", tmp_path_factory.mktemp("e2e") / "tiny-plain-cpu",
+                       cache_dir=stage_cache)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +100,7 @@ def test_changing_only_the_target_reruns_only_target_stages(official, stage_cach
 def test_bad_recipe_key_exits_2_naming_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nmodel: {synthetic: {preset: tiny}}\ntarget: {kindd: cpu}\n")
-    r = dsv4c("build", str(bad), "-o", str(tmp_path / "out"), cache=tmp_path / "c")
+    r = dsv4c_cli("build", str(bad), "-o", str(tmp_path / "out"), cache=tmp_path / "c")
     assert r.returncode == 2
     assert "target.kindd" in r.stderr and "did you mean `target.kind`" in r.stderr
     assert not (tmp_path / "out").exists()

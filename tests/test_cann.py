@@ -528,12 +528,11 @@ GATE_910B = {8: dict(min_cosine=0.95, require_top1=False, max_kl=0.1, agreement=
 
 
 def build_bundle(stage_cache: Path, out: Path, soc: str, *extra: str) -> Path:
-    from conftest import dsv4c
+    import dsv4c
+    from conftest import RECIPES
 
-    r = dsv4c("build", "recipes/tiny-cpu.yaml", "-o", str(out), "--until", "lower", "--set", "target.kind=cann",
-              "--set", f"target.soc_version={soc}", *[a for kv in extra for a in ("--set", kv)], cache=stage_cache)
-    assert r.returncode == 0, r.stderr
-    return out
+    return dsv4c.build(RECIPES / "tiny-cpu.yaml", out, ["target.kind=cann", f"target.soc_version={soc}", *extra],
+                       until="lower", cache_dir=stage_cache)
 
 
 @pytest.fixture(scope="module")

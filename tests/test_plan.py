@@ -116,6 +116,17 @@ def test_flash_weights_match_the_official_checkpoint_and_the_fp8_transcode(flash
         routed_experts(FLASH, fp8) / routed_experts(FLASH, fp4))  # the transcode ~doubles the experts (1.88x)
 
 
+def test_the_python_api_plans_what_the_command_line_prints(flash):
+    """`dsv4c plan --json` is a thin layer over dsv4c.plan: the same figures, key for key (the warnings quote the
+    free disk space, which may move between the two calls)."""
+    import dsv4c
+
+    api = dsv4c.plan(RECIPES / "flash-h100.yaml").to_dict()
+    assert api["weights_bytes_as_shipped"] == flash["weights_bytes_as_shipped"] == 159_609_485_896
+    assert api["weights_bytes"] == flash["weights_bytes"]
+    assert {k: v for k, v in api.items() if k != "warnings"} == {k: v for k, v in flash.items() if k != "warnings"}
+
+
 def test_pro_weights_match_the_official_checkpoint_and_the_fp8_transcode(pro):
     assert pro["weights_bytes_as_shipped"] == pytest.approx(864_704_792_696, rel=0.01)
     assert pro["weights_bytes_as_shipped"] == 864_704_792_696

@@ -16,7 +16,7 @@ import yaml
 from dsv4c.compiler.errors import (EXIT_CODES, AddressInUseError, ArgumentError, BuildError, CheckpointInvalidError,
                                    Dsv4cError, InfeasibleError, RecipeError, ToolchainError, ValidationGateError,
                                    format_error)
-from dsv4c.compiler.recipe import check_model_source, load_recipe, recipe_json_schema
+from dsv4c.compiler.recipe import as_recipe, check_model_source, load_recipe, recipe_json_schema
 from dsv4c.graphs.config import PRESETS
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -205,6 +205,33 @@ def test_set_checkpoint_is_relative_to_the_working_directory(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     r = load_recipe(RECIPES / "flash-h100.yaml", ["model.checkpoint=weights/flash"])
     assert r.model.checkpoint == str(tmp_path.resolve() / "weights" / "flash")
+
+
+# ---- recipes given as data (the Python API: dsv4c.build / dsv4c.plan) ----------------------------------------------
+def test_a_mapping_is_a_recipe_like_the_file_that_holds_it(tmp_path, monkeypatch):
+    text = (RECIPES / "tiny-cpu.yaml").read_text()
+    data = yaml.safe_load(text)
+    assert as_recipe(data).digest() == load_recipe(RECIPES / "tiny-cpu.yaml").digest()
+    assert as_recipe(data, ["runtime.max_batch_size=1"]).runtime.max_batch_size == 1
+    assert data == yaml.safe_load(text)  # the caller's mapping is not changed by loading or overriding it
+    monkeypatch.chdir(tmp_path)  # extends and a relative checkpoint are relative to the working directory
+    r = as_recipe({"extends": str(RECIPES / "flash-h100.yaml"), "name": "mine", "model": {"checkpoint": "w"}})
+    assert (r.name, r.model.checkpoint) == ("mine", str(tmp_path.resolve() / "w"))
+
+
+def test_a_loaded_recipe_is_taken_as_is_or_overridden_into_a_new_one():
+    r = load_recipe(RECIPES / "tiny-cpu.yaml")
+    assert as_recipe(r) is r
+    changed = as_recipe(r, ["target.kind=tensorrt", "target.arch=sm_100"])
+    assert (changed.target.kind, changed.target.arch, r.target.kind) == ("tensorrt", "sm_100", "cpu")
+    assert as_recipe(str(RECIPES / "tiny-cpu.yaml")).digest() == r.digest()
+
+
+def test_a_bad_mapping_is_exit_2_naming_the_key():
+    with pytest.raises(RecipeError, match=r"^<recipe mapping>: unknown key `target.kindd`; did you mean `target.kind`"):
+        as_recipe({"name": "x", "model": {"synthetic": {"preset": "tiny"}}, "target": {"kindd": "cpu"}})
+    with pytest.raises(TypeError, match="a path, a mapping of recipe keys or a Recipe"):
+        as_recipe(42)
 
 
 def test_default_parallel_layout_and_explicit_alternatives(tmp_path):

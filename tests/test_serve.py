@@ -30,7 +30,8 @@ import openai
 import pytest
 import uvicorn
 
-from conftest import dsv4c
+import dsv4c
+from conftest import RECIPES
 from dsv4c.runtime import Engine
 from dsv4c.runtime.serve.app import create_app
 from dsv4c.runtime.serve.scheduler import GenerationRequest, Scheduler, Token
@@ -46,10 +47,7 @@ BODY_LIMIT = 256 << 10
 def artifact(tmp_path_factory, stage_cache) -> Path:
     if os.environ.get("DSV4C_TEST_ARTIFACT"):
         return Path(os.environ["DSV4C_TEST_ARTIFACT"])
-    out = tmp_path_factory.mktemp("serve") / "tiny-cpu"
-    r = dsv4c("build", "recipes/tiny-cpu.yaml", "-o", str(out), "--events", "quiet", cache=stage_cache)
-    assert r.returncode == 0, r.stderr
-    return out
+    return dsv4c.build(RECIPES / "tiny-cpu.yaml", tmp_path_factory.mktemp("serve") / "tiny-cpu", cache_dir=stage_cache)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,9 @@ import json
 import onnx
 import pytest
 import torch
-from conftest import assert_step_function_agrees, dsv4c, reference_model
+from conftest import RECIPES, assert_step_function_agrees, dsv4c_cli, reference_model
 
+import dsv4c
 from dsv4c.graphs.model import Numerics
 from dsv4c.graphs.ops import OPS
 from dsv4c.runtime import Engine
@@ -23,10 +24,8 @@ PROMPTS = [torch.randint(2, 1024, (n,), generator=torch.Generator().manual_seed(
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, stage_cache):
-    out = tmp_path_factory.mktemp("trt") / "tiny-tensorrt"
-    r = dsv4c("build", "recipes/tiny-tensorrt.yaml", "--until", "lower", "-o", str(out), cache=stage_cache)
-    assert r.returncode == 0, r.stderr
-    return out
+    return dsv4c.build(RECIPES / "tiny-tensorrt.yaml", tmp_path_factory.mktemp("trt") / "tiny-tensorrt",
+                       until="lower", cache_dir=stage_cache)
 
 
 def programs(bundle):
@@ -91,10 +90,10 @@ def test_bundle_is_not_runnable_without_emulate(bundle):
 @pytest.mark.skipif(toolchain()["tensorrt"] != "missing", reason="TensorRT is installed here")
 def test_engine_build_without_tensorrt_exits_4_and_leaves_nothing(tmp_path, stage_cache, bundle):
     out = tmp_path / "engine"
-    r = dsv4c("build", "recipes/tiny-tensorrt.yaml", "-o", str(out), "--events", "quiet", cache=stage_cache)
+    r = dsv4c_cli("build", "recipes/tiny-tensorrt.yaml", "-o", str(out), "--events", "quiet", cache=stage_cache)
     assert r.returncode == 4, r.stderr
     assert "tensorrt" in r.stderr.splitlines()[0].lower() and "--until lower" in r.stderr
     assert not out.exists() and not list(tmp_path.glob(".*"))
-    r = dsv4c("build", "--from-bundle", str(bundle), "-o", str(out), cache=stage_cache)
+    r = dsv4c_cli("build", "--from-bundle", str(bundle), "-o", str(out), cache=stage_cache)
     assert r.returncode == 4, r.stderr
     assert not out.exists() and not list(tmp_path.glob(".*"))

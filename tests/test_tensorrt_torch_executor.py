@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_step_function_agrees, cosine, dsv4c, reference_model
+from conftest import RECIPES, ROOT, assert_step_function_agrees, cosine, reference_model
 
+import dsv4c
 from dsv4c.artifact import ArtifactError
 from dsv4c.graphs.model import Numerics
 from dsv4c.runtime import Engine
@@ -26,11 +27,8 @@ PROMPTS = [torch.randint(2, 1024, (n,), generator=torch.Generator().manual_seed(
 
 
 def _bundle(tmp_path_factory, stage_cache, *overrides: str) -> Path:
-    out = tmp_path_factory.mktemp("trt-torch") / "bundle"
-    sets = [a for o in overrides for a in ("--set", o)]
-    r = dsv4c("build", "recipes/tiny-tensorrt.yaml", *sets, "--until", "lower", "-o", str(out), cache=stage_cache)
-    assert r.returncode == 0, r.stderr
-    return out
+    return dsv4c.build(RECIPES / "tiny-tensorrt.yaml", tmp_path_factory.mktemp("trt-torch") / "bundle", overrides,
+                       until="lower", cache_dir=stage_cache)
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import dsv4c, reference_model
+from conftest import RECIPES, dsv4c_cli, reference_model
 from mutants import MUTANTS, mutant_executor
 
+import dsv4c
 from dsv4c.compiler.recipe import load_recipe
 from dsv4c.compiler.validation import (STRICT_COSINE, Gate, ReferenceRun, derive_gate, gate_error, prompt_lengths,
                                        reference_steps)
@@ -25,10 +26,8 @@ RECIPE = "recipes/tiny-cpu.yaml"
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, stage_cache):
-    out = tmp_path_factory.mktemp("validation") / "tiny-cpu"
-    r = dsv4c("build", RECIPE, "-o", str(out), cache=stage_cache)
-    assert r.returncode == 0, r.stderr
-    return out
+    return dsv4c.build(RECIPES / "tiny-cpu.yaml", tmp_path_factory.mktemp("validation") / "tiny-cpu",
+                       cache_dir=stage_cache)
 
 
 @pytest.fixture(scope="module")
@@ -158,13 +157,13 @@ def test_batch1_official_checkpoint_without_validate_section_builds(tmp_path, st
     (slow: a full export + lower of its own, ~70 s on 2 idle cores)"""
     checkpoint = next(stage_cache.glob("load/*/checkpoint"), None)
     if checkpoint is None:  # the session has not generated the tiny checkpoint yet
-        r = dsv4c("build", RECIPE, "-o", str(tmp_path / "gen"), "--until", "load", cache=stage_cache)
+        r = dsv4c_cli("build", RECIPE, "-o", str(tmp_path / "gen"), "--until", "load", cache=stage_cache)
         assert r.returncode == 0, r.stderr
         checkpoint = next(stage_cache.glob("load/*/checkpoint"))
     recipe = tmp_path / "mine.yaml"
     recipe.write_text(f"name: mine\nmodel: {{checkpoint: {checkpoint}}}\ntarget: {{kind: cpu}}\n"
                       "runtime: {max_batch_size: 1, max_seq_len: 512}\n")
-    r = dsv4c("build", str(recipe), "-o", str(tmp_path / "out"), cache=stage_cache)
+    r = dsv4c_cli("build", str(recipe), "-o", str(tmp_path / "out"), cache=stage_cache)
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "out" / "validation.json").read_text())
     assert report["passed"] and report["batches"] == 2 and report["coverage"]["complete"]

@@ -14,11 +14,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from dsv4c.compiler.errors import EXIT_CODES, ArgumentError, Dsv4cError, ToolchainError, format_error
+import dsv4c
+from dsv4c.compiler.errors import EXIT_CODES, ArgumentError, Dsv4cError, format_error, from_artifact_error
+
+if TYPE_CHECKING:
+    from dsv4c.compiler.plan import Plan
 
 EXIT_HELP = "\n".join(f"  {code}  {meaning}" for code, meaning in sorted(EXIT_CODES.items()))
 
@@ -54,20 +58,6 @@ class Dsv4cGroup(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-def load_engine(artifact: Path, emulate: bool = False, threads: int | None = None):
-    """Engine.load with the artifact's problems as dsv4c errors: not an artifact -> exit 2; built for another
-    target, schema or dsv4c version -> exit 4."""
-    from dsv4c.artifact import ArtifactError, NotAnArtifact
-    from dsv4c.runtime import Engine
-
-    try:
-        return Engine.load(artifact, emulate=emulate, threads=threads)
-    except NotAnArtifact as e:
-        raise ArgumentError(str(e)) from None
-    except ArtifactError as e:
-        raise ToolchainError(str(e)) from None
-
-
 @click.group(cls=Dsv4cGroup, epilog=f"\b\nExit codes:\n{EXIT_HELP}")
 @click.version_option(package_name="dsv4c")
 def main() -> None:
@@ -95,15 +85,9 @@ def build(recipe: Path | None, from_bundle: Path | None, output: Path | None, ov
     if from_bundle is not None:
         _build_from_bundle(from_bundle, output, debug)
         return
-    from dsv4c.compiler.pipeline import Build, Events, default_cache_dir, execute
-    from dsv4c.compiler.recipe import load_recipe
-
     try:
-        r = load_recipe(recipe, list(overrides))
-        out = (output or Path("artifacts") / r.name).resolve()
-        b = Build(recipe=r, out_dir=out, cache_dir=(cache_dir or default_cache_dir()).resolve(),
-                  cache_mode=cache_mode, events=Events(events), until=until, debug=debug)
-        artifact = execute(b)
+        artifact = dsv4c.build(recipe, output, overrides, until=until, cache_dir=cache_dir, cache_mode=cache_mode,
+                               events=events, debug=debug)
     except Exception as e:  # noqa: BLE001 - _fail re-raises anything that is not ours
         _fail(e, debug)
         return
@@ -124,33 +108,31 @@ def plan(recipe: Path, as_json: bool, overrides: tuple[str, ...]) -> None:
 
     Exits 0 when the recipe fits its declared hardware and this dsv4c can build it, 3 when not (the problems and
     hints say what to change)."""
-    from dsv4c.compiler.plan import make_plan, render
-    from dsv4c.compiler.recipe import load_recipe
+    from dsv4c.compiler.plan import render
 
     try:
-        result = make_plan(load_recipe(recipe, list(overrides)))
+        result = dsv4c.plan(recipe, overrides)
     except Exception as e:  # noqa: BLE001 - _fail re-raises anything that is not ours
         _fail(e)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(result.to_dict(), indent=2))
     else:
-        render(result)
-    if not result["feasible"]:
+        render(result.to_dict())
+    if not result.feasible:
         _fail(plan_verdict(result))
 
 
-def plan_verdict(result: dict[str, Any]) -> Dsv4cError:
+def plan_verdict(result: Plan) -> Dsv4cError:
     """The exit-3 error of an infeasible plan: what does not fit first, else what blocks the build."""
     from dsv4c.compiler.errors import InfeasibleError
 
-    name = result["recipe"]
-    if result["problems"]:
-        first, *rest = result["problems"]
-        cause = f"recipe {name!r} does not fit its declared target: {first}"
+    if result.problems:
+        first, *rest = result.problems
+        cause = f"recipe {result.recipe!r} does not fit its declared target: {first}"
     else:
-        first, *rest = result["build_blockers"]
-        cause = f"recipe {name!r} fits its declared target, but this dsv4c cannot build it: {first}"
-    return InfeasibleError(cause, details=rest, hint="; ".join(result["hints"]) or None)
+        first, *rest = result.build_blockers
+        cause = f"recipe {result.recipe!r} fits its declared target, but this dsv4c cannot build it: {first}"
+    return InfeasibleError(cause, details=rest, hint="; ".join(result.hints) or None)
 
 
 def _build_from_bundle(bundle: Path, output: Path | None, debug: bool) -> None:
@@ -161,19 +143,8 @@ def _build_from_bundle(bundle: Path, output: Path | None, debug: bool) -> None:
         name = read_manifest(bundle).data["name"]
         out = build_from_bundle(bundle, (output or Path("artifacts") / name).resolve())
     except Exception as e:  # noqa: BLE001 - _fail re-raises anything that is not ours
-        _fail(_as_dsv4c_error(e), debug)
+        _fail(from_artifact_error(e), debug)
     click.echo(f"artifact: {out}", err=True)
-
-
-def _as_dsv4c_error(e: Exception) -> Exception:
-    """An artifact problem met outside Engine.load, as the error `load_engine` would give."""
-    from dsv4c.artifact import ArtifactError, NotAnArtifact
-
-    if isinstance(e, NotAnArtifact):
-        return ArgumentError(str(e))
-    if isinstance(e, ArtifactError):
-        return ToolchainError(str(e))
-    return e
 
 
 # ---- run -----------------------------------------------------------------------------------------------------------
@@ -200,7 +171,7 @@ def run(artifact: Path, prompt: str | None, tokens: str | None, max_new_tokens: 
 
     if (prompt is None) == (tokens is None):
         raise click.UsageError("give exactly one of --prompt or --tokens")
-    eng = load_engine(artifact, emulate=emulate)
+    eng = dsv4c.load(artifact, emulate=emulate)
     ids = prompt_ids(eng, artifact, prompt, tokens)
     t0 = time.perf_counter()
     out = _generate(eng, ids, max_new_tokens, temperature, top_p, seed, stream)
@@ -275,7 +246,7 @@ def inspect(artifact: Path, as_json: bool) -> None:
     try:
         info = engine_info(artifact)
     except Exception as e:  # noqa: BLE001 - _fail re-raises anything that is not ours
-        _fail(_as_dsv4c_error(e))
+        _fail(from_artifact_error(e))
     info["size"] = artifact_size(artifact)
     if as_json:
         click.echo(json.dumps(strict_json(info), indent=2, allow_nan=False))
@@ -377,7 +348,7 @@ def serve(artifact: Path, host: str, port: int, model_name: str | None, batch_si
     {"thinking": true}`, or `thinking: {"type": "enabled"}`; Anthropic: `thinking: {"type": "enabled"}`)."""
     from dsv4c.runtime.serve.app import bind_socket, serve_main
 
-    eng = load_engine(artifact, emulate=emulate, threads=threads)
+    eng = dsv4c.load(artifact, emulate=emulate, threads=threads)
     if eng.tokenizer is None:
         raise ArgumentError(f"{artifact} has no tokenizer/ directory; `dsv4c serve` needs one to encode chats")
     if batch_size is not None and batch_size > eng.max_batch_size:
@@ -414,7 +385,7 @@ def chat(artifact: Path, system: str | None, mode: str, max_new_tokens: int, tem
     """Chat with ARTIFACT in the terminal (streamed; /think, /chat, /reset, /exit)."""
     from dsv4c.runtime.chat_cli import chat_main
 
-    eng = load_engine(artifact, emulate=emulate, threads=threads)
+    eng = dsv4c.load(artifact, emulate=emulate, threads=threads)
     if eng.tokenizer is None:
         raise ArgumentError(f"{artifact} has no tokenizer/ directory; `dsv4c chat` needs one")
     chat_main(eng, system, mode, max_new_tokens, temperature, top_p, seed)

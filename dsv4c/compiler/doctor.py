@@ -28,11 +28,11 @@ def _version(module: str) -> str | None:
 
 
 def python_checks() -> list[dict[str, Any]]:
-    import dsv4c
+    from dsv4c._version import __version__ as DSV4C_VERSION
 
     return [
         _check("python", sys.version.split()[0], ""),
-        _check("dsv4c", dsv4c.__version__, ""),
+        _check("dsv4c", DSV4C_VERSION, ""),
         _check("torch", _version("torch"), "everything: export, the reference model and validation need torch"),
         _check("onnx", _version("onnx"), "lowering to ONNX (every target)"),
         _check("onnxruntime", _version("onnxruntime"),

@@ -102,6 +102,18 @@ ERROR_TYPES: dict[int, type[Dsv4cError]] = {
 }
 
 
+def from_artifact_error(e: Exception) -> Exception:
+    """An artifact problem (dsv4c.artifact) as the error the command line reports: not an artifact -> exit 2;
+    built for another target, schema or dsv4c version -> exit 4. Any other exception is returned as it is."""
+    from dsv4c.artifact import ArtifactError, NotAnArtifact
+
+    if isinstance(e, NotAnArtifact):
+        return ArgumentError(str(e))
+    if isinstance(e, ArtifactError):
+        return ToolchainError(str(e))
+    return e
+
+
 def format_error(e: Dsv4cError) -> str:
     """`error (<meaning>, exit N): <cause>` on the first line, then the message's further lines, the details and
     the hint, each indented so the first line stands out."""

@@ -22,13 +22,15 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
-import dsv4c
+from dsv4c._version import __version__ as DSV4C_VERSION
 from dsv4c.compiler.errors import BuildError, CheckpointInvalidError, Dsv4cError, InfeasibleError, ToolchainError
 
 STAGES = ("resolve", "plan", "load", "quantize", "export", "lower", "build", "validate", "package")
 CACHE_MODES = ("readwrite", "readonly", "off", "redo")
+EVENT_MODES = ("text", "json", "quiet")
+StageFunction = Callable[["Build"], "str | None"]  # runs one stage; returns "cached" on a cache hit
 
 
 def default_cache_dir() -> Path:
@@ -41,7 +43,7 @@ def toolchain_versions() -> dict[str, str]:
     import torch
 
     return {"python": sys.version.split()[0], "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "dsv4c": dsv4c.__version__}
+            "onnxruntime": onnxruntime.__version__, "dsv4c": DSV4C_VERSION}
 
 
 def digest(*parts: Any) -> str:
@@ -52,7 +54,7 @@ def digest(*parts: Any) -> str:
 class Events:
     """Progress to the terminal (rich) or JSON lines on stdout (`--events json`) for CI."""
 
-    mode: str = "text"  # text | json | quiet
+    mode: str = "text"  # one of EVENT_MODES
     log: list[dict[str, Any]] = field(default_factory=list)
     _line_open: bool = False  # a progress line is on the terminal, to be cleared before the next line
 
@@ -124,6 +126,11 @@ class Build:
     deferred: set[str] = field(default_factory=set)  # lazy stages whose event waits for `materialised`
     ran_lazy: set[str] = field(default_factory=set)  # lazy stages that have materialised
     activity: list[str] = field(default_factory=list)  # what a stage is doing for a later one (progress shows it)
+
+    @property
+    def staging(self) -> Path:
+        """Where the artifact is assembled before it is renamed into place (removed when a build fails)."""
+        return self.out_dir.parent / f".{self.out_dir.name}.tmp"
 
     # -- cache helpers ---------------------------------------------------------------------------------------
     def cached_dir(self, stage: str, key: str) -> Path | None:
@@ -250,23 +257,22 @@ def _marker(build: Build, stage: str, key: str) -> str:
     return "done"
 
 
-def execute(build: Build) -> Path | None:
-    """Run the stages up to `build.until`; returns the artifact directory (None when stopped early). On failure
+def execute(build: Build, stages: Mapping[str, StageFunction]) -> Path | None:
+    """Run `stages` (dsv4c.compiler.stages.STAGE_FUNCTIONS: passed in, because the stages build on this module)
+    up to `build.until`; returns the artifact directory (None when no stage up to there writes one). On failure
     nothing is left beside the output; with `build.debug` a repro bundle is (its path is in the error's details)."""
-    from dsv4c.compiler import stages
-
     last = STAGES.index(build.until)
     name = STAGES[0]
     try:
         for name in STAGES[: last + 1]:
-            run_stage(build, name, getattr(stages, f"stage_{name}"))
+            run_stage(build, name, stages[name])
         for lazy in sorted(build.deferred, key=STAGES.index):  # nothing later needed its output
             build.events.emit(event="stage", stage=lazy, status="skipped", key=build.keys.get(lazy), seconds=0.0)
     except (KeyboardInterrupt, SystemExit):
-        shutil.rmtree(stages._staging(build), ignore_errors=True)
+        shutil.rmtree(build.staging, ignore_errors=True)
         raise
     except Exception as e:
-        shutil.rmtree(stages._staging(build), ignore_errors=True)
+        shutil.rmtree(build.staging, ignore_errors=True)
         # an unexpected failure inside a stage is a build error (exit 6)
         error = e if isinstance(e, Dsv4cError) else BuildError(f"{type(e).__name__}: {e}")
         if build.debug:
@@ -322,5 +328,6 @@ def _input_fingerprints(build: Build) -> dict[str, Any]:
     return {"checkpoint": str(path), "files": files}
 
 
-__all__ = ["Build", "Events", "STAGES", "CACHE_MODES", "execute", "digest", "toolchain_versions",
-           "default_cache_dir", "BuildError", "CheckpointInvalidError", "InfeasibleError", "ToolchainError"]
+__all__ = ["Build", "Events", "STAGES", "CACHE_MODES", "EVENT_MODES", "StageFunction", "execute", "digest",
+           "toolchain_versions", "default_cache_dir", "BuildError", "CheckpointInvalidError", "InfeasibleError",
+           "ToolchainError"]

@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import weakref
 from collections import defaultdict
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -511,6 +512,46 @@ def _free_bytes(path: Path) -> int:
 
 
 # ---- the plan ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    """What `dsv4c plan` reports (`make_plan`), with its top-level figures as typed fields; the nested ones stay
+    the JSON-able mappings `--json` prints. `to_dict()` is that JSON, key for key."""
+
+    recipe: str
+    model: dict[str, Any]
+    target: dict[str, Any]
+    formats: dict[str, str]
+    fallbacks: list[dict[str, str]]
+    weights: dict[str, dict[str, Any]]
+    weights_bytes: int
+    weights_bytes_as_shipped: int
+    weights_bytes_dsv4c_graph: int
+    kv_cache: dict[str, Any]
+    kv_cache_bytes_per_token: float
+    kv_cache_bytes_at_max_seq_len: int
+    kv_cache_bytes_all_sequences: int
+    activation_workspace_bytes: int
+    activation_workspace_basis: str
+    per_device: dict[str, Any]
+    per_device_bytes: int
+    build: dict[str, Any]
+    ops: list[dict[str, Any]]
+    toolchain: dict[str, Any]
+    fits: bool
+    feasible: bool
+    problems: list[str]
+    build_blockers: list[str]
+    hints: list[str]
+    warnings: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def plan_recipe(recipe) -> Plan:
+    return Plan(**make_plan(recipe))
+
+
 def make_plan(recipe) -> dict[str, Any]:
     """Everything `dsv4c plan` reports for a validated recipe, as JSON-able data (see the module docstring)."""
     from dsv4c.compiler.pipeline import default_cache_dir
@@ -763,5 +804,5 @@ def render(plan: dict[str, Any]) -> None:
         console.print("[red]infeasible on the declared target[/red]")
 
 
-__all__ = ["make_plan", "render", "DEVICE_MEMORY_GIB", "RESERVE", "format_bytes", "kv_entry_bytes",
-           "indexer_entry_bytes", "dense_mla_bytes_per_token"]
+__all__ = ["Plan", "plan_recipe", "make_plan", "render", "DEVICE_MEMORY_GIB", "RESERVE", "format_bytes",
+           "kv_entry_bytes", "indexer_entry_bytes", "dense_mla_bytes_per_token"]

@@ -25,12 +25,13 @@ digest); `Recipe.digest(section)` feeds the compiler's stage cache keys.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
 import os
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -393,15 +394,21 @@ def _load_tree(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any]
     """The merged data of `path` and its `extends` ancestors; `chain` holds the files that extend it."""
     chain = (*chain, path.resolve())
     data, positions = _read_yaml(path)
-    _absolute_checkpoint(data, path.parent)
+    return _extend(data, positions, path.parent, str(path), chain)
+
+
+def _extend(data: dict[str, Any], positions: Positions, base_dir: Path, source: str,
+            chain: tuple[Path, ...]) -> tuple[dict[str, Any], Positions]:
+    """`data` (read from `source`) merged over its `extends` ancestors, paths in it relative to `base_dir`."""
+    _absolute_checkpoint(data, base_dir)
     if "extends" not in data:
         return data, positions
-    parent, at = data.pop("extends"), positions.pop(("extends",))
+    parent, at = data.pop("extends"), positions.pop(("extends",), source)
     if not isinstance(parent, str) or not parent:
         raise RecipeError(f"{at}: `extends` must be the path of a recipe file, relative to this one (got {parent!r})")
-    parent_path = Path(os.path.normpath(path.parent / parent))
+    parent_path = Path(os.path.normpath(base_dir / parent))
     if not parent_path.is_file():
-        raise RecipeError(f"{at}: `extends`: {parent_path} not found (paths are relative to {path})")
+        raise RecipeError(f"{at}: `extends`: {parent_path} not found (paths are relative to {source})")
     if parent_path.resolve() in chain:
         cycle = " -> ".join(p.name for p in (*chain, parent_path.resolve()))
         raise RecipeError(f"{at}: `extends` cycle: {cycle}")
@@ -535,14 +542,14 @@ def _where(loc: tuple[str, ...], positions: Positions, default: str) -> str:
     return default
 
 
-def _explain(e: ValidationError, path: Path, positions: Positions) -> RecipeError:
+def _explain(e: ValidationError, source: str, positions: Positions) -> RecipeError:
     errors = e.errors()
     # A misspelt key also makes its correct spelling "missing": report the typo, not the cascade.
     typo_parents = {tuple(x["loc"][:-1]) for x in errors if x["type"] == "extra_forbidden"}
     errors = [x for x in errors if not (x["type"] == "missing" and tuple(x["loc"][:-1]) in typo_parents)]
     errors.sort(key=lambda x: x["type"] != "extra_forbidden")
     described = [_describe(x) for x in errors]
-    lines = [f"{_where(loc, positions, str(path))}: {text}" for loc, text in described]
+    lines = [f"{_where(loc, positions, source)}: {text}" for loc, text in described]
     also = [f"also: {line}" for line in lines[1:4]]
     if len(lines) > 4:
         also.append(f"... and {len(lines) - 4} more")
@@ -550,16 +557,42 @@ def _explain(e: ValidationError, path: Path, positions: Positions) -> RecipeErro
 
 
 # ---- public API --------------------------------------------------------------------------------------------------
-def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+def load_recipe(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Recipe:
     """Read, merge (`extends`), override (`--set`) and validate a recipe. Raises RecipeError (exit 2)."""
     path = Path(path)
     data, positions = _load_tree(path)
+    return _validated(data, positions, overrides, str(path))
+
+
+MAPPING_SOURCE = "<recipe mapping>"  # where a recipe given as a mapping was "written", in error messages
+
+RecipeSource = typing.Union[str, os.PathLike, Mapping[str, Any], Recipe]
+
+
+def as_recipe(source: RecipeSource, overrides: Sequence[str] = ()) -> Recipe:
+    """A validated recipe from a recipe file, a mapping of recipe keys (what the file would hold; its `extends`
+    and a relative `model.checkpoint` are relative to the working directory) or a loaded `Recipe`, with
+    `--set`-style KEY=VALUE overrides applied. Raises RecipeError (exit 2)."""
+    if isinstance(source, Recipe):
+        if not overrides:
+            return source
+        source = source.resolved()  # overrides apply to the data, which is then validated again
+    if isinstance(source, Mapping):
+        data = copy.deepcopy(dict(source))  # loading resolves paths in place: the caller's mapping is left as it was
+        data, positions = _extend(data, {}, Path.cwd(), MAPPING_SOURCE, ())
+        return _validated(data, positions, overrides, MAPPING_SOURCE)
+    if isinstance(source, (str, os.PathLike)):
+        return load_recipe(source, overrides)
+    raise TypeError(f"a recipe is a path, a mapping of recipe keys or a Recipe, not {type(source).__name__}")
+
+
+def _validated(data: dict[str, Any], positions: Positions, overrides: Sequence[str], source: str) -> Recipe:
     for override in overrides:
         _apply_override(data, positions, override)
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise _explain(e, path, positions) from None
+        raise _explain(e, source, positions) from None
 
 
 def check_model_source(recipe: Recipe) -> None:
@@ -611,4 +644,4 @@ def recipe_json_schema() -> dict[str, Any]:
 
 __all__ = ["Recipe", "ModelSource", "SyntheticModel", "Quantization", "FallbackFormats", "Target", "Parallel",
            "Runtime", "Validate", "GROUPS", "QUANT_PRESETS", "TENSORRT_DEVICES", "SCHEMA_VERSION", "load_recipe",
-           "check_model_source", "recipe_json_schema"]
+           "as_recipe", "RecipeSource", "check_model_source", "recipe_json_schema"]

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-import dsv4c
+from dsv4c._version import __version__ as DSV4C_VERSION
 from dsv4c.compiler.errors import CheckpointInvalidError, InfeasibleError, ToolchainError
-from dsv4c.compiler.pipeline import Build, digest, materialised, toolchain_versions
+from dsv4c.compiler.pipeline import Build, StageFunction, digest, materialised, toolchain_versions
 from dsv4c.compiler.validation import GATE_VERSION, gate_error, validate_engine
 
 
@@ -63,7 +63,7 @@ def stage_load(build: Build) -> str | None:
     if model.synthetic is not None:
         cfg = preset(model.synthetic.preset)
         tokenizer = _synthetic_tokenizer(cfg.vocab_size)
-        key = digest("synthetic", model.synthetic.preset, model.synthetic.seed, dsv4c.__version__,
+        key = digest("synthetic", model.synthetic.preset, model.synthetic.seed, DSV4C_VERSION,
                      tokenizer.name)
         path = build.cached_dir("load", key)
         if path is None:
@@ -195,7 +195,7 @@ def stage_lower(build: Build) -> str | None:
             exported_programs(build), d, build.recipe, engine_meta(build)))
     build.state["bundle"] = path
     if build.until == "lower":  # `--until lower`: the relocatable bundle is the output
-        _publish(build, _assemble(build, _staging(build), validation=None, kind="bundle"))
+        _publish(build, _assemble(build, build.staging, validation=None, kind="bundle"))
     return status
 
 
@@ -248,7 +248,7 @@ def stage_package(build: Build) -> str | None:
     if _existing_package_key(build.out_dir) == key:
         build.state["artifact"] = build.out_dir
         return "cached"  # the artifact at the output path is this exact build, verified against its manifest
-    _publish(build, _assemble(build, _staging(build), validation=build.state["validation"]))
+    _publish(build, _assemble(build, build.staging, validation=build.state["validation"]))
     return None
 
 
@@ -261,10 +261,6 @@ def _existing_package_key(out: Path) -> str | None:
         return read_manifest(out, verify=True).data.get("stage_keys", {}).get("package")
     except (ArtifactError, ValueError, KeyError):
         return None
-
-
-def _staging(build: Build) -> Path:
-    return build.out_dir.parent / f".{build.out_dir.name}.tmp"
 
 
 def _publish(build: Build, staged: Path) -> None:
@@ -316,7 +312,7 @@ def _assemble(build: Build, root: Path, validation: dict | None, kind: str = "en
     info = build.state["engine_info"] if kind == "engine" else json.loads((source / "bundle.json").read_text())
     write_manifest(root, {
         "kind": kind,
-        "dsv4c_version": dsv4c.__version__,
+        "dsv4c_version": DSV4C_VERSION,
         "name": r.name,
         "recipe_sha256": build.keys["resolve"],
         "target": {"kind": r.target.kind, "arch": r.target.arch, "soc_version": r.target.soc_version},
@@ -329,6 +325,14 @@ def _assemble(build: Build, root: Path, validation: dict | None, kind: str = "en
         "validation": None if validation is None else _validation_summary(validation),
     })
     return root
+
+
+# The stages in pipeline order, for `pipeline.execute`: the pipeline is handed them rather than importing this
+# module, which builds on the pipeline's `Build` (an import both ways would be a cycle).
+STAGE_FUNCTIONS: dict[str, StageFunction] = {
+    "resolve": stage_resolve, "plan": stage_plan, "load": stage_load, "quantize": stage_quantize,
+    "export": stage_export, "lower": stage_lower, "build": stage_build, "validate": stage_validate,
+    "package": stage_package}
 
 
 # ---- --from-bundle: finish a `--until lower` bundle on a machine with the target's toolchain ------------------

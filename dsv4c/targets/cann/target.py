@@ -28,7 +28,7 @@ from typing import Any
 
 import onnx
 
-import dsv4c
+from dsv4c._version import __version__ as DSV4C_VERSION
 from dsv4c.targets.base import TargetCheck, ToolchainMissing
 from dsv4c.targets.cann import mapping
 from dsv4c.targets.cann.lowering import OPSET, lower_program
@@ -212,7 +212,7 @@ def atc_argv(model: str, output: str, soc: str, shape: str) -> list[str]:
 def build_script(files: dict[str, str], soc: str, shapes: dict[str, str]) -> str:
     lines = [
         "#!/usr/bin/env bash",
-        f"# Build the Ascend .om models of this dsv4c {dsv4c.__version__} CANN bundle (exactly bundle.json",
+        f"# Build the Ascend .om models of this dsv4c {DSV4C_VERSION} CANN bundle (exactly bundle.json",
         "# atc.commands with SOC_VERSION / OUT as variables). Needs, on the Ascend host:",
         "#   * the CANN toolkit (atc on PATH: source <toolkit>/set_env.sh);",
         "#   * a custom op package with the operators bundle.json custom_ops lists (HcPre/HcPost from",
