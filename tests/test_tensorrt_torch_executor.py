@@ -58,6 +58,7 @@ def test_interpreter_matches_onnx_runtime_in_plain_numerics(plain_bundle):
     assert min(_agree_with_emulation(plain_bundle, steps=4)) >= 0.99999
 
 
+@pytest.mark.slow  # 2 min; CI keeps the plain-numerics comparison and the Triton composition test of this file
 def test_interpreter_passes_the_gate_in_deepseek_numerics(bundle, stage_cache):
     model = reference_model(stage_cache, Numerics.reference(), expert_format="fp8")
     assert_step_function_agrees(Engine.load(bundle, device="cpu").session(2), model, PROMPTS, steps=8,
