@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -81,14 +82,18 @@ def decode_bytes(cfg, batch: int) -> float:
     return dense + expert * touched / e
 
 
-def time_engine(engine, prompts: np.ndarray, steps: int) -> tuple[float, float]:
+def time_engine(engine, prompts: np.ndarray, steps: int,
+                sync: Callable[[], None] = lambda: None) -> tuple[float, float]:
+    """Seconds of the prefill and per decode step; `sync` waits for a device's queued work (gpu_decode.py)."""
     session = engine.session(len(prompts))
     t0 = time.perf_counter()
     logits = session.prefill(prompts)
+    sync()
     prefill = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(steps):
         logits = session.decode(logits.argmax(-1))
+    sync()
     return prefill, (time.perf_counter() - t0) / steps
 
 

@@ -26,7 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from decode_cpu import decode_bytes  # noqa: E402  (the weights a decode step reads, shared with the CPU table)
+from decode_cpu import decode_bytes, time_engine  # noqa: E402  (shared with the CPU table)
 
 RECIPES = {"tiny": "recipes/tiny-tensorrt.yaml", "mini-1b": "recipes/flash-cpu-mini.yaml"}
 TRT_TARGET = ["target.kind=tensorrt", "target.arch=sm_90", "target.device=H100",
@@ -59,18 +59,6 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
         sync(device)
         best = max(best, 2 * nbytes / (time.perf_counter() - t0))
     return best
-
-
-def time_engine(engine, prompts: np.ndarray, steps: int, device: str) -> tuple[float, float]:
-    session = engine.session(len(prompts))
-    t0 = time.perf_counter()
-    logits = session.prefill(prompts)
-    prefill = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        logits = session.decode(logits.argmax(-1))
-    sync(device)
-    return prefill, (time.perf_counter() - t0) / steps
 
 
 @torch.no_grad()
@@ -118,7 +106,7 @@ def main() -> None:
         eager = load_checkpoint_model(CheckpointReader(checkpoint), Numerics.reference(), "fp8").to(args.device)
         for batch in batches:
             prompts = np.random.default_rng(0).integers(2, cfg.vocab_size, (batch, args.prompt)).astype(np.int64)
-            e_pre, e_dec = time_engine(engine, prompts, args.steps, args.device)
+            e_pre, e_dec = time_engine(engine, prompts, args.steps, lambda: sync(args.device))
             t_pre, t_dec = time_eager(eager, prompts, args.steps, engine.max_seq_len, args.device)
             bound = batch * bandwidth / decode_bytes(cfg, batch)
             rows.append((preset, batch, batch * args.prompt / e_pre, batch * args.prompt / t_pre, batch / e_dec,
