@@ -95,6 +95,21 @@ def test_changing_only_the_target_reruns_only_target_stages(official, stage_cach
                                 "--set", "target.arch=sm_100", "--until", "lower"))
     assert status["load"] == status["quantize"] == "cached", status
     assert status["lower"] == "done", status
+    # the bundle ships each weight once, as plan sizes it
+    plan = dsv4c.plan(RECIPES / "tiny-cpu.yaml", ["target.kind=tensorrt", "target.arch=sm_100"])
+    assert weight_file_bytes(tmp_path / "trt") == pytest.approx(plan.build["disk"]["lower_bundle"], rel=0.02)
+
+
+def weight_file_bytes(root) -> int:
+    return sum(f.stat().st_size for f in root.rglob("*.onnx.data"))
+
+
+def test_plan_sizes_the_artifacts_weights(official):
+    """plan's artifact figure against the weight files on disk (one copy: decode reads prefill.onnx.data; the
+    estimate once counted a copy per program, 2x the 1.56 GB of the mini-1b artifact)."""
+    out, _ = official
+    plan = dsv4c.plan(RECIPES / "tiny-cpu.yaml")
+    assert weight_file_bytes(out) == pytest.approx(plan.build["disk"]["artifact"], rel=0.02)
 
 
 def test_bad_recipe_key_exits_2_naming_the_key(tmp_path):

@@ -496,13 +496,24 @@ def build_peaks(recipe, shipped_layers: dict[Any, int], graph_total: int, graph_
     # quantize materialises the whole model in dsv4c's formats for torch.export, which traces with an example
     # cache of min(2, batch) sequences at max_seq_len
     ram = graph_total + loader + min(2, recipe.runtime.max_batch_size) * engine_cache_at_max
-    programs = 2  # prefill and decode each carry their own copy of the weights
+    copies = _weight_copies(recipe.target.kind)
     synthetic = sum(shipped_layers.values()) if recipe.model.synthetic is not None else 0
-    exported = programs * graph_engine if graph_engine <= STORE_EXPORT_MAX_BYTES else 0
-    disk = {"synthetic_checkpoint": synthetic, "export": exported, "lower_bundle": programs * graph_engine,
-            "build_engine": programs * graph_engine, "artifact": programs * graph_engine}
+    # the stored export is two torch.export programs (prefill, decode), each holding the weights
+    exported = 2 * graph_engine if graph_engine <= STORE_EXPORT_MAX_BYTES else 0
+    disk = {"synthetic_checkpoint": synthetic, "export": exported,
+            **{stage: copies[stage] * graph_engine for stage in ("lower_bundle", "build_engine", "artifact")}}
     return {"host_ram_peak_bytes": ram, "streaming_loader_bytes": loader, "disk_peak_bytes": sum(disk.values()),
             "disk": disk}
+
+
+def _weight_copies(kind: str) -> dict[str, int]:
+    """How many copies of the weights the target's bundle, engine and artifact hold (its own declaration)."""
+    from dsv4c.targets.base import ToolchainMissing, get_target
+
+    try:
+        return get_target(kind).weight_copies
+    except ToolchainMissing:  # an unknown kind: plan reports it elsewhere; assume a copy per program
+        return {"lower_bundle": 2, "build_engine": 2, "artifact": 2}
 
 
 def _free_bytes(path: Path) -> int:

@@ -31,6 +31,8 @@ class TargetCheck:
 
 class Target(Protocol):
     kind: str
+    # copies of the weights in the bundle (`lower`), the engine (`build`) and the artifact: what `plan` sizes disk by
+    weight_copies: dict[str, int]
 
     def check(self, recipe: Any) -> TargetCheck: ...
 

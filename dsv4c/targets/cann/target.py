@@ -56,6 +56,8 @@ FALLBACKS_910B = {
 
 class CannTarget:
     kind = "cann"
+    # one weight file per program until ATC's handling of shared external data is verified; one .om per program
+    weight_copies = {"lower_bundle": 2, "build_engine": 2, "artifact": 2}
 
     def check(self, recipe: Any) -> TargetCheck:
         check = TargetCheck(toolchain=toolchain())

@@ -24,6 +24,7 @@ KERNELS_FILE = "libdsv4_ops.so"  # the executor looks for this name in the engin
 
 class CpuTarget:
     kind = "cpu"
+    weight_copies = {"lower_bundle": 1, "build_engine": 1, "artifact": 1}  # decode reads prefill.onnx.data
 
     def check(self, recipe: Any) -> TargetCheck:
         import onnxruntime

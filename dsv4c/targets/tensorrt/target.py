@@ -42,6 +42,8 @@ WORKSPACE_BYTES = 8 << 30
 
 class TensorRTTarget:
     kind = "tensorrt"
+    # the bundle ships each weight once (share_weights); each serialized .plan embeds its own
+    weight_copies = {"lower_bundle": 1, "build_engine": 2, "artifact": 2}
 
     def check(self, recipe: Any) -> TargetCheck:
         check = TargetCheck(toolchain=toolchain())
