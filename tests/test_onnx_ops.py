@@ -1,5 +1,5 @@
 """The dsv4 ops' ONNX function bodies (run by ONNX Runtime, no kernel library) against the torch references,
-one single-node model per case; then torch.export -> export_program -> ORT at two shapes."""
+one single-node model per case; then torch.export -> write_onnx_program -> ORT at two shapes."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from onnx import helper
 
 from dsv4c.graphs import quant
 from dsv4c.graphs.ops import OPS
-from dsv4c.graphs.ops.onnx import (DOMAIN, ONNX_OPSET, _fp8_table, attach_functions, attribute_kinds, export_program,
-                                   ort_session, output_names, register_schemas, tensor_inputs)
+from dsv4c.graphs.ops.onnx import (DOMAIN, ONNX_OPSET, _fp8_table, attach_functions, attribute_kinds, ort_session,
+                                   output_names, register_schemas, tensor_inputs, write_onnx_program)
 
 from tensors import assert_outputs_match, attention_blocks, fp8_weight, indexer_grid, rand
 
@@ -326,7 +326,7 @@ def test_every_op_has_a_test():
     assert set(OPS) == tested
 
 
-# ---- a whole program: torch.export -> export_program -> ORT at two shapes -----------------------------------
+# ---- a whole program: torch.export -> write_onnx_program -> ORT at two shapes -------------------------------
 class Tiny(torch.nn.Module):
     """A few dsv4 ops on a [B, T, 128] input, FP8 weight and a sink as buffers."""
 
@@ -346,13 +346,13 @@ class Tiny(torch.nn.Module):
         return ops.sparse_attn(q, kv, self.sink, idx, 0.125, False) + 1.0
 
 
-def test_export_program_dynamic_shapes(tmp_path):
+def test_write_onnx_program_dynamic_shapes(tmp_path):
     model = Tiny().eval()
     batch, seq = torch.export.Dim("batch", max=8), torch.export.Dim("seq", max=64)
     ep = torch.export.export(model, (rand(2, 5, 128), torch.zeros(2, 5, 3, dtype=torch.int64)),
                              dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}), strict=False)
     path = tmp_path / "tiny.onnx"
-    proto = export_program(ep, path)
+    proto = write_onnx_program(ep, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx", "tiny.onnx.data"]
     assert {f.name for f in proto.functions} == {"Fp8Linear", "FakeQuantFp8", "SparseAttn"}
     weight = next(i for i in proto.graph.initializer if i.name == "w")  # buffers keep their state-dict names
@@ -372,8 +372,8 @@ def test_export_program_dynamic_shapes(tmp_path):
 @pytest.mark.slow
 def test_tiny_model_matches_torch(tmp_path):
     """The `tiny` preset's prefill program (random weights, plain numerics: no rounding to flip) through
-    export_program, at two batch/length shapes: logits and every cache output."""
-    from dsv4c.compiler.export import export_program as torch_export
+    write_onnx_program, at two batch/length shapes: logits and every cache output."""
+    from dsv4c.compiler.export import write_onnx_program as torch_export
     from dsv4c.graphs.config import preset
     from dsv4c.graphs.model import DeepseekV4, Numerics
 
@@ -387,7 +387,7 @@ def test_tiny_model_matches_torch(tmp_path):
             b.copy_(torch.full(b.shape, 2.0 ** -6) if "scale" in name and b.dim() >= 2 else
                     torch.randn(b.shape, generator=gen) * 0.05)
     max_seq = 64
-    export_program(torch_export(model, "prefill", 2, max_seq), tmp_path / "prefill.onnx")
+    write_onnx_program(torch_export(model, "prefill", 2, max_seq), tmp_path / "prefill.onnx")
     session = ort_session(tmp_path / "prefill.onnx", threads=2)
     names = [i.name for i in session.get_inputs()]
     for batch, length in ((1, 9), (2, 20)):

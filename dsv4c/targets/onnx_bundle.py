@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable
 import onnx
 from onnx import helper
 
-from dsv4c.graphs.ops.onnx import DOMAIN, ONNX_OPSET, export_program
+from dsv4c.graphs.ops.onnx import DOMAIN, ONNX_OPSET, write_onnx_program
 
 NodeHook = Callable[[onnx.ModelProto], None]
 
@@ -37,7 +37,7 @@ def export_bundle_programs(programs: dict[str, Any], bundle_dir: Path, opset: in
     files = {}
     for name, ep in programs.items():
         path = bundle_dir / f"{name}.onnx"
-        export_program(ep, path, opset=opset, with_functions=False)
+        write_onnx_program(ep, path, opset=opset, with_functions=False)
         model = onnx.load(path, load_external_data=False)
         _check_opset(model, opset, path)
         castlike_to_cast(model)

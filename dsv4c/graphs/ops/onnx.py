@@ -44,7 +44,7 @@ from onnx.defs import OpSchema
 from dsv4c.graphs import quant
 from dsv4c.graphs.ops.registry import ATTN_BLOCK, FP4_BLOCK, FP8_BLOCK, OPS, DimMath, OpDef
 
-__all__ = ["DOMAIN", "DOMAIN_VERSION", "ONNX_OPSET", "attach_functions", "attribute_kinds", "export_program",
+__all__ = ["DOMAIN", "DOMAIN_VERSION", "ONNX_OPSET", "attach_functions", "attribute_kinds", "write_onnx_program",
            "function_bodies", "function_body", "ort_session", "output_names", "register_schemas", "tensor_inputs",
            "translation_table"]
 
@@ -614,9 +614,9 @@ def _translation(op: OpDef, onnx_op) -> Callable:
     return translate
 
 
-def export_program(ep: torch.export.ExportedProgram, path: str | Path, *,
-                   external_data: bool = True, opset: int = ONNX_OPSET,
-                   with_functions: bool = True) -> onnx.ModelProto:
+def write_onnx_program(ep: torch.export.ExportedProgram, path: str | Path, *,
+                       external_data: bool = True, opset: int = ONNX_OPSET,
+                       with_functions: bool = True) -> onnx.ModelProto:
     """Lower an exported program to ONNX: dsv4 ops become dsv4 nodes (+ their function bodies), the rest
     goes through torch's exporter at ONNX_OPSET without the optimizer (which would fold small packed
     weights into float). Saved at `path`, weights in one `<file>.data` beside it when `external_data`.
