@@ -465,13 +465,45 @@ def test_malformed_requests_get_clear_4xx(server, model, engine):
 
 
 # ---- queue, cancellation, timeouts --------------------------------------------------------------------------------
+class PacedScheduler(Scheduler):
+    """Test-only: a generation that lasts as long as its max_tokens says, at >= `step_delay` s per token. The
+    engine runs every step and the token is still sampled from its logits, but the end-of-sentence token is never
+    picked (the random tiny model writes it after ~30 greedy tokens, and a sampled reply may write it at once),
+    so tests of what happens *while* a request runs do not depend on how fast this machine decodes."""
+
+    def __init__(self, *args, step_delay: float = 0.02, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.step_delay = step_delay
+
+    def _sample(self, job, logits):
+        time.sleep(self.step_delay)
+        logits = logits.copy()
+        logits[..., self.engine.eos_id] = -np.inf
+        return super()._sample(job, logits)
+
+
+def test_paced_scheduler_runs_to_max_tokens(engine):
+    """The pacing the next tests rely on: 50 tokens take >= 1 s and end by length, not by a stop token."""
+    scheduler = PacedScheduler(engine, batch_size=1)
+    request = GenerationRequest(prompt=engine.tokenizer.encode(PROMPT_CHAT), max_tokens=50, temperature=0.0)
+    scheduler.start()
+    try:
+        start = time.monotonic()
+        [(tokens, reason)] = run_jobs(scheduler, [request])
+    finally:
+        scheduler.stop()
+    assert len(tokens) == 50 and reason == "length" and engine.eos_id not in tokens
+    assert time.monotonic() - start >= 50 * scheduler.step_delay
+
+
 def test_queue_full_429_and_disconnect_frees_slot(engine, model):
     """One slot, one queue place: a third request gets 429; a client that goes away frees its slot."""
-    with running(create_app(engine, batch_size=1, max_queue=1)) as url:
+    scheduler = PacedScheduler(engine, batch_size=1, max_queue=1)
+    with running(create_app(engine, scheduler=scheduler)) as url:
         client = oai(url)
         long = dict(model=model, messages=CHAT, max_tokens=300, temperature=0, stream=True)
         a = client.chat.completions.create(**long)
-        next(iter(a))  # A holds the slot (about 20 s of tokens if nobody stops it)
+        next(iter(a))  # A holds the slot (>= 6 s of paced tokens if nobody stops it)
         b = client.chat.completions.create(**long)
         wait_until(lambda: health(url)["waiting"] == 1, what="B queued")
         with pytest.raises(openai.RateLimitError, match="max queue is 1"):
@@ -491,7 +523,8 @@ def test_queue_full_429_and_disconnect_frees_slot(engine, model):
 
 
 def test_request_timeout_is_504(engine, model):
-    with running(create_app(engine, batch_size=1, request_timeout=0.5)) as url:
+    scheduler = PacedScheduler(engine, batch_size=1, request_timeout=0.5)  # 300 tokens: >= 6 s
+    with running(create_app(engine, scheduler=scheduler)) as url:
         r = httpx.post(f"{url}/v1/chat/completions", json={"model": model, "messages": CHAT, "max_tokens": 300},
                        timeout=30)
         assert r.status_code == 504 and "timeout" in r.json()["error"]["message"]
