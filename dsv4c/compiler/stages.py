@@ -94,14 +94,6 @@ def _synthetic_tokenizer(vocab_size: int) -> Path:
 
 
 # ---- quantize: the model in the engine's weight formats (lazy: only when a later stage needs it) -------------
-def numerics_for(recipe):
-    from dsv4c.graphs.model import Numerics
-
-    q = recipe.quantization
-    return Numerics(act_quant=q.activations == "fp8", kv_fp8=q.kv_cache == "fp8", indexer_fp4=q.indexer == "fp4",
-                    bf16=not (q.activations == "none" and q.kv_cache == "bf16" and q.indexer == "bf16"))
-
-
 def expert_format_for(build: Build) -> str:
     fallback = {f["group"]: f["to"] for f in build.state["check"].fallbacks}
     return fallback.get("experts", build.recipe.quantization.experts)
@@ -122,20 +114,17 @@ def stage_quantize(build: Build) -> None:
 def reference_model(build: Build):
     """The PyTorch model with the checkpoint's weights in the engine's formats (built on first use)."""
     if "model" not in build.state:
-        from dsv4c.graphs.model import load_checkpoint_model
+        from dsv4c.graphs.model import Numerics, load_checkpoint_model
 
         t0 = time.perf_counter()
         with build.doing("quantize"):
-            build.state["model"] = load_checkpoint_model(build.state["reader"], numerics_for(build.recipe),
-                                                         graph_expert_format(build))
+            build.state["model"] = load_checkpoint_model(build.state["reader"], Numerics.for_quantization(
+                build.recipe.quantization), graph_expert_format(build))
         materialised(build, "quantize", time.perf_counter() - t0)
     return build.state["model"]
 
 
 # ---- export: torch.export of the prefill and decode programs (lazy) -------------------------------------------
-STORE_EXPORT_MAX_BYTES = 2 << 30  # exported programs embed the weights: store them only for models this small
-
-
 def stage_export(build: Build) -> str | None:
     rt = build.recipe.runtime
     build.keys["export"] = key = digest(build.keys["quantize"], rt.max_batch_size, rt.max_seq_len,
@@ -147,7 +136,7 @@ def stage_export(build: Build) -> str | None:
 def exported_programs(build: Build) -> dict:
     """The torch.export programs: from the stage cache when stored, else exported now (and stored if small)."""
     if "programs" not in build.state:
-        from dsv4c.compiler.export import PROGRAMS, export_program
+        from dsv4c.compiler.export import PROGRAMS, STORE_EXPORT_MAX_BYTES, export_program
 
         import dsv4c.graphs.ops  # noqa: F401  registers the dsv4 ops the stored programs call
 
@@ -173,11 +162,12 @@ def exported_programs(build: Build) -> dict:
 def engine_meta(build: Build) -> dict:
     """What the runtime needs besides the programs: cache layout, vocab, eos (from a meta-device model: no
     weights are read for it)."""
-    from dsv4c.graphs.model import DeepseekV4
+    from dsv4c.graphs.model import DeepseekV4, Numerics
 
     cfg, rt = build.state["reader"].config, build.recipe.runtime
     with torch.device("meta"):
-        model = DeepseekV4(cfg, numerics_for(build.recipe), expert_format=graph_expert_format(build))
+        model = DeepseekV4(cfg, Numerics.for_quantization(build.recipe.quantization),
+                           expert_format=graph_expert_format(build))
     return {"cache": [{"name": e.name, "shape": list(e.shape[1:]), "fill": e.fill}
                       for e in model.cache_spec(1, rt.max_seq_len)],
             "vocab_size": cfg.vocab_size, "eos_token_id": cfg.eos_token_id,
