@@ -42,7 +42,7 @@ def build(recipe: RecipeSource, out: str | os.PathLike[str] | None = None, overr
     keep a repro bundle beside `out` (named in the error's details)."""
     from dsv4c.compiler.pipeline import CACHE_MODES, EVENT_MODES, STAGES, Build, Events, default_cache_dir, execute
     from dsv4c.compiler.recipe import as_recipe
-    from dsv4c.compiler.stages import STAGE_FUNCTIONS
+    from dsv4c.compiler.stages import PIPELINE
 
     until = until or STAGES[-1]
     _check_choice("until", until, STAGES)
@@ -52,7 +52,7 @@ def build(recipe: RecipeSource, out: str | os.PathLike[str] | None = None, overr
     job = Build(recipe=resolved, out_dir=Path(out or Path("artifacts") / resolved.name).resolve(),
                 cache_dir=Path(cache_dir or default_cache_dir()).resolve(), cache_mode=cache_mode,
                 events=Events(events), until=until, debug=debug)
-    return execute(job, STAGE_FUNCTIONS)
+    return execute(job, PIPELINE)
 
 
 def plan(recipe: RecipeSource, overrides: Sequence[str] = ()) -> Plan:

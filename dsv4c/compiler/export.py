@@ -18,6 +18,8 @@ from torch.export import Dim, ExportedProgram
 from dsv4c.graphs.model import DeepseekV4
 
 PROGRAMS = ("prefill", "decode")
+# The programs embed the weights: the export stage stores them for models this small (and `plan` sizes disk so)
+STORE_EXPORT_MAX_BYTES = 2 << 30
 
 
 class StepProgram(nn.Module):

@@ -1,13 +1,16 @@
-"""The build pipeline: named stages with content-addressed caching, `--until`, events, atomic output.
+"""The build pipeline: declared stages, run by one runner that owns the order, the cache, laziness and events.
 
     resolve -> plan -> load -> quantize -> export -> lower -> build -> validate -> package
+
+What each stage computes is in `dsv4c.compiler.stages`, which declares the stages as `Stage` records (name, the
+stages it runs after, how it runs) and hands them to `execute`; this module runs them and never imports that one.
 
 Each stage has a key: a sha256 over what determines its output (the recipe sections it reads, the digests of
 its inputs, the dsv4c and toolchain versions). Stages whose output lives on disk (load's synthetic checkpoint,
 lower's bundle, build's engine files, validate's report) are stored under the cache directory by key and
 reused when the key matches; in-memory stages (quantize, export) run only when a stage that needs them misses.
-The artifact is assembled in a temporary directory beside the output and renamed into place at the end, so a
-failed build leaves nothing behind.
+Every stage is reported once, in pipeline order. The artifact is assembled in a directory beside the output and
+renamed into place at the end (`staged_output`), so a failed build leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -22,15 +25,54 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 
 from dsv4c._version import __version__ as DSV4C_VERSION
 from dsv4c.compiler.errors import BuildError, CheckpointInvalidError, Dsv4cError, InfeasibleError, ToolchainError
 
+if TYPE_CHECKING:
+    from torch.export import ExportedProgram
+
+    from dsv4c.compiler.recipe import Recipe
+    from dsv4c.graphs.checkpoint import CheckpointReader
+    from dsv4c.graphs.model import DeepseekV4
+    from dsv4c.targets.base import Target, TargetCheck
+
 STAGES = ("resolve", "plan", "load", "quantize", "export", "lower", "build", "validate", "package")
 CACHE_MODES = ("readwrite", "readonly", "off", "redo")
 EVENT_MODES = ("text", "json", "quiet")
-StageFunction = Callable[["Build"], "str | None"]  # runs one stage; returns "cached" on a cache hit
+Status = Literal["done", "cached", "skipped"]  # what a stage's event reports
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the build, declared as data: `execute` checks the declarations, then walks them in order."""
+
+    name: str
+    after: tuple[str, ...]  # the stages whose outputs this one reads (they run first; a lazy one via `Build.need`)
+    run: Callable[["Build"], Status]  # sets build.keys[name] and its fields of build.outputs; "cached" on a hit
+    stored: bool = True  # False: no output on disk of its own; a marker under the cache records that its key ran
+    lazy: bool = False  # `run` only keys it: `materialise` does the work, once a later stage needs the output
+    materialise: Callable[["Build"], None] | None = None
+
+
+@dataclass
+class Outputs:
+    """What the stages have produced, each field set by the stage named in its comment (None before it runs)."""
+
+    lock: str | None = None  # resolve: the resolved recipe as YAML (the artifact's recipe.lock.yaml)
+    toolchain: dict[str, str] | None = None  # resolve, plan adds the target's tools: versions, in keys and manifest
+    target: Target | None = None  # plan: the target that lowers and builds
+    check: TargetCheck | None = None  # plan: the target's verdict on the recipe (fallbacks it applies, tools)
+    checkpoint: Path | None = None  # load: the verified official-format checkpoint directory
+    reader: CheckpointReader | None = None  # load: its config and tensors
+    model: DeepseekV4 | None = None  # quantize (lazy): the PyTorch model in the engine's weight formats
+    programs: dict[str, ExportedProgram] | None = None  # export (lazy): the torch.export programs by name
+    bundle: Path | None = None  # lower: the target's bundle (in the stage cache)
+    engine_dir: Path | None = None  # build: the engine files (in the stage cache)
+    engine_info: dict[str, Any] | None = None  # build: the engine's engine.json
+    validation: dict[str, Any] | None = None  # validate: the report (validation.json)
+    artifact: Path | None = None  # lower (`--until lower`: the bundle) or package (the engine): the output
 
 
 def default_cache_dir() -> Path:
@@ -113,24 +155,26 @@ def dir_bytes(path: Path) -> int:
 
 @dataclass
 class Build:
-    recipe: Any  # dsv4c.compiler.recipe.Recipe
+    """One `dsv4c build`: its inputs, what the stages produced (`outputs`, `keys`) and the runner's bookkeeping."""
+
+    recipe: Recipe
     out_dir: Path
     cache_dir: Path
     cache_mode: str = "readwrite"
     events: Events = field(default_factory=Events)
     until: str = "package"
     debug: bool = False
-    state: dict[str, Any] = field(default_factory=dict)
+    outputs: Outputs = field(default_factory=Outputs)
     keys: dict[str, str] = field(default_factory=dict)
+    stages: dict[str, Stage] = field(default_factory=dict)  # the declarations `execute` runs, by name
     filling: list[Path] = field(default_factory=list)  # directories stages are writing now (progress counts them)
-    deferred: set[str] = field(default_factory=set)  # lazy stages whose event waits for `materialised`
-    ran_lazy: set[str] = field(default_factory=set)  # lazy stages that have materialised
     activity: list[str] = field(default_factory=list)  # what a stage is doing for a later one (progress shows it)
-
-    @property
-    def staging(self) -> Path:
-        """Where the artifact is assembled before it is renamed into place (removed when a build fails)."""
-        return self.out_dir.parent / f".{self.out_dir.name}.tmp"
+    finished: dict[str, tuple[Status, float]] = field(default_factory=dict)  # stage -> its event's status, seconds
+    pending: set[str] = field(default_factory=set)  # lazy stages keyed but not run: their event waits
+    materialised: set[str] = field(default_factory=set)  # lazy stages whose work has run
+    reported: int = 0  # how many stages, in pipeline order, have had their event
+    readers: list[str] = field(default_factory=list)  # the stage running now, then any lazy one materialising
+    needed_seconds: float = 0.0  # what the innermost materialisation spent on the lazy stages it needed
 
     # -- cache helpers ---------------------------------------------------------------------------------------
     def cached_dir(self, stage: str, key: str) -> Path | None:
@@ -162,6 +206,38 @@ class Build:
             shutil.rmtree(tmp, ignore_errors=True)
         return final
 
+    def reuse_or_make(self, stage: str, key: str, make: Callable[[Path], None]) -> tuple[Path, Status]:
+        """The output `stage` stored under `key` ("cached"), else `make(dir)` run now and stored ("done")."""
+        stored = self.cached_dir(stage, key)
+        if stored is not None:
+            return stored, "cached"
+        return self.store_dir(stage, key, make), "done"
+
+    # -- laziness --------------------------------------------------------------------------------------------
+    def need(self, stage: str) -> None:
+        """The running stage reads the output of lazy `stage`: do its work now, the first time. Its event, held
+        back until now, says "done"; one that already said "cached" (its output could be had cheaply) stays so."""
+        reader = self.readers[-1]
+        if stage not in self.stages[reader].after:  # the declarations are what `execute` checked the order by
+            raise RuntimeError(f"stage {reader!r} reads {stage!r}, which its `after` does not declare")
+        if stage in self.materialised:
+            return
+        outer_needed, self.needed_seconds = self.needed_seconds, 0.0
+        t0 = time.perf_counter()
+        self.readers.append(stage)
+        try:
+            with self.doing(stage):
+                self.stages[stage].materialise(self)
+        finally:
+            self.readers.pop()
+        seconds = time.perf_counter() - t0
+        own = seconds - self.needed_seconds  # export's event times the export, not the quantize it needed first
+        self.needed_seconds = outer_needed + seconds
+        self.materialised.add(stage)
+        if stage in self.pending:
+            self.pending.discard(stage)
+            _finish(self, stage, "done", own)
+
     @contextmanager
     def doing(self, what: str) -> Iterator[None]:
         """Name the work in progress (a lazy stage materialising inside `lower`) for the progress line."""
@@ -179,40 +255,107 @@ class Build:
             self.filling.remove(tmp)
 
 
-# Stages with no stored output of their own: resolve/plan are cheap pure functions of the recipe, quantize is a
-# deterministic function of its key materialised in memory only when a later stage misses (export is stored
-# for models small enough, see stages.STORE_EXPORT_MAX_BYTES, else it too materialises lazily). They report
-# "cached" when a build with the same key has completed them before (a marker under the cache dir). A lazy stage
-# (quantize, export) that has to run reports once: "done" when it materialises (`materialised`), or "skipped"
-# at the end when no later stage needed it.
-MARKER_STAGES = ("resolve", "plan", "quantize")
+@contextmanager
+def staged_output(out_dir: Path) -> Iterator[Path]:
+    """An empty directory beside `out_dir` to assemble an artifact in, renamed into place (replacing what was
+    there) when the block ends and removed when it raises: the only way anything reaches an output path, so a
+    failed or interrupted build leaves nothing at or beside it."""
+    staging = out_dir.parent / f".{out_dir.name}.tmp"
+    if staging.exists():  # left by a build that was killed
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
 
 
-LAZY_STAGES = ("quantize", "export")
 PROGRESS_AFTER_S = 2.0  # a stage quicker than this prints no progress line
 PROGRESS_EVERY_S = {True: 0.5, False: 10.0}  # seconds between progress lines: terminal (rewritten) | pipe or file
 
 
-def run_stage(build: Build, name: str, fn: Callable[[Build], str | None]) -> None:
-    """Run one stage, timing it and emitting an event. fn returns "cached" on a cache hit. A lazy stage that did
-    not run yet reports once, when it materialises (or as "skipped" when nothing needed it, see `execute`)."""
+def check_pipeline(stages: Sequence[Stage]) -> None:
+    """The declarations `execute` relies on: the stages of STAGES in that order (the events' order, `--until`'s
+    choices), each declared after stages that come before it, and a lazy stage with the work it defers."""
+    names = tuple(s.name for s in stages)
+    if names != STAGES:
+        raise ValueError(f"the pipeline's stages are {names}, expected {STAGES}")
+    for i, stage in enumerate(stages):
+        later = [p for p in stage.after if p not in names[:i]]
+        if later:
+            raise ValueError(f"stage {stage.name!r} is declared after {later}, which do not run before it")
+        if stage.lazy != (stage.materialise is not None):
+            raise ValueError(f"stage {stage.name!r}: a lazy stage needs a `materialise`, and only a lazy one has one")
+
+
+def execute(build: Build, stages: Sequence[Stage]) -> Path | None:
+    """Run `stages` (dsv4c.compiler.stages.PIPELINE: handed in, because the stages build on this module) up to
+    `build.until`; returns the artifact directory (None when no stage up to there writes one). On failure
+    nothing is left beside the output; with `build.debug` a repro bundle is (its path is in the error's details)."""
+    check_pipeline(stages)
+    build.stages = {s.name: s for s in stages}
+    name = STAGES[0]
+    try:
+        for stage in stages[: STAGES.index(build.until) + 1]:
+            name = stage.name
+            run_stage(build, stage)
+        for lazy in sorted(build.pending, key=STAGES.index):  # nothing later needed its output
+            build.pending.discard(lazy)
+            _finish(build, lazy, "skipped", 0.0)
+    except Exception as e:  # (an interrupt passes through: `staged_output` has removed what it staged)
+        _report_finished(build, drop_pending=True)  # what completed before the failure, still in order
+        # an unexpected failure inside a stage is a build error (exit 6)
+        error = e if isinstance(e, Dsv4cError) else BuildError(f"{type(e).__name__}: {e}")
+        if build.debug:
+            bundle = write_repro_bundle(build, name, e)
+            error.details.append(f"repro bundle: {bundle} (replay the stage: sh {bundle / 'replay.sh'})")
+        if error is e:
+            raise
+        raise error from e
+    return build.outputs.artifact
+
+
+def run_stage(build: Build, stage: Stage) -> None:
+    """Run one stage, timed, with a progress line while it runs. A stage without stored output reports "cached"
+    when a build with its key completed it before (a marker under the cache dir). A lazy stage that would have to
+    run reports once its fate is known: "done" when a later stage needs it, "skipped" at the end when none did."""
     t0 = time.perf_counter()
-    with _ticker(build, name, t0):
-        status = fn(build) or "done"
-    if name in MARKER_STAGES and status == "done" and build.keys.get(name):
-        status = _marker(build, name, build.keys[name])
-    if name in LAZY_STAGES and status == "done" and name not in build.ran_lazy:
-        build.deferred.add(name)
+    build.readers.append(stage.name)
+    try:
+        with _ticker(build, stage.name, t0):
+            status = stage.run(build)
+    finally:
+        build.readers.pop()
+    if not stage.stored and status == "done":
+        status = _marker(build, stage.name, build.keys[stage.name])
+    if stage.lazy and status == "done" and stage.name not in build.materialised:
+        build.pending.add(stage.name)
         return
-    build.events.emit(event="stage", stage=name, status=status, key=build.keys.get(name),
-                      seconds=round(time.perf_counter() - t0, 3))
+    _finish(build, stage.name, status, time.perf_counter() - t0)
 
 
-def materialised(build: Build, name: str, seconds: float) -> None:
-    """A lazy stage (quantize, export) actually ran, because a later stage needed its output."""
-    build.ran_lazy.add(name)
-    build.deferred.discard(name)
-    build.events.emit(event="stage", stage=name, status="done", key=build.keys.get(name), seconds=round(seconds, 3))
+def _finish(build: Build, stage: str, status: Status, seconds: float) -> None:
+    build.finished[stage] = (status, seconds)
+    _report_finished(build)
+
+
+def _report_finished(build: Build, drop_pending: bool = False) -> None:
+    """Emit the events of finished stages in pipeline order: a stage's event waits for those of the stages before
+    it, so a lazy stage still pending holds back the later ones until it is done (or, after a failure, dropped:
+    it never ran)."""
+    while build.reported < len(STAGES):
+        name = STAGES[build.reported]
+        if name in build.finished:
+            status, seconds = build.finished[name]
+            build.events.emit(event="stage", stage=name, status=status, key=build.keys.get(name),
+                              seconds=round(seconds, 3))
+        elif not (drop_pending and name in build.pending):
+            return
+        build.reported += 1
 
 
 class _ticker:
@@ -247,7 +390,7 @@ class _ticker:
             wait = self.every
 
 
-def _marker(build: Build, stage: str, key: str) -> str:
+def _marker(build: Build, stage: str, key: str) -> Status:
     path = build.cache_dir / stage / key / ".complete"
     if build.cache_mode in ("readwrite", "readonly") and path.is_file():
         return "cached"
@@ -255,33 +398,6 @@ def _marker(build: Build, stage: str, key: str) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
     return "done"
-
-
-def execute(build: Build, stages: Mapping[str, StageFunction]) -> Path | None:
-    """Run `stages` (dsv4c.compiler.stages.STAGE_FUNCTIONS: passed in, because the stages build on this module)
-    up to `build.until`; returns the artifact directory (None when no stage up to there writes one). On failure
-    nothing is left beside the output; with `build.debug` a repro bundle is (its path is in the error's details)."""
-    last = STAGES.index(build.until)
-    name = STAGES[0]
-    try:
-        for name in STAGES[: last + 1]:
-            run_stage(build, name, stages[name])
-        for lazy in sorted(build.deferred, key=STAGES.index):  # nothing later needed its output
-            build.events.emit(event="stage", stage=lazy, status="skipped", key=build.keys.get(lazy), seconds=0.0)
-    except (KeyboardInterrupt, SystemExit):
-        shutil.rmtree(build.staging, ignore_errors=True)
-        raise
-    except Exception as e:
-        shutil.rmtree(build.staging, ignore_errors=True)
-        # an unexpected failure inside a stage is a build error (exit 6)
-        error = e if isinstance(e, Dsv4cError) else BuildError(f"{type(e).__name__}: {e}")
-        if build.debug:
-            bundle = write_repro_bundle(build, name, e)
-            error.details.append(f"repro bundle: {bundle} (replay the stage: sh {bundle / 'replay.sh'})")
-        if error is e:
-            raise
-        raise error from e
-    return build.state.get("artifact")
 
 
 def write_repro_bundle(build: Build, stage: str, error: BaseException) -> Path:
@@ -300,12 +416,13 @@ def write_repro_bundle(build: Build, stage: str, error: BaseException) -> Path:
             "-o", str(out), "--cache-dir", str(build.cache_dir), "--cache", build.cache_mode, "--debug"]
     (bundle / "replay.sh").write_text(f"#!/bin/sh\n# replays stage {stage!r} of {build.recipe.name}\n"
                                       f"exec {shlex.join(argv)}\n")
-    on_disk = {k: str(build.state[k]) for k in ("checkpoint", "bundle", "engine_dir") if k in build.state}
+    on_disk = {k: str(getattr(build.outputs, k)) for k in ("checkpoint", "bundle", "engine_dir")
+               if getattr(build.outputs, k) is not None}
     (bundle / "stages.json").write_text(json.dumps({
         "failing_stage": stage, "error": f"{type(error).__name__}: {error}",
         "exit_code": getattr(error, "exit_code", BuildError.exit_code),
         "stage_keys": build.keys, "recipe_sha256": build.recipe.digest(), "inputs": _input_fingerprints(build),
-        "stage_outputs": on_disk, "toolchain": build.state.get("toolchain"), "events": build.events.log,
+        "stage_outputs": on_disk, "toolchain": build.outputs.toolchain, "events": build.events.log,
         "replay": shlex.join(argv)}, indent=2, default=str))
     return bundle
 
@@ -328,6 +445,7 @@ def _input_fingerprints(build: Build) -> dict[str, Any]:
     return {"checkpoint": str(path), "files": files}
 
 
-__all__ = ["Build", "Events", "STAGES", "CACHE_MODES", "EVENT_MODES", "StageFunction", "execute", "digest",
+__all__ = ["Build", "Events", "Outputs", "Stage", "Status", "STAGES", "CACHE_MODES", "EVENT_MODES", "execute",
+           "check_pipeline", "staged_output", "digest",
            "toolchain_versions", "default_cache_dir", "BuildError", "CheckpointInvalidError", "InfeasibleError",
            "ToolchainError"]

@@ -488,7 +488,7 @@ def cxx_version() -> str:
 def build_peaks(recipe, shipped_layers: dict[Any, int], graph_total: int, graph_engine: int,
                 engine_cache_at_max: int) -> dict[str, Any]:
     """Host RAM and disk the build needs (estimates from the stages' layout, see README 'Plan')."""
-    from dsv4c.compiler.stages import STORE_EXPORT_MAX_BYTES
+    from dsv4c.compiler.export import STORE_EXPORT_MAX_BYTES
 
     globals_bytes = shipped_layers.get("first", 0) + shipped_layers.get("last", 0)
     largest_layer = max(v for k, v in shipped_layers.items() if k not in ("first", "last"))
@@ -566,8 +566,7 @@ def plan_recipe(recipe) -> Plan:
 def make_plan(recipe) -> dict[str, Any]:
     """Everything `dsv4c plan` reports for a validated recipe, as JSON-able data (see the module docstring)."""
     from dsv4c.compiler.pipeline import default_cache_dir
-    from dsv4c.compiler.stages import numerics_for
-    from dsv4c.graphs.model import DeepseekV4
+    from dsv4c.graphs.model import DeepseekV4, Numerics
     from dsv4c.targets.base import get_target
 
     cfg = recipe.model.shapes()
@@ -579,7 +578,7 @@ def make_plan(recipe) -> dict[str, Any]:
             "tensor": 1, "expert": 1, "pipeline": 1, "data": 1})})}))
     formats = effective_formats(recipe, check.fallbacks)
     graph_format = {"fp8": "fp8", "bf16": "float"}.get(formats["experts"], "fp4")  # int8/int4: requantized later
-    numerics = numerics_for(recipe)
+    numerics = Numerics.for_quantization(recipe.quantization)
 
     # weights
     rows = weight_rows(cfg, formats)
@@ -735,7 +734,8 @@ def human_count(n: float) -> str:
     return f"{n:,.0f}"
 
 
-def _size(n: float) -> str:
+def human_size(n: float) -> str:
+    """Bytes in binary units, as plan's tables print them: 1.50 GiB, 3.00 MiB, 512 B."""
     return f"{n / GIB:,.2f} GiB" if n >= GIB / 10 else f"{n / (1 << 20):,.2f} MiB" if n >= 1 << 16 else f"{n:,.0f} B"
 
 
@@ -757,12 +757,12 @@ def render(plan: dict[str, Any]) -> None:
     for col in ("group", "params", "as shipped", "recipe formats", "dsv4c graph"):
         w.add_column(col, justify="left" if col == "group" else "right")
     for g, v in plan["weights"].items():
-        w.add_row(GROUP_TITLES[g], human_count(v["params"]), _size(v["shipped_bytes"]), _size(v["bytes"]),
-                  _size(v["dsv4c_graph_bytes"]))
+        w.add_row(GROUP_TITLES[g], human_count(v["params"]), human_size(v["shipped_bytes"]), human_size(v["bytes"]),
+                  human_size(v["dsv4c_graph_bytes"]))
     engine = [v for v in plan["weights"].values() if v["in_engine"]]
     w.add_row("[bold]in the engine[/bold]", human_count(sum(v["params"] for v in engine)),
-              _size(sum(v["shipped_bytes"] for v in engine)), _size(plan["weights_bytes"]),
-              _size(plan["weights_bytes_dsv4c_graph"]))
+              human_size(sum(v["shipped_bytes"] for v in engine)), human_size(plan["weights_bytes"]),
+              human_size(plan["weights_bytes_dsv4c_graph"]))
     console.print(w)
 
     kv = plan["kv_cache"]
@@ -772,30 +772,30 @@ def render(plan: dict[str, Any]) -> None:
         k.add_column(col, justify="left" if col == "layer type" else "right")
     for lt in kv["layer_types"]:
         k.add_row(f"{lt['type']} (m={lt['ratio']})", str(lt["layers"]),
-                  _size(sum(lt["fixed_bytes_per_sequence"].values())), f"{lt['bytes_per_token_total']:,.1f} B",
-                  _size(lt["bytes_at_max_seq_len_total"]))
+                  human_size(sum(lt["fixed_bytes_per_sequence"].values())), f"{lt['bytes_per_token_total']:,.1f} B",
+                  human_size(lt["bytes_at_max_seq_len_total"]))
     base = kv["dense_mla_baseline"]
     k.add_row("[bold]total[/bold]", str(m["layers"]), "", f"{kv['bytes_per_token']:,.1f} B",
-              _size(kv["bytes_at_max_seq_len"]))
+              human_size(kv["bytes_at_max_seq_len"]))
     k.add_row("dense MLA baseline", str(base["layers"]), "", f"{base['bytes_per_token']:,} B",
-              _size(base["bytes_at_max_seq_len"]))
+              human_size(base["bytes_at_max_seq_len"]))
     k.add_row("dsv4c engine layout", str(m["layers"]), "", f"{kv['dsv4c_engine']['bytes_per_token']:,.1f} B",
-              _size(kv["dsv4c_engine"]["bytes_at_max_seq_len"]))
+              human_size(kv["dsv4c_engine"]["bytes_at_max_seq_len"]))
     console.print(k)
     a = kv["at_1m"]
-    console.print(f"at 1M tokens: {_size(a['bytes'])} per sequence = {a['ratio_to_dense_same_depth']:.1%} of a dense "
-                  f"MLA cache of the same depth, {a['ratio_to_v32_61_layers']:.1%} of V3.2's (61 layers)")
+    console.print(f"at 1M tokens: {human_size(a['bytes'])} per sequence = {a['ratio_to_dense_same_depth']:.1%} of a "
+                  f"dense MLA cache of the same depth, {a['ratio_to_v32_61_layers']:.1%} of V3.2's (61 layers)")
 
-    d = Table(title=f"per device ({t['device']}, usable {_size(t['usable_bytes'])})")
+    d = Table(title=f"per device ({t['device']}, usable {human_size(t['usable_bytes'])})")
     for col in ("stage", "layers", "weights", "KV cache", "workspace", "total", "dsv4c engine"):
         d.add_column(col, justify="right")
     for s, g in zip(plan["per_device"]["stages"], plan["per_device"]["dsv4c_engine_stages"]):
-        d.add_row(str(s["stage"]), s["layers"], _size(s["weights"]), _size(s["kv_cache"]), _size(s["workspace"]),
-                  _size(s["total"]), _size(g["total"]))
+        d.add_row(str(s["stage"]), s["layers"], human_size(s["weights"]), human_size(s["kv_cache"]),
+                  human_size(s["workspace"]), human_size(s["total"]), human_size(g["total"]))
     console.print(d)
     b = plan["build"]
-    console.print(f"build: host RAM >= {_size(b['host_ram_peak_bytes'])} (streaming loader "
-                  f"{_size(b['streaming_loader_bytes'])}), disk ~ {_size(b['disk_peak_bytes'])}")
+    console.print(f"build: host RAM >= {human_size(b['host_ram_peak_bytes'])} (streaming loader "
+                  f"{human_size(b['streaming_loader_bytes'])}), disk ~ {human_size(b['disk_peak_bytes'])}")
     console.print("ops: " + "; ".join(f"{o['onnx']}: [{'green' if o['implemented'] else 'red'}]"
                                       f"{escape(o['implementation'])}[/]" for o in plan["ops"]))
     tc = plan["toolchain"]

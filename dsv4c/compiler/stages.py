@@ -1,30 +1,40 @@
-"""The stages of `dsv4c build`, in order. Each reads what earlier stages left in `build.state`, sets its key
-in `build.keys` and returns "cached" when it reused a stored result."""
+"""The stages of `dsv4c build`, in order, and their declarations (`PIPELINE`, run by `pipeline.execute`).
+
+Each stage reads what the stages it is declared after left in `build.outputs`, sets its key in `build.keys` and
+its own fields of `build.outputs`, and returns "cached" when it reused a stored result. quantize and export are
+lazy: their stage only keys them, and the work runs when a later stage asks for the output (`reference_model`,
+`exported_programs`)."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from dsv4c._version import __version__ as DSV4C_VERSION
 from dsv4c.compiler.errors import CheckpointInvalidError, InfeasibleError, ToolchainError
-from dsv4c.compiler.pipeline import Build, StageFunction, digest, materialised, toolchain_versions
+from dsv4c.compiler.pipeline import STAGES, Build, Stage, Status, digest, staged_output, toolchain_versions
 from dsv4c.compiler.validation import GATE_VERSION, gate_error, validate_engine
+
+if TYPE_CHECKING:
+    from torch.export import ExportedProgram
+
+    from dsv4c.graphs.model import DeepseekV4
 
 
 # ---- resolve: the recipe, fully resolved ----------------------------------------------------------------------
-def stage_resolve(build: Build) -> None:
-    build.state["lock"] = build.recipe.lock_yaml()
-    build.state["toolchain"] = toolchain_versions()
+def stage_resolve(build: Build) -> Status:
+    build.outputs.lock = build.recipe.lock_yaml()
+    build.outputs.toolchain = toolchain_versions()
     build.keys["resolve"] = build.recipe.digest()
+    return "done"
 
 
 # ---- plan: can the target build this recipe here? -----------------------------------------------------------
-def stage_plan(build: Build) -> None:
+def stage_plan(build: Build) -> Status:
     from dsv4c.targets.base import get_target
 
     target = get_target(build.recipe.target.kind)
@@ -34,16 +44,15 @@ def stage_plan(build: Build) -> None:
                               f"{build.recipe.target.kind!r}: " + "; ".join(check.problems),
                               hint="`dsv4c plan RECIPE` sizes the recipe and says what would build")
     _check_build_toolchain(build, target)
-    build.state.update(target=target, check=check)
-    build.state["toolchain"].update(check.toolchain)
+    build.outputs.target, build.outputs.check = target, check
+    build.outputs.toolchain.update(check.toolchain)
     build.keys["plan"] = digest(build.keys["resolve"], check.fallbacks, check.toolchain)
+    return "done"
 
 
 def _check_build_toolchain(build: Build, target) -> None:
     """A build that goes past `lower` needs the target's toolchain: say so now, not after minutes of export and
     lowering (targets without a `missing_build_toolchain` build anywhere)."""
-    from dsv4c.compiler.pipeline import STAGES
-
     if STAGES.index(build.until) <= STAGES.index("lower"):
         return
     missing = getattr(target, "missing_build_toolchain", lambda: None)()
@@ -52,26 +61,23 @@ def _check_build_toolchain(build: Build, target) -> None:
 
 
 # ---- load: locate (or synthesise) and verify the official-format checkpoint ----------------------------------
-def stage_load(build: Build) -> str | None:
+def stage_load(build: Build) -> Status:
     from dsv4c.compiler.recipe import check_model_source
     from dsv4c.graphs.checkpoint import CheckpointError, CheckpointReader, write_synthetic_checkpoint
     from dsv4c.graphs.config import preset
 
     check_model_source(build.recipe)  # here, not before the build: a plan-stage problem is reported first
     model = build.recipe.model
-    status = None
+    status: Status = "done"
     if model.synthetic is not None:
+        # stored under a key of its own (what generates it); the stage key below fingerprints the files
         cfg = preset(model.synthetic.preset)
         tokenizer = _synthetic_tokenizer(cfg.vocab_size)
         key = digest("synthetic", model.synthetic.preset, model.synthetic.seed, DSV4C_VERSION,
                      tokenizer.name)
-        path = build.cached_dir("load", key)
-        if path is None:
-            path = build.store_dir("load", key, lambda d: write_synthetic_checkpoint(
-                d / "checkpoint", cfg, seed=model.synthetic.seed, tokenizer_dir=tokenizer))
-        else:
-            status = "cached"
-        path = path / "checkpoint"
+        stored, status = build.reuse_or_make("load", key, lambda d: write_synthetic_checkpoint(
+            d / "checkpoint", cfg, seed=model.synthetic.seed, tokenizer_dir=tokenizer))
+        path = stored / "checkpoint"
     else:
         path = Path(model.checkpoint)
     try:
@@ -81,7 +87,7 @@ def stage_load(build: Build) -> str | None:
         raise CheckpointInvalidError(str(e)) from e
     index = path / "model.safetensors.index.json"
     fingerprint = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.glob("*.safetensors"))]
-    build.state.update(checkpoint=path, reader=reader)
+    build.outputs.checkpoint, build.outputs.reader = path, reader
     build.keys["load"] = digest(str(path), fingerprint, index.read_text() if index.is_file() else None)
     return status
 
@@ -94,16 +100,8 @@ def _synthetic_tokenizer(vocab_size: int) -> Path:
 
 
 # ---- quantize: the model in the engine's weight formats (lazy: only when a later stage needs it) -------------
-def numerics_for(recipe):
-    from dsv4c.graphs.model import Numerics
-
-    q = recipe.quantization
-    return Numerics(act_quant=q.activations == "fp8", kv_fp8=q.kv_cache == "fp8", indexer_fp4=q.indexer == "fp4",
-                    bf16=not (q.activations == "none" and q.kv_cache == "bf16" and q.indexer == "bf16"))
-
-
 def expert_format_for(build: Build) -> str:
-    fallback = {f["group"]: f["to"] for f in build.state["check"].fallbacks}
+    fallback = {f["group"]: f["to"] for f in build.outputs.check.fallbacks}
     return fallback.get("experts", build.recipe.quantization.experts)
 
 
@@ -114,70 +112,71 @@ def graph_expert_format(build: Build) -> str:
     return fmt if fmt in ("fp4", "fp8") else "fp4"
 
 
-def stage_quantize(build: Build) -> None:
+def stage_quantize(build: Build) -> Status:
     build.keys["quantize"] = digest(build.keys["load"], build.recipe.digest("quantization"),
                                     expert_format_for(build))
+    return "done"  # the runner makes it "cached" when a build with this key got here before
 
 
-def reference_model(build: Build):
-    """The PyTorch model with the checkpoint's weights in the engine's formats (built on first use)."""
-    if "model" not in build.state:
-        from dsv4c.graphs.model import load_checkpoint_model
+def quantize_model(build: Build) -> None:
+    """quantize's work: read the checkpoint into the model in the engine's formats (whole, in memory)."""
+    from dsv4c.graphs.model import Numerics, load_checkpoint_model
 
-        t0 = time.perf_counter()
-        with build.doing("quantize"):
-            build.state["model"] = load_checkpoint_model(build.state["reader"], numerics_for(build.recipe),
-                                                         graph_expert_format(build))
-        materialised(build, "quantize", time.perf_counter() - t0)
-    return build.state["model"]
+    build.outputs.model = load_checkpoint_model(build.outputs.reader, Numerics.for_quantization(
+        build.recipe.quantization), graph_expert_format(build))
+
+
+def reference_model(build: Build) -> DeepseekV4:
+    """The PyTorch model with the checkpoint's weights in the engine's formats (quantized on first use)."""
+    build.need("quantize")
+    return build.outputs.model
 
 
 # ---- export: torch.export of the prefill and decode programs (lazy) -------------------------------------------
-STORE_EXPORT_MAX_BYTES = 2 << 30  # exported programs embed the weights: store them only for models this small
-
-
-def stage_export(build: Build) -> str | None:
+def stage_export(build: Build) -> Status:
     rt = build.recipe.runtime
     build.keys["export"] = key = digest(build.keys["quantize"], rt.max_batch_size, rt.max_seq_len,
-                                        build.state["toolchain"]["torch"])
+                                        build.outputs.toolchain["torch"])
     stored = build.cached_dir("export", key)
-    return "cached" if stored and (stored / "decode.pt2").is_file() else None
+    return "cached" if stored and (stored / "decode.pt2").is_file() else "done"
 
 
-def exported_programs(build: Build) -> dict:
-    """The torch.export programs: from the stage cache when stored, else exported now (and stored if small)."""
-    if "programs" not in build.state:
-        from dsv4c.compiler.export import PROGRAMS, export_program
+def export_programs(build: Build) -> None:
+    """export's work: the programs from the stage cache when stored, else exported now (and stored if small)."""
+    from dsv4c.compiler.export import PROGRAMS, STORE_EXPORT_MAX_BYTES, export_program
 
-        import dsv4c.graphs.ops  # noqa: F401  registers the dsv4 ops the stored programs call
+    import dsv4c.graphs.ops  # noqa: F401  registers the dsv4 ops the stored programs call
 
-        key = build.keys["export"]
-        stored = build.cached_dir("export", key)
-        if stored is not None and all((stored / f"{p}.pt2").is_file() for p in PROGRAMS):
-            build.state["programs"] = {p: torch.export.load(stored / f"{p}.pt2") for p in PROGRAMS}
-            return build.state["programs"]
-        rt, model = build.recipe.runtime, reference_model(build)
-        t0 = time.perf_counter()
-        with build.doing("export"):
-            programs = {p: export_program(model, p, rt.max_batch_size, rt.max_seq_len) for p in PROGRAMS}
-        materialised(build, "export", time.perf_counter() - t0)
-        weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        if weight_bytes <= STORE_EXPORT_MAX_BYTES:
-            with build.doing("storing export"):
-                build.store_dir("export", key, lambda d: [torch.export.save(ep, d / f"{p}.pt2")
-                                                          for p, ep in programs.items()])
-        build.state["programs"] = programs
-    return build.state["programs"]
+    key = build.keys["export"]
+    stored = build.cached_dir("export", key)
+    if stored is not None and all((stored / f"{p}.pt2").is_file() for p in PROGRAMS):
+        build.outputs.programs = {p: torch.export.load(stored / f"{p}.pt2") for p in PROGRAMS}
+        return
+    rt, model = build.recipe.runtime, reference_model(build)
+    programs = {p: export_program(model, p, rt.max_batch_size, rt.max_seq_len) for p in PROGRAMS}
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if weight_bytes <= STORE_EXPORT_MAX_BYTES:
+        with build.doing("storing export"):
+            build.store_dir("export", key, lambda d: [torch.export.save(ep, d / f"{p}.pt2")
+                                                      for p, ep in programs.items()])
+    build.outputs.programs = programs
+
+
+def exported_programs(build: Build) -> dict[str, ExportedProgram]:
+    """The torch.export programs (exported, or read from the stage cache, on first use)."""
+    build.need("export")
+    return build.outputs.programs
 
 
 def engine_meta(build: Build) -> dict:
     """What the runtime needs besides the programs: cache layout, vocab, eos (from a meta-device model: no
     weights are read for it)."""
-    from dsv4c.graphs.model import DeepseekV4
+    from dsv4c.graphs.model import DeepseekV4, Numerics
 
-    cfg, rt = build.state["reader"].config, build.recipe.runtime
+    cfg, rt = build.outputs.reader.config, build.recipe.runtime
     with torch.device("meta"):
-        model = DeepseekV4(cfg, numerics_for(build.recipe), expert_format=graph_expert_format(build))
+        model = DeepseekV4(cfg, Numerics.for_quantization(build.recipe.quantization),
+                           expert_format=graph_expert_format(build))
     return {"cache": [{"name": e.name, "shape": list(e.shape[1:]), "fill": e.fill}
                       for e in model.cache_spec(1, rt.max_seq_len)],
             "vocab_size": cfg.vocab_size, "eos_token_id": cfg.eos_token_id,
@@ -185,51 +184,50 @@ def engine_meta(build: Build) -> dict:
 
 
 # ---- lower: exported programs -> the target's bundle ----------------------------------------------------------
-def stage_lower(build: Build) -> str | None:
-    key = digest(build.keys["export"], build.recipe.digest("target"), build.state["toolchain"])
+def stage_lower(build: Build) -> Status:
+    key = digest(build.keys["export"], build.recipe.digest("target"), build.outputs.toolchain)
     build.keys["lower"] = key
-    path = build.cached_dir("lower", key)
-    status = "cached" if path else None
-    if path is None:
-        path = build.store_dir("lower", key, lambda d: build.state["target"].lower(
-            exported_programs(build), d, build.recipe, engine_meta(build)))
-    build.state["bundle"] = path
+    build.outputs.bundle, status = build.reuse_or_make("lower", key, lambda d: build.outputs.target.lower(
+        exported_programs(build), d, build.recipe, engine_meta(build)))
     if build.until == "lower":  # `--until lower`: the relocatable bundle is the output
-        _publish(build, _assemble(build, build.staging, validation=None, kind="bundle"))
+        _publish(build, validation=None, kind="bundle")
     return status
 
 
 # ---- build: bundle -> engine files ------------------------------------------------------------------------------
-def stage_build(build: Build) -> str | None:
+def stage_build(build: Build) -> Status:
     from dsv4c.targets.base import ToolchainMissing
 
-    key = digest(build.keys["lower"], build.state["toolchain"])
+    key = digest(build.keys["lower"], build.outputs.toolchain)
     build.keys["build"] = key
-    path = build.cached_dir("build", key)
-    status = "cached" if path else None
-    if path is None:
-        try:
-            path = build.store_dir("build", key, lambda d: build.state["target"].build(build.state["bundle"], d,
-                                                                                       build.recipe))
-        except ToolchainMissing as e:
-            raise ToolchainError(str(e)) from e
-    build.state["engine_dir"] = path
-    build.state["engine_info"] = json.loads((path / "engine.json").read_text())
+    try:
+        path, status = build.reuse_or_make("build", key, lambda d: build.outputs.target.build(
+            build.outputs.bundle, d, build.recipe))
+    except ToolchainMissing as e:
+        raise ToolchainError(str(e)) from e
+    build.outputs.engine_dir = path
+    build.outputs.engine_info = json.loads((path / "engine.json").read_text())
     return status
 
 
 # ---- validate: the built engine against the PyTorch reference -------------------------------------------------
-def stage_validate(build: Build) -> str | None:
-    v = build.recipe.validate
+def stage_validate(build: Build) -> Status:
     key = digest(build.keys["build"], build.recipe.digest("validate"), GATE_VERSION)
     build.keys["validate"] = key
-    path = build.cached_dir("validate", key)
-    if path is not None:
-        build.state["validation"] = json.loads((path / "validation.json").read_text())
-        return "cached"
-    staging = _assemble(build, Path(build.out_dir.parent) / f".{build.out_dir.name}.validate", validation=None)
+    stored, status = build.reuse_or_make("validate", key, lambda d: _write_validation(build, key, d))
+    build.outputs.validation = json.loads((stored / "validation.json").read_text())
+    return status
+
+
+def _write_validation(build: Build, key: str, into: Path) -> None:
+    """Run the engine, laid out as its artifact will be, against the reference; a failed gate raises (and its
+    report is kept under the cache, for the error to point at) instead of being stored."""
+    staging = build.out_dir.parent / f".{build.out_dir.name}.validate"
+    shutil.rmtree(staging, ignore_errors=True)  # left by a build that was killed
+    staging.mkdir(parents=True)
     try:
-        report = validate_engine(staging, reference_model(build), v)
+        _assemble(build, staging, validation=None)
+        report = validate_engine(staging, reference_model(build), build.recipe.validate)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if not report["passed"]:
@@ -237,19 +235,17 @@ def stage_validate(build: Build) -> str | None:
         kept.parent.mkdir(parents=True, exist_ok=True)
         kept.write_text(json.dumps(report, indent=2))
         raise gate_error(report, kept)
-    build.store_dir("validate", key, lambda d: (d / "validation.json").write_text(json.dumps(report, indent=2)))
-    build.state["validation"] = report
-    return None
+    (into / "validation.json").write_text(json.dumps(report, indent=2))
 
 
 # ---- package: the artifact directory, written atomically ------------------------------------------------------
-def stage_package(build: Build) -> str | None:
-    build.keys["package"] = key = digest(build.keys["validate"], build.state["lock"])
+def stage_package(build: Build) -> Status:
+    build.keys["package"] = key = digest(build.keys["validate"], build.outputs.lock)
     if _existing_package_key(build.out_dir) == key:
-        build.state["artifact"] = build.out_dir
+        build.outputs.artifact = build.out_dir
         return "cached"  # the artifact at the output path is this exact build, verified against its manifest
-    _publish(build, _assemble(build, build.staging, validation=build.state["validation"]))
-    return None
+    _publish(build, validation=build.outputs.validation)
+    return "done"
 
 
 def _existing_package_key(out: Path) -> str | None:
@@ -263,13 +259,11 @@ def _existing_package_key(out: Path) -> str | None:
         return None
 
 
-def _publish(build: Build, staged: Path) -> None:
-    """Swap the staged artifact into place (the only step that touches the output path)."""
-    out = build.out_dir
-    if out.exists():
-        shutil.rmtree(out)
-    staged.rename(out)
-    build.state["artifact"] = out
+def _publish(build: Build, validation: dict | None, kind: str = "engine") -> None:
+    """Assemble the artifact beside the output and swap it into place."""
+    with staged_output(build.out_dir) as staging:
+        _assemble(build, staging, validation, kind)
+    build.outputs.artifact = build.out_dir
 
 
 def _kernel_fallbacks(engine_info: dict) -> list[dict[str, str]]:
@@ -288,28 +282,27 @@ def _validation_summary(report: dict) -> dict:
     return {k: report[k] for k in keys if k in report}
 
 
-def _assemble(build: Build, root: Path, validation: dict | None, kind: str = "engine") -> Path:
-    """Lay out an artifact in `root` (manifest last). kind "engine": the built engine; kind "bundle": the
-    target's lowered bundle (`--until lower`), which `dsv4c build --from-bundle` turns into an engine elsewhere."""
+def _assemble(build: Build, root: Path, validation: dict | None, kind: str = "engine") -> None:
+    """Lay out an artifact in `root`, an empty directory (manifest last). kind "engine": the built engine; kind
+    "bundle": the target's lowered bundle (`--until lower`), which `dsv4c build --from-bundle` turns into an
+    engine elsewhere."""
     from dsv4c.artifact import write_manifest
 
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
-    source = build.state["engine_dir"] if kind == "engine" else build.state["bundle"]
+    out = build.outputs
+    source = out.engine_dir if kind == "engine" else out.bundle
     shutil.copytree(source, root / "engine", ignore=shutil.ignore_patterns(".complete"))
-    ckpt = build.state["checkpoint"]
+    ckpt = out.checkpoint
     shutil.copy(ckpt / "config.json", root / "config.json")
     if (ckpt / "tokenizer.json").is_file():
         (root / "tokenizer").mkdir()
         for f in ("tokenizer.json", "tokenizer_config.json"):
             if (ckpt / f).is_file():
                 shutil.copy(ckpt / f, root / "tokenizer" / f)
-    (root / "recipe.lock.yaml").write_text(build.state["lock"])
+    (root / "recipe.lock.yaml").write_text(out.lock)
     if validation is not None:
         (root / "validation.json").write_text(json.dumps(validation, indent=2))
     r = build.recipe
-    info = build.state["engine_info"] if kind == "engine" else json.loads((source / "bundle.json").read_text())
+    info = out.engine_info if kind == "engine" else json.loads((source / "bundle.json").read_text())
     write_manifest(root, {
         "kind": kind,
         "dsv4c_version": DSV4C_VERSION,
@@ -318,21 +311,29 @@ def _assemble(build: Build, root: Path, validation: dict | None, kind: str = "en
         "target": {"kind": r.target.kind, "arch": r.target.arch, "soc_version": r.target.soc_version},
         "runtime": {"max_batch_size": r.runtime.max_batch_size, "max_seq_len": r.runtime.max_seq_len},
         "engine": info,
-        "toolchain": build.state["toolchain"],
-        "fallbacks": build.state["check"].fallbacks + _kernel_fallbacks(info),
+        "toolchain": out.toolchain,
+        "fallbacks": out.check.fallbacks + _kernel_fallbacks(info),
         "stage_keys": build.keys,
         "inputs": {"checkpoint": str(ckpt), "checkpoint_key": build.keys["load"]},
         "validation": None if validation is None else _validation_summary(validation),
     })
-    return root
 
 
-# The stages in pipeline order, for `pipeline.execute`: the pipeline is handed them rather than importing this
-# module, which builds on the pipeline's `Build` (an import both ways would be a cycle).
-STAGE_FUNCTIONS: dict[str, StageFunction] = {
-    "resolve": stage_resolve, "plan": stage_plan, "load": stage_load, "quantize": stage_quantize,
-    "export": stage_export, "lower": stage_lower, "build": stage_build, "validate": stage_validate,
-    "package": stage_package}
+# The stages in pipeline order, each after the stages whose outputs it reads, for `pipeline.execute`: the
+# pipeline is handed them rather than importing this module, which builds on the pipeline's `Build` (an import
+# both ways would be a cycle). resolve, plan and quantize store nothing (cheap, or kept in memory only).
+PIPELINE: tuple[Stage, ...] = (
+    Stage("resolve", after=(), run=stage_resolve, stored=False),
+    Stage("plan", after=("resolve",), run=stage_plan, stored=False),
+    Stage("load", after=("plan",), run=stage_load),  # after plan: a recipe the target refuses reads no weights
+    Stage("quantize", after=("plan", "load"), run=stage_quantize, stored=False, lazy=True,
+          materialise=quantize_model),
+    Stage("export", after=("resolve", "quantize"), run=stage_export, lazy=True, materialise=export_programs),
+    Stage("lower", after=("plan", "load", "export"), run=stage_lower),
+    Stage("build", after=("plan", "lower"), run=stage_build),
+    Stage("validate", after=("resolve", "plan", "load", "quantize", "build"), run=stage_validate),
+    Stage("package", after=("resolve", "plan", "load", "build", "validate"), run=stage_package),
+)
 
 
 # ---- --from-bundle: finish a `--until lower` bundle on a machine with the target's toolchain ------------------
@@ -353,26 +354,18 @@ def build_from_bundle(bundle: Path, out_dir: Path) -> Path:
         raise RecipeError(f"--from-bundle {bundle}: manifest kind is {manifest.data.get('kind')!r}, not 'bundle' "
                           "(make one with `dsv4c build RECIPE --until lower`)")
     recipe = load_recipe(bundle / "recipe.lock.yaml")
-    staged = out_dir.parent / f".{out_dir.name}.tmp"
-    if staged.exists():
-        shutil.rmtree(staged)
-    shutil.copytree(bundle, staged, ignore=shutil.ignore_patterns("engine", "manifest.json"))
-    (staged / "engine").mkdir()
-    try:
-        get_target(manifest.target).build(bundle / "engine", staged / "engine", recipe)
-    except ToolchainMissing as e:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise ToolchainError(str(e)) from e
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
-    data = {k: v for k, v in manifest.data.items() if k not in ("schema_version", "outputs")}
-    data.update(kind="engine", engine=json.loads((staged / "engine" / "engine.json").read_text()),
-                built_from_bundle={"path": str(bundle), "outputs": manifest.data["outputs"]},
-                validation=None, validation_note="engine built from a bundle: numerics were checked by emulating "
-                "the bundle (Engine.load(bundle, emulate=True)); run the engine against it on this machine")
-    write_manifest(staged, data)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    staged.rename(out_dir)
+    with staged_output(out_dir) as staged:
+        shutil.copytree(bundle, staged, ignore=shutil.ignore_patterns("engine", "manifest.json"), dirs_exist_ok=True)
+        (staged / "engine").mkdir()
+        try:
+            get_target(manifest.target).build(bundle / "engine", staged / "engine", recipe)
+        except ToolchainMissing as e:
+            raise ToolchainError(str(e)) from e
+        data = {k: v for k, v in manifest.data.items() if k not in ("schema_version", "outputs")}
+        data.update(kind="engine", engine=json.loads((staged / "engine" / "engine.json").read_text()),
+                    built_from_bundle={"path": str(bundle), "outputs": manifest.data["outputs"]},
+                    validation=None, validation_note="engine built from a bundle: numerics were checked by "
+                    "emulating the bundle (Engine.load(bundle, emulate=True)); run the engine against it on this "
+                    "machine")
+        write_manifest(staged, data)
     return out_dir

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,13 @@ class Numerics:
     @staticmethod
     def plain() -> "Numerics":
         return Numerics(act_quant=False, kv_fp8=False, indexer_fp4=False, bf16=False)
+
+    @staticmethod
+    def for_quantization(q: Any) -> "Numerics":
+        """The numerics a recipe's `quantization` section asks for (its activations, kv_cache and indexer keys);
+        bf16 rounding unless all three are unquantised, the continuous model validation calls plain."""
+        return Numerics(act_quant=q.activations == "fp8", kv_fp8=q.kv_cache == "fp8", indexer_fp4=q.indexer == "fp4",
+                        bf16=not (q.activations == "none" and q.kv_cache == "bf16" and q.indexer == "bf16"))
 
 
 @dataclass
