@@ -294,7 +294,7 @@ def _inspect_table(artifact: Path, info: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from dsv4c.compiler.plan import _size, human_count
+    from dsv4c.compiler.plan import human_count, size_iec
 
     size = info["size"]
     t = Table(title=f"{artifact}", show_header=False)
@@ -305,7 +305,7 @@ def _inspect_table(artifact: Path, info: dict[str, Any]) -> None:
     if "params" in size:
         in_engine = human_count(size["params_in_engine"])
         t.add_row("model", f"{human_count(size['params'])} params ({in_engine} in the engine, MTP excluded)")
-    t.add_row("size", f"engine {_size(size['engine_bytes'])}, artifact {_size(size['artifact_bytes'])}")
+    t.add_row("size", f"engine {size_iec(size['engine_bytes'])}, artifact {size_iec(size['artifact_bytes'])}")
     t.add_row("target", json.dumps(info["target"]))
     t.add_row("runtime", json.dumps(info["runtime"]))
     t.add_row("experts", str(info["engine"].get("expert_format")))

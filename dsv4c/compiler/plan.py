@@ -735,7 +735,8 @@ def human_count(n: float) -> str:
     return f"{n:,.0f}"
 
 
-def _size(n: float) -> str:
+def size_iec(n: float) -> str:
+    """A byte count for people, in binary units: 1.50 GiB, 12.00 MiB, 512 B."""
     return f"{n / GIB:,.2f} GiB" if n >= GIB / 10 else f"{n / (1 << 20):,.2f} MiB" if n >= 1 << 16 else f"{n:,.0f} B"
 
 
@@ -757,12 +758,12 @@ def render(plan: dict[str, Any]) -> None:
     for col in ("group", "params", "as shipped", "recipe formats", "dsv4c graph"):
         w.add_column(col, justify="left" if col == "group" else "right")
     for g, v in plan["weights"].items():
-        w.add_row(GROUP_TITLES[g], human_count(v["params"]), _size(v["shipped_bytes"]), _size(v["bytes"]),
-                  _size(v["dsv4c_graph_bytes"]))
+        w.add_row(GROUP_TITLES[g], human_count(v["params"]), size_iec(v["shipped_bytes"]), size_iec(v["bytes"]),
+                  size_iec(v["dsv4c_graph_bytes"]))
     engine = [v for v in plan["weights"].values() if v["in_engine"]]
     w.add_row("[bold]in the engine[/bold]", human_count(sum(v["params"] for v in engine)),
-              _size(sum(v["shipped_bytes"] for v in engine)), _size(plan["weights_bytes"]),
-              _size(plan["weights_bytes_dsv4c_graph"]))
+              size_iec(sum(v["shipped_bytes"] for v in engine)), size_iec(plan["weights_bytes"]),
+              size_iec(plan["weights_bytes_dsv4c_graph"]))
     console.print(w)
 
     kv = plan["kv_cache"]
@@ -772,30 +773,30 @@ def render(plan: dict[str, Any]) -> None:
         k.add_column(col, justify="left" if col == "layer type" else "right")
     for lt in kv["layer_types"]:
         k.add_row(f"{lt['type']} (m={lt['ratio']})", str(lt["layers"]),
-                  _size(sum(lt["fixed_bytes_per_sequence"].values())), f"{lt['bytes_per_token_total']:,.1f} B",
-                  _size(lt["bytes_at_max_seq_len_total"]))
+                  size_iec(sum(lt["fixed_bytes_per_sequence"].values())), f"{lt['bytes_per_token_total']:,.1f} B",
+                  size_iec(lt["bytes_at_max_seq_len_total"]))
     base = kv["dense_mla_baseline"]
     k.add_row("[bold]total[/bold]", str(m["layers"]), "", f"{kv['bytes_per_token']:,.1f} B",
-              _size(kv["bytes_at_max_seq_len"]))
+              size_iec(kv["bytes_at_max_seq_len"]))
     k.add_row("dense MLA baseline", str(base["layers"]), "", f"{base['bytes_per_token']:,} B",
-              _size(base["bytes_at_max_seq_len"]))
+              size_iec(base["bytes_at_max_seq_len"]))
     k.add_row("dsv4c engine layout", str(m["layers"]), "", f"{kv['dsv4c_engine']['bytes_per_token']:,.1f} B",
-              _size(kv["dsv4c_engine"]["bytes_at_max_seq_len"]))
+              size_iec(kv["dsv4c_engine"]["bytes_at_max_seq_len"]))
     console.print(k)
     a = kv["at_1m"]
-    console.print(f"at 1M tokens: {_size(a['bytes'])} per sequence = {a['ratio_to_dense_same_depth']:.1%} of a dense "
-                  f"MLA cache of the same depth, {a['ratio_to_v32_61_layers']:.1%} of V3.2's (61 layers)")
+    console.print(f"at 1M tokens: {size_iec(a['bytes'])} per sequence = {a['ratio_to_dense_same_depth']:.1%} of a "
+                  f"dense MLA cache of the same depth, {a['ratio_to_v32_61_layers']:.1%} of V3.2's (61 layers)")
 
-    d = Table(title=f"per device ({t['device']}, usable {_size(t['usable_bytes'])})")
+    d = Table(title=f"per device ({t['device']}, usable {size_iec(t['usable_bytes'])})")
     for col in ("stage", "layers", "weights", "KV cache", "workspace", "total", "dsv4c engine"):
         d.add_column(col, justify="right")
     for s, g in zip(plan["per_device"]["stages"], plan["per_device"]["dsv4c_engine_stages"]):
-        d.add_row(str(s["stage"]), s["layers"], _size(s["weights"]), _size(s["kv_cache"]), _size(s["workspace"]),
-                  _size(s["total"]), _size(g["total"]))
+        d.add_row(str(s["stage"]), s["layers"], size_iec(s["weights"]), size_iec(s["kv_cache"]),
+                  size_iec(s["workspace"]), size_iec(s["total"]), size_iec(g["total"]))
     console.print(d)
     b = plan["build"]
-    console.print(f"build: host RAM >= {_size(b['host_ram_peak_bytes'])} (streaming loader "
-                  f"{_size(b['streaming_loader_bytes'])}), disk ~ {_size(b['disk_peak_bytes'])}")
+    console.print(f"build: host RAM >= {size_iec(b['host_ram_peak_bytes'])} (streaming loader "
+                  f"{size_iec(b['streaming_loader_bytes'])}), disk ~ {size_iec(b['disk_peak_bytes'])}")
     console.print("ops: " + "; ".join(f"{o['onnx']}: [{'green' if o['implemented'] else 'red'}]"
                                       f"{escape(o['implementation'])}[/]" for o in plan["ops"]))
     tc = plan["toolchain"]

@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterable
 import onnx
 from onnx import helper
 
-from dsv4c.graphs.ops.onnx import DOMAIN, ONNX_OPSET, write_onnx_program
+from dsv4c.graphs.ops.onnx import DOMAIN, DOMAIN_VERSION, ONNX_OPSET, write_onnx_program
+from dsv4c.graphs.ops.onnx_builder import ONNX_DOMAIN, STANDARD_DOMAINS
 
 NodeHook = Callable[[onnx.ModelProto], None]
 
@@ -101,7 +102,7 @@ def _set_external(tensor: onnx.TensorProto, ref: dict[str, str]) -> None:
 def _check_opset(model: onnx.ModelProto, opset: int, path: Path) -> None:
     """The exporter quietly keeps a newer opset when it cannot convert down to the one asked for; a target whose
     parser stops at `opset` would then reject the bundle much later, on the machine that has the toolchain."""
-    got = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    got = next((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), None)
     if got != opset:
         raise RuntimeError(f"{path.name}: exported at ONNX opset {got}, but the target needs opset {opset} "
                            "(the exporter could not convert this graph down; see the torch.onnx log)")
@@ -112,7 +113,7 @@ def castlike_to_cast(model: onnx.ModelProto) -> int:
     types = _value_types(model)
     done = 0
     for node in model.graph.node:
-        if node.op_type == "CastLike" and node.domain in ("", "ai.onnx") and node.input[1] in types:
+        if node.op_type == "CastLike" and node.domain in STANDARD_DOMAINS and node.input[1] in types:
             to = types[node.input[1]]
             del node.input[1:]
             node.op_type = "Cast"
@@ -146,7 +147,7 @@ def op_census(model: onnx.ModelProto) -> Counter:
 
     def walk(graph: onnx.GraphProto) -> None:
         for node in graph.node:
-            counts[(node.domain or "ai.onnx", node.op_type)] += 1
+            counts[(node.domain or ONNX_DOMAIN, node.op_type)] += 1
             for a in node.attribute:
                 for sub in [a.g] if a.HasField("g") else list(a.graphs):
                     walk(sub)
@@ -156,7 +157,7 @@ def op_census(model: onnx.ModelProto) -> Counter:
 
 
 def standard_op_types(model: onnx.ModelProto) -> set[str]:
-    return {op for (domain, op) in op_census(model) if domain == "ai.onnx"}
+    return {op for (domain, op) in op_census(model) if domain == ONNX_DOMAIN}
 
 
 def custom_nodes(model: onnx.ModelProto, domain: str) -> list[onnx.NodeProto]:
@@ -175,10 +176,10 @@ def emulation_session(path: Path, functions: Iterable[onnx.FunctionProto], prepa
     if prepare is not None:
         prepare(model)
     for o in model.opset_import:
-        if o.domain in ("", "ai.onnx"):
+        if o.domain in STANDARD_DOMAINS:
             o.version = ONNX_OPSET
     if not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+        model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
     have = {(f.domain, f.name) for f in model.functions}
     model.functions.extend(f for f in functions if (f.domain, f.name) not in have)
     model.ir_version = max(model.ir_version, 10)

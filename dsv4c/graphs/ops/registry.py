@@ -27,9 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv4c.graphs import quant
-
-FP8_BLOCK = 128
-FP4_BLOCK = 32
+from dsv4c.graphs.quant import FP4_BLOCK, FP8_BLOCK, ExpertFormat
 
 
 class DimMath:
@@ -122,17 +120,17 @@ def decode_fp4(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def decode_expert(w: torch.Tensor, scale: torch.Tensor, fmt: int) -> torch.Tensor:
-    if fmt == 0:
+    if fmt == ExpertFormat.FP4:
         return decode_fp4(w, scale)
-    if fmt == 1:
+    if fmt == ExpertFormat.FP8:
         return decode_fp8(w, scale)
     return w.float()
 
 
 def _expert_weight(w: torch.Tensor, scale: torch.Tensor, e: int, fmt: int) -> torch.Tensor:
-    """Expert e of stacked weights. Float experts (fmt 2) carry no scales (model.Experts passes an empty
-    tensor), so the scale is indexed only for the quantised formats."""
-    return decode_expert(w[e], scale[e] if fmt != 2 else scale, fmt)
+    """Expert e of stacked weights. Float experts carry no scales (model.Experts passes an empty tensor), so
+    the scale is indexed only for the quantised formats."""
+    return decode_expert(w[e], scale[e] if fmt != ExpertFormat.FLOAT else scale, fmt)
 
 
 # ---- quantized linears -----------------------------------------------------------------------------------
@@ -170,8 +168,8 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w
                 w3: torch.Tensor, s3: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, fmt: int,
                 swiglu_limit: float, act_quant: bool, bf16: bool) -> torch.Tensor:
     """Routed experts: x [T, D], routing weights [T, k] f32, expert ids [T, k] int64.
-    Expert weights stacked [E, ...]: fmt 0 = FP4 (w [E,N,K/2] u8, s [E,N,K/32]), 1 = FP8 (w [E,N,K] u8,
-    s [E,N/128,K/128]), 2 = float (w [E,N,K], s unused). Per expert e: g = w1 x, u = w3 x (clamped: u in
+    Expert weights stacked [E, ...], `fmt` a quant.ExpertFormat: 0 = FP4 (w [E,N,K/2] u8, s [E,N,K/32]),
+    1 = FP8 (w [E,N,K] u8, s [E,N/128,K/128]), 2 = float (w [E,N,K], s unused). Per expert e: g = w1 x, u = w3 x (clamped: u in
     [-L, L], g <= L), h = silu(g) * u * routing_weight (applied BEFORE w2), y = w2 h; out = sum over picks."""
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in torch.unique(indices).tolist():

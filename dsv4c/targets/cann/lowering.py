@@ -25,10 +25,11 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from dsv4c.graphs.ops.onnx_builder import ONNX_DOMAIN, STANDARD_DOMAINS
 from dsv4c.targets.cann import requant
 from dsv4c.targets.cann.mapping import (
-    DOMAIN, DOMAIN_VERSION, DSV4_DOMAIN, DT_BF16, DT_FLOAT8_E4M3FN, DT_INT8, KERNEL_TBD, MX_BLOCK, MX_GROUP_SIZE,
-    ONNX_DOMAIN,
+    CUSTOM_DOMAIN_VERSIONS, DOMAIN, DSV4_DOMAIN, DT_BF16, DT_FLOAT8_E4M3FN, DT_INT8, KERNEL_TBD, MX_BLOCK,
+    MX_GROUP_SIZE,
 )
 
 OPSET = 18  # ATC parses ONNX opsets 11..18 (hiascend ATC guide); torch's exporter writes 18 natively
@@ -255,7 +256,7 @@ def lower_program(path: Path, soc: str, expert_bits: int, stats: requant.ErrorSt
         if node.domain == DSV4_DOMAIN:
             REWRITES.get(node.op_type, Rewriter.keep_tbd)(rw, node)
         else:
-            if node.domain in ("", ONNX_DOMAIN):
+            if node.domain in STANDARD_DOMAINS:
                 node.domain = ONNX_DOMAIN
             rw.nodes.append(node)
     del model.graph.node[:]
@@ -268,7 +269,7 @@ def lower_program(path: Path, soc: str, expert_bits: int, stats: requant.ErrorSt
 def _set_opsets(model: onnx.ModelProto) -> None:
     used = {n.domain for n in model.graph.node}
     keep = [helper.make_opsetid(ONNX_DOMAIN, OPSET)]
-    keep += [helper.make_opsetid(d, DOMAIN_VERSION) for d in (DOMAIN, DSV4_DOMAIN) if d in used]
+    keep += [helper.make_opsetid(d, version) for d, version in CUSTOM_DOMAIN_VERSIONS.items() if d in used]
     del model.opset_import[:]
     model.opset_import.extend(keep)
 
