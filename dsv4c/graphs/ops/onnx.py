@@ -31,7 +31,7 @@ see `_body_indexer_topk`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
@@ -46,9 +46,9 @@ from dsv4c.graphs.ops.onnx_builder import (
 from dsv4c.graphs.ops.registry import ATTN_BLOCK, OPS, DimMath, OpDef
 from dsv4c.graphs.quant import ExpertFormat
 
-__all__ = ["DOMAIN", "DOMAIN_VERSION", "ONNX_OPSET", "attach_functions", "attribute_kinds", "write_onnx_program",
+__all__ = ["DOMAIN", "DOMAIN_VERSION", "ONNX_OPSET", "add_functions", "attach_functions", "attribute_kinds",
            "function_bodies", "function_body", "moe_experts_graph", "ort_session", "output_names", "register_schemas",
-           "tensor_inputs", "translation_table"]
+           "tensor_inputs", "translation_table", "write_onnx_program"]
 
 DOMAIN = "dsv4"
 DOMAIN_VERSION = 1
@@ -431,18 +431,24 @@ def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
         raise ValueError(f"model uses ONNX opset {opsets['']}, the dsv4 function bodies need {ONNX_OPSET}")
     if "" not in opsets:
         model.opset_import.append(helper.make_opsetid("", ONNX_OPSET))
-    if DOMAIN not in opsets:
-        model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
-    model.ir_version = max(model.ir_version, 8)  # model-local functions need IR 8
-    have = {(f.domain, f.name) for f in model.functions}
     used = _used_op_types(model.graph)
     for f in model.functions:  # dsv4 nodes inside the exporter's own functions count too
         used |= _used_op_types(helper.make_graph(f.node, f.name, [], []))
+    have = {(f.domain, f.name) for f in model.functions}
     by_name = {op.onnx_name: op for op in OPS.values()}
-    for op_type in sorted(used):
-        if (DOMAIN, op_type) not in have and op_type in by_name:
-            model.functions.append(function_body(by_name[op_type]))
+    add_functions(model, [function_body(by_name[t]) for t in sorted(used) if t in by_name and (DOMAIN, t) not in have])
     return model
+
+
+def add_functions(model: onnx.ModelProto, functions: Iterable[onnx.FunctionProto]) -> None:
+    """Add (in place) the `functions` the model does not define yet as model-local functions, and the dsv4 opset
+    import their nodes' callers need; the dsv4 bodies (attach_functions) and a target's reference functions
+    (targets.onnx_bundle.emulation_session) are attached the same way."""
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    model.ir_version = max(model.ir_version, 8)  # model-local functions need IR 8
+    have = {(f.domain, f.name) for f in model.functions}
+    model.functions.extend(f for f in functions if (f.domain, f.name) not in have)
 
 
 def translation_table() -> dict[torch._ops.OpOverload, Callable]:

@@ -43,12 +43,10 @@ from dsv4c.targets.cann.mapping import (
 )
 
 MX_MIN_AMAX = quant.FP8_MAX * 2.0 ** -126  # MX: smallest amax given a normal scale (all-zero blocks)
-INT8_MAX = 127.0
+INT8_MAX = 127.0  # DynamicQuant's int8 range: [-INT8_MAX - 1, INT8_MAX]
 
 
 # ---- quantizers (fake: quantize-dequantize, for the fused MoE nodes) ----------------------------------------
-
-
 def _int8_rows(g: Graph, x: str) -> tuple[str, str]:
     """DynamicQuant's arithmetic: (the int8 values as float, the per-row scale [..., 1])."""
     xb = round_bf16(g, x)
