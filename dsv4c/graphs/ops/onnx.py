@@ -7,7 +7,8 @@ schema's Tensor arguments in schema order, its attributes the non-tensor argumen
 A model carries, next to the custom nodes, a model-local ONNX function per op used (`attach_functions`):
 ONNX Runtime runs a custom-op library's kernel when one is registered and otherwise inlines the function
 body, so one file serves both. The bodies implement the reference semantics of registry.py with standard
-ONNX ops; what ORT 1.32 (CPU) supports shaped them:
+ONNX ops, built with onnx_builder (shared with the CANN reference functions); what ORT 1.32 (CPU) supports
+shaped them:
   * FP8 / FP4 weight bytes are decoded with a 256-entry lookup table (a `Constant` inside the body; a
     Cast uint8 -> FLOAT8E4M3FN converts the number instead of reinterpreting the bits, and ORT has no
     `BitCast`). The tables are built from torch's own decoding, so decoding is bit-exact.

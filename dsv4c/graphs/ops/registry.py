@@ -168,10 +168,9 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w
                 w3: torch.Tensor, s3: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, fmt: int,
                 swiglu_limit: float, act_quant: bool, bf16: bool) -> torch.Tensor:
     """Routed experts: x [T, D], routing weights [T, k] f32, expert ids [T, k] int64.
-    Expert weights stacked [E, ...], `fmt` a quant.ExpertFormat: 0 = FP4 (w [E,N,K/2] u8, s [E,N,K/32]),
-    1 = FP8 (w [E,N,K] u8, s [E,N/128,K/128]), 2 = float (w [E,N,K], s unused). Per expert e: g = w1 x,
-    u = w3 x (clamped: u in [-L, L], g <= L), h = silu(g) * u * routing_weight (applied BEFORE w2), y = w2 h;
-    out = sum over picks."""
+    Expert weights stacked [E, ...]: fmt 0 = FP4 (w [E,N,K/2] u8, s [E,N,K/32]), 1 = FP8 (w [E,N,K] u8,
+    s [E,N/128,K/128]), 2 = float (w [E,N,K], s unused). Per expert e: g = w1 x, u = w3 x (clamped: u in
+    [-L, L], g <= L), h = silu(g) * u * routing_weight (applied BEFORE w2), y = w2 h; out = sum over picks."""
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in torch.unique(indices).tolist():
         if e < 0:
