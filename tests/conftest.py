@@ -74,7 +74,15 @@ def assert_step_function_agrees(session, model, prompts: list[list[int]], steps:
 
 
 def cosine(a, b):
+    """Row-wise cosine similarity along the last axis (arrays or CPU tensors), in float64."""
     import numpy as np
 
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def flat_cosine(a, b) -> float:
+    """Cosine similarity of two tensors taken as flat vectors, in float64."""
+    import torch
+
+    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()

@@ -14,6 +14,24 @@ def rand(*shape: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
 
 
+def reference(name: str, attrs: dict, **inputs: torch.Tensor) -> list[np.ndarray]:
+    """The torch reference of dsv4 op `name` (registry.py) on named inputs and attributes, outputs as numpy."""
+    from dsv4c.graphs.ops import OPS
+    from dsv4c.graphs.ops.onnx import tensor_inputs
+
+    op = OPS[name]
+    out = getattr(torch.ops.dsv4, name)(*(inputs[n] for n in tensor_inputs(op)), *(attrs[n] for n in op.attributes))
+    return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
+
+
+def sylvester(d: int) -> torch.Tensor:
+    """The d x d Hadamard matrix (Sylvester's construction, unnormalised), float64."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
 def fp8_weight(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Real FP8 weights: uint8 e4m3 bits [n, k], float32 power-of-two 128x128 block scales."""
     q, s = quant.quantize_fp8_blocks(rand(n, k, seed=seed, scale=0.05))

@@ -1,4 +1,5 @@
-"""The import graph of the `dsv4c` package has no cycles, and `import dsv4c` gives the public API cheaply.
+"""The import graph of the `dsv4c` package has no cycles, no module imports another's private names, and `import
+dsv4c` gives the public API cheaply.
 
 The graph is read from the source (ast, nothing is imported): one edge per intra-package import, absolute
 (`import dsv4c.x`, `from dsv4c.x import y`, `from dsv4c import x`) or relative (`from .x import y`). An import
@@ -8,6 +9,10 @@ packages Python imports on the way are not edges of their own (every submodule w
 with its package's __init__). Imports under `if TYPE_CHECKING:` never run and are left out; imports inside
 functions run on first call and are kept, but apart: a cycle made only of module-level imports can break `import`
 itself, one through a function-level import is a hidden coupling that a lazy import papers over.
+
+Private names: an underscore name (`_helper`, or a module `_common`) is its module's own; importing it from another
+module couples the two through something the owner may change freely. `_version` is the package's version module,
+the one exception (its name is the setuptools-scm convention).
 """
 
 from __future__ import annotations
@@ -97,6 +102,36 @@ class _ImportCollector(ast.NodeVisitor):
                 self.visit(statement)
             return
         self.generic_visit(node)
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__") and name != "_version"
+
+
+def private_imports(root: Path = ROOT) -> list[str]:
+    """`module:line imports name` for each import of an underscore name (or through an underscore module) of the
+    package from another module of it."""
+    found: list[str] = []
+    for module, path in package_modules(root).items():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom):
+                collector = _ImportCollector(module, "", path.name == "__init__.py", set())
+                base = collector._absolute(node.module or "", node.level)
+                names = [f"{base}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                if name.partition(".")[0] != PACKAGE or name.rpartition(".")[0] == module:
+                    continue
+                parts = name.split(".")
+                private = next((i for i, part in enumerate(parts) if _is_private(part)), None)
+                if private is not None:  # named up to its first private part: one line per private thing
+                    line = f"{path.relative_to(root)}:{node.lineno} imports {'.'.join(parts[:private + 1])}"
+                    if line not in found:
+                        found.append(line)
+    return found
 
 
 def _is_type_checking(test: ast.expr) -> bool:
@@ -210,6 +245,28 @@ def test_no_import_cycle_among_module_level_imports():
 def test_no_import_cycle_counting_imports_inside_functions():
     cycles = import_cycles(package_imports())
     assert not cycles, "\n" + _report(cycles)
+
+
+def test_no_module_imports_private_names_of_another():
+    found = private_imports()
+    assert not found, "private names imported across modules (make them public or keep them home):\n" + "\n".join(found)
+
+
+def test_private_imports_are_found(tmp_path):
+    """The scan itself, on a throwaway package: private names and modules, absolute and relative, are found;
+    dunder names, `_version` and third-party private modules are not."""
+    pkg = tmp_path / PACKAGE / "sub"
+    pkg.mkdir(parents=True)
+    (tmp_path / PACKAGE / "__init__.py").write_text("from dsv4c._version import __version__\n")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "_hidden.py").write_text("X = 1\n")
+    (pkg / "a.py").write_text("_own = 1\n")
+    (pkg / "b.py").write_text("from .a import _own\nfrom dsv4c.sub._hidden import X\nimport dsv4c.sub._hidden\n"
+                              "from torch.utils import _pytree\nfrom dsv4c.sub.a import __doc__\n"
+                              "def f():\n    from dsv4c.sub import a, _hidden\n")
+    found = private_imports(tmp_path)
+    assert [f.split(" imports ")[1] for f in found] == [
+        "dsv4c.sub.a._own", "dsv4c.sub._hidden", "dsv4c.sub._hidden", "dsv4c.sub._hidden"], found
 
 
 def test_the_graph_sees_relative_and_function_level_imports(tmp_path):

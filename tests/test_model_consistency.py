@@ -25,6 +25,8 @@ from dsv4c.graphs.checkpoint import synthetic_tensors
 from dsv4c.graphs.config import preset
 from dsv4c.graphs.model import DeepseekV4, Numerics, load_official
 
+from conftest import flat_cosine
+
 MAX_LEN = 256
 # per preset: prompt/decode split, prefill chunks (boundaries off the 4 / 16 / 128 grids), batch lengths
 CASES = {
@@ -43,13 +45,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
-
-
 def assert_same_logits(got: torch.Tensor, want: torch.Tensor, plain: bool, what: str) -> None:
     """got/want [N, V]: one row per position."""
-    cos = [cosine(g, w) for g, w in zip(got, want)]
+    cos = [flat_cosine(g, w) for g, w in zip(got, want)]
     if plain:
         rel = ((got - want).abs().amax(-1) / want.abs().amax(-1)).max().item()
         assert rel <= 1e-5 and min(cos) >= 0.9999, f"{what}: max relative diff {rel}, min cosine {min(cos)}"
@@ -228,7 +226,7 @@ def test_mtp_block_matches_spec_formula(model):
     want = y @ model.head.T
     assert_same_logits(got[0], want[0], True, "mtp")
     # the MTP head is its own: the main model's hc_head/norm give other logits
-    assert cosine(got[0, -1], logits[0]) < 0.99
+    assert flat_cosine(got[0, -1], logits[0]) < 0.99
 
 
 @torch.no_grad()
@@ -261,7 +259,7 @@ def test_head_dim_192_matches_transformers_once_its_fp8_dequant_follows_the_spec
     agree like at head_dim 128: the rest of the architecture (RoPE on the last 64 of 192 dims, inverse RoPE,
     grouped wo_a over 384-wide groups) matches."""
     pytest.importorskip("transformers")
-    from test_model_vs_transformers import cosine, load_hf, load_ours
+    from test_model_vs_transformers import load_hf, load_ours
 
     from dsv4c.graphs import quant
     from dsv4c.graphs.checkpoint import CheckpointReader, expected_tensors, write_synthetic_checkpoint
@@ -282,4 +280,4 @@ def test_head_dim_192_matches_transformers_once_its_fp8_dequant_follows_the_spec
     toks = torch.randint(2, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
     want = hf(toks).logits[0]
     got, _ = ours(toks, torch.tensor([0]), torch.tensor([40]), ours.new_cache(1, MAX_LEN), all_logits=True)
-    assert min(cosine(got[0, i], want[i]) for i in range(40)) >= 0.9999
+    assert min(flat_cosine(got[0, i], want[i]) for i in range(40)) >= 0.9999

@@ -12,10 +12,11 @@ from onnx import helper
 
 from dsv4c.graphs import quant
 from dsv4c.graphs.ops import OPS
-from dsv4c.graphs.ops.onnx import (DOMAIN, ONNX_OPSET, _fp8_table, attach_functions, attribute_kinds, ort_session,
-                                   output_names, register_schemas, tensor_inputs, write_onnx_program)
+from dsv4c.graphs.ops.onnx import (DOMAIN, ONNX_OPSET, attach_functions, attribute_kinds, ort_session, output_names,
+                                   register_schemas, tensor_inputs, write_onnx_program)
+from dsv4c.graphs.ops.onnx_builder import fp8_table
 
-from tensors import assert_outputs_match, attention_blocks, fp8_weight, indexer_grid, rand
+from tensors import assert_outputs_match, attention_blocks, fp8_weight, indexer_grid, rand, reference
 
 register_schemas()
 ops = torch.ops.dsv4
@@ -52,12 +53,6 @@ def run_onnx(name: str, attrs: dict, out_ranks: list[int], **inputs: torch.Tenso
     options.intra_op_num_threads = 2
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, {n: t.numpy() for n, t in inputs.items()})
-
-
-def reference(name: str, attrs: dict, **inputs: torch.Tensor) -> list[np.ndarray]:
-    op = OPS[name]
-    out = getattr(ops, name)(*(inputs[n] for n in tensor_inputs(op)), *(attrs[n] for n in op.attributes))
-    return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
 
 
 def inferred_shapes(name: str, attrs: dict, inputs: dict[str, tuple[np.dtype, list]]) -> list[list]:
@@ -103,7 +98,7 @@ def test_fp8_decode_every_byte():
     w[w & 0x7F == 0x7F] = 0
     got = run_onnx("fp8_linear", {"act_quant": False}, [2], x=torch.eye(16), w=w, w_scale=torch.ones(1, 1))[0]
     np.testing.assert_array_equal(got.T, w.view(torch.float8_e4m3fn).float().numpy())
-    assert np.isnan(_fp8_table()[[0x7F, 0xFF]]).all() and np.isfinite(np.delete(_fp8_table(), [0x7F, 0xFF])).all()
+    assert np.isnan(fp8_table()[[0x7F, 0xFF]]).all() and np.isfinite(np.delete(fp8_table(), [0x7F, 0xFF])).all()
 
 
 @pytest.mark.parametrize("block", [128, 32])

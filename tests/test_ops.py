@@ -18,7 +18,7 @@ from dsv4c.graphs.config import QuantizationConfig, preset
 from dsv4c.graphs.model import (Attention, Compressor, Numerics, SharedExpert, Step, apply_rope, fake_quant_nope,
                                 rope_frequencies)
 
-from tensors import e4m3_value, rand
+from tensors import e4m3_value, rand, sylvester
 
 ops = torch.ops.dsv4
 
@@ -530,11 +530,6 @@ def test_fake_quant_fp8_op_matches_act_quant_formula():
         assert torch.equal(ops.fake_quant_fp8(x, block).double(), act_quant_by_hand(x, block))
 
 
-def sylvester(d: int) -> torch.Tensor:
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < d:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h
 
 
 def e2m1_round_by_hand(v: float) -> float:

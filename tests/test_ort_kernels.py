@@ -28,7 +28,7 @@ from dsv4c.graphs.ops.onnx import (DOMAIN, DOMAIN_VERSION, ONNX_OPSET, attach_fu
 from dsv4c.targets.base import ToolchainMissing
 from dsv4c.targets.cpu.kernels import build
 
-from tensors import assert_outputs_match, attention_blocks, fp8_weight, indexer_grid, rand
+from tensors import assert_outputs_match, attention_blocks, fp8_weight, indexer_grid, rand, reference
 
 register_schemas()
 ops = torch.ops.dsv4
@@ -92,12 +92,6 @@ def run_kernel(library: str, name: str, attrs: dict, out_ranks: list[int], threa
                **inputs: torch.Tensor) -> list[np.ndarray]:
     s = session(node_model(name, inputs, attrs, out_ranks), library, threads)
     return s.run(None, {n: t.numpy() for n, t in inputs.items()})
-
-
-def reference(name: str, attrs: dict, **inputs: torch.Tensor) -> list[np.ndarray]:
-    op = OPS[name]
-    out = getattr(ops, name)(*(inputs[n] for n in tensor_inputs(op)), *(attrs[n] for n in op.attributes))
-    return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
 
 
 def check(library: str, name: str, attrs: dict, *, exact: bool = False, threads: int = 2,

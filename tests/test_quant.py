@@ -11,7 +11,7 @@ import torch
 from dsv4c.graphs import quant
 from dsv4c.graphs.ops.registry import decode_fp4, decode_fp8
 
-from tensors import e4m3_value, rand
+from tensors import e4m3_value, rand, sylvester
 
 E2M1 = [0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6]  # spec §5.2, nibble 0..15
 
@@ -204,11 +204,6 @@ def test_fp4_to_fp8_transcode_refuses_when_lossy():
 
 
 # ---- Hadamard (spec §3.7) -------------------------------------------------------------------------------------------
-def sylvester(d: int) -> torch.Tensor:
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < d:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h
 
 
 @pytest.mark.parametrize("d", [32, 64, 128])

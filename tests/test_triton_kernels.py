@@ -44,7 +44,7 @@ import dsv4c.graphs.ops  # noqa: E402,F401  (registers torch.ops.dsv4.*)
 from dsv4c.graphs import quant  # noqa: E402
 
 K = importlib.import_module("dsv4c.targets.tensorrt.kernels")
-common = importlib.import_module("dsv4c.targets.tensorrt.kernels._common")
+common = importlib.import_module("dsv4c.targets.tensorrt.kernels.common")
 moe_mod = importlib.import_module("dsv4c.targets.tensorrt.kernels.moe")
 ops = torch.ops.dsv4
 DEV = K.DEVICE

@@ -31,12 +31,14 @@ from torch import nn
 import dsv4c.graphs.ops  # noqa: F401  (registers torch.ops.dsv4.*)
 from dsv4c.graphs.cache import CacheEntry, layer_cache_fields, layer_cache_spec
 from dsv4c.graphs.config import ModelConfig
+from dsv4c.graphs.quant import ExpertFormat
 
 if TYPE_CHECKING:  # only a type here: importing the model needs no checkpoint I/O
     from dsv4c.graphs.checkpoint import CheckpointReader
 
 ops = torch.ops.dsv4
-EXPERT_FORMATS = {"fp4": 0, "fp8": 1, "float": 2}
+# recipe name -> the moe_experts op's `fmt` (a plain int: it is traced into the exported graph as a constant)
+EXPERT_FORMATS = {f.name.lower(): f.value for f in ExpertFormat}
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,24 @@ All scale exponents are computed exactly with frexp (a float log2 can round an e
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 import torch
 
 FP8_MAX = 448.0
 FP4_MAX = 6.0
+FP8_BLOCK = 128  # FP8 weights: one scale per FP8_BLOCK x FP8_BLOCK block; activations: per 1 x FP8_BLOCK
+FP4_BLOCK = 32  # FP4 weights and activations: one scale per 1 x FP4_BLOCK along K
+E8M0_BIAS = 127  # an e8m0 byte b is the scale 2^(b - E8M0_BIAS)
+
+
+class ExpertFormat(IntEnum):
+    """How routed-expert weights are stored: the `fmt` argument of the moe_experts op (registry.py), the
+    ONNX MoeExperts attribute and the kernels' FMT (Triton constexpr; the C++ kernels' kExpertFormat*)."""
+
+    FP4 = 0  # w [E, N, K/2] packed e2m1, s [E, N, K/32]
+    FP8 = 1  # w [E, N, K] e4m3 bits, s [E, ceil(N/128), ceil(K/128)]
+    FLOAT = 2  # w [E, N, K] float, no scales
 # e2m1 magnitudes by 3-bit code (e e m): 0, .5, 1, 1.5, 2, 3, 4, 6
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
@@ -26,7 +40,7 @@ def ceil_pow2(x: torch.Tensor) -> torch.Tensor:
 def e8m0_to_float(s: torch.Tensor) -> torch.Tensor:
     """e8m0 scales (float8_e8m0fnu or raw uint8 bytes) -> float32 2^(byte-127)."""
     raw = s.view(torch.uint8) if s.dtype == torch.float8_e8m0fnu else s.to(torch.uint8)
-    return torch.ldexp(torch.ones(raw.shape, device=raw.device), raw.to(torch.int32) - 127)
+    return torch.ldexp(torch.ones(raw.shape, device=raw.device), raw.to(torch.int32) - E8M0_BIAS)
 
 
 def float_to_e8m0(scale: torch.Tensor) -> torch.Tensor:
@@ -34,7 +48,7 @@ def float_to_e8m0(scale: torch.Tensor) -> torch.Tensor:
     m, e = torch.frexp(scale.float())
     if not bool((m == 0.5).all()):
         raise ValueError("e8m0 scales must be exact powers of two")
-    return (e - 1 + 127).clamp(0, 254).to(torch.uint8).view(torch.float8_e8m0fnu)
+    return (e - 1 + E8M0_BIAS).clamp(0, 2 * E8M0_BIAS).to(torch.uint8).view(torch.float8_e8m0fnu)
 
 
 # ---- FP8 weights --------------------------------------------------------------------------------------------
@@ -46,7 +60,7 @@ def _blocks(w: torch.Tensor, block: int) -> tuple[torch.Tensor, int, int]:
     return wp.view((n + pn) // block, block, (k + pk) // block, block), n, k
 
 
-def quantize_fp8_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_blocks(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, K] float -> (float8_e4m3fn [N, K], e8m0 scales [ceil(N/128), ceil(K/128)])."""
     wb, n, k = _blocks(w, block)
     amax = wb.abs().amax(dim=(1, 3), keepdim=True).clamp(min=1e-4)
@@ -56,7 +70,7 @@ def quantize_fp8_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor
     return q.contiguous(), float_to_e8m0(scale[:, 0, :, 0])
 
 
-def dequantize_fp8_blocks(w: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
+def dequantize_fp8_blocks(w: torch.Tensor, scale: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
     n, k = w.shape
     s = e8m0_to_float(scale) if scale.dtype != torch.float32 else scale
     s = s.repeat_interleave(block, 0)[:n].repeat_interleave(block, 1)[:, :k]
@@ -81,7 +95,7 @@ def decode_e2m1(codes: torch.Tensor) -> torch.Tensor:
     return torch.where((codes & 8) != 0, -mag, mag)
 
 
-def quantize_fp4(w: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp4(w: torch.Tensor, block: int = FP4_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, K] float -> (int8 packed [N, K/2], e8m0 scales [N, K/32])."""
     n, k = w.shape
     wb = w.float().view(n, k // block, block)
@@ -98,7 +112,7 @@ def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([decode_e2m1(b & 15), decode_e2m1(b >> 4)], dim=-1).flatten(-2)
 
 
-def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, block: int = 32) -> torch.Tensor:
+def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, block: int = FP4_BLOCK) -> torch.Tensor:
     s = e8m0_to_float(scale) if scale.dtype != torch.float32 else scale
     return unpack_fp4(packed) * s.repeat_interleave(block, -1)
 
@@ -111,11 +125,11 @@ def transcode_fp4_to_fp8(packed: torch.Tensor, scale: torch.Tensor) -> tuple[tor
     values = unpack_fp4(packed)  # [N, K]
     n, k = values.shape
     s32 = e8m0_to_float(scale)  # [N, K/32]
-    sb, _, _ = _blocks(s32.repeat_interleave(32, 1), 128)
+    sb, _, _ = _blocks(s32.repeat_interleave(FP4_BLOCK, 1), FP8_BLOCK)
     s_blk = sb.amax(dim=(1, 3), keepdim=True) / 64.0  # [N/128, 1, K/128, 1]
-    full = values * s32.repeat_interleave(32, 1)
-    fb, _, _ = _blocks(full, 128)
-    q = (fb / s_blk).view(-1, fb.shape[2] * 128)[:n, :k]
+    full = values * s32.repeat_interleave(FP4_BLOCK, 1)
+    fb, _, _ = _blocks(full, FP8_BLOCK)
+    q = (fb / s_blk).view(-1, fb.shape[2] * FP8_BLOCK)[:n, :k]
     q8 = q.to(torch.float8_e4m3fn)
     if not torch.equal(q8.float(), q):
         raise ValueError("FP4 -> FP8 transcode would lose precision (32-block scales within a 128x128 block "
@@ -133,7 +147,7 @@ def fake_quant_fp8(x: torch.Tensor, block: int) -> torch.Tensor:
     return (q * scale).reshape(shape)
 
 
-def fake_quant_fp4(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+def fake_quant_fp4(x: torch.Tensor, block: int = FP4_BLOCK) -> torch.Tensor:
     """FP4 e2m1 quantise-dequantise along the last dim in blocks of 32, scale 2^ceil(log2(amax/6))."""
     shape = x.shape
     xb = x.float().reshape(*shape[:-1], shape[-1] // block, block)

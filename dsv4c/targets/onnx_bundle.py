@@ -1,10 +1,11 @@
-"""The ONNX lowering that the accelerator targets (TensorRT, CANN) share, and its CPU emulation.
+"""The ONNX lowering every target shares (CPU, TensorRT, CANN), and the accelerator bundles' CPU emulation.
 
-    export_bundle_programs: exported programs -> `<program>.onnx` + `.onnx.data` at the opset the vendor parser
-        reads, *without* the dsv4 function bodies (a vendor parser must meet the V4 ops as custom nodes and map
-        them to its plugins / custom operators, never inline a portable body), CastLike rewritten to Cast (not in
-        every vendor's operator list; its target type is static here), then a target hook rewrites the custom
-        nodes (plugin attributes, CANN operator names).
+    export_bundle_programs: exported programs -> `<program>.onnx` + `.onnx.data` at the target's opset. At
+        ONNX_OPSET (CPU) each dsv4 node carries its function body, so any ONNX Runtime runs the file. At a vendor
+        parser's older opset (TensorRT, CANN) the models go *without* the bodies (a vendor parser must meet the V4
+        ops as custom nodes and map them to its plugins / custom operators, never inline a portable body),
+        CastLike rewritten to Cast (not in every vendor's operator list; its target type is static here), then a
+        target hook rewrites the custom nodes (plugin attributes, CANN operator names).
     share_weights: programs after the first point at the weights an earlier program already stores (prefill and
         decode read the same tensors), so a bundle holds each weight once. The last step of a lowering: later
         rewrites assume each program's weights are in its own `.data` file.
@@ -26,25 +27,32 @@ from typing import Any, Callable, Iterable
 import onnx
 from onnx import helper
 
-from dsv4c.graphs.ops.onnx import DOMAIN, ONNX_OPSET, write_onnx_program
+from dsv4c.graphs.ops.onnx import ONNX_OPSET, add_functions, write_onnx_program
+from dsv4c.graphs.ops.onnx_builder import ONNX_DOMAIN, STANDARD_DOMAINS
 
 NodeHook = Callable[[onnx.ModelProto], None]
 
 
-def export_bundle_programs(programs: dict[str, Any], bundle_dir: Path, opset: int,
+def export_bundle_programs(programs: dict[str, Any], bundle_dir: Path, opset: int = ONNX_OPSET,
                            hook: NodeHook | None = None) -> dict[str, str]:
-    """Export each program at `opset` (no function bodies), post-process, save in place. -> {program: file}."""
+    """Export each program at `opset`: at ONNX_OPSET with the function bodies, as is; below it (a vendor's opset)
+    without them, post-processed and saved in place. -> {program: file}."""
+    portable = opset == ONNX_OPSET
+    if portable and hook is not None:
+        raise ValueError("a node hook is for vendor bundles: the portable (ONNX_OPSET) bundle keeps the dsv4 nodes")
     files = {}
     for name, ep in programs.items():
         path = bundle_dir / f"{name}.onnx"
-        write_onnx_program(ep, path, opset=opset, with_functions=False)
+        write_onnx_program(ep, path, opset=opset, with_functions=portable)
+        files[name] = path.name
+        if portable:
+            continue
         model = onnx.load(path, load_external_data=False)
         _check_opset(model, opset, path)
         castlike_to_cast(model)
         if hook is not None:
             hook(model)
         onnx.save(model, path)  # initializers keep their references into <name>.onnx.data
-        files[name] = path.name
     return files
 
 
@@ -101,7 +109,7 @@ def _set_external(tensor: onnx.TensorProto, ref: dict[str, str]) -> None:
 def _check_opset(model: onnx.ModelProto, opset: int, path: Path) -> None:
     """The exporter quietly keeps a newer opset when it cannot convert down to the one asked for; a target whose
     parser stops at `opset` would then reject the bundle much later, on the machine that has the toolchain."""
-    got = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    got = next((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), None)
     if got != opset:
         raise RuntimeError(f"{path.name}: exported at ONNX opset {got}, but the target needs opset {opset} "
                            "(the exporter could not convert this graph down; see the torch.onnx log)")
@@ -112,7 +120,7 @@ def castlike_to_cast(model: onnx.ModelProto) -> int:
     types = _value_types(model)
     done = 0
     for node in model.graph.node:
-        if node.op_type == "CastLike" and node.domain in ("", "ai.onnx") and node.input[1] in types:
+        if node.op_type == "CastLike" and node.domain in STANDARD_DOMAINS and node.input[1] in types:
             to = types[node.input[1]]
             del node.input[1:]
             node.op_type = "Cast"
@@ -146,7 +154,7 @@ def op_census(model: onnx.ModelProto) -> Counter:
 
     def walk(graph: onnx.GraphProto) -> None:
         for node in graph.node:
-            counts[(node.domain or "ai.onnx", node.op_type)] += 1
+            counts[(node.domain or ONNX_DOMAIN, node.op_type)] += 1
             for a in node.attribute:
                 for sub in [a.g] if a.HasField("g") else list(a.graphs):
                     walk(sub)
@@ -156,7 +164,7 @@ def op_census(model: onnx.ModelProto) -> Counter:
 
 
 def standard_op_types(model: onnx.ModelProto) -> set[str]:
-    return {op for (domain, op) in op_census(model) if domain == "ai.onnx"}
+    return {op for (domain, op) in op_census(model) if domain == ONNX_DOMAIN}
 
 
 def custom_nodes(model: onnx.ModelProto, domain: str) -> list[onnx.NodeProto]:
@@ -175,12 +183,9 @@ def emulation_session(path: Path, functions: Iterable[onnx.FunctionProto], prepa
     if prepare is not None:
         prepare(model)
     for o in model.opset_import:
-        if o.domain in ("", "ai.onnx"):
+        if o.domain in STANDARD_DOMAINS:
             o.version = ONNX_OPSET
-    if not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-    have = {(f.domain, f.name) for f in model.functions}
-    model.functions.extend(f for f in functions if (f.domain, f.name) not in have)
+    add_functions(model, functions)
     model.ir_version = max(model.ir_version, 10)
     options = ort.SessionOptions()
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))

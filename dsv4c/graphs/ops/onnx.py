@@ -7,7 +7,8 @@ schema's Tensor arguments in schema order, its attributes the non-tensor argumen
 A model carries, next to the custom nodes, a model-local ONNX function per op used (`attach_functions`):
 ONNX Runtime runs a custom-op library's kernel when one is registered and otherwise inlines the function
 body, so one file serves both. The bodies implement the reference semantics of registry.py with standard
-ONNX ops; what ORT 1.32 (CPU) supports shaped them:
+ONNX ops, built with onnx_builder (shared with the CANN reference functions); what ORT 1.32 (CPU) supports
+shaped them:
   * FP8 / FP4 weight bytes are decoded with a 256-entry lookup table (a `Constant` inside the body; a
     Cast uint8 -> FLOAT8E4M3FN converts the number instead of reinterpreting the bits, and ORT has no
     `BitCast`). The tables are built from torch's own decoding, so decoding is bit-exact.
@@ -30,25 +31,26 @@ see `_body_indexer_topk`.
 
 from __future__ import annotations
 
-import itertools
-import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import onnx
 import torch
-from onnx import AttributeProto, TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 from onnx.defs import OpSchema
 
-from dsv4c.graphs import quant
-from dsv4c.graphs.ops.registry import ATTN_BLOCK, FP4_BLOCK, FP8_BLOCK, OPS, DimMath, OpDef
+from dsv4c.graphs.ops.onnx_builder import (
+    ONNX_OPSET, Builder, Graph, branch, decode_fp4, decode_fp8, fake_quant_fp4, fake_quant_fp8, linear,
+    make_function, maybe, round_bf16, silu,
+)
+from dsv4c.graphs.ops.registry import ATTN_BLOCK, OPS, DimMath, OpDef
+from dsv4c.graphs.quant import ExpertFormat
 
-__all__ = ["DOMAIN", "DOMAIN_VERSION", "ONNX_OPSET", "attach_functions", "attribute_kinds", "write_onnx_program",
-           "function_bodies", "function_body", "ort_session", "output_names", "register_schemas", "tensor_inputs",
-           "translation_table"]
+__all__ = ["DOMAIN", "DOMAIN_VERSION", "ONNX_OPSET", "add_functions", "attach_functions", "attribute_kinds",
+           "function_bodies", "function_body", "moe_experts_graph", "ort_session", "output_names", "register_schemas",
+           "tensor_inputs", "translation_table", "write_onnx_program"]
 
-ONNX_OPSET = 23  # default-domain opset of the function bodies and of exported models
 DOMAIN = "dsv4"
 DOMAIN_VERSION = 1
 
@@ -137,149 +139,8 @@ class _InferredDims(DimMath):
         return min(a, b) if isinstance(a, int) and isinstance(b, int) else None
 
 
-# ---- a small builder for function bodies -----------------------------------------------------------------
-class _Graph:
-    """Nodes of one function body or subgraph. `g.MatMul(a, b)` appends a node and returns its output name
-    (a list with `_outputs=n`). Names come from a counter shared with subgraphs, so they never collide."""
-
-    def __init__(self, counter: itertools.count | None = None):
-        self.counter = counter or itertools.count()
-        self.nodes: list[onnx.NodeProto] = []
-
-    def fresh(self) -> str:
-        return f"_v{next(self.counter)}"
-
-    def __getattr__(self, op_type: str) -> Callable:
-        if not op_type[:1].isupper():
-            raise AttributeError(op_type)
-
-        def make(*inputs: str, _outputs: int = 1, **attrs):
-            outs = [self.fresh() for _ in range(_outputs)]
-            self.nodes.append(helper.make_node(op_type, list(inputs), outs, **attrs))
-            return outs[0] if _outputs == 1 else outs
-
-        return make
-
-    def const(self, value, dtype=np.float32) -> str:
-        return self.Constant(value=numpy_helper.from_array(np.asarray(value, dtype)))
-
-    def i64(self, *values: int) -> str:
-        """1-D int64 constant (axes, shapes, starts ...)."""
-        return self.const(list(values), np.int64)
-
-    def attr(self, name: str, kind: str) -> str:
-        """A scalar tensor holding the function's attribute `name` (int64 for int/bool, float32 for float)."""
-        ref = AttributeProto(name="value_float" if kind == "float" else "value_int", ref_attr_name=name,
-                             type=AttributeProto.FLOAT if kind == "float" else AttributeProto.INT)
-        out = self.fresh()
-        node = helper.make_node("Constant", [], [out])
-        node.attribute.append(ref)
-        self.nodes.append(node)
-        return out
-
-    def sub(self) -> "_Graph":
-        return _Graph(self.counter)
-
-    def graph(self, outputs: list[tuple[str, int]], inputs: list[tuple[str, int, list | None]] = ()) -> onnx.GraphProto:
-        """Close a subgraph: outputs are (value, elem type), each copied so the subgraph produces it; inputs
-        are (name, elem type, shape) — ORT's Loop wants the shapes of its body's inputs (rank at least)."""
-        outs = [(self.Identity(v), t) for v, t in outputs]
-        return helper.make_graph(self.nodes, "body", [helper.make_tensor_value_info(*i) for i in inputs],
-                                 [helper.make_tensor_value_info(n, t, None) for n, t in outs])
-
-
-def _branch(g: _Graph, flag: str, then: Callable[[_Graph], str], otherwise: Callable[[_Graph], str],
-            elem: int = TensorProto.FLOAT) -> str:
-    """If(flag != 0): run only the chosen builder (the other branch may not even be shape-valid)."""
-    cond = g.Cast(flag, to=TensorProto.BOOL)
-    branches = []
-    for build in (then, otherwise):
-        s = g.sub()
-        branches.append(s.graph([(build(s), elem)]))
-    return g.If(cond, then_branch=branches[0], else_branch=branches[1])
-
-
-def _maybe(g: _Graph, flag: str, fn: Callable[[_Graph, str], str], x: str) -> str:
-    """fn(x) if flag else x."""
-    return _branch(g, flag, lambda s: fn(s, x), lambda s: x)
-
-
 # ---- shared pieces of the bodies ---------------------------------------------------------------------------
-def _fp8_table() -> np.ndarray:
-    """float32 value of every e4m3fn byte (incl. NaN at 0x7f/0xff), decoded by torch: bit-exact."""
-    return torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
-
-
-def _fp4_table() -> np.ndarray:
-    """[256, 2]: the two e2m1 values of every byte, low nibble first (quant.unpack_fp4's order)."""
-    return quant.unpack_fp4(torch.arange(256, dtype=torch.uint8)[:, None]).numpy()
-
-
-def _decode_fp8(g: _Graph, w: str, s: str) -> str:
-    """uint8 e4m3 bits [..., N, K] * f32 scales [..., ceil(N/128), ceil(K/128)] -> f32 [..., N, K]."""
-    values = g.Gather(g.const(_fp8_table()), g.Cast(w, to=TensorProto.INT32))
-    blocks = g.Expand(g.Unsqueeze(s, g.i64(-3, -1)), g.i64(1, FP8_BLOCK, 1, FP8_BLOCK))  # [..., nb, 128, kb, 128]
-    full = g.Reshape(blocks, g.Concat(g.Shape(s, end=-2), g.Mul(g.Shape(s, start=-2), g.i64(FP8_BLOCK)), axis=0))
-    scale = g.Slice(full, g.i64(0, 0), g.Shape(w, start=-2), g.i64(-2, -1))  # crop the padded last blocks
-    return g.Mul(values, scale)
-
-
-def _decode_fp4(g: _Graph, w: str, s: str) -> str:
-    """uint8 packed e2m1 [..., N, K/2] * f32 scales [..., N, K/32] -> f32 [..., N, K]."""
-    pairs = g.Gather(g.const(_fp4_table()), g.Cast(w, to=TensorProto.INT32))  # [..., N, K/2, 2]
-    values = g.Reshape(pairs, g.Concat(g.Shape(w, end=-1), g.i64(-1), axis=0))
-    scale = g.Expand(g.Unsqueeze(s, g.i64(-1)), g.i64(FP4_BLOCK))  # [..., N, K/32, 32]
-    scale = g.Reshape(scale, g.Concat(g.Shape(s, end=-1), g.i64(-1), axis=0))
-    return g.Mul(values, scale)
-
-
-def _ceil_pow2(g: _Graph, v: str) -> str:
-    """Smallest power of two >= v (v > 0 finite), exactly: a log2 estimate fixed by one step each way."""
-    e = g.Ceil(g.Mul(g.Log(v), g.const(1 / math.log(2))))
-    p = g.Pow(g.const(2.0), e)  # exact for integer exponents
-    p = g.Where(g.Less(p, v), g.Mul(p, g.const(2.0)), p)
-    half = g.Mul(p, g.const(0.5))
-    return g.Where(g.GreaterOrEqual(half, v), half, p)
-
-
-def _blocked(g: _Graph, x: str, block: str, quantize: Callable[[_Graph, str], str], qmax: float,
-             amax_min: float) -> str:
-    """Fake-quant along the last dim in blocks: scale = ceil_pow2(max(amax, amax_min) / qmax) per block,
-    y = quantize(x / scale) * scale (quant.fake_quant_fp8 / fake_quant_fp4)."""
-    shape = g.Shape(x)
-    xb = g.Reshape(x, g.Concat(g.Shape(x, end=-1), g.i64(-1), block, axis=0))
-    amax = g.Max(g.ReduceMax(g.Abs(xb), g.i64(-1), keepdims=1), g.const(amax_min))
-    scale = _ceil_pow2(g, g.Div(amax, g.const(qmax)))
-    return g.Reshape(g.Mul(quantize(g, g.Div(xb, scale)), scale), shape)
-
-
-def _round_fp8(g: _Graph, x: str) -> str:
-    """Clamp to ±448, round to e4m3fn (half-to-even) and back."""
-    x = g.Clip(x, g.const(-quant.FP8_MAX), g.const(quant.FP8_MAX))
-    return g.Cast(g.Cast(x, to=TensorProto.FLOAT8E4M3FN, saturate=1), to=TensorProto.FLOAT)
-
-
-def _round_e2m1(g: _Graph, x: str) -> str:
-    """quant._round_e2m1_values: |x| clamped to 6 rounded half-to-even on the grid (step .5 / 1 / 2), sign kept
-    (also of -0.0: 1/x < 0 tells it apart)."""
-    mag = g.Min(g.Abs(x), g.const(quant.FP4_MAX))
-    step = g.Where(g.Less(mag, g.const(2.0)), g.const(0.5),
-                   g.Where(g.Less(mag, g.const(4.0)), g.const(1.0), g.const(2.0)))
-    q = g.Min(g.Mul(g.Round(g.Div(mag, step)), step), g.const(quant.FP4_MAX))
-    negative = g.Or(g.Less(x, g.const(0.0)), g.Less(g.Reciprocal(x), g.const(0.0)))
-    return g.Where(negative, g.Neg(q), q)
-
-
-def _fake_quant_fp8(g: _Graph, x: str, block: str | None = None) -> str:
-    block = block or g.i64(FP8_BLOCK)
-    return _blocked(g, x, block, _round_fp8, quant.FP8_MAX, 1e-4)
-
-
-def _fake_quant_fp4(g: _Graph, x: str) -> str:
-    return _blocked(g, x, g.i64(FP4_BLOCK), _round_e2m1, quant.FP4_MAX, quant.FP4_MAX * 2.0 ** -126)
-
-
-def _hadamard(g: _Graph, x: str) -> str:
+def _hadamard(g: Graph, x: str) -> str:
     """quant.hadamard: log2(d) butterfly stages (a+b, a-b) in a Loop, then * d**-0.5 — the same fp32
     operations in the same order as the reference, so the result is bit-exact."""
     shape = g.Shape(x)
@@ -305,62 +166,58 @@ def _hadamard(g: _Graph, x: str) -> str:
     return g.Mul(g.Reshape(y, shape), norm)
 
 
-def _round_bf16(g: _Graph, x: str) -> str:
-    return g.Cast(g.Cast(x, to=TensorProto.BFLOAT16), to=TensorProto.FLOAT)
-
-
-def _silu(g: _Graph, x: str) -> str:
-    """x / (1 + exp(-x)), torch's formula: agrees with F.silu on ~96% of floats (ORT's x * Sigmoid(x),
-    an approximation, on ~40%), so rounding that follows flips less often."""
-    return g.Div(x, g.Add(g.Exp(g.Neg(x)), g.const(1.0)))
-
-
-def _linear(g: _Graph, x: str, w: str) -> str:
-    """F.linear without bias: x [..., K] @ w[..., N, K]^T."""
-    return g.MatMul(x, g.Transpose(w, perm=[1, 0]))
-
-
 # ---- the bodies: one builder per op, (graph, inputs by name, attributes by name) -> outputs ---------------
-def _body_fp8_linear(g: _Graph, x, w, w_scale, act_quant):
-    xq = _maybe(g, act_quant, _fake_quant_fp8, x)
-    return [_linear(g, xq, _decode_fp8(g, w, w_scale))]
+def _body_fp8_linear(g: Graph, x, w, w_scale, act_quant):
+    xq = maybe(g, act_quant, fake_quant_fp8, x)
+    return [linear(g, xq, decode_fp8(g, w, w_scale))]
 
 
-def _body_fp8_grouped_linear(g: _Graph, x, w, w_scale, act_quant):
-    xq = _maybe(g, act_quant, _fake_quant_fp8, x)  # [..., G, K]
+def _body_fp8_grouped_linear(g: Graph, x, w, w_scale, act_quant):
+    xq = maybe(g, act_quant, fake_quant_fp8, x)  # [..., G, K]
     groups, k = g.Shape(x, start=-2, end=-1), g.Shape(x, start=-1)
-    wg = g.Reshape(_decode_fp8(g, w, w_scale), g.Concat(groups, g.i64(-1), k, axis=0))  # [G, R, K]
+    wg = g.Reshape(decode_fp8(g, w, w_scale), g.Concat(groups, g.i64(-1), k, axis=0))  # [G, R, K]
     y = g.MatMul(g.Unsqueeze(xq, g.i64(-2)), g.Transpose(wg, perm=[0, 2, 1]))  # [..., G, 1, R]
     return [g.Squeeze(y, g.i64(-2))]
 
 
-def _decode_experts(g: _Graph, w: str, s: str, used: str, fmt: str) -> str:
-    """Experts `used` of stacked weights by format: 0 FP4, 1 FP8, 2 float. Scales are read only in their
-    branch: with fmt 2 they are unused and may be empty."""
-    def fp4(b: _Graph) -> str:
-        return _decode_fp4(b, b.Gather(w, used), b.Gather(s, used))
+ExpertDecoder = Callable[[Graph, str, str, str], str]  # (graph, stacked w, stacked s, used ids) -> f32 weights
 
-    def fp8(b: _Graph) -> str:
-        return _decode_fp8(b, b.Gather(w, used), b.Gather(s, used))
 
-    def dense(b: _Graph) -> str:
+def _decode_experts(g: Graph, w: str, s: str, used: str, fmt: str) -> str:
+    """Experts `used` of stacked weights by format (quant.ExpertFormat). Scales are read only in their branch:
+    float experts have none, and their scale input may be empty."""
+    def fp4(b: Graph) -> str:
+        return decode_fp4(b, b.Gather(w, used), b.Gather(s, used))
+
+    def fp8(b: Graph) -> str:
+        return decode_fp8(b, b.Gather(w, used), b.Gather(s, used))
+
+    def dense(b: Graph) -> str:
         return b.Cast(b.Gather(w, used), to=TensorProto.FLOAT)
 
-    is_fp4, is_fp8 = g.Equal(fmt, g.const(0, np.int64)), g.Equal(fmt, g.const(1, np.int64))
-    return _branch(g, is_fp4, fp4, lambda b: _branch(b, is_fp8, fp8, dense))
+    is_fp4 = g.Equal(fmt, g.const(ExpertFormat.FP4, np.int64))
+    is_fp8 = g.Equal(fmt, g.const(ExpertFormat.FP8, np.int64))
+    return branch(g, is_fp4, fp4, lambda b: branch(b, is_fp8, fp8, dense))
 
 
-def _body_moe_experts(g: _Graph, x, weights, indices, w1, s1, w3, s3, w2, s2, fmt, swiglu_limit, act_quant, bf16):
-    """Exact without a data-dependent loop. Each of the P = T*k picks is computed on its own (as the
+def moe_experts_graph(g: Graph, x: str, weights: str, indices: str, experts: list[tuple[str, str]],
+                      decode: ExpertDecoder, quantize_activation: Builder, swiglu_limit: str, act_quant: str,
+                      bf16: str) -> str:
+    """registry.moe_experts with standard ops; `experts` are the (weight, scale) inputs of w1, w3, w2, `decode`
+    turns the used experts' stored weights into f32 and `quantize_activation` is the activation fake-quant
+    applied with `act_quant` (the dsv4 body: the shipped formats and FP8 blocks; the CANN references: the SoC's
+    weight formats and activation quantizers).
+
+    Exact without a data-dependent loop. Each of the P = T*k picks is computed on its own (as the
     reference does: a repeated expert contributes twice, each rounded on its own), but the matmuls are
     dense over the E' distinct experts used: gate/up [E', T, I] once per token, down [E', P, D], then the
     pick's own expert row is gathered. Only the used experts' weights are decoded."""
     flat = g.Reshape(indices, g.i64(-1))  # [P]
     valid = g.GreaterOrEqual(flat, g.const(0, np.int64))
     used, _, local, _ = g.Unique(g.Max(flat, g.const(0, np.int64)), sorted=1, _outputs=4)  # local: [P] -> E'
-    experts = [_decode_experts(g, w, s, used, fmt) for w, s in ((w1, s1), (w3, s3), (w2, s2))]
-    xq = _maybe(g, act_quant, _fake_quant_fp8, x)  # [T, D]
-    gate_all, up_all = (_maybe(g, bf16, _round_bf16, g.MatMul(xq, g.Transpose(e, perm=[0, 2, 1]))) for e in experts[:2])
+    w1, w3, w2 = (decode(g, w, s, used) for w, s in experts)
+    xq = maybe(g, act_quant, quantize_activation, x)  # [T, D]
+    gate_all, up_all = (maybe(g, bf16, round_bf16, g.MatMul(xq, g.Transpose(e, perm=[0, 2, 1]))) for e in (w1, w3))
     # pick p = (token t, slot j) reads row [local[p], t] of the [E', T, I] results
     tokens = g.Range(g.const(0, np.int64), g.Squeeze(g.Shape(x, end=1), g.i64(0)), g.const(1, np.int64))
     tok = g.Reshape(g.Expand(g.Unsqueeze(tokens, g.i64(1)), g.Shape(indices)), g.i64(-1))  # [P]
@@ -369,31 +226,39 @@ def _body_moe_experts(g: _Graph, x, weights, indices, w1, s1, w3, s3, w2, s2, fm
     limit = g.Where(g.Greater(swiglu_limit, g.const(0.0)), swiglu_limit, g.const(np.inf))
     up = g.Clip(up, g.Neg(limit), limit)
     gate = g.Min(gate, limit)
-    h = g.Mul(g.Mul(_silu(g, gate), up), g.Reshape(weights, g.i64(-1, 1)))
-    h = _maybe(g, act_quant, _fake_quant_fp8, _maybe(g, bf16, _round_bf16, h))
-    down_all = g.MatMul(h, g.Transpose(experts[2], perm=[0, 2, 1]))  # [E', P, D]
+    h = g.Mul(g.Mul(silu(g, gate), up), g.Reshape(weights, g.i64(-1, 1)))
+    h = maybe(g, act_quant, quantize_activation, maybe(g, bf16, round_bf16, h))
+    down_all = g.MatMul(h, g.Transpose(w2, perm=[0, 2, 1]))  # [E', P, D]
     picks = g.Range(g.const(0, np.int64), g.Squeeze(g.Shape(flat), g.i64(0)), g.const(1, np.int64))
     down = g.GatherND(down_all, g.Concat(g.Unsqueeze(local, g.i64(1)), g.Unsqueeze(picks, g.i64(1)), axis=1))
-    down = g.Where(g.Unsqueeze(valid, g.i64(1)), _maybe(g, bf16, _round_bf16, down), g.const(0.0))  # [P, D]
+    down = g.Where(g.Unsqueeze(valid, g.i64(1)), maybe(g, bf16, round_bf16, down), g.const(0.0))  # [P, D]
     per_slot = g.Reshape(down, g.Concat(g.Shape(indices), g.i64(-1), axis=0))  # [T, k, D]
-    return [g.ReduceSum(per_slot, g.i64(1), keepdims=0)]
+    return g.ReduceSum(per_slot, g.i64(1), keepdims=0)
 
 
-def _body_fake_quant_fp8(g: _Graph, x, block):
-    return [_fake_quant_fp8(g, x, g.Unsqueeze(block, g.i64(0)))]
+def _body_moe_experts(g: Graph, x, weights, indices, w1, s1, w3, s3, w2, s2, fmt, swiglu_limit, act_quant, bf16):
+    def decode(b: Graph, w: str, s: str, used: str) -> str:
+        return _decode_experts(b, w, s, used, fmt)
+
+    return [moe_experts_graph(g, x, weights, indices, [(w1, s1), (w3, s3), (w2, s2)], decode, fake_quant_fp8,
+                              swiglu_limit, act_quant, bf16)]
 
 
-def _body_hadamard_fp4(g: _Graph, x):
-    return [_fake_quant_fp4(g, _round_bf16(g, _hadamard(g, x)))]  # the reference's Hadamard returns bf16
+def _body_fake_quant_fp8(g: Graph, x, block):
+    return [fake_quant_fp8(g, x, g.Unsqueeze(block, g.i64(0)))]
 
 
-def _finite_or_zero(g: _Graph, x: str) -> str:
+def _body_hadamard_fp4(g: Graph, x):
+    return [fake_quant_fp4(g, round_bf16(g, _hadamard(g, x)))]  # the reference's Hadamard returns bf16
+
+
+def _finite_or_zero(g: Graph, x: str) -> str:
     """x where finite, else 0: the softmax shift that never computes -inf - -inf (registry.sparse_attn)."""
     finite = g.Not(g.Or(g.IsInf(x), g.IsNaN(x)))
     return g.Where(finite, x, g.const(0.0))
 
 
-def _body_sparse_attn(g: _Graph, q, kv, sink, idx, scale, bf16):
+def _body_sparse_attn(g: Graph, q, kv, sink, idx, scale, bf16):
     """registry.sparse_attn's online softmax: idx padded with -1 picks to whole blocks of ATTN_BLOCK, then a Loop
     over the blocks (in idx order) carrying the running max, the denominator and the accumulator [B,S,H,D]; per
     block the picked rows are gathered (-1 -> row 0, masked to -inf) and P is rounded to bf16 (with `bf16`)
@@ -417,7 +282,7 @@ def _body_sparse_attn(g: _Graph, q, kv, sink, idx, scale, bf16):
     rescale = body.Exp(body.Sub(max_in, shift))
     p = body.Exp(body.Sub(logits, body.Unsqueeze(shift, body.i64(-1))))
     denom = body.Add(body.Mul(denom_in, rescale), body.ReduceSum(p, body.i64(-1), keepdims=0))  # unrounded p
-    pv = body.MatMul(_maybe(body, bf16, _round_bf16, p), rows)
+    pv = body.MatMul(maybe(body, bf16, round_bf16, p), rows)
     acc = body.Add(body.Mul(acc_in, body.Unsqueeze(rescale, body.i64(-1))), pv)
     loop_body = body.graph([(cond, TensorProto.BOOL), (new_max, TensorProto.FLOAT), (denom, TensorProto.FLOAT),
                             (acc, TensorProto.FLOAT)],
@@ -431,14 +296,14 @@ def _body_sparse_attn(g: _Graph, q, kv, sink, idx, scale, bf16):
     return [g.Div(acc, g.Unsqueeze(g.Add(denom, sink_term), g.i64(-1)))]
 
 
-def _body_indexer_topk(g: _Graph, q, k, w, n_visible, topk, bf16):
+def _body_indexer_topk(g: Graph, q, k, w, n_visible, topk, bf16):
     """With `bf16` the dot products, the weighted relus and the head sum are each rounded to bf16 (the
     reference's bf16 einsum, product and reduction). ONNX TopK puts the lower index first among equal scores
     (relu zeros are common once q and k are FP4, and bf16 scores tie often), the rule the torch reference
     implements with a stable descending sort: picks agree exactly, ties included, even when they straddle the
     k-th place."""
     def rounded(x: str) -> str:
-        return _maybe(g, bf16, _round_bf16, x)
+        return maybe(g, bf16, round_bf16, x)
 
     scores = g.Relu(rounded(g.MatMul(q, g.Unsqueeze(g.Transpose(k, perm=[0, 2, 1]), g.i64(1)))))  # [B,S,h,N]
     scores = rounded(g.ReduceSum(rounded(g.Mul(scores, g.Unsqueeze(w, g.i64(-1)))), g.i64(2), keepdims=0))  # [B,S,N]
@@ -451,7 +316,7 @@ def _body_indexer_topk(g: _Graph, q, k, w, n_visible, topk, bf16):
     return [g.Where(g.GreaterOrEqual(picks, visible), g.const(-1, np.int64), picks)]
 
 
-def _body_compress_pool(g: _Graph, kv, score, ends, ratio, overlap):
+def _body_compress_pool(g: Graph, kv, score, ends, ratio, overlap):
     c = g.Add(overlap, g.const(1, np.int64))
     span = g.Mul(ratio, c)
     last = g.Max(ends, g.Sub(span, g.const(1, np.int64)))
@@ -473,11 +338,11 @@ def _body_compress_pool(g: _Graph, kv, score, ends, ratio, overlap):
     return [g.Where(g.Unsqueeze(g.GreaterOrEqual(ends, g.const(0, np.int64)), g.i64(-1)), pooled, g.const(0.0))]
 
 
-def _body_hc_pre(g: _Graph, x, fn, scale, base, iters, norm_eps, hc_eps):
+def _body_hc_pre(g: Graph, x, fn, scale, base, iters, norm_eps, hc_eps):
     bs, n = g.Shape(x, end=2), g.Shape(x, start=2, end=3)
     flat = g.Reshape(x, g.Concat(bs, g.i64(-1), axis=0))  # [B,S,nD]
     rms = g.Reciprocal(g.Sqrt(g.Add(g.ReduceMean(g.Mul(flat, flat), g.i64(-1), keepdims=1), norm_eps)))
-    mix = g.Mul(_linear(g, flat, fn), rms)  # [B,S,(2+n)n]
+    mix = g.Mul(linear(g, flat, fn), rms)  # [B,S,(2+n)n]
     two_n = g.Mul(n, g.i64(2))
 
     def part(start: str, end: str, i: int) -> str:
@@ -503,10 +368,10 @@ def _body_hc_pre(g: _Graph, x, fn, scale, base, iters, norm_eps, hc_eps):
     return [y, post, comb]
 
 
-def _body_hc_post(g: _Graph, f, res, post, comb):
+def _body_hc_post(g: Graph, f, res, post, comb):
     """sum_j comb[j,k] res_j summed over j = 0, 1, ... in order, each product and sum rounded on its own as
     registry.hc_post (a MatMul would sum in its own order, with FMAs): the first term, then a Loop over j >= 1."""
-    def term(b: _Graph, j: str) -> str:  # [B,S,k,D] = comb[:, :, j, k] res[:, :, j]
+    def term(b: Graph, j: str) -> str:  # [B,S,k,D] = comb[:, :, j, k] res[:, :, j]
         return b.Mul(b.Unsqueeze(b.Gather(comb, j, axis=2), b.i64(-1)), b.Unsqueeze(b.Gather(res, j, axis=2), b.i64(2)))
 
     body = g.sub()
@@ -537,15 +402,8 @@ _BODIES: dict[str, Callable[..., list[str]]] = {
 
 def function_body(op: OpDef) -> onnx.FunctionProto:
     """The model-local function `dsv4.<onnx_name>` implementing `op` with standard ONNX ops."""
-    g = _Graph()
-    inputs = tensor_inputs(op)
-    attrs = {n: g.attr(n, k) for n, k in attribute_kinds(op).items()}
-    outs = _BODIES[op.name](g, *inputs, **attrs)
-    names = output_names(op)
-    nodes = g.nodes + [helper.make_node("Identity", [v], [n]) for v, n in zip(outs, names)]
-    return helper.make_function(DOMAIN, op.onnx_name, inputs, list(names), nodes,
-                                [helper.make_opsetid("", ONNX_OPSET)], attributes=list(op.attributes),
-                                doc_string=op.doc)
+    return make_function(DOMAIN, op.onnx_name, tensor_inputs(op), list(output_names(op)), attribute_kinds(op),
+                         _BODIES[op.name], doc=op.doc)
 
 
 def function_bodies() -> list[onnx.FunctionProto]:
@@ -574,18 +432,24 @@ def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
         raise ValueError(f"model uses ONNX opset {opsets['']}, the dsv4 function bodies need {ONNX_OPSET}")
     if "" not in opsets:
         model.opset_import.append(helper.make_opsetid("", ONNX_OPSET))
-    if DOMAIN not in opsets:
-        model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
-    model.ir_version = max(model.ir_version, 8)  # model-local functions need IR 8
-    have = {(f.domain, f.name) for f in model.functions}
     used = _used_op_types(model.graph)
     for f in model.functions:  # dsv4 nodes inside the exporter's own functions count too
         used |= _used_op_types(helper.make_graph(f.node, f.name, [], []))
+    have = {(f.domain, f.name) for f in model.functions}
     by_name = {op.onnx_name: op for op in OPS.values()}
-    for op_type in sorted(used):
-        if (DOMAIN, op_type) not in have and op_type in by_name:
-            model.functions.append(function_body(by_name[op_type]))
+    add_functions(model, [function_body(by_name[t]) for t in sorted(used) if t in by_name and (DOMAIN, t) not in have])
     return model
+
+
+def add_functions(model: onnx.ModelProto, functions: Iterable[onnx.FunctionProto]) -> None:
+    """Add (in place) the `functions` the model does not define yet as model-local functions, and the dsv4 opset
+    import their nodes' callers need; the dsv4 bodies (attach_functions) and a target's reference functions
+    (targets.onnx_bundle.emulation_session) are attached the same way."""
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    model.ir_version = max(model.ir_version, 8)  # model-local functions need IR 8
+    have = {(f.domain, f.name) for f in model.functions}
+    model.functions.extend(f for f in functions if (f.domain, f.name) not in have)
 
 
 def translation_table() -> dict[torch._ops.OpOverload, Callable]:

@@ -27,9 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv4c.graphs import quant
-
-FP8_BLOCK = 128
-FP4_BLOCK = 32
+from dsv4c.graphs.quant import FP4_BLOCK, FP8_BLOCK, ExpertFormat
 
 
 class DimMath:
@@ -122,17 +120,17 @@ def decode_fp4(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def decode_expert(w: torch.Tensor, scale: torch.Tensor, fmt: int) -> torch.Tensor:
-    if fmt == 0:
+    if fmt == ExpertFormat.FP4:
         return decode_fp4(w, scale)
-    if fmt == 1:
+    if fmt == ExpertFormat.FP8:
         return decode_fp8(w, scale)
     return w.float()
 
 
 def _expert_weight(w: torch.Tensor, scale: torch.Tensor, e: int, fmt: int) -> torch.Tensor:
-    """Expert e of stacked weights. Float experts (fmt 2) carry no scales (model.Experts passes an empty
-    tensor), so the scale is indexed only for the quantised formats."""
-    return decode_expert(w[e], scale[e] if fmt != 2 else scale, fmt)
+    """Expert e of stacked weights. Float experts carry no scales (model.Experts passes an empty tensor), so
+    the scale is indexed only for the quantised formats."""
+    return decode_expert(w[e], scale[e] if fmt != ExpertFormat.FLOAT else scale, fmt)
 
 
 # ---- quantized linears -----------------------------------------------------------------------------------

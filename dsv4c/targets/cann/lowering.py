@@ -25,10 +25,12 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from dsv4c.graphs.ops.onnx_builder import ONNX_DOMAIN, STANDARD_DOMAINS
+from dsv4c.graphs.quant import FP8_BLOCK, ExpertFormat
 from dsv4c.targets.cann import requant
 from dsv4c.targets.cann.mapping import (
-    DOMAIN, DOMAIN_VERSION, DSV4_DOMAIN, DT_BF16, DT_FLOAT8_E4M3FN, DT_INT8, KERNEL_TBD, MX_BLOCK, MX_GROUP_SIZE,
-    ONNX_DOMAIN,
+    CUSTOM_DOMAIN_VERSIONS, DOMAIN, DSV4_DOMAIN, DT_BF16, DT_FLOAT8_E4M3FN, DT_INT8, KERNEL_TBD, MX_BLOCK,
+    MX_GROUP_SIZE,
 )
 
 OPSET = 18  # ATC parses ONNX opsets 11..18 (hiascend ATC guide); torch's exporter writes 18 natively
@@ -162,9 +164,9 @@ class Rewriter:
             y = self.emit("MatMul", [x1, wf], 1, hint="Fp8GroupedLinear")[0]  # [..., G, 1, R]
             self.emit("Squeeze", [y, self.i64(-2)], [node.output[0]], hint="Fp8GroupedLinear")
             return
-        if rows % requant.FP8_BLOCK:
+        if rows % FP8_BLOCK:
             raise ValueError(f"{wname}: group rows {rows} are not a multiple of 128 (the FP8 block rows)")
-        outs, blocks = [], rows // requant.FP8_BLOCK
+        outs, blocks = [], rows // FP8_BLOCK
         for gi in range(groups):  # group gi: weight rows gi*R .. (gi+1)*R and their 128-row scale blocks
             xg = self.emit("Gather", [x, self.i64(gi)], 1, hint="Fp8GroupedLinear", axis=-2)[0]  # [..., 1, K]
             y2d = self.quant_linear(self.flatten(xg, k, "Fp8GroupedLinear"), bits[gi * rows:(gi + 1) * rows],
@@ -176,7 +178,7 @@ class Rewriter:
 
     def moe_experts(self, node: onnx.NodeProto) -> None:
         a = _attrs(node)
-        if a["fmt"] != 0:
+        if a["fmt"] != ExpertFormat.FP4:
             raise ValueError(f"node {node.name!r}: MoeExperts fmt={a['fmt']}; the CANN lowering converts the "
                              "shipped FP4 experts (fmt 0) only")
         inputs = list(node.input[:3])
@@ -255,7 +257,7 @@ def lower_program(path: Path, soc: str, expert_bits: int, stats: requant.ErrorSt
         if node.domain == DSV4_DOMAIN:
             REWRITES.get(node.op_type, Rewriter.keep_tbd)(rw, node)
         else:
-            if node.domain in ("", ONNX_DOMAIN):
+            if node.domain in STANDARD_DOMAINS:
                 node.domain = ONNX_DOMAIN
             rw.nodes.append(node)
     del model.graph.node[:]
@@ -268,7 +270,7 @@ def lower_program(path: Path, soc: str, expert_bits: int, stats: requant.ErrorSt
 def _set_opsets(model: onnx.ModelProto) -> None:
     used = {n.domain for n in model.graph.node}
     keep = [helper.make_opsetid(ONNX_DOMAIN, OPSET)]
-    keep += [helper.make_opsetid(d, DOMAIN_VERSION) for d in (DOMAIN, DSV4_DOMAIN) if d in used]
+    keep += [helper.make_opsetid(d, version) for d, version in CUSTOM_DOMAIN_VERSIONS.items() if d in used]
     del model.opset_import[:]
     model.opset_import.extend(keep)
 

@@ -33,10 +33,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dsv4c.graphs.ops.onnx import DOMAIN as DSV4_DOMAIN
+from dsv4c.graphs.ops.onnx import DOMAIN_VERSION as DSV4_DOMAIN_VERSION
+
 DOMAIN = "dsv4.cann"  # nodes whose op type is a CANN operator (or a dsv4c-defined one for CANN)
 DOMAIN_VERSION = 1
-DSV4_DOMAIN = "dsv4"
-ONNX_DOMAIN = "ai.onnx"  # explicit default domain (ATC: more than one opset import needs explicit domains)
+CUSTOM_DOMAIN_VERSIONS = {DOMAIN: DOMAIN_VERSION, DSV4_DOMAIN: DSV4_DOMAIN_VERSION}  # the bundle's custom opsets
 KERNEL_TBD = "TBD"  # value of the `cann_kernel` attribute on nodes no public AscendC kernel implements
 
 # GE data type enum values used in attributes (GE DataType / aclDataType; [ops-nn] DynamicQuant `dst_type`,
@@ -180,7 +182,7 @@ def plugin_source(node_types: list[tuple[str, str]]) -> str:
     ]
     for domain, op_type in sorted(set(node_types)):
         ge_type = op_type if domain == DOMAIN else f"Dsv4{op_type}"
-        origin = f"{domain}::{DOMAIN_VERSION}::{op_type}"
+        origin = f"{domain}::{CUSTOM_DOMAIN_VERSIONS[domain]}::{op_type}"
         lines += [f'REGISTER_CUSTOM_OP("{ge_type}")', "    .FrameworkType(ONNX)",
                   f'    .OriginOpType("{origin}")', "    .ParseParamsByOperatorFn(AutoMappingByOpFn);", ""]
     lines.append("}  // namespace domi")

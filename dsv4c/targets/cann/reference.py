@@ -17,91 +17,94 @@ HcPre / HcPost and the dsv4-domain nodes run the dsv4 function bodies (same sema
 emulation keeps registry.py's rounding points too: SparseAttn's per-block bf16 probabilities and IndexerTopK's bf16
 scores (attribute bf16), HadamardFp4's bf16 rotation, HcPost's in-order sum over the streams.
 
-The bodies reuse the building blocks of dsv4c.graphs.ops.onnx (the dsv4 function bodies' helpers), so the
-rounding steps (FP8 cast, bf16 cast, pow2 scales) are bit-identical to the dsv4 bodies'.
+The bodies are built with dsv4c.graphs.ops.onnx_builder, as the dsv4 bodies are, so the rounding steps (FP8 cast,
+bf16 cast, pow2 scales, FP4 decode) are bit-identical to theirs. MoeExpertsInt/Mx are the dsv4 MoeExperts graph
+(onnx.moe_experts_graph) with two parts swapped: the weight decode (INT8 / INT4 / MXFP4 with e8m0 scales instead of
+the shipped FP4 / FP8 blocks) and the activation quantizer (per-token INT8 / MXFP8 instead of FP8 1x128 blocks).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
 from dsv4c.graphs import quant
-from dsv4c.graphs.ops.onnx import (  # the dsv4 bodies' helpers: shared rounding rules
-    ONNX_OPSET, _blocked, _branch, _ceil_pow2, _decode_fp4, _fp8_table, _Graph, _maybe, _round_bf16, _round_fp8,
-    _silu,
+from dsv4c.graphs.ops.onnx import function_bodies, moe_experts_graph
+from dsv4c.graphs.ops.onnx_builder import (
+    ONNX_DOMAIN, Graph, blocked_fake_quant, branch, ceil_pow2, decode_fp4, e8m0_value, fp8_table, make_function, maybe,
+    round_bf16, round_fp8,
 )
 from dsv4c.targets.cann.mapping import (
-    DOMAIN, DSV4_DOMAIN, DT_BF16, DT_FLOAT8_E4M3FN, DT_INT8, MX_BLOCK, MX_GROUP_SIZE, ONNX_DOMAIN,
+    DOMAIN, DOMAIN_VERSION, DSV4_DOMAIN, DT_BF16, DT_FLOAT8_E4M3FN, DT_INT8, MX_BLOCK, MX_GROUP_SIZE,
 )
 
 MX_MIN_AMAX = quant.FP8_MAX * 2.0 ** -126  # MX: smallest amax given a normal scale (all-zero blocks)
+INT8_MAX = 127.0  # DynamicQuant's int8 range: [-INT8_MAX - 1, INT8_MAX]
 
 
 # ---- quantizers (fake: quantize-dequantize, for the fused MoE nodes) ----------------------------------------
-def _int8_per_token(g: _Graph, x: str) -> str:
-    """DynamicQuant followed by its dequantization: the activation the int8 GEMM effectively sees."""
-    xb = _round_bf16(g, x)
-    s = g.Div(g.ReduceMax(g.Abs(xb), g.i64(-1), keepdims=1), g.const(127.0))
+def _int8_rows(g: Graph, x: str) -> tuple[str, str]:
+    """DynamicQuant's arithmetic: (the int8 values as float, the per-row scale [..., 1])."""
+    xb = round_bf16(g, x)
+    s = g.Div(g.ReduceMax(g.Abs(xb), g.i64(-1), keepdims=1), g.const(INT8_MAX))
     s = g.Where(g.Equal(s, g.const(0.0)), g.const(1.0), s)
-    return g.Mul(g.Clip(g.Round(g.Div(xb, s)), g.const(-128.0), g.const(127.0)), s)
+    return g.Clip(g.Round(g.Div(xb, s)), g.const(-INT8_MAX - 1), g.const(INT8_MAX)), s
 
 
-def _mx_fp8(g: _Graph, x: str) -> str:
+def _int8_per_token(g: Graph, x: str) -> str:
+    """DynamicQuant followed by its dequantization: the activation the int8 GEMM effectively sees."""
+    return g.Mul(*_int8_rows(g, x))
+
+
+def _mx_fp8(g: Graph, x: str) -> str:
     """DynamicMxQuant (scale_alg 1, block 32) followed by its dequantization."""
-    return _blocked(g, x, g.i64(MX_BLOCK), _round_fp8, quant.FP8_MAX, MX_MIN_AMAX)
-
-
-def _e8m0_value(g: _Graph, byte: str) -> str:
-    return g.Pow(g.const(2.0), g.Sub(g.Cast(byte, to=TensorProto.FLOAT), g.const(127.0)))
+    return blocked_fake_quant(g, x, g.i64(MX_BLOCK), round_fp8, quant.FP8_MAX, MX_MIN_AMAX)
 
 
 # ---- the functions ------------------------------------------------------------------------------------------
-def _body_dynamic_quant(g: _Graph, x):
-    xb = _round_bf16(g, x)
-    s = g.Div(g.ReduceMax(g.Abs(xb), g.i64(-1), keepdims=1), g.const(127.0))
-    s = g.Where(g.Equal(s, g.const(0.0)), g.const(1.0), s)
-    q = g.Clip(g.Round(g.Div(xb, s)), g.const(-128.0), g.const(127.0))
+def _body_dynamic_quant(g: Graph, x):
+    q, s = _int8_rows(g, x)
     return [g.Cast(q, to=TensorProto.INT8), g.Squeeze(s, g.i64(-1))]
 
 
-def _body_dynamic_mx_quant(g: _Graph, x):
+def _body_dynamic_mx_quant(g: Graph, x):
     blocks = g.Reshape(x, g.Concat(g.Shape(x, end=-1), g.i64(-1, MX_BLOCK), axis=0))  # [..., K/32, 32]
     amax = g.Max(g.ReduceMax(g.Abs(blocks), g.i64(-1), keepdims=1), g.const(MX_MIN_AMAX))
-    p = _ceil_pow2(g, g.Div(amax, g.const(quant.FP8_MAX)))  # [..., K/32, 1], exact powers of two
-    y = g.Reshape(_round_fp8(g, g.Div(blocks, p)), g.Shape(x))
+    p = ceil_pow2(g, g.Div(amax, g.const(quant.FP8_MAX)))  # [..., K/32, 1], exact powers of two
+    y = g.Reshape(round_fp8(g, g.Div(blocks, p)), g.Shape(x))
     exponent = g.Round(g.Div(g.Log(p), g.const(math.log(2.0))))  # exact: p is a power of two
-    byte = g.Cast(g.Add(exponent, g.const(127.0)), to=TensorProto.UINT8)
+    byte = g.Cast(g.Add(exponent, g.const(float(quant.E8M0_BIAS))), to=TensorProto.UINT8)
     return [y, g.Reshape(byte, g.Concat(g.Shape(x, end=-1), g.i64(-1, 2), axis=0))]  # [..., K/64, 2]
 
 
-def _bf16_out(g: _Graph, dtype: str, y: str) -> str:
-    return _maybe(g, g.Cast(g.Equal(dtype, g.const(DT_BF16, np.int64)), to=TensorProto.INT64), _round_bf16, y)
+def _bf16_out(g: Graph, dtype: str, y: str) -> str:
+    return maybe(g, g.Cast(g.Equal(dtype, g.const(DT_BF16, np.int64)), to=TensorProto.INT64), round_bf16, y)
 
 
-def _body_qbmm(g: _Graph, x1, x2, scale, pertoken_scale, dtype):
+def _body_qbmm(g: Graph, x1, x2, scale, pertoken_scale, dtype):
     acc = g.MatMul(g.Cast(x1, to=TensorProto.FLOAT), g.Transpose(g.Cast(x2, to=TensorProto.FLOAT), perm=[1, 0]))
     y = g.Mul(g.Mul(acc, g.Unsqueeze(scale, g.i64(0))), g.Unsqueeze(pertoken_scale, g.i64(-1)))
     return [_bf16_out(g, dtype, y)]
 
 
-def _mx_expand(g: _Graph, byte: str) -> str:
+def _mx_expand(g: Graph, byte: str) -> str:
     """e8m0 bytes [R, K/64, 2] -> f32 scale per element [R, K]."""
-    value = g.Reshape(_e8m0_value(g, byte), g.Concat(g.Shape(byte, end=1), g.i64(-1), axis=0))  # [R, K/32]
+    value = g.Reshape(e8m0_value(g, byte), g.Concat(g.Shape(byte, end=1), g.i64(-1), axis=0))  # [R, K/32]
     per = g.Expand(g.Unsqueeze(value, g.i64(-1)), g.i64(MX_BLOCK))
     return g.Reshape(per, g.Concat(g.Shape(byte, end=1), g.i64(-1), axis=0))
 
 
-def _body_qbmm_mx(g: _Graph, x1, x2, scale, pertoken_scale, dtype):
+def _body_qbmm_mx(g: Graph, x1, x2, scale, pertoken_scale, dtype):
     a = g.Mul(x1, _mx_expand(g, pertoken_scale))  # x1: e4m3 values from DynamicMxQuant
-    w = g.Mul(g.Gather(g.const(_fp8_table()), g.Cast(x2, to=TensorProto.INT32)), _mx_expand(g, scale))
+    w = g.Mul(g.Gather(g.const(fp8_table()), g.Cast(x2, to=TensorProto.INT32)), _mx_expand(g, scale))
     return [_bf16_out(g, dtype, g.MatMul(a, g.Transpose(w, perm=[1, 0])))]
 
 
-def _scale_per_element(g: _Graph, s: str) -> str:
+def _scale_per_element(g: Graph, s: str) -> str:
     """Scales [..., N, K/32] -> [..., N, K]."""
     per = g.Expand(g.Unsqueeze(s, g.i64(-1)), g.i64(MX_BLOCK))
     return g.Reshape(per, g.Concat(g.Shape(s, end=-1), g.i64(-1), axis=0))
@@ -115,59 +118,41 @@ def _int4_table() -> np.ndarray:
 
 
 def _decode_int(bits_attr: str):
-    def decode(g: _Graph, w: str, s: str) -> str:
-        def int8(b: _Graph) -> str:
+    def decode(g: Graph, w: str, s: str) -> str:
+        def int8(b: Graph) -> str:
             return b.Mul(b.Cast(w, to=TensorProto.FLOAT), _scale_per_element(b, s))
 
-        def int4(b: _Graph) -> str:
+        def int4(b: Graph) -> str:
             pairs = b.Gather(b.const(_int4_table()), b.Cast(w, to=TensorProto.INT32))  # [..., N, K/2, 2]
             values = b.Reshape(pairs, b.Concat(b.Shape(w, end=-1), b.i64(-1), axis=0))
             return b.Mul(values, _scale_per_element(b, s))
 
-        return _branch(g, g.Equal(bits_attr, g.const(4, np.int64)), int4, int8)
+        return branch(g, g.Equal(bits_attr, g.const(4, np.int64)), int4, int8)
 
     return decode
 
 
-def _decode_mxfp4(g: _Graph, w: str, s: str) -> str:
-    return _decode_fp4(g, w, _e8m0_value(g, s))
+def _decode_mxfp4(g: Graph, w: str, s: str) -> str:
+    return decode_fp4(g, w, e8m0_value(g, s))
 
 
-def _moe(g: _Graph, x, weights, indices, w1, s1, w3, s3, w2, s2, swiglu_limit, act_quant, bf16, decode, actq):
-    """registry.moe_experts' algorithm (as the dsv4 MoeExperts body: per pick, dense over the used experts),
-    with the SoC's weight decode and activation quantizer."""
-    flat = g.Reshape(indices, g.i64(-1))
-    valid = g.GreaterOrEqual(flat, g.const(0, np.int64))
-    used, _, local, _ = g.Unique(g.Max(flat, g.const(0, np.int64)), sorted=1, _outputs=4)
-    experts = [decode(g, g.Gather(w, used), g.Gather(s, used)) for w, s in ((w1, s1), (w3, s3), (w2, s2))]
-    xq = _maybe(g, act_quant, actq, x)
-    gate_all, up_all = (_maybe(g, bf16, _round_bf16, g.MatMul(xq, g.Transpose(e, perm=[0, 2, 1])))
-                        for e in experts[:2])
-    tokens = g.Range(g.const(0, np.int64), g.Squeeze(g.Shape(x, end=1), g.i64(0)), g.const(1, np.int64))
-    tok = g.Reshape(g.Expand(g.Unsqueeze(tokens, g.i64(1)), g.Shape(indices)), g.i64(-1))
-    at = g.Concat(g.Unsqueeze(local, g.i64(1)), g.Unsqueeze(tok, g.i64(1)), axis=1)
-    gate, up = g.GatherND(gate_all, at), g.GatherND(up_all, at)
-    limit = g.Where(g.Greater(swiglu_limit, g.const(0.0)), swiglu_limit, g.const(np.inf))
-    up, gate = g.Clip(up, g.Neg(limit), limit), g.Min(gate, limit)
-    h = g.Mul(g.Mul(_silu(g, gate), up), g.Reshape(weights, g.i64(-1, 1)))
-    h = _maybe(g, act_quant, actq, _maybe(g, bf16, _round_bf16, h))
-    down_all = g.MatMul(h, g.Transpose(experts[2], perm=[0, 2, 1]))
-    picks = g.Range(g.const(0, np.int64), g.Squeeze(g.Shape(flat), g.i64(0)), g.const(1, np.int64))
-    down = g.GatherND(down_all, g.Concat(g.Unsqueeze(local, g.i64(1)), g.Unsqueeze(picks, g.i64(1)), axis=1))
-    down = g.Where(g.Unsqueeze(valid, g.i64(1)), _maybe(g, bf16, _round_bf16, down), g.const(0.0))
-    per_slot = g.Reshape(down, g.Concat(g.Shape(indices), g.i64(-1), axis=0))
-    return [g.ReduceSum(per_slot, g.i64(1), keepdims=0)]
+def _gathered(decode: Callable[[Graph, str, str], str]):
+    """A decoder of stacked expert weights (moe_experts_graph's `decode`) from one of a single expert's."""
+    def decode_used(g: Graph, w: str, s: str, used: str) -> str:
+        return decode(g, g.Gather(w, used), g.Gather(s, used))
+
+    return decode_used
 
 
-def _body_moe_int(g: _Graph, x, weights, indices, w1, s1, w3, s3, w2, s2, weight_bits, swiglu_limit, act_quant,
+def _body_moe_int(g: Graph, x, weights, indices, w1, s1, w3, s3, w2, s2, weight_bits, swiglu_limit, act_quant,
                   bf16):
-    return _moe(g, x, weights, indices, w1, s1, w3, s3, w2, s2, swiglu_limit, act_quant, bf16,
-                _decode_int(weight_bits), _int8_per_token)
+    return [moe_experts_graph(g, x, weights, indices, [(w1, s1), (w3, s3), (w2, s2)],
+                              _gathered(_decode_int(weight_bits)), _int8_per_token, swiglu_limit, act_quant, bf16)]
 
 
-def _body_moe_mx(g: _Graph, x, weights, indices, w1, s1, w3, s3, w2, s2, swiglu_limit, act_quant, bf16):
-    return _moe(g, x, weights, indices, w1, s1, w3, s3, w2, s2, swiglu_limit, act_quant, bf16,
-                _decode_mxfp4, _mx_fp8)
+def _body_moe_mx(g: Graph, x, weights, indices, w1, s1, w3, s3, w2, s2, swiglu_limit, act_quant, bf16):
+    return [moe_experts_graph(g, x, weights, indices, [(w1, s1), (w3, s3), (w2, s2)], _gathered(_decode_mxfp4),
+                              _mx_fp8, swiglu_limit, act_quant, bf16)]
 
 
 # name -> (body, inputs, outputs, attributes {name: kind})
@@ -185,17 +170,11 @@ _FUNCTIONS = {
 
 def reference_function(name: str) -> onnx.FunctionProto:
     body, inputs, outputs, attrs = _FUNCTIONS[name]
-    g = _Graph()
-    values = body(g, *inputs, **{a: g.attr(a, kind) for a, kind in attrs.items()})
-    nodes = g.nodes + [helper.make_node("Identity", [v], [o]) for v, o in zip(values, outputs)]
-    return helper.make_function(DOMAIN, name, list(inputs), list(outputs), nodes,
-                                [helper.make_opsetid("", ONNX_OPSET)], attributes=list(attrs))
+    return make_function(DOMAIN, name, list(inputs), list(outputs), attrs, body)
 
 
 def reference_functions() -> list[onnx.FunctionProto]:
     """The dsv4.cann reference functions and the dsv4 bodies (for HcPre/HcPost and the dsv4-domain nodes)."""
-    from dsv4c.graphs.ops.onnx import function_bodies
-
     return [reference_function(n) for n in _FUNCTIONS] + function_bodies()
 
 
@@ -267,7 +246,7 @@ def prepare(model: onnx.ModelProto) -> None:
         if o.domain == ONNX_DOMAIN:
             o.domain = ""
     if not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+        model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
     for node in model.graph.node:
         if node.domain == ONNX_DOMAIN:
             node.domain = ""

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from dsv4c.graphs import quant
-
-FP8_BLOCK, MX_BLOCK = 128, 32
+from dsv4c.graphs.quant import E8M0_BIAS, FP4_BLOCK, FP8_BLOCK
+from dsv4c.targets.cann.mapping import MX_BLOCK
 
 
 # ---- decoding the shipped formats (the references every error is measured against) -------------------------
@@ -41,7 +41,7 @@ def decode_fp8(bits: np.ndarray, scale: np.ndarray) -> torch.Tensor:
 
 def decode_fp4(packed: np.ndarray, scale: np.ndarray) -> torch.Tensor:
     """uint8 packed e2m1 [..., N, K/2] + f32 scales [..., N, K/32] -> f32 [..., N, K]."""
-    return quant.unpack_fp4(torch.from_numpy(packed)) * torch.from_numpy(scale).float().repeat_interleave(MX_BLOCK, -1)
+    return quant.unpack_fp4(torch.from_numpy(packed)) * torch.from_numpy(scale).float().repeat_interleave(FP4_BLOCK, -1)
 
 
 def to_e8m0(scale: np.ndarray | torch.Tensor, name: str = "scale") -> np.ndarray:
@@ -51,14 +51,14 @@ def to_e8m0(scale: np.ndarray | torch.Tensor, name: str = "scale") -> np.ndarray
     if not bool((mant == 0.5).all()):
         bad = s[mant != 0.5].flatten()[:3].tolist()
         raise ValueError(f"{name}: scales must be exact powers of two to be e8m0 (got e.g. {bad})")
-    byte = exp - 1 + 127
-    if bool(((byte < 0) | (byte > 254)).any()):
+    byte = exp - 1 + E8M0_BIAS
+    if bool(((byte < 0) | (byte > 2 * E8M0_BIAS)).any()):
         raise ValueError(f"{name}: a scale is outside e8m0's range 2^-127..2^127")
     return byte.to(torch.uint8).numpy()
 
 
 def from_e8m0(byte: np.ndarray) -> torch.Tensor:
-    return torch.ldexp(torch.ones(byte.shape), torch.from_numpy(byte.astype(np.int32)) - 127)
+    return torch.ldexp(torch.ones(byte.shape), torch.from_numpy(byte.astype(np.int32)) - E8M0_BIAS)
 
 
 # ---- Ascend 950 ---------------------------------------------------------------------------------------------

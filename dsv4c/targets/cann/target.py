@@ -29,6 +29,7 @@ from typing import Any
 import onnx
 
 from dsv4c._version import __version__ as DSV4C_VERSION
+from dsv4c.graphs.ops.onnx_builder import ONNX_DOMAIN
 from dsv4c.targets.base import TargetCheck, ToolchainMissing
 from dsv4c.targets.cann import mapping
 from dsv4c.targets.cann.lowering import OPSET, lower_program
@@ -106,7 +107,7 @@ class CannTarget:
         for name, rel in files.items():
             model = lower_program(bundle_dir / rel, soc, bits, stats)
             for (domain, op), count in op_census(model).items():
-                if domain == mapping.ONNX_DOMAIN:
+                if domain == ONNX_DOMAIN:
                     unlisted |= {op} - atc_ops
                 else:
                     custom[(domain, op)] = custom.get((domain, op), 0) + count

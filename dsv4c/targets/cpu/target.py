@@ -39,14 +39,10 @@ class CpuTarget:
         return check
 
     def lower(self, programs: dict[str, Any], bundle_dir: Path, recipe: Any, meta: dict[str, Any]) -> None:
-        from dsv4c.graphs.ops.onnx import ONNX_OPSET, write_onnx_program
+        from dsv4c.graphs.ops.onnx import ONNX_OPSET
+        from dsv4c.targets.onnx_bundle import export_bundle_programs, share_weights
 
-        from dsv4c.targets.onnx_bundle import share_weights
-
-        files = {}
-        for name, ep in programs.items():
-            write_onnx_program(ep, bundle_dir / f"{name}.onnx")
-            files[name] = f"{name}.onnx"
+        files = export_bundle_programs(programs, bundle_dir, ONNX_OPSET)  # with the function bodies: portable
         share_weights(bundle_dir, files)  # decode reads prefill's weights: one copy on disk and in page cache
         (bundle_dir / "bundle.json").write_text(json.dumps(
             {**meta, "format": "onnx", "opset": ONNX_OPSET, "programs": files}, indent=2))

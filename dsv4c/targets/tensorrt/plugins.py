@@ -124,7 +124,7 @@ def aot_kernel(op: str, shapes: Sequence[Sequence[Any]], attrs: dict, cdiv: Call
     dsv4c.targets.tensorrt.kernels (same kernels, same block choices); `cdiv` is triton.cdiv or trtp.cdiv
     (shape expressions), applied through _ceil_div."""
     from dsv4c.targets.tensorrt.kernels import attention, compressor, fp8_gemm, hyper_connections, quant
-    from dsv4c.targets.tensorrt.kernels._common import next_pow2
+    from dsv4c.targets.tensorrt.kernels.common import next_pow2
 
     def ceil_div(a: Any, b: Any) -> Any:
         return _ceil_div(a, b, cdiv)

@@ -70,7 +70,7 @@ class TensorRTTarget:
         return check
 
     def lower(self, programs: dict[str, Any], bundle_dir: Path, recipe: Any, meta: dict[str, Any]) -> None:
-        from dsv4c.targets.onnx_bundle import export_bundle_programs, share_weights
+        from dsv4c.targets.onnx_bundle import custom_nodes, export_bundle_programs, share_weights
 
         files = export_bundle_programs(programs, bundle_dir, OPSET, hook=mark_plugins)
         share_weights(bundle_dir, files)  # the bundle ships each weight once; the parser follows each location
@@ -80,7 +80,7 @@ class TensorRTTarget:
             **meta, "format": "onnx", "opset": OPSET, "programs": files,
             "arch": recipe.target.arch,
             "plugins": sorted({f"{PLUGIN_NAMESPACE}::{n.op_type}" for f in files.values()
-                               for n in _custom_nodes(bundle_dir / f)}),
+                               for n in custom_nodes(onnx.load(bundle_dir / f, load_external_data=False), DOMAIN)}),
             "profiles": profiles(rt.max_batch_size, rt.max_seq_len),
             "build_command": "dsv4c build --from-bundle .",
         }, indent=2))
@@ -207,10 +207,6 @@ def _profile(builder, network, ranges: dict[str, list[int]], cache: list[dict[st
     for i, (lo, opt, hi) in enumerate(shapes):
         profile.set_shape(network.get_input(i).name, lo, opt, hi)
     return profile
-
-
-def _custom_nodes(path: Path) -> list[onnx.NodeProto]:
-    return [n for n in onnx.load(path, load_external_data=False).graph.node if n.domain == DOMAIN]
 
 
 def _copy_plugin_sources(dest: Path) -> None:

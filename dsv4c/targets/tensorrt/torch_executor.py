@@ -25,8 +25,7 @@ import torch
 from onnx import numpy_helper
 
 from dsv4c.artifact import ArtifactError
-
-DOMAIN = "dsv4"
+from dsv4c.graphs.ops.onnx import DOMAIN
 
 _ONNX_DTYPES = {
     onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.DOUBLE: torch.float64,

@@ -11,7 +11,10 @@
 
 namespace dsv4 {
 
-enum WeightFormat : int32_t { kFp4 = 0, kFp8 = 1, kF32 = 2 };  // = the `fmt` attribute of MoeExperts
+// Values of dsv4c.graphs.quant (tests/test_shared_constants.py checks that they agree):
+enum WeightFormat : int32_t { kFp4 = 0, kFp8 = 1, kF32 = 2 };  // = ExpertFormat, the `fmt` attribute of MoeExperts
+constexpr int64_t kFp8Block = 128;  // = FP8_BLOCK: FP8 weight scales per 128x128, activation ones per 1x128
+constexpr int64_t kFp4Block = 32;   // = FP4_BLOCK: FP4 scales per 1x32
 
 // One [N, K] weight matrix as stored in the model.
 //   fp4: uint8 [N, K/2], two e2m1 values per byte (element 2i in the low nibble), float scale [N, K/32]

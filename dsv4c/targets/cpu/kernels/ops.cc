@@ -321,21 +321,23 @@ constexpr auto ANY = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
 QuantWeight fp8_weight(const Context& c, const Tensor& w, const Tensor& s) {
   c.require(w.rank() == 2, std::string("input '") + w.name + "' must be uint8 [N, K], got " + shape_str(w.shape));
   const int64_t n = w.dim(0), k = w.dim(1);
-  c.require(s.rank() == 2 && s.dim(0) == (n + 127) / 128 && s.dim(1) == (k + 127) / 128,
-            std::string("input '") + s.name + "' must be [ceil(N/128), ceil(K/128)] = [" +
-                std::to_string((n + 127) / 128) + ", " + std::to_string((k + 127) / 128) + "] for " + w.name + " " +
-                shape_str(w.shape) + ", got " + shape_str(s.shape));
+  const int64_t nb = (n + kFp8Block - 1) / kFp8Block, kb = (k + kFp8Block - 1) / kFp8Block;
+  c.require(s.rank() == 2 && s.dim(0) == nb && s.dim(1) == kb,
+            std::string("input '") + s.name + "' must be [ceil(N/128), ceil(K/128)] = [" + std::to_string(nb) +
+                ", " + std::to_string(kb) + "] for " + w.name + " " + shape_str(w.shape) + ", got " +
+                shape_str(s.shape));
   return QuantWeight{kFp8, w.data, s.f32(), n, k};
 }
 
 // Activations [rows, K] fake-quantised to FP8 (blocks of 128) into `buf`, in parallel; returns buf.
 const float* act_quant_rows(const Context& c, const float* x, int64_t rows, int64_t k, std::vector<float>& buf) {
-  c.require(k % 128 == 0, "act_quant needs the last dim of x to be a multiple of 128, got " + std::to_string(k));
+  c.require(k % kFp8Block == 0,
+            "act_quant needs the last dim of x to be a multiple of 128, got " + std::to_string(k));
   buf.resize(rows * k);
   const int64_t per = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
   c.parallel((rows + per - 1) / per, 4.0 * rows * k, [&](size_t t) {
     for (int64_t r = t * per; r < std::min(rows, (int64_t)(t + 1) * per); ++r)
-      fake_quant_fp8(x + r * k, buf.data() + r * k, k, 128);
+      fake_quant_fp8(x + r * k, buf.data() + r * k, k, kFp8Block);
   });
   return buf.data();
 }
@@ -405,7 +407,7 @@ struct MoeExperts : Kernel {
         swiglu_limit(attr_float(info, "MoeExperts", "swiglu_limit")),
         act_quant(attr_int(info, "MoeExperts", "act_quant") != 0),
         bf16(attr_int(info, "MoeExperts", "bf16") != 0) {
-    if (fmt < 0 || fmt > 2)
+    if (fmt < kFp4 || fmt > kF32)
       throw std::runtime_error("dsv4.MoeExperts: attribute fmt must be 0 (fp4), 1 (fp8) or 2 (float), got " +
                                std::to_string(fmt));
   }
@@ -423,16 +425,18 @@ struct MoeExperts : Kernel {
 
   Stack stack(const Context& c, const Tensor& w, const Tensor& s, int64_t e, int64_t n, int64_t k) const {
     const std::string what = std::string("input '") + w.name + "'";
-    const std::vector<int64_t> want_w = fmt == 0 ? std::vector<int64_t>{e, n, k / 2} : std::vector<int64_t>{e, n, k};
-    c.require(w.type == (fmt == 2 ? F32 : U8), what + " must be " + (fmt == 2 ? "float32" : "uint8") +
+    const std::vector<int64_t> want_w = fmt == kFp4 ? std::vector<int64_t>{e, n, k / 2} : std::vector<int64_t>{e, n, k};
+    c.require(w.type == (fmt == kF32 ? F32 : U8), what + " must be " + (fmt == kF32 ? "float32" : "uint8") +
                                                    " for fmt " + std::to_string(fmt) + ", got " + type_name(w.type));
     c.require(w.shape == want_w, what + " must be " + shape_str(want_w) + ", got " + shape_str(w.shape));
-    if (fmt == 0) c.require(k % 32 == 0, "fp4 experts need dims that are multiples of 32, got " + std::to_string(k));
+    if (fmt == kFp4)
+      c.require(k % kFp4Block == 0, "fp4 experts need dims that are multiples of 32, got " + std::to_string(k));
     Stack st{(int32_t)fmt, w.u8(), nullptr, e, n, k, 0, 0};
-    st.w_stride = (fmt == 0 ? n * k / 2 : n * k) * (fmt == 2 ? 4 : 1);
-    if (fmt == 2) return st;  // float experts carry no scales (model.Experts passes an empty tensor)
-    const std::vector<int64_t> want_s = fmt == 0 ? std::vector<int64_t>{e, n, k / 32}
-                                                 : std::vector<int64_t>{e, (n + 127) / 128, (k + 127) / 128};
+    st.w_stride = (fmt == kFp4 ? n * k / 2 : n * k) * (fmt == kF32 ? 4 : 1);
+    if (fmt == kF32) return st;  // float experts carry no scales (model.Experts passes an empty tensor)
+    const int64_t nb = (n + kFp8Block - 1) / kFp8Block, kb = (k + kFp8Block - 1) / kFp8Block;
+    const std::vector<int64_t> want_s = fmt == kFp4 ? std::vector<int64_t>{e, n, k / kFp4Block}
+                                                   : std::vector<int64_t>{e, nb, kb};
     c.require(s.shape == want_s, std::string("input '") + s.name + "' must be " + shape_str(want_s) + ", got " +
                                      shape_str(s.shape));
     st.scale = s.f32();
@@ -451,8 +455,9 @@ struct MoeExperts : Kernel {
                                                              shape_str(x.shape));
     const Stack up1 = stack(c, w1, s1, E, I, D), up3 = stack(c, w3, s3, E, I, D), down = stack(c, w2, s2, E, D, I);
     if (act_quant)
-      c.require(D % 128 == 0 && I % 128 == 0, "act_quant needs hidden (" + std::to_string(D) + ") and expert (" +
-                                                   std::to_string(I) + ") dims that are multiples of 128");
+      c.require(D % kFp8Block == 0 && I % kFp8Block == 0, "act_quant needs hidden (" + std::to_string(D) +
+                                                               ") and expert (" + std::to_string(I) +
+                                                               ") dims that are multiples of 128");
     float* y = c.output<float>(0, {T, D});
     std::fill(y, y + T * D, 0.f);
 
@@ -479,7 +484,7 @@ struct MoeExperts : Kernel {
     c.parallel((P + 63) / 64, double(P) * D, [&](size_t t) {
       for (int64_t p = t * 64; p < std::min(P, (int64_t)(t + 1) * 64); ++p) {
         const float* src = xs + (pick[p] / K) * D;
-        if (fmt == 0)
+        if (fmt == kFp4)
           fp4_order(src, xp.data() + p * D, D);
         else
           std::memcpy(xp.data() + p * D, src, D * sizeof(float));
@@ -521,8 +526,8 @@ struct MoeExperts : Kernel {
       for (int64_t p = t * 16; p < std::min(P, (int64_t)(t + 1) * 16); ++p) {
         float* hp = tmp.data();
         isa->swiglu(gate.data() + p * I, up.data() + p * I, I, rw[pick[p]], swiglu_limit, bf16, hp);
-        if (act_quant) fake_quant_fp8(hp, hp, I, 128);
-        if (fmt == 0)
+        if (act_quant) fake_quant_fp8(hp, hp, I, kFp8Block);
+        if (fmt == kFp4)
           fp4_order(hp, h.data() + p * I, I);
         else
           std::memcpy(h.data() + p * I, hp, I * sizeof(float));

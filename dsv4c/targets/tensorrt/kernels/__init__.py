@@ -13,12 +13,12 @@ down to its bf16 rounding points (spec §3.9):
     moe.py                 moe_experts                                     routing glue + 2 grouped-GEMM kernels
 
 Launchers take CUDA tensors, or CPU tensors when TRITON_INTERPRET=1 was set before this package was imported
-(see _common.py). `LAUNCHERS` maps op name -> launcher.
+(see common.py). `LAUNCHERS` maps op name -> launcher.
 """
 
 from __future__ import annotations
 
-from dsv4c.targets.tensorrt.kernels._common import DEVICE, INTERPRET, KernelInputError
+from dsv4c.targets.tensorrt.kernels.common import DEVICE, INTERPRET, KernelInputError
 from dsv4c.targets.tensorrt.kernels.attention import sparse_attn
 from dsv4c.targets.tensorrt.kernels.compressor import compress_pool
 from dsv4c.targets.tensorrt.kernels.fp8_gemm import fp8_grouped_linear, fp8_linear

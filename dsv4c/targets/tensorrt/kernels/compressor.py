@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4c.targets.tensorrt.kernels._common import check_shape, check_tensors, f32, next_pow2, require
+from dsv4c.targets.tensorrt.kernels.common import check_shape, check_tensors, f32, next_pow2, require
 
 
 @triton.jit

@@ -8,7 +8,7 @@ holds (fused, no extra pass over x), and
     y[m, n] = sum_kb  s_x[m, kb] * s_w[n // 128, kb] * (q_x[m, kb-block] . w[n, kb-block])
 
 On the GPU the inner dot is a bf16 tensor-core dot (e4m3 values are exact in bf16, products exact, fp32
-accumulation; FP8 MMAs are not, see _common.py); without act_quant x stays fp32 and the dot is tf32x3 (GPU) /
+accumulation; FP8 MMAs are not, see common.py); without act_quant x stays fp32 and the dot is tf32x3 (GPU) /
 fp32 (interpreter).
 """
 
@@ -20,8 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4c.targets.tensorrt.kernels._common import (F32_PRECISION, FP8_BLOCK, LOWP_DOT, check_shape,
-                                                    check_tensors, e4m3_values, f32, quantize_fp8_rows, require)
+from dsv4c.graphs.quant import FP8_BLOCK
+from dsv4c.targets.tensorrt.kernels.common import (F32_PRECISION, LOWP_DOT, check_shape, check_tensors, e4m3_values,
+                                                    f32, quantize_fp8_rows, require)
 
 
 @triton.jit

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4c.targets.tensorrt.kernels._common import (F32_PRECISION, check_shape, check_tensors, f32, next_pow2,
+from dsv4c.targets.tensorrt.kernels.common import (F32_PRECISION, check_shape, check_tensors, f32, next_pow2,
                                                     require)
 
 

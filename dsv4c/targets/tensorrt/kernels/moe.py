@@ -26,9 +26,13 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4c.targets.tensorrt.kernels._common import (F32_PRECISION, FP4_BLOCK, FP8_BLOCK, LOWP_DOT, check_shape,
-                                                    check_tensors, e4m3_values, f32, quantize_fp8_rows, require,
-                                                    round_bf16, unpack_fp4)
+from dsv4c.graphs.quant import FP4_BLOCK, FP8_BLOCK, ExpertFormat
+from dsv4c.targets.tensorrt.kernels.common import (F32_PRECISION, LOWP_DOT, check_shape, check_tensors, e4m3_values,
+                                                    f32, quantize_fp8_rows, require, round_bf16, unpack_fp4)
+
+# the expert formats as the kernels' FMT values (a jit function reads a global only when it is a constexpr)
+FMT_FP4 = tl.constexpr(int(ExpertFormat.FP4))
+FMT_FP8 = tl.constexpr(int(ExpertFormat.FP8))
 
 
 @triton.jit
@@ -37,7 +41,7 @@ def _expert_tile(w_ptr, s_ptr, e, rows, k0, N, K, FMT: tl.constexpr, BLOCK_N: tl
     scale [BLOCK_N] still to apply). FP4 comes back with its 1x32 scales folded in (scale 1)."""
     r_ok = rows < N
     e64 = e.to(tl.int64)
-    if FMT == 0:  # FP4: w [E, N, K/2] u8, s [E, N, K/32]
+    if FMT == FMT_FP4:  # w [E, N, K/2] u8, s [E, N, K/32]
         byte = k0 // 2 + tl.arange(0, 64)
         packed = tl.load(w_ptr + (e64 * N + rows)[:, None] * (K // 2) + byte[None, :],
                          mask=r_ok[:, None] & (byte < K // 2)[None, :], other=0)
@@ -50,7 +54,7 @@ def _expert_tile(w_ptr, s_ptr, e, rows, k0, N, K, FMT: tl.constexpr, BLOCK_N: tl
         ks = k0 + tl.arange(0, 128)
         offs = (e64 * N + rows)[:, None] * K + ks[None, :]
         mask = r_ok[:, None] & (ks < K)[None, :]
-        if FMT == 1:  # FP8: w [E, N, K] u8, s [E, ceil(N/128), ceil(K/128)]
+        if FMT == FMT_FP8:  # w [E, N, K] u8, s [E, ceil(N/128), ceil(K/128)]
             kb = tl.cdiv(K, 128)
             s = tl.load(s_ptr + (e64 * tl.cdiv(N, 128) + rows // 128) * kb + k0 // 128, mask=r_ok, other=0.0)
             return e4m3_values(tl.load(w_ptr + offs, mask=mask, other=0), NATIVE), s
@@ -142,12 +146,12 @@ def moe_down_kernel(h_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w2_p
 
 
 def _check_weights(op: str, name: str, w: torch.Tensor, s: torch.Tensor, e: int, n: int, k: int, fmt: int) -> None:
-    if fmt == 0:
+    if fmt == ExpertFormat.FP4:
         require(w.dtype == torch.uint8, op, f"`{name}` (fmt 0, FP4) must be uint8 packed e2m1, got {w.dtype}")
         require(k % FP4_BLOCK == 0, op, f"FP4 experts need an input width that is a multiple of {FP4_BLOCK}, got {k}")
         check_shape(op, name, w, (e, n, k // 2))
         check_shape(op, f"scale of {name}", s, (e, n, k // FP4_BLOCK))
-    elif fmt == 1:
+    elif fmt == ExpertFormat.FP8:
         require(w.dtype == torch.uint8, op, f"`{name}` (fmt 1, FP8) must be uint8 e4m3 bits, got {w.dtype}")
         check_shape(op, name, w, (e, n, k))
         check_shape(op, f"scale of {name}", s, (e, math.ceil(n / FP8_BLOCK), math.ceil(k / FP8_BLOCK)))
@@ -183,8 +187,9 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w
     weights (fmt 0 FP4, 1 FP8, 2 float) -> [T, D]."""
     op = "moe_experts"
     check_tensors(op, x=x, weights=weights, indices=indices, w1=w1, w3=w3, w2=w2)
-    require(fmt in (0, 1, 2), op, f"fmt must be 0 (FP4), 1 (FP8) or 2 (float), got {fmt}")
-    if fmt != 2:
+    require(fmt in set(ExpertFormat), op, f"fmt must be 0 (FP4), 1 (FP8) or 2 (float), got {fmt}")
+    fmt = ExpertFormat(fmt)
+    if fmt != ExpertFormat.FLOAT:
         check_tensors(op, s1=s1, s3=s3, s2=s2)
     require(x.dim() == 2, op, f"`x` must be [T, D], got shape {list(x.shape)}")
     t, d = x.shape
@@ -205,16 +210,16 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w
     block_m, warps = (16, 4) if t * topk <= 256 else (64, 8)
     order, tile_e, lo, hi = route_tiles(indices, n_exp, block_m)
     h = torch.empty(t * topk, inter, dtype=torch.float32, device=x.device)
-    exact = LOWP_DOT and fmt != 2 and act_quant  # both operands exactly bf16 (module doc)
+    exact = LOWP_DOT and fmt != ExpertFormat.FLOAT and act_quant  # both operands exactly bf16 (module doc)
     dummy = x  # scales are unused for float experts
-    ws = [w.contiguous() if fmt != 2 else f32(w) for w in (w1, w3, w2)]
-    ss = [f32(s) if fmt != 2 else dummy for s in (s1, s3, s2)]
+    ws = [w.contiguous() if fmt != ExpertFormat.FLOAT else f32(w) for w in (w1, w3, w2)]
+    ss = [f32(s) if fmt != ExpertFormat.FLOAT else dummy for s in (s1, s3, s2)]
     bn_up = 32 if block_m == 16 else 64  # two decoded [BN, 128] weight tiles must fit in registers
     moe_gate_up_kernel[(tile_e.numel(), triton.cdiv(inter, bn_up))](
         f32(x), f32(weights).reshape(-1), order, tile_e, lo, hi, ws[0], ss[0], ws[1], ss[1], h, d, inter, topk,
-        FMT=fmt, ACT_QUANT=act_quant, BF16=bf16, LIMIT=float(swiglu_limit), EXACT_BF16=exact,
+        FMT=int(fmt), ACT_QUANT=act_quant, BF16=bf16, LIMIT=float(swiglu_limit), EXACT_BF16=exact,
         PRECISION=F32_PRECISION, BLOCK_M=block_m, BLOCK_N=bn_up, NATIVE=LOWP_DOT, num_warps=warps)
     moe_down_kernel[(tile_e.numel(), triton.cdiv(d, 64))](
-        h, order, tile_e, lo, hi, ws[2], ss[2], y_pairs, d, inter, FMT=fmt, ACT_QUANT=act_quant, BF16=bf16,
+        h, order, tile_e, lo, hi, ws[2], ss[2], y_pairs, d, inter, FMT=int(fmt), ACT_QUANT=act_quant, BF16=bf16,
         EXACT_BF16=exact, PRECISION=F32_PRECISION, BLOCK_M=block_m, BLOCK_N=64, NATIVE=LOWP_DOT, num_warps=warps)
     return y_pairs.view(t, topk, d).sum(1)

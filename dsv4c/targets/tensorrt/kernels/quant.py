@@ -1,7 +1,7 @@
 """QAT simulations: `fake_quant_fp8` (KV cache rounding) and `hadamard_fp4` (indexer q / keys).
 
 Both are elementwise-per-block and bit-exact with the torch reference (registry.py): the FP8/FP4 rounding is
-exact arithmetic (_common.py) and the Walsh-Hadamard butterflies run in the reference's order
+exact arithmetic (common.py) and the Walsh-Hadamard butterflies run in the reference's order
 (pairs (a, b) -> (a + b, a - b) at distance 1, 2, 4, ..., then one multiply by d^-1/2).
 
 Kernel signatures follow the TensorRT AOT plugin convention (plugins.py): input pointers, int32 scalars,
@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4c.targets.tensorrt.kernels._common import (ceil_pow2, check_tensors, exp2i, exponent_of, f32, next_pow2,
+from dsv4c.targets.tensorrt.kernels.common import (ceil_pow2, check_tensors, exp2i, exponent_of, f32, next_pow2,
                                                     quantize_fp8_rows, require, round_bf16, round_to_e2m1)
 
 FAKE_QUANT_ROWS = 16  # rows per program

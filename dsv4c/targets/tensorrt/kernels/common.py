@@ -42,9 +42,6 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 LOWP_DOT: bool = not INTERPRET  # bf16 dots for exactly-representable operands (GPU only, see module doc)
 F32_PRECISION: str = "ieee" if INTERPRET else "tf32x3"  # tl.dot input_precision for plain fp32 operands
 
-FP8_MAX = 448.0
-FP8_BLOCK = 128
-FP4_BLOCK = 32
 
 
 class KernelInputError(ValueError):
