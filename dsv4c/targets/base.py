@@ -97,15 +97,15 @@ def check_host_arrays(slots: Sequence[CacheSlot], batch_size: int, arrays: Seque
 
 class HostCache:
     """Caches as numpy arrays in host memory: the executors on ONNX Runtime CPU (the CPU engine and the
-    emulation of accelerator bundles), whose sessions take and return host arrays. `run` swaps in the arrays ORT
-    returns (`swap`): no copy."""
+    emulation of accelerator bundles), whose sessions take and return host arrays. `run` puts in the arrays ORT
+    returns (`replace`): no copy."""
 
     def __init__(self, slots: Sequence[CacheSlot], batch_size: int, arrays: list[np.ndarray] | None = None):
         self.slots, self.batch_size = list(slots), batch_size
         self.arrays = arrays if arrays is not None else [
             np.full((batch_size, *s.shape), s.fill, dtype=numpy_dtype(s.dtype)) for s in self.slots]
 
-    def swap(self, arrays: list[np.ndarray]) -> None:
+    def replace(self, arrays: list[np.ndarray]) -> None:
         self.arrays = list(arrays)
 
     def reset(self, slot: int) -> None:

@@ -221,5 +221,5 @@ class EmulatedExecutor:
             cache: HostCache) -> np.ndarray:
         values = [tokens, start_pos, n_valid, *cache.arrays]
         logits, *new_cache = self.sessions[program].run(None, dict(zip(self.inputs[program], values)))
-        cache.swap(new_cache)
+        cache.replace(new_cache)
         return logits

@@ -41,7 +41,7 @@ class OrtExecutor:
         if len(names) != len(values):
             raise ArtifactError(f"program {program!r} expects {len(names)} inputs, the runtime has {len(values)}")
         logits, *new_cache = self.sessions[program].run(None, dict(zip(names, values)))
-        cache.swap(new_cache)
+        cache.replace(new_cache)
         return logits
 
 
