@@ -14,12 +14,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from dsv4c.artifact import ArtifactError, Manifest
 from dsv4c.targets.base import CacheSlot, cache_slots
+
+if TYPE_CHECKING:  # torch is imported where a GPU path runs, not by every bundle load
+    from dsv4c.targets.tensorrt.device_cache import TorchCache
 
 
 def load_executor(root: Path, manifest: Manifest, emulate: bool = False, threads: int | None = None,
@@ -43,7 +46,8 @@ def load_executor(root: Path, manifest: Manifest, emulate: bool = False, threads
                             int(manifest.runtime["max_batch_size"]), int(engine["vocab_size"]))
 
 
-def step_bindings(inputs: Sequence[str], outputs: Sequence[str], step_inputs: Sequence, logits, cache) -> dict:
+def step_bindings(inputs: Sequence[str], outputs: Sequence[str], step_inputs: Sequence, logits,
+                  cache: "TorchCache") -> dict:
     """I/O tensor name -> the buffer bound to it for one step: the step inputs (tokens, start_pos, n_valid) and
     the current caches in, the logits and the cache's spare set out (`cache`: a double-buffered TorchCache).
     Every cache address is one the cache allocated; after the step the caller swaps the cache's two sets."""
@@ -83,13 +87,13 @@ class TensorRTExecutor:
         return ([n for n in names if engine.get_tensor_mode(n) == mode.INPUT],
                 [n for n in names if engine.get_tensor_mode(n) == mode.OUTPUT])
 
-    def new_cache(self, batch_size: int):
+    def new_cache(self, batch_size: int) -> "TorchCache":
         from dsv4c.targets.tensorrt.device_cache import TorchCache
 
         return TorchCache(self.slots, batch_size, "cuda", double_buffered=True)
 
     def run(self, program: str, tokens: np.ndarray, start_pos: np.ndarray, n_valid: np.ndarray,
-            cache) -> np.ndarray:
+            cache: "TorchCache") -> np.ndarray:
         ctx = self.contexts[program]
         inputs, outputs = self.io[program]
         step_inputs = [self._stage(i, a) for i, a in enumerate((tokens, start_pos, n_valid))]
