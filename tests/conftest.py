@@ -53,7 +53,8 @@ def compare_with_reference(session, model, prompts: list[list[int]], steps: int,
         for step in range(1, steps + 1):
             nxt = want.argmax(-1)
             if resync:
-                session.cache, session.positions = [c.numpy().copy() for c in cache], pos.numpy().copy()
+                session.cache.from_host([c.numpy() for c in cache])
+                session.positions = pos.numpy().copy()
             got = session.decode(nxt.numpy())
             want, cache = model(nxt[:, None], pos, torch.ones_like(pos), cache)
             pos += 1

@@ -235,7 +235,9 @@ def write_mutant(artifact: Path, name: str, workdir: Path) -> tuple[Path, dict[s
 
 
 def mutant_executor(artifact: Path, name: str, workdir: Path, threads: int | None = None):
+    from dsv4c.artifact import read_manifest
+    from dsv4c.targets.base import cache_slots
     from dsv4c.targets.cpu.executor import OrtExecutor
 
     engine_dir, programs = write_mutant(artifact, name, workdir)
-    return OrtExecutor(engine_dir, programs, threads)
+    return OrtExecutor(engine_dir, programs, cache_slots(read_manifest(artifact).engine), threads=threads)

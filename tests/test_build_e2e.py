@@ -83,6 +83,21 @@ def test_official_engine_step_function_matches_reference(official, stage_cache):
     assert_step_function_agrees(eng.session(2), ref, PROMPTS, 16, min_cosine=0.999, agreement=0.85, floor=0.9)
 
 
+def test_manifest_cache_dtypes_are_what_the_engine_stores(official):
+    """engine.cache[].dtype equals the element type of the program's cache inputs, and a session's caches are
+    allocated in it."""
+    import onnx
+
+    out, _ = official
+    eng = Engine.load(out)
+    model = onnx.load(out / "engine" / eng.manifest.engine["programs"]["decode"], load_external_data=False)
+    weights = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in weights][3:]  # after tokens, start_pos, n_valid
+    stored = [onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name for i in inputs]
+    assert [c["dtype"] for c in eng.manifest.engine["cache"]] == stored
+    assert [a.dtype.name for a in eng.session(1).cache.to_host()] == stored
+
+
 def test_rebuild_is_a_cache_hit_for_every_stage(official, stage_cache):
     out, first = official
     assert stage_status(first)["lower"] == "done" or stage_status(first)["lower"] == "cached"

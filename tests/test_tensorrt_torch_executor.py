@@ -100,3 +100,36 @@ def test_unknown_standard_op_is_named_at_load(plain_bundle, tmp_path):
     onnx.save(model, path)
     with pytest.raises(ArtifactError, match=r"uses ai.onnx.Erf, which the torch executor does not implement"):
         Engine.load(copy, device="cpu")
+
+
+def test_caches_stay_in_place_across_steps(plain_bundle):
+    """The executor owns the session's caches: prefill and decode update the very tensors it allocated (a step
+    that took them to the host and back, or let the session hold host arrays, would give new storage), and
+    run() returns only the logits."""
+    engine = Engine.load(plain_bundle, device="cpu")
+    session = engine.session(2)
+    tensors = list(session.cache.tensors)
+    addresses = [t.data_ptr() for t in tensors]
+    empty = session.cache.to_host()
+    logits = session.prefill(PROMPTS)
+    session.decode(logits.argmax(-1))
+    assert all(now is then for now, then in zip(session.cache.tensors, tensors))
+    assert [t.data_ptr() for t in session.cache.tensors] == addresses
+    assert any(not np.array_equal(a, b) for a, b in zip(empty, session.cache.to_host()))  # written, in place
+    one = np.ones(2, dtype=np.int64)
+    out = engine.executor.run("decode", np.array([[3], [4]]), session.positions.copy(), one, session.cache)
+    assert isinstance(out, np.ndarray) and out.shape == (2, engine.vocab_size)
+
+
+def test_slot_reset_and_slot_prefill_match_emulation(plain_bundle):
+    """A scheduler's moves (reset a slot, prefill it alone, decode the batch) on the device caches (TorchCache's
+    reset / take / put) against the same moves on the emulation's host caches."""
+    steps = []
+    for engine in (Engine.load(plain_bundle, device="cpu"), Engine.load(plain_bundle, emulate=True)):
+        session = engine.session(2)
+        first = session.prefill(PROMPTS)
+        session.reset(0)
+        again = session.prefill_slots([0], [PROMPTS[1][:5]])
+        steps.append([first, again, session.decode(np.array([again.argmax(-1)[0], first.argmax(-1)[1]]))])
+    for got, want in zip(*steps):
+        assert cosine(got, want).min() >= 0.99999

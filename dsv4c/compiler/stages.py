@@ -177,7 +177,8 @@ def engine_meta(build: Build) -> dict:
     with torch.device("meta"):
         model = DeepseekV4(cfg, Numerics.for_quantization(build.recipe.quantization),
                            expert_format=graph_expert_format(build))
-    return {"cache": [{"name": e.name, "shape": list(e.shape[1:]), "fill": e.fill}
+    return {"cache": [{"name": e.name, "shape": list(e.shape[1:]), "fill": e.fill,
+                       "dtype": str(e.dtype).removeprefix("torch.")}  # what the runtime allocates the cache as
                       for e in model.cache_spec(1, rt.max_seq_len)],
             "vocab_size": cfg.vocab_size, "eos_token_id": cfg.eos_token_id,
             "expert_format": model.expert_format, "numerics": vars(model.numerics)}

@@ -269,14 +269,15 @@ class EngineReplay:
             self.stepped = self.engine.session(len(rec.prompts))
             got = self.stepped.prefill(rec.prompts)
             self.free = self.engine.session(len(rec.prompts))
-            self.free.cache, self.free.positions = [c.copy() for c in self.stepped.cache], self.stepped.positions.copy()
+            self.free.cache.from_host(self.stepped.cache.to_host())
+            self.free.positions = self.stepped.positions.copy()
             free = []
         else:
-            self.stepped.cache = [c.copy() for c in rec.cache_in]
+            self.stepped.cache.from_host(rec.cache_in)
             self.stepped.positions = rec.start.copy()
             got = self.stepped.decode(rec.tokens)
             free = logit_checks(rec, self.free.decode(rec.tokens), self.v)
-        gated = logit_checks(rec, got, self.v) + cache_checks(rec, self.stepped.cache, self.names)
+        gated = logit_checks(rec, got, self.v) + cache_checks(rec, self.stepped.cache.to_host(), self.names)
         return gated, free
 
 

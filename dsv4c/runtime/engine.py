@@ -1,20 +1,20 @@
-"""The thin runtime: load an artifact, own the caches, run prefill/decode, sample outside the engine.
+"""The thin runtime: load an artifact, track positions, run prefill/decode, sample outside the engine.
 
     eng = Engine.load("artifacts/tiny-cpu")
-    s = eng.session(batch_size=2)          # independent caches
+    s = eng.session(batch_size=2)          # independent caches (held by the executor, in its memory)
     logits = s.prefill(token_ids)          # int array [B, T] (or ragged lists) -> float32 [B, vocab]
     logits = s.decode(next_ids)            # int array [B] -> [B, vocab]
     out = eng.generate([[...], [...]], max_new_tokens=32, temperature=0.0)
 
 The engine files are run by the executor the manifest's target names (CPU: ONNX Runtime; `emulate=True` runs
-another target's bundle on ONNX Runtime with the reference implementations of its custom ops).
+another target's bundle on ONNX Runtime with the reference implementations of its custom ops). The executor
+owns each session's caches (dsv4c.targets.base.Cache); a session keeps positions and samples.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -22,22 +22,16 @@ import numpy as np
 
 from dsv4c.artifact import ArtifactError, Manifest, read_manifest
 from dsv4c.runtime.sampling import sample
+from dsv4c.targets.base import Cache, cache_slots
 
 PREFILL_CHUNK = 256  # tokens per prefill call: bounds activation memory for long prompts
-
-
-@dataclass(frozen=True)
-class CacheSlot:
-    name: str
-    shape: tuple[int, ...]  # per sequence (no batch dim)
-    fill: float
 
 
 class Engine:
     def __init__(self, root: Path, manifest: Manifest, executor, tokenizer=None):
         self.root, self.manifest, self.executor, self.tokenizer = root, manifest, executor, tokenizer
         eng = manifest.engine
-        self.cache_slots = [CacheSlot(c["name"], tuple(c["shape"]), float(c["fill"])) for c in eng["cache"]]
+        self.cache_slots = cache_slots(eng)
         self.max_batch_size = int(manifest.runtime["max_batch_size"])
         self.max_seq_len = int(manifest.runtime["max_seq_len"])
         self.vocab_size = int(eng["vocab_size"])
@@ -101,11 +95,11 @@ class Engine:
 
 
 class Session:
-    """One batch of independent sequences with their own caches."""
+    """One batch of independent sequences: their positions here, their caches a handle of the executor's."""
 
-    def __init__(self, engine: Engine, batch_size: int):
+    def __init__(self, engine: Engine, batch_size: int, cache: Cache | None = None):
         self.engine, self.batch_size = engine, batch_size
-        self.cache = [np.full((batch_size, *s.shape), s.fill, dtype=np.float32) for s in engine.cache_slots]
+        self.cache = cache if cache is not None else engine.executor.new_cache(batch_size)
         self.positions = np.zeros(batch_size, dtype=np.int64)
 
     def prefill(self, token_ids) -> np.ndarray:
@@ -142,24 +136,21 @@ class Session:
         a sub-batch gathered from those slots' caches, so the other sequences are neither touched nor computed
         (a scheduler's newcomers cost what their own tokens cost). -> float32 [len(slots), vocab]."""
         idx = np.asarray(slots, dtype=np.int64)
-        sub = Session.__new__(Session)
-        sub.engine, sub.batch_size = self.engine, len(idx)
-        sub.cache, sub.positions = [c[idx] for c in self.cache], self.positions[idx]
+        sub = Session(self.engine, len(idx), cache=self.cache.take(idx))
+        sub.positions = self.positions[idx]
         logits = sub.prefill(token_ids)
-        for whole, part in zip(self.cache, sub.cache):
-            whole[idx] = part
+        self.cache.put(idx, sub.cache)
         self.positions[idx] = sub.positions
         return logits
 
     def reset(self, slot: int) -> None:
         """Forget sequence `slot`: its caches back to their initial fill, its position back to 0 (the slot can
         then take a new sequence while the others keep theirs)."""
-        for spec, tensor in zip(self.engine.cache_slots, self.cache):
-            tensor[slot] = spec.fill
+        self.cache.reset(slot)
         self.positions[slot] = 0
 
     def _step(self, program: str, tokens: np.ndarray, n_valid: np.ndarray) -> np.ndarray:
-        logits, self.cache = self.engine.executor.run(program, tokens, self.positions.copy(), n_valid, self.cache)
+        logits = self.engine.executor.run(program, tokens, self.positions.copy(), n_valid, self.cache)
         self.positions = self.positions + n_valid
         return logits
 

@@ -6,14 +6,19 @@ A target answers four questions for a recipe:
     impls + `bundle.json` carrying `meta`: cache layout, vocab size, eos id)
   * `build(bundle_dir, engine_dir, recipe)`: bundle -> engine files + `engine.json` (what the runtime needs),
     or ToolchainMissing naming what is absent
-  * `dsv4c.targets.<kind>.executor.load_executor(root, manifest, emulate)`: the runtime side
+  * `dsv4c.targets.<kind>.executor.load_executor(root, manifest, emulate)`: the runtime side, an `Executor`
+
+An executor owns the caches, in its own memory (host arrays for ONNX Runtime CPU, device buffers for the
+accelerators): `new_cache(batch_size)` allocates one handle per session, once; `run` reads and updates it in
+place, so a step moves only tokens in and logits out. Host copies of a cache (`to_host` / `from_host`) are for
+validation and tests.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -41,9 +46,93 @@ class Target(Protocol):
     def build(self, bundle_dir: Path, engine_dir: Path, recipe: Any) -> None: ...
 
 
+@dataclass(frozen=True)
+class CacheSlot:
+    """One cache tensor of the engine, as the manifest's `engine.cache` records it."""
+    name: str
+    shape: tuple[int, ...]  # per sequence (no batch dim)
+    fill: float
+    dtype: str = "float32"  # what the engine stores; manifests before dtype was recorded: float32
+
+    @classmethod
+    def from_manifest(cls, entry: dict[str, Any]) -> "CacheSlot":
+        return cls(entry["name"], tuple(entry["shape"]), float(entry["fill"]), entry.get("dtype", "float32"))
+
+
+def cache_slots(engine: dict[str, Any]) -> list[CacheSlot]:
+    """The cache layout of a manifest's `engine` section."""
+    return [CacheSlot.from_manifest(c) for c in engine["cache"]]
+
+
+class Cache(Protocol):
+    """The caches of `batch_size` sequences, held by the executor that made them. Slot indices are rows of the
+    batch; every method works in the executor's memory except `to_host` / `from_host`."""
+    batch_size: int
+
+    def reset(self, slot: int) -> None: ...  # that sequence's caches back to their fill
+
+    def take(self, slots: np.ndarray) -> "Cache": ...  # a new handle with a copy of these sequences
+
+    def put(self, slots: np.ndarray, part: "Cache") -> None: ...  # `part` (from take) written back to the slots
+
+    def to_host(self) -> list[np.ndarray]: ...  # copies, in manifest order, [batch, *shape] each
+
+    def from_host(self, arrays: Sequence[np.ndarray]) -> None: ...  # overwrite every tensor with these values
+
+
 class Executor(Protocol):
+    def new_cache(self, batch_size: int) -> Cache: ...
+
     def run(self, program: str, tokens: np.ndarray, start_pos: np.ndarray, n_valid: np.ndarray,
-            cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]: ...
+            cache: Cache) -> np.ndarray: ...  # -> logits; `cache` is updated in place
+
+
+def check_host_arrays(slots: Sequence[CacheSlot], batch_size: int, arrays: Sequence[np.ndarray]) -> None:
+    """`from_host` input has one [batch_size, *shape] array per slot (a broadcast would hide a wrong batch)."""
+    want = [(batch_size, *s.shape) for s in slots]
+    got = [tuple(np.shape(a)) for a in arrays]
+    if got != want:
+        raise ValueError(f"from_host: cache arrays of shapes {got}, the cache holds {want}")
+
+
+class HostCache:
+    """Caches as numpy arrays in host memory: the executors on ONNX Runtime CPU (the CPU engine and the
+    emulation of accelerator bundles), whose sessions take and return host arrays. `run` puts in the arrays ORT
+    returns (`replace`): no copy."""
+
+    def __init__(self, slots: Sequence[CacheSlot], batch_size: int, arrays: list[np.ndarray] | None = None):
+        self.slots, self.batch_size = list(slots), batch_size
+        self.arrays = arrays if arrays is not None else [
+            np.full((batch_size, *s.shape), s.fill, dtype=numpy_dtype(s.dtype)) for s in self.slots]
+
+    def replace(self, arrays: list[np.ndarray]) -> None:
+        self.arrays = list(arrays)
+
+    def reset(self, slot: int) -> None:
+        for spec, array in zip(self.slots, self.arrays):
+            array[slot] = spec.fill
+
+    def take(self, slots: np.ndarray) -> "HostCache":
+        return HostCache(self.slots, len(slots), [a[slots] for a in self.arrays])
+
+    def put(self, slots: np.ndarray, part: "HostCache") -> None:
+        for whole, piece in zip(self.arrays, part.arrays):
+            whole[slots] = piece
+
+    def to_host(self) -> list[np.ndarray]:
+        return [a.copy() for a in self.arrays]
+
+    def from_host(self, arrays: Sequence[np.ndarray]) -> None:
+        check_host_arrays(self.slots, self.batch_size, arrays)
+        for mine, value in zip(self.arrays, arrays):
+            np.copyto(mine, value)
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    try:
+        return np.dtype(name)
+    except TypeError:
+        raise ValueError(f"cache dtype {name!r} has no numpy equivalent; this executor cannot hold it") from None
 
 
 TARGETS = {"cpu": "dsv4c.targets.cpu.target:CpuTarget", "tensorrt": "dsv4c.targets.tensorrt.target:TensorRTTarget",

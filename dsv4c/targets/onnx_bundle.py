@@ -22,13 +22,15 @@ import hashlib
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import onnx
 from onnx import helper
 
 from dsv4c.graphs.ops.onnx import ONNX_OPSET, add_functions, write_onnx_program
 from dsv4c.graphs.ops.onnx_builder import ONNX_DOMAIN, STANDARD_DOMAINS
+from dsv4c.targets.base import CacheSlot, HostCache
 
 NodeHook = Callable[[onnx.ModelProto], None]
 
@@ -208,15 +210,21 @@ def read_op_list(path: Path) -> set[str]:
 
 class EmulatedExecutor:
     """Runs a bundle's programs on ONNX Runtime CPU through `emulation_session` (positional I/O, like the CPU
-    engine: tokens, start_pos, n_valid, *cache -> logits, *new_cache)."""
+    engine: tokens, start_pos, n_valid, *cache -> logits, *new_cache; host caches, `HostCache`)."""
 
-    def __init__(self, bundle_dir: Path, programs: dict[str, str], functions: list[onnx.FunctionProto],
-                 prepare: NodeHook | None = None, threads: int | None = None):
+    def __init__(self, bundle_dir: Path, programs: dict[str, str], slots: Sequence[CacheSlot],
+                 functions: list[onnx.FunctionProto], prepare: NodeHook | None = None, threads: int | None = None):
+        self.slots = list(slots)
         self.sessions = {name: emulation_session(bundle_dir / rel, functions, prepare, threads)
                          for name, rel in programs.items()}
         self.inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
 
-    def run(self, program: str, tokens, start_pos, n_valid, cache):
-        values = [tokens, start_pos, n_valid, *cache]
-        out = self.sessions[program].run(None, dict(zip(self.inputs[program], values)))
-        return out[0], list(out[1:])
+    def new_cache(self, batch_size: int) -> HostCache:
+        return HostCache(self.slots, batch_size)
+
+    def run(self, program: str, tokens: np.ndarray, start_pos: np.ndarray, n_valid: np.ndarray,
+            cache: HostCache) -> np.ndarray:
+        values = [tokens, start_pos, n_valid, *cache.arrays]
+        logits, *new_cache = self.sessions[program].run(None, dict(zip(self.inputs[program], values)))
+        cache.replace(new_cache)
+        return logits

@@ -4,18 +4,25 @@ library when the artifact carries one (else ORT inlines the ops' ONNX function b
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from dsv4c.artifact import ArtifactError, Manifest
+from dsv4c.targets.base import CacheSlot, HostCache, cache_slots
 
 KERNELS = "libdsv4_ops.so"
 
 
 class OrtExecutor:
-    def __init__(self, engine_dir: Path, programs: dict[str, str], threads: int | None = None):
+    """Positional I/O: tokens, start_pos, n_valid, *cache -> logits, *new_cache; the caches are host arrays
+    (`HostCache`), replaced by the ones ORT returns."""
+
+    def __init__(self, engine_dir: Path, programs: dict[str, str], slots: Sequence[CacheSlot],
+                 threads: int | None = None):
         from dsv4c.graphs.ops.onnx import ort_session
 
+        self.slots = list(slots)
         library = engine_dir / KERNELS
         self.kernels = library.is_file()
         self.sessions = {}
@@ -24,14 +31,18 @@ class OrtExecutor:
                                               threads=threads)
         self.inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
 
+    def new_cache(self, batch_size: int) -> HostCache:
+        return HostCache(self.slots, batch_size)
+
     def run(self, program: str, tokens: np.ndarray, start_pos: np.ndarray, n_valid: np.ndarray,
-            cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        values = [tokens, start_pos, n_valid, *cache]
+            cache: HostCache) -> np.ndarray:
+        values = [tokens, start_pos, n_valid, *cache.arrays]
         names = self.inputs[program]
         if len(names) != len(values):
             raise ArtifactError(f"program {program!r} expects {len(names)} inputs, the runtime has {len(values)}")
-        out = self.sessions[program].run(None, dict(zip(names, values)))
-        return out[0], list(out[1:])
+        logits, *new_cache = self.sessions[program].run(None, dict(zip(names, values)))
+        cache.replace(new_cache)
+        return logits
 
 
 def load_executor(root: Path, manifest: Manifest, emulate: bool = False, threads: int | None = None):
@@ -40,7 +51,7 @@ def load_executor(root: Path, manifest: Manifest, emulate: bool = False, threads
         raise ArtifactError(f"{root}: engine format {fmt!r} is not runnable by this dsv4c (expected 'onnx'); "
                             "rebuild the artifact")
     _check_toolchain(manifest)
-    return OrtExecutor(root / "engine", manifest.engine["programs"], threads)
+    return OrtExecutor(root / "engine", manifest.engine["programs"], cache_slots(manifest.engine), threads)
 
 
 def _check_toolchain(manifest: Manifest) -> None:

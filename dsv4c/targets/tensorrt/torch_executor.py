@@ -17,7 +17,7 @@ Mod follows `fmod`, TopK orders ties lower index first, Cast to float8 saturates
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx
@@ -26,6 +26,8 @@ from onnx import numpy_helper
 
 from dsv4c.artifact import ArtifactError
 from dsv4c.graphs.ops.onnx import DOMAIN
+from dsv4c.targets.base import CacheSlot
+from dsv4c.targets.tensorrt.device_cache import TorchCache
 
 _ONNX_DTYPES = {
     onnx.TensorProto.FLOAT: torch.float32, onnx.TensorProto.DOUBLE: torch.float64,
@@ -271,24 +273,29 @@ class Program:
 
 
 class TorchExecutor:
-    """Positional I/O like every executor (tokens, start_pos, n_valid, *cache -> logits, *new_cache). The
-    runtime's Session owns the caches as host arrays (and edits them in place: reset, slot prefill), so they
-    travel host -> device -> host every step; device-resident caches need the executor to own them."""
+    """Positional I/O like every executor (tokens, start_pos, n_valid, *cache -> logits, *new_cache). The caches
+    stay on the device (`TorchCache`, allocated once per session): a step uploads the tokens, writes the new
+    caches over the old ones in place and brings back only the logits."""
 
-    def __init__(self, bundle_dir: Path, programs: dict[str, str], device: str):
+    def __init__(self, bundle_dir: Path, programs: dict[str, str], slots: Sequence[CacheSlot], device: str):
         if device == "cuda" and not torch.cuda.is_available():
             raise ArtifactError("device='cuda' needs an NVIDIA GPU and the CUDA build of torch; use emulate=True "
                                 "to run the bundle on CPU")
         plugins = plugin_implementations(device)
-        self.device = device
+        self.device, self.slots = device, list(slots)
         self.programs = {name: Program(bundle_dir / rel, device, plugins) for name, rel in programs.items()}
 
-    def run(self, program: str, tokens, start_pos, n_valid, cache):
+    def new_cache(self, batch_size: int) -> TorchCache:
+        return TorchCache(self.slots, batch_size, self.device)
+
+    def run(self, program: str, tokens: np.ndarray, start_pos: np.ndarray, n_valid: np.ndarray,
+            cache: TorchCache) -> np.ndarray:
         upload = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
         with torch.no_grad():
             logits, *new_cache = self.programs[program](upload(tokens), upload(start_pos), upload(n_valid),
-                                                        *map(upload, cache))
-        return logits.float().cpu().numpy(), [c.cpu().numpy() for c in new_cache]
+                                                        *cache.tensors)
+            cache.write(new_cache)
+        return logits.float().cpu().numpy()
 
 
 def check_device(device: str | None) -> str:
