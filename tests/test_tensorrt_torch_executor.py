@@ -121,6 +121,7 @@ def test_caches_stay_in_place_across_steps(plain_bundle):
     assert isinstance(out, np.ndarray) and out.shape == (2, engine.vocab_size)
 
 
+@pytest.mark.slow  # 50 s; CI keeps TorchCache reset/take/put in test_executor_caches and the in-place test above
 def test_slot_reset_and_slot_prefill_match_emulation(plain_bundle):
     """A scheduler's moves (reset a slot, prefill it alone, decode the batch) on the device caches (TorchCache's
     reset / take / put) against the same moves on the emulation's host caches."""
