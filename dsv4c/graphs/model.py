@@ -31,6 +31,7 @@ from torch import nn
 import dsv4c.graphs.ops  # noqa: F401  (registers torch.ops.dsv4.*)
 from dsv4c.graphs.cache import CacheEntry, layer_cache_fields, layer_cache_spec
 from dsv4c.graphs.config import ModelConfig
+from dsv4c.graphs.parallel import GROUP_EXPERT, GROUP_TENSOR, Shard, local_expert, shard_tensor, split_dim
 from dsv4c.graphs.quant import ExpertFormat
 
 if TYPE_CHECKING:  # only a type here: importing the model needs no checkpoint I/O
@@ -222,9 +223,12 @@ class Indexer(nn.Module):
     """Lightning indexer (CSA layers): scores every visible compressed entry per query with
     sum_h w_h relu(q_h . k) and keeps the top `index_topk`."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, shard: Shard = Shard()):
         super().__init__()
-        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.shard = shard
+        self.head_dim, self.topk = cfg.index_head_dim, cfg.index_topk
+        self.n_heads = len(shard.part(cfg.index_n_heads, GROUP_TENSOR))  # this rank's heads
+        self.weight_scale = self.head_dim ** -0.5 * cfg.index_n_heads ** -0.5  # over all heads, on every rank
         fp8 = cfg.quantization.dense == "fp8"
         self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, fp8)
         self.weights_proj = Linear(cfg.hidden_size, self.n_heads, fp8=False)
@@ -237,10 +241,23 @@ class Indexer(nn.Module):
         if num.indexer_fp4:
             q = ops.hadamard_fp4(q)
         entries, state_kv, state_score = self.compressor(x, step, entries, state_kv, state_score, freqs, num)
-        w = _rnd(_rnd(self.weights_proj(x), num) * (self.head_dim ** -0.5 * self.n_heads ** -0.5), num)
+        w = _rnd(_rnd(self.weights_proj(x), num) * self.weight_scale, num)
         n_visible = (step.positions + 1) // 4  # entry j is complete for query i iff 4(j+1) <= i+1
-        picks = ops.indexer_topk(q, entries, w, n_visible, self.topk, num.bf16)
+        if self.shard.tensor == 1:
+            picks = ops.indexer_topk(q, entries, w, n_visible, self.topk, num.bf16)
+        else:  # this rank's heads score, the partial scores are summed over the tensor group, then the top-k
+            scores = _rnd(ops.all_reduce(ops.indexer_scores(q, entries, w, num.bf16), GROUP_TENSOR), num)
+            picks = top_entries(scores, n_visible, self.topk)
         return picks, entries, state_kv, state_score
+
+
+def top_entries(scores: torch.Tensor, n_visible: torch.Tensor, topk: int) -> torch.Tensor:
+    """indexer_topk's selection on summed scores [B,S,N]: entries >= n_visible hidden, the top min(topk, N) ids
+    in descending order, -1 for picks that are not visible."""
+    entry = torch.arange(scores.shape[-1], device=scores.device)
+    scores = scores.masked_fill(entry.view(1, 1, -1) >= n_visible[..., None], float("-inf"))
+    picks = torch.topk(scores, min(topk, scores.shape[-1]), dim=-1).indices
+    return torch.where(picks >= n_visible[..., None], torch.full_like(picks, -1), picks)
 
 
 # ---- attention ----------------------------------------------------------------------------------------------
@@ -248,12 +265,15 @@ class Attention(nn.Module):
     """Shared K=V MQA over a sliding window of raw tokens plus compressed entries (HCA: all visible; CSA:
     the indexer's top-k), with a per-head sink, inverse RoPE on the output and a grouped low-rank wo."""
 
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, shard: Shard = Shard()):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.shard = cfg, shard
         self.ratio = cfg.layer_ratio(layer)
-        self.n_heads, self.head_dim, self.rope_dim = cfg.num_attention_heads, cfg.head_dim, cfg.qk_rope_head_dim
-        self.window, self.groups, self.eps = cfg.sliding_window, cfg.o_groups, cfg.rms_norm_eps
+        self.head_dim, self.rope_dim = cfg.head_dim, cfg.qk_rope_head_dim
+        self.window, self.eps = cfg.sliding_window, cfg.rms_norm_eps
+        # this rank's heads and o-groups (all of them on one device)
+        self.n_heads = len(shard.part(cfg.num_attention_heads, GROUP_TENSOR))
+        self.groups = len(shard.part(cfg.o_groups, GROUP_TENSOR))
         fp8 = cfg.quantization.dense == "fp8"
         self.register_buffer("attn_sink", torch.zeros(self.n_heads))
         self.wq_a = Linear(cfg.hidden_size, cfg.q_lora_rank, fp8)
@@ -261,12 +281,12 @@ class Attention(nn.Module):
         self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, fp8)
         self.wkv = Linear(cfg.hidden_size, self.head_dim, fp8)
         self.kv_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-        self.wo_a = Linear(self.n_heads * self.head_dim // self.groups, self.groups * cfg.o_lora_rank, fp8)
+        self.wo_a = Linear(cfg.num_attention_heads * self.head_dim // cfg.o_groups, self.groups * cfg.o_lora_rank, fp8)
         self.wo_b = Linear(self.groups * cfg.o_lora_rank, cfg.hidden_size, fp8)
         self.register_buffer("freqs", rope_frequencies(cfg, yarn=self.ratio != 0), persistent=False)
         if self.ratio:
             self.compressor = Compressor(cfg, self.ratio, self.head_dim, indexer_keys=False)
-        self.indexer = Indexer(cfg) if self.ratio == 4 else None
+        self.indexer = Indexer(cfg, shard) if self.ratio == 4 else None
 
     def forward(self, x: torch.Tensor, step: Step, cache: dict[str, torch.Tensor], num: Numerics):
         b, s, _ = x.shape
@@ -298,7 +318,10 @@ class Attention(nn.Module):
                             num.bf16)
         o = _rnd(apply_rope(_rnd(o, num), self.freqs, pos, inverse=True), num)  # strip V's absolute position
         z = _rnd(self.project_groups(o.view(b, s, self.groups, -1)), num)  # [B, S, G, o_lora]
-        return _rnd(self.wo_b(z.flatten(2), num.act_quant), num), new_cache
+        y = _rnd(self.wo_b(z.flatten(2), num.act_quant), num)
+        if self.shard.tensor > 1:  # wo_b is split by its input (this rank's groups): sum the partial outputs
+            y = _rnd(ops.all_reduce(y, GROUP_TENSOR), num)
+        return y, new_cache
 
     def project_groups(self, o: torch.Tensor) -> torch.Tensor:
         """wo_a per head group: o [B,S,G,K] -> [B,S,G,R]. No activation quant: the reference runs this einsum
@@ -353,10 +376,12 @@ class Gate(nn.Module):
 class Experts(nn.Module):
     """The routed experts, stacked [E, ...] so one op runs them all (fmt: fp4 / fp8 / float)."""
 
-    def __init__(self, cfg: ModelConfig, fmt: str):
+    def __init__(self, cfg: ModelConfig, fmt: str, shard: Shard = Shard()):
         super().__init__()
         self.fmt, self.limit = fmt, cfg.swiglu_limit
-        e, d, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.n_experts = cfg.n_routed_experts
+        self.mine = shard.part(cfg.n_routed_experts, GROUP_EXPERT)  # the experts this rank holds
+        e, d, i = len(self.mine), cfg.hidden_size, cfg.moe_intermediate_size
         for name, (n, k) in {"w1": (i, d), "w3": (i, d), "w2": (d, i)}.items():
             if fmt == "fp4":
                 w, s = torch.zeros(e, n, k // 2, dtype=torch.uint8), torch.ones(e, n, k // 32)
@@ -368,6 +393,10 @@ class Experts(nn.Module):
             self.register_buffer(f"{name}_scale", s)
 
     def forward(self, x, weights, picks, num: Numerics) -> torch.Tensor:
+        """picks: global expert ids; an expert another rank holds is skipped here (-1)."""
+        if len(self.mine) < self.n_experts:
+            local = picks - self.mine.start
+            picks = torch.where((local >= 0) & (local < len(self.mine)), local, torch.full_like(local, -1))
         return ops.moe_experts(x, weights, picks, self.w1, self.w1_scale, self.w3, self.w3_scale, self.w2,
                                self.w2_scale, EXPERT_FORMATS[self.fmt], self.limit,
                                num.act_quant and self.fmt != "float", num.bf16)
@@ -387,27 +416,31 @@ class SharedExpert(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, expert_format: str):
+    def __init__(self, cfg: ModelConfig, layer: int, expert_format: str, shard: Shard = Shard()):
         super().__init__()
+        self.expert_parallel = shard.expert > 1
         self.gate = Gate(cfg, layer)
-        self.experts = Experts(cfg, expert_format)
+        self.experts = Experts(cfg, expert_format, shard)
         self.shared_experts = SharedExpert(cfg)
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor, num: Numerics) -> torch.Tensor:
         b, s, d = x.shape
         flat = x.reshape(b * s, d)
         weights, picks = self.gate(flat, tokens.reshape(-1))
-        y = self.experts(flat, weights, picks, num) + self.shared_experts(flat, num)
+        routed = self.experts(flat, weights, picks, num)
+        if self.expert_parallel:  # each rank ran its own experts: sum over the expert group (fp32, as the reference)
+            routed = ops.all_reduce(routed, GROUP_EXPERT)
+        y = routed + self.shared_experts(flat, num)
         return _rnd(y, num).view(b, s, d)
 
 
 # ---- block, head, model --------------------------------------------------------------------------------------
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, expert_format: str):
+    def __init__(self, cfg: ModelConfig, layer: int, expert_format: str, shard: Shard = Shard()):
         super().__init__()
         self.cfg = cfg
-        self.attn = Attention(cfg, layer)
-        self.ffn = MoE(cfg, layer, expert_format)
+        self.attn = Attention(cfg, layer, shard)
+        self.ffn = MoE(cfg, layer, expert_format, shard)
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         mix, width = cfg.hc_mix_dim, cfg.hc_mult * cfg.hidden_size
@@ -461,10 +494,10 @@ class MTPBlock(nn.Module):
     """Multi-token prediction: combines the main model's pre-hc_head streams at position t with the
     embedding of token t+1 and predicts token t+2 through one sliding-window block."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, expert_format: str):
+    def __init__(self, cfg: ModelConfig, layer: int, expert_format: str, shard: Shard = Shard()):
         super().__init__()
         fp8 = cfg.quantization.dense == "fp8"
-        self.block = Block(cfg, layer, expert_format)
+        self.block = Block(cfg, layer, expert_format, shard)
         self.e_proj = Linear(cfg.hidden_size, cfg.hidden_size, fp8)
         self.h_proj = Linear(cfg.hidden_size, cfg.hidden_size, fp8)
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -473,17 +506,22 @@ class MTPBlock(nn.Module):
 
 
 class DeepseekV4(nn.Module):
-    def __init__(self, cfg: ModelConfig, numerics: Numerics | None = None, expert_format: str | None = None):
+    def __init__(self, cfg: ModelConfig, numerics: Numerics | None = None, expert_format: str | None = None,
+                 shard: Shard | None = None):
+        """`shard`: the rank of a tensor/expert-parallel mesh this model computes (graphs/parallel.py); the
+        default is the whole model on one device."""
         super().__init__()
         self.cfg = cfg.validate()
         self.numerics = numerics or Numerics.reference()
+        self.shard = shard = shard or Shard()
         fmt = expert_format or {"fp4": "fp4", "fp8": "fp8"}.get(cfg.quantization.experts, "float")
         self.expert_format = fmt
-        self.register_buffer("embed", torch.zeros(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(Block(cfg, i, fmt) for i in range(cfg.num_hidden_layers))
+        vocab = len(shard.part(cfg.vocab_size, GROUP_TENSOR))  # vocabulary-parallel embedding and head
+        self.register_buffer("embed", torch.zeros(vocab, cfg.hidden_size))
+        self.layers = nn.ModuleList(Block(cfg, i, fmt, shard) for i in range(cfg.num_hidden_layers))
         self.final = HcHead(cfg)
-        self.register_buffer("head", torch.zeros(cfg.vocab_size, cfg.hidden_size))
-        self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.num_hidden_layers + i, fmt)
+        self.register_buffer("head", torch.zeros(vocab, cfg.hidden_size))
+        self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.num_hidden_layers + i, fmt, shard)
                                  for i in range(cfg.num_nextn_predict_layers))
 
     # -- cache ----------------------------------------------------------------------------------------------
@@ -507,7 +545,7 @@ class DeepseekV4(nn.Module):
         tuple [, pre-hc_head streams [B, S, n, D] for the MTP block])."""
         num, cfg = self.numerics, self.cfg
         step = Step(start_pos, n_valid, tokens.shape[1])
-        x = self.embed[tokens]  # [B, S, D]
+        x = self.embed_tokens(tokens)  # [B, S, D]
         streams = x[:, :, None, :].expand(-1, -1, cfg.hc_mult, -1)  # n identical streams
         new_cache, cursor = [], 0
         for i, block in enumerate(self.layers):
@@ -525,12 +563,25 @@ class DeepseekV4(nn.Module):
             last = (n_valid - 1).clamp(min=0)
             streams = torch.gather(streams, 1, last.view(-1, 1, 1, 1).expand(-1, 1, *streams.shape[2:]))
         y = F.linear(head(streams, self.numerics), self.head)
+        if self.shard.tensor > 1:  # this rank's slice of the vocabulary: gather the others'
+            y = ops.all_gather(y, GROUP_TENSOR, self.shard.tensor)
         return y if all_logits else y[:, 0]
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Embedding rows of `tokens`; vocabulary-parallel: each rank looks up the ids in its slice, zeros for the
+        others, and the tensor group sums them (exact: one rank contributes each row)."""
+        if self.shard.tensor == 1:
+            return self.embed[tokens]
+        rows = self.embed.shape[0]
+        local = tokens - self.shard.tp_rank * rows
+        mine = (local >= 0) & (local < rows)
+        x = self.embed[local.clamp(0, rows - 1)] * mine[..., None].to(self.embed.dtype)
+        return ops.all_reduce(x, GROUP_TENSOR)
 
     def mtp_input(self, tokens: torch.Tensor, streams: torch.Tensor, index: int = 0) -> torch.Tensor:
         """The MTP block's input streams: e_proj(enorm(embed(token t+1))) + h_proj(hnorm(streams_t)) per stream."""
         num, mtp = self.numerics, self.mtp[index]
-        e = _rnd(mtp.enorm(self.embed[tokens]), num)
+        e = _rnd(mtp.enorm(self.embed_tokens(tokens)), num)
         h = _rnd(mtp.hnorm(streams), num)
         return _rnd(_rnd(mtp.e_proj(e, num.act_quant), num)[:, :, None, :] + _rnd(mtp.h_proj(h, num.act_quant), num), num)
 
@@ -599,10 +650,16 @@ def load_official(model: DeepseekV4, tensors: dict[str, torch.Tensor]) -> list[s
     pending: dict[str, torch.Tensor] = dict(tensors)
     if model.expert_format == "fp8":
         pending = _transcode_experts(pending, quant)
+    shard = model.shard
     for name, t in pending.items():
         target, expert = module_name(name)
         if target not in buffers:
             raise KeyError(f"checkpoint tensor {name!r} has no place in the model (looked for {target!r})")
+        if expert is not None:
+            expert = local_expert(expert, model.cfg.n_routed_experts, shard)
+            if expert is None:
+                continue  # another rank's expert
+        t = _rank_slice(name, t, pending, shard)
         dst = buffers[target] if expert is None else buffers[target][expert]
         src = _convert(t, dst.dtype, quant)
         if src.shape != dst.shape:
@@ -613,11 +670,21 @@ def load_official(model: DeepseekV4, tensors: dict[str, torch.Tensor]) -> list[s
     return written
 
 
+def _rank_slice(name: str, t: torch.Tensor, tensors: dict[str, torch.Tensor], shard: Shard) -> torch.Tensor:
+    """This rank's slice of an official tensor (a scale is sliced by the blocks of its weight's slice)."""
+    dim = split_dim(name)
+    if dim is None or shard.tensor == 1:
+        return t
+    weight = tensors.get(name[: -len("scale")] + "weight") if name.endswith(".scale") else None
+    return shard_tensor(name, t, None if weight is None else weight.shape[dim], shard)
+
+
 def load_checkpoint_model(reader: CheckpointReader, numerics: Numerics | None = None,
-                          expert_format: str | None = None) -> DeepseekV4:
-    """DeepseekV4 with the weights of an official-format checkpoint, read layer by layer (besides the model,
-    at most one layer's tensors and the globals are held at once). Defaults as DeepseekV4's."""
-    model = DeepseekV4(reader.config, numerics, expert_format)
+                          expert_format: str | None = None, shard: Shard | None = None) -> DeepseekV4:
+    """DeepseekV4 (or one rank's shard of it) with the weights of an official-format checkpoint, read layer by
+    layer (besides the model, at most one layer's tensors and the globals are held at once). Defaults as
+    DeepseekV4's."""
+    model = DeepseekV4(reader.config, numerics, expert_format, shard)
     load_official(model, reader.read_globals())
     for _, tensors in reader.iter_layers():
         load_official(model, tensors)

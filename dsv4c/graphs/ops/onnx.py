@@ -296,17 +296,21 @@ def _body_sparse_attn(g: Graph, q, kv, sink, idx, scale, bf16):
     return [g.Div(acc, g.Unsqueeze(g.Add(denom, sink_term), g.i64(-1)))]
 
 
+def _body_indexer_scores(g: Graph, q, k, w, bf16):
+    def rounded(x: str) -> str:
+        return maybe(g, bf16, round_bf16, x)
+
+    scores = g.Relu(rounded(g.MatMul(q, g.Unsqueeze(g.Transpose(k, perm=[0, 2, 1]), g.i64(1)))))  # [B,S,h,N]
+    return [rounded(g.ReduceSum(rounded(g.Mul(scores, g.Unsqueeze(w, g.i64(-1)))), g.i64(2), keepdims=0))]
+
+
 def _body_indexer_topk(g: Graph, q, k, w, n_visible, topk, bf16):
     """With `bf16` the dot products, the weighted relus and the head sum are each rounded to bf16 (the
     reference's bf16 einsum, product and reduction). ONNX TopK puts the lower index first among equal scores
     (relu zeros are common once q and k are FP4, and bf16 scores tie often), the rule the torch reference
     implements with a stable descending sort: picks agree exactly, ties included, even when they straddle the
     k-th place."""
-    def rounded(x: str) -> str:
-        return maybe(g, bf16, round_bf16, x)
-
-    scores = g.Relu(rounded(g.MatMul(q, g.Unsqueeze(g.Transpose(k, perm=[0, 2, 1]), g.i64(1)))))  # [B,S,h,N]
-    scores = rounded(g.ReduceSum(rounded(g.Mul(scores, g.Unsqueeze(w, g.i64(-1)))), g.i64(2), keepdims=0))  # [B,S,N]
+    [scores] = _body_indexer_scores(g, q, k, w, bf16)  # [B,S,N]
     n = g.Shape(k, start=1, end=2)
     entry = g.Range(g.const(0, np.int64), g.Squeeze(n, g.i64(0)), g.const(1, np.int64))
     visible = g.Unsqueeze(n_visible, g.i64(-1))
@@ -394,6 +398,7 @@ _BODIES: dict[str, Callable[..., list[str]]] = {
     "hadamard_fp4": _body_hadamard_fp4,
     "sparse_attn": _body_sparse_attn,
     "indexer_topk": _body_indexer_topk,
+    "indexer_scores": _body_indexer_scores,
     "compress_pool": _body_compress_pool,
     "hc_pre": _body_hc_pre,
     "hc_post": _body_hc_post,
@@ -407,8 +412,9 @@ def function_body(op: OpDef) -> onnx.FunctionProto:
 
 
 def function_bodies() -> list[onnx.FunctionProto]:
-    """One model-local function per dsv4 op (domain dsv4, the op's ONNX name)."""
-    return [function_body(op) for op in OPS.values()]
+    """One model-local function per dsv4 op (domain dsv4, the op's ONNX name); collectives have none (they
+    talk to other ranks: a target's kernel runs them)."""
+    return [function_body(op) for op in OPS.values() if not op.collective]
 
 
 # ---- models: attach bodies, export, run --------------------------------------------------------------------
@@ -437,7 +443,8 @@ def attach_functions(model: onnx.ModelProto) -> onnx.ModelProto:
         used |= _used_op_types(helper.make_graph(f.node, f.name, [], []))
     have = {(f.domain, f.name) for f in model.functions}
     by_name = {op.onnx_name: op for op in OPS.values()}
-    add_functions(model, [function_body(by_name[t]) for t in sorted(used) if t in by_name and (DOMAIN, t) not in have])
+    add_functions(model, [function_body(by_name[t]) for t in sorted(used)
+                          if t in by_name and not by_name[t].collective and (DOMAIN, t) not in have])
     return model
 
 
@@ -517,7 +524,7 @@ def write_onnx_program(ep: torch.export.ExportedProgram, path: str | Path, *,
     for fn in list(model.functions.values()) if with_functions else []:
         used |= {n.op_type for n in fn.all_nodes() if n.domain == DOMAIN}
     by_name = {op.onnx_name: op for op in OPS.values()}
-    for op_type in sorted(used):
+    for op_type in sorted(t for t in used if not by_name[t].collective):
         fn = ir.serde.deserialize_function(function_body(by_name[op_type]))
         model.functions[fn.identifier()] = fn
     model.opset_imports[DOMAIN] = DOMAIN_VERSION

@@ -59,6 +59,9 @@ class OpDef:
     outputs: tuple[str, ...] = ("y",)  # output names of the ONNX node
     output_dtypes: tuple[str, ...] = ("float32",)
     input_dtypes: dict[str, str] = field(default_factory=dict)  # tensor inputs that are not float32 activations
+    # a collective (graphs/parallel.py): it talks to other ranks, so it has no ONNX function body; a target runs
+    # it through its communication library (torch.distributed on CPU, NCCL, HCCL)
+    collective: bool = False
 
     @property
     def overload(self) -> torch._ops.OpOverload:
@@ -265,15 +268,45 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_visible: t
     [B,S,K] in descending score order, with -1 for picks that are not visible. Equal scores are ordered by
     entry id, lower first (ONNX TopK's rule, which every target kernel follows), so the picks are deterministic
     even when ties straddle the k-th place (the reference's own tie order is CPU torch.topk's, unspecified)."""
-    scores = round_bf16(torch.einsum("bshd,bnd->bshn", q.float(), k.float()), bf16).relu()
-    scores = round_bf16(scores * w.float()[..., None], bf16)
-    scores = round_bf16(scores.sum(dim=2), bf16)  # [B, S, N]
+    scores = indexer_scores(q, k, w, bf16)  # [B, S, N]
     entry = torch.arange(k.shape[1], device=k.device)
     hidden = entry.view(1, 1, -1) >= n_visible[..., None]
     scores = scores.masked_fill(hidden, float("-inf"))
     # torch.topk leaves the order of ties unspecified; a stable descending sort keeps lower ids first
     picks = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :min(topk, k.shape[1])]
     return torch.where(picks >= n_visible[..., None], torch.full_like(picks, -1), picks)
+
+
+@_register("indexer_scores", "IndexerScores", "(Tensor q, Tensor k, Tensor w, bool bf16) -> Tensor",
+           lambda s, a, m: [[s[0][0], s[0][1], s[1][1]]], ("bf16",))
+def indexer_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """The lightning indexer's scores over the heads it is given: q [B,S,h,d], k [B,N,d], w [B,S,h] ->
+    score [B,S,N] = sum_h w_h relu(q_h . k_j), rounded to bf16 as indexer_topk does (spec §3.9.4); no mask.
+    Under tensor parallelism each rank scores its own heads and the partial scores are all-reduced before the
+    top-k (spec §2.5)."""
+    scores = round_bf16(torch.einsum("bshd,bnd->bshn", q.float(), k.float()), bf16).relu()
+    scores = round_bf16(scores * w.float()[..., None], bf16)
+    return round_bf16(scores.sum(dim=2), bf16)
+
+
+# ---- collectives (graphs/parallel.py) ------------------------------------------------------------------------
+@_register("all_reduce", "AllReduce", "(Tensor x, int group) -> Tensor", lambda s, a, m: [s[0]], ("group",),
+           collective=True)
+def all_reduce(x: torch.Tensor, group: int) -> torch.Tensor:
+    """Sum of x over the ranks of `group` (parallel.GROUP_TENSOR or GROUP_EXPERT of this rank's mesh), float32."""
+    from dsv4c.graphs import parallel
+
+    return parallel.all_reduce(x, group)
+
+
+@_register("all_gather", "AllGather", "(Tensor x, int group, int size) -> Tensor",
+           lambda s, a, m: [[*s[0][:-1], s[0][-1] * a["size"]]], ("group", "size"), collective=True)
+def all_gather(x: torch.Tensor, group: int, size: int) -> torch.Tensor:
+    """x of the `size` ranks of `group` concatenated along the last dim in rank order (vocabulary-parallel
+    logits), float32."""
+    from dsv4c.graphs import parallel
+
+    return parallel.all_gather(x, group, size)
 
 
 # ---- compressor ------------------------------------------------------------------------------------------
