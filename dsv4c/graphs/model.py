@@ -256,8 +256,14 @@ def top_entries(scores: torch.Tensor, n_visible: torch.Tensor, topk: int) -> tor
     in descending order, -1 for picks that are not visible."""
     entry = torch.arange(scores.shape[-1], device=scores.device)
     scores = scores.masked_fill(entry.view(1, 1, -1) >= n_visible[..., None], float("-inf"))
-    # a stable sort orders equal scores (relu zeros tie often) lower id first, as indexer_topk and ONNX TopK do
-    picks = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :min(topk, scores.shape[-1])]
+    # Equal scores (relu zeros tie often) are ordered lower id first, as indexer_topk does. Eagerly that takes a
+    # stable sort (torch.topk leaves ties unspecified); the exporter has no stable sort, but ONNX TopK, which
+    # torch.topk lowers to, defines ties the same way (lower index first).
+    k = min(topk, scores.shape[-1])
+    if torch.compiler.is_exporting():
+        picks = torch.topk(scores, k, dim=-1).indices
+    else:
+        picks = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
     return torch.where(picks >= n_visible[..., None], torch.full_like(picks, -1), picks)
 
 
