@@ -21,11 +21,11 @@ Sources of every figure (nothing is loaded, no weights are needed):
     `max_batch_size` sequences. The dsv4c-graph figure is read off rank 0's own model (`DeepseekV4(shard=...)`).
 
 `fits` when every device of the worst pipeline stage fits in (1 - RESERVE) of its memory and the target supports
-the recipe's formats (else `problems` say what to change). What this dsv4c cannot build yet (multi-device lowering,
-op kernels a target lacks) is listed apart as `build_blockers`. `feasible` = fits and nothing blocks the build: the
-verdict and the exit code (0, else 3), with `hints` that lead to a build that works (a hint is only given when
-following it passes `plan`). A toolchain missing on this machine (`toolchain`) blocks nothing: the bundle can be
-built here and finished where the toolchain is.
+the recipe's formats and the mesh's layout suits the model's shapes (else `problems` say what to change). What this
+dsv4c cannot build yet (op kernels a target lacks; what a target's check refuses only for a mesh) is listed apart
+as `build_blockers`. `feasible` = fits and nothing blocks the build: the verdict and the exit code (0, else 3),
+with `hints` that lead to a build that works. A toolchain missing on this machine (`toolchain`) blocks nothing: the
+bundle can be built here and finished where the toolchain is.
 """
 
 from __future__ import annotations
@@ -739,42 +739,18 @@ def make_plan(recipe) -> dict[str, Any]:
         "feasible": fits and not blockers,
         "problems": problems,
         "build_blockers": blockers,
-        "hints": build_hints(recipe, blockers, multi_device=len(check.problems) > len(single.problems)) if fits else [],
+        "hints": build_hints(recipe, blockers) if fits else [],
         "warnings": warnings,
     }
 
 
-SINGLE_DEVICE = {"target.devices_per_node": "1", "target.nodes": "1",
-                 "target.parallel": "{tensor: 1, expert: 1, pipeline: 1, data: 1}"}
-
-
-def build_hints(recipe, blockers: list[str], multi_device: bool) -> list[str]:
-    """What to do about the build blockers of a recipe that fits its hardware: a single-device variant when one
-    device holds the model (checked by planning it), else why there is nothing to set; the bundle for op kernels
-    the target lacks."""
-    if not blockers:
-        return []
-    if multi_device:
-        return [_single_device_hint(recipe)]
-    if recipe.target.kind == "cann":
+def build_hints(recipe, blockers: list[str]) -> list[str]:
+    """What to do about the build blockers of a recipe that fits its hardware: for op kernels a CANN target still
+    lacks, the bundle that can be built now."""
+    if blockers and recipe.target.kind == "cann":
         return ["`dsv4c build RECIPE --until lower` writes the ATC bundle (with its ATC command lines); the ops "
                 "listed above need their AscendC kernels before `atc` can build a runnable .om"]
     return []
-
-
-def _single_device_hint(recipe) -> str:
-    t = recipe.target
-    single = recipe.model_copy(update={"target": t.model_copy(update={
-        "devices_per_node": 1, "nodes": 1, "parallel": t.parallel.model_copy(update={
-            "tensor": 1, "expert": 1, "pipeline": 1, "data": 1})})})
-    plan = make_plan(single)
-    device = plan["target"]["device"]
-    if not plan["fits"]:
-        return (f"one {device} does not hold the model (it needs {plan['per_device_bytes'] / GIB:.1f} GiB, "
-                f"{plan['target']['usable_bytes'] / GIB:.1f} GiB usable) and this dsv4c builds single-device "
-                "engines only: no recipe change makes it buildable yet")
-    sets = " ".join(f"--set '{k}={v}'" for k, v in SINGLE_DEVICE.items())
-    return " ".join([f"one {device} holds the model: build a single-device engine with {sets}", *plan["hints"]])
 
 
 def _per_layer(cfg: ModelConfig, types: list[dict[str, Any]], key: str) -> list[float]:
