@@ -269,3 +269,88 @@ def test_splice_refuses_a_tensorrt_without_the_layer():
     parsed_cut_form(net, cut)
     with pytest.raises(RuntimeError, match="no distributed-collective layer"):
         splice_collectives(TRT, Before1016(net), [cut], {0: [0, 1]})
+
+
+# ---- the rank bundles compute the model: two processes, collectives over gloo ------------------------------------
+_RANK_SCRIPT = """
+import json, sys
+from pathlib import Path
+import numpy as np, torch.distributed as dist
+from dsv4c.graphs import parallel
+from dsv4c.targets.base import CacheSlot
+from dsv4c.targets.tensorrt.torch_executor import TorchExecutor
+
+root, rank = Path(sys.argv[1]), int(sys.argv[2])
+dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, world_size=2)
+parallel.setup(parallel.Shard(rank=rank, tensor=2, expert=2, data=1))
+meta = json.loads((root / f"rank{rank}" / "bundle.json").read_text())
+ex = TorchExecutor(root / f"rank{rank}", meta["programs"], [CacheSlot.from_manifest(c) for c in meta["cache"]], "cpu")
+f = np.load(root / "feeds.npz")
+cache = ex.new_cache(2)
+out = [ex.run("prefill", f["tokens"], np.zeros(2, np.int64), f["lengths"], cache)]
+for step, tok in enumerate(f["decode"]):
+    out.append(ex.run("decode", tok[:, None], f["lengths"] + step, np.ones(2, np.int64), cache))
+np.save(root / f"logits{rank}.npy", np.stack(out))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow  # ~4 min on 2 cores: a synthetic checkpoint, two rank exports, two processes
+def test_two_rank_bundles_give_the_single_device_logits(tmp_path, stage_cache):
+    """The exact ONNX each rank's TensorRT bundle holds (plugin nodes on the ops' torch reference, collectives over
+    torch.distributed/gloo as the IR defines them), run as ranks 0 and 1 of tensor 2 x expert 2, gives the
+    single-device model's logits (plain numerics: cosine >= 0.9999 on every row, prefill of two unequal prompts
+    and 3 decode steps). What it leaves to TensorRT: the NCCL layers that replace the collectives."""
+    import subprocess
+    import sys
+
+    import torch
+
+    import dsv4c
+    from dsv4c.compiler.export import export_program
+    from dsv4c.compiler.recipe import load_recipe
+    from dsv4c.graphs.checkpoint import CheckpointReader
+    from dsv4c.graphs.model import Numerics, load_checkpoint_model
+    from dsv4c.graphs.parallel import Shard
+
+    overrides = ["quantization.preset=plain", "target.devices_per_node=2"]
+    dsv4c.build(RECIPES / "tiny-tensorrt.yaml", tmp_path / "x", overrides, until="load", cache_dir=stage_cache)
+    reader = CheckpointReader(next(stage_cache.glob("load/*/checkpoint")))
+    recipe = load_recipe(RECIPES / "tiny-tensorrt.yaml", overrides)
+    max_len, lengths = 64, np.array([13, 6])
+    single = load_checkpoint_model(reader, Numerics.plain(), "fp8")
+    cache = single.new_cache(2, max_len)
+    slots = [{"name": e.name, "shape": list(e.shape[1:]), "fill": e.fill, "dtype": "float32"}
+             for e in single.cache_spec(1, max_len)]
+    tokens = np.zeros((2, 13), np.int64)
+    g = torch.Generator().manual_seed(3)
+    for b, n in enumerate(lengths):
+        tokens[b, :n] = torch.randint(2, 1024, (n,), generator=g).numpy()
+    with torch.no_grad():  # the single-device reference, feeding its own greedy picks
+        logits, cache = single(torch.from_numpy(tokens), torch.zeros(2, dtype=torch.long),
+                               torch.from_numpy(lengths), cache)
+        want, decode = [logits], []
+        for step in range(3):
+            decode.append(want[-1].argmax(-1).numpy())
+            logits, cache = single(torch.from_numpy(decode[-1][:, None]), torch.from_numpy(lengths + step),
+                                   torch.ones(2, dtype=torch.long), cache)
+            want.append(logits)
+    np.savez(tmp_path / "feeds.npz", tokens=tokens, lengths=lengths, decode=np.stack(decode))
+    mesh = {"world": 2, "tensor": 2, "expert": 2, "data": 1, "devices_per_node": 2, "nodes": 1, "backend": "gloo",
+            "ranks": 2}
+    for rank in range(2):
+        model = load_checkpoint_model(reader, Numerics.plain(), "fp8", Shard(rank=rank, tensor=2, expert=2))
+        programs = {p: export_program(model, p, 2, max_len) for p in ("prefill", "decode")}
+        TensorRTTarget().lower(programs, tmp_path / f"rank{rank}", recipe, {"cache": slots, "mesh": mesh,
+                                                                            "rank": rank})
+    procs = [subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT, str(tmp_path), str(r)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    want = torch.stack(want).numpy()
+    for rank in range(2):
+        got = np.load(tmp_path / f"logits{rank}.npy")
+        assert got.shape == want.shape
+        cos = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
+        assert cos.min() >= 0.9999, cos
