@@ -503,6 +503,49 @@ def test_collectives_lower_to_hccl_operators(tmp_path):
     np.testing.assert_array_equal(got, np.concatenate(ranks, axis=-1))
 
 
+@pytest.mark.slow  # ~2 min: a synthetic checkpoint and one rank's export
+def test_a_mesh_ranks_bundle_is_atc_ready_with_its_hccl_groups(tmp_path, stage_cache):
+    """Rank 1 of tiny on 2 Ascend 950s (tensor 2 x expert 2), lowered as the build's lower stage lowers each rank:
+    every collective became HCCL operators over the groups bundle.json names, the graph follows ATC's parser rules,
+    IndexerScores is kept with its contract and a TBD kernel."""
+    import dsv4c
+    from dsv4c.compiler.export import export_program
+    from dsv4c.graphs.checkpoint import CheckpointReader
+    from dsv4c.graphs.model import Numerics, load_checkpoint_model
+    from dsv4c.graphs.parallel import Shard
+    from dsv4c.targets.cann.target import CannTarget
+
+    overrides = ["target.kind=cann", "target.soc_version=Ascend950", "target.devices_per_node=2"]
+    dsv4c.build(ROOT / "recipes/tiny-cpu.yaml", tmp_path / "x", overrides, until="load", cache_dir=stage_cache)
+    reader = CheckpointReader(next(stage_cache.glob("load/*/checkpoint")))
+    model = load_checkpoint_model(reader, Numerics.reference(), "fp4", Shard(rank=1, tensor=2, expert=2))
+    programs = {p: export_program(model, p, 2, 64) for p in ("prefill", "decode")}
+    mesh = {"world": 2, "tensor": 2, "expert": 2, "data": 1, "devices_per_node": 2, "nodes": 1, "backend": "hccl",
+            "ranks": 2}
+    out = tmp_path / "rank1"
+    CannTarget().lower(programs, out, cann_recipe("Ascend950", "target.devices_per_node=2"),
+                       {"cache": [], "mesh": mesh, "rank": 1})
+    meta = json.loads((out / "bundle.json").read_text())
+    assert meta["mesh"] == mesh and meta["rank"] == 1
+    assert meta["hccl_groups"] == {"dsv4c_tensor_0_2": [0, 1], "dsv4c_expert_0_2": [0, 1]}
+    for rel in meta["programs"].values():
+        model = onnx.load(out / rel, load_external_data=False)
+        census = op_census(model)
+        assert not {op for (_, op) in census} & {"AllReduce", "AllGather"}
+        assert census[("dsv4.cann", "HcomAllReduce")] > 0 and census[("dsv4.cann", "HcomAllGather")] == 1
+        assert census[("dsv4", "IndexerScores")] > 0
+        for n in model.graph.node:
+            a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+            if n.op_type.startswith("Hcom"):
+                assert a["group"].decode() in meta["hccl_groups"]
+            elif n.domain == "ai.onnx":
+                assert n.op_type in ATC_OPS, n.op_type
+            elif n.op_type == "IndexerScores":
+                assert a["cann_kernel"] == b"TBD" and "bf16" in a
+    src = (out / meta["onnx_plugin"]).read_text()
+    assert '.OriginOpType("dsv4.cann::1::HcomAllReduce")' in src and '.OriginOpType("dsv4::1::IndexerScores")' in src
+
+
 def test_collectives_without_the_mesh_are_refused(tmp_path):
     with pytest.raises(ValueError, match="no HCCL group"):
         lower_program(collective_graph(tmp_path), "Ascend950", 8, requant.ErrorStats())
