@@ -254,6 +254,26 @@ def test_splice_keeps_a_collective_output_that_is_a_program_output():
                                   np.concatenate([feeds[0]["x"], feeds[1]["x"]], axis=-1))
 
 
+def test_splice_keeps_a_source_the_program_itself_returns():
+    cut = Cut("node_c", "AllReduce", 0, 2, "s", "r", 3, source_is_output=True)
+    net = Network()
+    parsed_cut_form(net, cut)
+    splice_collectives(TRT, net, [cut], {0: [0, 1]})
+    assert sorted(t.name for t in net.outputs) == ["identity_out", "s"]
+
+
+def test_cut_records_a_source_that_is_already_an_output():
+    vi = onnx.helper.make_tensor_value_info
+    node = onnx.helper.make_node("AllReduce", ["x"], ["y"], name="ar", domain=DOMAIN, group=0)
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["a"], ["x"]), node], "g",
+                                   [vi("a", onnx.TensorProto.FLOAT, ["b", 4])],
+                                   [vi("x", onnx.TensorProto.FLOAT, ["b", 4]), vi("y", onnx.TensorProto.FLOAT, ["b", 4])])
+    model = onnx.helper.make_model(graph)
+    [cut] = cut_collectives(model, {0: 2})
+    assert cut.source_is_output and [o.name for o in model.graph.output] == ["x", "y"]
+    assert [i.name for i in model.graph.input] == ["a", "y"]
+
+
 def test_splice_refuses_a_tensorrt_without_the_layer():
     class Before1016:  # a TensorRT network API from before the distributed-collective layer (10.16)
         def __init__(self, net):

@@ -45,7 +45,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dsv4c.graphs.config import ModelConfig
-from dsv4c.graphs.parallel import straddling_shards
+from dsv4c.graphs.parallel import Shard, straddling_shards
 from dsv4c.graphs.quant import FP8_BLOCK
 
 GIB = 1 << 30
@@ -327,7 +327,7 @@ def rank_config(cfg: ModelConfig, tensor: int) -> ModelConfig:
 
 
 def trace_prefill(cfg: ModelConfig, numerics, expert_format: str, batch: int, seqlen: int,
-                  max_seq_len: int, shard: Any = None) -> tuple[set[str], int]:
+                  max_seq_len: int, shard: Shard | None = None) -> tuple[set[str], int]:
     """(dsv4 ops called, peak bytes of the tensors the forward allocates, the updated caches excluded: a serving
     engine writes them in place) for one prefill chunk of `seqlen` tokens x `batch` sequences from position 0,
     on the rank `shard` of a mesh (its collectives and head-partial indexer scores among the ops) or, without
@@ -447,11 +447,9 @@ def pipeline_problem(cfg: ModelConfig, recipe) -> str:
             f"'target.parallel={{tensor: {p.tensor}, expert: {expert}, pipeline: 1, data: {data}}}'")
 
 
-def rank_shard(cfg: ModelConfig, recipe):
+def rank_shard(cfg: ModelConfig, recipe) -> Shard | None:
     """Rank 0's shard of the recipe's mesh (every rank holds the same bytes: the splits are even), or None for a
     single device or a layout `layout_problems` refuses."""
-    from dsv4c.graphs.parallel import Shard
-
     p = recipe.target.parallel
     if p.tensor == p.expert == p.data == 1 or divisibility_problems(cfg, p) or straddling_shards(cfg, p.tensor):
         return None

@@ -45,6 +45,7 @@ class Cut:
     source: str  # the tensor the collective reads: a graph output of the cut form
     result: str  # the tensor it writes: a graph input of the cut form
     rank: int  # number of dims of both
+    source_is_output: bool = False  # the program already returns the source: it stays an output after the splice
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -76,7 +77,8 @@ def cut_collectives(model: onnx.ModelProto, group_sizes: dict[int, int]) -> list
                              f"{group_sizes[group]}")
         src_type = infos[source].type.tensor_type
         rank = len(src_type.shape.dim)
-        cuts.append(Cut(node.name, node.op_type, group, size, source, result, rank))
+        is_output = source in {o.name for o in g.output}
+        cuts.append(Cut(node.name, node.op_type, group, size, source, result, rank, is_output))
         if result in infos:
             placeholder = copy.deepcopy(infos[result])
         else:  # the result's shape from the source's: same, or the last dim times the group for a gather
@@ -90,7 +92,7 @@ def cut_collectives(model: onnx.ModelProto, group_sizes: dict[int, int]) -> list
                     last.dim_param = f"{result}_gathered"
         placeholder.type.tensor_type.elem_type = onnx.TensorProto.FLOAT  # collectives compute in float32
         g.input.append(placeholder)
-        if source not in {o.name for o in g.output}:
+        if not is_output:
             g.output.append(copy.deepcopy(infos[source]))
     cut_results = {c.result for c in cuts}
     cut_nodes = {c.node for c in cuts}
@@ -117,7 +119,8 @@ def splice_collectives(trt: Any, network: Any, cuts: list[Cut], groups: dict[int
         outputs = {network.get_output(i).name: network.get_output(i) for i in range(network.num_outputs)}
         inputs = {network.get_input(i).name: network.get_input(i) for i in range(network.num_inputs)}
         x, placeholder = outputs[cut.source], inputs[cut.result]
-        network.unmark_output(x)
+        if not cut.source_is_output:
+            network.unmark_output(x)
         y = _add_collective(trt, network, x, cut, ranks)
         for i in range(network.num_layers):
             layer = network.get_layer(i)
