@@ -265,9 +265,9 @@ def test_splice_keeps_a_source_the_program_itself_returns():
 def test_cut_records_a_source_that_is_already_an_output():
     vi = onnx.helper.make_tensor_value_info
     node = onnx.helper.make_node("AllReduce", ["x"], ["y"], name="ar", domain=DOMAIN, group=0)
-    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["a"], ["x"]), node], "g",
-                                   [vi("a", onnx.TensorProto.FLOAT, ["b", 4])],
-                                   [vi("x", onnx.TensorProto.FLOAT, ["b", 4]), vi("y", onnx.TensorProto.FLOAT, ["b", 4])])
+    f32 = onnx.TensorProto.FLOAT
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["a"], ["x"]), node], "g", [vi("a", f32, ["b", 4])],
+                                   [vi("x", f32, ["b", 4]), vi("y", f32, ["b", 4])])
     model = onnx.helper.make_model(graph)
     [cut] = cut_collectives(model, {0: 2})
     assert cut.source_is_output and [o.name for o in model.graph.output] == ["x", "y"]
