@@ -417,15 +417,11 @@ def layout_problems(cfg: ModelConfig, recipe) -> list[str]:
 
 def divisibility_problems(cfg: ModelConfig, p) -> list[str]:
     """Degrees that do not divide what they shard: heads, o-groups, index heads and vocabulary by tensor, routed
-    experts by expert, and expert must divide the world (expert groups are consecutive ranks)."""
+    experts by expert. (That expert divides the world, tensor * data, is a recipe rule: exit 2 before plan.)"""
     problems = []
     if cfg.n_routed_experts % p.expert:
         problems.append(f"target.parallel.expert={p.expert} does not divide n_routed_experts="
                         f"{cfg.n_routed_experts}; choose a divisor")
-    world = p.tensor * p.data
-    if world % p.expert:
-        problems.append(f"target.parallel.expert={p.expert} does not divide the world tensor*data = {world} "
-                        "(expert groups are consecutive ranks of it)")
     has_csa = 4 in cfg.compress_ratios[:cfg.num_hidden_layers]
     for field in ("num_attention_heads", "o_groups", "vocab_size") + (("index_n_heads",) if has_csa else ()):
         if getattr(cfg, field) % p.tensor:
