@@ -154,15 +154,17 @@ def human_bytes(n: int) -> str:
 
 
 def dir_bytes(path: Path) -> int:
-    """Bytes of the files under `path` (0 when it is gone: a stage may rename its output while we count)."""
-    total = 0
+    """Bytes of the files under `path`, a file hard-linked several times counted once (the stage cache's engine
+    links its bundle's weights: dsv4c.files); 0 when it is gone (a stage may rename its output while we count)."""
+    sizes: dict[tuple[int, int], int] = {}
     for root, _, files in os.walk(path):
         for f in files:
             try:
-                total += os.stat(os.path.join(root, f)).st_size
+                st = os.stat(os.path.join(root, f))
             except OSError:
-                pass
-    return total
+                continue
+            sizes[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(sizes.values())
 
 
 @dataclass
