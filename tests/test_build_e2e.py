@@ -143,3 +143,114 @@ def test_bad_recipe_key_exits_2_naming_the_key(tmp_path):
     assert r.returncode == 2
     assert "target.kindd" in r.stderr and "did you mean `target.kind`" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---- one copy of the weights on disk (dsv4c.files) ----------------------------------------------------------------
+def engine_weights(root) -> dict[str, object]:
+    """name -> os.stat of each weight file (*.onnx.data) under `root`."""
+    return {f.name: f.stat() for f in root.rglob("*.onnx.data")}
+
+
+def stage_dir(cache, out, stage: str):
+    return cache / stage / json.loads((out / "manifest.json").read_text())["stage_keys"][stage]
+
+
+def test_the_artifact_and_the_stage_cache_hold_one_copy_of_the_weights(official, stage_cache):
+    """The lowered bundle, the built engine and the artifact's engine are one inode per weight file (the build
+    used to copy the bundle into the engine and the engine into the artifact: three copies), and plan counts the
+    disk that way."""
+    out, _ = official
+    bundle, engine, artifact = (engine_weights(stage_dir(stage_cache, out, "lower")),
+                                engine_weights(stage_dir(stage_cache, out, "build")), engine_weights(out / "engine"))
+    assert artifact and artifact.keys() == engine.keys() == bundle.keys()
+    for name, st in artifact.items():
+        assert st.st_ino == engine[name].st_ino == bundle[name].st_ino, name
+        assert st.st_nlink >= 3, name
+    unique = sum({(st.st_dev, st.st_ino): st.st_size for d in (bundle, engine, artifact) for st in d.values()}.values())
+    b = dsv4c.plan(RECIPES / "tiny-cpu.yaml").build
+    held = sum(b["disk"][s] - b["disk_hard_linked"].get(s, 0) for s in ("lower_bundle", "build_engine", "artifact"))
+    assert unique == pytest.approx(held, rel=0.02)
+    assert b["disk_peak_bytes_output_elsewhere"] - b["disk_peak_bytes"] == b["disk"]["artifact"]
+
+
+def test_validation_runs_the_engine_through_hard_links(official, stage_cache, tmp_path, monkeypatch):
+    """The validate stage lays the engine out as its artifact with links to the build stage's files (it used to
+    copy the whole engine into a staging directory first)."""
+    import dsv4c.compiler.stages as stages
+
+    seen = {}
+
+    def spy(artifact, *args, **kwargs):
+        seen.update(engine_weights(artifact / "engine"))
+        return validate_engine(artifact, *args, **kwargs)
+
+    validate_engine = stages.validate_engine
+    monkeypatch.setattr(stages, "validate_engine", spy)
+    out = dsv4c.build(RECIPES / "tiny-cpu.yaml", tmp_path / "v", ["validate.seed=2"], cache_dir=stage_cache)
+    engine = engine_weights(stage_dir(stage_cache, out, "build"))
+    assert seen and {n: st.st_ino for n, st in seen.items()} == {n: st.st_ino for n, st in engine.items()}
+    assert not list(stage_dir(stage_cache, out, "build").parent.glob(".*.validate"))  # the layout is removed
+
+
+def test_where_hard_links_fail_the_build_copies_and_says_so(official, stage_cache, tmp_path, monkeypatch, capsys):
+    """A filesystem that refuses links (the output on another disk than the cache): the validate stage and the
+    artifact copy the engine instead, each says so in the build's events, and the artifact is the same engine."""
+    import errno
+    import filecmp
+    import os
+
+    from dsv4c.artifact import read_manifest
+
+    def refuse(src, dst, *args, **kwargs):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src), None, str(dst))
+
+    monkeypatch.setattr(os, "link", refuse)
+    capsys.readouterr()
+    out = dsv4c.build(RECIPES / "tiny-cpu.yaml", tmp_path / "copied", ["validate.seed=3"], cache_dir=stage_cache,
+                      events="json")
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    notes = [e["message"] for e in events if e["event"] == "note"]
+    assert len(notes) == 2, notes  # the validate stage's layout, then the artifact
+    assert all("copied" in n and "hard-linked" in n and "cross-device" in n.lower() for n in notes), notes
+    read_manifest(out, verify=True)
+    engine_dir = stage_dir(stage_cache, out, "build")
+    for name, st in engine_weights(out / "engine").items():
+        assert st.st_ino != (engine_dir / name).stat().st_ino and st.st_nlink == 1
+        assert filecmp.cmp(out / "engine" / name, engine_dir / name, shallow=False)
+    linked, _ = official
+    prompt = [[5, 17, 99, 3]]
+    assert Engine.load(out).generate(prompt, 6) == Engine.load(linked).generate(prompt, 6)
+
+
+def test_the_cpu_engine_copies_the_bundle_where_links_fail(official, stage_cache, tmp_path, monkeypatch, caplog):
+    """The CPU target's build hard-links the bundle's files into the engine; refused a link it copies and warns."""
+    import errno
+    import filecmp
+    import logging
+    import os
+
+    from dsv4c.targets.cpu.target import CpuTarget
+
+    out, _ = official
+    bundle = stage_dir(stage_cache, out, "lower")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    CpuTarget().build(bundle, linked, None)
+    assert {n: st.st_ino for n, st in engine_weights(linked).items()} == \
+        {n: st.st_ino for n, st in engine_weights(bundle).items()}
+
+    def refuse(src, dst, *args, **kwargs):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src), None, str(dst))
+
+    monkeypatch.setattr(os, "link", refuse)
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    with caplog.at_level(logging.WARNING, logger="dsv4c.files"):
+        CpuTarget().build(bundle, copied, None)
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "copied" in caplog.text
+    names = sorted(p.name for p in bundle.iterdir() if p.name not in ("bundle.json", ".complete"))
+    assert names and sorted(p.name for p in copied.iterdir() if p.name not in ("engine.json", "libdsv4_ops.so")) \
+        == names
+    for name in names:
+        assert filecmp.cmp(copied / name, bundle / name, shallow=False)
+        assert (copied / name).stat().st_ino != (bundle / name).stat().st_ino

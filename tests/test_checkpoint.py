@@ -4,6 +4,7 @@ CheckpointError naming the file or tensor at fault."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -11,6 +12,7 @@ import os
 import re
 import shutil
 import struct
+import weakref
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,8 @@ from safetensors.torch import load_file, save_file
 
 from dsv4c.graphs import quant
 from dsv4c.graphs.checkpoint import (INDEX, CheckpointError, CheckpointReader, expected_tensors, global_tensors,
-                                     layer_prefixes, synthetic_tensors, write_synthetic_checkpoint)
+                                     layer_prefixes, synthetic_tensors, write_checkpoint,
+                                     write_synthetic_checkpoint)
 from dsv4c.graphs.config import preset
 from dsv4c.graphs.model import DeepseekV4, Numerics, load_official
 from dsv4c.graphs.ops.registry import decode_fp8
@@ -118,6 +121,52 @@ def test_round_trip(tiny_ckpt):
     other = dict(synthetic_tensors(cfg, seed=4))
     assert not torch.equal(other["layers.1.attn.wq_b.weight"].view(torch.uint8),
                            regenerated["layers.1.attn.wq_b.weight"].view(torch.uint8))
+
+
+def test_shards_are_the_bytes_safetensors_writes(tiny_ckpt, tmp_path):
+    """The streaming shard writer lays out header and data as `safetensors.torch.save_file` does: the checkpoint's
+    shards, and a shard of every official dtype with names out of order and a 0-d tensor."""
+    for shard in sorted(tiny_ckpt.glob("*.safetensors")):
+        save_file(load_file(shard), tmp_path / "ref.safetensors", metadata={"format": "pt"})
+        assert shard.read_bytes() == (tmp_path / "ref.safetensors").read_bytes(), shard.name
+    g = torch.Generator().manual_seed(0)
+    mixed = {"z.scale": torch.rand(3, 5, generator=g).to(torch.float8_e8m0fnu),
+             "a.weight": torch.randn(7, 9, generator=g).to(torch.float8_e4m3fn),
+             "m.idx": torch.randint(0, 9, (4, 2), generator=g), "b.norm": torch.randn(11, generator=g).bfloat16(),
+             "k.sink": torch.tensor(1.5), "c.fp4": torch.randint(-128, 127, (2, 3), dtype=torch.int8, generator=g),
+             "aa.base": torch.randn(2, 2, generator=g)}
+    write_checkpoint(tmp_path / "mixed", preset("tiny"), iter(mixed.items()))
+    save_file(mixed, tmp_path / "mixed.safetensors", metadata={"format": "pt"})
+    assert (tmp_path / "mixed" / "model-00001-of-00001.safetensors").read_bytes() == \
+        (tmp_path / "mixed.safetensors").read_bytes()
+
+
+def test_the_writer_holds_one_tensor_at_a_time(tmp_path):
+    """Each tensor is on disk and released before the next is made (the writer kept a whole shard, 1 GB by
+    default, in memory and serialised it into a second buffer: mini-1b's writer peaked at 2.0 GB)."""
+    made, alive_when_asked = [], []
+
+    def tensors():
+        for i in range(6):
+            alive_when_asked.append(sum(ref() is not None for ref in made))
+            t = torch.full((1000,), float(i))
+            made.append(weakref.ref(t))
+            yield f"t{i}", t
+            del t
+
+    write_checkpoint(tmp_path / "c", preset("tiny"), tensors())
+    assert alive_when_asked == [0] * 6
+    assert [load_file(next((tmp_path / "c").glob("*.safetensors")))[f"t{i}"][0].item() for i in range(6)] == \
+        [float(i) for i in range(6)]
+
+
+def test_the_synthetic_checkpoint_of_a_seed_is_pinned(tmp_path):
+    """The bytes of a synthetic checkpoint are a function of (preset, seed): caches and recordings are keyed by
+    them (sha256 recorded with the writer that kept whole shards in memory and called save_file)."""
+    write_synthetic_checkpoint(tmp_path / "t", preset("tiny"), seed=0)
+    shard, = (tmp_path / "t").glob("*.safetensors")
+    assert hashlib.sha256(shard.read_bytes()).hexdigest() == \
+        "3074e9b469547d048b3919c4a80eb1e46d79e089df7be4616919f32e43bf183e"
 
 
 def test_synthetic_weights_follow_the_format_rules(tiny_ckpt):

@@ -270,6 +270,8 @@ def test_doctor_reports_what_is_missing_and_the_caches(tmp_path):
     stages = tmp_path / "stages"
     (stages / "load").mkdir(parents=True)
     (stages / "load" / "blob").write_bytes(b"x" * 1234)
+    (stages / "build").mkdir()
+    os.link(stages / "load" / "blob", stages / "build" / "blob")  # engines link their bundle's files: counted once
     env = {"DSV4C_CACHE_DIR": str(stages), "CXX": str(tmp_path / "no-such-compiler"),
            "DSV4C_KERNEL_CACHE": str(tmp_path / "kernels" / "ortkernels"), "DSV4C_ORT_INCLUDE": ""}
     done = cli("doctor", "--json", env=env)
@@ -281,7 +283,7 @@ def test_doctor_reports_what_is_missing_and_the_caches(tmp_path):
     assert not checks["kernel library (libdsv4_ops.so)"]["ok"]
     assert {"NVIDIA GPU", "TensorRT", "CANN ATC (atc)"} <= set(checks)
     caches = {c["name"]: c for c in report["caches"]}
-    assert caches["stage cache"] == {"name": "stage cache", "path": str(stages), "exists": True, "bytes": 1234,
+    assert caches["stage cache"] == {"name": "stage cache", "path": str(stages), "exists": True, "bytes": 1234,  # once
                                      "set_with": "DSV4C_CACHE_DIR or --cache-dir"}
     text = cli("doctor", env=env).stdout
     assert re.search(r"missing  C\+\+ compiler: disables the C\+\+ kernel library", text), text

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -126,6 +127,17 @@ class Events:
             sys.stderr.write(line + "\n")
         sys.stderr.flush()
 
+    def note(self, message: str) -> None:
+        """Something the user should know that is not a stage's outcome (e.g. a file copied where a hard link
+        was meant to share it): a line on stderr in text mode, an event in JSON mode, kept in `log` always."""
+        self.log.append({"event": "note", "message": message})
+        self.end_progress()
+        if self.mode == "json":
+            print(json.dumps({"event": "note", "message": message}, sort_keys=True), flush=True)
+        elif self.mode == "text":
+            sys.stderr.write(f"   note {message}\n")
+            sys.stderr.flush()
+
     def end_progress(self) -> None:
         if self._line_open:
             self._line_open = False
@@ -142,15 +154,17 @@ def human_bytes(n: int) -> str:
 
 
 def dir_bytes(path: Path) -> int:
-    """Bytes of the files under `path` (0 when it is gone: a stage may rename its output while we count)."""
-    total = 0
+    """Bytes of the files under `path`, a file hard-linked several times counted once (the stage cache's engine
+    links its bundle's weights: dsv4c.files); 0 when it is gone (a stage may rename its output while we count)."""
+    sizes: dict[tuple[int, int], int] = {}
     for root, _, files in os.walk(path):
         for f in files:
             try:
-                total += os.stat(os.path.join(root, f)).st_size
+                st = os.stat(os.path.join(root, f))
             except OSError:
-                pass
-    return total
+                continue
+            sizes[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(sizes.values())
 
 
 @dataclass
@@ -299,6 +313,9 @@ def execute(build: Build, stages: Sequence[Stage]) -> Path | None:
     check_pipeline(stages)
     build.stages = {s.name: s for s in stages}
     name = STAGES[0]
+    notes = _NoteHandler(build.events)
+    files_log = logging.getLogger("dsv4c.files")  # link_tree's warnings (a copy where a link failed)
+    files_log.addHandler(notes)
     try:
         for stage in stages[: STAGES.index(build.until) + 1]:
             name = stage.name
@@ -316,7 +333,21 @@ def execute(build: Build, stages: Sequence[Stage]) -> Path | None:
         if error is e:
             raise
         raise error from e
+    finally:
+        files_log.removeHandler(notes)
     return build.outputs.artifact
+
+
+class _NoteHandler(logging.Handler):
+    """Warnings logged by the code a stage calls become `Events.note` lines of the build (text, JSON or the log
+    only when quiet: then the record also reaches the application's own logging)."""
+
+    def __init__(self, events: Events):
+        super().__init__(logging.WARNING)
+        self.events = events
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.events.note(record.getMessage())
 
 
 def run_stage(build: Build, stage: Stage) -> None:

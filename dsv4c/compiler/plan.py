@@ -535,24 +535,33 @@ def build_peaks(recipe, shipped_layers: dict[Any, int], graph_total: int, graph_
     # quantize materialises the whole model in dsv4c's formats for torch.export, which traces with an example
     # cache of min(2, batch) sequences at max_seq_len
     ram = graph_total + loader + min(2, recipe.runtime.max_batch_size) * engine_cache_at_max
-    copies = _weight_copies(recipe.target.kind)
+    copies, engine_links_bundle = _weight_copies(recipe.target.kind)
     synthetic = sum(shipped_layers.values()) if recipe.model.synthetic is not None else 0
     # the stored export is two torch.export programs (prefill, decode), each holding the weights
     exported = 2 * graph_engine if graph_engine <= STORE_EXPORT_MAX_BYTES else 0
+    # what each directory holds (its files' sizes, as `ls` shows them)
     disk = {"synthetic_checkpoint": synthetic, "export": exported,
             **{stage: copies[stage] * graph_engine for stage in ("lower_bundle", "build_engine", "artifact")}}
-    return {"host_ram_peak_bytes": ram, "streaming_loader_bytes": loader, "disk_peak_bytes": sum(disk.values()),
-            "disk": disk}
+    # what the disk holds: the artifact hard-links the engine's files (and the validate stage lays the engine
+    # out the same way), a CPU engine hard-links the bundle's, so each inode counts once (dsv4c.files)
+    linked = {"artifact": disk["artifact"], "build_engine": disk["build_engine"] if engine_links_bundle else 0}
+    unique = sum(disk.values()) - sum(linked.values())
+    return {"host_ram_peak_bytes": ram, "streaming_loader_bytes": loader, "disk_peak_bytes": unique,
+            # an output on another filesystem than the stage cache cannot link: the artifact is then a copy
+            "disk_peak_bytes_output_elsewhere": unique + disk["artifact"],
+            "disk": disk, "disk_hard_linked": linked}
 
 
-def _weight_copies(kind: str) -> dict[str, int]:
-    """How many copies of the weights the target's bundle, engine and artifact hold (its own declaration)."""
+def _weight_copies(kind: str) -> tuple[dict[str, int], bool]:
+    """How many copies of the weights the target's bundle, engine and artifact hold, and whether its engine
+    hard-links the bundle's weight files (the target's own declarations)."""
     from dsv4c.targets.base import ToolchainMissing, get_target
 
     try:
-        return get_target(kind).weight_copies
+        target = get_target(kind)
     except ToolchainMissing:  # an unknown kind: plan reports it elsewhere; assume a copy per program
-        return {"lower_bundle": 2, "build_engine": 2, "artifact": 2}
+        return {"lower_bundle": 2, "build_engine": 2, "artifact": 2}, False
+    return target.weight_copies, target.engine_links_bundle
 
 
 def _free_bytes(path: Path) -> int:
@@ -822,7 +831,9 @@ def render(plan: dict[str, Any]) -> None:
     console.print(d)
     b = plan["build"]
     console.print(f"build: host RAM >= {human_size(b['host_ram_peak_bytes'])} (streaming loader "
-                  f"{human_size(b['streaming_loader_bytes'])}), disk ~ {human_size(b['disk_peak_bytes'])}")
+                  f"{human_size(b['streaming_loader_bytes'])}), disk ~ {human_size(b['disk_peak_bytes'])} (stage "
+                  f"cache + artifact, weights hard-linked between them; "
+                  f"{human_size(b['disk_peak_bytes_output_elsewhere'])} with the output on another filesystem)")
     console.print("ops: " + "; ".join(f"{o['onnx']}: [{'green' if o['implemented'] else 'red'}]"
                                       f"{escape(o['implementation'])}[/]" for o in plan["ops"]))
     tc = plan["toolchain"]

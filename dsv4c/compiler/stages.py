@@ -18,6 +18,7 @@ from dsv4c._version import __version__ as DSV4C_VERSION
 from dsv4c.compiler.errors import CheckpointInvalidError, InfeasibleError, ToolchainError
 from dsv4c.compiler.pipeline import STAGES, Build, Stage, Status, digest, staged_output, toolchain_versions
 from dsv4c.compiler.validation import GATE_VERSION, gate_error, validate_engine
+from dsv4c.files import link_tree
 
 if TYPE_CHECKING:
     from torch.export import ExportedProgram
@@ -293,8 +294,13 @@ def stage_validate(build: Build) -> Status:
 
 def _write_validation(build: Build, key: str, into: Path) -> None:
     """Run the engine, laid out as its artifact will be, against the reference; a failed gate raises (and its
-    report is kept under the cache, for the error to point at) instead of being stored."""
-    staging = build.out_dir.parent / f".{build.out_dir.name}.validate"
+    report is kept under the cache, for the error to point at) instead of being stored. The layout is hard links
+    to the engine's files, made beside the engine in the stage cache (one filesystem: never a copy of the
+    weights); beside the output only when the cache is read-only."""
+    engine = build.outputs.engine_dir
+    in_readonly_cache = build.cache_mode == "readonly" and engine.is_relative_to(build.cache_dir)
+    near = build.out_dir.parent if in_readonly_cache else engine.parent
+    staging = near / f".{build.out_dir.name}-{key}.validate"
     shutil.rmtree(staging, ignore_errors=True)  # left by a build that was killed
     staging.mkdir(parents=True)
     try:
@@ -362,7 +368,9 @@ def _assemble(build: Build, root: Path, validation: dict | None, kind: str = "en
 
     out = build.outputs
     source = out.engine_dir if kind == "engine" else out.bundle
-    shutil.copytree(source, root / "engine", ignore=shutil.ignore_patterns(".complete"))
+    # the stage cache's files, hard-linked: the artifact adds no copy of the weights (dsv4c.files says why that is
+    # safe, and warns when the output's filesystem forces a copy)
+    link_tree(source, root / "engine", skip=(".complete",))
     ckpt = out.checkpoint
     shutil.copy(ckpt / "config.json", root / "config.json")
     if (ckpt / "tokenizer.json").is_file():

@@ -20,7 +20,6 @@ from typing import Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from dsv4c.graphs import quant
 from dsv4c.graphs.config import ConfigError, ModelConfig
@@ -293,7 +292,7 @@ def _synthetic(cfg: ModelConfig, spec: TensorSpec, seed: int) -> torch.Tensor | 
     g, name, shape = _generator(seed, spec.name), spec.name, spec.shape
 
     def randn(*s, std=1.0):
-        return torch.randn(*s, generator=g) * std
+        return torch.randn(*s, generator=g).mul_(std)  # in place: one tensor's memory, the same bits as `* std`
 
     if name.endswith("tid2eid"):
         return torch.stack([torch.randperm(cfg.n_routed_experts, generator=g)[: shape[1]] for _ in range(shape[0])])
@@ -334,8 +333,11 @@ def synthetic_tensors(cfg: ModelConfig, seed: int = 0) -> Iterator[tuple[str, to
                     w, s = quant.quantize_fp4(full.float())
                 else:
                     w, s = quant.quantize_fp8_blocks(full.float())
+                del full  # this frame holds no tensor the writer has stored (it writes one at a time)
                 yield name, w
+                del w
                 yield f"{name[:-7]}.scale", s
+                del s
             else:
                 yield name, _synthetic(cfg, spec, seed).to(spec.dtype).contiguous()
 
@@ -346,21 +348,24 @@ def _logical(spec: TensorSpec) -> tuple[int, int]:
 
 def write_checkpoint(out_dir: str | Path, cfg: ModelConfig, tensors: Iterator[tuple[str, torch.Tensor]], *,
                      shard_bytes: int = 1 << 30, tokenizer_dir: str | Path | None = None) -> Path:
-    """Write tensors as an official-format checkpoint, streaming shards; atomic (temp dir, then rename)."""
+    """Write tensors as an official-format checkpoint; atomic (temp dir, then rename). Streams: each tensor goes to
+    disk as it arrives (`_ShardWriter`), so memory holds one tensor of `tensors`, whatever the shard size."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        shards, current, size, total = [], {}, 0, 0
+        shards, current, total = [], None, 0
         for name, t in tensors:
-            current[name] = t
-            size += t.numel() * t.element_size()
+            if current is None:
+                current = _ShardWriter(tmp / f"shard-{len(shards)}.safetensors")
+            current.add(name, t)
             total += t.numel() * t.element_size()
-            if size >= shard_bytes:
-                shards.append(_flush(tmp, len(shards), current))
-                current, size = {}, 0
-        if current:
-            shards.append(_flush(tmp, len(shards), current))
+            del t  # the writer has it on disk: drop it before the generator makes the next one
+            if current.nbytes >= shard_bytes:
+                shards.append(current.close())
+                current = None
+        if current is not None:
+            shards.append(current.close())
         weight_map = {}
         for i, (tmp_name, names) in enumerate(shards):
             final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -395,10 +400,85 @@ def _usual_modes(d: Path) -> None:
         os.chmod(f, 0o666 & ~mask)
 
 
-def _flush(tmp: Path, i: int, tensors: dict[str, torch.Tensor]) -> tuple[str, list[str]]:
-    name = f"shard-{i}.safetensors"
-    save_file(tensors, str(tmp / name), metadata={"format": "pt"})
-    return name, list(tensors)
+# safetensors lays the data out by dtype, in descending order of its Dtype enum, then by name (and the header in
+# the same order); these are the official format's dtypes in that order. tests/test_checkpoint.py holds
+# `_ShardWriter` to `safetensors.torch.save_file` byte for byte.
+SAFETENSORS_ORDER = ("I64", "F32", "BF16", "F8_E8M0", "F8_E4M3", "I8")
+COPY_CHUNK = 64 << 20
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # in the spill file
+    nbytes: int
+
+
+class _ShardWriter:
+    """One safetensors shard written tensor by tensor, with the bytes `safetensors.torch.save_file` writes for the
+    same tensors. save_file needs every tensor of the shard in memory and serialises them into a second buffer
+    (2x a 1 GB shard, or 2x a whole small model); here each tensor's bytes go to a spill file when they arrive,
+    and `close` writes the header, then copies the data from the spill file in safetensors' order."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.spill_path = path.with_name(path.name + ".spill")
+        self.spill = open(self.spill_path, "w+b")
+        self.entries: list[_Entry] = []
+        self.nbytes = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        dtype = DTYPE_NAMES.get(t.dtype)
+        if dtype is None:
+            raise ValueError(f"tensor {name!r}: {t.dtype} is not an official-format dtype "
+                             f"({', '.join(DTYPE_NAMES.values())})")
+        data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()  # a view: no copy
+        self.spill.write(data)
+        self.entries.append(_Entry(name, dtype, tuple(t.shape), self.nbytes, data.nbytes))
+        self.nbytes += data.nbytes
+
+    def close(self) -> tuple[str, list[str]]:
+        """Write the shard; returns its file name and the names of its tensors."""
+        order = sorted(self.entries, key=lambda e: (SAFETENSORS_ORDER.index(e.dtype), e.name))
+        header: dict = {"__metadata__": {"format": "pt"}}
+        at = 0
+        for e in order:
+            header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [at, at + e.nbytes]}
+            at += e.nbytes
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self.spill.flush()
+        try:
+            with open(self.path, "wb") as out:
+                out.write(struct.pack("<Q", len(raw)) + raw)
+                out.flush()
+                for e in order:
+                    _copy_range(self.spill, e.offset, out, e.nbytes)
+        finally:
+            self.spill.close()
+            self.spill_path.unlink()
+        return self.path.name, [e.name for e in self.entries]
+
+
+def _copy_range(src, offset: int, dst, n: int) -> None:
+    """`n` bytes of `src` from `offset` appended to `dst`, in the kernel where it can (no user-space buffer)."""
+    while n:
+        try:
+            done = os.copy_file_range(src.fileno(), dst.fileno(), min(n, COPY_CHUNK), offset)
+        except (AttributeError, OSError):  # no copy_file_range here (platform, filesystem): a bounded buffer
+            done = 0
+        if not done:
+            src.seek(offset)
+            chunk = src.read(min(n, COPY_CHUNK))
+            if not chunk:
+                raise OSError(f"{src.name}: {n} bytes short (the spill file was truncated)")
+            dst.write(chunk)
+            dst.flush()
+            done = len(chunk)
+        offset += done
+        n -= done
 
 
 def write_synthetic_checkpoint(out_dir: str | Path, cfg: ModelConfig, seed: int = 0,

@@ -38,6 +38,9 @@ class Target(Protocol):
     kind: str
     # copies of the weights in the bundle (`lower`), the engine (`build`) and the artifact: what `plan` sizes disk by
     weight_copies: dict[str, int]
+    # True when `build` hard-links the bundle's weight files into the engine (no new copy on disk); the artifact
+    # always hard-links the engine's (dsv4c.files), so `plan` counts each inode once
+    engine_links_bundle: bool
 
     def check(self, recipe: Any) -> TargetCheck: ...
 

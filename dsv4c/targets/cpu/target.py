@@ -25,6 +25,7 @@ KERNELS_FILE = "libdsv4_ops.so"  # the executor looks for this name in the engin
 class CpuTarget:
     kind = "cpu"
     weight_copies = {"lower_bundle": 1, "build_engine": 1, "artifact": 1}  # decode reads prefill.onnx.data
+    engine_links_bundle = True  # the engine's weight files are hard links to the bundle's (dsv4c.files)
 
     def check(self, recipe: Any) -> TargetCheck:
         import onnxruntime
@@ -48,10 +49,11 @@ class CpuTarget:
             {**meta, "format": "onnx", "opset": ONNX_OPSET, "programs": files}, indent=2))
 
     def build(self, bundle_dir: Path, engine_dir: Path, recipe: Any) -> None:
+        from dsv4c.files import link_tree
+
         meta = json.loads((bundle_dir / "bundle.json").read_text())
-        for f in bundle_dir.iterdir():
-            if f.name not in ("bundle.json", ".complete"):
-                shutil.copy(f, engine_dir / f.name)
+        # the engine runs the bundle's files as they are: hard links, not a second copy of the weights
+        link_tree(bundle_dir, engine_dir, skip=("bundle.json", ".complete"))
         meta["kernels"] = _install_kernels(engine_dir)
         (engine_dir / "engine.json").write_text(json.dumps(meta, indent=2))
 

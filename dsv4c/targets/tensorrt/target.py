@@ -47,6 +47,7 @@ class TensorRTTarget:
     kind = "tensorrt"
     # the bundle ships each weight once (share_weights); each serialized .plan embeds its own
     weight_copies = {"lower_bundle": 1, "build_engine": 2, "artifact": 2}
+    engine_links_bundle = False  # the engine is new files (one .plan per program) compiled from the bundle
 
     def check(self, recipe: Any) -> TargetCheck:
         check = TargetCheck(toolchain=toolchain())
