@@ -681,6 +681,30 @@ struct IndexerTopK : Kernel {
   }
 };
 
+// The indexer's scores over the heads it is given, every entry (no mask, no top-k): a tensor-parallel rank's
+// head-partial scores, all-reduced before the top-k. The same inner loop as IndexerTopK's scores.
+struct IndexerScores : Kernel {
+  bool bf16;
+  explicit IndexerScores(const OrtKernelInfo* info) : bf16(attr_int(info, "IndexerScores", "bf16") != 0) {}
+
+  void compute(OrtKernelContext* ctx) override {
+    Context c(ctx, "IndexerScores", inline_work_);
+    const Tensor q = c.input(0, "q", F32, 4), k = c.input(1, "k", F32, 3), w = c.input(2, "w", F32, 3);
+    const int64_t B = q.dim(0), S = q.dim(1), Hh = q.dim(2), D = q.dim(3), N = k.dim(1);
+    c.require(k.dim(0) == B && k.dim(2) == D, "k " + shape_str(k.shape) + " must be [B, N, d] for q " +
+                                                  shape_str(q.shape));
+    c.require(w.shape == std::vector<int64_t>{B, S, Hh}, "w " + shape_str(w.shape) + " must be [B, S, h] for q " +
+                                                             shape_str(q.shape));
+    float* out = c.output<float>(0, {B, S, N});
+    const int64_t chunk = 256, chunks = (N + chunk - 1) / chunk;  // tasks: (query, 256 entries)
+    c.parallel(B * S * chunks, double(B) * S * N * Hh * D, [&](size_t t) {
+      const int64_t bs = t / chunks, n0 = (t % chunks) * chunk, n1 = std::min(N, n0 + chunk);
+      isa->indexer_scores(q.f32() + bs * Hh * D, w.f32() + bs * Hh, Hh, k.f32() + (bs / S) * N * D, D, n0, n1,
+                          bf16, out + bs * N);
+    });
+  }
+};
+
 struct CompressPool : Kernel {
   int64_t ratio;
   bool overlap;
@@ -881,7 +905,7 @@ Kernel* make(const OrtKernelInfo* info) {
 std::vector<OpEntry>& ops() {
   static std::vector<OpEntry> table = [] {
     std::vector<OpEntry> t;
-    t.reserve(12);
+    t.reserve(13);
     t.emplace_back("Fp8Linear", std::vector{F32, U8, F32}, std::vector{F32}, make<Fp8Linear>);
     t.emplace_back("Fp8GroupedLinear", std::vector{F32, U8, F32}, std::vector{F32}, make<Fp8GroupedLinear>);
     t.emplace_back("MoeExperts", std::vector{F32, F32, I64, ANY, F32, ANY, F32, ANY, F32}, std::vector{F32},
@@ -890,6 +914,7 @@ std::vector<OpEntry>& ops() {
     t.emplace_back("HadamardFp4", std::vector{F32}, std::vector{F32}, make<HadamardFp4>);
     t.emplace_back("SparseAttn", std::vector{F32, F32, F32, I64}, std::vector{F32}, make<SparseAttn>);
     t.emplace_back("IndexerTopK", std::vector{F32, F32, F32, I64}, std::vector{I64}, make<IndexerTopK>);
+    t.emplace_back("IndexerScores", std::vector{F32, F32, F32}, std::vector{F32}, make<IndexerScores>);
     t.emplace_back("CompressPool", std::vector{F32, F32, I64}, std::vector{F32}, make<CompressPool>);
     t.emplace_back("HcPre", std::vector{F32, F32, F32, F32}, std::vector{F32, F32, F32}, make<HcPre>);
     t.emplace_back("HcPost", std::vector{F32, F32, F32, F32}, std::vector{F32}, make<HcPost>);
