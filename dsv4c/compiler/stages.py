@@ -147,6 +147,9 @@ def export_programs(build: Build) -> None:
 
     import dsv4c.graphs.ops  # noqa: F401  registers the dsv4 ops the stored programs call
 
+    if mesh_of(build.recipe) is not None:  # a mesh exports each rank's shard inside lower, one rank at a time
+        build.outputs.programs = {}
+        return
     key = build.keys["export"]
     stored = build.cached_dir("export", key)
     if stored is not None and all((stored / f"{p}.pt2").is_file() for p in PROGRAMS):
@@ -166,6 +169,63 @@ def exported_programs(build: Build) -> dict[str, ExportedProgram]:
     """The torch.export programs (exported, or read from the stage cache, on first use)."""
     build.need("export")
     return build.outputs.programs
+
+
+# ---- multi-device: one program pair per rank, each from that rank's shard of the checkpoint ------------------
+BACKENDS = {"cpu": "gloo", "tensorrt": "nccl", "cann": "hccl"}  # the collectives' library per target
+
+
+def mesh_of(recipe) -> dict | None:
+    """The mesh a multi-device recipe builds (graphs/parallel.py), as the bundle and manifest record it; None for
+    one device."""
+    t = recipe.target
+    if t.world_size == 1:
+        return None
+    p = t.parallel
+    return {"world": t.world_size, "tensor": p.tensor, "expert": p.expert, "data": p.data,
+            "devices_per_node": t.devices_per_node, "nodes": t.nodes, "backend": BACKENDS[t.kind],
+            "ranks": [f"rank{r}" for r in range(t.world_size)]}
+
+
+def rank_programs(build: Build, rank: int) -> dict[str, ExportedProgram]:
+    """Rank `rank`'s programs: its shard of the model read from the checkpoint (only its slices and experts are
+    kept) and exported; nothing of another rank is held."""
+    from dsv4c.compiler.export import PROGRAMS, export_program
+    from dsv4c.graphs.model import Numerics, load_checkpoint_model
+    from dsv4c.graphs.parallel import Shard
+
+    reader, rt = build.outputs.reader, build.recipe.runtime
+    shard = Shard.for_rank(reader.config, rank, build.recipe.target.parallel)
+    model = load_checkpoint_model(reader, Numerics.for_quantization(build.recipe.quantization),
+                                  graph_expert_format(build), shard)
+    return {p: export_program(model, p, rt.max_batch_size, rt.max_seq_len) for p in PROGRAMS}
+
+
+def _lower_mesh(build: Build, into: Path, mesh: dict) -> None:
+    """Each rank's bundle in `rank<r>`, lowered from its own programs, one rank at a time; bundle.json says the mesh."""
+    build.need("export")  # reported now; the programs themselves come per rank (streaming: one shard held at once)
+    meta = engine_meta(build)
+    for r, name in enumerate(mesh["ranks"]):
+        with build.doing(f"export + lower {name}"):
+            programs = rank_programs(build, r)
+            (into / name).mkdir()
+            build.outputs.target.lower(programs, into / name, build.recipe, {**meta, "mesh": mesh, "rank": r})
+            del programs  # the next rank's shard replaces it
+    first = json.loads((into / mesh["ranks"][0] / "bundle.json").read_text())
+    (into / "bundle.json").write_text(json.dumps({**first, "mesh": mesh}, indent=2))
+
+
+def build_engine(target, bundle: Path, engine_dir: Path, recipe) -> None:
+    """bundle -> engine files: the target's build, per rank for a mesh bundle (engine.json then says the mesh)."""
+    mesh = json.loads((bundle / "bundle.json").read_text()).get("mesh")
+    if mesh is None:
+        target.build(bundle, engine_dir, recipe)
+        return
+    for name in mesh["ranks"]:
+        (engine_dir / name).mkdir()
+        target.build(bundle / name, engine_dir / name, recipe)
+    first = json.loads((engine_dir / mesh["ranks"][0] / "engine.json").read_text())
+    (engine_dir / "engine.json").write_text(json.dumps({**first, "mesh": mesh}, indent=2))
 
 
 def engine_meta(build: Build) -> dict:
@@ -188,8 +248,15 @@ def engine_meta(build: Build) -> dict:
 def stage_lower(build: Build) -> Status:
     key = digest(build.keys["export"], build.recipe.digest("target"), build.outputs.toolchain)
     build.keys["lower"] = key
-    build.outputs.bundle, status = build.reuse_or_make("lower", key, lambda d: build.outputs.target.lower(
-        exported_programs(build), d, build.recipe, engine_meta(build)))
+    mesh = mesh_of(build.recipe)
+
+    def lower(into: Path) -> None:
+        if mesh is None:
+            build.outputs.target.lower(exported_programs(build), into, build.recipe, engine_meta(build))
+        else:
+            _lower_mesh(build, into, mesh)
+
+    build.outputs.bundle, status = build.reuse_or_make("lower", key, lower)
     if build.until == "lower":  # `--until lower`: the relocatable bundle is the output
         _publish(build, validation=None, kind="bundle")
     return status
@@ -202,8 +269,8 @@ def stage_build(build: Build) -> Status:
     key = digest(build.keys["lower"], build.outputs.toolchain)
     build.keys["build"] = key
     try:
-        path, status = build.reuse_or_make("build", key, lambda d: build.outputs.target.build(
-            build.outputs.bundle, d, build.recipe))
+        path, status = build.reuse_or_make("build", key, lambda d: build_engine(
+            build.outputs.target, build.outputs.bundle, d, build.recipe))
     except ToolchainMissing as e:
         raise ToolchainError(str(e)) from e
     build.outputs.engine_dir = path
@@ -359,7 +426,7 @@ def build_from_bundle(bundle: Path, out_dir: Path) -> Path:
         shutil.copytree(bundle, staged, ignore=shutil.ignore_patterns("engine", "manifest.json"), dirs_exist_ok=True)
         (staged / "engine").mkdir()
         try:
-            get_target(manifest.target).build(bundle / "engine", staged / "engine", recipe)
+            build_engine(get_target(manifest.target), bundle / "engine", staged / "engine", recipe)
         except ToolchainMissing as e:
             raise ToolchainError(str(e)) from e
         data = {k: v for k, v in manifest.data.items() if k not in ("schema_version", "outputs")}

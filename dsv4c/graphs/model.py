@@ -256,7 +256,14 @@ def top_entries(scores: torch.Tensor, n_visible: torch.Tensor, topk: int) -> tor
     in descending order, -1 for picks that are not visible."""
     entry = torch.arange(scores.shape[-1], device=scores.device)
     scores = scores.masked_fill(entry.view(1, 1, -1) >= n_visible[..., None], float("-inf"))
-    picks = torch.topk(scores, min(topk, scores.shape[-1]), dim=-1).indices
+    # Equal scores (relu zeros tie often) are ordered lower id first, as indexer_topk does. Eagerly that takes a
+    # stable sort (torch.topk leaves ties unspecified); the exporter has no stable sort, but ONNX TopK, which
+    # torch.topk lowers to, defines ties the same way (lower index first).
+    k = min(topk, scores.shape[-1])
+    if torch.compiler.is_exporting():
+        picks = torch.topk(scores, k, dim=-1).indices
+    else:
+        picks = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
     return torch.where(picks >= n_visible[..., None], torch.full_like(picks, -1), picks)
 
 
@@ -282,7 +289,7 @@ class Attention(nn.Module):
         self.wkv = Linear(cfg.hidden_size, self.head_dim, fp8)
         self.kv_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.wo_a = Linear(cfg.num_attention_heads * self.head_dim // cfg.o_groups, self.groups * cfg.o_lora_rank, fp8)
-        self.wo_b = Linear(self.groups * cfg.o_lora_rank, cfg.hidden_size, fp8)
+        self.wo_b = Linear((self.groups if shard.split_wo_b else cfg.o_groups) * cfg.o_lora_rank, cfg.hidden_size, fp8)
         self.register_buffer("freqs", rope_frequencies(cfg, yarn=self.ratio != 0), persistent=False)
         if self.ratio:
             self.compressor = Compressor(cfg, self.ratio, self.head_dim, indexer_keys=False)
@@ -318,8 +325,11 @@ class Attention(nn.Module):
                             num.bf16)
         o = _rnd(apply_rope(_rnd(o, num), self.freqs, pos, inverse=True), num)  # strip V's absolute position
         z = _rnd(self.project_groups(o.view(b, s, self.groups, -1)), num)  # [B, S, G, o_lora]
-        y = _rnd(self.wo_b(z.flatten(2), num.act_quant), num)
-        if self.shard.tensor > 1:  # wo_b is split by its input (this rank's groups): sum the partial outputs
+        z = z.flatten(2)
+        if self.shard.tensor > 1 and not self.shard.split_wo_b:  # whole wo_b: every rank's groups, in order
+            z = ops.all_gather(z, GROUP_TENSOR, self.shard.tensor)
+        y = _rnd(self.wo_b(z, num.act_quant), num)
+        if self.shard.tensor > 1 and self.shard.split_wo_b:  # wo_b split by its input: sum the partial outputs
             y = _rnd(ops.all_reduce(y, GROUP_TENSOR), num)
         return y, new_cache
 
@@ -672,8 +682,8 @@ def load_official(model: DeepseekV4, tensors: dict[str, torch.Tensor]) -> list[s
 
 def _rank_slice(name: str, t: torch.Tensor, tensors: dict[str, torch.Tensor], shard: Shard) -> torch.Tensor:
     """This rank's slice of an official tensor (a scale is sliced by the blocks of its weight's slice)."""
-    dim = split_dim(name)
-    if dim is None or shard.tensor == 1:
+    dim = split_dim(name, shard)
+    if dim is None:
         return t
     weight = tensors.get(name[: -len("scale")] + "weight") if name.endswith(".scale") else None
     return shard_tensor(name, t, None if weight is None else weight.shape[dim], shard)

@@ -40,6 +40,9 @@ class Shard:
     tensor: int = 1
     expert: int = 1
     data: int = 1
+    # wo_b split by its input (row-parallel, partial sums all-reduced) when each rank's input is whole
+    # activation-quant blocks; else replicated, with its input all-gathered (see `splits_wo_b`)
+    split_wo_b: bool = True
 
     @property
     def world(self) -> int:
@@ -74,12 +77,22 @@ class Shard:
         return range(index * n, (index + 1) * n)
 
     @classmethod
-    def for_rank(cls, rank: int, parallel: Any) -> "Shard":
-        """The shard of `rank` under a recipe's `target.parallel` (tensor, expert, data; pipeline 1)."""
-        return cls(rank=rank, tensor=parallel.tensor, expert=parallel.expert, data=parallel.data)
+    def for_rank(cls, cfg: Any, rank: int, parallel: Any) -> "Shard":
+        """The shard of `rank` of model `cfg` under a recipe's `target.parallel` (tensor, expert, data; pipeline 1)."""
+        return cls(rank=rank, tensor=parallel.tensor, expert=parallel.expert, data=parallel.data,
+                   split_wo_b=splits_wo_b(cfg, parallel.tensor))
 
-    def to_dict(self) -> dict[str, int]:
-        return {"rank": self.rank, "tensor": self.tensor, "expert": self.expert, "data": self.data}
+    def to_dict(self) -> dict[str, Any]:
+        return {"rank": self.rank, "tensor": self.tensor, "expert": self.expert, "data": self.data,
+                "split_wo_b": self.split_wo_b}
+
+
+def splits_wo_b(cfg: Any, tensor: int) -> bool:
+    """Whether wo_b is row-parallel at this tensor degree. Its input is FP8-quantised per 128 channels (W8A8):
+    a rank whose share of the input (its o-groups x o_lora_rank) is not whole 128-channel blocks cannot compute
+    its blocks' scales alone, so wo_b then stays whole on every rank and its input is all-gathered instead
+    (small models only: V4-Flash at tensor 8 holds 1 x 1024 channels per rank)."""
+    return (cfg.o_groups // tensor * cfg.o_lora_rank) % FP8_BLOCK == 0
 
 
 # ---- which official tensors are split, and how -----------------------------------------------------------------
@@ -92,10 +105,14 @@ TENSOR_SPLIT = {
 VOCAB_SPLIT = ("embed.weight", "head.weight")
 
 
-def split_dim(name: str) -> int | None:
+def split_dim(name: str, shard: Shard) -> int | None:
     """The dim an official tensor is split along over the tensor group, or None (replicated / routed expert)."""
+    if shard.tensor == 1:
+        return None
     if name in VOCAB_SPLIT:
         return 0
+    if not shard.split_wo_b and (name.endswith(".attn.wo_b.weight") or name.endswith(".attn.wo_b.scale")):
+        return None
     for suffix, dim in TENSOR_SPLIT.items():
         if name.endswith("." + suffix):
             return dim
@@ -116,8 +133,8 @@ def block_slice(total: int, part: range, block: int) -> slice:
 def shard_tensor(name: str, t: torch.Tensor, weight_rows: int | None, shard: Shard) -> torch.Tensor:
     """This rank's slice of official tensor `name` (weights and their FP8 block scales; `weight_rows` is the
     weight's size along the split dim, for a scale tensor). Replicated tensors come back whole."""
-    dim = split_dim(name)
-    if dim is None or shard.tensor == 1:
+    dim = split_dim(name, shard)
+    if dim is None:
         return t
     if name.endswith(".scale"):
         rows = shard.part(weight_rows, GROUP_TENSOR)
@@ -145,8 +162,9 @@ def straddling_shards(cfg: Any, tensor: int) -> list[str]:
     split = {
         "attn.wq_b": ((H * d, cfg.q_lora_rank), 0),
         "attn.wo_a": ((G * cfg.o_lora_rank, H * d // G), 0),
-        "attn.wo_b": ((cfg.hidden_size, G * cfg.o_lora_rank), 1),
     }
+    if splits_wo_b(cfg, tensor):
+        split["attn.wo_b"] = ((cfg.hidden_size, G * cfg.o_lora_rank), 1)
     if 4 in cfg.compress_ratios:
         split["attn.indexer.wq_b"] = ((cfg.index_n_heads * cfg.index_head_dim, cfg.q_lora_rank), 0)
     bad = []
