@@ -1,68 +1,34 @@
 """Multi-device engines on one host and across "hosts": the collective kernels, the mesh runtime
 (dsv4c.runtime.mesh) against the single-device reference, worker failure, the CLI and the torchrun entry point.
 
-The mesh artifacts are made here from the tiny plain-numerics build: each rank's shard of the model is exported and
-lowered by the CPU target exactly as a single-device build lowers the whole model, and the manifest gets the
-`engine.mesh` section (`make_mesh_artifact`). The tiny model on 2 cores: 2 processes per mesh, 4 for TP 2 x EP 2."""
+The mesh artifacts are built by `dsv4c.build` from recipes/tiny-plain-cpu-tp2.yaml (tensor 2 x expert 2 on 2
+processes) and `--set` variants of it; their validate stage already runs the mesh against the reference (strict
+gate). The tiny model on 2 cores: 2 processes per mesh, 4 for TP 2 x EP 2 (`-m slow`)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import RECIPES, ROOT, compare_with_reference, cosine, dsv4c_cli, reference_model
+from conftest import RECIPES, ROOT, compare_with_reference, cosine, reference_model
 
-# (tensor, expert, data): world = tensor * data; expert divides the world
-MESHES = {"tp2": (2, 1, 1), "ep2": (1, 2, 2), "tp2ep2": (2, 2, 2)}
+# name -> `--set` overrides of tiny-plain-cpu-tp2 (tensor 2, expert 2, data 1 on 2 devices); world = tensor * data
+MESHES = {
+    "tp2xep2": (),
+    "ep2": ("target.parallel.tensor=1", "target.parallel.data=2"),
+    "tp2": ("target.parallel.expert=1",),
+    "tp2xep2x4": ("target.devices_per_node=4", "target.parallel.data=2"),  # 4 processes
+}
 PROMPTS = [list(range(5, 155)), list(range(300, 431))]  # 150 + 131 tokens: the window wraps, HCA emits an entry
 STEPS = 16
-
-
-def make_mesh_artifact(single: Path, out: Path, tensor: int, expert: int, data: int) -> Path:
-    """A multi-device artifact of `single`'s model (same checkpoint, numerics and runtime sizes): rank r's engine is
-    the CPU target's lowering + build of rank r's shard, under engine/rank<r>."""
-    from dsv4c.artifact import read_manifest, write_manifest
-    from dsv4c.compiler.export import PROGRAMS, export_program
-    from dsv4c.graphs.checkpoint import CheckpointReader
-    from dsv4c.graphs.model import Numerics, load_checkpoint_model
-    from dsv4c.graphs.parallel import Shard
-    from dsv4c.targets.cpu.target import CpuTarget
-
-    data_ = dict(read_manifest(single).data)
-    engine, runtime = data_["engine"], data_["runtime"]
-    meta = {k: engine[k] for k in ("cache", "vocab_size", "eos_token_id", "expert_format", "numerics")}
-    reader = CheckpointReader(Path(data_["inputs"]["checkpoint"]))
-    out.mkdir(parents=True)
-    for name in ("config.json", "recipe.lock.yaml"):
-        shutil.copy(single / name, out / name)
-    if (single / "tokenizer").is_dir():
-        shutil.copytree(single / "tokenizer", out / "tokenizer")
-    world, target = tensor * data, CpuTarget()
-    for rank in range(world):
-        shard = Shard(rank, tensor, expert, data)
-        model = load_checkpoint_model(reader, Numerics(**engine["numerics"]), engine["expert_format"], shard)
-        programs = {p: export_program(model, p, runtime["max_batch_size"], runtime["max_seq_len"]) for p in PROGRAMS}
-        with tempfile.TemporaryDirectory() as bundle:
-            target.lower(programs, Path(bundle), None, meta)
-            rank_dir = out / "engine" / f"rank{rank}"
-            rank_dir.mkdir(parents=True)
-            target.build(Path(bundle), rank_dir, None)
-    rank0 = json.loads((out / "engine" / "rank0" / "engine.json").read_text())
-    data_["engine"] = {**rank0, "mesh": {"world": world, "tensor": tensor, "expert": expert, "data": data,
-                                         "devices_per_node": world, "nodes": 1, "backend": "gloo",
-                                         "ranks": [f"rank{r}" for r in range(world)]}}
-    write_manifest(out, {k: v for k, v in data_.items() if k not in ("schema_version", "outputs")})
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -74,13 +40,16 @@ def plain_single(stage_cache, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def mesh_artifacts(plain_single, tmp_path_factory):
-    """name -> mesh artifact, each made once per session on first use."""
+def mesh_artifacts(stage_cache, tmp_path_factory):
+    """name -> mesh artifact, each built once per session on first use."""
+    import dsv4c
+
     made: dict[str, Path] = {}
 
     def get(name: str) -> Path:
         if name not in made:
-            made[name] = make_mesh_artifact(plain_single, tmp_path_factory.mktemp("mesh") / name, *MESHES[name])
+            made[name] = dsv4c.build(RECIPES / "tiny-plain-cpu-tp2.yaml", tmp_path_factory.mktemp("mesh") / name,
+                                     MESHES[name], cache_dir=stage_cache)
         return made[name]
 
     return get
@@ -185,11 +154,17 @@ def test_collective_kernel_without_callback_fails_naming_the_op(tmp_path):
 
 
 # ---- the mesh against the single-device reference --------------------------------------------------------------
-@pytest.mark.parametrize("name", ["tp2", "ep2", pytest.param("tp2ep2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["tp2xep2", "ep2", pytest.param("tp2", marks=pytest.mark.slow),
+                                  pytest.param("tp2xep2x4", marks=pytest.mark.slow)])
 def test_mesh_logits_equal_the_single_device_model(name, mesh_artifacts, plain_reference):
+    from dsv4c.artifact import read_manifest
     from dsv4c.runtime import Engine
 
-    with Engine.load(mesh_artifacts(name), threads=2) as engine:
+    path = mesh_artifacts(name)
+    mesh = read_manifest(path).engine["mesh"]
+    assert mesh["world"] == mesh["tensor"] * mesh["data"] == len(mesh["ranks"])
+    assert sorted(p.name for p in (path / "engine").iterdir() if p.is_dir()) == mesh["ranks"]
+    with Engine.load(path, threads=2) as engine:
         worst, per_step = worst_cosine(engine, plain_reference)
     assert len(per_step) == STEPS + 1
     assert worst >= 0.9999, per_step
@@ -202,7 +177,7 @@ def test_a_mesh_with_a_wrong_shard_fails_the_comparison(mesh_artifacts, plain_re
     from dsv4c.runtime import Engine
 
     broken = tmp_path / "broken"
-    shutil.copytree(mesh_artifacts("tp2"), broken)
+    shutil.copytree(mesh_artifacts("tp2xep2"), broken)
     shutil.rmtree(broken / "engine" / "rank1")
     shutil.copytree(broken / "engine" / "rank0", broken / "engine" / "rank1")
     data = read_manifest(broken).data
@@ -222,7 +197,7 @@ def test_mesh_generate_and_slots_match_the_single_device_engine(mesh_artifacts, 
     want = single.generate(prompts, max_new_tokens=8)
     s_single = single.session(2)
     want_slot = s_single.prefill_slots([1], [[40, 41, 42, 43]])
-    with Engine.load(mesh_artifacts("tp2"), threads=2) as engine:
+    with Engine.load(mesh_artifacts("tp2xep2"), threads=2) as engine:
         assert engine.generate(prompts, max_new_tokens=8) == want
         s = engine.session(2)
         got_slot = s.prefill_slots([1], [[40, 41, 42, 43]])
@@ -238,7 +213,7 @@ def test_a_killed_worker_fails_the_next_call_quickly(mesh_artifacts):
     from dsv4c.artifact import EngineFailure
     from dsv4c.runtime import Engine
 
-    engine = Engine.load(mesh_artifacts("tp2"), threads=2)
+    engine = Engine.load(mesh_artifacts("tp2xep2"), threads=2)
     s = engine.session(2)
     logits = s.prefill([[5, 6, 7], [8, 9]])
     pids = list(engine.executor.pids)
@@ -266,7 +241,7 @@ def test_a_worker_that_cannot_load_fails_engine_load(mesh_artifacts, tmp_path):
     from dsv4c.runtime import Engine
 
     broken = tmp_path / "broken"
-    shutil.copytree(mesh_artifacts("tp2"), broken)
+    shutil.copytree(mesh_artifacts("tp2xep2"), broken)
     (broken / "engine" / "rank1" / "decode.onnx").write_bytes(b"not an onnx file")
     t0 = time.perf_counter()
     with pytest.raises(ArtifactError, match=r"the mesh did not start: rank 1 failed to load"):
@@ -275,10 +250,15 @@ def test_a_worker_that_cannot_load_fails_engine_load(mesh_artifacts, tmp_path):
 
 
 # ---- the command line ------------------------------------------------------------------------------------------
-def test_dsv4c_run_on_a_mesh_artifact(mesh_artifacts, plain_single, stage_cache):
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dsv4c.compiler.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+
+
+def test_dsv4c_run_on_a_mesh_artifact(mesh_artifacts, plain_single):
     args = ("--tokens", "5,6,7,8", "--max-new-tokens", "8")
-    single = dsv4c_cli("run", str(plain_single), *args, cache=stage_cache)
-    mesh = dsv4c_cli("run", str(mesh_artifacts("tp2")), *args, cache=stage_cache)
+    single = run_cli("run", str(plain_single), *args)
+    mesh = run_cli("run", str(mesh_artifacts("tp2xep2")), *args)
     assert single.returncode == 0, single.stderr
     assert mesh.returncode == 0, mesh.stderr
     tokens = [line for line in mesh.stdout.splitlines() if line.startswith("tokens:")]
@@ -287,7 +267,7 @@ def test_dsv4c_run_on_a_mesh_artifact(mesh_artifacts, plain_single, stage_cache)
 
 def test_dsv4c_run_reports_a_dead_worker_with_exit_9(mesh_artifacts):
     """A worker killed while `dsv4c run` generates: one error line, exit 9, no traceback, no hang."""
-    proc = subprocess.Popen([sys.executable, "-m", "dsv4c.compiler.cli", "run", str(mesh_artifacts("tp2")),
+    proc = subprocess.Popen([sys.executable, "-m", "dsv4c.compiler.cli", "run", str(mesh_artifacts("tp2xep2")),
                              "--tokens", "5,6,7", "--max-new-tokens", "4000", "--stream"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -324,7 +304,7 @@ def _wait_for_workers(parent: int, n: int, timeout: float) -> list[int]:
 
 # ---- several hosts: torchrun, two "nodes" on this host -----------------------------------------------------------
 @pytest.mark.slow
-def test_torchrun_two_nodes(mesh_artifacts, plain_single, stage_cache):
+def test_torchrun_two_nodes(mesh_artifacts, plain_single):
     """`torchrun --nnodes 2 --node-rank 0/1` on 127.0.0.1, one rank per node: rank 0 runs `dsv4c run`, rank 1
     serves; rank 0 prints the single-device engine's tokens."""
     from dsv4c.runtime.mesh import free_port
@@ -335,7 +315,7 @@ def test_torchrun_two_nodes(mesh_artifacts, plain_single, stage_cache):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     nodes = [subprocess.Popen([str(torchrun), "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node),
                                "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "dsv4c.compiler.cli", "mesh",
-                               str(mesh_artifacts("tp2")), "run", *args],
+                               str(mesh_artifacts("tp2xep2")), "run", *args],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for node in (0, 1)]
     try:
@@ -345,7 +325,7 @@ def test_torchrun_two_nodes(mesh_artifacts, plain_single, stage_cache):
             if p.poll() is None:
                 p.kill()
     assert [p.returncode for p in nodes] == [0, 0], [o[1][-2000:] for o in outs]
-    single = dsv4c_cli("run", str(plain_single), *args, cache=stage_cache)
+    single = run_cli("run", str(plain_single), *args)
     want = [line for line in single.stdout.splitlines() if line.startswith("tokens:")]
     assert want and [line for line in outs[0][0].splitlines() if line.startswith("tokens:")] == want
     assert "tokens:" not in outs[1][0]  # rank 1 served only

@@ -184,10 +184,13 @@ def worker_main(root: str, rank: int, port: int, threads: int | None, emulate: b
     """A rank's process: join the group, load the rank, then serve the driver's commands until `close` or until
     the driver is gone (its pipe closes)."""
     try:
+        import torch
         import torch.distributed as dist
 
         from dsv4c.graphs import parallel
 
+        if threads:
+            torch.set_num_threads(threads)  # the collectives' copies: stay within this worker's share of the cores
         manifest = read_manifest(root)
         mesh = mesh_layout(manifest)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -242,7 +245,8 @@ class MeshExecutor(MeshBase):
 
     def call(self, op: str, args: tuple) -> Any:
         if not self._finalizer.alive:
-            raise EngineFailure("the mesh engine is closed (Engine.close); load the artifact again")
+            raise EngineFailure("the mesh engine is closed (Engine.close, or a worker failed earlier); load the "
+                                "artifact again")
         message = (op, args, self.take_free())
         for rank, conn in enumerate(self.conns):
             try:
@@ -320,6 +324,9 @@ def stop_workers(procs: Sequence[multiprocessing.Process], conns: Sequence[Conne
 
 
 # ---- several hosts: torchrun, rank 0 drives -------------------------------------------------------------------
+DRIVERS: "weakref.WeakSet[TorchrunExecutor]" = weakref.WeakSet()  # this process's live torchrun drivers
+
+
 class TorchrunExecutor(MeshBase):
     """Rank 0 of a torchrun-launched mesh: each command is broadcast to the other ranks (which run `serve`) over
     the default process group, then run here on rank 0's own engine."""
@@ -331,8 +338,9 @@ class TorchrunExecutor(MeshBase):
         self.slots = cache_slots(manifest.engine)
         self.world = dist.get_world_size()
         self.server = RankServer(root, manifest, 0, emulate=emulate, threads=threads)
-        # tells the other ranks to stop, once: on close, when collected, at interpreter exit
+        # tells the other ranks to stop, once: on close, when collected, at interpreter exit, at shutdown_torchrun
         self._finalizer = weakref.finalize(self, broadcast_close)
+        DRIVERS.add(self)
 
     def call(self, op: str, args: tuple) -> Any:
         import torch.distributed as dist
@@ -436,5 +444,7 @@ def shutdown_torchrun() -> None:
     import torch.distributed as dist
 
     gc.collect()  # an engine no longer referenced closes its mesh now, while the group still exists
+    for driver in list(DRIVERS):  # one still referenced (a traceback, a global) closes too: the group goes away
+        driver.close()
     if dist.is_initialized():
         dist.destroy_process_group()
