@@ -31,6 +31,7 @@ Two ways to run the ranks:
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import itertools
 import json
 import multiprocessing
@@ -41,7 +42,7 @@ import weakref
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import numpy as np
 
@@ -52,6 +53,7 @@ from dsv4c.targets.base import CacheSlot, cache_slots, check_host_arrays
 # host is noticed through its exit sentinel long before; this is for a rank lost some other way (another host).
 TIMEOUT_S = float(os.environ.get("DSV4C_MESH_TIMEOUT", "600"))
 STOP_GRACE_S = 2.0  # how long a worker gets to exit after `close` / SIGTERM before it is killed
+DEATH_GRACE_S = 1.0  # after a worker's error, how long to look for a dead peer that caused it
 
 
 def mesh_layout(manifest: Manifest) -> dict[str, Any] | None:
@@ -191,6 +193,12 @@ def worker_main(root: str, rank: int, port: int, threads: int | None, emulate: b
 
         if threads:
             torch.set_num_threads(threads)  # the collectives' copies: stay within this worker's share of the cores
+        if importlib.util.find_spec("onnxruntime") is not None:
+            import onnxruntime
+
+            # a failed run is reported to the driver, which raises it once: ORT's own log line (on the terminal
+            # the workers share with the caller) would only repeat it, in the middle of a command's output
+            onnxruntime.set_default_logger_severity(4)
         manifest = read_manifest(root)
         mesh = mesh_layout(manifest)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -271,6 +279,13 @@ class MeshExecutor(MeshBase):
                 except (EOFError, OSError):
                     continue  # it died: its sentinel says how
                 if status == "error":
+                    # a peer that died makes the others' collectives fail first: name the dead one, the cause
+                    # (a worker that reports an error exits with 0 after it: only a crash or a kill is a cause)
+                    others = [sent for sent, r in sentinels.items() if r != rank]
+                    for sent in wait(others, timeout=DEATH_GRACE_S):
+                        self.procs[sentinels[sent]].join(0.1)
+                        if self.procs[sentinels[sent]].exitcode not in (0, None):
+                            self._died(sentinels[sent], op)
                     self._finalizer()
                     raise EngineFailure(value if loading else f"{value} (during {op}; the mesh was stopped)")
                 results[rank] = value
@@ -278,11 +293,14 @@ class MeshExecutor(MeshBase):
                 rank = sentinels[sentinel]
                 if self.conns[rank].poll():
                     continue  # its last message is still unread: the next round reads it
-                self._finalizer()
-                raise EngineFailure(f"mesh worker rank {rank} (pid {self.procs[rank].pid}) "
-                                    f"{describe_exit(self.procs[rank].exitcode)} during {op}; the other "
-                                    f"{self.world - 1} worker(s) were stopped")
+                self._died(rank, op)
         return [results[r] for r in range(self.world)]
+
+    def _died(self, rank: int, op: str) -> NoReturn:
+        self._finalizer()
+        raise EngineFailure(f"mesh worker rank {rank} (pid {self.procs[rank].pid}) "
+                            f"{describe_exit(self.procs[rank].exitcode)} during {op}; the other "
+                            f"{self.world - 1} worker(s) were stopped")
 
     def close(self) -> None:
         """Stop the workers (idempotent)."""
