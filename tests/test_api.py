@@ -40,12 +40,12 @@ def test_import_dsv4c_is_cheap_and_gives_the_api():
 
 def test_plan_is_typed_and_gives_the_flash_checkpoint_bytes():
     """The figures `dsv4c plan recipes/flash-h100.yaml --json` prints (test_plan.py checks the same bytes through
-    the command line): 8 H100s hold it, but this dsv4c builds single-device engines only, so it is infeasible."""
+    the command line): 8 H100s hold it as a tensor 8 x expert 8 mesh, and the TensorRT target lowers every rank."""
     plan = dsv4c.plan(FLASH)
     assert isinstance(plan, Plan)
     assert plan.weights_bytes_as_shipped == FLASH_SHIPPED_BYTES
-    assert (plan.recipe, plan.fits, plan.feasible) == ("flash-h100", True, False)
-    assert plan.build_blockers and not plan.problems
+    assert (plan.recipe, plan.fits, plan.feasible) == ("flash-h100", True, True)
+    assert not plan.build_blockers and not plan.problems
     assert list(plan.to_dict()) == [f for f in Plan.__dataclass_fields__]
     json.dumps(plan.to_dict())  # what --json prints
 
@@ -77,8 +77,10 @@ def test_errors_are_raised_with_their_exit_codes_not_exited(tmp_path):
     assert bad_key.value.exit_code == 2
     with pytest.raises(ArgumentError, match=r"until='pack': expected one of resolve, plan, .*package"):
         dsv4c.build(TINY, tmp_path / "out", until="pack")
+    no_fallback = yaml.safe_load(FLASH.read_text())  # FP4 experts on sm_90 without the declared FP8 fallback
+    del no_fallback["quantization"]["fallback"], no_fallback["quantization"]["on_unsupported"]
     with pytest.raises(InfeasibleError, match="cannot be built for target 'tensorrt'") as infeasible:
-        dsv4c.build(FLASH, tmp_path / "out", until="plan", cache_dir=tmp_path / "cache")
+        dsv4c.build(no_fallback, tmp_path / "out", until="plan", cache_dir=tmp_path / "cache")
     assert infeasible.value.exit_code == 3
     assert not (tmp_path / "out").exists()
 

@@ -42,3 +42,13 @@ def test_a_new_op_without_implementations_fails_the_check(monkeypatch):
     for kind in ("tensorrt", "cann"):
         c = coverage.op_coverage(kind, "new_op")
         assert not (c.implemented or c.fallback), kind
+
+
+def test_tensorrt_collectives_are_the_registrys_collectives():
+    """The collectives TensorRT splices in as IDistCollectiveLayers are exactly the registry's collective ops, and
+    no collective is also registered as a plugin."""
+    from dsv4c.targets.tensorrt.collectives import COLLECTIVES
+    from dsv4c.targets.tensorrt.plugins import PLUGIN_OPS
+
+    assert set(COLLECTIVES) == {op.onnx_name for op in OPS.values() if op.collective}
+    assert not {name for name, op in OPS.items() if op.collective} & set(PLUGIN_OPS)

@@ -186,3 +186,15 @@ def test_rank_holds_its_share_of_flash(layout, most):
         largest = max(_weight_bytes(DeepseekV4(cfg, shard=Shard.for_rank(cfg, r, SimpleNamespace(**layout))))
                       for r in range(world))
     assert largest <= most * whole, largest / whole
+
+
+def test_build_refuses_a_mesh_the_shapes_cannot_take_before_reading_weights(tmp_path):
+    """pro-h200's pipeline 2 is refused by the build's own plan stage (exit 3, nothing written), before its
+    checkpoint (absent here) is looked at."""
+    from tests.conftest import ROOT, dsv4c_cli
+
+    out = tmp_path / "out"
+    r = dsv4c_cli("build", str(ROOT / "recipes" / "pro-h200.yaml"), "-o", str(out), cache=tmp_path / "cache")
+    assert r.returncode == 3, r.stderr
+    assert "pipeline" in r.stderr and "--set 'target.parallel=" in r.stderr
+    assert not out.exists() and not (tmp_path / "cache" / "load").exists()

@@ -13,16 +13,19 @@ Sources of every figure (nothing is loaded, no weights are needed):
   * activations and custom ops: one prefill chunk traced on the meta device through a model with one layer of
     each kind (transients live within a layer, so it peaks like the whole model): the peak bytes of the tensors
     the forward allocates, and the `dsv4::*` ops it calls, checked against what the target implements.
-  * per device: layers split over pipeline stages, routed experts over `parallel.expert`, the tensor-parallel
-    weights of spec §5.3 over `parallel.tensor`; the single K=V head makes every tensor-parallel rank hold the
-    whole KV of its sequences, and `parallel.data` splits the sequences.
+  * per device (one rank of the mesh of dsv4c.graphs.parallel: world = tensor x data, pipeline 1): routed experts
+    over `parallel.expert`, the tensor-parallel weights of spec §5.3 over `parallel.tensor` (the embedding and the
+    head by vocabulary), everything else replicated (the shared expert, wq_a, wkv, compressors, gate, norms, hc);
+    the single K=V head makes every rank hold the whole KV cache, and the data replicas of a tensor group run the
+    same batch (they exist to spread the experts over more devices), so every rank holds the KV of all
+    `max_batch_size` sequences. The dsv4c-graph figure is read off rank 0's own model (`DeepseekV4(shard=...)`).
 
 `fits` when every device of the worst pipeline stage fits in (1 - RESERVE) of its memory and the target supports
-the recipe's formats (else `problems` say what to change). What this dsv4c cannot build yet (multi-device lowering,
-op kernels a target lacks) is listed apart as `build_blockers`. `feasible` = fits and nothing blocks the build: the
-verdict and the exit code (0, else 3), with `hints` that lead to a build that works (a hint is only given when
-following it passes `plan`). A toolchain missing on this machine (`toolchain`) blocks nothing: the bundle can be
-built here and finished where the toolchain is.
+the recipe's formats and the mesh's layout suits the model's shapes (else `problems` say what to change). What this
+dsv4c cannot build yet (op kernels a target lacks; what a target's check refuses only for a mesh) is listed apart
+as `build_blockers`. `feasible` = fits and nothing blocks the build: the verdict and the exit code (0, else 3),
+with `hints` that lead to a build that works. A toolchain missing on this machine (`toolchain`) blocks nothing: the
+bundle can be built here and finished where the toolchain is.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dsv4c.graphs.config import ModelConfig
+from dsv4c.graphs.parallel import Shard, straddling_shards
+from dsv4c.graphs.quant import FP8_BLOCK
 
 GIB = 1 << 30
 RESERVE = 0.10  # device memory kept free for the runtime: CUDA/CANN context, communication buffers, fragmentation
@@ -322,13 +327,15 @@ def rank_config(cfg: ModelConfig, tensor: int) -> ModelConfig:
 
 
 def trace_prefill(cfg: ModelConfig, numerics, expert_format: str, batch: int, seqlen: int,
-                  max_seq_len: int) -> tuple[set[str], int]:
+                  max_seq_len: int, shard: Shard | None = None) -> tuple[set[str], int]:
     """(dsv4 ops called, peak bytes of the tensors the forward allocates, the updated caches excluded: a serving
-    engine writes them in place) for one prefill chunk of `seqlen` tokens x `batch` sequences from position 0."""
+    engine writes them in place) for one prefill chunk of `seqlen` tokens x `batch` sequences from position 0,
+    on the rank `shard` of a mesh (its collectives and head-partial indexer scores among the ops) or, without
+    one, on the whole model."""
     from dsv4c.graphs.model import DeepseekV4
 
     with torch.device("meta"):
-        model = DeepseekV4(probe_config(cfg), numerics, expert_format=expert_format)
+        model = DeepseekV4(probe_config(cfg), numerics, expert_format=expert_format, shard=shard)
         cache = tuple(torch.empty(e.shape, dtype=e.dtype) for e in model.cache_spec(batch, max_seq_len))
         tokens = torch.zeros(batch, seqlen, dtype=torch.long)
         start, n_valid = torch.zeros(batch, dtype=torch.long), torch.full((batch,), seqlen, dtype=torch.long)
@@ -374,11 +381,13 @@ def stage_ranges(num_layers: int, stages: int) -> list[range]:
 
 
 def per_device(rows: list[dict[str, Any]], key: str, kv_per_layer: list[int], workspace: int, recipe,
-               stages: list[range]) -> list[dict[str, int]]:
-    """Bytes per device of each pipeline stage: weights (experts / expert, TP-sharded / tensor, rest replicated),
-    the KV of its layers for its share of the sequences (whole on every tensor rank: one K=V head), workspace."""
+               stages: list[range], presplit: bool = False) -> list[dict[str, int]]:
+    """Bytes per device of each pipeline stage: weights (routed experts / expert; the tensor-parallel ones, the
+    embedding and the head / tensor; the rest replicated; `presplit`: the rows are already one rank's), the KV of
+    its layers for every sequence of the batch (whole on every rank: one K=V head, and data replicas run the same
+    batch), workspace."""
     p = recipe.target.parallel
-    seqs = math.ceil(recipe.runtime.max_batch_size / p.data)
+    seqs = recipe.runtime.max_batch_size
     out = []
     for s, layers in enumerate(stages):
         mine = {"first"} if s == 0 else set()
@@ -386,7 +395,7 @@ def per_device(rows: list[dict[str, Any]], key: str, kv_per_layer: list[int], wo
         weights = 0
         for r in rows:
             if r["where"] in mine or (isinstance(r["where"], int) and r["where"] in layers):
-                split = p.expert if r["group"] == "routed_experts" else (p.tensor if r["tp"] else 1)
+                split = 1 if presplit else p.expert if r["group"] == "routed_experts" else (p.tensor if r["tp"] else 1)
                 weights += math.ceil(r[key] / split)
         kv = seqs * sum(kv_per_layer[i] for i in layers)
         out.append({"stage": s, "layers": f"{layers.start}-{layers.stop - 1}", "weights": weights, "kv_cache": kv,
@@ -395,19 +404,52 @@ def per_device(rows: list[dict[str, Any]], key: str, kv_per_layer: list[int], wo
 
 
 def layout_problems(cfg: ModelConfig, recipe) -> list[str]:
+    """What the mesh cannot do with this model's shapes, before any weight is read: a pipeline (not implemented),
+    degrees that do not divide what they shard, FP8 scale blocks a tensor-parallel shard would straddle."""
     p = recipe.target.parallel
+    problems = [pipeline_problem(cfg, recipe)] if p.pipeline > 1 else []
+    problems += divisibility_problems(cfg, p)
+    problems += [f"target.parallel.tensor={p.tensor} splits FP8 scale blocks: {s}; choose a tensor degree whose "
+                 f"shards are whole {FP8_BLOCK}-row blocks or lie inside one"
+                 for s in straddling_shards(cfg, p.tensor)]
+    return problems
+
+
+def divisibility_problems(cfg: ModelConfig, p) -> list[str]:
+    """Degrees that do not divide what they shard: heads, o-groups, index heads and vocabulary by tensor, routed
+    experts by expert. (That expert divides the world, tensor * data, is a recipe rule: exit 2 before plan.)"""
     problems = []
-    if p.pipeline > cfg.num_hidden_layers:
-        problems.append(f"target.parallel.pipeline={p.pipeline} exceeds the model's {cfg.num_hidden_layers} layers")
     if cfg.n_routed_experts % p.expert:
         problems.append(f"target.parallel.expert={p.expert} does not divide n_routed_experts="
                         f"{cfg.n_routed_experts}; choose a divisor")
-    has_csa = 4 in cfg.compress_ratios
+    has_csa = 4 in cfg.compress_ratios[:cfg.num_hidden_layers]
     for field in ("num_attention_heads", "o_groups", "vocab_size") + (("index_n_heads",) if has_csa else ()):
         if getattr(cfg, field) % p.tensor:
             problems.append(f"target.parallel.tensor={p.tensor} does not divide {field}={getattr(cfg, field)} "
                             "(tensor parallelism shards it); choose a divisor")
     return problems
+
+
+def pipeline_problem(cfg: ModelConfig, recipe) -> str:
+    """Pipeline stages are not implemented: the devices of the other stages become data replicas of one tensor
+    group each, over which the routed experts are spread (the largest degree dividing the world and the experts)."""
+    t, p = recipe.target, recipe.target.parallel
+    world = t.world_size
+    data = world // p.tensor
+    expert = max(e for e in range(1, world + 1) if world % e == 0 and cfg.n_routed_experts % e == 0)
+    return (f"target.parallel.pipeline={p.pipeline}: pipeline parallelism is not implemented in this dsv4c (its mesh "
+            f"is world = tensor x data, every rank runs every layer); use the {world} devices as {data} data "
+            f"replicas of tensor {p.tensor} with the routed experts over {expert} ranks: --set "
+            f"'target.parallel={{tensor: {p.tensor}, expert: {expert}, pipeline: 1, data: {data}}}'")
+
+
+def rank_shard(cfg: ModelConfig, recipe) -> Shard | None:
+    """Rank 0's shard of the recipe's mesh (every rank holds the same bytes: the splits are even), or None for a
+    single device or a layout `layout_problems` refuses."""
+    p = recipe.target.parallel
+    if p.tensor == p.expert == p.data == 1 or divisibility_problems(cfg, p) or straddling_shards(cfg, p.tensor):
+        return None
+    return Shard(rank=0, tensor=p.tensor, expert=p.expert, data=p.data)
 
 
 def memory_problems(worst: dict[str, int], usable: float, what: str, recipe, kv_per_seq: float,
@@ -416,7 +458,7 @@ def memory_problems(worst: dict[str, int], usable: float, what: str, recipe, kv_
     kv_per_seq: that stage's KV bytes per sequence at max_seq_len; kv_growth: its bytes per token of context."""
     if worst["total"] <= usable:
         return []
-    t, rt, p = recipe.target, recipe.runtime, recipe.target.parallel
+    rt = recipe.runtime
     need = (f"needs {worst['total'] / GIB:.1f} GiB per device (stage {worst['stage']}: weights "
             f"{worst['weights'] / GIB:.1f} + KV cache {worst['kv_cache'] / GIB:.1f} + workspace "
             f"{worst['workspace'] / GIB:.1f} GiB), {what} has {usable / GIB:.1f} GiB usable "
@@ -430,15 +472,12 @@ def memory_problems(worst: dict[str, int], usable: float, what: str, recipe, kv_
     else:
         fit_seqs = int(room_for_kv // kv_per_seq) if kv_per_seq else 0
         if fit_seqs >= 1:
-            fixes.append(f"lower runtime.max_batch_size to {fit_seqs * p.data} (from {rt.max_batch_size})")
-        seqs = math.ceil(rt.max_batch_size / p.data)
+            fixes.append(f"lower runtime.max_batch_size to {fit_seqs} (from {rt.max_batch_size}: every rank holds "
+                         "the KV cache of every sequence, one shared K=V head)")
         fixed = kv_per_seq - kv_growth * rt.max_seq_len  # window rings and compressor state
-        fit_len = int((room_for_kv / seqs - fixed) // kv_growth) if kv_growth else 0
+        fit_len = int((room_for_kv / rt.max_batch_size - fixed) // kv_growth) if kv_growth else 0
         if 0 < fit_len < rt.max_seq_len:
             fixes.append(f"or runtime.max_seq_len to {fit_len}")
-        if t.kind != "cpu" and p.data == 1 and p.tensor > 1:
-            fixes.append("or split the sequences over data-parallel attention (target.parallel.data > 1): every "
-                         "tensor-parallel rank holds the whole KV cache of its sequences (one shared K=V head)")
     return [need + ": " + "; ".join(fixes)]
 
 
@@ -582,8 +621,12 @@ def make_plan(recipe) -> dict[str, Any]:
 
     # weights
     rows = weight_rows(cfg, formats)
+    shard = rank_shard(cfg, recipe)
     with torch.device("meta"):
         model = DeepseekV4(cfg, numerics, expert_format=graph_format)
+        # what one rank's engine holds, read off its own model (None: single device, or a refused layout whose
+        # per-device figure falls back to the split formulas)
+        rank_model = DeepseekV4(cfg, numerics, expert_format=graph_format, shard=shard) if shard else None
     grows = graph_rows(model)
     groups = {}
     for g in GROUPS:
@@ -606,10 +649,13 @@ def make_plan(recipe) -> dict[str, Any]:
                         for i in range(cfg.num_hidden_layers)]
 
     # activations and ops
-    seqs = math.ceil(rt.max_batch_size / t.parallel.data)
+    seqs = rt.max_batch_size  # data replicas run the same batch
     chunk = max(2, min(PREFILL_CHUNK, rt.max_seq_len))
-    ops, workspace = trace_prefill(rank_config(cfg, t.parallel.tensor), numerics, graph_format, seqs, chunk,
-                                   rt.max_seq_len)
+    if shard is not None:
+        ops, workspace = trace_prefill(cfg, numerics, graph_format, seqs, chunk, rt.max_seq_len, shard)
+    else:
+        ops, workspace = trace_prefill(rank_config(cfg, t.parallel.tensor), numerics, graph_format, seqs, chunk,
+                                       rt.max_seq_len)
     coverage = op_coverage(t.kind, t.soc_version, ops)
 
     # devices
@@ -618,7 +664,11 @@ def make_plan(recipe) -> dict[str, Any]:
     stages = stage_ranges(cfg.num_hidden_layers, t.parallel.pipeline) if t.parallel.pipeline <= cfg.num_hidden_layers \
         else stage_ranges(cfg.num_hidden_layers, 1)
     stage_devs = per_device(engine_rows, "bytes", per_layer_kv, workspace, recipe, stages)
-    graph_devs = per_device(engine_grows, "bytes", engine_per_layer, workspace, recipe, stages)
+    if rank_model is not None:
+        graph_devs = per_device([r for r in graph_rows(rank_model) if r["where"] != "mtp"], "bytes",
+                                engine_per_layer, workspace, recipe, stages, presplit=True)
+    else:
+        graph_devs = per_device(engine_grows, "bytes", engine_per_layer, workspace, recipe, stages)
     worst = max(stage_devs, key=lambda s: s["total"])
     worst_graph = max(graph_devs, key=lambda s: s["total"])
     worst_layers = stages[worst["stage"]]
@@ -671,8 +721,9 @@ def make_plan(recipe) -> dict[str, Any]:
         "kv_cache_bytes_at_max_seq_len": kv["bytes_at_max_seq_len"],
         "kv_cache_bytes_all_sequences": kv["bytes_at_max_seq_len"] * rt.max_batch_size,
         "activation_workspace_bytes": workspace,
-        "activation_workspace_basis": f"one prefill chunk of {chunk} tokens x {seqs} sequences on one tensor-parallel "
-                                      "rank's heads, dsv4c graph (float32), traced on the meta device",
+        "activation_workspace_basis": f"one prefill chunk of {chunk} tokens x {seqs} sequences on one rank of the "
+                                      "mesh (its heads, vocabulary and experts), dsv4c graph (float32), traced on "
+                                      "the meta device",
         "per_device": {"stages": stage_devs, "worst_stage": worst["stage"], "dsv4c_engine_stages": graph_devs},
         "per_device_bytes": worst["total"],
         "build": peaks,
@@ -682,42 +733,18 @@ def make_plan(recipe) -> dict[str, Any]:
         "feasible": fits and not blockers,
         "problems": problems,
         "build_blockers": blockers,
-        "hints": build_hints(recipe, blockers, multi_device=len(check.problems) > len(single.problems)) if fits else [],
+        "hints": build_hints(recipe, blockers) if fits else [],
         "warnings": warnings,
     }
 
 
-SINGLE_DEVICE = {"target.devices_per_node": "1", "target.nodes": "1",
-                 "target.parallel": "{tensor: 1, expert: 1, pipeline: 1, data: 1}"}
-
-
-def build_hints(recipe, blockers: list[str], multi_device: bool) -> list[str]:
-    """What to do about the build blockers of a recipe that fits its hardware: a single-device variant when one
-    device holds the model (checked by planning it), else why there is nothing to set; the bundle for op kernels
-    the target lacks."""
-    if not blockers:
-        return []
-    if multi_device:
-        return [_single_device_hint(recipe)]
-    if recipe.target.kind == "cann":
+def build_hints(recipe, blockers: list[str]) -> list[str]:
+    """What to do about the build blockers of a recipe that fits its hardware: for op kernels a CANN target still
+    lacks, the bundle that can be built now."""
+    if blockers and recipe.target.kind == "cann":
         return ["`dsv4c build RECIPE --until lower` writes the ATC bundle (with its ATC command lines); the ops "
                 "listed above need their AscendC kernels before `atc` can build a runnable .om"]
     return []
-
-
-def _single_device_hint(recipe) -> str:
-    t = recipe.target
-    single = recipe.model_copy(update={"target": t.model_copy(update={
-        "devices_per_node": 1, "nodes": 1, "parallel": t.parallel.model_copy(update={
-            "tensor": 1, "expert": 1, "pipeline": 1, "data": 1})})})
-    plan = make_plan(single)
-    device = plan["target"]["device"]
-    if not plan["fits"]:
-        return (f"one {device} does not hold the model (it needs {plan['per_device_bytes'] / GIB:.1f} GiB, "
-                f"{plan['target']['usable_bytes'] / GIB:.1f} GiB usable) and this dsv4c builds single-device "
-                "engines only: no recipe change makes it buildable yet")
-    sets = " ".join(f"--set '{k}={v}'" for k, v in SINGLE_DEVICE.items())
-    return " ".join([f"one {device} holds the model: build a single-device engine with {sets}", *plan["hints"]])
 
 
 def _per_layer(cfg: ModelConfig, types: list[dict[str, Any]], key: str) -> list[float]:

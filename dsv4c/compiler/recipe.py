@@ -169,14 +169,17 @@ class Quantization(Section):
 
 # ---- target -----------------------------------------------------------------------------------------------------
 class Parallel(Section):
-    """How the devices are used. Rules: tensor * pipeline * data = devices_per_node * nodes (every device runs one
-    attention shard of one pipeline stage of one data-parallel replica), and expert divides tensor * data (the
-    MoE layers of a pipeline stage shard their routed experts over that stage's devices)."""
+    """How the devices are used (the mesh of dsv4c.graphs.parallel). Rules: tensor * pipeline * data =
+    devices_per_node * nodes (every device runs one tensor-parallel shard of one data replica), and expert divides
+    tensor * data (expert groups are consecutive ranks). `plan` also checks the degrees against the model's shapes
+    and refuses pipeline > 1, which this dsv4c does not implement."""
 
-    tensor: int = Field(1, ge=1, description="Tensor-parallel degree (attention heads and dense weights).")
+    tensor: int = Field(1, ge=1, description=(
+        "Tensor-parallel degree: attention heads, o-groups, indexer heads and the vocabulary (embedding, head)."))
     expert: int = Field(1, ge=1, description="Expert-parallel degree: routed experts sharded over this many devices.")
-    pipeline: int = Field(1, ge=1, description="Pipeline stages (contiguous layer ranges).")
-    data: int = Field(1, ge=1, description="Data-parallel attention replicas.")
+    pipeline: int = Field(1, ge=1, description="Pipeline stages (contiguous layer ranges); only 1 is implemented.")
+    data: int = Field(1, ge=1, description=(
+        "Data replicas of each tensor group; they run the same batch (more devices for the experts)."))
 
 
 class Target(Section):

@@ -39,6 +39,10 @@ def stage_plan(build: Build) -> Status:
 
     target = get_target(build.recipe.target.kind)
     check = target.check(build.recipe)
+    if build.recipe.target.world_size > 1:  # the mesh against the model's shapes (config only, no weights read)
+        from dsv4c.compiler.plan import layout_problems
+
+        check.problems += layout_problems(build.recipe.model.shapes(), build.recipe)
     if check.problems:
         raise InfeasibleError(f"recipe {build.recipe.name!r} cannot be built for target "
                               f"{build.recipe.target.kind!r}: " + "; ".join(check.problems),

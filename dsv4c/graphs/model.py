@@ -657,18 +657,17 @@ def load_official(model: DeepseekV4, tensors: dict[str, torch.Tensor]) -> list[s
 
     buffers = dict(model.named_buffers())
     written = []
-    pending: dict[str, torch.Tensor] = dict(tensors)
+    shard = model.shard
+    # another rank's routed experts are dropped first: neither transcoded nor converted here
+    pending = {name: t for name, t in tensors.items() if _held_here(name, model.cfg.n_routed_experts, shard)}
     if model.expert_format == "fp8":
         pending = _transcode_experts(pending, quant)
-    shard = model.shard
     for name, t in pending.items():
         target, expert = module_name(name)
         if target not in buffers:
             raise KeyError(f"checkpoint tensor {name!r} has no place in the model (looked for {target!r})")
         if expert is not None:
             expert = local_expert(expert, model.cfg.n_routed_experts, shard)
-            if expert is None:
-                continue  # another rank's expert
         t = _rank_slice(name, t, pending, shard)
         dst = buffers[target] if expert is None else buffers[target][expert]
         src = _convert(t, dst.dtype, quant)
@@ -678,6 +677,12 @@ def load_official(model: DeepseekV4, tensors: dict[str, torch.Tensor]) -> list[s
         dst.copy_(src)
         written.append(target)
     return written
+
+
+def _held_here(name: str, n_experts: int, shard: Shard) -> bool:
+    """Whether this rank holds (a slice of) official tensor `name`: every tensor but another rank's experts."""
+    expert = module_name(name)[1]
+    return expert is None or local_expert(expert, n_experts, shard) is not None
 
 
 def _rank_slice(name: str, t: torch.Tensor, tensors: dict[str, torch.Tensor], shard: Shard) -> torch.Tensor:

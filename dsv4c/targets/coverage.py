@@ -4,9 +4,10 @@ toolchain (TensorRT, CANN), so `plan` can say it on any machine.
     cpu       the C++ ORT kernel library (targets/cpu/kernels: CPP_KERNELS), else the op's ONNX function body
               (a declared fallback: same numerics, slower; recorded in the manifest)
     tensorrt  a tensorrt.plugin registration per op (targets/tensorrt/plugins.py: PLUGIN_OPS; AOT_OPS also
-              have an ahead-of-time kernel)
-    cann      targets/cann/mapping.py: MAPPING (public CANN operators, or the nearest one and an AscendC kernel
-              still to write)
+              have an ahead-of-time kernel); the collectives become TensorRT's IDistCollectiveLayer (NCCL) at
+              engine build (targets/tensorrt/collectives.py: COLLECTIVES)
+    cann      targets/cann/mapping.py: MAPPING (public CANN operators, HCCL's HcomAllReduce / HcomAllGather for the
+              collectives, or the nearest operator and an AscendC kernel still to write)
 
 tests/test_op_coverage.py enumerates the registry and fails when a target neither implements an op nor declares
 how it falls back, and checks each table against the target's own registrations.
@@ -36,8 +37,11 @@ def op_coverage(kind: str, op: str, soc: str | None = None) -> Coverage:
             return Coverage(op, True, "C++ ORT kernel")
         return Coverage(op, True, "ONNX function body", fallback=True)
     if kind == "tensorrt":
+        from dsv4c.targets.tensorrt.collectives import COLLECTIVES
         from dsv4c.targets.tensorrt.plugins import AOT_OPS, PLUGIN_OPS
 
+        if onnx_name in COLLECTIVES:
+            return Coverage(op, True, "TensorRT IDistCollectiveLayer (NCCL), spliced in at engine build")
         if op in PLUGIN_OPS:
             return Coverage(op, True, "TensorRT plugin (Triton, " + ("AOT + JIT)" if op in AOT_OPS else "JIT)"))
         return Coverage(op, False, "no TensorRT plugin")

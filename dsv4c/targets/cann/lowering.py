@@ -7,6 +7,9 @@ Per dsv4 node (mapping.MAPPING says why):
                               act_quant=1: the Fp8Linear lowering per group, concatenated
   MoeExperts               -> MoeExpertsMx (950) | MoeExpertsInt (910B), kernel TBD
   HcPre / HcPost           -> the CANN custom operators of the same name (attributes renamed)
+  AllReduce / AllGather    -> HCCL's HcomAllReduce (sum) / Transpose + HcomAllGather + Transpose (HCCL gathers along
+                              dim 0, the IR along the last), over the HCCL group the mesh gives this rank's tensor /
+                              expert group (`groups`, named in bundle.json `hccl_groups`)
   others                   -> kept in domain dsv4 with cann_kernel="TBD" and every attribute of the dsv4 contract
                               (registry.py; e.g. SparseAttn / IndexerTopK bf16), checked: a future kernel and the
                               emulation read them
@@ -43,8 +46,9 @@ class Rewriter:
     """Builds the new node list of one program; reads initializers lazily (from the .data file when external)."""
 
     def __init__(self, model: onnx.ModelProto, base_dir: Path, soc: str, expert_bits: int,
-                 stats: requant.ErrorStats):
+                 stats: requant.ErrorStats, groups: dict[int, tuple[str, int]] | None = None):
         self.model, self.base_dir, self.soc, self.expert_bits, self.stats = model, base_dir, soc, expert_bits, stats
+        self.groups = groups or {}  # group kind -> (HCCL group name, ranks in it)
         self.inits = {t.name: t for t in model.graph.initializer}
         self.new_inits: dict[str, TensorProto] = {}
         self.nodes: list[onnx.NodeProto] = []
@@ -217,6 +221,31 @@ class Rewriter:
     def hc_post(self, node: onnx.NodeProto) -> None:
         self.emit("HcPost", list(node.input), list(node.output), DOMAIN)
 
+    def _group(self, node: onnx.NodeProto) -> tuple[str, int]:
+        kind = _attrs(node)["group"]
+        if kind not in self.groups:
+            raise ValueError(f"node {node.name!r} ({node.op_type}): a collective over group {kind}, but the lowering "
+                             "was given no HCCL group for it (a mesh rank's program needs the mesh)")
+        return self.groups[kind]
+
+    def all_reduce(self, node: onnx.NodeProto) -> None:
+        name, _ = self._group(node)
+        self.emit("HcomAllReduce", list(node.input), list(node.output), DOMAIN, reduction="sum", group=name,
+                  fusion=0, fusion_id=-1)
+
+    def all_gather(self, node: onnx.NodeProto) -> None:
+        name, size = self._group(node)
+        if _attrs(node)["size"] != size:
+            raise ValueError(f"node {node.name!r}: gathers {_attrs(node)['size']} ranks, HCCL group {name} has {size}")
+        infos = {v.name: v for v in [*self.model.graph.input, *self.model.graph.value_info, *self.model.graph.output]}
+        if node.input[0] not in infos:
+            raise ValueError(f"node {node.name!r}: the rank of its input {node.input[0]!r} is unknown (no value_info)")
+        n = len(infos[node.input[0]].type.tensor_type.shape.dim)
+        front = self.emit("Transpose", [node.input[0]], 1, hint="AllGather", perm=[n - 1, *range(n - 1)])[0]
+        gathered = self.emit("HcomAllGather", [front], 1, DOMAIN, hint="AllGather", rank_size=size, group=name,
+                             fusion=0, fusion_id=-1)[0]
+        self.emit("Transpose", [gathered], list(node.output), hint="AllGather", perm=[*range(1, n), 0])
+
     def keep_tbd(self, node: onnx.NodeProto) -> None:
         missing = [a for a in _contract_attributes(node.op_type) if a not in _attrs(node)]
         if missing:
@@ -227,7 +256,8 @@ class Rewriter:
 
 
 REWRITES = {"Fp8Linear": Rewriter.fp8_linear, "Fp8GroupedLinear": Rewriter.fp8_grouped_linear,
-            "MoeExperts": Rewriter.moe_experts, "HcPre": Rewriter.hc_pre, "HcPost": Rewriter.hc_post}
+            "MoeExperts": Rewriter.moe_experts, "HcPre": Rewriter.hc_pre, "HcPost": Rewriter.hc_post,
+            "AllReduce": Rewriter.all_reduce, "AllGather": Rewriter.all_gather}
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -241,8 +271,10 @@ def _contract_attributes(op_type: str) -> tuple[str, ...]:
     return next((op.attributes for op in OPS.values() if op.onnx_name == op_type), ())
 
 
-def lower_program(path: Path, soc: str, expert_bits: int, stats: requant.ErrorStats) -> onnx.ModelProto:
-    """Rewrite `path` (and its `.data` file) in place for `soc`; returns the new model (graph only)."""
+def lower_program(path: Path, soc: str, expert_bits: int, stats: requant.ErrorStats,
+                  groups: dict[int, tuple[str, int]] | None = None) -> onnx.ModelProto:
+    """Rewrite `path` (and its `.data` file) in place for `soc`; returns the new model (graph only). `groups`: for
+    a mesh rank's program, {group kind: (HCCL group name, ranks)} of its collectives (hccl_groups)."""
     if soc not in SOCS:
         raise ValueError(f"soc_version {soc!r}: the CANN lowering knows {', '.join(SOCS)}")
     model = onnx.load(path, load_external_data=False)
@@ -252,7 +284,7 @@ def lower_program(path: Path, soc: str, expert_bits: int, stats: requant.ErrorSt
     loops = [n.op_type for n in model.graph.node if n.op_type in UNSUPPORTED_CONTROL_FLOW]
     if loops:
         raise ValueError(f"{path.name}: {sorted(set(loops))} nodes; ATC's ONNX parser handles only If subgraphs")
-    rw = Rewriter(model, path.parent, soc, expert_bits, stats)
+    rw = Rewriter(model, path.parent, soc, expert_bits, stats, groups)
     for node in model.graph.node:
         if node.domain == DSV4_DOMAIN:
             REWRITES.get(node.op_type, Rewriter.keep_tbd)(rw, node)
@@ -319,3 +351,17 @@ class _NoFile:
 
     def __exit__(self, *exc):
         return False
+
+
+def hccl_groups(mesh: dict, rank: int) -> dict[int, tuple[str, list[int]]]:
+    """{group kind: (HCCL group name, its world rank ids)} for `rank` of a bundle's mesh (parallel.Shard). HCCL
+    names groups (<= 128 bytes) and creates them from rank ids before use; every rank of a group derives the same
+    name from its first rank."""
+    from dsv4c.graphs.parallel import GROUP_NAMES, Shard
+
+    shard = Shard(rank=rank, tensor=mesh["tensor"], expert=mesh["expert"], data=mesh["data"])
+    out = {}
+    for kind, label in GROUP_NAMES.items():
+        ranks = list(shard.group_ranks(kind))
+        out[kind] = (f"dsv4c_{label}_{ranks[0]}_{len(ranks)}", ranks)
+    return out

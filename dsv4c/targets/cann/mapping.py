@@ -27,6 +27,11 @@ Sources (read 2026-11; public repositories):
   [torchair] Ascend/torchair: python/torchair/_ge_concrete_graph/ge_converter/custom/{quantmatmul,
              npu_dynamic_quant,npu_dynamic_mx_quant}.py (torch_npu op -> GE IR op and attribute names)
   [parser]   Ascend/parser: parser/onnx/onnx_parser.cc (how ATC keys ONNX nodes), subgraph_adapter/ (only `If`)
+  [hccl]     cann/hccl: src/common/op_graph/ops_proto_hccl.h (GE IR HcomAllReduce: x -> y, attrs reduction,
+             group, fusion, fusion_id; HcomAllGather: x -> y, attrs rank_size, group, fusion, fusion_id); HCCL's
+             Python API reference (hiascend, hcclpython allreduce / allgather / create_group: AllGather orders the
+             ranks' inputs by rank id and concatenates them along the first dim; a group is a name <= 128 bytes
+             created with its world rank ids before use); cann/tensorflow tf_adapter/ops/hccl/hccl_ops.cc
 """
 
 from __future__ import annotations
@@ -76,6 +81,10 @@ CANN_OPS: dict[str, CannOp] = {op.op_type: op for op in (
            "[recipes] ops/ascendc/src/hc_pre/op_host/hc_pre_def.cpp"),
     CannOp("HcPost", ("x", "residual", "post", "comb"), ("y",), (), "cann-recipes-infer custom op package (.run)",
            "[recipes] ops/ascendc/src/hc_post/op_host/hc_post_def.cpp"),
+    CannOp("HcomAllReduce", ("x",), ("y",), ("reduction", "group", "fusion", "fusion_id"),
+           "CANN built-in (HCCL)", "[hccl] ops_proto_hccl.h HcomAllReduce"),
+    CannOp("HcomAllGather", ("x",), ("y",), ("rank_size", "group", "fusion", "fusion_id"),
+           "CANN built-in (HCCL)", "[hccl] ops_proto_hccl.h HcomAllGather"),
     CannOp("MoeExpertsInt", ("x", "weights", "indices", "w1", "s1", "w3", "s3", "w2", "s2"), ("y",),
            ("weight_bits", "group_size", "swiglu_limit", "act_quant", "bf16"), "dsv4c (AscendC kernel TBD)",
            "dsv4c.targets.cann.reference (semantics); dsv4c.targets.cann.requant (weights)", KERNEL_TBD),
@@ -156,6 +165,23 @@ MAPPING: dict[str, Mapping] = {m.dsv4_op: m for m in (
             "scales and scatters them into an FP8 cache; ours is the reference's quantize-dequantize QAT "
             "simulation (the cache stays in float)",
             source="[recipes] ops/ascendc/docs/custom-npu_kv_compress_epilog.md"),
+    Mapping("AllReduce", "HcomAllReduce (reduction \"sum\", group: this rank's HCCL group of its tensor / expert "
+            "group, fusion 0)", "same as Ascend 950", "public",
+            attr_map={"group": "group"},
+            source="[hccl] ops_proto_hccl.h HcomAllReduce; the group (a name the runtime creates from the mesh's "
+            "rank ids, bundle.json hccl_groups) replaces the IR's group kind"),
+    Mapping("AllGather", "Transpose (last dim first) -> HcomAllGather (rank_size = size, group) -> Transpose back: "
+            "HCCL concatenates along the first dim, the IR along the last", "same as Ascend 950", "public",
+            attr_map={"size": "rank_size", "group": "group"},
+            source="[hccl] ops_proto_hccl.h HcomAllGather; HCCL allgather: inputs ordered by rank id, "
+            "concatenated along dim 0"),
+    Mapping("IndexerScores", "dsv4 IndexerScores (kernel TBD)", "dsv4 IndexerScores (kernel TBD)", "tbd",
+            nearest="LightningIndexer / QuantLightningIndexer compute the same head-weighted relu scores but fuse "
+            "the top-k and return only indices (int32, paged keys); a tensor-parallel rank needs its heads' "
+            "float scores [B, S, N] before the all-reduce, each dot product, weighted relu and head sum rounded "
+            "to bf16 with attribute bf16 (spec §3.9.4), unmasked",
+            source="[recipes] ops/ascendc/docs/custom-npu_lightning_indexer.md; spec §2.5 (scores all-reduced "
+            "before the top-k)"),
     Mapping("HadamardFp4", "dsv4 HadamardFp4 (kernel TBD)", "dsv4 HadamardFp4 (kernel TBD)", "tbd",
             nearest="none: the cann-recipes-infer indexer rotates with a matmul against a Hadamard matrix and "
             "quantizes to FP8/INT8 (IndexerCompressEpilog, QuantLightningIndexer), not FP4; ours rounds the "

@@ -32,7 +32,7 @@ from dsv4c._version import __version__ as DSV4C_VERSION
 from dsv4c.graphs.ops.onnx_builder import ONNX_DOMAIN
 from dsv4c.targets.base import TargetCheck, ToolchainMissing
 from dsv4c.targets.cann import mapping
-from dsv4c.targets.cann.lowering import OPSET, lower_program
+from dsv4c.targets.cann.lowering import OPSET, hccl_groups, lower_program
 
 ATC_OPS_FILE = Path(__file__).with_name("atc_onnx_ops.txt")
 PRECISION_MODE = "allow_fp32_to_bf16"  # cube ops in bf16 (our activations are bf16-rounded already), vector
@@ -70,9 +70,6 @@ class CannTarget:
                                           f"{native} (re-expressed exactly as MX); set quantization.{group}: {native}")
         else:
             self._check_910b(q, check)
-        if t.world_size > 1:
-            check.problems.append(f"target declares {t.world_size} devices, but per-rank (tensor/expert-parallel) "
-                                  "lowering is not implemented in this dsv4c yet: it builds single-device models")
         return check
 
     @staticmethod
@@ -101,11 +98,15 @@ class CannTarget:
 
         soc, rt = recipe.target.soc_version, recipe.runtime
         bits = expert_bits(recipe)
+        bundle_dir.mkdir(parents=True, exist_ok=True)
         files = export_bundle_programs(programs, bundle_dir, OPSET)
         stats = requant.ErrorStats()
         atc_ops, unlisted, custom, shapes = read_op_list(ATC_OPS_FILE), set(), {}, {}
+        mesh, rank = meta.get("mesh"), meta.get("rank", 0)
+        groups = hccl_groups(mesh, rank) if mesh else {}
         for name, rel in files.items():
-            model = lower_program(bundle_dir / rel, soc, bits, stats)
+            model = lower_program(bundle_dir / rel, soc, bits, stats,
+                                  {k: (g, len(r)) for k, (g, r) in groups.items()})
             for (domain, op), count in op_census(model).items():
                 if domain == ONNX_DOMAIN:
                     unlisted |= {op} - atc_ops
@@ -129,6 +130,10 @@ class CannTarget:
             "onnx_plugin": "cann_plugin/dsv4c_onnx_plugin.cpp",
             "cann_mapping": mapping.mapping_table(),
             "build_command": "bash build_om.sh   (or: dsv4c build --from-bundle DIR, on an Ascend host)",
+            **({"mesh": mesh, "rank": rank, "hccl_groups": {g: r for g, r in groups.values()},
+                "hccl": "create each hccl_groups entry (HcclCreateGroup / hccl create_group with its rank ids) in "
+                        "the world communicator of the mesh (rank table: RANK_TABLE_FILE) before running the .om"}
+               if mesh else {}),
         }, indent=2))
 
     def missing_build_toolchain(self) -> str | None:

@@ -43,9 +43,11 @@ PLUGIN_NAMESPACE = "dsv4"
 # JIT plugin (`_register`); the single-kernel ones also an AOT kernel. tests/test_triton_kernels.py checks both
 # against what `_register` registers.
 PLUGIN_OPS = ("fp8_linear", "fp8_grouped_linear", "moe_experts", "fake_quant_fp8", "hadamard_fp4", "sparse_attn",
-              "indexer_topk", "compress_pool", "hc_pre", "hc_post")
-AOT_OPS = ("fp8_linear", "fp8_grouped_linear", "fake_quant_fp8", "hadamard_fp4", "sparse_attn", "compress_pool",
-           "hc_pre", "hc_post")
+              "indexer_topk", "indexer_scores", "compress_pool", "hc_pre", "hc_post")
+AOT_OPS = ("fp8_linear", "fp8_grouped_linear", "fake_quant_fp8", "hadamard_fp4", "sparse_attn", "indexer_scores",
+           "compress_pool", "hc_pre", "hc_post")
+# The collectives (all_reduce, all_gather) are no plugins: the engine build splices TensorRT's own
+# IDistCollectiveLayer (NCCL) in their place (collectives.py).
 GEMM_TACTICS = {1: (16, 32), 2: (64, 128)}  # (BLOCK_M, BLOCK_N): decode-shaped / prefill-shaped
 
 
@@ -123,7 +125,7 @@ def aot_kernel(op: str, shapes: Sequence[Sequence[Any]], attrs: dict, cdiv: Call
     """The kernel, its constants, grid and int32 scalars for one op instance. Mirrors the launchers in
     dsv4c.targets.tensorrt.kernels (same kernels, same block choices); `cdiv` is triton.cdiv or trtp.cdiv
     (shape expressions), applied through _ceil_div."""
-    from dsv4c.targets.tensorrt.kernels import attention, compressor, fp8_gemm, hyper_connections, quant
+    from dsv4c.targets.tensorrt.kernels import attention, compressor, fp8_gemm, hyper_connections, indexer, quant
     from dsv4c.targets.tensorrt.kernels.common import next_pow2
 
     def ceil_div(a: Any, b: Any) -> Any:
@@ -168,6 +170,16 @@ def aot_kernel(op: str, shapes: Sequence[Sequence[Any]], attrs: dict, cdiv: Call
                 ["S", "H", "N", "K"], [("o_ptr", "fp32")], c)
         return AotKernel(attention.sparse_attn_kernel, s, c, (b * s_, ceil_div(h, bh), 1),
                          [s_, h, shapes[1][1], shapes[3][2]], num_warps=warps, n_inputs=4)
+    if op == "indexer_scores":
+        b, s_, h, d = shapes[0]
+        h = _static(h, "indexer_scores: head count of q")
+        d = _static(d, "indexer_scores: head dim of q")
+        bs, bh, bn, bd = indexer.indexer_blocks(h, d)
+        c = dict(D=d, BF16=bool(attrs["bf16"]), PRECISION="tf32x3", BLOCK_S=bs, BLOCK_H=bh, BLOCK_N=bn, BLOCK_D=bd)
+        s = sig([("q_ptr", "fp32"), ("k_ptr", "fp32"), ("w_ptr", "fp32")], ["S", "H", "N"], [("out_ptr", "fp32")], c)
+        n = shapes[1][1]
+        return AotKernel(indexer.indexer_scores_kernel, s, c, (b, ceil_div(s_, bs), ceil_div(n, bn)), [s_, h, n],
+                         n_inputs=3)
     if op == "compress_pool":
         b, length, cd = shapes[0]
         cc = 2 if attrs["overlap"] else 1
@@ -394,6 +406,19 @@ def _register(trt: Any, trtp: Any) -> None:  # noqa: C901  (one block per op, on
     @trtp.impl(plugin_id("indexer_topk"))
     def _(q: T, k: T, w: T, n_visible: T, topk: int, bf16: int, outputs: Tuple[T], stream: int) -> None:
         jit("indexer_topk", [q, k, w, n_visible], dict(topk=topk, bf16=bf16), outputs, stream)
+
+    # indexer_scores -------------------------------------------------------------------------------------------
+    @trtp.register(plugin_id("indexer_scores"))
+    def _(q: TD, k: TD, w: TD, bf16: int) -> TD:
+        return desc("indexer_scores", [q, k, w], dict(bf16=bf16))
+
+    @trtp.impl(plugin_id("indexer_scores"))
+    def _(q: T, k: T, w: T, bf16: int, outputs: Tuple[T], stream: int) -> None:
+        jit("indexer_scores", [q, k, w], dict(bf16=bf16), outputs, stream)
+
+    @aot_impl(plugin_id("indexer_scores"))
+    def _(q: TD, k: TD, w: TD, bf16: int, outputs: Tuple[TD], tactic: int) -> AotOut:
+        return aot("indexer_scores", [q, k, w], dict(bf16=bf16), tactic)
 
     # compress_pool --------------------------------------------------------------------------------------------
     @trtp.register(plugin_id("compress_pool"))

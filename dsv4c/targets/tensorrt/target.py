@@ -1,15 +1,18 @@
 """The TensorRT target.
 
     check:  the recipe's formats on the exact SM (sm_100: FP4 experts native; sm_90: no FP4 tensor cores, so the
-            experts need the recipe's declared fallback: lossless FP4->FP8 transcode), the parallel layout, the
-            local toolchain (tensorrt importable? GPU present?).
+            experts need the recipe's declared fallback: lossless FP4->FP8 transcode), the local toolchain
+            (tensorrt importable? GPU present?). The layout against the model's shapes is plan's (layout_problems).
     lower:  exported programs -> ONNX opset 22 (what TensorRT 10.8+ and 11 parse) where every V4 op is a `dsv4`
             node carrying `plugin_namespace="dsv4"` / `plugin_version="1"`: TensorRT's ONNX parser maps such a node
             to the plugin `dsv4::<op type>` registered by dsv4c.targets.tensorrt.plugins (Triton kernels). Weights
             stay packed (FP8 bits / FP4 nibbles as uint8 initializers in `<program>.onnx.data`). No function
-            bodies: the parser must meet the plugins, not inline a portable body.
+            bodies: the parser must meet the plugins, not inline a portable body. On a mesh (meta["mesh"], one call
+            per rank into bundle_dir/rank<r>) the rank's program keeps its `dsv4::AllReduce` / `AllGather` nodes
+            (no plugins) and bundle.json records the mesh, the rank and each collective's group of global ranks.
     build:  where TensorRT and a GPU exist, one serialized engine (`.plan`) per program, with optimization
-            profiles for the dynamic batch / prompt length and a persisted timing cache; else ToolchainMissing
+            profiles for the dynamic batch / prompt length and a persisted timing cache; a rank's collectives are
+            spliced into the parsed network as IDistCollectiveLayers (collectives.py); else ToolchainMissing
             (exit 4), and `dsv4c build --until lower` leaves the relocatable bundle that `--from-bundle` finishes.
 
 What runs here: lower, the structural checks (operator list, plugin coverage) and the emulation of the exact
@@ -64,25 +67,38 @@ class TensorRTTarget:
                 continue
             check.fallbacks.append({"group": group, "from": wanted, "to": to,
                                     "reason": f"{t.arch} has no {wanted} tensor-core path; lossless transcode"})
-        if t.world_size > 1:
-            check.problems.append(f"target declares {t.world_size} devices, but per-rank (tensor/expert-parallel) "
-                                  "lowering is not implemented in this dsv4c yet: it builds single-device engines")
         return check
 
     def lower(self, programs: dict[str, Any], bundle_dir: Path, recipe: Any, meta: dict[str, Any]) -> None:
         from dsv4c.targets.onnx_bundle import custom_nodes, export_bundle_programs, share_weights
 
+        from dsv4c.targets.tensorrt.collectives import COLLECTIVES, collective_nodes, mesh_groups
+
+        bundle_dir.mkdir(parents=True, exist_ok=True)
         files = export_bundle_programs(programs, bundle_dir, OPSET, hook=mark_plugins)
         share_weights(bundle_dir, files)  # the bundle ships each weight once; the parser follows each location
         _copy_plugin_sources(bundle_dir / "plugins")
         rt = recipe.runtime
+        models = {p: onnx.load(bundle_dir / f, load_external_data=False) for p, f in files.items()}
+        mesh, rank = meta.get("mesh"), meta.get("rank", 0)
+        collectives = {p: [{"node": n.name, "op": n.op_type,
+                            **{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}}
+                           for n in collective_nodes(m)] for p, m in models.items()}
+        if any(collectives.values()) and not mesh:
+            raise ValueError("the programs hold collectives (a mesh rank's model) but meta names no mesh")
+        extra = {}
+        if mesh:  # the groups this rank's IDistCollectiveLayers span, by global rank (parallel.Shard)
+            extra = {"mesh": mesh, "rank": rank, "collectives": collectives,
+                     "groups": {str(g): r for g, r in mesh_groups(mesh, rank).items()},
+                     "communicator": "NCCL, world of the mesh (IExecutionContext.set_communicator)"}
         (bundle_dir / "bundle.json").write_text(json.dumps({
             **meta, "format": "onnx", "opset": OPSET, "programs": files,
             "arch": recipe.target.arch,
-            "plugins": sorted({f"{PLUGIN_NAMESPACE}::{n.op_type}" for f in files.values()
-                               for n in custom_nodes(onnx.load(bundle_dir / f, load_external_data=False), DOMAIN)}),
+            "plugins": sorted({f"{PLUGIN_NAMESPACE}::{n.op_type}" for m in models.values()
+                               for n in custom_nodes(m, DOMAIN) if n.op_type not in COLLECTIVES}),
             "profiles": profiles(rt.max_batch_size, rt.max_seq_len),
             "build_command": "dsv4c build --from-bundle .",
+            **extra,
         }, indent=2))
 
     def missing_build_toolchain(self) -> str | None:
@@ -101,6 +117,7 @@ class TensorRTTarget:
             raise ToolchainMissing(missing)
         have = toolchain()
         meta = json.loads((bundle_dir / "bundle.json").read_text())
+        engine_dir.mkdir(parents=True, exist_ok=True)  # a mesh rank's engines go to their own rank<r> directory
         flags = build_engines(bundle_dir, engine_dir, meta)
         meta.update(format="tensorrt", plans={p: f"{p}.plan" for p in meta["programs"]}, builder=flags,
                     toolchain=have)
@@ -126,9 +143,12 @@ def toolchain() -> dict[str, str]:
 
 def mark_plugins(model: onnx.ModelProto) -> None:
     """Give each dsv4 node the attributes TensorRT's ONNX parser uses to find its plugin creator
-    (op type = plugin name, `plugin_namespace`, `plugin_version`)."""
+    (op type = plugin name, `plugin_namespace`, `plugin_version`); the collectives are no plugins (the engine
+    build replaces them by TensorRT layers) and keep only their own attributes."""
+    from dsv4c.targets.tensorrt.collectives import COLLECTIVES
+
     for node in model.graph.node:
-        if node.domain == DOMAIN:
+        if node.domain == DOMAIN and node.op_type not in COLLECTIVES:
             names = {a.name for a in node.attribute}
             if "plugin_namespace" not in names:
                 node.attribute.append(helper.make_attribute("plugin_namespace", PLUGIN_NAMESPACE))
@@ -153,11 +173,13 @@ def profiles(max_batch: int, max_seq_len: int) -> dict[str, dict[str, list[int]]
 
 
 def build_engines(bundle_dir: Path, engine_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """Parse each program's ONNX and serialize a `.plan` (TensorRT Python API). Returns the builder flags used.
-    Not executable on machines without TensorRT (see README 'TensorRT')."""
+    """Parse each program's ONNX and serialize a `.plan` (TensorRT Python API); a mesh rank's programs are parsed
+    in their cut form and get their collectives back as IDistCollectiveLayers (collectives.py). Returns the
+    builder flags used. Not executable on machines without TensorRT (see README 'TensorRT')."""
     import tensorrt as trt
 
     from dsv4c.targets.tensorrt import plugins
+    from dsv4c.targets.tensorrt.collectives import cut_collectives, splice_collectives
 
     plugins.register_all()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -165,17 +187,33 @@ def build_engines(bundle_dir: Path, engine_dir: Path, meta: dict[str, Any]) -> d
     network_flags = _network_flags(trt)
     flags = {"network": "|".join(network_flags), "workspace_bytes": WORKSPACE_BYTES, "timing_cache": cache_file.name,
              "tensorrt": trt.__version__}
+    mesh = meta.get("mesh")
+    groups = {int(g): r for g, r in meta.get("groups", {}).items()}
     for program, rel in meta["programs"].items():
         builder = trt.Builder(logger)
         # strongly typed: the ONNX dtypes (uint8 packed weights, f32 activations, bf16 rounding inside plugins)
         # are the numerics; TensorRT must not pick its own precisions
         network = builder.create_network(sum(1 << int(f) for f in network_flags.values()))
         parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(bundle_dir / rel)):
+        path, cuts = bundle_dir / rel, []
+        if mesh:
+            model = onnx.load(path, load_external_data=False)
+            cuts = cut_collectives(model, {g: len(r) for g, r in groups.items()})
+            # parsed from memory: `path` tells the parser where the external weights are, and the bundle (possibly
+            # the read-only stage cache) is not written to
+            parsed = parser.parse(model.SerializeToString(), str(path))
+        else:
+            parsed = parser.parse_from_file(str(path))
+        if not parsed:
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise RuntimeError(f"TensorRT could not parse {rel}: {errors}")
+        splice_collectives(trt, network, cuts, groups)
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+        if cuts and hasattr(trt.PreviewFeature, "MULTIDEVICE_RUNTIME_10_16"):
+            # TensorRT 10.16 keeps the multi-device runtime behind this preview flag (general in 11)
+            config.set_preview_feature(trt.PreviewFeature.MULTIDEVICE_RUNTIME_10_16, True)
+            flags["preview"] = "MULTIDEVICE_RUNTIME_10_16"
         cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.is_file() else b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
         config.add_optimization_profile(_profile(builder, network, meta["profiles"][program], meta["cache"]))

@@ -206,14 +206,17 @@ def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
 # ---- plugin nodes -------------------------------------------------------------------------------------------
 def plugin_implementations(device: str) -> dict[str, Callable]:
     """op type -> callable(*tensor inputs, *attributes) for every dsv4 op: the Triton launchers on a GPU (or
-    under TRITON_INTERPRET=1), else the registry's torch reference."""
+    under TRITON_INTERPRET=1), else the registry's torch reference. The collectives are the registry's on either
+    path: they reach the other ranks through torch.distributed (the process groups parallel.setup made)."""
     from dsv4c.graphs.ops.registry import OPS
 
+    reference = {op.onnx_name: getattr(torch.ops.dsv4, name) for name, op in OPS.items()}
     if device == "cuda" or _triton_interpreted():
         from dsv4c.targets.tensorrt.kernels import LAUNCHERS
 
-        return {op.onnx_name: LAUNCHERS[name] for name, op in OPS.items()}
-    return {op.onnx_name: getattr(torch.ops.dsv4, name) for name, op in OPS.items()}
+        return {op.onnx_name: reference[op.onnx_name] if op.collective else LAUNCHERS[name]
+                for name, op in OPS.items()}
+    return reference
 
 
 def _triton_interpreted() -> bool:

@@ -23,7 +23,7 @@ from dsv4c.targets.tensorrt.kernels.attention import sparse_attn
 from dsv4c.targets.tensorrt.kernels.compressor import compress_pool
 from dsv4c.targets.tensorrt.kernels.fp8_gemm import fp8_grouped_linear, fp8_linear
 from dsv4c.targets.tensorrt.kernels.hyper_connections import hc_post, hc_pre
-from dsv4c.targets.tensorrt.kernels.indexer import indexer_topk
+from dsv4c.targets.tensorrt.kernels.indexer import indexer_scores, indexer_topk
 from dsv4c.targets.tensorrt.kernels.moe import moe_experts
 from dsv4c.targets.tensorrt.kernels.quant import fake_quant_fp8, hadamard_fp4
 
@@ -35,6 +35,7 @@ LAUNCHERS = {
     "hadamard_fp4": hadamard_fp4,
     "sparse_attn": sparse_attn,
     "indexer_topk": indexer_topk,
+    "indexer_scores": indexer_scores,
     "compress_pool": compress_pool,
     "hc_pre": hc_pre,
     "hc_post": hc_post,
