@@ -27,6 +27,11 @@ class ArtifactError(RuntimeError):
     """The artifact cannot be used here; the message says why and what to do."""
 
 
+class EngineFailure(RuntimeError):
+    """A loaded engine stopped working while it ran (a worker process of a multi-device engine died or failed):
+    the message names the rank and how; the engine is unusable, load the artifact again."""
+
+
 class NotAnArtifact(ArtifactError):
     """The directory holds no readable manifest: it is not a dsv4c artifact (a wrong path, not a wrong tool)."""
 

@@ -265,6 +265,22 @@ def test_indexer_topk_bf16_scores(bf16):
     assert (reference("indexer_topk", {**attrs, "bf16": not bf16}, **inputs)[0] != picks).any(-1).sum() >= 2
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_indexer_scores(bf16):
+    """The scores alone (a tensor-parallel rank's head-partial scores, all-reduced before the top-k): integer-grid
+    inputs make every step exact but the bf16 roundings, so the body must give the reference's bits; the data
+    tells the two settings apart."""
+    inputs = {n: t for n, t in indexer_grid().items() if n != "n_visible"}
+    got = check("indexer_scores", {"bf16": bf16}, exact=True, **inputs)[0]
+    assert got.shape == (2, 6, 80)
+    assert (reference("indexer_scores", {"bf16": not bf16}, **inputs)[0] != got).sum() >= 10
+
+
+def test_indexer_scores_random():
+    q, kk, w = rand(2, 3, 4, 16, seed=1), rand(2, 9, 16, seed=2), rand(2, 3, 4, seed=3)
+    check("indexer_scores", {"bf16": False}, q=q, k=kk, w=w)
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_compress_pool(overlap):
     b, length, d, ratio = 2, 24, 8, 4
@@ -317,8 +333,11 @@ def test_attach_functions_is_idempotent_and_checks_the_opset():
 
 def test_every_op_has_a_test():
     tested = {"fp8_linear", "fp8_grouped_linear", "moe_experts", "fake_quant_fp8", "hadamard_fp4", "sparse_attn",
-              "indexer_topk", "compress_pool", "hc_pre", "hc_post"}
-    assert set(OPS) == tested
+              "indexer_topk", "indexer_scores", "compress_pool", "hc_pre", "hc_post"}
+    # collectives have no ONNX body: their kernels are tested across processes (tests/test_mesh_runtime.py)
+    collectives = {name for name, op in OPS.items() if op.collective}
+    assert collectives == {"all_reduce", "all_gather"}
+    assert set(OPS) == tested | collectives
 
 
 # ---- a whole program: torch.export -> write_onnx_program -> ORT at two shapes -------------------------------

@@ -26,7 +26,7 @@ from dsv4c.graphs.ops import OPS
 from dsv4c.graphs.ops.onnx import (DOMAIN, DOMAIN_VERSION, ONNX_OPSET, attach_functions, attribute_kinds, output_names,
                                    register_schemas, tensor_inputs)
 from dsv4c.targets.base import ToolchainMissing
-from dsv4c.targets.cpu.kernels import build
+from dsv4c.targets.cpu.kernels import CPP_KERNELS, build
 
 from tensors import assert_outputs_match, attention_blocks, fp8_weight, indexer_grid, rand, reference
 
@@ -354,6 +354,15 @@ def test_indexer_topk_bf16_scores(library, isa, bf16):
     assert (other != picks).any(-1).sum() >= 2
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_indexer_scores(library, isa, bf16):
+    """Integer-grid inputs: every step exact but the bf16 roundings, so the kernel gives the reference's bits;
+    more entries than one 256-entry task, so tasks split a query's entries."""
+    inputs = {n: t for n, t in indexer_grid(300).items() if n != "n_visible"}
+    got = check(library, "indexer_scores", {"bf16": bf16}, exact=True, **inputs)[0]
+    assert (reference("indexer_scores", {"bf16": not bf16}, **inputs)[0] != got).sum() >= 10
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_compress_pool(library, isa, overlap):
     b, length, d, ratio = 2, 24, 20, 4
@@ -430,4 +439,7 @@ def test_hadamard_fp4_odd_leading_dims(library):
 def test_every_op_has_a_kernel_test():
     tested = {"fp8_linear", "fp8_grouped_linear", "moe_experts", "fake_quant_fp8", "hadamard_fp4", "sparse_attn",
               "indexer_topk", "compress_pool", "hc_pre", "hc_post"}
-    assert set(OPS) == tested
+    # the collective kernels talk to other processes: tests/test_mesh_runtime.py runs them across two ranks
+    collectives = {"all_reduce", "all_gather"}
+    assert {op.onnx_name for op in OPS.values()} == CPP_KERNELS
+    assert set(OPS) == tested | {"indexer_scores"} | collectives

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from dsv4c.compiler.errors import (EXIT_CODES, AddressInUseError, ArgumentError, BuildError, CheckpointInvalidError,
-                                   Dsv4cError, InfeasibleError, RecipeError, ToolchainError, ValidationGateError,
-                                   format_error)
+                                   Dsv4cError, EngineRunError, InfeasibleError, RecipeError, ToolchainError,
+                                   ValidationGateError, format_error)
 from dsv4c.compiler.recipe import as_recipe, check_model_source, load_recipe, recipe_json_schema
 from dsv4c.graphs.config import PRESETS
 
@@ -429,9 +429,10 @@ def test_json_schema_shape():
 def test_exit_code_table_and_types():
     assert EXIT_CODES == {0: "ok", 2: "recipe or arguments invalid", 3: "infeasible on the declared target",
                           4: "toolchain missing or mismatched", 5: "validation gate failed", 6: "build error",
-                          7: "checkpoint invalid", 8: "address in use or unavailable"}
+                          7: "checkpoint invalid", 8: "address in use or unavailable",
+                          9: "engine failed while running"}
     codes = {RecipeError: 2, ArgumentError: 2, InfeasibleError: 3, ToolchainError: 4, ValidationGateError: 5,
-             BuildError: 6, CheckpointInvalidError: 7, AddressInUseError: 8}
+             BuildError: 6, CheckpointInvalidError: 7, AddressInUseError: 8, EngineRunError: 9}
     for cls, code in codes.items():
         assert issubclass(cls, Dsv4cError) and cls.exit_code == code
 

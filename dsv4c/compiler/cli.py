@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 import dsv4c
+from dsv4c.artifact import EngineFailure
 from dsv4c.compiler.errors import EXIT_CODES, ArgumentError, Dsv4cError, format_error, from_artifact_error
 
 if TYPE_CHECKING:
@@ -55,6 +56,8 @@ class Dsv4cGroup(click.Group):
             _fail(ArgumentError(e.format_message(), hint=f"`{where} --help` lists the arguments"))
         except Dsv4cError as e:
             _fail(e)
+        except EngineFailure as e:  # a multi-device engine's worker died mid-command (run, chat, serve)
+            _fail(from_artifact_error(e))
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -389,6 +392,46 @@ def chat(artifact: Path, system: str | None, mode: str, max_new_tokens: int, tem
     if eng.tokenizer is None:
         raise ArgumentError(f"{artifact} has no tokenizer/ directory; `dsv4c chat` needs one")
     chat_main(eng, system, mode, max_new_tokens, temperature, top_p, seed)
+
+
+MESH_COMMANDS = ("run", "chat", "serve")  # what rank 0 of a torchrun mesh can run
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("artifact", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def mesh(artifact: Path, command: tuple[str, ...]) -> None:
+    """One rank of a multi-device ARTIFACT under torchrun (every node runs the same line): rank 0 runs COMMAND on
+    ARTIFACT (`run --tokens 5,6,7`, `chat`, `serve --port 8000`; the artifact is not repeated), the other ranks
+    serve it until rank 0 is done.
+
+    \b
+    torchrun --nnodes 2 --nproc-per-node 1 --node-rank N --master-addr HOST --master-port PORT \\
+        -m dsv4c.compiler.cli mesh ARTIFACT run --tokens 5,6,7"""
+    from dsv4c.artifact import ArtifactError
+    from dsv4c.runtime.mesh import broadcast_close, init_torchrun, serve, shutdown_torchrun
+
+    if not command or command[0] not in MESH_COMMANDS:
+        raise click.UsageError(f"give rank 0's command after the artifact: one of {', '.join(MESH_COMMANDS)} "
+                               "with its options (e.g. run --tokens 5,6,7)")
+    try:
+        rank = init_torchrun()
+    except ArtifactError as e:
+        _fail(ArgumentError(str(e)))
+    try:
+        if rank != 0:
+            serve(artifact)
+            return
+        try:
+            main.main([command[0], str(artifact), *command[1:]])  # its Engine.load drives the mesh
+        except SystemExit as e:
+            if e.code:
+                broadcast_close()  # a failed load never built the driver that would tell the others
+            raise
+    except ArtifactError as e:
+        _fail(from_artifact_error(e))
+    finally:
+        shutdown_torchrun()
 
 
 @main.command()

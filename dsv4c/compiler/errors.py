@@ -21,6 +21,7 @@ EXIT_CODES: dict[int, str] = {
     6: "build error",
     7: "checkpoint invalid",
     8: "address in use or unavailable",
+    9: "engine failed while running",
 }
 
 
@@ -95,18 +96,28 @@ class AddressInUseError(Dsv4cError):
     exit_code = 8
 
 
+class EngineRunError(Dsv4cError):
+    """A loaded engine stopped working mid-run: a worker process of a multi-device engine died or failed."""
+
+    exit_code = 9
+    hint = "the message names the rank; run again (the artifact is fine if it loaded)"
+
+
 ERROR_TYPES: dict[int, type[Dsv4cError]] = {
     cls.exit_code: cls
     for cls in (RecipeError, InfeasibleError, ToolchainError, ValidationGateError, BuildError, CheckpointInvalidError,
-                AddressInUseError)
+                AddressInUseError, EngineRunError)
 }
 
 
 def from_artifact_error(e: Exception) -> Exception:
     """An artifact problem (dsv4c.artifact) as the error the command line reports: not an artifact -> exit 2;
-    built for another target, schema or dsv4c version -> exit 4. Any other exception is returned as it is."""
-    from dsv4c.artifact import ArtifactError, NotAnArtifact
+    built for another target, schema or dsv4c version -> exit 4; an engine that failed while running (a dead
+    mesh worker) -> exit 9. Any other exception is returned as it is."""
+    from dsv4c.artifact import ArtifactError, EngineFailure, NotAnArtifact
 
+    if isinstance(e, EngineFailure):
+        return EngineRunError(str(e))
     if isinstance(e, NotAnArtifact):
         return ArgumentError(str(e))
     if isinstance(e, ArtifactError):

@@ -8,7 +8,9 @@
 
 The engine files are run by the executor the manifest's target names (CPU: ONNX Runtime; `emulate=True` runs
 another target's bundle on ONNX Runtime with the reference implementations of its custom ops). The executor
-owns each session's caches (dsv4c.targets.base.Cache); a session keeps positions and samples.
+owns each session's caches (dsv4c.targets.base.Cache); a session keeps positions and samples. A multi-device
+artifact (`engine.mesh` in its manifest) gets the same protocol from dsv4c.runtime.mesh, which runs the ranks in
+worker processes; `Engine.close()` (or `with Engine.load(...) as eng:`) stops them.
 """
 
 from __future__ import annotations
@@ -53,8 +55,26 @@ class Engine:
             raise ArtifactError(f"{root}: device={device!r} is for TensorRT bundles; a {kind} artifact runs on its "
                                 "own executor")
         extra = {"device": device} if device is not None else {}
-        executor = executors.load_executor(root, manifest, emulate=emulate, threads=threads, **extra)
+        if "mesh" in manifest.engine:  # multi-device: one worker process per rank (dsv4c.runtime.mesh)
+            from dsv4c.runtime.mesh import load_mesh_executor
+
+            executor = load_mesh_executor(root, manifest, emulate=emulate, threads=threads)
+        else:
+            executor = executors.load_executor(root, manifest, emulate=emulate, threads=threads, **extra)
         return cls(root, manifest, executor, _load_tokenizer(root))
+
+    def close(self) -> None:
+        """Release the executor's processes (a multi-device engine's workers; they also stop when the engine is
+        collected or the interpreter exits). Single-device executors hold none."""
+        close = getattr(self.executor, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def session(self, batch_size: int = 1) -> "Session":
         if not 1 <= batch_size <= self.max_batch_size:

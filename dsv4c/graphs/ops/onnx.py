@@ -541,6 +541,9 @@ def ort_session(path: str | Path, *, custom_ops_library: str | None = None,
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    # one node at a time, in ORT's topological order: the ranks of a mesh run the same graph, so each meets the
+    # collective nodes in the same order (parallel execution could start two collectives in different orders)
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if custom_ops_library:
         options.register_custom_ops_library(str(custom_ops_library))
     if threads:

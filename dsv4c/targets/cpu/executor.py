@@ -1,8 +1,14 @@
 """Runtime side of the CPU target: the artifact's ONNX programs on ONNX Runtime, with the dsv4 C++ kernel
-library when the artifact carries one (else ORT inlines the ops' ONNX function bodies)."""
+library when the artifact carries one (else ORT inlines the ops' ONNX function bodies).
+
+A rank of a multi-device engine (dsv4c.runtime.mesh) is the same executor on the rank's engine directory, plus
+`connect_collectives`: the library's AllReduce / AllGather kernels call back into Python, where torch.distributed
+(gloo, graphs/parallel.py) exchanges the buffers with the other ranks."""
 
 from __future__ import annotations
 
+import ctypes
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -25,11 +31,20 @@ class OrtExecutor:
         self.slots = list(slots)
         library = engine_dir / KERNELS
         self.kernels = library.is_file()
+        self.library = library
         self.sessions = {}
         for name, rel in programs.items():
             self.sessions[name] = ort_session(engine_dir / rel, custom_ops_library=str(library) if self.kernels else None,
                                               threads=threads)
         self.inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
+
+    def connect_collectives(self) -> None:
+        """Run this engine's collective nodes on torch.distributed: the caller has initialised the process group
+        and `parallel.setup` the rank's groups. Collectives have no ONNX function body, so they need the library."""
+        if not self.kernels:
+            raise ArtifactError(f"{self.library.parent}: a multi-device engine needs the dsv4 kernel library "
+                                f"({KERNELS}) for its collectives; rebuild on a machine with a C++ compiler")
+        install_collectives(self.library)
 
     def new_cache(self, batch_size: int) -> HostCache:
         return HostCache(self.slots, batch_size)
@@ -45,13 +60,16 @@ class OrtExecutor:
         return logits
 
 
-def load_executor(root: Path, manifest: Manifest, emulate: bool = False, threads: int | None = None):
+def load_executor(root: Path, manifest: Manifest, emulate: bool = False, threads: int | None = None,
+                  engine_dir: Path | None = None) -> OrtExecutor:
+    """`engine_dir`: where the engine files are (default `root/engine`; a mesh rank's `engine/rank<r>`)."""
     fmt = manifest.engine.get("format")
     if fmt != "onnx":
         raise ArtifactError(f"{root}: engine format {fmt!r} is not runnable by this dsv4c (expected 'onnx'); "
                             "rebuild the artifact")
     _check_toolchain(manifest)
-    return OrtExecutor(root / "engine", manifest.engine["programs"], cache_slots(manifest.engine), threads)
+    return OrtExecutor(engine_dir or root / "engine", manifest.engine["programs"], cache_slots(manifest.engine),
+                       threads)
 
 
 def _check_toolchain(manifest: Manifest) -> None:
@@ -62,3 +80,62 @@ def _check_toolchain(manifest: Manifest) -> None:
     if built_with and built_with.split(".")[:2] != have.split(".")[:2]:
         raise ArtifactError(f"artifact was built for onnxruntime {built_with}, this machine has {have}; "
                             f"install onnxruntime=={built_with} or rebuild the artifact here")
+
+
+# ---- collectives: the kernel library's callback into torch.distributed -------------------------------------------
+# (op, group, size, x, y, x's shape, x's rank, error buffer, its length) -> 0 or non-zero; see ops.cc "collectives"
+COLLECTIVE_FN = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_int32, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                 ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_int64, ctypes.c_void_p,
+                                 ctypes.c_size_t)
+ALL_REDUCE, ALL_GATHER = 0, 1  # ops.cc kCollectiveAllReduce / kCollectiveAllGather
+_installed: dict[str, object] = {}  # library path -> its callback: kept alive while the library may call it
+
+
+def _float_view(address: int, shape: tuple[int, ...]):
+    """A torch tensor over `prod(shape)` float32s at `address` (no copy)."""
+    import torch
+
+    n = math.prod(shape)
+    if n == 0:  # ORT may hand an empty tensor a null pointer
+        return torch.empty(shape, dtype=torch.float32)
+    array = np.ctypeslib.as_array((ctypes.c_float * n).from_address(address))
+    return torch.from_numpy(array).view(shape)
+
+
+def _collective(op: int, group: int, size: int, x_ptr: int | None, y_ptr: int | None, shape_ptr, rank: int,
+                error: int | None, error_len: int) -> int:
+    """Called by the AllReduce / AllGather kernels (ORT's thread; ctypes takes the GIL). The torch implementation
+    returns a new tensor, copied into ORT's output buffer. Any exception becomes the kernel's error message (an
+    exception must not cross back into C)."""
+    try:
+        from dsv4c.graphs import parallel
+
+        shape = tuple(int(shape_ptr[i]) for i in range(rank))
+        x = _float_view(x_ptr or 0, shape)
+        if op == ALL_REDUCE:
+            y = parallel.all_reduce(x, group)
+        elif op == ALL_GATHER:
+            y = parallel.all_gather(x, group, size)
+        else:
+            raise ValueError(f"unknown collective {op}")
+        _float_view(y_ptr or 0, tuple(y.shape)).copy_(y)
+        return 0
+    except BaseException as e:  # noqa: BLE001 - reported through the kernel, which fails the ORT run
+        message = f"{type(e).__name__}: {e}".encode(errors="replace")[:max(int(error_len), 0)]
+        if error:
+            ctypes.memmove(error, message, len(message))
+        return 1
+
+
+def install_collectives(library: Path) -> None:
+    """Point the kernel library's collectives at torch.distributed, in this process. ctypes loads the library by
+    the path ORT loaded it from, so both share one copy (dlopen returns the loaded object) and one callback."""
+    key = str(Path(library).resolve())
+    if key in _installed:
+        return
+    callback = COLLECTIVE_FN(_collective)
+    lib = ctypes.CDLL(str(library))
+    lib.dsv4_set_collective.argtypes = [COLLECTIVE_FN]
+    lib.dsv4_set_collective.restype = None
+    lib.dsv4_set_collective(callback)
+    _installed[key] = (lib, callback)

@@ -681,6 +681,30 @@ struct IndexerTopK : Kernel {
   }
 };
 
+// The indexer's scores over the heads it is given, every entry (no mask, no top-k): a tensor-parallel rank's
+// head-partial scores, all-reduced before the top-k. The same inner loop as IndexerTopK's scores.
+struct IndexerScores : Kernel {
+  bool bf16;
+  explicit IndexerScores(const OrtKernelInfo* info) : bf16(attr_int(info, "IndexerScores", "bf16") != 0) {}
+
+  void compute(OrtKernelContext* ctx) override {
+    Context c(ctx, "IndexerScores", inline_work_);
+    const Tensor q = c.input(0, "q", F32, 4), k = c.input(1, "k", F32, 3), w = c.input(2, "w", F32, 3);
+    const int64_t B = q.dim(0), S = q.dim(1), Hh = q.dim(2), D = q.dim(3), N = k.dim(1);
+    c.require(k.dim(0) == B && k.dim(2) == D, "k " + shape_str(k.shape) + " must be [B, N, d] for q " +
+                                                  shape_str(q.shape));
+    c.require(w.shape == std::vector<int64_t>{B, S, Hh}, "w " + shape_str(w.shape) + " must be [B, S, h] for q " +
+                                                             shape_str(q.shape));
+    float* out = c.output<float>(0, {B, S, N});
+    const int64_t chunk = 256, chunks = (N + chunk - 1) / chunk;  // tasks: (query, 256 entries)
+    c.parallel(B * S * chunks, double(B) * S * N * Hh * D, [&](size_t t) {
+      const int64_t bs = t / chunks, n0 = (t % chunks) * chunk, n1 = std::min(N, n0 + chunk);
+      isa->indexer_scores(q.f32() + bs * Hh * D, w.f32() + bs * Hh, Hh, k.f32() + (bs / S) * N * D, D, n0, n1,
+                          bf16, out + bs * N);
+    });
+  }
+};
+
 struct CompressPool : Kernel {
   int64_t ratio;
   bool overlap;
@@ -771,6 +795,59 @@ struct HcPost : Kernel {
   }
 };
 
+// ---- collectives ----------------------------------------------------------------------------------------------
+// AllReduce / AllGather talk to the other ranks of a mesh, which this library cannot reach by itself: the runtime
+// that connected the ranks installs a process-global callback (dsv4_set_collective, below) and the kernels hand it
+// their buffers. Every rank runs the same graph in ORT's sequential execution mode, so every rank calls the
+// callback for the same nodes in the same order. Without a callback the kernel fails naming the op: a rank that
+// skipped a collective would leave the others waiting forever, and returning the input would be a wrong answer.
+constexpr int32_t kCollectiveAllReduce = 0, kCollectiveAllGather = 1;
+
+// (op, group, size, x, y, shape of x, rank of x, error buffer, its length) -> 0, or non-zero with a message
+using CollectiveFn = int32_t (*)(int32_t, int64_t, int64_t, const float*, float*, const int64_t*, int64_t, char*,
+                                 size_t);
+std::atomic<CollectiveFn> collective_fn{nullptr};
+
+void run_collective(const Context& c, int32_t op, int64_t group, int64_t size, const Tensor& x, float* y) {
+  const CollectiveFn fn = collective_fn.load();
+  if (!fn)
+    c.fail("no collective callback is installed in this process: the node exchanges data with the other ranks of "
+           "a mesh, which only the mesh runtime connects (load the artifact with dsv4c's Engine.load, or the "
+           "torchrun entry point `python -m dsv4c.runtime.mesh`)");
+  char error[2048] = {0};
+  if (fn(op, group, size, x.f32(), y, x.shape.data(), x.rank(), error, sizeof(error) - 1) != 0)
+    c.fail(std::string("the collective failed: ") + (error[0] ? error : "no message"));
+}
+
+struct AllReduce : Kernel {
+  int64_t group;
+  explicit AllReduce(const OrtKernelInfo* info) : group(attr_int(info, "AllReduce", "group")) {}
+
+  void compute(OrtKernelContext* ctx) override {
+    Context c(ctx, "AllReduce", inline_work_);
+    const Tensor x = c.input(0, "x", F32);
+    run_collective(c, kCollectiveAllReduce, group, 1, x, c.output<float>(0, x.shape));
+  }
+};
+
+struct AllGather : Kernel {
+  int64_t group, size;
+  explicit AllGather(const OrtKernelInfo* info)
+      : group(attr_int(info, "AllGather", "group")), size(attr_int(info, "AllGather", "size")) {
+    if (size < 1) throw std::runtime_error("dsv4.AllGather: attribute size must be >= 1");
+  }
+
+  // x [..., n] of every rank of the group -> [..., size * n], rank order along the last dim
+  void compute(OrtKernelContext* ctx) override {
+    Context c(ctx, "AllGather", inline_work_);
+    const Tensor x = c.input(0, "x", F32);
+    c.require(x.rank() >= 1, "x must have rank >= 1, got a scalar");
+    std::vector<int64_t> shape = x.shape;
+    shape.back() *= size;
+    run_collective(c, kCollectiveAllGather, group, size, x, c.output<float>(0, shape));
+  }
+};
+
 // ---- registration ---------------------------------------------------------------------------------------------
 // One OrtCustomOp per op type; ORT calls these function pointers (C ABI) with the op as `this_`.
 struct OpEntry : OrtCustomOp {
@@ -828,7 +905,7 @@ Kernel* make(const OrtKernelInfo* info) {
 std::vector<OpEntry>& ops() {
   static std::vector<OpEntry> table = [] {
     std::vector<OpEntry> t;
-    t.reserve(10);
+    t.reserve(13);
     t.emplace_back("Fp8Linear", std::vector{F32, U8, F32}, std::vector{F32}, make<Fp8Linear>);
     t.emplace_back("Fp8GroupedLinear", std::vector{F32, U8, F32}, std::vector{F32}, make<Fp8GroupedLinear>);
     t.emplace_back("MoeExperts", std::vector{F32, F32, I64, ANY, F32, ANY, F32, ANY, F32}, std::vector{F32},
@@ -837,9 +914,12 @@ std::vector<OpEntry>& ops() {
     t.emplace_back("HadamardFp4", std::vector{F32}, std::vector{F32}, make<HadamardFp4>);
     t.emplace_back("SparseAttn", std::vector{F32, F32, F32, I64}, std::vector{F32}, make<SparseAttn>);
     t.emplace_back("IndexerTopK", std::vector{F32, F32, F32, I64}, std::vector{I64}, make<IndexerTopK>);
+    t.emplace_back("IndexerScores", std::vector{F32, F32, F32}, std::vector{F32}, make<IndexerScores>);
     t.emplace_back("CompressPool", std::vector{F32, F32, I64}, std::vector{F32}, make<CompressPool>);
     t.emplace_back("HcPre", std::vector{F32, F32, F32, F32}, std::vector{F32, F32, F32}, make<HcPre>);
     t.emplace_back("HcPost", std::vector{F32, F32, F32, F32}, std::vector{F32}, make<HcPost>);
+    t.emplace_back("AllReduce", std::vector{F32}, std::vector{F32}, make<AllReduce>);
+    t.emplace_back("AllGather", std::vector{F32}, std::vector{F32}, make<AllGather>);
     return t;
   }();
   return table;
@@ -877,5 +957,11 @@ __attribute__((visibility("default"))) const char* dsv4_kernels_isa(void) {
   } catch (const std::exception&) {
     return "unavailable";
   }
+}
+
+// The collective callback of this process (see "collectives" above); nullptr removes it. The mesh runtime sets it
+// (ctypes) once per rank before the first run; it is called from the thread that runs the ORT session.
+__attribute__((visibility("default"))) void dsv4_set_collective(dsv4::CollectiveFn fn) {
+  dsv4::collective_fn.store(fn);
 }
 }
