@@ -330,3 +330,17 @@ def test_torchrun_two_nodes(mesh_artifacts, plain_single):
     want = [line for line in single.stdout.splitlines() if line.startswith("tokens:")]
     assert want and [line for line in outs[0][0].splitlines() if line.startswith("tokens:")] == want
     assert "tokens:" not in outs[1][0]  # rank 1 served only
+
+
+def test_official_numerics_mesh_passes_its_validation_gate(stage_cache, tmp_path_factory):
+    """recipes/tiny-cpu-tp2.yaml (DeepSeek's numerics, tensor 2 x expert 2): the build's validate stage runs the
+    mesh against the single-device reference under the derived gate and the build only succeeds if it passes."""
+    import json
+
+    import dsv4c
+
+    out = dsv4c.build(RECIPES / "tiny-cpu-tp2.yaml", tmp_path_factory.mktemp("mesh") / "tiny-cpu-tp2",
+                      cache_dir=stage_cache)
+    validation = json.loads((out / "manifest.json").read_text())["validation"]
+    assert validation["passed"] and validation["agreement"] >= validation["thresholds"]["agreement"], validation
+    assert sorted(p.name for p in (out / "engine").iterdir() if p.is_dir()) == ["rank0", "rank1"]

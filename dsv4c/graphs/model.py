@@ -258,9 +258,10 @@ def top_entries(scores: torch.Tensor, n_visible: torch.Tensor, topk: int) -> tor
     scores = scores.masked_fill(entry.view(1, 1, -1) >= n_visible[..., None], float("-inf"))
     # Equal scores (relu zeros tie often) are ordered lower id first, as indexer_topk does. Eagerly that takes a
     # stable sort (torch.topk leaves ties unspecified); the exporter has no stable sort, but ONNX TopK, which
-    # torch.topk lowers to, defines ties the same way (lower index first).
+    # torch.topk lowers to, defines ties the same way (lower index first). `plan` traces on the meta device to
+    # size the engine's workspace: it gets the engine's top-k too (a full sort would hold [B,S,N] indices).
     k = min(topk, scores.shape[-1])
-    if torch.compiler.is_exporting():
+    if torch.compiler.is_exporting() or scores.is_meta:
         picks = torch.topk(scores, k, dim=-1).indices
     else:
         picks = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
