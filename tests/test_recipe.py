@@ -265,9 +265,9 @@ def test_checkpoint_config_must_match_the_preset(tmp_path):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "config.json").write_text(json.dumps(PRESETS["tiny"].to_hf_dict()))
-    ok = write(tmp_path, f"name: x\nmodel: {{checkpoint: ckpt, preset: tiny}}\ntarget: {{kind: cpu}}\n", "ok.yaml")
+    ok = write(tmp_path, "name: x\nmodel: {checkpoint: ckpt, preset: tiny}\ntarget: {kind: cpu}\n", "ok.yaml")
     check_model_source(load_recipe(ok))
-    bad = write(tmp_path, f"name: x\nmodel: {{checkpoint: ckpt, preset: v4-flash}}\ntarget: {{kind: cpu}}\n")
+    bad = write(tmp_path, "name: x\nmodel: {checkpoint: ckpt, preset: v4-flash}\ntarget: {kind: cpu}\n")
     with pytest.raises(CheckpointInvalidError) as e:
         check_model_source(load_recipe(bad))
     assert "hidden_size" in format_error(e.value)
