@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from dsv4c.targets.onnx_bundle import initializer_array
+
 INT64_MAX = 9223372036854775807
 
 
@@ -70,7 +72,7 @@ class Edit:
 
     def initializer(self, name: str) -> np.ndarray:
         tensor = next(t for t in self.graph.initializer if t.name == name)
-        return numpy_helper.to_array(tensor, base_dir=str(self.base_dir))
+        return initializer_array(tensor, self.base_dir)
 
     def node(self, op: str, *inputs: str, **attrs) -> str:
         out = self.name(op.lower())

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 from onnx import helper
 
 from dsv4c.graphs.ops.onnx import ONNX_OPSET, add_functions, write_onnx_program
@@ -94,6 +95,24 @@ def share_weights(bundle_dir: Path, files: dict[str, str]) -> int:
             own.unlink(missing_ok=True)
         onnx.save(model, path)
     return saved
+
+
+def initializer_array(tensor: onnx.TensorProto, base_dir: Path) -> np.ndarray:
+    """An initializer's values, its external data read from `base_dir`. onnx's own reader refuses a data file
+    with several hard links ("hardlink attack"), and our artifacts hard-link the stage cache's weight files on
+    purpose (one copy on disk); the location must be a plain file name beside the model."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return onnx.numpy_helper.to_array(tensor)
+    ref = {e.key: e.value for e in tensor.external_data}
+    if Path(ref["location"]).name != ref["location"]:
+        raise ValueError(f"initializer {tensor.name!r}: external data location {ref['location']!r} is not a file "
+                         "beside the model")
+    inline = onnx.TensorProto()
+    inline.CopyFrom(tensor)
+    del inline.external_data[:]
+    inline.data_location = onnx.TensorProto.DEFAULT
+    inline.raw_data = _read_external(Path(base_dir) / ref["location"], ref)
+    return onnx.numpy_helper.to_array(inline)
 
 
 def _read_external(data_file: Path, ref: dict[str, str]) -> bytes:

@@ -240,9 +240,11 @@ class Program:
     """One ONNX program ready to interpret: initializers as device tensors, nodes with parsed attributes."""
 
     def __init__(self, path: Path, device: str, plugins: dict[str, Callable]):
-        model = onnx.load(path)  # external data (the bundle's .onnx.data) resolved relative to the file
+        from dsv4c.targets.onnx_bundle import initializer_array
+
+        model = onnx.load(path, load_external_data=False)  # the .onnx.data beside it is hard-linked: read it here
         self.device = device
-        self.weights = {t.name: torch.from_numpy(np.array(numpy_helper.to_array(t))).to(device)
+        self.weights = {t.name: torch.from_numpy(np.array(initializer_array(t, path.parent))).to(device)
                         for t in model.graph.initializer}
         self.inputs = [i.name for i in model.graph.input if i.name not in self.weights]
         self.outputs = [o.name for o in model.graph.output]
