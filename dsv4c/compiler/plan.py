@@ -45,7 +45,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dsv4c.graphs.config import ModelConfig
-from dsv4c.graphs.parallel import Shard, straddling_shards
+from dsv4c.graphs.parallel import TENSOR_SPLIT, Shard, straddling_shards
 from dsv4c.graphs.quant import FP8_BLOCK
 
 GIB = 1 << 30
@@ -65,9 +65,6 @@ GROUPS = ("routed_experts", "shared_experts", "attention_dense", "indexer", "emb
 GROUP_TITLES = {"routed_experts": "routed experts", "shared_experts": "shared experts",
                 "attention_dense": "attention / dense", "indexer": "indexer", "embedding_head": "embedding / head",
                 "mhc": "mHC", "mtp": "MTP (not in the engine)"}
-# Tensor-parallel sharded weights (spec §5.3, convert.py); every other dense weight is replicated per rank.
-TP_SHARDED = (".attn.wq_b.", ".attn.wo_a.", ".attn.wo_b.", ".attn.attn_sink", ".indexer.wq_b.",
-              ".indexer.weights_proj.")
 
 
 # ---- weight formats ---------------------------------------------------------------------------------------------
@@ -112,7 +109,7 @@ def _place(name: str) -> tuple[int | str, bool]:
     """(where the tensor lives: layer index | "first" | "last" | "mtp", tensor-parallel sharded?)."""
     parts = name.split(".")
     if parts[0] == "layers":
-        return int(parts[1]), any(s in name for s in TP_SHARDED)
+        return int(parts[1]), any(name.endswith("." + s) for s in TENSOR_SPLIT)  # the split table of the mesh
     if parts[0] == "mtp":
         return "mtp", False
     if parts[0] == "embed":

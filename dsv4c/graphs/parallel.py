@@ -49,10 +49,6 @@ class Shard:
         return self.tensor * self.data
 
     @property
-    def single(self) -> bool:
-        return self.world == 1
-
-    @property
     def tp_rank(self) -> int:
         return self.rank % self.tensor
 
@@ -81,10 +77,6 @@ class Shard:
         """The shard of `rank` of model `cfg` under a recipe's `target.parallel` (tensor, expert, data; pipeline 1)."""
         return cls(rank=rank, tensor=parallel.tensor, expert=parallel.expert, data=parallel.data,
                    split_wo_b=splits_wo_b(cfg, parallel.tensor))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "tensor": self.tensor, "expert": self.expert, "data": self.data,
-                "split_wo_b": self.split_wo_b}
 
 
 def splits_wo_b(cfg: Any, tensor: int) -> bool:
@@ -184,7 +176,6 @@ def straddling_shards(cfg: Any, tensor: int) -> list[str]:
 
 # ---- collectives -----------------------------------------------------------------------------------------------
 _GROUPS: dict[int, Any] = {}  # GROUP_* -> this process's torch.distributed group (set up by `setup`)
-_SHARD: Shard | None = None
 
 
 def setup(shard: Shard) -> None:
@@ -192,27 +183,24 @@ def setup(shard: Shard) -> None:
     calls this once, in the same order, because creating a group is itself collective."""
     import torch.distributed as dist
 
-    global _SHARD
     if not dist.is_initialized():
         raise RuntimeError("parallel.setup needs torch.distributed initialised (init_process_group) first")
     if dist.get_world_size() != shard.world or dist.get_rank() != shard.rank:
         raise RuntimeError(f"process group is rank {dist.get_rank()} of {dist.get_world_size()}, the shard says "
                            f"rank {shard.rank} of {shard.world}")
-    for group, size in ((GROUP_TENSOR, shard.tensor), (GROUP_EXPERT, shard.expert)):
+    for group in GROUP_NAMES:
+        size = shard.group_size(group)
         for first in range(0, shard.world, size):  # every rank creates every group, in this order
             pg = dist.new_group(list(range(first, first + size)))
-            if first <= shard.rank < first + size:
+            if shard.group_ranks(group)[0] == first:
                 _GROUPS[group] = pg
-    _SHARD = shard
 
 
 def teardown() -> None:
-    global _SHARD
     _GROUPS.clear()
-    _SHARD = None
 
 
-def _group(group: int, size: int | None = None):
+def _group(group: int):
     if group not in _GROUPS:
         raise RuntimeError(f"a {GROUP_NAMES.get(group, group)}-group collective ran outside a mesh "
                            "(parallel.setup was not called in this process)")
