@@ -14,6 +14,20 @@ def rand(*shape: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
 
 
+def bf16_initializer(name: str, t: torch.Tensor):
+    """A bfloat16 tensor as an ONNX initializer (numpy has no bfloat16, so ORT cannot be fed one: test models
+    hold bf16 weights as initializers, as the engines do)."""
+    from onnx import TensorProto, helper
+
+    raw = t.contiguous().view(torch.int16).numpy().tobytes()
+    return helper.make_tensor(name, TensorProto.BFLOAT16, list(t.shape), raw, raw=True)
+
+
+def feeds(inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The graph inputs of a test model: every input but the bf16 ones (initializers, see bf16_initializer)."""
+    return {n: t.numpy() for n, t in inputs.items() if t.dtype != torch.bfloat16}
+
+
 def reference(name: str, attrs: dict, **inputs: torch.Tensor) -> list[np.ndarray]:
     """The torch reference of dsv4 op `name` (registry.py) on named inputs and attributes, outputs as numpy."""
     from dsv4c.graphs.ops import OPS

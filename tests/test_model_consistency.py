@@ -213,7 +213,7 @@ def test_mtp_block_matches_spec_formula(model):
     eps = cfg.rms_norm_eps
     e_proj = decode_fp8(mtp.e_proj.weight, mtp.e_proj.scale)
     h_proj = decode_fp8(mtp.h_proj.weight, mtp.h_proj.scale)
-    e = rms(model.embed[nxt], mtp.enorm.weight, eps)  # [1, n, D]
+    e = rms(model.embed[nxt].float(), mtp.enorm.weight, eps)  # [1, n, D]
     x = (e @ e_proj.T)[:, :, None, :] + rms(streams, mtp.hnorm.weight, eps) @ h_proj.T  # [1, n, 4, D]
     step = Step(torch.tensor([0]), torch.tensor([n]), n)
     names = ["win"]  # the MTP layer is sliding-window only (compress_ratios[-1] = 0)
@@ -223,7 +223,7 @@ def test_mtp_block_matches_spec_formula(model):
     mix = (flat @ mtp.head.hc_head_fn.T) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps)
     pre = torch.sigmoid(mix * mtp.head.hc_head_scale + mtp.head.hc_head_base) + cfg.hc_eps  # [1, n, 4]
     y = rms((pre[..., None] * x).sum(-2), mtp.head.norm.weight, eps)
-    want = y @ model.head.T
+    want = y @ model.head.float().T
     assert_same_logits(got[0], want[0], True, "mtp")
     # the MTP head is its own: the main model's hc_head/norm give other logits
     assert flat_cosine(got[0, -1], logits[0]) < 0.99

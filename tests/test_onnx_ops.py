@@ -16,12 +16,12 @@ from dsv4c.graphs.ops.onnx import (DOMAIN, ONNX_OPSET, attach_functions, attribu
                                    register_schemas, tensor_inputs, write_onnx_program)
 from dsv4c.graphs.ops.onnx_builder import fp8_table
 
-from tensors import assert_outputs_match, attention_blocks, fp8_weight, indexer_grid, rand, reference
+from tensors import assert_outputs_match, bf16_initializer, feeds, attention_blocks, fp8_weight, indexer_grid, rand, reference
 
 register_schemas()
 ops = torch.ops.dsv4
 _ELEM = {np.dtype(np.float32): onnx.TensorProto.FLOAT, np.dtype(np.uint8): onnx.TensorProto.UINT8,
-         np.dtype(np.int64): onnx.TensorProto.INT64}
+         np.dtype(np.int64): onnx.TensorProto.INT64, "bfloat16": onnx.TensorProto.BFLOAT16}
 
 
 def dsv4_node(name: str, attrs: dict, inputs: list[str]) -> onnx.NodeProto:
@@ -37,10 +37,11 @@ def single_node_model(name: str, inputs: dict[str, torch.Tensor], attrs: dict,
     names = tensor_inputs(op)
     node = dsv4_node(name, attrs, names)
     graph_inputs = [helper.make_tensor_value_info(n, _ELEM[inputs[n].numpy().dtype], [None] * inputs[n].dim())
-                    for n in names]
+                    for n in names if inputs[n].dtype != torch.bfloat16]
+    weights = [bf16_initializer(n, inputs[n]) for n in names if inputs[n].dtype == torch.bfloat16]
     out_type = onnx.TensorProto.INT64 if name == "indexer_topk" else onnx.TensorProto.FLOAT
     outputs = [helper.make_tensor_value_info(n, out_type, [None] * r) for n, r in zip(output_names(op), out_ranks)]
-    model = helper.make_model(helper.make_graph([node], name, graph_inputs, outputs),
+    model = helper.make_model(helper.make_graph([node], name, graph_inputs, outputs, weights),
                               opset_imports=[helper.make_opsetid("", ONNX_OPSET)], ir_version=10)
     attach_functions(model)
     onnx.checker.check_model(model, full_check=True)  # schema + shape inference accept the node
@@ -52,14 +53,15 @@ def run_onnx(name: str, attrs: dict, out_ranks: list[int], **inputs: torch.Tenso
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {n: t.numpy() for n, t in inputs.items()})
+    return session.run(None, feeds(inputs))
 
 
 def inferred_shapes(name: str, attrs: dict, inputs: dict[str, tuple[np.dtype, list]]) -> list[list]:
     """Output shapes from the registered schema's shape inference, for input (dtype, shape) (ints or dim names)."""
     op = OPS[name]
     node = dsv4_node(name, attrs, list(inputs))
-    types = {n: helper.make_tensor_type_proto(_ELEM[np.dtype(t)], s) for n, (t, s) in inputs.items()}
+    types = {n: helper.make_tensor_type_proto(_ELEM[t] if t == "bfloat16" else _ELEM[np.dtype(t)], s)
+             for n, (t, s) in inputs.items()}
     out = onnx.shape_inference.infer_node_outputs(onnx.defs.get_schema(op.onnx_name, 1, DOMAIN), node, types)
     return [[d.dim_value if d.HasField("dim_value") else d.dim_param for d in out[n].tensor_type.shape.dim]
             for n in output_names(op)]
@@ -69,7 +71,8 @@ def check(name: str, attrs: dict, *, exact: bool = False, **inputs: torch.Tensor
     """ONNX vs torch: bit-exact, or max |diff| <= 1e-5 * max |reference| per output; and the schema's shape
     inference gives the reference's output shapes."""
     want = reference(name, attrs, **inputs)
-    shapes = {n: (t.numpy().dtype, list(t.shape)) for n, t in inputs.items()}
+    shapes = {n: ("bfloat16" if t.dtype == torch.bfloat16 else t.numpy().dtype, list(t.shape))
+              for n, t in inputs.items()}
     assert inferred_shapes(name, attrs, shapes) == [list(w.shape) for w in want]
     got = run_onnx(name, attrs, [w.ndim for w in want], **inputs)
     assert_outputs_match(got, want, exact)
@@ -91,6 +94,16 @@ def experts(fmt: int, e: int, n: int, k: int, seed: int) -> tuple[torch.Tensor, 
 
 
 # ---- quantisation ops: bit-exact ----------------------------------------------------------------------------
+def test_bf16_linear_reads_the_stored_weight_exactly():
+    """x = I gives back the bf16 weight as float, bit for bit; a ragged case against a float64 matmul."""
+    w = rand(24, 16, seed=1).to(torch.bfloat16)
+    np.testing.assert_array_equal(check("bf16_linear", {}, x=torch.eye(16), w=w)[0].T, w.float().numpy())
+    x, w = rand(2, 3, 200, seed=2), rand(70, 200, seed=3).to(torch.bfloat16)
+    got = check("bf16_linear", {}, x=x, w=w)[0]
+    exact = (x.double() @ w.double().T).numpy()  # fp32 summation: within 1e-5 of the largest output
+    np.testing.assert_allclose(got, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
+
+
 def test_fp8_decode_every_byte():
     """Decoding all 256 bytes (x = I reads the weight back) vs torch's e4m3 view; the NaN bytes 0x7f / 0xff
     would spread through the matmul, so they are checked in the table itself."""
@@ -332,7 +345,7 @@ def test_attach_functions_is_idempotent_and_checks_the_opset():
 
 
 def test_every_op_has_a_test():
-    tested = {"fp8_linear", "fp8_grouped_linear", "moe_experts", "fake_quant_fp8", "hadamard_fp4", "sparse_attn",
+    tested = {"fp8_linear", "bf16_linear", "fp8_grouped_linear", "moe_experts", "fake_quant_fp8", "hadamard_fp4", "sparse_attn",
               "indexer_topk", "indexer_scores", "compress_pool", "hc_pre", "hc_post"}
     # collectives have no ONNX body: their kernels are tested across processes (tests/test_mesh_runtime.py)
     collectives = {name for name, op in OPS.items() if op.collective}

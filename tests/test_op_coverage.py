@@ -29,7 +29,40 @@ def test_cpu_table_is_what_the_kernel_library_registers():
 
 
 def test_cann_mapping_names_every_op():
-    assert {op.onnx_name for op in OPS.values()} <= set(MAPPING)
+    """Every op but the vendor-native ones, which reach ATC as standard operators (inlined, test below)."""
+    assert {op.onnx_name for op in OPS.values() if not op.vendor_native} <= set(MAPPING)
+
+
+def test_vendor_bundles_inline_vendor_native_ops(tmp_path):
+    """A program with a Bf16Linear exported for a vendor (opset 18, no function bodies) holds Cast + MatMul in its
+    place, on the same external bf16 weight; the CPU bundle keeps the node (its C++ kernel runs it)."""
+    import onnx
+    import torch
+
+    from dsv4c.graphs.ops.onnx import ONNX_OPSET
+    from dsv4c.targets.onnx_bundle import export_bundle_programs
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("w", torch.randn(512, 256).to(torch.bfloat16))
+
+        def forward(self, x):
+            return torch.ops.dsv4.bf16_linear(x, self.w)
+
+    program = torch.export.export(Head(), (torch.randn(2, 256),))
+    for opset, where in ((18, "vendor"), (ONNX_OPSET, "cpu")):
+        (tmp_path / where).mkdir()
+        export_bundle_programs({"p": program}, tmp_path / where, opset)
+        model = onnx.load(tmp_path / where / "p.onnx", load_external_data=False)
+        types = [n.op_type for n in model.graph.node]
+        weight = next(t for t in model.graph.initializer if t.data_type == onnx.TensorProto.BFLOAT16)
+        assert weight.data_location == onnx.TensorProto.EXTERNAL and list(weight.dims) == [512, 256]
+        if where == "vendor":
+            assert "Bf16Linear" not in types and {"Cast", "MatMul"} <= set(types), types
+            assert not [f for f in model.functions if f.name == "Bf16Linear"]
+        else:
+            assert "Bf16Linear" in types
 
 
 def test_a_new_op_without_implementations_fails_the_check(monkeypatch):

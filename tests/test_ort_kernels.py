@@ -28,7 +28,7 @@ from dsv4c.graphs.ops.onnx import (DOMAIN, DOMAIN_VERSION, ONNX_OPSET, attach_fu
 from dsv4c.targets.base import ToolchainMissing
 from dsv4c.targets.cpu.kernels import CPP_KERNELS, build
 
-from tensors import assert_outputs_match, attention_blocks, fp8_weight, indexer_grid, rand, reference
+from tensors import assert_outputs_match, bf16_initializer, feeds, attention_blocks, fp8_weight, indexer_grid, rand, reference
 
 register_schemas()
 ops = torch.ops.dsv4
@@ -68,11 +68,12 @@ def node_model(name: str, inputs: dict[str, torch.Tensor], attrs: dict, out_rank
     onnx_attrs = {n: int(attrs[n]) if k == "bool" else attrs[n] for n, k in attribute_kinds(op).items()}
     node = helper.make_node(op.onnx_name, names, list(output_names(op)), domain=DOMAIN, **onnx_attrs)
     graph_inputs = [helper.make_tensor_value_info(n, _ELEM[inputs[n].numpy().dtype], [None] * inputs[n].dim())
-                    for n in names]
+                    for n in names if inputs[n].dtype != torch.bfloat16]
+    weights = [bf16_initializer(n, inputs[n]) for n in names if inputs[n].dtype == torch.bfloat16]
     out_type = onnx.TensorProto.INT64 if name == "indexer_topk" else onnx.TensorProto.FLOAT
     outputs = [helper.make_tensor_value_info(n, out_type, [None] * r) for n, r in zip(output_names(op), out_ranks)]
     opsets = [helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)]
-    model = helper.make_model(helper.make_graph([node], name, graph_inputs, outputs), ir_version=10,
+    model = helper.make_model(helper.make_graph([node], name, graph_inputs, outputs, weights), ir_version=10,
                               opset_imports=opsets)
     return attach_functions(model) if with_body else model
 
@@ -91,7 +92,7 @@ def session(model: onnx.ModelProto, library: str | None, threads: int = 2, profi
 def run_kernel(library: str, name: str, attrs: dict, out_ranks: list[int], threads: int = 2,
                **inputs: torch.Tensor) -> list[np.ndarray]:
     s = session(node_model(name, inputs, attrs, out_ranks), library, threads)
-    return s.run(None, {n: t.numpy() for n, t in inputs.items()})
+    return s.run(None, feeds(inputs))
 
 
 def check(library: str, name: str, attrs: dict, *, exact: bool = False, threads: int = 2,
@@ -121,7 +122,7 @@ def test_kernel_preferred_over_function_body(library, tmp_path):
     executed = {}
     for label, lib in (("library", library), ("body", None)):
         sess = session(model, lib, profile=str(tmp_path / label))
-        sess.run(None, {n: t.numpy() for n, t in inputs.items()})
+        sess.run(None, feeds(inputs))
         events = json.loads(open(sess.end_profiling()).read())
         executed[label] = {e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e["args"]}
     assert executed["library"] == {"Fp8Linear"}
@@ -157,6 +158,29 @@ def test_fp8_decode_every_byte(library, isa):
         row = run_kernel(library, "fp8_linear", {"act_quant": False}, [2], x=torch.eye(16)[j:j + 1], w=w,
                          w_scale=scale)[0]
         np.testing.assert_array_equal(row[0], want[:, j])
+
+
+def test_bf16_linear_reads_the_stored_weight_exactly(library, isa):
+    """x = I reads the widened bf16 weight back bit for bit (the tiled path with 20 rows, the fused one a row at
+    a time): random bit patterns, subnormals and signed zeros; K = 20 has an 8-wide vector part and a scalar tail.
+    Infinities and NaNs are left out (0 * inf in the other columns' products would be NaN)."""
+    bits = torch.randint(0, 1 << 16, (16, 20), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    bits[(bits & 0x7F80) == 0x7F80] = 0
+    bits[0, :4] = torch.tensor([0x0001, 0x8000, 0x807F, 0x3F80])  # smallest subnormal, -0, -subnormal, 1.0
+    w = bits.to(torch.int16).view(torch.bfloat16)
+    want = w.float().numpy()
+    np.testing.assert_array_equal(run_kernel(library, "bf16_linear", {}, [2], x=torch.eye(20), w=w)[0].T, want)
+    for j in (0, 9, 19):
+        row = run_kernel(library, "bf16_linear", {}, [2], x=torch.eye(20)[j:j + 1], w=w)[0]
+        np.testing.assert_array_equal(row[0], want[:, j])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 6, 17])
+def test_bf16_linear(library, isa, rows):
+    x, w = rand(2, rows, 200, seed=5), rand(70, 200, seed=4).to(torch.bfloat16)
+    got = check(library, "bf16_linear", {}, x=x, w=w)[0]
+    exact = (x.double() @ w.double().T).numpy()  # fp32 summation: within 1e-5 of the largest output
+    np.testing.assert_allclose(got, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
 
 
 @pytest.mark.parametrize("act_quant", [False, True])
@@ -437,7 +461,7 @@ def test_hadamard_fp4_odd_leading_dims(library):
 
 
 def test_every_op_has_a_kernel_test():
-    tested = {"fp8_linear", "fp8_grouped_linear", "moe_experts", "fake_quant_fp8", "hadamard_fp4", "sparse_attn",
+    tested = {"fp8_linear", "bf16_linear", "fp8_grouped_linear", "moe_experts", "fake_quant_fp8", "hadamard_fp4", "sparse_attn",
               "indexer_topk", "compress_pool", "hc_pre", "hc_post"}
     # the collective kernels talk to other processes: tests/test_mesh_runtime.py runs them across two ranks
     collectives = {"all_reduce", "all_gather"}

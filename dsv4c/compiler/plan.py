@@ -5,7 +5,7 @@ Sources of every figure (nothing is loaded, no weights are needed):
   * weights: the official tensor list (`checkpoint.expected_tensors`, the spec §5.6 byte model that gives Flash's
     159,609,485,896 bytes exactly), each quantized linear re-expressed in the recipe's format for its group after
     the target's fallbacks (`FORMAT_BYTES`); plus what dsv4c's own graph holds (the model built on the meta device:
-    float32 scales, bf16 tensors widened to float32), reported beside it.
+    float32 scales; bf16 tensors kept bf16), reported beside it.
   * KV cache: the spec §4 layout per layer type (window ring, compressed CSA/HCA entries, indexer keys, compressor
     state) in the recipe's `kv_cache` / `indexer` formats, against a V3.2-style dense MLA cache of the same depth
     (and of V3.2's own 61 layers, the baseline of DeepSeek's "10 % / 7 % at 1M" claim); dsv4c's engine layout
@@ -151,7 +151,7 @@ def weight_rows(cfg: ModelConfig, formats: dict[str, str]) -> list[dict[str, Any
 
 def graph_rows(model: torch.nn.Module) -> list[dict[str, Any]]:
     """What dsv4c's graph holds: the persistent buffers of the meta-device model, as the exported programs keep
-    them (packed FP8/FP4 bits as uint8, scales and bf16 tensors as float32)."""
+    them (packed FP8/FP4 bits as uint8, bf16 tensors as bf16, scales as float32)."""
     rows = []
     for name, t in model.state_dict().items():
         where, tp = _place(name)
@@ -689,7 +689,7 @@ def make_plan(recipe) -> dict[str, Any]:
                         f"dsv4c yet: {', '.join(missing_ops)}")
     warnings = []
     if worst_graph["total"] > usable and worst["total"] <= usable:
-        warnings.append(f"dsv4c's current engine stores scales, bf16 weights and the KV cache as float32: it would "
+        warnings.append(f"dsv4c's current engine stores weight scales and the KV cache as float32: it would "
                         f"need {worst_graph['total'] / GIB:.1f} GiB per device, more than the "
                         f"{usable / GIB:.1f} GiB usable (the recipe's formats need {worst['total'] / GIB:.1f})")
     shipped_layers: dict[Any, int] = defaultdict(int)

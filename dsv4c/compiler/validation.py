@@ -285,16 +285,19 @@ class EngineReplay:
 @contextmanager
 def perturbed_embedding(model, token_ids: Iterable[int], draw: int, noise: float = PERTURBATION):
     """Scale the embedding rows of `token_ids` by (1 + noise * N(0, 1)) (deterministic per draw and token) for
-    the duration; the rows are restored bit for bit. Only the rows in use are touched: no copy of the table."""
+    the duration. The model keeps its table in BF16, which cannot hold a 1e-6 change, so a float32 copy of the
+    table stands in for it meanwhile (the reference multiplies in FP32 anyway); the BF16 table is put back."""
     ids = sorted(set(int(t) for t in token_ids))
-    saved = model.embed[ids].clone()
-    for i, t in enumerate(ids):
+    shipped = model.embed
+    table = shipped.float()
+    for t in ids:
         gen = torch.Generator().manual_seed(1_000_003 * (draw + 1) + t)
-        model.embed[t] = saved[i] * (1 + noise * torch.randn(saved.shape[1], generator=gen))
+        table[t] = table[t] * (1 + noise * torch.randn(table.shape[1], generator=gen))
+    model.embed = table
     try:
         yield
     finally:
-        model.embed[ids] = saved
+        model.embed = shipped
 
 
 class Sensitivity:

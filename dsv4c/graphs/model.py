@@ -98,7 +98,8 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-    """A checkpoint linear: FP8 (uint8 e4m3 bits + f32 128x128 block scales) or float weights."""
+    """A checkpoint linear: FP8 (uint8 e4m3 bits + f32 128x128 block scales) or BF16 weights (kept BF16,
+    multiplied in FP32 as the reference does)."""
 
     def __init__(self, in_features: int, out_features: int, fp8: bool):
         super().__init__()
@@ -107,12 +108,12 @@ class Linear(nn.Module):
             self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.uint8))
             self.register_buffer("scale", torch.ones(math.ceil(out_features / 128), math.ceil(in_features / 128)))
         else:
-            self.register_buffer("weight", torch.zeros(out_features, in_features))
+            self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.bfloat16))
 
     def forward(self, x: torch.Tensor, act_quant: bool = False) -> torch.Tensor:
         if self.fp8:
             return ops.fp8_linear(x, self.weight, self.scale, act_quant)
-        return F.linear(x, self.weight)
+        return ops.bf16_linear(x, self.weight)
 
 
 def rope_frequencies(cfg: ModelConfig, yarn: bool) -> torch.Tensor:
@@ -368,14 +369,14 @@ class Gate(nn.Module):
         super().__init__()
         self.topk, self.route_scale = cfg.num_experts_per_tok, cfg.routed_scaling_factor
         self.hash = cfg.is_hash_layer(layer)
-        self.register_buffer("weight", torch.zeros(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("weight", torch.zeros(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.bfloat16))
         if self.hash:
             self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, self.topk, dtype=torch.int64))
         else:
             self.register_buffer("bias", torch.zeros(cfg.n_routed_experts))
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = F.softplus(F.linear(x, self.weight)).sqrt()  # [T, E] sqrtsoftplus, fp32
+        scores = F.softplus(ops.bf16_linear(x, self.weight)).sqrt()  # [T, E] sqrtsoftplus, fp32
         if self.hash:
             picks = self.tid2eid[tokens]  # static hash routing by token id
         else:
@@ -528,10 +529,11 @@ class DeepseekV4(nn.Module):
         fmt = expert_format or {"fp4": "fp4", "fp8": "fp8"}.get(cfg.quantization.experts, "float")
         self.expert_format = fmt
         vocab = len(shard.part(cfg.vocab_size, GROUP_TENSOR))  # vocabulary-parallel embedding and head
-        self.register_buffer("embed", torch.zeros(vocab, cfg.hidden_size))
+        # embedding and head stay BF16 as shipped (half a float32 copy); rows are widened as they are read
+        self.register_buffer("embed", torch.zeros(vocab, cfg.hidden_size, dtype=torch.bfloat16))
         self.layers = nn.ModuleList(Block(cfg, i, fmt, shard) for i in range(cfg.num_hidden_layers))
         self.final = HcHead(cfg)
-        self.register_buffer("head", torch.zeros(vocab, cfg.hidden_size))
+        self.register_buffer("head", torch.zeros(vocab, cfg.hidden_size, dtype=torch.bfloat16))
         self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.num_hidden_layers + i, fmt, shard)
                                  for i in range(cfg.num_nextn_predict_layers))
 
@@ -573,7 +575,7 @@ class DeepseekV4(nn.Module):
         if not all_logits:  # only each sequence's last real position: [B, 1, n, D]
             last = (n_valid - 1).clamp(min=0)
             streams = torch.gather(streams, 1, last.view(-1, 1, 1, 1).expand(-1, 1, *streams.shape[2:]))
-        y = F.linear(head(streams, self.numerics), self.head)
+        y = ops.bf16_linear(head(streams, self.numerics), self.head)
         if self.shard.tensor > 1:  # this rank's slice of the vocabulary: gather the others'
             y = ops.all_gather(y, GROUP_TENSOR, self.shard.tensor)
         return y if all_logits else y[:, 0]
@@ -582,11 +584,11 @@ class DeepseekV4(nn.Module):
         """Embedding rows of `tokens`; vocabulary-parallel: each rank looks up the ids in its slice, zeros for the
         others, and the tensor group sums them (exact: one rank contributes each row)."""
         if self.shard.tensor == 1:
-            return self.embed[tokens]
+            return self.embed[tokens].float()
         rows = self.embed.shape[0]
         local = tokens - self.shard.tp_rank * rows
         mine = (local >= 0) & (local < rows)
-        x = self.embed[local.clamp(0, rows - 1)] * mine[..., None].to(self.embed.dtype)
+        x = self.embed[local.clamp(0, rows - 1)].float() * mine[..., None].float()
         return ops.all_reduce(x, GROUP_TENSOR)
 
     def mtp_input(self, tokens: torch.Tensor, streams: torch.Tensor, index: int = 0) -> torch.Tensor:

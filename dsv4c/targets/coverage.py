@@ -3,6 +3,8 @@ toolchain (TensorRT, CANN), so `plan` can say it on any machine.
 
     cpu       the C++ ORT kernel library (targets/cpu/kernels: CPP_KERNELS), else the op's ONNX function body
               (a declared fallback: same numerics, slower; recorded in the manifest)
+    vendor_native ops (registry: bodies of standard operators, e.g. Bf16Linear) are inlined into the TensorRT
+              and CANN bundles (onnx_bundle.inline_vendor_native), so those targets run them as their own layers
     tensorrt  a tensorrt.plugin registration per op (targets/tensorrt/plugins.py: PLUGIN_OPS; AOT_OPS also
               have an ahead-of-time kernel); the collectives become TensorRT's IDistCollectiveLayer (NCCL) at
               engine build (targets/tensorrt/collectives.py: COLLECTIVES)
@@ -30,6 +32,8 @@ def op_coverage(kind: str, op: str, soc: str | None = None) -> Coverage:
     from dsv4c.graphs.ops.registry import OPS
 
     onnx_name = OPS[op].onnx_name
+    if kind in ("tensorrt", "cann") and OPS[op].vendor_native:  # onnx_bundle.inline_vendor_native
+        return Coverage(op, True, f"inlined as standard ONNX ({', '.join(_body_ops(op))}): {_VENDOR[kind]}'s own layers")
     if kind == "cpu":
         from dsv4c.targets.cpu.kernels import CPP_KERNELS
 
@@ -55,3 +59,14 @@ def op_coverage(kind: str, op: str, soc: str | None = None) -> Coverage:
             return Coverage(op, True, m.ascend950 if soc == "Ascend950" else m.ascend910b)
         return Coverage(op, False, "mapped, AscendC kernel TBD", fallback=True)
     raise KeyError(f"unknown target kind {kind!r}")
+
+
+_VENDOR = {"tensorrt": "TensorRT", "cann": "ATC"}
+
+
+def _body_ops(op: str) -> list[str]:
+    """The standard operators of an op's ONNX function body, in order of first use."""
+    from dsv4c.graphs.ops.onnx import function_body
+    from dsv4c.graphs.ops.registry import OPS
+
+    return list(dict.fromkeys(n.op_type for n in function_body(OPS[op]).node if n.op_type != "Identity"))

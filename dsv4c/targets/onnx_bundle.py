@@ -52,11 +52,39 @@ def export_bundle_programs(programs: dict[str, Any], bundle_dir: Path, opset: in
             continue
         model = onnx.load(path, load_external_data=False)
         _check_opset(model, opset, path)
+        model = inline_vendor_native(model)
         castlike_to_cast(model)
         if hook is not None:
             hook(model)
         onnx.save(model, path)  # initializers keep their references into <name>.onnx.data
     return files
+
+
+def inline_vendor_native(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace each dsv4 node of a `vendor_native` op (registry: a body of operators every vendor runs itself,
+    e.g. Bf16Linear = Cast + Transpose + MatMul) with its function body, so the vendor's own layers run it and
+    no plugin is needed. Initializers keep their external-data references (the weights are not read)."""
+    import onnx.inliner
+
+    from dsv4c.graphs.ops.onnx import DOMAIN, function_body
+    from dsv4c.graphs.ops.registry import OPS
+
+    native = {op.onnx_name: op for op in OPS.values() if op.vendor_native}
+    used = sorted({n.op_type for n in model.graph.node if n.domain == DOMAIN and n.op_type in native})
+    if not used:
+        return model
+    opset = next(o.version for o in model.opset_import if o.domain == "")
+    bodies = [function_body(native[t]) for t in used]
+    for body in bodies:  # written at ONNX_OPSET; their operators (Cast-13, Transpose-13, MatMul-13) are unchanged
+        for o in body.opset_import:  # down to the vendor opsets (>= 17), so the body runs at the model's opset
+            if o.domain == "":
+                o.version = opset
+    add_functions(model, bodies)
+    model = onnx.inliner.inline_selected_functions(model, [(DOMAIN, t) for t in used])
+    kept = [f for f in model.functions if not (f.domain == DOMAIN and f.name in used)]
+    del model.functions[:]
+    model.functions.extend(kept)
+    return model
 
 
 def share_weights(bundle_dir: Path, files: dict[str, str]) -> int:

@@ -54,8 +54,8 @@ __all__ = ["DOMAIN", "DOMAIN_VERSION", "ONNX_OPSET", "add_functions", "attach_fu
 DOMAIN = "dsv4"
 DOMAIN_VERSION = 1
 
-_FLOAT, _U8, _I64 = "tensor(float)", "tensor(uint8)", "tensor(int64)"
-_ONNX_TYPES = {"float32": _FLOAT, "uint8": _U8, "int64": _I64, "uint8|float32": "TW"}  # TW: a type constraint
+_FLOAT, _U8, _I64, _BF16 = "tensor(float)", "tensor(uint8)", "tensor(int64)", "tensor(bfloat16)"
+_ONNX_TYPES = {"float32": _FLOAT, "uint8": _U8, "int64": _I64, "bfloat16": _BF16, "uint8|float32": "TW"}  # TW: a type constraint
 _ATTR_TYPES = {"bool": OpSchema.AttrType.INT, "int": OpSchema.AttrType.INT, "float": OpSchema.AttrType.FLOAT}
 
 
@@ -170,6 +170,10 @@ def _hadamard(g: Graph, x: str) -> str:
 def _body_fp8_linear(g: Graph, x, w, w_scale, act_quant):
     xq = maybe(g, act_quant, fake_quant_fp8, x)
     return [linear(g, xq, decode_fp8(g, w, w_scale))]
+
+
+def _body_bf16_linear(g: Graph, x, w):
+    return [linear(g, x, g.Cast(w, to=TensorProto.FLOAT))]
 
 
 def _body_fp8_grouped_linear(g: Graph, x, w, w_scale, act_quant):
@@ -392,6 +396,7 @@ def _body_hc_post(g: Graph, f, res, post, comb):
 
 _BODIES: dict[str, Callable[..., list[str]]] = {
     "fp8_linear": _body_fp8_linear,
+    "bf16_linear": _body_bf16_linear,
     "fp8_grouped_linear": _body_fp8_grouped_linear,
     "moe_experts": _body_moe_experts,
     "fake_quant_fp8": _body_fake_quant_fp8,

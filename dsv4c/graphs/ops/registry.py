@@ -15,6 +15,9 @@ Conventions shared by all ops:
     reference stores bfloat16 (computing in fp32 and rounding keeps CPUs on their fast fp32 paths);
   * FP8 weights are uint8 bit patterns of float8_e4m3fn with float32 block scales (128x128);
   * FP4 weights are uint8 bytes holding two e2m1 values (low nibble first) with float32 scales per 1x32;
+  * BF16 checkpoint weights (embedding, head, gate, compressor and indexer projections) stay bfloat16 and are
+    widened to fp32 inside the op, as the reference holds them in FP32 (spec §5.4): same values, half the
+    bytes of a float32 copy;
   * index tensors are int64 and use -1 for "no entry".
 """
 
@@ -62,6 +65,9 @@ class OpDef:
     # a collective (graphs/parallel.py): it talks to other ranks, so it has no ONNX function body; a target runs
     # it through its communication library (torch.distributed on CPU, NCCL, HCCL)
     collective: bool = False
+    # its ONNX function body is made of operators every vendor runs natively (Cast, MatMul): TensorRT and CANN
+    # bundles get the body inlined instead of a custom node (the CPU keeps the node for its C++ kernel)
+    vendor_native: bool = False
 
     @property
     def overload(self) -> torch._ops.OpOverload:
@@ -157,6 +163,14 @@ def fp8_grouped_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, 
     g, k = x.shape[-2], x.shape[-1]
     wg = decode_fp8(w, w_scale).view(g, -1, k)  # [G, R, K]
     return torch.einsum("...gk,grk->...gr", x.float(), wg)
+
+
+@_register("bf16_linear", "Bf16Linear", "(Tensor x, Tensor w) -> Tensor",
+           lambda s, a, m: [[*s[0][:-1], s[1][0]]], input_dtypes={"w": "bfloat16"}, vendor_native=True)
+def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """y[..., N] = x[..., K] @ float(w)[N, K]^T in fp32. w is a BF16 checkpoint weight the reference holds
+    and multiplies in FP32 (head, gate, compressor wkv/wgate, indexer weights_proj); the engine keeps it BF16."""
+    return F.linear(x.float(), w.float())
 
 
 _PACKED_OR_FLOAT = "uint8|float32"  # expert weights: packed bytes (FP4 / FP8) or float

@@ -12,7 +12,8 @@
 namespace dsv4 {
 
 // Values of dsv4c.graphs.quant (tests/test_shared_constants.py checks that they agree):
-enum WeightFormat : int32_t { kFp4 = 0, kFp8 = 1, kF32 = 2 };  // = ExpertFormat, the `fmt` attribute of MoeExperts
+// kFp4..kF32 = ExpertFormat, the `fmt` attribute of MoeExperts; kBf16 is the Bf16Linear weights' (no expert uses it)
+enum WeightFormat : int32_t { kFp4 = 0, kFp8 = 1, kF32 = 2, kBf16 = 3 };
 constexpr int64_t kFp8Block = 128;  // = FP8_BLOCK: FP8 weight scales per 128x128, activation ones per 1x128
 constexpr int64_t kFp4Block = 32;   // = FP4_BLOCK: FP4 scales per 1x32
 
@@ -20,6 +21,7 @@ constexpr int64_t kFp4Block = 32;   // = FP4_BLOCK: FP4 scales per 1x32
 //   fp4: uint8 [N, K/2], two e2m1 values per byte (element 2i in the low nibble), float scale [N, K/32]
 //   fp8: uint8 [N, K] e4m3fn bits, float scale [ceil(N/128), ceil(K/128)]
 //   f32: float [N, K], no scale
+//   bf16: uint16 [N, K] bfloat16 bits, no scale (widened exactly: a bf16 is the upper half of a float)
 struct QuantWeight {
   int32_t format;
   const void* data;

@@ -71,6 +71,14 @@ thread_local ThreadBuffer<float> tl_dots;          // indexer dot products [head
 thread_local ThreadBuffer<int64_t> tl_offsets;     // row offsets
 
 // ---- scalar pieces (both builds) ---------------------------------------------------------------------------
+inline float widen(float v) { return v; }
+inline float widen(uint16_t bf16) {  // bfloat16 bits -> float, exact
+  const uint32_t u = (uint32_t)bf16 << 16;
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
 // W row j, scaled, in kernel order (fp4: per 32-block the low nibbles, then the high ones) -> out [K].
 [[maybe_unused]] void decode_row_scalar(const QuantWeight& w, int64_t j, float* out) {
   const Tables& t = tables();
@@ -89,6 +97,9 @@ thread_local ThreadBuffer<int64_t> tl_offsets;     // row offsets
         out[b * 32 + 16 + i] = t.fp4[row[b * 16 + i] >> 4] * s;
       }
     }
+  } else if (w.format == kBf16) {
+    const uint16_t* row = (const uint16_t*)w.data + j * K;
+    for (int64_t k = 0; k < K; ++k) out[k] = widen(row[k]);
   } else {
     memcpy(out, (const float*)w.data + j * K, (size_t)K * sizeof(float));
   }
@@ -141,6 +152,12 @@ void weighted_rows(float* out, int64_t d, const float* kv, const int64_t* rows, 
 }
 
 #else  // ---- AVX2 + FMA + F16C ---------------------------------------------------------------------------------
+
+// 8 consecutive weights as fp32: float as is; bf16 zero-extended to 32 bits and shifted into the upper half.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
 
 inline float hsum(__m256 v) {
   __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -219,6 +236,11 @@ void decode_row(const QuantWeight& w, int64_t j, float* out) {
       const __m256 s = _mm256_set1_ps(srow[b]);
       for (int i = 0; i < 4; ++i) _mm256_storeu_ps(out + b * 32 + 8 * i, _mm256_mul_ps(v[i], s));
     }
+  } else if (w.format == kBf16) {
+    const uint16_t* row = (const uint16_t*)w.data + j * K;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) _mm256_storeu_ps(out + k, load8(row + k));
+    for (; k < K; ++k) out[k] = widen(row[k]);
   } else {
     memcpy(out, (const float*)w.data + j * K, (size_t)K * sizeof(float));
   }
@@ -298,11 +320,12 @@ void fused_fp4(const QuantWeight& w, const float* x, int64_t ldx, float* y, int6
   }
 }
 
-template <int M, int A>
-void fused_f32(const QuantWeight& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+// Unquantised weights (float, or bf16 widened in registers), 8 per load.
+template <int M, int A, typename T>
+void fused_plain(const QuantWeight& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t K = w.k;
   for (int64_t j = n0; j < n1; ++j) {
-    const float* row = (const float*)w.data + j * K;
+    const T* row = (const T*)w.data + j * K;
     __m256 acc[M][A];
     float tail[M];
     for (int m = 0; m < M; ++m) {
@@ -312,11 +335,11 @@ void fused_f32(const QuantWeight& w, const float* x, int64_t ldx, float* y, int6
     int64_t k = 0;
     for (; k + 8 * A <= K; k += 8 * A)
       for (int a = 0; a < A; ++a) {
-        const __m256 v = _mm256_loadu_ps(row + k + 8 * a);
+        const __m256 v = load8(row + k + 8 * a);
         for (int m = 0; m < M; ++m) acc[m][a] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + m * ldx + k + 8 * a), acc[m][a]);
       }
     for (; k < K; ++k)
-      for (int m = 0; m < M; ++m) tail[m] += x[m * ldx + k] * row[k];
+      for (int m = 0; m < M; ++m) tail[m] += x[m * ldx + k] * widen(row[k]);
     for (int m = 0; m < M; ++m) {
       __m256 sum = acc[m][0];
       for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[m][a]);
@@ -332,8 +355,10 @@ void fused(const QuantWeight& w, const float* x, int64_t ldx, float* y, int64_t 
     fused_fp8<M, A>(w, x, ldx, y, ldy, n0, n1);
   else if (w.format == kFp4)
     fused_fp4<M, A>(w, x, ldx, y, ldy, n0, n1);
+  else if (w.format == kBf16)
+    fused_plain<M, A, uint16_t>(w, x, ldx, y, ldy, n0, n1);
   else
-    fused_f32<M, A>(w, x, ldx, y, ldy, n0, n1);
+    fused_plain<M, A, float>(w, x, ldx, y, ldy, n0, n1);
 }
 
 // ---- tiled (M > 6): decode up to 64 weight rows once into a row-major fp32 tile, then R x C register blocks

@@ -315,6 +315,7 @@ float attr_float(const OrtKernelInfo* info, const char* op, const char* name) {
 constexpr auto F32 = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 constexpr auto U8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
 constexpr auto I64 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+constexpr auto BF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
 constexpr auto ANY = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
 
 // FP8 weight [N, K] with scales [ceil(N/128), ceil(K/128)], checked.
@@ -363,6 +364,30 @@ struct Fp8Linear : Kernel {
     const int64_t per = rows_per_task(qw.n, rows);
     c.parallel((qw.n + per - 1) / per, double(rows + 1) * qw.n * qw.k, [&](size_t t) {
       isa->linear(qw, xin, qw.k, rows, y, qw.n, t * per, std::min(qw.n, (int64_t)(t + 1) * per));
+    });
+  }
+};
+
+// y[..., N] = x[..., K] . float(w)[N, K]^T, w bfloat16 read as stored (registry.bf16_linear).
+struct Bf16Linear : Kernel {
+  explicit Bf16Linear(const OrtKernelInfo*) {}
+
+  void compute(OrtKernelContext* ctx) override {
+    Context c(ctx, "Bf16Linear", inline_work_);
+    const Tensor x = c.input(0, "x", F32), w = c.input(1, "w", BF16);
+    c.require(w.rank() == 2, "input 'w' must be bfloat16 [N, K], got " + shape_str(w.shape));
+    const QuantWeight qw{kBf16, w.data, nullptr, w.dim(0), w.dim(1)};
+    c.require(x.rank() >= 1 && x.dim(-1) == qw.k, "x " + shape_str(x.shape) + " does not match w " +
+                                                         shape_str(w.shape) + " (last dims must agree)");
+    const int64_t rows = x.numel() / std::max<int64_t>(qw.k, 1);
+    std::vector<int64_t> shape = x.shape;
+    shape.back() = qw.n;
+    float* y = c.output<float>(0, shape);
+    if (rows == 0 || qw.n == 0) return;
+    if (qw.k == 0) return (void)std::fill(y, y + rows * qw.n, 0.f);
+    const int64_t per = rows_per_task(qw.n, rows);
+    c.parallel((qw.n + per - 1) / per, double(rows + 1) * qw.n * qw.k, [&](size_t t) {
+      isa->linear(qw, x.f32(), qw.k, rows, y, qw.n, t * per, std::min(qw.n, (int64_t)(t + 1) * per));
     });
   }
 };
@@ -905,8 +930,9 @@ Kernel* make(const OrtKernelInfo* info) {
 std::vector<OpEntry>& ops() {
   static std::vector<OpEntry> table = [] {
     std::vector<OpEntry> t;
-    t.reserve(13);
+    t.reserve(14);
     t.emplace_back("Fp8Linear", std::vector{F32, U8, F32}, std::vector{F32}, make<Fp8Linear>);
+    t.emplace_back("Bf16Linear", std::vector{F32, BF16}, std::vector{F32}, make<Bf16Linear>);
     t.emplace_back("Fp8GroupedLinear", std::vector{F32, U8, F32}, std::vector{F32}, make<Fp8GroupedLinear>);
     t.emplace_back("MoeExperts", std::vector{F32, F32, I64, ANY, F32, ANY, F32, ANY, F32}, std::vector{F32},
                    make<MoeExperts>);
