@@ -15,6 +15,7 @@ renamed into place at the end (`staged_output`), so a failed build leaves nothin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -86,7 +87,19 @@ def toolchain_versions() -> dict[str, str]:
     import torch
 
     return {"python": sys.version.split()[0], "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "dsv4c": DSV4C_VERSION}
+            "onnxruntime": onnxruntime.__version__, "dsv4c": DSV4C_VERSION, "dsv4c_sources": sources_digest()}
+
+
+@functools.cache
+def sources_digest() -> str:
+    """Content hash of dsv4c's own Python sources: part of the export, lower and build stage keys, so a changed
+    graph or lowering never reuses programs or bundles a different dsv4c stored (the version string alone does
+    not move between commits)."""
+    package = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        h.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:20]
 
 
 def digest(*parts: Any) -> str:

@@ -495,7 +495,8 @@ def op_coverage(kind: str, soc: str | None, needed: set[str]) -> list[dict[str, 
 def toolchain_report(kind: str, target_tools: dict[str, str]) -> dict[str, Any]:
     from dsv4c.compiler.pipeline import toolchain_versions
 
-    tools = {**toolchain_versions(), "c++": cxx_version(), **target_tools}
+    tools = {**{k: v for k, v in toolchain_versions().items() if k != "dsv4c_sources"}, "c++": cxx_version(),
+             **target_tools}
     if kind == "cpu":
         ok, note = True, ("ONNX Runtime present" + ("" if tools["c++"] != "missing" else
                           "; no C++ compiler: the dsv4 ops run as ONNX function bodies (slower, recorded)"))

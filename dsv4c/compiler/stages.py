@@ -141,7 +141,7 @@ def reference_model(build: Build) -> DeepseekV4:
 def stage_export(build: Build) -> Status:
     rt = build.recipe.runtime
     build.keys["export"] = key = digest(build.keys["quantize"], rt.max_batch_size, rt.max_seq_len,
-                                        build.outputs.toolchain["torch"])
+                                        build.outputs.toolchain["torch"], build.outputs.toolchain["dsv4c_sources"])
     stored = build.cached_dir("export", key)
     return "cached" if stored and (stored / "decode.pt2").is_file() else "done"
 
