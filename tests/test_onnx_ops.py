@@ -104,6 +104,22 @@ def test_bf16_linear_reads_the_stored_weight_exactly():
     np.testing.assert_allclose(got, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
 
 
+def cache_write_case() -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    """Two sequences, 5 rows of 3: sequence 0 writes rows 4 and 0 and skips a pick (-1); sequence 1 writes row 2
+    and drops a slot past the end (5). The expected cache is written out by hand."""
+    cache = torch.arange(30, dtype=torch.float32).view(2, 5, 3)
+    rows = -1.0 - torch.arange(18, dtype=torch.float32).view(2, 3, 3)
+    slots = torch.tensor([[4, -1, 0], [5, 2, -1]])
+    want = cache.numpy().copy()
+    want[0, 4], want[0, 0], want[1, 2] = rows[0, 0], rows[0, 2], rows[1, 1]
+    return {"cache": cache, "rows": rows, "slots": slots}, want
+
+
+def test_cache_write_writes_only_the_listed_slots():
+    inputs, want = cache_write_case()
+    np.testing.assert_array_equal(check("cache_write", {}, exact=True, **inputs)[0], want)
+
+
 def test_fp8_decode_every_byte():
     """Decoding all 256 bytes (x = I reads the weight back) vs torch's e4m3 view; the NaN bytes 0x7f / 0xff
     would spread through the matmul, so they are checked in the table itself."""
@@ -345,7 +361,7 @@ def test_attach_functions_is_idempotent_and_checks_the_opset():
 
 
 def test_every_op_has_a_test():
-    tested = {"fp8_linear", "bf16_linear", "fp8_grouped_linear", "moe_experts", "fake_quant_fp8", "hadamard_fp4", "sparse_attn",
+    tested = {"fp8_linear", "bf16_linear", "cache_write", "fp8_grouped_linear", "moe_experts", "fake_quant_fp8", "hadamard_fp4", "sparse_attn",
               "indexer_topk", "indexer_scores", "compress_pool", "hc_pre", "hc_post"}
     # collectives have no ONNX body: their kernels are tested across processes (tests/test_mesh_runtime.py)
     collectives = {name for name, op in OPS.items() if op.collective}

@@ -175,6 +175,17 @@ def test_bf16_linear_reads_the_stored_weight_exactly(library, isa):
         np.testing.assert_array_equal(row[0], want[:, j])
 
 
+def test_cache_write(library):
+    """The hand-written case of tests/test_onnx_ops.py, then a larger cache against the reference."""
+    from test_onnx_ops import cache_write_case
+
+    inputs, want = cache_write_case()
+    np.testing.assert_array_equal(check(library, "cache_write", {}, exact=True, **inputs)[0], want)
+    slots = torch.tensor([[7, 0, -1, 1023], [3, 4, 5, -1], [-1, -1, -1, -1]])
+    check(library, "cache_write", {}, exact=True, cache=rand(3, 1024, 64, seed=1), rows=rand(3, 4, 64, seed=2),
+          slots=slots)
+
+
 @pytest.mark.parametrize("rows", [1, 3, 6, 17])
 def test_bf16_linear(library, isa, rows):
     x, w = rand(2, rows, 200, seed=5), rand(70, 200, seed=4).to(torch.bfloat16)
@@ -461,7 +472,7 @@ def test_hadamard_fp4_odd_leading_dims(library):
 
 
 def test_every_op_has_a_kernel_test():
-    tested = {"fp8_linear", "bf16_linear", "fp8_grouped_linear", "moe_experts", "fake_quant_fp8", "hadamard_fp4", "sparse_attn",
+    tested = {"fp8_linear", "bf16_linear", "cache_write", "fp8_grouped_linear", "moe_experts", "fake_quant_fp8", "hadamard_fp4", "sparse_attn",
               "indexer_topk", "compress_pool", "hc_pre", "hc_post"}
     # the collective kernels talk to other processes: tests/test_mesh_runtime.py runs them across two ranks
     collectives = {"all_reduce", "all_gather"}

@@ -209,12 +209,8 @@ class Compressor(nn.Module):
             new = ops.hadamard_fp4(new) if num.indexer_fp4 else new
         else:
             new = fake_quant_nope(new, self.rope_dim, num.kv_fp8)
-        # Entry slot n takes new[n - start//m] when that window closed in this call, else keeps its value.
-        slot = step.arange(entries.shape[1])[None, :] - (step.start // m)[:, None]  # [B, N]
-        in_call = (slot >= 0) & (slot < n_win)
-        slot_c = slot.clamp(0, n_win - 1)
-        fresh = in_call & torch.gather(closes, 1, slot_c)
-        entries = torch.where(fresh[..., None], take_rows(new, slot_c), entries)
+        # Window j that closed in this call is entry j; the others are not written (slot -1).
+        entries = ops.cache_write(entries, new, torch.where(closes, j, -1))
         # New state: the span rows ending at position end-1, i.e. ext rows n_valid .. n_valid+span-1.
         keep = step.n_valid[:, None] + step.arange(span)
         return entries, take_rows(ext_kv, keep), take_rows(ext_score, keep)
@@ -354,13 +350,12 @@ class Attention(nn.Module):
         return torch.where(kpos <= pos, rows, torch.full_like(rows, -1))
 
     def updated_ring(self, ring: torch.Tensor, kv: torch.Tensor, step: Step) -> torch.Tensor:
-        """Slot s holds the latest position p < end with p % W == s: from this call if p >= start."""
+        """Slot s holds the latest position p < end with p % W == s: the call's real tokens among the last W
+        positions are written at p % W (distinct slots); padding and older tokens of a long call are not."""
         W = self.window
-        last = step.end[:, None] - 1
-        p = last - torch.remainder(last - step.arange(W), W)  # [B, W]
-        from_call = p >= step.start[:, None]
-        row = (p - step.start[:, None]).clamp(0, kv.shape[1] - 1)
-        return torch.where(from_call[..., None], take_rows(kv, row), ring)
+        pos = step.positions  # [B, S]
+        kept = (pos < step.end[:, None]) & (pos >= step.end[:, None] - W)
+        return ops.cache_write(ring, kv, torch.where(kept, torch.remainder(pos, W), -1))
 
 
 # ---- mixture of experts --------------------------------------------------------------------------------------

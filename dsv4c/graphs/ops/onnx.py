@@ -176,6 +176,21 @@ def _body_bf16_linear(g: Graph, x, w):
     return [linear(g, x, g.Cast(w, to=TensorProto.FLOAT))]
 
 
+def _body_cache_write(g: Graph, cache, rows, slots):
+    """registry.cache_write with operators TensorRT and ATC both parse: a dump row is padded on (row N), slots
+    outside [0, N) are sent there, ScatterND writes every pick, and the dump row is sliced off."""
+    zero = g.const(0, np.int64)
+    n = g.Shape(cache, start=1, end=2)  # [1]
+    padded = g.Pad(cache, g.i64(0, 0, 0, 0, 1, 0), g.const(0.0))
+    outside = g.Or(g.Less(slots, zero), g.GreaterOrEqual(slots, n))
+    slot = g.Where(outside, n, slots)  # [B, K]
+    batch = g.Range(zero, g.Squeeze(g.Shape(cache, end=1), g.i64(0)), g.const(1, np.int64))  # [B]
+    batch = g.Expand(g.Unsqueeze(batch, g.i64(1)), g.Shape(slots))  # [B, K]
+    index = g.Concat(g.Unsqueeze(batch, g.i64(-1)), g.Unsqueeze(slot, g.i64(-1)), axis=-1)  # [B, K, 2]
+    written = g.ScatterND(padded, index, rows)
+    return [g.Slice(written, g.i64(0), n, g.i64(1))]
+
+
 def _body_fp8_grouped_linear(g: Graph, x, w, w_scale, act_quant):
     xq = maybe(g, act_quant, fake_quant_fp8, x)  # [..., G, K]
     groups, k = g.Shape(x, start=-2, end=-1), g.Shape(x, start=-1)
@@ -397,6 +412,7 @@ def _body_hc_post(g: Graph, f, res, post, comb):
 _BODIES: dict[str, Callable[..., list[str]]] = {
     "fp8_linear": _body_fp8_linear,
     "bf16_linear": _body_bf16_linear,
+    "cache_write": _body_cache_write,
     "fp8_grouped_linear": _body_fp8_grouped_linear,
     "moe_experts": _body_moe_experts,
     "fake_quant_fp8": _body_fake_quant_fp8,

@@ -397,3 +397,17 @@ def hc_post(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.
     for j in range(1, res.shape[2]):  # summed over j in order, as the reference's torch.sum (model.py:685)
         mixed = mixed + comb[:, :, j, :, None] * res[:, :, j, None, :]
     return post.float()[..., None] * f.float()[:, :, None, :] + mixed
+
+
+# ---- cache updates -----------------------------------------------------------------------------------------
+@_register("cache_write", "CacheWrite", "(Tensor cache, Tensor rows, Tensor slots) -> Tensor", _same_shape,
+           input_dtypes={"slots": "int64"}, vendor_native=True)
+def cache_write(cache: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache [B, N, D] with rows[b, k] written at row slots[b, k] (slots [B, K] int64; a slot outside [0, N),
+    e.g. -1, is not written; the written slots of a batch row are distinct). A step's cache update as one op:
+    the few rows it writes, instead of a select over every row of the cache (the cache grows with the context)."""
+    b, n, d = cache.shape
+    padded = torch.cat([cache, cache.new_zeros(b, 1, d)], 1)  # row n: where the unwritten picks land
+    slot = torch.where((slots >= 0) & (slots < n), slots, n)
+    batch = torch.arange(b, device=cache.device)[:, None].expand_as(slot)
+    return padded.index_put((batch, slot), rows.to(cache.dtype))[:, :n]

@@ -392,6 +392,32 @@ struct Bf16Linear : Kernel {
   }
 };
 
+// The cache with rows[b, k] written at slots[b, k] (registry.cache_write): one copy of the cache into the
+// output (ORT owns a graph input's buffer, so the output cannot alias it) and the few written rows.
+struct CacheWrite : Kernel {
+  explicit CacheWrite(const OrtKernelInfo*) {}
+
+  void compute(OrtKernelContext* ctx) override {
+    Context c(ctx, "CacheWrite", inline_work_);
+    const Tensor cache = c.input(0, "cache", F32), rows = c.input(1, "rows", F32), slots = c.input(2, "slots", I64);
+    c.require(cache.rank() == 3, "cache must be [B, N, D], got " + shape_str(cache.shape));
+    const int64_t B = cache.dim(0), N = cache.dim(1), D = cache.dim(2);
+    c.require(slots.rank() == 2 && slots.dim(0) == B, "slots " + shape_str(slots.shape) + " must be [B, K] for cache " +
+                                                          shape_str(cache.shape));
+    const int64_t K = slots.dim(1);
+    c.require(rows.shape == std::vector<int64_t>{B, K, D}, "rows " + shape_str(rows.shape) + " must be [B, K, D] = " +
+                                                             shape_str({B, K, D}));
+    float* out = c.output<float>(0, cache.shape);
+    c.parallel(B, double(N) * D, [&](size_t b) {
+      memcpy(out + b * N * D, cache.f32() + b * N * D, sizeof(float) * N * D);
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t slot = slots.i64()[b * K + k];
+        if (slot >= 0 && slot < N) memcpy(out + (b * N + slot) * D, rows.f32() + (b * K + k) * D, sizeof(float) * D);
+      }
+    });
+  }
+};
+
 struct Fp8GroupedLinear : Kernel {
   bool act_quant;
   explicit Fp8GroupedLinear(const OrtKernelInfo* info)
@@ -930,7 +956,7 @@ Kernel* make(const OrtKernelInfo* info) {
 std::vector<OpEntry>& ops() {
   static std::vector<OpEntry> table = [] {
     std::vector<OpEntry> t;
-    t.reserve(14);
+    t.reserve(15);
     t.emplace_back("Fp8Linear", std::vector{F32, U8, F32}, std::vector{F32}, make<Fp8Linear>);
     t.emplace_back("Bf16Linear", std::vector{F32, BF16}, std::vector{F32}, make<Bf16Linear>);
     t.emplace_back("Fp8GroupedLinear", std::vector{F32, U8, F32}, std::vector{F32}, make<Fp8GroupedLinear>);
@@ -943,6 +969,7 @@ std::vector<OpEntry>& ops() {
     t.emplace_back("IndexerScores", std::vector{F32, F32, F32}, std::vector{F32}, make<IndexerScores>);
     t.emplace_back("CompressPool", std::vector{F32, F32, I64}, std::vector{F32}, make<CompressPool>);
     t.emplace_back("HcPre", std::vector{F32, F32, F32, F32}, std::vector{F32, F32, F32}, make<HcPre>);
+    t.emplace_back("CacheWrite", std::vector{F32, F32, I64}, std::vector{F32}, make<CacheWrite>);
     t.emplace_back("HcPost", std::vector{F32, F32, F32, F32}, std::vector{F32}, make<HcPost>);
     t.emplace_back("AllReduce", std::vector{F32}, std::vector{F32}, make<AllReduce>);
     t.emplace_back("AllGather", std::vector{F32}, std::vector{F32}, make<AllGather>);
