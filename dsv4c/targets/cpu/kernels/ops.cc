@@ -408,13 +408,17 @@ struct CacheWrite : Kernel {
     c.require(rows.shape == std::vector<int64_t>{B, K, D}, "rows " + shape_str(rows.shape) + " must be [B, K, D] = " +
                                                              shape_str({B, K, D}));
     float* out = c.output<float>(0, cache.shape);
-    c.parallel(B, double(N) * D, [&](size_t b) {
-      memcpy(out + b * N * D, cache.f32() + b * N * D, sizeof(float) * N * D);
+    // the copy is the whole cost (a long context's cache is MBs per layer): split it into ~256 KB pieces
+    const int64_t total = B * N * D, piece = 1 << 16;
+    c.parallel((total + piece - 1) / piece, double(total), [&](size_t t) {
+      const int64_t i0 = t * piece;
+      memcpy(out + i0, cache.f32() + i0, sizeof(float) * std::min(piece, total - i0));
+    });
+    for (int64_t b = 0; b < B; ++b)
       for (int64_t k = 0; k < K; ++k) {
         const int64_t slot = slots.i64()[b * K + k];
         if (slot >= 0 && slot < N) memcpy(out + (b * N + slot) * D, rows.f32() + (b * K + k) * D, sizeof(float) * D);
       }
-    });
   }
 };
 
