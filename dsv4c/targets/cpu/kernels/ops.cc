@@ -343,6 +343,26 @@ const float* act_quant_rows(const Context& c, const float* x, int64_t rows, int6
   return buf.data();
 }
 
+// y[..., N] = x[..., K] . W^T (x FP8-quantised first with `act_quant`): the body of the linear kernels, after
+// each has checked its weight into `qw`.
+void linear_rows(const Context& c, const IsaKernels* isa, const Tensor& x, const Tensor& w, const QuantWeight& qw,
+                 bool act_quant) {
+  c.require(x.rank() >= 1 && x.dim(-1) == qw.k, "x " + shape_str(x.shape) + " does not match w " +
+                                                       shape_str(w.shape) + " (last dims must agree)");
+  const int64_t rows = x.numel() / std::max<int64_t>(qw.k, 1);
+  std::vector<int64_t> shape = x.shape;
+  shape.back() = qw.n;
+  float* y = c.output<float>(0, shape);
+  if (rows == 0 || qw.n == 0) return;
+  if (qw.k == 0) return (void)std::fill(y, y + rows * qw.n, 0.f);
+  std::vector<float> xq;
+  const float* xin = act_quant ? act_quant_rows(c, x.f32(), rows, qw.k, xq) : x.f32();
+  const int64_t per = rows_per_task(qw.n, rows);
+  c.parallel((qw.n + per - 1) / per, double(rows + 1) * qw.n * qw.k, [&](size_t t) {
+    isa->linear(qw, xin, qw.k, rows, y, qw.n, t * per, std::min(qw.n, (int64_t)(t + 1) * per));
+  });
+}
+
 struct Fp8Linear : Kernel {
   bool act_quant;
   explicit Fp8Linear(const OrtKernelInfo* info) : act_quant(attr_int(info, "Fp8Linear", "act_quant") != 0) {}
@@ -350,21 +370,7 @@ struct Fp8Linear : Kernel {
   void compute(OrtKernelContext* ctx) override {
     Context c(ctx, "Fp8Linear", inline_work_);
     const Tensor x = c.input(0, "x", F32), w = c.input(1, "w", U8), s = c.input(2, "w_scale", F32);
-    const QuantWeight qw = fp8_weight(c, w, s);
-    c.require(x.rank() >= 1 && x.dim(-1) == qw.k, "x " + shape_str(x.shape) + " does not match w " +
-                                                         shape_str(w.shape) + " (last dims must agree)");
-    const int64_t rows = x.numel() / std::max<int64_t>(qw.k, 1);
-    std::vector<int64_t> shape = x.shape;
-    shape.back() = qw.n;
-    float* y = c.output<float>(0, shape);
-    if (rows == 0 || qw.n == 0) return;
-    if (qw.k == 0) return (void)std::fill(y, y + rows * qw.n, 0.f);
-    std::vector<float> xq;
-    const float* xin = act_quant ? act_quant_rows(c, x.f32(), rows, qw.k, xq) : x.f32();
-    const int64_t per = rows_per_task(qw.n, rows);
-    c.parallel((qw.n + per - 1) / per, double(rows + 1) * qw.n * qw.k, [&](size_t t) {
-      isa->linear(qw, xin, qw.k, rows, y, qw.n, t * per, std::min(qw.n, (int64_t)(t + 1) * per));
-    });
+    linear_rows(c, isa, x, w, fp8_weight(c, w, s), act_quant);
   }
 };
 
@@ -376,19 +382,7 @@ struct Bf16Linear : Kernel {
     Context c(ctx, "Bf16Linear", inline_work_);
     const Tensor x = c.input(0, "x", F32), w = c.input(1, "w", BF16);
     c.require(w.rank() == 2, "input 'w' must be bfloat16 [N, K], got " + shape_str(w.shape));
-    const QuantWeight qw{kBf16, w.data, nullptr, w.dim(0), w.dim(1)};
-    c.require(x.rank() >= 1 && x.dim(-1) == qw.k, "x " + shape_str(x.shape) + " does not match w " +
-                                                         shape_str(w.shape) + " (last dims must agree)");
-    const int64_t rows = x.numel() / std::max<int64_t>(qw.k, 1);
-    std::vector<int64_t> shape = x.shape;
-    shape.back() = qw.n;
-    float* y = c.output<float>(0, shape);
-    if (rows == 0 || qw.n == 0) return;
-    if (qw.k == 0) return (void)std::fill(y, y + rows * qw.n, 0.f);
-    const int64_t per = rows_per_task(qw.n, rows);
-    c.parallel((qw.n + per - 1) / per, double(rows + 1) * qw.n * qw.k, [&](size_t t) {
-      isa->linear(qw, x.f32(), qw.k, rows, y, qw.n, t * per, std::min(qw.n, (int64_t)(t + 1) * per));
-    });
+    linear_rows(c, isa, x, w, QuantWeight{kBf16, w.data, nullptr, w.dim(0), w.dim(1)}, false);
   }
 };
 
