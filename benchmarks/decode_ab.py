@@ -1,0 +1,60 @@
+"""Steady-state decode of two or more CPU artifacts, interleaved in one process: an A/B that a noisy machine
+cannot tilt (each round runs every artifact once, back to back; the table gives the median and best round).
+
+    python benchmarks/decode_ab.py new=artifacts/tiny-cpu base=/tmp/old/tiny --batch 1
+    python benchmarks/decode_ab.py new=A base=B --batch 8 --rounds 7 --prompt 200 --steps 32
+
+Each round: a fresh session of `--batch` sequences prefills `--prompt` random tokens, runs two decode steps
+untimed (ORT sets its decode session up on the first), then times `--steps` greedy steps. The runtime is this
+checkout's; the artifacts bring their own graphs and kernel library, so an artifact built by an older dsv4c
+(of the same artifact format) measures that dsv4c's engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("artifacts", nargs="+", metavar="LABEL=PATH")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--prompt", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    from dsv4c.runtime import Engine
+
+    engines = {}
+    for item in args.artifacts:
+        label, _, path = item.partition("=")
+        if not path:
+            ap.error(f"{item!r}: expected LABEL=PATH")
+        engines[label] = Engine.load(path, threads=args.threads)
+    ms = {label: [] for label in engines}
+    rng = np.random.default_rng(0)
+    for _ in range(args.rounds):
+        for label, engine in engines.items():
+            session = engine.session(args.batch)
+            logits = session.prefill(rng.integers(10, engine.vocab_size, size=(args.batch, args.prompt)))
+            for _ in range(2):
+                logits = session.decode(logits.argmax(-1))
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                logits = session.decode(logits.argmax(-1))
+            ms[label].append((time.perf_counter() - t0) / args.steps * 1e3)
+    first = statistics.median(next(iter(ms.values())))
+    print(f"\nbatch {args.batch}, {args.threads} threads, prompt {args.prompt}, {args.steps} steps, {args.rounds} rounds\n")
+    print("artifact | median ms/step | decode tok/s | best ms/step | vs first\n--- | --- | --- | --- | ---")
+    for label, values in ms.items():
+        med = statistics.median(values)
+        print(f"{label} | {med:.2f} | {args.batch * 1e3 / med:.1f} | {min(values):.2f} | {first / med:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
