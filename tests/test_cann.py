@@ -153,7 +153,8 @@ def decode_fp4(w, s):
 def test_every_dsv4_op_has_a_cann_mapping_with_its_source():
     from dsv4c.graphs.ops.registry import OPS
 
-    assert {op.onnx_name for op in OPS.values()} == set(mapping.MAPPING)
+    # vendor-native ops reach ATC as standard operators (inlined at lowering: tests/test_op_coverage.py)
+    assert {op.onnx_name for op in OPS.values() if not op.vendor_native} == set(mapping.MAPPING)
     for m in mapping.MAPPING.values():
         assert m.source, m.dsv4_op
         assert m.status in ("public", "tbd")

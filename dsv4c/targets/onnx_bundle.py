@@ -75,8 +75,11 @@ def inline_vendor_native(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     opset = next(o.version for o in model.opset_import if o.domain == "")
     bodies = [function_body(native[t]) for t in used]
-    for body in bodies:  # written at ONNX_OPSET; their operators (Cast-13, Transpose-13, MatMul-13) are unchanged
-        for o in body.opset_import:  # down to the vendor opsets (>= 17), so the body runs at the model's opset
+    # the bodies are written at ONNX_OPSET; every operator in them has had its current form since opset 16 at the
+    # latest (ScatterND-16, Shape-15, Cast / MatMul / Pad / Slice -13), so they are re-declared at the vendor's
+    # opset (17 / 18) for the inliner, which refuses mixed versions
+    for body in bodies:
+        for o in body.opset_import:
             if o.domain == "":
                 o.version = opset
     add_functions(model, bodies)

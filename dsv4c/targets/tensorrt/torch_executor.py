@@ -106,6 +106,26 @@ def _topk(a, x, k):
     return torch.gather(x, axis, order), order
 
 
+def _pad(a, x, pads, value=None, axes=None):
+    """Pad, constant mode, pads [begin_0 .. begin_n, end_0 .. end_n] over every axis (our bodies give no axes)."""
+    if a.get("mode", "constant") != "constant" or axes is not None:
+        raise NotImplementedError("Pad: only constant mode over all axes is interpreted")
+    p, n = [int(v) for v in pads.tolist()], x.dim()
+    flat = [v for d in reversed(range(n)) for v in (p[d], p[n + d])]  # torch: last axis first
+    return torch.nn.functional.pad(x, flat, value=0.0 if value is None else float(value.item()))
+
+
+def _scatter_nd(a, data, indices, updates):
+    """ScatterND without reduction: a copy of data with updates written at the index tuples (last write wins)."""
+    if a.get("reduction", "none") != "none":
+        raise NotImplementedError("ScatterND: only reduction='none' is interpreted")
+    k = indices.shape[-1]
+    index = indices.long().reshape(-1, k)
+    out = data.clone()
+    out[tuple(index.t())] = updates.reshape(index.shape[0], *data.shape[k:]).to(data.dtype)
+    return out
+
+
 def _gather_nd(a, data, indices):
     b = a.get("batch_dims", 0)
     if b:
@@ -185,10 +205,18 @@ STANDARD_OPS: dict[str, Callable[..., Any]] = {
     "Gather": lambda a, x, i: torch.index_select(x, a.get("axis", 0), i.reshape(-1).long()).reshape(
         *x.shape[:a.get("axis", 0) % x.dim()], *i.shape, *x.shape[a.get("axis", 0) % x.dim() + 1:]),
     "GatherElements": lambda a, x, i: torch.gather(x, a.get("axis", 0), i.long()), "GatherND": _gather_nd,
-    "MatMul": lambda a, x, y: x @ y, "Gemm": _gemm, "TopK": _topk,
+    "MatMul": lambda a, x, y: x @ y, "Gemm": _gemm, "TopK": _topk, "Pad": _pad, "ScatterND": _scatter_nd,
     "ReduceMean": _reduce(torch.mean), "ReduceSum": _reduce(torch.sum),
     "ReduceMax": _reduce(lambda x, dim, keepdim: torch.amax(x, dim=dim, keepdim=keepdim)),
 }
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """numpy -> torch; onnx gives bfloat16 initializers as ml_dtypes arrays, which torch cannot take directly."""
+    array = np.array(array)  # a writable copy: the reader's buffer is read-only
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
@@ -196,7 +224,7 @@ def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
     for attr in node.attribute:
         value = onnx.helper.get_attribute_value(attr)
         if attr.type == onnx.AttributeProto.TENSOR:
-            value = torch.from_numpy(np.array(numpy_helper.to_array(value)))
+            value = _tensor(numpy_helper.to_array(value))
         elif isinstance(value, bytes):
             value = value.decode()
         out[attr.name] = value
@@ -214,7 +242,8 @@ def plugin_implementations(device: str) -> dict[str, Callable]:
     if device == "cuda" or _triton_interpreted():
         from dsv4c.targets.tensorrt.kernels import LAUNCHERS
 
-        return {op.onnx_name: reference[op.onnx_name] if op.collective else LAUNCHERS[name]
+        # vendor-native ops never reach a bundle as nodes (inlined at lowering); the reference stands in for them
+        return {op.onnx_name: reference[op.onnx_name] if op.collective or op.vendor_native else LAUNCHERS[name]
                 for name, op in OPS.items()}
     return reference
 
@@ -244,8 +273,7 @@ class Program:
 
         model = onnx.load(path, load_external_data=False)  # the .onnx.data beside it is hard-linked: read it here
         self.device = device
-        self.weights = {t.name: torch.from_numpy(np.array(initializer_array(t, path.parent))).to(device)
-                        for t in model.graph.initializer}
+        self.weights = {t.name: _tensor(initializer_array(t, path.parent)).to(device) for t in model.graph.initializer}
         self.inputs = [i.name for i in model.graph.input if i.name not in self.weights]
         self.outputs = [o.name for o in model.graph.output]
         self.nodes = []
