@@ -12,8 +12,8 @@
 namespace dsv4 {
 
 // Values of dsv4c.graphs.quant (tests/test_shared_constants.py checks that they agree):
-// kFp4..kF32 = ExpertFormat, the `fmt` attribute of MoeExperts; kBf16 is the Bf16Linear weights' (no expert uses it)
-enum WeightFormat : int32_t { kFp4 = 0, kFp8 = 1, kF32 = 2, kBf16 = 3 };
+enum WeightFormat : int32_t { kFp4 = 0, kFp8 = 1, kF32 = 2 };  // = ExpertFormat, the `fmt` attribute of MoeExperts
+constexpr int32_t kBf16 = 3;  // QuantWeight::format of Bf16Linear's weights (not an expert format)
 constexpr int64_t kFp8Block = 128;  // = FP8_BLOCK: FP8 weight scales per 128x128, activation ones per 1x128
 constexpr int64_t kFp4Block = 32;   // = FP4_BLOCK: FP4 scales per 1x32
 
