@@ -112,17 +112,25 @@ def indexer_keys(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_visible: t
     return keys
 
 
+def check_indexer_inputs(op: str, q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> tuple[int, int, int, int]:
+    """The query, key and head-weight tensors both indexer ops take, checked: q [B,S,h,d], k [B,N,d], w [B,S,h].
+    -> (B, S, h, d)."""
+    check_tensors(op, q=q, k=k, w=w)
+    require(q.dim() == 4, op, f"`q` must be [B, S, h, d], got shape {list(q.shape)}")
+    b, s, h, d = q.shape
+    check_shape(op, "k", k, (b, None, d))
+    check_shape(op, "w", w, (b, s, h))
+    return b, s, h, d
+
+
 def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_visible: torch.Tensor, topk: int,
                  bf16: bool) -> torch.Tensor:
     """dsv4::indexer_topk: q [B,S,h,d], k [B,N,d], w [B,S,h], n_visible [B,S] int64 -> ids [B,S,min(topk,N)]
     in descending score order (ties: lower id first), -1 for picks that are not visible; `bf16` scores at the
     reference's bf16 rounding points."""
     op = "indexer_topk"
-    check_tensors(op, q=q, k=k, w=w, n_visible=n_visible)
-    require(q.dim() == 4, op, f"`q` must be [B, S, h, d], got shape {list(q.shape)}")
-    b, s, h, d = q.shape
-    check_shape(op, "k", k, (b, None, d))
-    check_shape(op, "w", w, (b, s, h))
+    check_tensors(op, n_visible=n_visible)
+    b, s, _, _ = check_indexer_inputs(op, q, k, w)
     check_shape(op, "n_visible", n_visible, (b, s))
     require(n_visible.dtype == torch.int64, op, f"`n_visible` must be int64, got {n_visible.dtype}")
     require(topk > 0, op, f"topk must be positive, got {topk}")
@@ -139,12 +147,7 @@ def indexer_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, bf16: bool
     """dsv4::indexer_scores: q [B,S,h,d], k [B,N,d], w [B,S,h] -> the heads' summed scores [B,S,N] float32, at the
     reference's bf16 points with `bf16`, no mask (a tensor-parallel rank's partial scores, all-reduced before the
     top-k: spec §2.5)."""
-    op = "indexer_scores"
-    check_tensors(op, q=q, k=k, w=w)
-    require(q.dim() == 4, op, f"`q` must be [B, S, h, d], got shape {list(q.shape)}")
-    b, s, h, d = q.shape
-    check_shape(op, "k", k, (b, None, d))
-    check_shape(op, "w", w, (b, s, h))
+    b, s, h, d = check_indexer_inputs("indexer_scores", q, k, w)
     n = k.shape[1]
     out = torch.empty(b, s, n, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
