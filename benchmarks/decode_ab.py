@@ -49,7 +49,8 @@ def main() -> None:
                 logits = session.decode(logits.argmax(-1))
             ms[label].append((time.perf_counter() - t0) / args.steps * 1e3)
     first = statistics.median(next(iter(ms.values())))
-    print(f"\nbatch {args.batch}, {args.threads} threads, prompt {args.prompt}, {args.steps} steps, {args.rounds} rounds\n")
+    print(f"\nbatch {args.batch}, {args.threads} threads, prompt {args.prompt}, {args.steps} steps, "
+          f"{args.rounds} rounds\n")
     print("artifact | median ms/step | decode tok/s | best ms/step | vs first\n--- | --- | --- | --- | ---")
     for label, values in ms.items():
         med = statistics.median(values)

@@ -16,7 +16,8 @@ from dsv4c.graphs.ops.onnx import (DOMAIN, ONNX_OPSET, attach_functions, attribu
                                    register_schemas, tensor_inputs, write_onnx_program)
 from dsv4c.graphs.ops.onnx_builder import fp8_table
 
-from tensors import assert_outputs_match, bf16_initializer, feeds, attention_blocks, fp8_weight, indexer_grid, rand, reference
+from tensors import (assert_outputs_match, attention_blocks, bf16_initializer, feeds, fp8_weight, indexer_grid, rand,
+                     reference)
 
 register_schemas()
 ops = torch.ops.dsv4
@@ -361,8 +362,8 @@ def test_attach_functions_is_idempotent_and_checks_the_opset():
 
 
 def test_every_op_has_a_test():
-    tested = {"fp8_linear", "bf16_linear", "cache_write", "fp8_grouped_linear", "moe_experts", "fake_quant_fp8", "hadamard_fp4", "sparse_attn",
-              "indexer_topk", "indexer_scores", "compress_pool", "hc_pre", "hc_post"}
+    tested = {"fp8_linear", "bf16_linear", "cache_write", "fp8_grouped_linear", "moe_experts", "fake_quant_fp8",
+              "hadamard_fp4", "sparse_attn", "indexer_topk", "indexer_scores", "compress_pool", "hc_pre", "hc_post"}
     # collectives have no ONNX body: their kernels are tested across processes (tests/test_mesh_runtime.py)
     collectives = {name for name, op in OPS.items() if op.collective}
     assert collectives == {"all_reduce", "all_gather"}

@@ -28,7 +28,8 @@ from dsv4c.graphs.ops.onnx import (DOMAIN, DOMAIN_VERSION, ONNX_OPSET, attach_fu
 from dsv4c.targets.base import ToolchainMissing
 from dsv4c.targets.cpu.kernels import CPP_KERNELS, build
 
-from tensors import assert_outputs_match, bf16_initializer, feeds, attention_blocks, fp8_weight, indexer_grid, rand, reference
+from tensors import (assert_outputs_match, attention_blocks, bf16_initializer, feeds, fp8_weight, indexer_grid, rand,
+                     reference)
 
 register_schemas()
 ops = torch.ops.dsv4
@@ -472,8 +473,8 @@ def test_hadamard_fp4_odd_leading_dims(library):
 
 
 def test_every_op_has_a_kernel_test():
-    tested = {"fp8_linear", "bf16_linear", "cache_write", "fp8_grouped_linear", "moe_experts", "fake_quant_fp8", "hadamard_fp4", "sparse_attn",
-              "indexer_topk", "compress_pool", "hc_pre", "hc_post"}
+    tested = {"fp8_linear", "bf16_linear", "cache_write", "fp8_grouped_linear", "moe_experts", "fake_quant_fp8",
+              "hadamard_fp4", "sparse_attn", "indexer_topk", "compress_pool", "hc_pre", "hc_post"}
     # the collective kernels talk to other processes: tests/test_mesh_runtime.py runs them across two ranks
     collectives = {"all_reduce", "all_gather"}
     assert {op.onnx_name for op in OPS.values()} == CPP_KERNELS

@@ -33,7 +33,8 @@ def op_coverage(kind: str, op: str, soc: str | None = None) -> Coverage:
 
     onnx_name = OPS[op].onnx_name
     if kind in ("tensorrt", "cann") and OPS[op].vendor_native:  # onnx_bundle.inline_vendor_native
-        return Coverage(op, True, f"inlined as standard ONNX ({', '.join(_body_ops(op))}): {_VENDOR[kind]}'s own layers")
+        body = ", ".join(_body_ops(op))
+        return Coverage(op, True, f"inlined as standard ONNX ({body}): {_VENDOR[kind]}'s own layers")
     if kind == "cpu":
         from dsv4c.targets.cpu.kernels import CPP_KERNELS
 

@@ -55,7 +55,8 @@ DOMAIN = "dsv4"
 DOMAIN_VERSION = 1
 
 _FLOAT, _U8, _I64, _BF16 = "tensor(float)", "tensor(uint8)", "tensor(int64)", "tensor(bfloat16)"
-_ONNX_TYPES = {"float32": _FLOAT, "uint8": _U8, "int64": _I64, "bfloat16": _BF16, "uint8|float32": "TW"}  # TW: a type constraint
+# TW: a type constraint
+_ONNX_TYPES = {"float32": _FLOAT, "uint8": _U8, "int64": _I64, "bfloat16": _BF16, "uint8|float32": "TW"}
 _ATTR_TYPES = {"bool": OpSchema.AttrType.INT, "int": OpSchema.AttrType.INT, "float": OpSchema.AttrType.FLOAT}
 
 
