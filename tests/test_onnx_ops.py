@@ -413,6 +413,34 @@ def test_write_onnx_program_dynamic_shapes(tmp_path):
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
+class TableLookup(torch.nn.Module):
+    """`table[ids]` on a bf16 buffer, as the model's embedding and hash-routing lookups are written."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", rand(4096, 64, seed=3).to(torch.bfloat16))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table[ids].float()
+
+
+def test_table_lookup_keeps_one_copy_of_the_table(tmp_path):
+    """The exporter writes `table[ids]` as an identity Transpose of the table + GatherND; ONNX Runtime folds a
+    Transpose of an initializer into a second copy of it in every session (265 MB per session for a 129k x 1024
+    embedding). The written program reads the table itself, and the lookups are still the table's rows."""
+    model = TableLookup().eval()
+    ep = torch.export.export(model, (torch.zeros(2, 3, dtype=torch.int64),),
+                             dynamic_shapes=({0: torch.export.Dim("b", max=8), 1: torch.export.Dim("t", max=64)},),
+                             strict=False)
+    proto = write_onnx_program(ep, tmp_path / "lookup.onnx")
+    assert not [n for n in proto.graph.node if n.op_type == "Transpose"]
+    consumers = [n.op_type for n in proto.graph.node if "table" in n.input]
+    assert consumers and "Transpose" not in consumers
+    ids = np.array([[0, 4095, 7], [7, 1, 2]], dtype=np.int64)
+    got = ort_session(tmp_path / "lookup.onnx").run(None, {"ids": ids})[0]
+    np.testing.assert_array_equal(got, model.table.float().numpy()[ids])
+
+
 @pytest.mark.slow
 def test_tiny_model_matches_torch(tmp_path):
     """The `tiny` preset's prefill program (random weights, plain numerics: no rounding to flip) through

@@ -541,6 +541,7 @@ def write_onnx_program(ep: torch.export.ExportedProgram, path: str | Path, *,
         program = torch.onnx.export(ep, dynamo=True, custom_translation_table=translation_table(), optimize=False,
                                     opset_version=opset, verbose=False)
     model = program.model
+    drop_identity_transposes(model.graph)
     used = {n.op_type for n in model.graph.all_nodes() if n.domain == DOMAIN} if with_functions else set()
     # subgraphs (e.g. from torch.cond) are walked by all_nodes(); local functions of the exporter too
     for fn in list(model.functions.values()) if with_functions else []:
@@ -556,10 +557,33 @@ def write_onnx_program(ep: torch.export.ExportedProgram, path: str | Path, *,
     return onnx.load(path, load_external_data=False)
 
 
-def ort_session(path: str | Path, *, custom_ops_library: str | None = None,
-                threads: int | None = None) -> "onnxruntime.InferenceSession":  # noqa: F821
+def drop_identity_transposes(graph) -> int:
+    """Remove Transpose nodes whose perm is the identity (their uses read the input instead). The exporter
+    lowers `table[ids]` (aten.index) to Transpose(perm=[0, 1]) + GatherND; on an initializer, ONNX Runtime's
+    constant folding then materialises the transposed copy: a second embedding table (265 MB at a 129k
+    vocabulary) held by every session. Returns how many were removed."""
+    import onnx_ir as ir
+
+    removed = 0
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        perm = node.attributes.get("perm")
+        if perm is None or list(perm.value) != list(range(len(perm.value))):
+            continue
+        if node.outputs[0].is_graph_output():
+            continue
+        ir.convenience.replace_all_uses_with(node.outputs[0], node.inputs[0])
+        graph.remove(node, safe=True)
+        removed += 1
+    return removed
+
+
+def ort_session(path: str | Path, *, custom_ops_library: str | None = None, threads: int | None = None,
+                initializers: dict | None = None) -> "onnxruntime.InferenceSession":  # noqa: F821
     """An ONNX Runtime CPU session. With `custom_ops_library` its dsv4 kernels run the dsv4 nodes;
-    without, ORT inlines the model-local function bodies."""
+    without, ORT inlines the model-local function bodies. `initializers` (name -> OrtValue) replace the model's
+    own: ORT uses their memory as it is (the caller keeps them alive as long as the session)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -571,4 +595,6 @@ def ort_session(path: str | Path, *, custom_ops_library: str | None = None,
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    for name, value in (initializers or {}).items():
+        options.add_initializer(name, value)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
