@@ -98,6 +98,27 @@ def test_manifest_cache_dtypes_are_what_the_engine_stores(official):
     assert [a.dtype.name for a in eng.session(1).cache.to_host()] == stored
 
 
+def test_the_programs_share_one_map_of_the_weights(official):
+    """Prefill and decode read the same weights file; the engine maps it once for both (two maps would count
+    every page both programs touch twice in the process's resident set)."""
+    from pathlib import Path
+
+    out, _ = official
+    data = {p.name for p in (out / "engine").glob("*.data")}
+    assert data
+
+    def maps() -> int:
+        return sum(Path(line.split()[-1]).name in data for line in Path("/proc/self/maps").read_text().splitlines()
+                   if line.split()[-1].startswith(str(out)))
+
+    before = maps()
+    eng = Engine.load(out)
+    session = eng.session(1)
+    session.decode(np.asarray(session.prefill([PROMPTS[0]])).argmax(-1))
+    assert maps() - before == len(data)
+    eng.close()
+
+
 def test_rebuild_is_a_cache_hit_for_every_stage(official, stage_cache):
     out, first = official
     assert stage_status(first)["lower"] == "done" or stage_status(first)["lower"] == "cached"

@@ -33,9 +33,11 @@ class OrtExecutor:
         self.kernels = library.is_file()
         self.library = library
         self.sessions = {}
+        # the programs share one weights file: mapped once here, every session reads the same pages
+        weights, self.mapped = mapped_initializers({name: engine_dir / rel for name, rel in programs.items()})
         for name, rel in programs.items():
             self.sessions[name] = ort_session(engine_dir / rel, custom_ops_library=str(library) if self.kernels else None,
-                                              threads=threads)
+                                              threads=threads, initializers=weights[name])
         self.inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
 
     def connect_collectives(self) -> None:
@@ -58,6 +60,41 @@ class OrtExecutor:
         logits, *new_cache = self.sessions[program].run(None, dict(zip(names, values)))
         cache.replace(new_cache)
         return logits
+
+
+def mapped_initializers(programs: dict[str, Path]) -> tuple[dict[str, dict], list[np.ndarray]]:
+    """Per program, its external-data initializers as OrtValues over one read-only memory map per weights file,
+    shared by all programs; and the maps, which the OrtValues do not keep alive. Left to itself, each ORT
+    session maps the file on its own: the prefill and decode programs then count every page they both touch
+    twice in the process's resident set."""
+    import onnx
+    import onnxruntime as ort
+    from onnx.external_data_helper import uses_external_data
+
+    files: dict[Path, np.memmap] = {}
+    values: dict[str, dict] = {}
+    for program, path in programs.items():
+        values[program] = {}
+        for init in onnx.load(str(path), load_external_data=False).graph.initializer:
+            if not uses_external_data(init):
+                continue
+            info = {e.key: e.value for e in init.external_data}
+            file = path.parent / info["location"]
+            if file not in files:
+                files[file] = np.memmap(file, dtype=np.uint8, mode="r")
+            values[program][init.name] = _tensor_value(files[file], int(info.get("offset", 0)), init, ort)
+    return values, list(files.values())
+
+
+def _tensor_value(data: np.ndarray, offset: int, init, ort):
+    import onnx
+
+    bf16 = init.data_type == onnx.TensorProto.BFLOAT16
+    dtype = np.dtype(np.uint16 if bf16 else onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
+    array = data[offset:offset + dtype.itemsize * math.prod(init.dims)].view(dtype).reshape(tuple(init.dims))
+    if bf16:  # numpy has no bfloat16: the bits, typed by ORT
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, init.data_type)
+    return ort.OrtValue.ortvalue_from_numpy(array)
 
 
 def load_executor(root: Path, manifest: Manifest, emulate: bool = False, threads: int | None = None,
