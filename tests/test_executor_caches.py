@@ -93,3 +93,50 @@ def test_tensorrt_steps_bind_the_caches_own_buffers_and_swap_them():
     assert all(np.array_equal(h, v + 3) for h, v in zip(cache.to_host(), numbered(2)))
     with pytest.raises(ArtifactError, match="the engine has 4 inputs and 3 outputs, the runtime binds 5 and 3"):
         step_bindings(inputs[:4], outputs, step, torch.empty(2, 8), cache)
+
+
+# ---- which caches the CPU executor updates in place ---------------------------------------------------------
+def cache_graph(readers: dict[str, list[str]]):
+    """tokens, start_pos, n_valid and one cache per entry of `readers`; each cache's output is a CacheWrite of it,
+    and the listed extra op types also read it (their outputs unused)."""
+    from onnx import TensorProto, helper
+
+    from dsv4c.graphs.ops.onnx import DOMAIN
+
+    nodes, outputs = [], [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, None) for n in ("tokens", "start_pos", "n_valid")]
+    nodes.append(helper.make_node("Cast", ["tokens"], ["logits"], to=TensorProto.FLOAT))
+    for name, extra in readers.items():
+        inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+        nodes.append(helper.make_node("CacheWrite", [name, "rows", "slots"], [f"{name}_new"], domain=DOMAIN))
+        nodes += [helper.make_node(op, [name], [f"{name}_{op}_{k}"]) for k, op in enumerate(extra)]
+        outputs.append(helper.make_tensor_value_info(f"{name}_new", TensorProto.FLOAT, None))
+    return helper.make_graph(nodes, "g", inputs, outputs)
+
+
+def test_in_place_only_where_the_cache_write_is_the_only_reader():
+    from dsv4c.targets.cpu.executor import updated_in_place
+
+    graph = cache_graph({"cmp": [], "win": ["Identity"], "idx": ["Shape"]})
+    assert updated_in_place(graph) == [True, False, False]
+
+
+def test_a_cache_passed_on_by_another_node_is_not_in_place():
+    from onnx import helper
+
+    from dsv4c.targets.cpu.executor import updated_in_place
+
+    graph = cache_graph({"state": []})
+    graph.node.append(helper.make_node("Identity", ["state"], ["state_copy"]))
+    graph.output[1].name = "state_copy"  # the output is the input passed through, not its CacheWrite
+    assert updated_in_place(graph) == [False]
+
+
+def test_spare_buffers_swap_in():
+    cache = host_cache(2)
+    before = cache.arrays[0]
+    spare = cache.spare(0)
+    spare[...] = 7.0
+    cache.swap(0)
+    assert cache.arrays[0] is spare and np.all(cache.arrays[0] == 7.0)
+    assert cache.spare(0) is before  # the old buffer is the next step's spare: two buffers in all

@@ -187,6 +187,23 @@ def test_cache_write(library):
           slots=slots)
 
 
+def test_cache_write_in_place(library):
+    """The CPU executor binds an in-place cache's output to its input buffer: the kernel then writes only the
+    listed rows into that buffer (the hand-written case again, and the buffer is the one that was passed)."""
+    from test_onnx_ops import cache_write_case
+
+    inputs, want = cache_write_case()
+    s = session(node_model("cache_write", inputs, {}, [3]), library)
+    buffer = inputs["cache"].numpy().copy()
+    io = s.io_binding()
+    io.bind_input("cache", "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
+    for name in ("rows", "slots"):
+        io.bind_cpu_input(name, inputs[name].numpy())
+    io.bind_output("y", "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
+    s.run_with_iobinding(io)
+    np.testing.assert_array_equal(buffer, want)
+
+
 @pytest.mark.parametrize("rows", [1, 3, 6, 17])
 def test_bf16_linear(library, isa, rows):
     x, w = rand(2, rows, 200, seed=5), rand(70, 200, seed=4).to(torch.bfloat16)

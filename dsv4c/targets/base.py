@@ -100,16 +100,30 @@ def check_host_arrays(slots: Sequence[CacheSlot], batch_size: int, arrays: Seque
 
 class HostCache:
     """Caches as numpy arrays in host memory: the executors on ONNX Runtime CPU (the CPU engine and the
-    emulation of accelerator bundles), whose sessions take and return host arrays. `run` puts in the arrays ORT
-    returns (`replace`): no copy."""
+    emulation of accelerator bundles), whose sessions take and return host arrays. `run` either puts in the
+    arrays ORT returns (`replace`) or has ORT write into the cache's own buffers (`spare` / `swap`): no copy."""
 
     def __init__(self, slots: Sequence[CacheSlot], batch_size: int, arrays: list[np.ndarray] | None = None):
         self.slots, self.batch_size = list(slots), batch_size
+        self.spares: list[np.ndarray | None] | None = None
         self.arrays = arrays if arrays is not None else [
             np.full((batch_size, *s.shape), s.fill, dtype=numpy_dtype(s.dtype)) for s in self.slots]
 
     def replace(self, arrays: list[np.ndarray]) -> None:
         self.arrays = list(arrays)
+
+    def spare(self, i: int) -> np.ndarray:
+        """A second buffer for cache i, for an executor that writes the step's new value beside the old one."""
+        if self.spares is None:
+            self.spares = [None] * len(self.arrays)
+        mine = self.arrays[i]
+        if self.spares[i] is None or self.spares[i].shape != mine.shape or self.spares[i].dtype != mine.dtype:
+            self.spares[i] = np.empty_like(mine)
+        return self.spares[i]
+
+    def swap(self, i: int) -> None:
+        """The spare buffer of cache i, now written, becomes the cache."""
+        self.arrays[i], self.spares[i] = self.spares[i], self.arrays[i]
 
     def reset(self, slot: int) -> None:
         for spec, array in zip(self.slots, self.arrays):

@@ -22,10 +22,15 @@ KERNELS = "libdsv4_ops.so"
 
 class OrtExecutor:
     """Positional I/O: tokens, start_pos, n_valid, *cache -> logits, *new_cache; the caches are host arrays
-    (`HostCache`), replaced by the ones ORT returns."""
+    (`HostCache`) bound to the sessions' inputs and outputs (IOBinding). A cache that only its CacheWrite node
+    reads (the compressed entries and indexer keys, which grow with the context) is updated in place: its output
+    is bound to its own input buffer and the kernel writes the step's rows only. The others are written into the
+    cache's spare buffers, which then become the cache."""
 
     def __init__(self, engine_dir: Path, programs: dict[str, str], slots: Sequence[CacheSlot],
                  threads: int | None = None):
+        import onnx
+
         from dsv4c.graphs.ops.onnx import ort_session
 
         self.slots = list(slots)
@@ -33,12 +38,17 @@ class OrtExecutor:
         self.kernels = library.is_file()
         self.library = library
         self.sessions = {}
+        models = {name: onnx.load(str(engine_dir / rel), load_external_data=False) for name, rel in programs.items()}
         # the programs share one weights file: mapped once here, every session reads the same pages
-        weights, self.mapped = mapped_initializers({name: engine_dir / rel for name, rel in programs.items()})
+        weights, self.mapped = mapped_initializers(models, engine_dir)
         for name, rel in programs.items():
             self.sessions[name] = ort_session(engine_dir / rel, custom_ops_library=str(library) if self.kernels else None,
                                               threads=threads, initializers=weights[name])
         self.inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
+        self.outputs = {n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()}
+        # without the library ORT runs CacheWrite's function body, which has no in-place path
+        self.in_place = {n: updated_in_place(m.graph) if self.kernels else [False] * len(self.slots)
+                         for n, m in models.items()}
 
     def connect_collectives(self) -> None:
         """Run this engine's collective nodes on torch.distributed: the caller has initialised the process group
@@ -53,33 +63,70 @@ class OrtExecutor:
 
     def run(self, program: str, tokens: np.ndarray, start_pos: np.ndarray, n_valid: np.ndarray,
             cache: HostCache) -> np.ndarray:
-        values = [tokens, start_pos, n_valid, *cache.arrays]
-        names = self.inputs[program]
-        if len(names) != len(values):
-            raise ArtifactError(f"program {program!r} expects {len(names)} inputs, the runtime has {len(values)}")
-        logits, *new_cache = self.sessions[program].run(None, dict(zip(names, values)))
-        cache.replace(new_cache)
+        session, names, outputs = self.sessions[program], self.inputs[program], self.outputs[program]
+        if len(names) != 3 + len(cache.arrays):
+            raise ArtifactError(f"program {program!r} expects {len(names)} inputs, the runtime has "
+                                f"{3 + len(cache.arrays)}")
+        io = session.io_binding()
+        steps = [np.ascontiguousarray(v) for v in (tokens, start_pos, n_valid)]  # alive until the run returns
+        for name, value in zip(names, steps):
+            io.bind_cpu_input(name, value)
+        io.bind_output(outputs[0], "cpu")
+        in_place = self.in_place[program]
+        for i, (name, array) in enumerate(zip(names[3:], cache.arrays)):
+            _bind(io.bind_input, name, array)
+            _bind(io.bind_output, outputs[1 + i], array if in_place[i] else cache.spare(i))
+        session.run_with_iobinding(io)
+        logits = io.get_outputs()[0].numpy()
+        for i, done in enumerate(in_place):
+            if not done:
+                cache.swap(i)
         return logits
 
 
-def mapped_initializers(programs: dict[str, Path]) -> tuple[dict[str, dict], list[np.ndarray]]:
-    """Per program, its external-data initializers as OrtValues over one read-only memory map per weights file,
+def _bind(bind, name: str, array: np.ndarray) -> None:
+    bind(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+
+
+def updated_in_place(graph) -> list[bool]:
+    """Per cache (inputs after tokens, start_pos, n_valid; outputs after the logits): whether its new value can be
+    written into its own buffer. True when the output comes from a CacheWrite of that input and nothing else
+    reads the input: no node can see the rows the step writes before they are meant to be there. (A ring the
+    attention also reads beside the new tokens, or state re-gathered into a new order, is not.)"""
+    weights = {t.name for t in graph.initializer}
+    inputs = [i.name for i in graph.input if i.name not in weights][3:]
+    readers: dict[str, list] = {}
+    producer = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+        for name in node.output:
+            producer[name] = node
+    flags = []
+    for name, out in zip(inputs, [o.name for o in graph.output][1:]):
+        node = producer.get(out)
+        flags.append(node is not None and node.op_type == "CacheWrite" and node.input[0] == name
+                     and readers.get(name) == [node])
+    return flags
+
+
+def mapped_initializers(programs: dict, engine_dir: Path) -> tuple[dict[str, dict], list[np.ndarray]]:
+    """Per program (name -> its ModelProto, loaded without external data), its external-data initializers as OrtValues over one read-only memory map per weights file,
     shared by all programs; and the maps, which the OrtValues do not keep alive. Left to itself, each ORT
     session maps the file on its own: the prefill and decode programs then count every page they both touch
     twice in the process's resident set."""
-    import onnx
     import onnxruntime as ort
     from onnx.external_data_helper import uses_external_data
 
     files: dict[Path, np.memmap] = {}
     values: dict[str, dict] = {}
-    for program, path in programs.items():
+    for program, model in programs.items():
         values[program] = {}
-        for init in onnx.load(str(path), load_external_data=False).graph.initializer:
+        for init in model.graph.initializer:
             if not uses_external_data(init):
                 continue
             info = {e.key: e.value for e in init.external_data}
-            file = path.parent / info["location"]
+            file = engine_dir / info["location"]
             if file not in files:
                 files[file] = np.memmap(file, dtype=np.uint8, mode="r")
             values[program][init.name] = _tensor_value(files[file], int(info.get("offset", 0)), init, ort)

@@ -387,7 +387,8 @@ struct Bf16Linear : Kernel {
 };
 
 // The cache with rows[b, k] written at slots[b, k] (registry.cache_write): one copy of the cache into the
-// output (ORT owns a graph input's buffer, so the output cannot alias it) and the few written rows.
+// output and the few written rows. When the runtime binds the output to the input's own buffer (the CPU executor
+// does for a cache read by nothing else: cache updated in place), the copy is skipped.
 struct CacheWrite : Kernel {
   explicit CacheWrite(const OrtKernelInfo*) {}
 
@@ -404,7 +405,7 @@ struct CacheWrite : Kernel {
     float* out = c.output<float>(0, cache.shape);
     // the copy is the whole cost (a long context's cache is MBs per layer): split it into ~256 KB pieces
     const int64_t total = B * N * D, piece = 1 << 16;
-    c.parallel((total + piece - 1) / piece, double(total), [&](size_t t) {
+    if (out != cache.f32()) c.parallel((total + piece - 1) / piece, double(total), [&](size_t t) {
       const int64_t i0 = t * piece;
       memcpy(out + i0, cache.f32() + i0, sizeof(float) * std::min(piece, total - i0));
     });
