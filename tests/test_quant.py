@@ -99,6 +99,25 @@ def test_every_e4m3_byte_decodes_by_the_format_rule():
         assert torch.equal(got.double()[finite], want[finite]) and torch.isnan(got[~finite]).all()
 
 
+def test_fp8_decode_applies_each_block_scale_to_its_block_ragged_edges_included():
+    """Every byte 0x38 (e4m3 1.0) in [200, 300], block scales 1..32: element (r, c) is scale[r // 128, c // 128]."""
+    scale = torch.tensor([[1.0, 2.0, 4.0], [8.0, 16.0, 32.0]])
+    got = decode_fp8(torch.full((200, 300), 0x38, dtype=torch.uint8), scale)
+    rows, cols = torch.arange(200)[:, None] // 128, torch.arange(300)[None, :] // 128
+    assert torch.equal(got, scale[rows, cols])
+
+
+def test_every_fp4_byte_decodes_to_its_two_table_values():
+    """Byte b holds element 2i in its low nibble and 2i+1 in its high one; each 32-block takes its own scale."""
+    raw = torch.arange(256, dtype=torch.uint8).view(4, 64)  # 4 rows of 128 values: 4 scale blocks per row
+    scale = 2.0 ** torch.arange(-8, 8, dtype=torch.float32).view(4, 4)
+    got = decode_fp4(raw, scale)
+    for b in range(256):
+        row, i = divmod(b, 64)
+        s = scale[row, (2 * i) // 32].item()
+        assert got[row, 2 * i].item() == E2M1[b & 15] * s and got[row, 2 * i + 1].item() == E2M1[b >> 4] * s
+
+
 def test_fp8_block_scales_power_of_two_rounded_up_with_ragged_edges():
     """[200, 300] -> scales [2, 3], one per 128x128 block (the edge blocks partial), s = 2^ceil(log2(amax/448))."""
     amax = [[448.0, 449.0, 224.0], [1e-9, 0.001, 448 * 2.0 ** 10]]  # 1e-9 is clamped to 1e-4 first

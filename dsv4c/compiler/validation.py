@@ -147,16 +147,17 @@ def reference_decode(model, tokens: np.ndarray, pos: np.ndarray,
 
 
 # ---- weights dequantised once ---------------------------------------------------------------------------------
-DEQUANT_CACHE_BYTES = 4 << 30  # decoded weights kept across calls (mini-1b needs ~2.7 GB); beyond it: per call
+DEQUANT_CACHE_BYTES = 1 << 30  # decoded weights kept across calls (a bounded working set); beyond it: per call
 
 
 @contextmanager
 def weights_dequantised_once(max_bytes: int = DEQUANT_CACHE_BYTES):
     """The reference ops decode FP8/FP4 weights on every call (registry.decode_fp8 / decode_fp4): for a validation
-    of hundreds of tokens and dozens of steps on mini-1b that was most of its time (one FP4 expert matrix ~0.1 s,
-    ~300 per decode step). Within this context each weight is decoded once and reused — the same pure function of
-    the same tensors, so the same values. Entries hold their input tensors, so no address is reused while cached;
-    once `max_bytes` are held, further weights are decoded per call again."""
+    of hundreds of tokens and dozens of steps on mini-1b that was most of its time (~300 expert matrices per
+    decode step). Within this context each weight is decoded once and reused — the same pure function of the same
+    tensors, so the same values. Entries hold their input tensors, so no address is reused while cached; once
+    `max_bytes` are held, further weights are decoded per call again. The bound keeps the validation's memory from
+    growing with depth (decoded float32 is 4-8x the stored bytes: a whole model's would be the build's peak)."""
     from dsv4c.graphs.ops import registry
 
     originals = {name: getattr(registry, name) for name in ("decode_fp8", "decode_fp4")}

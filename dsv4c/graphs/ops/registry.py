@@ -116,16 +116,27 @@ def round_bf16(x: torch.Tensor, enabled: bool) -> torch.Tensor:
 
 # ---- weight decoding (shared by the linear ops) ----------------------------------------------------------
 def decode_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """uint8 e4m3 bits [N, K] + f32 scale [ceil(N/128), ceil(K/128)] -> f32 [N, K]."""
+    """uint8 e4m3 bits [N, K] + f32 scale [ceil(N/128), ceil(K/128)] -> f32 [N, K]. Each byte through a table
+    of the 256 e4m3 values (torch's own float8 -> float conversion is 1.7x slower), scales broadcast over their
+    blocks (expanded only for a ragged edge)."""
     n, k = w.shape
-    s = scale.repeat_interleave(FP8_BLOCK, 0)[:n].repeat_interleave(FP8_BLOCK, 1)[:, :k]
-    return w.view(torch.float8_e4m3fn).float() * s
+    values = F.embedding(w.view(torch.uint8).int(), _fp8_table(w.device)).view(n, k)
+    if n % FP8_BLOCK or k % FP8_BLOCK:
+        return values * scale.repeat_interleave(FP8_BLOCK, 0)[:n].repeat_interleave(FP8_BLOCK, 1)[:, :k]
+    blocks = values.view(n // FP8_BLOCK, FP8_BLOCK, k // FP8_BLOCK, FP8_BLOCK)
+    return (blocks * scale[:, None, :, None]).view(n, k)
+
+
+def _fp8_table(device: torch.device) -> torch.Tensor:
+    """[256, 1]: the e4m3 value of every byte (0x7f / 0xff: NaN)."""
+    codes = torch.arange(256, dtype=torch.int32, device=device).to(torch.uint8)
+    return codes.view(torch.float8_e4m3fn).float()[:, None]
 
 
 def decode_fp4(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """uint8 packed e2m1 [N, K/2] + f32 scale [N, K/32] -> f32 [N, K]."""
-    values = quant.unpack_fp4(w.view(torch.int8))
-    return values * scale.repeat_interleave(FP4_BLOCK, 1)
+    values = quant.unpack_fp4(w.view(torch.int8))  # [N, K]
+    return (values.unflatten(-1, (-1, FP4_BLOCK)) * scale[..., None]).flatten(-2)
 
 
 def decode_expert(w: torch.Tensor, scale: torch.Tensor, fmt: int) -> torch.Tensor:

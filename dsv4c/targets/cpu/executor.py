@@ -42,8 +42,9 @@ class OrtExecutor:
         # the programs share one weights file: mapped once here, every session reads the same pages
         weights, self.mapped = mapped_initializers(models, engine_dir)
         for name, rel in programs.items():
-            self.sessions[name] = ort_session(engine_dir / rel, custom_ops_library=str(library) if self.kernels else None,
-                                              threads=threads, initializers=weights[name])
+            kernels = str(library) if self.kernels else None
+            self.sessions[name] = ort_session(engine_dir / rel, custom_ops_library=kernels, threads=threads,
+                                              initializers=weights[name])
         self.inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
         self.outputs = {n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()}
         # without the library ORT runs CacheWrite's function body, which has no in-place path
@@ -111,10 +112,10 @@ def updated_in_place(graph) -> list[bool]:
 
 
 def mapped_initializers(programs: dict, engine_dir: Path) -> tuple[dict[str, dict], list[np.ndarray]]:
-    """Per program (name -> its ModelProto, loaded without external data), its external-data initializers as OrtValues over one read-only memory map per weights file,
-    shared by all programs; and the maps, which the OrtValues do not keep alive. Left to itself, each ORT
-    session maps the file on its own: the prefill and decode programs then count every page they both touch
-    twice in the process's resident set."""
+    """Per program (name -> its ModelProto, loaded without external data), its external-data initializers as
+    OrtValues over one read-only memory map per weights file, shared by all programs; and the maps, which the
+    OrtValues do not keep alive. Left to itself, each ORT session maps the file on its own: the prefill and decode
+    programs then count every page they both touch twice in the process's resident set."""
     import onnxruntime as ort
     from onnx.external_data_helper import uses_external_data
 
