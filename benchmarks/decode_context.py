@@ -3,10 +3,14 @@ step reads the window, the top-k compressed entries and the indexer keys, so its
 
     python benchmarks/decode_context.py                          # tiny at 1k, 4k, 16k tokens of context
     python benchmarks/decode_context.py --preset mini-1b --contexts 1024,16384
+    python benchmarks/decode_context.py --preset mini-1b --llama-cpp $LLAMA --png context.png
 
 The preset's recipe is built with max_seq_len above the longest context (stage cache: DSV4C_CACHE_DIR); for each
 context length a batch-1 session prefills that many tokens, then `--steps` greedy decode steps are timed. The
-table gives ms per token and the ratio to the shortest context; `--csv FILE` also writes it as CSV.
+table gives ms per token and the ratio to the shortest context; `--csv FILE` also writes it as CSV. With
+`--llama-cpp` (as in decode_cpu.py; benchmarks/llama_cpp.md) llama.cpp's decode of the same checkpoint is timed
+beside it at each context (`llama-bench -p 0 -n STEPS -d CONTEXT`). `--png FILE` plots ms per token against
+context for both (needs matplotlib: `pip install matplotlib`; without it the plot is skipped with a note).
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_cpu import convert_gguf, llama_bench, llama_cpp_tree  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"tiny": "recipes/tiny-cpu.yaml", "mini-1b": "recipes/flash-cpu-mini.yaml"}
@@ -54,28 +61,76 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench")
     ap.add_argument("--csv", type=Path)
+    ap.add_argument("--png", type=Path, help="plot of ms per token against context (matplotlib)")
+    ap.add_argument("--llama-cpp", help="llama.cpp source tree with llama-bench built (default: $DSV4C_LLAMA_CPP)")
+    ap.add_argument("--llama-cpp-python", default=sys.executable, help="interpreter for the GGUF conversion")
+    ap.add_argument("--llama-reps", type=int, default=3, help="llama-bench repetitions (it reports the mean)")
     args = ap.parse_args()
     from dsv4c.runtime import Engine
 
     contexts = sorted(int(c) for c in args.contexts.split(","))
     max_seq_len = 1 << (contexts[-1] + args.steps + 1).bit_length()  # a power of two every compress ratio divides
+    llama = llama_cpp_tree(args.llama_cpp)
     engine = Engine.load(build(args.preset, max_seq_len, args.out), threads=args.threads)
+    gguf = None
+    if llama:
+        checkpoint = Path(engine.manifest.data["inputs"]["checkpoint"])
+        gguf = convert_gguf(llama[0], checkpoint, args.out, args.llama_cpp_python)
     rows = []
     for context in contexts:
-        ms = decode_ms(engine, context, args.steps)
-        rows.append({"context": context, "ms_per_token": round(ms, 3), "vs_shortest": 0.0})
+        row = {"context": context, "ms_per_token": round(decode_ms(engine, context, args.steps), 3)}
+        if gguf:
+            _, tok_s, _ = llama_bench(llama[1], gguf, 0, args.steps, args.threads, args.llama_reps, depth=context)
+            row["llama_cpp_ms_per_token"] = round(1e3 / tok_s, 3)
+        rows.append(row)
     for r in rows:
         r["vs_shortest"] = round(r["ms_per_token"] / rows[0]["ms_per_token"], 2)
+        if gguf:
+            r["llama_cpp_vs_shortest"] = round(r["llama_cpp_ms_per_token"] / rows[0]["llama_cpp_ms_per_token"], 2)
     print(f"\n{args.preset}, batch 1, {args.threads} threads, max_seq_len {max_seq_len}, {args.steps} steps\n")
-    print("context | decode ms/token | x shortest\n--- | --- | ---")
-    for r in rows:
-        print(f"{r['context']} | {r['ms_per_token']:.2f} | {r['vs_shortest']:.2f}x")
+    if gguf:
+        print("context | dsv4c ms/token | x shortest | llama.cpp ms/token | x shortest\n--- | --- | --- | --- | ---")
+        for r in rows:
+            print(f"{r['context']} | {r['ms_per_token']:.2f} | {r['vs_shortest']:.2f}x | "
+                  f"{r['llama_cpp_ms_per_token']:.2f} | {r['llama_cpp_vs_shortest']:.2f}x")
+    else:
+        print("context | decode ms/token | x shortest\n--- | --- | ---")
+        for r in rows:
+            print(f"{r['context']} | {r['ms_per_token']:.2f} | {r['vs_shortest']:.2f}x")
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
+    if args.png:
+        plot(rows, args.png, f"{args.preset}, batch 1, {args.threads} threads")
 
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"note: no plot written to {path}: matplotlib is not installed (pip install matplotlib)",
+              file=sys.stderr)
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = [r["context"] for r in rows]
+    ax.plot(x, [r["ms_per_token"] for r in rows], "o-", label="dsv4c")
+    if "llama_cpp_ms_per_token" in rows[0]:
+        ax.plot(x, [r["llama_cpp_ms_per_token"] for r in rows], "s-", label="llama.cpp")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode ms per token")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
 
 if __name__ == "__main__":
     main()

@@ -152,8 +152,10 @@ def convert_gguf(tree: Path, checkpoint: Path, out_root: Path, python: str) -> P
     return out
 
 
-def llama_bench(binary: Path, gguf: Path, prompt: int, steps: int, threads: int, reps: int) -> tuple[float, float, str]:
-    """(prefill tok/s of `prompt` tokens, decode tok/s of `steps` tokens after a `prompt`-token context, build)."""
+def llama_bench(binary: Path, gguf: Path, prompt: int, steps: int, threads: int, reps: int,
+                depth: int | None = None) -> tuple[float, float, str]:
+    """(prefill tok/s of `prompt` tokens, decode tok/s of `steps` tokens after a `depth`-token context (default
+    `prompt`), build). prompt 0: no prefill run (its tok/s is 0)."""
     def run(*args: str) -> dict:
         cmd = [str(binary), "-m", str(gguf), "-t", str(threads), "-r", str(reps), "-o", "json", *args]
         res = subprocess.run(cmd, capture_output=True, text=True)
@@ -162,8 +164,8 @@ def llama_bench(binary: Path, gguf: Path, prompt: int, steps: int, threads: int,
         (row,) = json.loads(res.stdout)
         return row
 
-    pre = run("-p", str(prompt), "-n", "0")
-    dec = run("-p", "0", "-n", str(steps), "-d", str(prompt))
+    pre = run("-p", str(prompt), "-n", "0") if prompt else {"avg_ts": 0.0}
+    dec = run("-p", "0", "-n", str(steps), "-d", str(prompt if depth is None else depth))
     build_info = (f"{pre.get('build_commit', '?')} ({pre.get('build_number', '?')}), {pre.get('cpu_info', '')}, "
                   f"prefill {pre['avg_ts']:.0f} ± {pre.get('stddev_ts', 0):.0f}, "
                   f"decode {dec['avg_ts']:.1f} ± {dec.get('stddev_ts', 0):.1f} tok/s over {reps} runs")
