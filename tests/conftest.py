@@ -41,6 +41,8 @@ def compare_with_reference(session, model, prompts: list[list[int]], steps: int,
     dsv4c.compiler.stages.validate_engine for why). Yields (step, engine logits, reference logits)."""
     import torch
 
+    from dsv4c.graphs.cache import host_array
+
     batch = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long)
     for b, p in enumerate(prompts):
         batch[b, : len(p)] = torch.tensor(p)
@@ -53,7 +55,7 @@ def compare_with_reference(session, model, prompts: list[list[int]], steps: int,
         for step in range(1, steps + 1):
             nxt = want.argmax(-1)
             if resync:
-                session.cache.from_host([c.numpy() for c in cache])
+                session.cache.from_host([host_array(c) for c in cache])
                 session.positions = pos.numpy().copy()
             got = session.decode(nxt.numpy())
             want, cache = model(nxt[:, None], pos, torch.ones_like(pos), cache)

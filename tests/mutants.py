@@ -167,15 +167,16 @@ def experts_swapped(e: Edit, program: str, layer: int = 1, a: int = 0, b: int = 
 
 def cache_row_not_written(e: Edit, program: str, cache_index: int = 0, row: int = 3) -> None:
     """Decode: the returned cache keeps its old row `row` of cache tensor `cache_index` (layers.0.win: a window
-    slot), whatever the step computed for it."""
+    slot), whatever the step computed for it. (Selected in float32: ONNX Runtime has no Where for a bf16 cache.)"""
     if program != "decode":
         return
     out, cache_in = e.graph.output[1 + cache_index], e.graph.input[3 + cache_index]
     shape = [d.dim_value for d in cache_in.type.tensor_type.shape.dim]
     mask = np.zeros([1, shape[1]] + [1] * (len(shape) - 2), dtype=bool)
     mask[0, row] = True
-    kept = e.node("Where", e.const(mask), cache_in.name, out.name)
-    out.name = kept
+    stored = cache_in.type.tensor_type.elem_type
+    old, new = (e.node("Cast", name, to=onnx.TensorProto.FLOAT) for name in (cache_in.name, out.name))
+    out.name = e.node("Cast", e.node("Where", e.const(mask), old, new), to=stored)
 
 
 def fp8_activation_scale_2x(e: Edit, program: str, layer: int = 1) -> None:

@@ -204,6 +204,61 @@ def test_cache_write_in_place(library):
     np.testing.assert_array_equal(buffer, want)
 
 
+@pytest.mark.parametrize("d", [40, 64, 23])  # 16-wide loads with a tail, without, and scalar only
+def test_sparse_attn_reads_bf16_cache_rows_as_their_values(library, isa, d):
+    """kv held as bf16 (the engine's cache rows under the reference numerics): the kernel widens each row exactly,
+    so it gives bit for bit what it gives on the same values in float32 (with and without the bf16 rounding of
+    P), and matches the reference (compared unrounded: a rounding flip is not what this test is about)."""
+    inputs = attention_blocks(d=d)
+    stored = {**inputs, "kv": inputs["kv"].to(torch.bfloat16)}
+    for rounding in (False, True):
+        attrs = {"scale": d ** -0.5, "bf16": rounding}
+        if rounding:
+            got = run_kernel(library, "sparse_attn", attrs, [4], **stored)[0]
+        else:
+            got = check(library, "sparse_attn", attrs, **stored)[0]
+        as_float = run_kernel(library, "sparse_attn", attrs, [4], **{**stored, "kv": stored["kv"].float()})[0]
+        np.testing.assert_array_equal(got, as_float)
+
+
+@pytest.mark.parametrize("name", ["indexer_topk", "indexer_scores"])
+def test_indexer_reads_bf16_keys_as_their_values(library, isa, name):
+    """Indexer keys held as bf16: the scores are bit for bit those of the same keys in float32 (picks exact)."""
+    inputs = indexer_grid()  # integer keys: bf16-exact
+    attrs = {"topk": 24, "bf16": True} if name == "indexer_topk" else {"bf16": True}
+    if name == "indexer_scores":
+        inputs.pop("n_visible")
+    stored = {**inputs, "k": inputs["k"].to(torch.bfloat16)}
+    got = check(library, name, attrs, exact=True, **stored)[0]
+    as_float = run_kernel(library, name, attrs, [3], **{**stored, "k": stored["k"].float()})[0]
+    np.testing.assert_array_equal(got, as_float)
+
+
+def test_cache_write_bf16_cache(library):
+    """A bf16 cache written with bf16 rows (the hand-written case in bf16: every value exact), copied and in place;
+    the output is typed like the cache."""
+    from test_onnx_ops import cache_write_case
+
+    inputs, want = cache_write_case()
+    bits = {n: inputs[n].to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16) for n in ("cache", "rows")}
+    model = node_model("cache_write", {**inputs, "cache": inputs["cache"][:0].float(), "rows": inputs["rows"][:0]},
+                       {}, [3])
+    for value in (*model.graph.input[:2], model.graph.output[0]):
+        value.type.tensor_type.elem_type = onnx.TensorProto.BFLOAT16
+    s = session(model, library)
+    for in_place in (False, True):
+        cache = bits["cache"].copy()
+        out = cache if in_place else np.empty_like(cache)
+        io = s.io_binding()
+        for name, array in (("cache", cache), ("rows", bits["rows"])):
+            io.bind_input(name, "cpu", 0, onnx.TensorProto.BFLOAT16, list(array.shape), array.ctypes.data)
+        io.bind_cpu_input("slots", inputs["slots"].numpy())
+        io.bind_output("y", "cpu", 0, onnx.TensorProto.BFLOAT16, list(out.shape), out.ctypes.data)
+        s.run_with_iobinding(io)
+        got = torch.from_numpy(out.view(np.int16)).view(torch.bfloat16).float().numpy()
+        np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("rows", [1, 3, 6, 17])
 def test_bf16_linear(library, isa, rows):
     x, w = rand(2, rows, 200, seed=5), rand(70, 200, seed=4).to(torch.bfloat16)

@@ -212,6 +212,28 @@ def test_sparse_attn(b, s, h, d, n, k, bf16):
     assert torch.equal(got[0, 0].cpu(), torch.zeros(h, d))
 
 
+def test_sparse_attn_reads_bf16_cache_rows():
+    """kv stored as bf16 (the engine's cache rows): the kernel widens each load exactly, so it returns bit for
+    bit what it returns on the same values in float32."""
+    q, kv, sink = rand(2, 3, 5, 48, seed=8), rand(2, 20, 48, seed=9).to(torch.bfloat16), rand(5, seed=10)
+    idx = torch.randint(-1, 20, (2, 3, 70), generator=torch.Generator().manual_seed(11))
+    for bf16 in (False, True):
+        got = K.sparse_attn(*dev(q, kv, sink, idx), 48 ** -0.5, bf16)
+        assert torch.equal(got, K.sparse_attn(*dev(q, kv.float(), sink, idx), 48 ** -0.5, bf16))
+
+
+def test_bf16_cache_rows_are_typed_bf16_in_the_aot_signature():
+    from dsv4c.targets.tensorrt.plugins import aot_kernel
+
+    shapes = [[1, 1, 4, 64], [1, 30, 64], [4], [1, 1, 16]]
+    attrs = {"scale": 0.125, "bf16": True}
+    plain = aot_kernel("sparse_attn", shapes, attrs, lambda a, b: -(-a // b))
+    stored = aot_kernel("sparse_attn", shapes, attrs, lambda a, b: -(-a // b), bf16_inputs=[1])
+    assert plain.signature["kv_ptr"] == "*fp32" and stored.signature["kv_ptr"] == "*bf16"
+    assert {k: v for k, v in stored.signature.items() if k != "kv_ptr"} == \
+        {k: v for k, v in plain.signature.items() if k != "kv_ptr"}
+
+
 def near_bf16_boundary(p: torch.Tensor, rel: float) -> torch.Tensor:
     """p (> 0) within `rel` (relative) of a point where rounding to bf16 changes direction (a midpoint)."""
     p = p.double()
@@ -333,6 +355,8 @@ def test_indexer_scores(bf16):
     want = ops.indexer_scores(q, k, w, bf16)
     assert got.dtype == torch.float32 and got.shape == want.shape == (b, s, n)
     assert torch.equal(got.cpu(), want)
+    # the keys stored as bf16 (the engine's indexer cache; these small integers are bf16-exact): the same scores
+    assert torch.equal(K.indexer_scores(*dev(q, k.to(torch.bfloat16), w), bf16).cpu(), want)
     # the two head halves' partial scores sum to the whole (tensor parallelism, before the all-reduce): exact
     # without the bf16 points, whose rounding of each half is what the reference rounds too
     if not bf16:

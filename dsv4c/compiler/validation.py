@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from dsv4c.compiler.errors import ValidationGateError
+from dsv4c.graphs.cache import from_host, host_array
 
 GATE_VERSION = 3  # part of the validate stage's cache key: a changed gate re-validates
 PREFILL_CHUNK = 256  # the runtime's chunk (dsv4c.runtime.engine.PREFILL_CHUNK); the reference prefills alike
@@ -107,7 +108,7 @@ def reference_steps(model, prompts: list[list[int]], decode_steps: int, max_batc
     for batch, first in enumerate(range(0, len(prompts), max_batch)):
         rows = prompts[first:first + max_batch]
         sequences = list(range(first, first + len(rows)))
-        empty = [c.numpy() for c in model.new_cache(len(rows), max_seq_len)]
+        empty = [host_array(c) for c in model.new_cache(len(rows), max_seq_len)]
         logits, cache = reference_prefill(model, rows, empty)
         yield RefStep(batch, 0, sequences, rows, np.zeros(0, np.int64), np.zeros(len(rows), np.int64), empty,
                       logits, cache)
@@ -124,7 +125,7 @@ def reference_prefill(model, prompts: list[list[int]], cache: list[np.ndarray],
                       chunk: int = PREFILL_CHUNK) -> tuple[np.ndarray, list[np.ndarray]]:
     """Ragged prompts from position 0, in chunks of `chunk` tokens like the runtime (bounded memory)."""
     lengths = torch.tensor([len(p) for p in prompts])
-    state = tuple(torch.from_numpy(c.copy()) for c in cache)
+    state = tuple(from_host(c.copy()) for c in cache)
     last = torch.zeros(len(prompts), model.cfg.vocab_size)
     for offset in range(0, int(lengths.max()), chunk):
         n_valid = (lengths - offset).clamp(0, chunk)
@@ -134,7 +135,7 @@ def reference_prefill(model, prompts: list[list[int]], cache: list[np.ndarray],
             tokens[b, :len(part)] = torch.tensor(part, dtype=torch.long)
         logits, state = model(tokens, torch.full_like(lengths, offset).minimum(lengths), n_valid, state)
         last[n_valid > 0] = logits[n_valid > 0]
-    return last.numpy(), [c.numpy() for c in state]
+    return last.numpy(), [host_array(c) for c in state]
 
 
 @torch.no_grad()
@@ -142,8 +143,8 @@ def reference_decode(model, tokens: np.ndarray, pos: np.ndarray,
                      cache: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
     pos_t = torch.from_numpy(pos.copy())
     logits, state = model(torch.from_numpy(tokens.copy())[:, None], pos_t, torch.ones_like(pos_t),
-                          tuple(torch.from_numpy(c) for c in cache))
-    return logits.numpy(), [c.numpy() for c in state]
+                          tuple(from_host(c) for c in cache))
+    return logits.numpy(), [host_array(c) for c in state]
 
 
 # ---- weights dequantised once ---------------------------------------------------------------------------------

@@ -10,8 +10,10 @@ Per sequence and layer (d = head_dim, m = compress ratio, c = 2 for CSA's overla
 | idx                 | CSA        | [max_seq_len // 4, d_I]        | indexer keys, entry j at row j               |
 | idx_state_kv/score  | CSA        | [8, 2*d_I]                     | the indexer compressor's last 8 raw rows     |
 
-All float32 here (the CPU computes in fp32; values already carry the reference's bf16/FP8 rounding).
-Departure from the reference layout: compressor state is a shift register of the last c*m rows in
+Rows dtype: win, cmp and idx hold bf16 when the numerics round to bf16 (the reference's cache dtype, spec §4.1:
+the values are bf16 already — FP8-simulated nope dims, bf16 RoPE dims, FP4-simulated indexer keys — so storing
+them as bf16 is exact and halves the cache); float32 in plain numerics. Compressor state stays float32, as the
+reference keeps it. Departure from the reference layout: compressor state is a shift register of the last c*m rows in
 position order instead of [previous window | current window]; rows before position 0 are masked by position,
 so a new sequence needs no explicit reset and a sequence that is idle in a batched step keeps its state.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from dsv4c.graphs.config import ModelConfig
@@ -53,7 +56,12 @@ def layer_cache_fields(ratio: int) -> list[str]:
     return fields
 
 
-def layer_cache_spec(cfg: ModelConfig, prefix: str, ratio: int, batch: int, max_seq_len: int) -> list[CacheEntry]:
+ROW_FIELDS = ("win", "cmp", "idx")  # cache rows (raw or compressed KV, indexer keys); the rest: compressor state
+
+
+def layer_cache_spec(cfg: ModelConfig, prefix: str, ratio: int, batch: int, max_seq_len: int,
+                     rows_dtype: torch.dtype = torch.float32) -> list[CacheEntry]:
+    """The layer's cache entries; `rows_dtype` for the ROW_FIELDS (bf16 under the reference numerics)."""
     d, W = cfg.head_dim, cfg.sliding_window
     shapes: dict[str, tuple[tuple[int, ...], float]] = {"win": ((batch, W, d), 0.0)}
     if ratio:
@@ -66,4 +74,22 @@ def layer_cache_spec(cfg: ModelConfig, prefix: str, ratio: int, batch: int, max_
         shapes["idx"] = ((batch, max_seq_len // 4, di), 0.0)
         shapes["idx_state_kv"] = ((batch, 8, 2 * di), 0.0)
         shapes["idx_state_score"] = ((batch, 8, 2 * di), float("-inf"))
-    return [CacheEntry(f"{prefix}.{f}", f, *shapes[f]) for f in layer_cache_fields(ratio)]
+    return [CacheEntry(f"{prefix}.{f}", f, *shapes[f], dtype=rows_dtype if f in ROW_FIELDS else torch.float32)
+            for f in layer_cache_fields(ratio)]
+
+
+# ---- host arrays: numpy has no bfloat16; ml_dtypes' (an onnx dependency) carries bf16 caches on the host -------
+def host_array(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as a numpy array sharing its memory; bf16 as ml_dtypes.bfloat16."""
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def from_host(a: np.ndarray) -> torch.Tensor:
+    """host_array's inverse (shares memory); an ml_dtypes.bfloat16 array becomes a torch bf16 tensor."""
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)

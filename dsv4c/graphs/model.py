@@ -57,6 +57,12 @@ class Numerics:
     def plain() -> "Numerics":
         return Numerics(act_quant=False, kv_fp8=False, indexer_fp4=False, bf16=False)
 
+    @property
+    def cache_rows_dtype(self) -> torch.dtype:
+        """What the caches hold KV rows and indexer keys in: bf16 when every row is bf16-rounded (the reference's
+        cache dtype; storing them as bf16 is exact), else float32."""
+        return torch.bfloat16 if self.bf16 else torch.float32
+
     @staticmethod
     def for_quantization(q: Any) -> "Numerics":
         """The numerics a recipe's `quantization` section asks for (its activations, kv_cache and indexer keys);
@@ -210,7 +216,7 @@ class Compressor(nn.Module):
         else:
             new = fake_quant_nope(new, self.rope_dim, num.kv_fp8)
         # Window j that closed in this call is entry j; the others are not written (slot -1).
-        entries = ops.cache_write(entries, new, torch.where(closes, j, -1))
+        entries = ops.cache_write(entries, new.to(entries.dtype), torch.where(closes, j, -1))
         # New state: the span rows ending at position end-1, i.e. ext rows n_valid .. n_valid+span-1.
         keep = step.n_valid[:, None] + step.arange(span)
         return entries, take_rows(ext_kv, keep), take_rows(ext_score, keep)
@@ -304,7 +310,7 @@ class Attention(nn.Module):
         kv = fake_quant_nope(_rnd(apply_rope(kv, self.freqs, pos), num), r, num.kv_fp8)
 
         # Keys: [window ring (W) | this call's tokens (S) | compressed entries (N)]
-        keys, idx = [cache["win"], kv], [self.window_indices(step)]
+        keys, idx = [cache["win"], kv.to(cache["win"].dtype)], [self.window_indices(step)]
         new_cache = {"win": self.updated_ring(cache["win"], kv, step)}
         if self.ratio:
             cmp, skv, ssc = self.compressor(x, step, cache["cmp"], cache["cmp_state_kv"],
@@ -355,7 +361,7 @@ class Attention(nn.Module):
         W = self.window
         pos = step.positions  # [B, S]
         kept = (pos < step.end[:, None]) & (pos >= step.end[:, None] - W)
-        return ops.cache_write(ring, kv, torch.where(kept, torch.remainder(pos, W), -1))
+        return ops.cache_write(ring, kv.to(ring.dtype), torch.where(kept, torch.remainder(pos, W), -1))
 
 
 # ---- mixture of experts --------------------------------------------------------------------------------------
@@ -534,13 +540,13 @@ class DeepseekV4(nn.Module):
 
     # -- cache ----------------------------------------------------------------------------------------------
     def cache_spec(self, batch: int, max_seq_len: int, include_mtp: bool = False) -> list[CacheEntry]:
-        spec = []
+        spec, rows = [], self.numerics.cache_rows_dtype
         for i in range(self.cfg.num_hidden_layers):
-            spec += layer_cache_spec(self.cfg, f"layers.{i}", self.cfg.layer_ratio(i), batch, max_seq_len)
+            spec += layer_cache_spec(self.cfg, f"layers.{i}", self.cfg.layer_ratio(i), batch, max_seq_len, rows)
         if include_mtp:
             for i in range(self.cfg.num_nextn_predict_layers):
                 layer = self.cfg.num_hidden_layers + i
-                spec += layer_cache_spec(self.cfg, f"mtp.{i}", self.cfg.layer_ratio(layer), batch, max_seq_len)
+                spec += layer_cache_spec(self.cfg, f"mtp.{i}", self.cfg.layer_ratio(layer), batch, max_seq_len, rows)
         return spec
 
     def new_cache(self, batch: int, max_seq_len: int, include_mtp: bool = False) -> tuple[torch.Tensor, ...]:

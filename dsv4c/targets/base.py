@@ -22,6 +22,8 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from dsv4c.artifact import ArtifactError
+
 
 class ToolchainMissing(RuntimeError):
     """The toolchain a build step needs is absent or mismatched; the message names it and how to get it."""
@@ -145,7 +147,44 @@ class HostCache:
             np.copyto(mine, value)
 
 
+def run_bound(session, program: str, steps: Sequence[np.ndarray], cache: HostCache,
+              in_place: Sequence[bool] | None = None) -> np.ndarray:
+    """One run of an ONNX Runtime session with positional I/O (tokens, start_pos, n_valid, *cache -> logits,
+    *new_cache), the caches bound in place (IOBinding: bf16 caches, which ORT's numpy feeds cannot take, and no
+    copy of what it returns). Cache i's output is written into its own buffer where in_place[i] (the caller
+    knows nothing else reads it), else into the cache's spare buffer, swapped in afterwards."""
+    names, outputs = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+    if len(names) != len(steps) + len(cache.arrays):
+        raise ArtifactError(f"program {program!r} expects {len(names)} inputs, the runtime has "
+                            f"{len(steps) + len(cache.arrays)}")
+    in_place = in_place if in_place is not None else [False] * len(cache.arrays)
+    io = session.io_binding()
+    steps = [np.ascontiguousarray(v) for v in steps]  # alive until the run returns
+    for name, value in zip(names, steps):
+        io.bind_cpu_input(name, value)
+    io.bind_output(outputs[0], "cpu")
+    for i, (name, array) in enumerate(zip(names[len(steps):], cache.arrays)):
+        _bind(io.bind_input, name, array)
+        _bind(io.bind_output, outputs[1 + i], array if in_place[i] else cache.spare(i))
+    session.run_with_iobinding(io)
+    logits = io.get_outputs()[0].numpy()
+    for i, done in enumerate(in_place):
+        if not done:
+            cache.swap(i)
+    return logits
+
+
+def _bind(bind, name: str, array: np.ndarray) -> None:
+    # IOBinding takes numpy dtypes, or ONNX's type number for bf16 (ml_dtypes' type is not numpy's)
+    element_type = 16 if array.dtype.name == "bfloat16" else array.dtype  # onnx.TensorProto.BFLOAT16
+    bind(name, "cpu", 0, element_type, list(array.shape), array.ctypes.data)
+
+
 def numpy_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":  # numpy has none; ml_dtypes' (onnx depends on it) indexes and copies like any other
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
     try:
         return np.dtype(name)
     except TypeError:

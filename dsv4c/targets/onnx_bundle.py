@@ -31,7 +31,7 @@ from onnx import helper
 
 from dsv4c.graphs.ops.onnx import ONNX_OPSET, add_functions, write_onnx_program
 from dsv4c.graphs.ops.onnx_builder import ONNX_DOMAIN, STANDARD_DOMAINS
-from dsv4c.targets.base import CacheSlot, HostCache
+from dsv4c.targets.base import CacheSlot, HostCache, run_bound
 
 NodeHook = Callable[[onnx.ModelProto], None]
 
@@ -267,14 +267,10 @@ class EmulatedExecutor:
         self.slots = list(slots)
         self.sessions = {name: emulation_session(bundle_dir / rel, functions, prepare, threads)
                          for name, rel in programs.items()}
-        self.inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
 
     def new_cache(self, batch_size: int) -> HostCache:
         return HostCache(self.slots, batch_size)
 
     def run(self, program: str, tokens: np.ndarray, start_pos: np.ndarray, n_valid: np.ndarray,
             cache: HostCache) -> np.ndarray:
-        values = [tokens, start_pos, n_valid, *cache.arrays]
-        logits, *new_cache = self.sessions[program].run(None, dict(zip(self.inputs[program], values)))
-        cache.replace(new_cache)
-        return logits
+        return run_bound(self.sessions[program], program, (tokens, start_pos, n_valid), cache)

@@ -55,8 +55,11 @@ DOMAIN = "dsv4"
 DOMAIN_VERSION = 1
 
 _FLOAT, _U8, _I64, _BF16 = "tensor(float)", "tensor(uint8)", "tensor(int64)", "tensor(bfloat16)"
-# TW: a type constraint
-_ONNX_TYPES = {"float32": _FLOAT, "uint8": _U8, "int64": _I64, "bfloat16": _BF16, "uint8|float32": "TW"}
+# TW, TK: type constraints (an output "like:<input>" takes its input's constraint, so the same type)
+_ONNX_TYPES = {"float32": _FLOAT, "uint8": _U8, "int64": _I64, "bfloat16": _BF16, "uint8|float32": "TW",
+               "float32|bfloat16": "TK"}
+_CONSTRAINTS = {"TW": ([_U8, _FLOAT], "expert weights: packed bytes or float"),
+                "TK": ([_FLOAT, _BF16], "cache rows: float, or bf16 where the values are bf16")}
 _ATTR_TYPES = {"bool": OpSchema.AttrType.INT, "int": OpSchema.AttrType.INT, "float": OpSchema.AttrType.FLOAT}
 
 
@@ -90,8 +93,9 @@ def register_schemas() -> None:
             continue
         types = {n: _ONNX_TYPES[t] for n, t in op.input_dtypes.items()}
         inputs = [OpSchema.FormalParameter(n, types.get(n, _FLOAT)) for n in tensor_inputs(op)]
-        outputs = [OpSchema.FormalParameter(n, _ONNX_TYPES[t]) for n, t in zip(output_names(op), op.output_dtypes)]
-        constraints = [("TW", [_U8, _FLOAT], "expert weights: packed bytes or float")] if "TW" in types.values() else []
+        outputs = [OpSchema.FormalParameter(n, types[t[5:]] if t.startswith("like:") else _ONNX_TYPES[t])
+                   for n, t in zip(output_names(op), op.output_dtypes)]
+        constraints = [(c, *_CONSTRAINTS[c]) for c in sorted(set(types.values()) & set(_CONSTRAINTS))]
         attrs = [OpSchema.Attribute(n, _ATTR_TYPES[k], f"{k} argument `{n}`") for n, k in attribute_kinds(op).items()]
         schema = OpSchema(op.onnx_name, DOMAIN, DOMAIN_VERSION, op.doc, inputs=inputs, outputs=outputs,
                           type_constraints=constraints, attributes=attrs)
@@ -109,9 +113,16 @@ def _input_dims(ctx, i: int) -> list[int | str | None] | None:
 
 def _shape_inference(op: OpDef) -> Callable:
     """Output shapes of `op` from its input shapes (symbolic dims pass through; unknowns stay unknown)."""
-    elems = [TensorProto.INT64 if t == "int64" else TensorProto.FLOAT for t in op.output_dtypes]
+    names = tensor_inputs(op)
+
+    def elem_type(ctx, dtype: str) -> int:
+        if dtype.startswith("like:"):  # the input's element type (float when shape inference does not know it)
+            t = ctx.get_input_type(names.index(dtype[5:]))
+            return t.tensor_type.elem_type if t is not None and t.tensor_type.elem_type else TensorProto.FLOAT
+        return TensorProto.INT64 if dtype == "int64" else TensorProto.FLOAT
 
     def infer(ctx) -> None:
+        elems = [elem_type(ctx, t) for t in op.output_dtypes]
         shapes = [_input_dims(ctx, i) for i in range(ctx.get_num_inputs())]
         attrs = {}
         for name in op.attributes:
@@ -182,7 +193,7 @@ def _body_cache_write(g: Graph, cache, rows, slots):
     outside [0, N) are sent there, ScatterND writes every pick, and the dump row is sliced off."""
     zero = g.const(0, np.int64)
     n = g.Shape(cache, start=1, end=2)  # [1]
-    padded = g.Pad(cache, g.i64(0, 0, 0, 0, 1, 0), g.const(0.0))
+    padded = g.Pad(cache, g.i64(0, 0, 0, 0, 1, 0))  # zeros of the cache's own type
     outside = g.Or(g.Less(slots, zero), g.GreaterOrEqual(slots, n))
     slot = g.Where(outside, n, slots)  # [B, K]
     batch = g.Range(zero, g.Squeeze(g.Shape(cache, end=1), g.i64(0)), g.const(1, np.int64))  # [B]
@@ -283,6 +294,7 @@ def _body_sparse_attn(g: Graph, q, kv, sink, idx, scale, bf16):
     over the blocks (in idx order) carrying the running max, the denominator and the accumulator [B,S,H,D]; per
     block the picked rows are gathered (-1 -> row 0, masked to -inf) and P is rounded to bf16 (with `bf16`)
     for the P.V product only. After the loop the sink joins the denominator against the final max."""
+    kv = g.Cast(kv, to=TensorProto.FLOAT)  # bf16 cache rows are read as float
     zero, block = g.const(0, np.int64), g.i64(ATTN_BLOCK)
     k = g.Shape(idx, start=2)  # [1]
     blocks = g.Div(g.Add(k, g.i64(ATTN_BLOCK - 1)), block)
@@ -320,6 +332,7 @@ def _body_indexer_scores(g: Graph, q, k, w, bf16):
     def rounded(x: str) -> str:
         return maybe(g, bf16, round_bf16, x)
 
+    k = g.Cast(k, to=TensorProto.FLOAT)  # bf16 indexer keys are read as float
     scores = g.Relu(rounded(g.MatMul(q, g.Unsqueeze(g.Transpose(k, perm=[0, 2, 1]), g.i64(1)))))  # [B,S,h,N]
     return [rounded(g.ReduceSum(rounded(g.Mul(scores, g.Unsqueeze(w, g.i64(-1)))), g.i64(2), keepdims=0))]
 

@@ -60,6 +60,7 @@ class OpDef:
     shape: Callable  # (input shapes in tensor-input order, attributes, DimMath) -> output shapes
     attributes: tuple[str, ...] = field(default=())  # static (non-tensor) arguments, in schema order
     outputs: tuple[str, ...] = ("y",)  # output names of the ONNX node
+    # "float32" / "int64", or "like:<input>": the dtype of that tensor input (a cache written in its own format)
     output_dtypes: tuple[str, ...] = ("float32",)
     input_dtypes: dict[str, str] = field(default_factory=dict)  # tensor inputs that are not float32 activations
     # a collective (graphs/parallel.py): it talks to other ranks, so it has no ONNX function body; a target runs
@@ -79,6 +80,7 @@ class OpDef:
 
 OPS: dict[str, OpDef] = {}
 _TORCH_DTYPES = {"float32": torch.float32, "int64": torch.int64}
+CACHE_ROWS = "float32|bfloat16"  # cache rows the ops read / write: float32, or bf16 where the values are bf16
 
 
 def _register(name: str, onnx_name: str, schema: str, shape: Callable, attributes: tuple[str, ...] = (),
@@ -103,8 +105,11 @@ def _fake_kernel(op: OpDef) -> Callable:
     def fake(*args):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         attrs = dict(zip(op.attributes, args[len(tensors):]))
-        outs = [tensors[0].new_empty(shape, dtype=_TORCH_DTYPES[dt])
-                for shape, dt in zip(op.output_shapes([list(t.shape) for t in tensors], attrs), op.output_dtypes)]
+        names = [a.name for a in op.overload._schema.arguments if isinstance(a.type, torch.TensorType)]
+        dtypes = [dict(zip(names, tensors))[dt[5:]].dtype if dt.startswith("like:") else _TORCH_DTYPES[dt]
+                  for dt in op.output_dtypes]
+        outs = [tensors[0].new_empty(shape, dtype=dtype)
+                for shape, dtype in zip(op.output_shapes([list(t.shape) for t in tensors], attrs), dtypes)]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     return fake
@@ -244,7 +249,7 @@ ATTN_BLOCK = 64  # picks per online-softmax block, as DeepSeek's sparse_attn ker
 
 @_register("sparse_attn", "SparseAttn",
            "(Tensor q, Tensor kv, Tensor sink, Tensor idx, float scale, bool bf16) -> Tensor",
-           _same_shape, ("scale", "bf16"), input_dtypes={"idx": "int64"})
+           _same_shape, ("scale", "bf16"), input_dtypes={"idx": "int64", "kv": CACHE_ROWS})
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
                 bf16: bool) -> torch.Tensor:
     """q [B,S,H,D], kv [B,N,D] (K = V), sink [H], idx [B,S,K] int64 rows of kv (-1 = none).
@@ -283,7 +288,7 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
 @_register("indexer_topk", "IndexerTopK",
            "(Tensor q, Tensor k, Tensor w, Tensor n_visible, int topk, bool bf16) -> Tensor",
            lambda s, a, m: [[s[0][0], s[0][1], m.min(a["topk"], s[1][1])]], ("topk", "bf16"),
-           output_dtypes=("int64",), input_dtypes={"n_visible": "int64"})
+           output_dtypes=("int64",), input_dtypes={"n_visible": "int64", "k": CACHE_ROWS})
 def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_visible: torch.Tensor,
                  topk: int, bf16: bool) -> torch.Tensor:
     """Lightning indexer: q [B,S,h,d], compressed keys k [B,N,d], head weights w [B,S,h] (already scaled),
@@ -303,7 +308,7 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_visible: t
 
 
 @_register("indexer_scores", "IndexerScores", "(Tensor q, Tensor k, Tensor w, bool bf16) -> Tensor",
-           lambda s, a, m: [[s[0][0], s[0][1], s[1][1]]], ("bf16",))
+           lambda s, a, m: [[s[0][0], s[0][1], s[1][1]]], ("bf16",), input_dtypes={"k": CACHE_ROWS})
 def indexer_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, bf16: bool) -> torch.Tensor:
     """The lightning indexer's scores over the heads it is given: q [B,S,h,d], k [B,N,d], w [B,S,h] ->
     score [B,S,N] = sum_h w_h relu(q_h . k_j), rounded to bf16 as indexer_topk does (spec §3.9.4); no mask.
@@ -412,13 +417,16 @@ def hc_post(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.
 
 # ---- cache updates -----------------------------------------------------------------------------------------
 @_register("cache_write", "CacheWrite", "(Tensor cache, Tensor rows, Tensor slots) -> Tensor", _same_shape,
-           input_dtypes={"slots": "int64"}, vendor_native=True)
+           input_dtypes={"slots": "int64", "cache": CACHE_ROWS, "rows": CACHE_ROWS}, output_dtypes=("like:cache",),
+           vendor_native=True)
 def cache_write(cache: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """cache [B, N, D] with rows[b, k] written at row slots[b, k] (slots [B, K] int64; a slot outside [0, N),
-    e.g. -1, is not written; the written slots of a batch row are distinct). A step's cache update as one op:
-    the few rows it writes, instead of a select over every row of the cache (the cache grows with the context)."""
+    e.g. -1, is not written; the written slots of a batch row are distinct). rows come in the cache's dtype
+    (float32, or bf16 for rows whose values are bf16: the engine stores those as the reference does). A step's
+    cache update as one op: the few rows it writes, instead of a select over every row of the cache (the cache
+    grows with the context)."""
     b, n, d = cache.shape
     padded = torch.cat([cache, cache.new_zeros(b, 1, d)], 1)  # row n: where the unwritten picks land
     slot = torch.where((slots >= 0) & (slots < n), slots, n)
     batch = torch.arange(b, device=cache.device)[:, None].expand_as(slot)
-    return padded.index_put((batch, slot), rows.to(cache.dtype))[:, :n]
+    return padded.index_put((batch, slot), rows)[:, :n]

@@ -21,10 +21,10 @@ import numpy as np
 from dsv4c.artifact import ArtifactError, Manifest
 from dsv4c.targets.base import CacheSlot, cache_slots, check_host_arrays, numpy_dtype
 
-ACL_FLOAT, ACL_INT64, ACL_FORMAT_ND = 0, 9, 2  # aclDataType / aclFormat enum values
+ACL_FLOAT, ACL_INT64, ACL_BF16, ACL_FORMAT_ND = 0, 9, 27, 2  # aclDataType / aclFormat enum values
 ACL_MEM_MALLOC_HUGE_FIRST = 0
 ACL_MEMCPY_HOST_TO_DEVICE, ACL_MEMCPY_DEVICE_TO_HOST, ACL_MEMCPY_DEVICE_TO_DEVICE = 1, 2, 3  # aclrtMemcpyKind
-_ACL_DTYPES = {"float32": ACL_FLOAT, "int64": ACL_INT64}
+_ACL_DTYPES = {"float32": ACL_FLOAT, "int64": ACL_INT64, "bfloat16": ACL_BF16}
 
 
 def load_executor(root: Path, manifest: Manifest, emulate: bool = False, threads: int | None = None):

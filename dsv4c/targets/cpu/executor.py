@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from dsv4c.artifact import ArtifactError, Manifest
-from dsv4c.targets.base import CacheSlot, HostCache, cache_slots
+from dsv4c.targets.base import CacheSlot, HostCache, cache_slots, run_bound
 
 KERNELS = "libdsv4_ops.so"
 
@@ -45,8 +45,6 @@ class OrtExecutor:
             kernels = str(library) if self.kernels else None
             self.sessions[name] = ort_session(engine_dir / rel, custom_ops_library=kernels, threads=threads,
                                               initializers=weights[name])
-        self.inputs = {n: [i.name for i in s.get_inputs()] for n, s in self.sessions.items()}
-        self.outputs = {n: [o.name for o in s.get_outputs()] for n, s in self.sessions.items()}
         # without the library ORT runs CacheWrite's function body, which has no in-place path
         self.in_place = {n: updated_in_place(m.graph) if self.kernels else [False] * len(self.slots)
                          for n, m in models.items()}
@@ -64,29 +62,8 @@ class OrtExecutor:
 
     def run(self, program: str, tokens: np.ndarray, start_pos: np.ndarray, n_valid: np.ndarray,
             cache: HostCache) -> np.ndarray:
-        session, names, outputs = self.sessions[program], self.inputs[program], self.outputs[program]
-        if len(names) != 3 + len(cache.arrays):
-            raise ArtifactError(f"program {program!r} expects {len(names)} inputs, the runtime has "
-                                f"{3 + len(cache.arrays)}")
-        io = session.io_binding()
-        steps = [np.ascontiguousarray(v) for v in (tokens, start_pos, n_valid)]  # alive until the run returns
-        for name, value in zip(names, steps):
-            io.bind_cpu_input(name, value)
-        io.bind_output(outputs[0], "cpu")
-        in_place = self.in_place[program]
-        for i, (name, array) in enumerate(zip(names[3:], cache.arrays)):
-            _bind(io.bind_input, name, array)
-            _bind(io.bind_output, outputs[1 + i], array if in_place[i] else cache.spare(i))
-        session.run_with_iobinding(io)
-        logits = io.get_outputs()[0].numpy()
-        for i, done in enumerate(in_place):
-            if not done:
-                cache.swap(i)
-        return logits
-
-
-def _bind(bind, name: str, array: np.ndarray) -> None:
-    bind(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+        return run_bound(self.sessions[program], program, (tokens, start_pos, n_valid), cache,
+                         self.in_place[program])
 
 
 def updated_in_place(graph) -> list[bool]:

@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from dsv4c.graphs.cache import from_host, host_array
 from dsv4c.targets.base import CacheSlot, check_host_arrays
 
 
@@ -53,12 +54,12 @@ class TorchCache:
             whole.index_copy_(0, index, piece)
 
     def to_host(self) -> list[np.ndarray]:
-        return [t.to("cpu", copy=True).numpy() for t in self.tensors]
+        return [host_array(t.to("cpu", copy=True)) for t in self.tensors]
 
     def from_host(self, arrays: Sequence[np.ndarray]) -> None:
         check_host_arrays(self.slots, self.batch_size, arrays)
         for mine, value in zip(self.tensors, arrays):
-            mine.copy_(torch.from_numpy(np.ascontiguousarray(value)))
+            mine.copy_(from_host(np.ascontiguousarray(value)))
 
     def _index(self, slots: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.asarray(slots, dtype=np.int64), device=self.device)

@@ -121,10 +121,12 @@ def _ceil_div(a: Any, b: Any, cdiv: Callable) -> Any:
     return cdiv(a, b)
 
 
-def aot_kernel(op: str, shapes: Sequence[Sequence[Any]], attrs: dict, cdiv: Callable, tactic: int = 1) -> AotKernel:
+def aot_kernel(op: str, shapes: Sequence[Sequence[Any]], attrs: dict, cdiv: Callable, tactic: int = 1,
+               bf16_inputs: Sequence[int] = ()) -> AotKernel:
     """The kernel, its constants, grid and int32 scalars for one op instance. Mirrors the launchers in
     dsv4c.targets.tensorrt.kernels (same kernels, same block choices); `cdiv` is triton.cdiv or trtp.cdiv
-    (shape expressions), applied through _ceil_div."""
+    (shape expressions), applied through _ceil_div. `bf16_inputs`: positions of inputs that come as bf16 (cache
+    rows; the kernels widen what they load), typed *bf16 in the signature."""
     from dsv4c.targets.tensorrt.kernels import attention, compressor, fp8_gemm, hyper_connections, indexer, quant
     from dsv4c.targets.tensorrt.kernels.common import next_pow2
 
@@ -132,6 +134,7 @@ def aot_kernel(op: str, shapes: Sequence[Sequence[Any]], attrs: dict, cdiv: Call
         return _ceil_div(a, b, cdiv)
 
     def sig(ptrs_in: list[tuple[str, str]], ints: list[str], ptrs_out: list[tuple[str, str]], consts: dict) -> dict:
+        ptrs_in = [(n, "bf16" if i in bf16_inputs else t) for i, (n, t) in enumerate(ptrs_in)]
         out = {n: f"*{t}" for n, t in ptrs_in} | {n: "i32" for n in ints} | {n: f"*{t}" for n, t in ptrs_out}
         return out | {n: "constexpr" for n in consts}
 
@@ -293,7 +296,8 @@ def _register(trt: Any, trtp: Any) -> None:  # noqa: C901  (one block per op, on
                 torch.as_tensor(out, device="cuda").copy_(value.reshape(tuple(out.shape)))
 
     def aot(op: str, inputs: list, attrs: dict, tactic: int):
-        spec = aot_kernel(op, [list(t.shape_expr) for t in inputs], attrs, trtp.cdiv, tactic or 1)
+        bf16 = [i for i, t in enumerate(inputs) if t.dtype == trt.bfloat16]
+        spec = aot_kernel(op, [list(t.shape_expr) for t in inputs], attrs, trtp.cdiv, tactic or 1, bf16)
         name, ptx, shared = compile_aot(spec)
         launch = trtp.KernelLaunchParams()
         launch.grid_x, launch.grid_y, launch.grid_z = (trtp.ShapeExpr(v) if isinstance(v, int) else v

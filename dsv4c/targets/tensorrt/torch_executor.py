@@ -25,6 +25,7 @@ import torch
 from onnx import numpy_helper
 
 from dsv4c.artifact import ArtifactError
+from dsv4c.graphs.cache import from_host
 from dsv4c.graphs.ops.onnx import DOMAIN
 from dsv4c.targets.base import CacheSlot
 from dsv4c.targets.tensorrt.device_cache import TorchCache
@@ -213,10 +214,7 @@ STANDARD_OPS: dict[str, Callable[..., Any]] = {
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
     """numpy -> torch; onnx gives bfloat16 initializers as ml_dtypes arrays, which torch cannot take directly."""
-    array = np.array(array)  # a writable copy: the reader's buffer is read-only
-    if array.dtype.name == "bfloat16":
-        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(array)
+    return from_host(np.array(array))  # a writable copy: the reader's buffer is read-only
 
 
 def _attributes(node: onnx.NodeProto) -> dict[str, Any]:

@@ -40,17 +40,19 @@ struct IsaKernels {
   void (*linear)(const QuantWeight& w, const float* x, int64_t ldx, int64_t rows, float* y, int64_t ldy,
                  int64_t n0, int64_t n1);
 
-  // Sparse attention of one query position, heads [h0, h1): q [H, D], kv [N, D] (K = V), idx [K] rows of kv
+  // Sparse attention of one query position, heads [h0, h1): q [H, D], kv [N, D] (K = V; float, or bf16 bits
+  // with kv_bf16: cache rows stored as the reference stores them, widened exactly as they are read), idx [K] rows of kv
   // (-1 = none, all < N), sink [H]; out [H, D] rows h0..h1-1. An online softmax over blocks of 64 picks in idx
   // order; with `bf16` each block's unnormalised probabilities are rounded to bf16 before the P.V product
   // (registry.sparse_attn). scratch: at least 4 * (64 + D) floats.
-  void (*sparse_attn_query)(const float* q, const float* kv, const int64_t* idx, int64_t k, const float* sink,
-                            int64_t h0, int64_t h1, int64_t d, float scale, bool bf16, float* out, float* scratch);
+  void (*sparse_attn_query)(const float* q, const void* kv, bool kv_bf16, const int64_t* idx, int64_t k,
+                            const float* sink, int64_t h0, int64_t h1, int64_t d, float scale, bool bf16, float* out,
+                            float* scratch);
 
   // Lightning-indexer scores of one query for entries [n0, n1): score[j] = r(sum_h r(w[h] relu(r(q[h] . k[j])))),
   // h summed in order (as the reference's reduction), r = bf16 rounding with `bf16` (else identity).
-  // q [h, d], k [N, d], scores indexed by entry.
-  void (*indexer_scores)(const float* q, const float* w, int64_t heads, const float* k, int64_t d,
+  // q [h, d], k [N, d] (float, or bf16 bits with k_bf16), scores indexed by entry.
+  void (*indexer_scores)(const float* q, const float* w, int64_t heads, const void* k, bool k_bf16, int64_t d,
                          int64_t n0, int64_t n1, bool bf16, float* scores);
 
   // MoE activation of one pick: h[i] = r(silu(g') u' weight), g' = r(g) clamped above at limit, u' = r(u)

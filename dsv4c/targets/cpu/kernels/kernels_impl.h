@@ -106,13 +106,15 @@ inline float widen(uint16_t bf16) {  // bfloat16 bits -> float, exact
 }
 
 #if !defined(__AVX2__)
-float dot(const float* a, const float* b, int64_t n) {
+// b: float, or bf16 bits (cache rows) widened as they are read
+template <typename T>
+float dot(const float* a, const T* b, int64_t n) {
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 8 partial sums: vectorisable without reassociation
   int64_t k = 0;
   for (; k + 8 <= n; k += 8)
-    for (int i = 0; i < 8; ++i) acc[i] += a[k + i] * b[k + i];
+    for (int i = 0; i < 8; ++i) acc[i] += a[k + i] * widen(b[k + i]);
   float r = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; k < n; ++k) r += a[k] * b[k];
+  for (; k < n; ++k) r += a[k] * widen(b[k]);
   return r;
 }
 
@@ -131,24 +133,24 @@ void linear_impl(const QuantWeight& w, const float* x, int64_t ldx, int64_t rows
 }
 
 // G heads against one kv row.
-template <int G>
-void dot_heads(const float* q, int64_t d, const float* row, float* out) {
+template <int G, typename T>
+void dot_heads(const float* q, int64_t d, const T* row, float* out) {
   for (int g = 0; g < G; ++g) out[g] = dot(q + g * d, row, d);
 }
 
-// l[j][g] = q[g] . kv[rows[j]] for the n listed rows (offsets of kv rows, in floats).
-template <int G>
-void logits_heads(const float* q, int64_t d, const float* kv, const int64_t* rows, int64_t n, float* l) {
+// l[j][g] = q[g] . kv[rows[j]] for the n listed rows (offsets of kv rows, in elements).
+template <int G, typename T>
+void logits_heads(const float* q, int64_t d, const T* kv, const int64_t* rows, int64_t n, float* l) {
   for (int64_t j = 0; j < n; ++j) dot_heads<G>(q, d, kv + rows[j], l + j * G);
 }
 
 // out[g] = sum_j p[j][g] kv[rows[j]] for G heads.
-template <int G>
-void weighted_rows(float* out, int64_t d, const float* kv, const int64_t* rows, const float* p, int64_t n) {
+template <int G, typename T>
+void weighted_rows(float* out, int64_t d, const T* kv, const int64_t* rows, const float* p, int64_t n) {
   for (int64_t i = 0; i < G * d; ++i) out[i] = 0.f;
   for (int64_t j = 0; j < n; ++j)
     for (int g = 0; g < G; ++g)
-      for (int64_t k = 0; k < d; ++k) out[g * d + k] += p[j * G + g] * kv[rows[j] + k];
+      for (int64_t k = 0; k < d; ++k) out[g * d + k] += p[j * G + g] * widen(kv[rows[j] + k]);
 }
 
 #else  // ---- AVX2 + FMA + F16C ---------------------------------------------------------------------------------
@@ -166,18 +168,20 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(a);
 }
 
-float dot(const float* a, const float* b, int64_t n) {
+// b: float, or bf16 bits (cache rows) widened as they are loaded
+template <typename T>
+float dot(const float* a, const T* b, int64_t n) {
   __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
   int64_t k = 0;
   for (; k + 32 <= n; k += 32) {
-    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
-    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), s1);
-    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 16), _mm256_loadu_ps(b + k + 16), s2);
-    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 24), _mm256_loadu_ps(b + k + 24), s3);
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), load8(b + k), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), load8(b + k + 8), s1);
+    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 16), load8(b + k + 16), s2);
+    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 24), load8(b + k + 24), s3);
   }
-  for (; k + 8 <= n; k += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
+  for (; k + 8 <= n; k += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), load8(b + k), s0);
   float r = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
-  for (; k < n; ++k) r += a[k] * b[k];
+  for (; k < n; ++k) r += a[k] * widen(b[k]);
   return r;
 }
 
@@ -433,13 +437,13 @@ void linear_impl(const QuantWeight& w, const float* x, int64_t ldx, int64_t rows
 }
 
 // G (<= 4) heads against one kv row: G dot products sharing the row's loads.
-template <int G>
-void dot_heads(const float* q, int64_t d, const float* row, float* out) {
+template <int G, typename T>
+void dot_heads(const float* q, int64_t d, const T* row, float* out) {
   __m256 s[G][2];
   for (int g = 0; g < G; ++g) s[g][0] = _mm256_setzero_ps(), s[g][1] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 16 <= d; k += 16) {
-    const __m256 r0 = _mm256_loadu_ps(row + k), r1 = _mm256_loadu_ps(row + k + 8);
+    const __m256 r0 = load8(row + k), r1 = load8(row + k + 8);
     for (int g = 0; g < G; ++g) {
       s[g][0] = _mm256_fmadd_ps(r0, _mm256_loadu_ps(q + g * d + k), s[g][0]);
       s[g][1] = _mm256_fmadd_ps(r1, _mm256_loadu_ps(q + g * d + k + 8), s[g][1]);
@@ -447,23 +451,23 @@ void dot_heads(const float* q, int64_t d, const float* row, float* out) {
   }
   for (int g = 0; g < G; ++g) {
     float r = hsum(_mm256_add_ps(s[g][0], s[g][1]));
-    for (int64_t kk = k; kk < d; ++kk) r += q[g * d + kk] * row[kk];
+    for (int64_t kk = k; kk < d; ++kk) r += q[g * d + kk] * widen(row[kk]);
     out[g] = r;
   }
 }
 
 // l[j][g] = q[g] . kv[rows[j]]: two rows at a time, so each q load feeds two FMAs (2G accumulators).
-template <int G>
-void logits_heads(const float* q, int64_t d, const float* kv, const int64_t* rows, int64_t n, float* l) {
+template <int G, typename T>
+void logits_heads(const float* q, int64_t d, const T* kv, const int64_t* rows, int64_t n, float* l) {
   int64_t j = 0;
   for (; j + 2 <= n; j += 2) {
-    const float* r0 = kv + rows[j];
-    const float* r1 = kv + rows[j + 1];
+    const T* r0 = kv + rows[j];
+    const T* r1 = kv + rows[j + 1];
     __m256 a[G], b[G];
     for (int g = 0; g < G; ++g) a[g] = _mm256_setzero_ps(), b[g] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 8 <= d; k += 8) {
-      const __m256 v0 = _mm256_loadu_ps(r0 + k), v1 = _mm256_loadu_ps(r1 + k);
+      const __m256 v0 = load8(r0 + k), v1 = load8(r1 + k);
       for (int g = 0; g < G; ++g) {
         const __m256 qv = _mm256_loadu_ps(q + g * d + k);
         a[g] = _mm256_fmadd_ps(qv, v0, a[g]);
@@ -472,7 +476,7 @@ void logits_heads(const float* q, int64_t d, const float* kv, const int64_t* row
     }
     for (int g = 0; g < G; ++g) {
       float sa = hsum(a[g]), sb = hsum(b[g]);
-      for (int64_t kk = k; kk < d; ++kk) sa += q[g * d + kk] * r0[kk], sb += q[g * d + kk] * r1[kk];
+      for (int64_t kk = k; kk < d; ++kk) sa += q[g * d + kk] * widen(r0[kk]), sb += q[g * d + kk] * widen(r1[kk]);
       l[j * G + g] = sa;
       l[(j + 1) * G + g] = sb;
     }
@@ -481,14 +485,14 @@ void logits_heads(const float* q, int64_t d, const float* kv, const int64_t* row
 }
 
 // out[g] = sum_j p[j][g] kv[rows[j]]: per 16 channels the G x 2 sums stay in registers while the rows stream by.
-template <int G>
-void weighted_rows(float* out, int64_t d, const float* kv, const int64_t* rows, const float* p, int64_t n) {
+template <int G, typename T>
+void weighted_rows(float* out, int64_t d, const T* kv, const int64_t* rows, const float* p, int64_t n) {
   int64_t c = 0;
   for (; c + 16 <= d; c += 16) {
     __m256 acc[G][2];
     for (int g = 0; g < G; ++g) acc[g][0] = _mm256_setzero_ps(), acc[g][1] = _mm256_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
-      const __m256 v0 = _mm256_loadu_ps(kv + rows[j] + c), v1 = _mm256_loadu_ps(kv + rows[j] + c + 8);
+      const __m256 v0 = load8(kv + rows[j] + c), v1 = load8(kv + rows[j] + c + 8);
       for (int g = 0; g < G; ++g) {
         const __m256 pb = _mm256_broadcast_ss(p + j * G + g);
         acc[g][0] = _mm256_fmadd_ps(pb, v0, acc[g][0]);
@@ -503,7 +507,7 @@ void weighted_rows(float* out, int64_t d, const float* kv, const int64_t* rows, 
   for (; c < d; ++c)
     for (int g = 0; g < G; ++g) {
       float sum = 0.f;
-      for (int64_t j = 0; j < n; ++j) sum += p[j * G + g] * kv[rows[j] + c];
+      for (int64_t j = 0; j < n; ++j) sum += p[j * G + g] * widen(kv[rows[j] + c]);
       out[g * d + c] = sum;
     }
 }
@@ -571,8 +575,8 @@ constexpr int64_t kAttnBlock = 64;
 // One block for heads h..h+G-1: `rows` the offsets of its n > 0 valid picks. Updates the running max, the
 // denominator and the accumulator acc [G][d] as the reference does: the block's own P.V sum first, then
 // acc * rescale + that sum (a block of -1 picks only would leave all three unchanged, so callers skip it).
-template <int G>
-void attn_block(const float* q, const float* kv, const int64_t* rows, int64_t n, int64_t d, float scale, bool bf16,
+template <int G, typename T>
+void attn_block(const float* q, const T* kv, const int64_t* rows, int64_t n, int64_t d, float scale, bool bf16,
                 float* run_max, float* denom, float* acc, float* p /* [n][G] */, float* part /* [G][d] */) {
   logits_heads<G>(q, d, kv, rows, n, p);
   float shift[G], rescale[G], sum[G];
@@ -602,8 +606,8 @@ void attn_block(const float* q, const float* kv, const int64_t* rows, int64_t n,
 }
 
 // Heads h..h+G-1 of one query over all blocks; block b's valid picks are rows[start[b] .. start[b + 1]).
-template <int G>
-void attn_heads(const float* q, const float* kv, const int64_t* rows, const int64_t* start, int64_t blocks,
+template <int G, typename T>
+void attn_heads(const float* q, const T* kv, const int64_t* rows, const int64_t* start, int64_t blocks,
                 const float* sink, int64_t d, float scale, bool bf16, float* out, float* scratch) {
   float run_max[G], denom[G];
   for (int g = 0; g < G; ++g) run_max[g] = -INFINITY, denom[g] = 0.f;
@@ -612,15 +616,16 @@ void attn_heads(const float* q, const float* kv, const int64_t* rows, const int6
   float* part = scratch + kAttnBlock * G;
   for (int64_t b = 0; b < blocks; ++b)
     if (start[b + 1] > start[b])
-      attn_block<G>(q, kv, rows + start[b], start[b + 1] - start[b], d, scale, bf16, run_max, denom, out, p, part);
+      attn_block<G, T>(q, kv, rows + start[b], start[b + 1] - start[b], d, scale, bf16, run_max, denom, out, p, part);
   for (int g = 0; g < G; ++g) {  // the sink joins the denominator last, against the final max
     const float z = denom[g] + expf(sink[g] - (__builtin_isfinite(run_max[g]) ? run_max[g] : 0.f));
     for (int64_t i = 0; i < d; ++i) out[g * d + i] /= z;
   }
 }
 
-void sparse_attn_query(const float* q, const float* kv, const int64_t* idx, int64_t k, const float* sink,
-                       int64_t h0, int64_t h1, int64_t d, float scale, bool bf16, float* out, float* scratch) {
+template <typename T>
+void sparse_attn_rows(const float* q, const T* kv, const int64_t* idx, int64_t k, const float* sink, int64_t h0,
+                      int64_t h1, int64_t d, float scale, bool bf16, float* out, float* scratch) {
   const int64_t blocks = (k + kAttnBlock - 1) / kAttnBlock;
   int64_t* rows = tl_offsets.get(k + blocks + 1);
   int64_t* start = rows + k;
@@ -636,10 +641,10 @@ void sparse_attn_query(const float* q, const float* kv, const int64_t* idx, int6
     const float* qh = q + h * d;
     float* oh = out + h * d;
     switch (g) {
-      case 4: attn_heads<4>(qh, kv, rows, start, blocks, sink + h, d, scale, bf16, oh, scratch); break;
-      case 3: attn_heads<3>(qh, kv, rows, start, blocks, sink + h, d, scale, bf16, oh, scratch); break;
-      case 2: attn_heads<2>(qh, kv, rows, start, blocks, sink + h, d, scale, bf16, oh, scratch); break;
-      default: attn_heads<1>(qh, kv, rows, start, blocks, sink + h, d, scale, bf16, oh, scratch); break;
+      case 4: attn_heads<4, T>(qh, kv, rows, start, blocks, sink + h, d, scale, bf16, oh, scratch); break;
+      case 3: attn_heads<3, T>(qh, kv, rows, start, blocks, sink + h, d, scale, bf16, oh, scratch); break;
+      case 2: attn_heads<2, T>(qh, kv, rows, start, blocks, sink + h, d, scale, bf16, oh, scratch); break;
+      default: attn_heads<1, T>(qh, kv, rows, start, blocks, sink + h, d, scale, bf16, oh, scratch); break;
     }
     h += g;
   }
@@ -673,8 +678,9 @@ void weigh_heads8(const float* l, const float* w, int64_t heads, bool bf16, floa
 #endif
 }
 
-void indexer_scores(const float* q, const float* w, int64_t heads, const float* k, int64_t d, int64_t n0,
-                    int64_t n1, bool bf16, float* scores) {
+template <typename T>
+void indexer_rows(const float* q, const float* w, int64_t heads, const T* k, int64_t d, int64_t n0, int64_t n1,
+                  bool bf16, float* scores) {
   float* l = tl_dots.get(heads * 8);
   for (int64_t j0 = n0; j0 < n1; j0 += 8) {
     const int64_t m = lo(8, n1 - j0);
@@ -683,7 +689,7 @@ void indexer_scores(const float* q, const float* w, int64_t heads, const float* 
         for (int64_t h = 0; h < heads; ++h) l[h * 8 + e] = 0.f;
         continue;
       }
-      const float* row = k + (j0 + e) * d;
+      const T* row = k + (j0 + e) * d;
       for (int64_t h = 0; h < heads; h += 4) {
         float t[4];
         const int64_t g = lo(4, heads - h);
@@ -821,6 +827,22 @@ void linear(const QuantWeight& w, const float* x, int64_t ldx, int64_t rows, flo
 }
 
 }  // namespace
+
+void sparse_attn_query(const float* q, const void* kv, bool kv_bf16, const int64_t* idx, int64_t k, const float* sink,
+                       int64_t h0, int64_t h1, int64_t d, float scale, bool bf16, float* out, float* scratch) {
+  if (kv_bf16)
+    sparse_attn_rows(q, (const uint16_t*)kv, idx, k, sink, h0, h1, d, scale, bf16, out, scratch);
+  else
+    sparse_attn_rows(q, (const float*)kv, idx, k, sink, h0, h1, d, scale, bf16, out, scratch);
+}
+
+void indexer_scores(const float* q, const float* w, int64_t heads, const void* k, bool k_bf16, int64_t d, int64_t n0,
+                    int64_t n1, bool bf16, float* scores) {
+  if (k_bf16)
+    indexer_rows(q, w, heads, (const uint16_t*)k, d, n0, n1, bf16, scores);
+  else
+    indexer_rows(q, w, heads, (const float*)k, d, n0, n1, bf16, scores);
+}
 
 #define DSV4_STR2(x) #x
 #define DSV4_STR(x) DSV4_STR2(x)

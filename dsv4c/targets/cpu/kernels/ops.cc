@@ -160,6 +160,10 @@ struct Tensor {
   const float* f32() const { return static_cast<const float*>(data); }
   const uint8_t* u8() const { return static_cast<const uint8_t*>(data); }
   const int64_t* i64() const { return static_cast<const int64_t*>(data); }
+  // row r of a [.., N, D] float or bf16 tensor (cache rows), as the kernels' untyped row pointer
+  const void* row(int64_t r) const {
+    return static_cast<const char*>(data) + r * dim(-1) * (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 ? 2 : 4);
+  }
 };
 
 // One compute call: inputs, outputs, errors naming the op, tasks on ORT's intra-op pool.
@@ -204,6 +208,15 @@ class Context {
            shape_str(t.shape));
     if (rank >= 0 && t.rank() != rank)
       fail(std::string("input '") + name + "' must have rank " + std::to_string(rank) + ", got shape " +
+           shape_str(t.shape));
+    return t;
+  }
+
+  // cache rows: float, or bf16 where the engine stores them as the reference does
+  Tensor cache_rows(size_t i, const char* name, int rank) const {
+    const Tensor t = input(i, name, ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, rank);
+    if (t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16)
+      fail(std::string("input '") + name + "' must be float or bfloat16, got " + type_name(t.type) + " " +
            shape_str(t.shape));
     return t;
   }
@@ -394,25 +407,28 @@ struct CacheWrite : Kernel {
 
   void compute(OrtKernelContext* ctx) override {
     Context c(ctx, "CacheWrite", inline_work_);
-    const Tensor cache = c.input(0, "cache", F32), rows = c.input(1, "rows", F32), slots = c.input(2, "slots", I64);
-    c.require(cache.rank() == 3, "cache must be [B, N, D], got " + shape_str(cache.shape));
+    const Tensor cache = c.cache_rows(0, "cache", 3), rows = c.input(1, "rows", cache.type),
+                 slots = c.input(2, "slots", I64);
     const int64_t B = cache.dim(0), N = cache.dim(1), D = cache.dim(2);
     c.require(slots.rank() == 2 && slots.dim(0) == B, "slots " + shape_str(slots.shape) + " must be [B, K] for cache " +
                                                           shape_str(cache.shape));
     const int64_t K = slots.dim(1);
     c.require(rows.shape == std::vector<int64_t>{B, K, D}, "rows " + shape_str(rows.shape) + " must be [B, K, D] = " +
                                                              shape_str({B, K, D}));
-    float* out = c.output<float>(0, cache.shape);
+    const size_t esize = cache.type == BF16 ? 2 : 4, row_bytes = esize * D;
+    char* out = c.output<char>(0, cache.shape);
+    const char* in = static_cast<const char*>(cache.data);
     // the copy is the whole cost (a long context's cache is MBs per layer): split it into ~256 KB pieces
-    const int64_t total = B * N * D, piece = 1 << 16;
-    if (out != cache.f32()) c.parallel((total + piece - 1) / piece, double(total), [&](size_t t) {
+    const int64_t total = B * N * row_bytes, piece = 1 << 18;
+    if (out != in) c.parallel((total + piece - 1) / piece, double(total) / 4, [&](size_t t) {
       const int64_t i0 = t * piece;
-      memcpy(out + i0, cache.f32() + i0, sizeof(float) * std::min(piece, total - i0));
+      memcpy(out + i0, in + i0, std::min(piece, total - i0));
     });
+    const char* src = static_cast<const char*>(rows.data);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t k = 0; k < K; ++k) {
         const int64_t slot = slots.i64()[b * K + k];
-        if (slot >= 0 && slot < N) memcpy(out + (b * N + slot) * D, rows.f32() + (b * K + k) * D, sizeof(float) * D);
+        if (slot >= 0 && slot < N) memcpy(out + (b * N + slot) * row_bytes, src + (b * K + k) * row_bytes, row_bytes);
       }
   }
 };
@@ -656,7 +672,7 @@ struct SparseAttn : Kernel {
 
   void compute(OrtKernelContext* ctx) override {
     Context c(ctx, "SparseAttn", inline_work_);
-    const Tensor q = c.input(0, "q", F32, 4), kv = c.input(1, "kv", F32, 3), sink = c.input(2, "sink", F32, 1),
+    const Tensor q = c.input(0, "q", F32, 4), kv = c.cache_rows(1, "kv", 3), sink = c.input(2, "sink", F32, 1),
                  idx = c.input(3, "idx", I64, 3);
     const int64_t B = q.dim(0), S = q.dim(1), H = q.dim(2), D = q.dim(3), N = kv.dim(1), K = idx.dim(2);
     c.require(kv.dim(0) == B && kv.dim(2) == D, "kv " + shape_str(kv.shape) + " must be [B, N, D] for q " +
@@ -673,7 +689,7 @@ struct SparseAttn : Kernel {
       thread_local std::vector<float> scratch;
       scratch.resize(4 * (64 + D));
       const int64_t bs = t / groups, h0 = (t % groups) * 4, b = bs / S;
-      isa->sparse_attn_query(q.f32() + bs * H * D, kv.f32() + b * N * D, ix + bs * K, K, sink.f32(), h0,
+      isa->sparse_attn_query(q.f32() + bs * H * D, kv.row(b * N), kv.type == BF16, ix + bs * K, K, sink.f32(), h0,
                              std::min(H, h0 + 4), D, scale, bf16, out + bs * H * D, scratch.data());
     });
   }
@@ -689,7 +705,7 @@ struct IndexerTopK : Kernel {
 
   void compute(OrtKernelContext* ctx) override {
     Context c(ctx, "IndexerTopK", inline_work_);
-    const Tensor q = c.input(0, "q", F32, 4), k = c.input(1, "k", F32, 3), w = c.input(2, "w", F32, 3),
+    const Tensor q = c.input(0, "q", F32, 4), k = c.cache_rows(1, "k", 3), w = c.input(2, "w", F32, 3),
                  nv = c.input(3, "n_visible", I64, 2);
     const int64_t B = q.dim(0), S = q.dim(1), Hh = q.dim(2), D = q.dim(3), N = k.dim(1), Kout = std::min(topk, N);
     c.require(k.dim(0) == B && k.dim(2) == D, "k " + shape_str(k.shape) + " must be [B, N, d] for q " +
@@ -707,8 +723,8 @@ struct IndexerTopK : Kernel {
     c.parallel(B * S * chunks, double(B) * S * N * Hh * D, [&](size_t t) {
       const int64_t bs = t / chunks, n0 = (t % chunks) * chunk, n1 = std::min(visible(bs), n0 + chunk);
       if (n0 >= n1) return;
-      isa->indexer_scores(q.f32() + bs * Hh * D, w.f32() + bs * Hh, Hh, k.f32() + (bs / S) * N * D, D, n0, n1,
-                          bf16, scores.data() + bs * N);
+      isa->indexer_scores(q.f32() + bs * Hh * D, w.f32() + bs * Hh, Hh, k.row((bs / S) * N), k.type == BF16, D, n0,
+                          n1, bf16, scores.data() + bs * N);
     });
 
     // top-K per query: descending score, ties lower entry first (NaN counts as largest, as torch's sort);
@@ -739,7 +755,7 @@ struct IndexerScores : Kernel {
 
   void compute(OrtKernelContext* ctx) override {
     Context c(ctx, "IndexerScores", inline_work_);
-    const Tensor q = c.input(0, "q", F32, 4), k = c.input(1, "k", F32, 3), w = c.input(2, "w", F32, 3);
+    const Tensor q = c.input(0, "q", F32, 4), k = c.cache_rows(1, "k", 3), w = c.input(2, "w", F32, 3);
     const int64_t B = q.dim(0), S = q.dim(1), Hh = q.dim(2), D = q.dim(3), N = k.dim(1);
     c.require(k.dim(0) == B && k.dim(2) == D, "k " + shape_str(k.shape) + " must be [B, N, d] for q " +
                                                   shape_str(q.shape));
@@ -749,8 +765,8 @@ struct IndexerScores : Kernel {
     const int64_t chunk = 256, chunks = (N + chunk - 1) / chunk;  // tasks: (query, 256 entries)
     c.parallel(B * S * chunks, double(B) * S * N * Hh * D, [&](size_t t) {
       const int64_t bs = t / chunks, n0 = (t % chunks) * chunk, n1 = std::min(N, n0 + chunk);
-      isa->indexer_scores(q.f32() + bs * Hh * D, w.f32() + bs * Hh, Hh, k.f32() + (bs / S) * N * D, D, n0, n1,
-                          bf16, out + bs * N);
+      isa->indexer_scores(q.f32() + bs * Hh * D, w.f32() + bs * Hh, Hh, k.row((bs / S) * N), k.type == BF16, D, n0,
+                          n1, bf16, out + bs * N);
     });
   }
 };
@@ -942,6 +958,14 @@ struct OpEntry : OrtCustomOp {
       }
     };
     KernelDestroy = [](void* kernel) { delete static_cast<Kernel*>(kernel); };
+    // an output of any type (CacheWrite: the cache's own) is typed like input 0; ORT needs this to type an
+    // output when more than one input has a dynamic type (the written rows come in the cache's type too)
+    if (!outputs.empty() && outputs[0] == ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED)
+      InferOutputShapeFn = [](const OrtCustomOp*, OrtShapeInferContext* ctx) -> OrtStatusPtr {
+        OrtTensorTypeAndShapeInfo* info = nullptr;  // owned by the context
+        if (OrtStatus* st = api->ShapeInferContext_GetInputTypeShape(ctx, 0, &info)) return st;
+        return api->ShapeInferContext_SetOutputTypeShape(ctx, 0, info);
+      };
   }
 
   static const OpEntry* self(const OrtCustomOp* op) { return static_cast<const OpEntry*>(op); }
@@ -963,12 +987,12 @@ std::vector<OpEntry>& ops() {
                    make<MoeExperts>);
     t.emplace_back("FakeQuantFp8", std::vector{F32}, std::vector{F32}, make<FakeQuantFp8>);
     t.emplace_back("HadamardFp4", std::vector{F32}, std::vector{F32}, make<HadamardFp4>);
-    t.emplace_back("SparseAttn", std::vector{F32, F32, F32, I64}, std::vector{F32}, make<SparseAttn>);
-    t.emplace_back("IndexerTopK", std::vector{F32, F32, F32, I64}, std::vector{I64}, make<IndexerTopK>);
-    t.emplace_back("IndexerScores", std::vector{F32, F32, F32}, std::vector{F32}, make<IndexerScores>);
+    t.emplace_back("SparseAttn", std::vector{F32, ANY, F32, I64}, std::vector{F32}, make<SparseAttn>);
+    t.emplace_back("IndexerTopK", std::vector{F32, ANY, F32, I64}, std::vector{I64}, make<IndexerTopK>);
+    t.emplace_back("IndexerScores", std::vector{F32, ANY, F32}, std::vector{F32}, make<IndexerScores>);
     t.emplace_back("CompressPool", std::vector{F32, F32, I64}, std::vector{F32}, make<CompressPool>);
     t.emplace_back("HcPre", std::vector{F32, F32, F32, F32}, std::vector{F32, F32, F32}, make<HcPre>);
-    t.emplace_back("CacheWrite", std::vector{F32, F32, I64}, std::vector{F32}, make<CacheWrite>);
+    t.emplace_back("CacheWrite", std::vector{ANY, ANY, I64}, std::vector{ANY}, make<CacheWrite>);
     t.emplace_back("HcPost", std::vector{F32, F32, F32, F32}, std::vector{F32}, make<HcPost>);
     t.emplace_back("AllReduce", std::vector{F32}, std::vector{F32}, make<AllReduce>);
     t.emplace_back("AllGather", std::vector{F32}, std::vector{F32}, make<AllGather>);

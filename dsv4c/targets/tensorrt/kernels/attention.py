@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from dsv4c.graphs.ops.registry import ATTN_BLOCK
-from dsv4c.targets.tensorrt.kernels.common import (F32_PRECISION, check_shape, check_tensors, f32, next_pow2,
-                                                    require, round_bf16)
+from dsv4c.targets.tensorrt.kernels.common import (F32_PRECISION, cache_rows, check_shape, check_tensors, f32,
+                                                    next_pow2, require, round_bf16)
 
 
 @triton.jit
@@ -50,7 +50,8 @@ def sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, S, H, N, K, o_ptr,
         for d0 in tl.static_range(0, BLOCK_D, BLOCK_DC):
             dc = d0 + tl.arange(0, BLOCK_DC)
             qc = tl.load(q_ptr + q_rows + dc[None, :], mask=h_ok[:, None] & (dc < D)[None, :], other=0.0)
-            rc = tl.load(kv_ptr + row_base + dc[None, :], mask=valid[:, None] & (dc < D)[None, :], other=0.0)
+            rc = tl.load(kv_ptr + row_base + dc[None, :], mask=valid[:, None] & (dc < D)[None, :],
+                         other=0.0).to(tl.float32)  # bf16 cache rows: widened exactly
             logits += tl.dot(qc, tl.trans(rc), input_precision=PRECISION)
         logits = tl.where(valid[None, :], logits * SCALE, float("-inf"))  # [BH, BK]
         m_new = tl.maximum(m, tl.max(logits, axis=1))
@@ -60,7 +61,7 @@ def sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, S, H, N, K, o_ptr,
         l = l * alpha + tl.sum(p, axis=1)  # the denominator sums the unrounded p
         if BF16:
             p = round_bf16(p)  # the reference's P.V takes bf16 probabilities
-        rows = tl.load(kv_ptr + row_base + dims[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
+        rows = tl.load(kv_ptr + row_base + dims[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p, rows, input_precision=PRECISION)
         m = m_new
     sink = tl.load(sink_ptr + heads, mask=h_ok, other=0.0)
@@ -100,6 +101,6 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
         return o
     bh, bk, bd, dc, warps = attn_blocks(d)
     sparse_attn_kernel[(b * s, triton.cdiv(h, bh))](
-        f32(q), f32(kv), f32(sink), idx.contiguous(), s, h, n, k, o, D=d, SCALE=float(scale), BF16=bool(bf16),
+        f32(q), cache_rows(kv), f32(sink), idx.contiguous(), s, h, n, k, o, D=d, SCALE=float(scale), BF16=bool(bf16),
         PRECISION=F32_PRECISION, BLOCK_H=bh, BLOCK_K=bk, BLOCK_D=bd, BLOCK_DC=dc, num_warps=warps)
     return o

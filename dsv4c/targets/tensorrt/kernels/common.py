@@ -73,6 +73,11 @@ def f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
 
+def cache_rows(t: torch.Tensor) -> torch.Tensor:
+    """Cache rows as the kernels read them: bf16 as stored (they widen each load), anything else as float32."""
+    return t.contiguous() if t.dtype == torch.bfloat16 else f32(t)
+
+
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 

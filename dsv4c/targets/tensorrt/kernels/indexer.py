@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4c.targets.tensorrt.kernels.common import (F32_PRECISION, check_shape, check_tensors, f32, next_pow2,
-                                                    require, round_bf16)
+from dsv4c.targets.tensorrt.kernels.common import (F32_PRECISION, cache_rows, check_shape, check_tensors, f32,
+                                                    next_pow2, require, round_bf16)
 
 LOW_MASK = (1 << 32) - 1
 
@@ -41,7 +41,8 @@ def _head_scores(q_ptr, k_ptr, w_ptr, S, H, N, b, qs, ents, D: tl.constexpr, BF1
     q_rows = (b * S + qs)[:, None] * H + heads[None, :]  # [BS, BH]
     q = tl.load(q_ptr + q_rows[:, :, None] * D + dims[None, None, :],
                 mask=(s_ok[:, None] & h_ok[None, :])[:, :, None] & d_ok[None, None, :], other=0.0)
-    keys_t = tl.load(k_ptr + (b * N + ents)[:, None] * D + dims[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    keys_t = tl.load(k_ptr + (b * N + ents)[:, None] * D + dims[None, :], mask=n_ok[:, None] & d_ok[None, :],
+                     other=0.0).to(tl.float32)  # bf16 keys: widened exactly
     logits = tl.dot(tl.reshape(q, (BLOCK_S * BLOCK_H, BLOCK_D)), tl.trans(keys_t), input_precision=PRECISION)
     w = tl.load(w_ptr + q_rows, mask=s_ok[:, None] & h_ok[None, :], other=0.0)  # [BS, BH]
     logits = tl.reshape(logits, (BLOCK_S, BLOCK_H, BLOCK_N))
@@ -107,8 +108,8 @@ def indexer_keys(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_visible: t
         return keys
     bs, bh, bn, bd = indexer_blocks(h, d)
     indexer_keys_kernel[(b, triton.cdiv(s, bs), triton.cdiv(n, bn))](
-        f32(q), f32(k), f32(w), n_visible.contiguous(), s, h, n, keys, D=d, BF16=bool(bf16), PRECISION=F32_PRECISION,
-        BLOCK_S=bs, BLOCK_H=bh, BLOCK_N=bn, BLOCK_D=bd)
+        f32(q), cache_rows(k), f32(w), n_visible.contiguous(), s, h, n, keys, D=d, BF16=bool(bf16),
+        PRECISION=F32_PRECISION, BLOCK_S=bs, BLOCK_H=bh, BLOCK_N=bn, BLOCK_D=bd)
     return keys
 
 
@@ -154,6 +155,6 @@ def indexer_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, bf16: bool
         return out
     bs, bh, bn, bd = indexer_blocks(h, d)
     indexer_scores_kernel[(b, triton.cdiv(s, bs), triton.cdiv(n, bn))](
-        f32(q), f32(k), f32(w), s, h, n, out, D=d, BF16=bool(bf16), PRECISION=F32_PRECISION, BLOCK_S=bs, BLOCK_H=bh,
-        BLOCK_N=bn, BLOCK_D=bd)
+        f32(q), cache_rows(k), f32(w), s, h, n, out, D=d, BF16=bool(bf16), PRECISION=F32_PRECISION, BLOCK_S=bs,
+        BLOCK_H=bh, BLOCK_N=bn, BLOCK_D=bd)
     return out
