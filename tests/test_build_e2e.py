@@ -119,6 +119,21 @@ def test_the_programs_share_one_map_of_the_weights(official):
     eng.close()
 
 
+def test_a_steps_logits_stay_what_they_were_after_later_steps(official):
+    """The executor keeps its ONNX Runtime bindings between steps; the logits a step returns are the caller's, not
+    a view of a buffer the next step overwrites."""
+    out, _ = official
+    session = Engine.load(out).session(2)
+    returned, copies = [], []
+    logits = session.prefill(PROMPTS)
+    for _ in range(4):
+        logits = session.decode(np.asarray(logits).argmax(-1))
+        returned.append(logits)
+        copies.append(np.array(logits, copy=True))
+    assert all(np.array_equal(r, c) for r, c in zip(returned, copies))
+    assert not np.array_equal(copies[0], copies[2])  # the steps do differ
+
+
 def test_rebuild_is_a_cache_hit_for_every_stage(official, stage_cache):
     out, first = official
     assert stage_status(first)["lower"] == "done" or stage_status(first)["lower"] == "cached"
