@@ -7,7 +7,12 @@ cannot tilt (each round runs every artifact once, back to back; the table gives 
 Each round: a fresh session of `--batch` sequences prefills `--prompt` random tokens, runs two decode steps
 untimed (ORT sets its decode session up on the first), then times `--steps` greedy steps. The runtime is this
 checkout's; the artifacts bring their own graphs and kernel library, so an artifact built by an older dsv4c
-(of the same artifact format) measures that dsv4c's engine.
+(of the same artifact format) measures that dsv4c's engine. `--functional LABEL` runs that artifact the way the
+CPU runtime did before it bound caches in place (ONNX Runtime `session.run` with the caches as feeds, the new
+caches as returned copies; float32 caches only, numpy feeds cannot hold bf16), to compare with a landing from
+before that change, runtime included:
+
+    python benchmarks/decode_ab.py base=/tmp/old/mini-1b new=artifacts/bench/mini-1b --functional base
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=200)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--functional", action="append", default=[], metavar="LABEL",
+                    help="run LABEL's artifact with the previous runtime's session.run (repeatable)")
     args = ap.parse_args()
     from dsv4c.runtime import Engine
 
@@ -36,6 +43,8 @@ def main() -> None:
         if not path:
             ap.error(f"{item!r}: expected LABEL=PATH")
         engines[label] = Engine.load(path, threads=args.threads)
+        if label in args.functional:
+            engines[label].executor.run = functional_run(engines[label].executor)
     ms = {label: [] for label in engines}
     rng = np.random.default_rng(0)
     for _ in range(args.rounds):
@@ -55,6 +64,19 @@ def main() -> None:
     for label, values in ms.items():
         med = statistics.median(values)
         print(f"{label} | {med:.2f} | {args.batch * 1e3 / med:.1f} | {min(values):.2f} | {first / med:.2f}x")
+
+
+def functional_run(executor):
+    """The CPU executor's run before IOBinding: caches fed as numpy arrays, the returned copies put in."""
+    names = {program: [i.name for i in s.get_inputs()] for program, s in executor.sessions.items()}
+
+    def run(program, tokens, start_pos, n_valid, cache):
+        values = [tokens, start_pos, n_valid, *cache.arrays]
+        logits, *new_cache = executor.sessions[program].run(None, dict(zip(names[program], values)))
+        cache.replace(new_cache)
+        return logits
+
+    return run
 
 
 if __name__ == "__main__":
