@@ -154,27 +154,18 @@ def run_bound(session, program: str, steps: Sequence[np.ndarray], cache: HostCac
     *new_cache), the caches bound in place (IOBinding: bf16 caches, which ORT's numpy feeds cannot take, and no
     copy of what it returns). Cache i's output is written into its own buffer where in_place[i] (the caller
     knows nothing else reads it), else into the cache's spare buffer, swapped in afterwards."""
-    names, outputs = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
-    if len(names) != len(steps) + len(cache.arrays):
-        raise ArtifactError(f"program {program!r} expects {len(names)} inputs, the runtime has "
-                            f"{len(steps) + len(cache.arrays)}")
     in_place = in_place if in_place is not None else [False] * len(cache.arrays)
     targets = [array if in_place[i] else cache.spare(i) for i, array in enumerate(cache.arrays)]
     # binding 2 x 19 caches costs ~0.35 ms (tiny's whole step is ~2.5): a binding is kept per set of buffers (the
     # spare swaps make two in steady state) and only the step's inputs are bound anew
     key = (id(session), *((a.ctypes.data, a.shape, a.dtype.str) for a in (*cache.arrays, *targets)))
-    io = cache.bindings.get(key)
-    if io is None:
-        io = session.io_binding()
-        io.bind_output(outputs[0], "cpu")
-        for i, (name, array) in enumerate(zip(names[len(steps):], cache.arrays)):
-            _bind(io.bind_input, name, array)
-            _bind(io.bind_output, outputs[1 + i], targets[i])
+    if key not in cache.bindings:
         if len(cache.bindings) >= 8:  # buffers replaced: forget the old sets
             cache.bindings.clear()
-        cache.bindings[key] = io
+        cache.bindings[key] = _new_binding(session, program, len(steps), cache.arrays, targets)
+    io, step_names = cache.bindings[key]
     steps = [np.ascontiguousarray(v) for v in steps]  # alive until the run returns
-    for name, value in zip(names, steps):
+    for name, value in zip(step_names, steps):
         io.bind_cpu_input(name, value)
     session.run_with_iobinding(io)
     logits = io.get_outputs()[0].numpy().copy()  # the binding keeps ORT's buffer: its next run writes there
@@ -182,6 +173,20 @@ def run_bound(session, program: str, steps: Sequence[np.ndarray], cache: HostCac
         if not done:
             cache.swap(i)
     return logits
+
+
+def _new_binding(session, program: str, n_steps: int, caches: list[np.ndarray], targets: list[np.ndarray]):
+    """An IOBinding of the caches (inputs) and their targets (outputs), and the names of the step inputs."""
+    names, outputs = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
+    if len(names) != n_steps + len(caches):
+        raise ArtifactError(f"program {program!r} expects {len(names)} inputs, the runtime has "
+                            f"{n_steps + len(caches)}")
+    io = session.io_binding()
+    io.bind_output(outputs[0], "cpu")
+    for name, array, out, target in zip(names[n_steps:], caches, outputs[1:], targets):
+        _bind(io.bind_input, name, array)
+        _bind(io.bind_output, out, target)
+    return io, names[:n_steps]
 
 
 def _bind(bind, name: str, array: np.ndarray) -> None:

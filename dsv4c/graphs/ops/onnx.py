@@ -44,7 +44,7 @@ from dsv4c.graphs.ops.onnx_builder import (
     ONNX_OPSET, Builder, Graph, branch, decode_fp4, decode_fp8, fake_quant_fp4, fake_quant_fp8, linear,
     make_function, maybe, round_bf16, silu,
 )
-from dsv4c.graphs.ops.registry import ATTN_BLOCK, OPS, DimMath, OpDef
+from dsv4c.graphs.ops.registry import ATTN_BLOCK, OPS, DimMath, OpDef, like_input
 from dsv4c.graphs.quant import ExpertFormat
 
 __all__ = ["DOMAIN", "DOMAIN_VERSION", "ONNX_OPSET", "add_functions", "attach_functions", "attribute_kinds",
@@ -66,7 +66,7 @@ _ATTR_TYPES = {"bool": OpSchema.AttrType.INT, "int": OpSchema.AttrType.INT, "flo
 # ---- op signatures ---------------------------------------------------------------------------------------
 def tensor_inputs(op: OpDef) -> list[str]:
     """Names of the op's Tensor arguments, in schema order (= the ONNX node's inputs)."""
-    return [a.name for a in op.overload._schema.arguments if isinstance(a.type, torch.TensorType)]
+    return op.tensor_inputs
 
 
 def attribute_kinds(op: OpDef) -> dict[str, str]:
@@ -93,7 +93,7 @@ def register_schemas() -> None:
             continue
         types = {n: _ONNX_TYPES[t] for n, t in op.input_dtypes.items()}
         inputs = [OpSchema.FormalParameter(n, types.get(n, _FLOAT)) for n in tensor_inputs(op)]
-        outputs = [OpSchema.FormalParameter(n, types[t[5:]] if t.startswith("like:") else _ONNX_TYPES[t])
+        outputs = [OpSchema.FormalParameter(n, types[like_input(t)] if like_input(t) else _ONNX_TYPES[t])
                    for n, t in zip(output_names(op), op.output_dtypes)]
         constraints = [(c, *_CONSTRAINTS[c]) for c in sorted(set(types.values()) & set(_CONSTRAINTS))]
         attrs = [OpSchema.Attribute(n, _ATTR_TYPES[k], f"{k} argument `{n}`") for n, k in attribute_kinds(op).items()]
@@ -116,8 +116,8 @@ def _shape_inference(op: OpDef) -> Callable:
     names = tensor_inputs(op)
 
     def elem_type(ctx, dtype: str) -> int:
-        if dtype.startswith("like:"):  # the input's element type (float when shape inference does not know it)
-            t = ctx.get_input_type(names.index(dtype[5:]))
+        if like_input(dtype):  # the input's element type (float when shape inference does not know it)
+            t = ctx.get_input_type(names.index(like_input(dtype)))
             return t.tensor_type.elem_type if t is not None and t.tensor_type.elem_type else TensorProto.FLOAT
         return TensorProto.INT64 if dtype == "int64" else TensorProto.FLOAT
 

@@ -74,6 +74,11 @@ class OpDef:
     def overload(self) -> torch._ops.OpOverload:
         return getattr(torch.ops.dsv4, self.name).default
 
+    @property
+    def tensor_inputs(self) -> list[str]:
+        """Names of the op's Tensor arguments, in schema order (= the ONNX node's inputs)."""
+        return [a.name for a in self.overload._schema.arguments if isinstance(a.type, torch.TensorType)]
+
     def output_shapes(self, shapes, attrs: dict, math: type[DimMath] | DimMath = DimMath) -> list:
         return [list(s) for s in self.shape(shapes, attrs, math)]
 
@@ -81,6 +86,11 @@ class OpDef:
 OPS: dict[str, OpDef] = {}
 _TORCH_DTYPES = {"float32": torch.float32, "int64": torch.int64}
 CACHE_ROWS = "float32|bfloat16"  # cache rows the ops read / write: float32, or bf16 where the values are bf16
+
+
+def like_input(dtype: str) -> str | None:
+    """The tensor input an output dtype "like:<input>" names, else None."""
+    return dtype.removeprefix("like:") if dtype.startswith("like:") else None
 
 
 def _register(name: str, onnx_name: str, schema: str, shape: Callable, attributes: tuple[str, ...] = (),
@@ -105,9 +115,8 @@ def _fake_kernel(op: OpDef) -> Callable:
     def fake(*args):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         attrs = dict(zip(op.attributes, args[len(tensors):]))
-        names = [a.name for a in op.overload._schema.arguments if isinstance(a.type, torch.TensorType)]
-        dtypes = [dict(zip(names, tensors))[dt[5:]].dtype if dt.startswith("like:") else _TORCH_DTYPES[dt]
-                  for dt in op.output_dtypes]
+        by_name = dict(zip(op.tensor_inputs, tensors))
+        dtypes = [by_name[like_input(dt)].dtype if like_input(dt) else _TORCH_DTYPES[dt] for dt in op.output_dtypes]
         outs = [tensors[0].new_empty(shape, dtype=dtype)
                 for shape, dtype in zip(op.output_shapes([list(t.shape) for t in tensors], attrs), dtypes)]
         return outs[0] if len(outs) == 1 else tuple(outs)
