@@ -10,6 +10,7 @@ names (`cache_names`) are the contract with the runtime, which feeds outputs bac
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -18,8 +19,6 @@ from torch.export import Dim, ExportedProgram
 from dsv4c.graphs.model import DeepseekV4
 
 PROGRAMS = ("prefill", "decode")
-# The programs embed the weights: the export stage stores them for models this small (and `plan` sizes disk so)
-STORE_EXPORT_MAX_BYTES = 2 << 30
 
 
 class StepProgram(nn.Module):
@@ -46,6 +45,20 @@ def io_names(model: DeepseekV4, max_seq_len: int) -> ProgramSignature:
                             outputs=["logits"] + [f"cache_out.{n}" for n in cache])
 
 
+def weightless_model(cfg, numerics, expert_format: str, shard=None) -> DeepseekV4:
+    """The model with every tensor on the meta device: what export traces. The programs then carry no weights;
+    the lowering writes them from the checkpoint (`write_onnx_program(..., weights=)`, graphs.streamed), so
+    exporting costs the same memory at any depth."""
+    with torch.device("meta"):
+        return DeepseekV4(cfg, numerics, expert_format, shard).eval()
+
+
+def program_weights(model) -> Callable[[str], torch.Tensor]:
+    """Initializer name of an exported program (`StepProgram`'s paths, "model.<buffer>") -> the tensor of the
+    streamed `model` (graphs.streamed)."""
+    return lambda name: model.streamed.tensor(name.removeprefix("model."))
+
+
 def export_program(model: DeepseekV4, program: str, max_batch: int, max_seq_len: int) -> ExportedProgram:
     """torch.export one step program with a dynamic batch (and a dynamic length for prefill)."""
     if program not in PROGRAMS:
@@ -55,9 +68,11 @@ def export_program(model: DeepseekV4, program: str, max_batch: int, max_seq_len:
     # The exported graph serves every batch in 1..max(max_batch, 2); the runtime never feeds more than max_batch.
     example_batch = 2
     seqlen = 7 if program == "prefill" else 1
-    cache = model.new_cache(example_batch, max_seq_len)
-    args = (torch.ones(example_batch, seqlen, dtype=torch.long), torch.zeros(example_batch, dtype=torch.long),
-            torch.full((example_batch,), seqlen, dtype=torch.long), cache)
+    device = model.embed.device  # "meta": a program without weights (`weightless_model`); every input alike
+    cache = tuple(c.to(device) for c in model.new_cache(example_batch, max_seq_len))
+    args = (torch.ones(example_batch, seqlen, dtype=torch.long, device=device),
+            torch.zeros(example_batch, dtype=torch.long, device=device),
+            torch.full((example_batch,), seqlen, dtype=torch.long, device=device), cache)
     batch = Dim("batch", min=1, max=max(max_batch, 2))
     tokens_dims = {0: batch, 1: Dim("seq", min=2, max=max_seq_len)} if program == "prefill" else {0: batch}
     dynamic = (tokens_dims, {0: batch}, {0: batch}, tuple({0: batch} for _ in cache))

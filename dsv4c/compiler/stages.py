@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -124,15 +124,18 @@ def stage_quantize(build: Build) -> Status:
 
 
 def quantize_model(build: Build) -> None:
-    """quantize's work: read the checkpoint into the model in the engine's formats (whole, in memory)."""
-    from dsv4c.graphs.model import Numerics, load_checkpoint_model
+    """quantize's work: the model in the engine's formats over the checkpoint, streamed (graphs.streamed): a
+    block's weights are read and converted when the lowering writes them or the reference runs it, and at most
+    a bounded set of blocks is held."""
+    from dsv4c.graphs.model import Numerics
+    from dsv4c.graphs.streamed import streamed_model
 
-    build.outputs.model = load_checkpoint_model(build.outputs.reader, Numerics.for_quantization(
-        build.recipe.quantization), graph_expert_format(build))
+    build.outputs.model = streamed_model(build.outputs.reader, Numerics.for_quantization(build.recipe.quantization),
+                                         graph_expert_format(build))
 
 
 def reference_model(build: Build) -> DeepseekV4:
-    """The PyTorch model with the checkpoint's weights in the engine's formats (quantized on first use)."""
+    """The PyTorch model with the checkpoint's weights in the engine's formats, streamed (built on first use)."""
     build.need("quantize")
     return build.outputs.model
 
@@ -147,8 +150,10 @@ def stage_export(build: Build) -> Status:
 
 
 def export_programs(build: Build) -> None:
-    """export's work: the programs from the stage cache when stored, else exported now (and stored if small)."""
-    from dsv4c.compiler.export import PROGRAMS, STORE_EXPORT_MAX_BYTES, export_program
+    """export's work: the programs from the stage cache when stored, else exported now and stored. They are
+    traced on the meta device (`weightless_model`): no weights in them, the lowering writes those from the
+    checkpoint."""
+    from dsv4c.compiler.export import PROGRAMS, export_program
 
     import dsv4c.graphs.ops  # noqa: F401  registers the dsv4 ops the stored programs call
 
@@ -160,14 +165,18 @@ def export_programs(build: Build) -> None:
     if stored is not None and all((stored / f"{p}.pt2").is_file() for p in PROGRAMS):
         build.outputs.programs = {p: torch.export.load(stored / f"{p}.pt2") for p in PROGRAMS}
         return
-    rt, model = build.recipe.runtime, reference_model(build)
+    rt, model = build.recipe.runtime, _weightless(build)
     programs = {p: export_program(model, p, rt.max_batch_size, rt.max_seq_len) for p in PROGRAMS}
-    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    if weight_bytes <= STORE_EXPORT_MAX_BYTES:
-        with build.doing("storing export"):
-            build.store_dir("export", key, lambda d: [torch.export.save(ep, d / f"{p}.pt2")
-                                                      for p, ep in programs.items()])
+    build.store_dir("export", key, lambda d: [torch.export.save(ep, d / f"{p}.pt2") for p, ep in programs.items()])
     build.outputs.programs = programs
+
+
+def _weightless(build: Build, shard=None) -> DeepseekV4:
+    from dsv4c.compiler.export import weightless_model
+    from dsv4c.graphs.model import Numerics
+
+    return weightless_model(build.outputs.reader.config, Numerics.for_quantization(build.recipe.quantization),
+                            graph_expert_format(build), shard)
 
 
 def exported_programs(build: Build) -> dict[str, ExportedProgram]:
@@ -192,18 +201,21 @@ def mesh_of(recipe) -> dict | None:
             "ranks": [f"rank{r}" for r in range(t.world_size)]}
 
 
-def rank_programs(build: Build, rank: int) -> dict[str, ExportedProgram]:
-    """Rank `rank`'s programs: its shard of the model read from the checkpoint (only its slices and experts are
-    kept) and exported; nothing of another rank is held."""
-    from dsv4c.compiler.export import PROGRAMS, export_program
-    from dsv4c.graphs.model import Numerics, load_checkpoint_model
+def rank_programs(build: Build, rank: int) -> tuple[dict[str, ExportedProgram], Callable[[str], torch.Tensor]]:
+    """Rank `rank`'s programs (exported without weights) and its weights: its shard of the checkpoint, streamed
+    (only its slices and experts are read); nothing of another rank is held."""
+    from dsv4c.compiler.export import PROGRAMS, export_program, program_weights
+    from dsv4c.graphs.model import Numerics
     from dsv4c.graphs.parallel import Shard
+    from dsv4c.graphs.streamed import streamed_model
 
     reader, rt = build.outputs.reader, build.recipe.runtime
     shard = Shard.for_rank(reader.config, rank, build.recipe.target.parallel)
-    model = load_checkpoint_model(reader, Numerics.for_quantization(build.recipe.quantization),
-                                  graph_expert_format(build), shard)
-    return {p: export_program(model, p, rt.max_batch_size, rt.max_seq_len) for p in PROGRAMS}
+    model = _weightless(build, shard)
+    programs = {p: export_program(model, p, rt.max_batch_size, rt.max_seq_len) for p in PROGRAMS}
+    weights = streamed_model(reader, Numerics.for_quantization(build.recipe.quantization), graph_expert_format(build),
+                             shard)
+    return programs, program_weights(weights)
 
 
 def _lower_mesh(build: Build, into: Path, mesh: dict) -> None:
@@ -212,10 +224,11 @@ def _lower_mesh(build: Build, into: Path, mesh: dict) -> None:
     meta = engine_meta(build)
     for r, name in enumerate(mesh["ranks"]):
         with build.doing(f"export + lower {name}"):
-            programs = rank_programs(build, r)
+            programs, weights = rank_programs(build, r)
             (into / name).mkdir()
-            build.outputs.target.lower(programs, into / name, build.recipe, {**meta, "mesh": mesh, "rank": r})
-            del programs  # the next rank's shard replaces it
+            build.outputs.target.lower(programs, into / name, build.recipe, {**meta, "mesh": mesh, "rank": r},
+                                       weights=weights)
+            del programs, weights  # the next rank's shard replaces it
     first = json.loads((into / mesh["ranks"][0] / "bundle.json").read_text())
     (into / "bundle.json").write_text(json.dumps({**first, "mesh": mesh}, indent=2))
 
@@ -236,12 +249,8 @@ def build_engine(target, bundle: Path, engine_dir: Path, recipe) -> None:
 def engine_meta(build: Build) -> dict:
     """What the runtime needs besides the programs: cache layout, vocab, eos (from a meta-device model: no
     weights are read for it)."""
-    from dsv4c.graphs.model import DeepseekV4, Numerics
-
     cfg, rt = build.outputs.reader.config, build.recipe.runtime
-    with torch.device("meta"):
-        model = DeepseekV4(cfg, Numerics.for_quantization(build.recipe.quantization),
-                           expert_format=graph_expert_format(build))
+    model = _weightless(build)
     return {"cache": [{"name": e.name, "shape": list(e.shape[1:]), "fill": e.fill,
                        "dtype": str(e.dtype).removeprefix("torch.")}  # what the runtime allocates the cache as
                       for e in model.cache_spec(1, rt.max_seq_len)],
@@ -251,13 +260,16 @@ def engine_meta(build: Build) -> dict:
 
 # ---- lower: exported programs -> the target's bundle ----------------------------------------------------------
 def stage_lower(build: Build) -> Status:
+    from dsv4c.compiler.export import program_weights
+
     key = digest(build.keys["export"], build.recipe.digest("target"), build.outputs.toolchain)
     build.keys["lower"] = key
     mesh = mesh_of(build.recipe)
 
     def lower(into: Path) -> None:
         if mesh is None:
-            build.outputs.target.lower(exported_programs(build), into, build.recipe, engine_meta(build))
+            build.outputs.target.lower(exported_programs(build), into, build.recipe, engine_meta(build),
+                                       weights=program_weights(reference_model(build)))
         else:
             _lower_mesh(build, into, mesh)
 
@@ -409,7 +421,7 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("quantize", after=("plan", "load"), run=stage_quantize, stored=False, lazy=True,
           materialise=quantize_model),
     Stage("export", after=("resolve", "quantize"), run=stage_export, lazy=True, materialise=export_programs),
-    Stage("lower", after=("plan", "load", "export"), run=stage_lower),
+    Stage("lower", after=("plan", "load", "quantize", "export"), run=stage_lower),  # quantize: the weights
     Stage("build", after=("plan", "lower"), run=stage_build),
     Stage("validate", after=("resolve", "plan", "load", "quantize", "build"), run=stage_validate),
     Stage("package", after=("resolve", "plan", "load", "build", "validate"), run=stage_package),

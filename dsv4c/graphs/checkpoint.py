@@ -259,6 +259,10 @@ class CheckpointReader:
         except Exception as e:  # safetensors raises its own error types (and OSError) for bad files
             raise CheckpointError(f"tensor {name!r} in {self.path / shard}: cannot be read ({e})") from None
 
+    def sizes(self) -> dict[str, int]:
+        """Each tensor's stored bytes, from the config (`verify` checks that the shards agree)."""
+        return {name: spec.nbytes for name, spec in expected_tensors(self.config).items()}
+
     def read(self, names) -> dict[str, torch.Tensor]:
         """The named tensors, as safetensors hands them out: views of the memory-mapped shard, paged in when
         touched. Shard handles live for this call only: an open handle keeps every page read through it

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -46,7 +46,10 @@ class Target(Protocol):
 
     def check(self, recipe: Any) -> TargetCheck: ...
 
-    def lower(self, programs: dict[str, Any], bundle_dir: Path, recipe: Any, meta: dict[str, Any]) -> None: ...
+    def lower(self, programs: dict[str, Any], bundle_dir: Path, recipe: Any, meta: dict[str, Any],
+              weights: Callable[[str], Any] | None = None) -> None:
+        """The exported programs -> the target's bundle in `bundle_dir`. `weights` (initializer name -> tensor)
+        supplies the values of programs exported without them (compiler.export.weightless_model)."""
 
     def build(self, bundle_dir: Path, engine_dir: Path, recipe: Any) -> None: ...
 

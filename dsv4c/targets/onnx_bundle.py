@@ -37,16 +37,18 @@ NodeHook = Callable[[onnx.ModelProto], None]
 
 
 def export_bundle_programs(programs: dict[str, Any], bundle_dir: Path, opset: int = ONNX_OPSET,
-                           hook: NodeHook | None = None) -> dict[str, str]:
+                           hook: NodeHook | None = None,
+                           weights: Callable[[str], Any] | None = None) -> dict[str, str]:
     """Export each program at `opset`: at ONNX_OPSET with the function bodies, as is; below it (a vendor's opset)
-    without them, post-processed and saved in place. -> {program: file}."""
+    without them, post-processed and saved in place. `weights`: the values of programs exported without them
+    (write_onnx_program). -> {program: file}."""
     portable = opset == ONNX_OPSET
     if portable and hook is not None:
         raise ValueError("a node hook is for vendor bundles: the portable (ONNX_OPSET) bundle keeps the dsv4 nodes")
     files = {}
     for name, ep in programs.items():
         path = bundle_dir / f"{name}.onnx"
-        write_onnx_program(ep, path, opset=opset, with_functions=portable)
+        write_onnx_program(ep, path, opset=opset, with_functions=portable, weights=weights)
         files[name] = path.name
         if portable:
             continue

@@ -522,7 +522,8 @@ def _translation(op: OpDef, onnx_op) -> Callable:
 
 def write_onnx_program(ep: torch.export.ExportedProgram, path: str | Path, *,
                        external_data: bool = True, opset: int = ONNX_OPSET,
-                       with_functions: bool = True) -> onnx.ModelProto:
+                       with_functions: bool = True,
+                       weights: Callable[[str], torch.Tensor] | None = None) -> onnx.ModelProto:
     """Lower an exported program to ONNX: dsv4 ops become dsv4 nodes (+ their function bodies), the rest
     goes through torch's exporter at ONNX_OPSET without the optimizer (which would fold small packed
     weights into float). Saved at `path`, weights in one `<file>.data` beside it when `external_data`.
@@ -538,7 +539,10 @@ def write_onnx_program(ep: torch.export.ExportedProgram, path: str | Path, *,
         dtypes kept (uint8 stays uint8); only the larger ones go to the `.data` file, small ones stay
         inline; past 2 GB the weights go external even with external_data=False.
     `opset` below ONNX_OPSET is for toolchains that parse older opsets (TensorRT, CANN ATC); such models get no
-    function bodies (the bodies are written against ONNX_OPSET), i.e. `with_functions` must be False."""
+    function bodies (the bodies are written against ONNX_OPSET), i.e. `with_functions` must be False.
+    `weights` (initializer name -> tensor) supplies the values of a program exported without them (its state on
+    the meta device, graphs.streamed): each is asked for while the data file is written, one at a time, so the
+    weights go from the checkpoint into the file without the whole model ever being held."""
     if with_functions and opset != ONNX_OPSET:
         raise ValueError(f"function bodies need ONNX opset {ONNX_OPSET}; export at {opset} with_functions=False")
     import logging
@@ -555,6 +559,7 @@ def write_onnx_program(ep: torch.export.ExportedProgram, path: str | Path, *,
                                     opset_version=opset, verbose=False)
     model = program.model
     drop_identity_transposes(model.graph)
+    _stream_initializers(model.graph, weights)
     used = {n.op_type for n in model.graph.all_nodes() if n.domain == DOMAIN} if with_functions else set()
     # subgraphs (e.g. from torch.cond) are walked by all_nodes(); local functions of the exporter too
     for fn in list(model.functions.values()) if with_functions else []:
@@ -568,6 +573,34 @@ def write_onnx_program(ep: torch.export.ExportedProgram, path: str | Path, *,
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(path, external_data=external_data)
     return onnx.load(path, load_external_data=False)
+
+
+def _stream_initializers(graph, weights: Callable[[str], torch.Tensor] | None) -> None:
+    """Point each initializer the exporter left without values (meta tensors) at `weights`, evaluated lazily when
+    the file is written; a program without weights and no source is refused, naming the first tensor."""
+    import onnx_ir as ir
+
+    for name, value in graph.initializers.items():
+        held = value.const_value
+        if getattr(getattr(held, "raw", None), "device", None) != torch.device("meta"):
+            continue
+        if weights is None:
+            raise ValueError(f"initializer {name!r} has no values (the program was exported on the meta device) "
+                             "and no `weights` source was given")
+        value.const_value = ir.LazyTensor(_weight_reader(name, held, weights), dtype=held.dtype, shape=held.shape,
+                                          name=name)
+
+
+def _weight_reader(name: str, placeholder, weights: Callable[[str], torch.Tensor]) -> Callable:
+    expected = (placeholder.raw.dtype, tuple(placeholder.raw.shape))
+
+    def read():
+        t = weights(name)
+        if (t.dtype, tuple(t.shape)) != expected:
+            raise ValueError(f"weights source gave {name!r} as {t.dtype} {tuple(t.shape)}; the program declares "
+                             f"{expected[0]} {expected[1]}")
+        return type(placeholder)(t.contiguous(), name=name)  # the exporter's own torch-backed tensor type
+    return read
 
 
 def drop_identity_transposes(graph) -> int:

@@ -24,7 +24,7 @@ import shlex
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import onnx
 
@@ -93,14 +93,15 @@ class CannTarget:
                 continue
             check.fallbacks.append({"group": group, "from": have, "to": to, "reason": reason})
 
-    def lower(self, programs: dict[str, Any], bundle_dir: Path, recipe: Any, meta: dict[str, Any]) -> None:
+    def lower(self, programs: dict[str, Any], bundle_dir: Path, recipe: Any, meta: dict[str, Any],
+              weights: Callable[[str], Any] | None = None) -> None:
         from dsv4c.targets.cann import requant
         from dsv4c.targets.onnx_bundle import export_bundle_programs, op_census, read_op_list
 
         soc, rt = recipe.target.soc_version, recipe.runtime
         bits = expert_bits(recipe)
         bundle_dir.mkdir(parents=True, exist_ok=True)
-        files = export_bundle_programs(programs, bundle_dir, OPSET)
+        files = export_bundle_programs(programs, bundle_dir, OPSET, weights=weights)
         stats = requant.ErrorStats()
         atc_ops, unlisted, custom, shapes = read_op_list(ATC_OPS_FILE), set(), {}, {}
         mesh, rank = meta.get("mesh"), meta.get("rank", 0)

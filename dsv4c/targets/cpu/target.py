@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from dsv4c.targets.base import TargetCheck
 
@@ -39,11 +39,12 @@ class CpuTarget:
                                       f"(supported: {', '.join(allowed)})")
         return check
 
-    def lower(self, programs: dict[str, Any], bundle_dir: Path, recipe: Any, meta: dict[str, Any]) -> None:
+    def lower(self, programs: dict[str, Any], bundle_dir: Path, recipe: Any, meta: dict[str, Any],
+              weights: Callable[[str], Any] | None = None) -> None:
         from dsv4c.graphs.ops.onnx import ONNX_OPSET
         from dsv4c.targets.onnx_bundle import export_bundle_programs, share_weights
 
-        files = export_bundle_programs(programs, bundle_dir, ONNX_OPSET)  # with the function bodies: portable
+        files = export_bundle_programs(programs, bundle_dir, ONNX_OPSET, weights=weights)  # with the function bodies: portable
         share_weights(bundle_dir, files)  # decode reads prefill's weights: one copy on disk and in page cache
         (bundle_dir / "bundle.json").write_text(json.dumps(
             {**meta, "format": "onnx", "opset": ONNX_OPSET, "programs": files}, indent=2))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import onnx
 from onnx import helper
@@ -70,13 +70,14 @@ class TensorRTTarget:
                                     "reason": f"{t.arch} has no {wanted} tensor-core path; lossless transcode"})
         return check
 
-    def lower(self, programs: dict[str, Any], bundle_dir: Path, recipe: Any, meta: dict[str, Any]) -> None:
+    def lower(self, programs: dict[str, Any], bundle_dir: Path, recipe: Any, meta: dict[str, Any],
+              weights: Callable[[str], Any] | None = None) -> None:
         from dsv4c.targets.onnx_bundle import custom_nodes, export_bundle_programs, share_weights
 
         from dsv4c.targets.tensorrt.collectives import COLLECTIVES, collective_nodes, mesh_groups
 
         bundle_dir.mkdir(parents=True, exist_ok=True)
-        files = export_bundle_programs(programs, bundle_dir, OPSET, hook=mark_plugins)
+        files = export_bundle_programs(programs, bundle_dir, OPSET, hook=mark_plugins, weights=weights)
         share_weights(bundle_dir, files)  # the bundle ships each weight once; the parser follows each location
         _copy_plugin_sources(bundle_dir / "plugins")
         rt = recipe.runtime
