@@ -522,23 +522,37 @@ def cxx_version() -> str:
     return first[0] if first else "present"
 
 
-def build_peaks(recipe, shipped_layers: dict[Any, int], graph_total: int, graph_engine: int,
+# the build process without any model: Python, torch, onnx, ONNX Runtime, the exporter's graphs of the two programs
+# and the validation's bookkeeping (measured: tiny's build peaks at 0.89 GB with 7 MB of weights)
+BUILD_PROCESS_BYTES = 850 << 20
+
+
+def build_peaks(recipe, shipped_layers: dict[Any, int], graph_rows: list[dict[str, Any]], graph_engine: int,
                 engine_cache_at_max: int) -> dict[str, Any]:
-    """Host RAM and disk the build needs (estimates from the stages' layout, see README 'Plan')."""
-    from dsv4c.compiler.export import STORE_EXPORT_MAX_BYTES
+    """Host RAM and disk the build needs, from the streamed build's working set (graphs.streamed; README 'Plan').
+    `graph_rows`: the graph's tensors (graph_rows), per place."""
+    from dsv4c.compiler.validation import DEQUANT_CACHE_BYTES
+    from dsv4c.graphs.streamed import DEFAULT_BUDGET, READ_CHUNK
 
     globals_bytes = shipped_layers.get("first", 0) + shipped_layers.get("last", 0)
     largest_layer = max(v for k, v in shipped_layers.items() if k not in ("first", "last"))
     loader = largest_layer + globals_bytes  # the streaming reader: one layer + embedding/head
-    # quantize materialises the whole model in dsv4c's formats for torch.export, which traces with an example
-    # cache of min(2, batch) sequences at max_seq_len
-    ram = graph_total + loader + min(2, recipe.runtime.max_batch_size) * engine_cache_at_max
+    per_block: dict[Any, int] = defaultdict(int)
+    for r in graph_rows:
+        per_block[r["where"]] += r["bytes"]
+    graph_globals = per_block.pop("first", 0) + per_block.pop("last", 0)
+    blocks = sum(per_block.values())
+    # resident: the globals, the blocks the budget keeps plus the one running, a checkpoint chunk being converted,
+    # the validation's decoded weights (bounded), its caches (the reference's before/after, the engine's, at most
+    # validate.prompts sequences at max_seq_len), and for a CPU engine its weights file as the validation touches it
+    prompts = min(recipe.validate.prompts, recipe.runtime.max_batch_size)
+    resident = graph_globals + min(blocks, DEFAULT_BUDGET + max(per_block.values(), default=0))
+    ram = (BUILD_PROCESS_BYTES + resident + READ_CHUNK + min(DEQUANT_CACHE_BYTES, 4 * blocks)
+           + 4 * prompts * engine_cache_at_max + (graph_engine if recipe.target.kind == "cpu" else 0))
     copies, engine_links_bundle = _weight_copies(recipe.target.kind)
     synthetic = sum(shipped_layers.values()) if recipe.model.synthetic is not None else 0
-    # the stored export is two torch.export programs (prefill, decode), each holding the weights
-    exported = 2 * graph_engine if graph_engine <= STORE_EXPORT_MAX_BYTES else 0
-    # what each directory holds (its files' sizes, as `ls` shows them)
-    disk = {"synthetic_checkpoint": synthetic, "export": exported,
+    # what each directory holds (its files' sizes, as `ls` shows them); the stored export has no weights
+    disk = {"synthetic_checkpoint": synthetic, "export": 0,
             **{stage: copies[stage] * graph_engine for stage in ("lower_bundle", "build_engine", "artifact")}}
     # what the disk holds: the artifact hard-links the engine's files (and the validate stage lays the engine
     # out the same way), a CPU engine hard-links the bundle's, so each inode counts once (dsv4c.files)
@@ -697,7 +711,7 @@ def make_plan(recipe) -> dict[str, Any]:
     shipped_layers: dict[Any, int] = defaultdict(int)
     for r in rows:
         shipped_layers[r["where"]] += r["shipped"]
-    peaks = build_peaks(recipe, shipped_layers, sum(r["bytes"] for r in grows), sum(r["bytes"] for r in engine_grows),
+    peaks = build_peaks(recipe, shipped_layers, grows, sum(r["bytes"] for r in engine_grows),
                         kv["dsv4c_engine"]["bytes_at_max_seq_len"])
     host = host_ram_bytes()
     if peaks["host_ram_peak_bytes"] > host:
