@@ -542,13 +542,17 @@ def build_peaks(recipe, shipped_layers: dict[Any, int], graph_rows: list[dict[st
         per_block[r["where"]] += r["bytes"]
     graph_globals = per_block.pop("first", 0) + per_block.pop("last", 0)
     blocks = sum(per_block.values())
-    # resident: the globals, the blocks the budget keeps plus the one running, a checkpoint chunk being converted,
-    # the validation's decoded weights (bounded), its caches (the reference's before/after, the engine's, at most
-    # validate.prompts sequences at max_seq_len), and for a CPU engine its weights file as the validation touches it
+    # resident: the globals and either every block (they fit the budget: kept, with their decoded weights, bounded)
+    # or the one running (streamed, decoded per call); a checkpoint chunk being converted; the validation's caches
+    # (the reference's before/after and the engine's, validate.prompts sequences at most, at max_seq_len); for a
+    # CPU engine, its weights file as the validation touches it
     prompts = min(recipe.validate.prompts, recipe.runtime.max_batch_size)
-    resident = graph_globals + min(blocks, DEFAULT_BUDGET + max(per_block.values(), default=0))
-    ram = (BUILD_PROCESS_BYTES + resident + READ_CHUNK + min(DEQUANT_CACHE_BYTES, 4 * blocks)
-           + 4 * prompts * engine_cache_at_max + (graph_engine if recipe.target.kind == "cpu" else 0))
+    if blocks <= DEFAULT_BUDGET:
+        resident = blocks + min(DEQUANT_CACHE_BYTES, 4 * blocks)
+    else:
+        resident = max(per_block.values())
+    ram = (BUILD_PROCESS_BYTES + graph_globals + resident + READ_CHUNK + 4 * prompts * engine_cache_at_max
+           + (graph_engine if recipe.target.kind == "cpu" else 0))
     copies, engine_links_bundle = _weight_copies(recipe.target.kind)
     synthetic = sum(shipped_layers.values()) if recipe.model.synthetic is not None else 0
     # what each directory holds (its files' sizes, as `ls` shows them); the stored export has no weights

@@ -186,6 +186,13 @@ def weights_dequantised_once(max_bytes: int = DEQUANT_CACHE_BYTES):
             setattr(registry, name, fn)
 
 
+def dequant_budget(model) -> int:
+    """A streamed reference re-reads its blocks on each use (graphs.streamed): their decoded weights would never be
+    asked for again, and an entry would keep a released block's tensors alive. Decode per call then."""
+    streamed = getattr(model, "streamed", None)
+    return 0 if streamed is not None and streamed.streaming else DEQUANT_CACHE_BYTES
+
+
 # ---- comparisons ----------------------------------------------------------------------------------------------
 def logit_checks(rec: RefStep, got: np.ndarray, v) -> list[dict]:
     """One check per sequence: cosine, top-1 (near-ties: reference lead <= top1_margin), KL(ref || got)."""
@@ -545,7 +552,7 @@ class ReferenceRun:
     def record(cls, model, v, max_batch: int, max_seq_len: int) -> ReferenceRun:
         run = cls.stream(model, v, max_batch, max_seq_len)
         steps = []
-        with weights_dequantised_once():
+        with weights_dequantised_once(dequant_budget(model)):
             for rec in run.steps:
                 run._observe(rec)
                 steps.append(rec)
@@ -560,7 +567,7 @@ class ReferenceRun:
     def check(self, engine) -> dict:
         replay, checks, free = EngineReplay(engine, self.names, self.v), [], []
         recorded = self.gate is not None
-        with weights_dequantised_once():
+        with weights_dequantised_once(dequant_budget(self.model)):
             for rec in self.steps:
                 if not recorded:
                     self._observe(rec)

@@ -23,7 +23,10 @@ from dsv4c.graphs.checkpoint import CheckpointError, CheckpointReader, layer_pre
 from dsv4c.graphs.model import Attention, DeepseekV4, Numerics, load_official, module_name, rope_frequencies
 from dsv4c.graphs.parallel import Shard
 
-DEFAULT_BUDGET = 1 << 30  # bytes of blocks kept resident between uses (besides the globals and the block running)
+# Bytes of blocks kept resident between uses (besides the globals and the block running). The blocks run in a
+# cycle, so an LRU smaller than all of them hits nothing: a model whose blocks fit (tiny) stays resident, any other
+# streams, and its working set is one block whatever the depth.
+DEFAULT_BUDGET = 64 << 20
 READ_CHUNK = 256 << 20  # checkpoint bytes paged in at once while a block is converted
 GLOBALS = "globals"
 
@@ -60,6 +63,8 @@ class StreamedWeights:
         self.buffers: dict[str, list[str]] = {b: [] for b in self.official}
         for name in sorted(persistent):
             self.buffers[self.owner[name]].append(name)
+        self.block_bytes = {b: sum(_nbytes(model.get_buffer(n)) for n in names)
+                            for b, names in self.buffers.items() if b != GLOBALS}
         self.held: OrderedDict[str, int] = OrderedDict()  # resident block -> bytes, least recently used first
         self.reads = 0  # blocks read from the checkpoint so far (each re-read counts)
         self._materialise(GLOBALS)
@@ -84,6 +89,11 @@ class StreamedWeights:
             victim = next(b for b in self.held if b not in (GLOBALS, block))
             self._release(victim)
 
+    @property
+    def streaming(self) -> bool:
+        """Whether blocks are re-read on each use (the model's blocks exceed the budget)."""
+        return sum(self.block_bytes.values()) > self.budget
+
     def resident_bytes(self) -> int:
         return sum(self.held.values())
 
@@ -92,7 +102,7 @@ class StreamedWeights:
         for name in self.buffers[block]:
             meta = self.model.get_buffer(name)
             self._set(name, torch.empty(meta.shape, dtype=meta.dtype))
-            nbytes += meta.numel() * meta.element_size()
+            nbytes += _nbytes(meta)
         for names in _chunks(self.reader, self.official[block]):
             load_official(self.model, self.reader.read(names))  # each chunk's mapped pages dropped after it
         self.held[block] = nbytes
@@ -108,6 +118,10 @@ class StreamedWeights:
         path, _, leaf = name.rpartition(".")
         module: nn.Module = self.model.get_submodule(path) if path else self.model
         module._buffers[leaf] = value
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def _chunks(reader: CheckpointReader, names: list[str]) -> Iterator[list[str]]:
