@@ -46,6 +46,14 @@ RUNTIME = {"max_batch_size": 2, "max_seq_len": 1024}  # the validation prompts (
 VOCAB = 8192
 
 
+def flash_config():
+    """V4-Flash's exact per-layer shapes (hidden 4096, 64 heads x 512, q_lora 1024, 256 experts x 2048, the real
+    vocabulary) at 2 layers, a CSA (ratio 4, with its indexer) and an HCA (128) one, plus its MTP block."""
+    from dsv4c.graphs.config import preset
+
+    return preset("v4-flash").replace(num_hidden_layers=2, compress_ratios=(4, 128, 0), num_hash_layers=1).validate()
+
+
 def bench_config(layers: int):
     """mini-1b's layer shapes (hidden 1024, 16 heads x 512, q/o LoRA 256, 48 experts x 512: ~60 MB a layer on
     disk) with `layers` layers alternating CSA (ratio 4) and HCA (128), one hash-routed layer at every depth,
@@ -61,12 +69,13 @@ def bench_config(layers: int):
 
 # ---- subprocess entry points -------------------------------------------------------------------------------------
 def write_checkpoint(layers: int, out: str) -> dict:
+    """layers 0: the real-width Flash (`flash_config`)."""
     import resource
 
     from dsv4c.graphs.checkpoint import write_synthetic_checkpoint
 
     t0 = time.perf_counter()
-    write_synthetic_checkpoint(out, bench_config(layers), seed=0)
+    write_synthetic_checkpoint(out, bench_config(layers) if layers else flash_config(), seed=0)
     return {"seconds": time.perf_counter() - t0,
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
@@ -109,14 +118,15 @@ def sampled_build(recipe: Path, out: Path, cache: Path) -> dict:
     proc = subprocess.Popen([sys.executable, "-m", "dsv4c.compiler.cli", "build", str(recipe), "-o", str(out),
                              "--cache-dir", str(cache), "--events", "json"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    samples: list[tuple[float, int]] = []
+    samples: list[tuple[float, int, int]] = []
     events: list[tuple[float, dict]] = []
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
             try:
-                samples.append((time.perf_counter(), proc_status(proc.pid)["VmRSS"]))
+                st = proc_status(proc.pid)
+                samples.append((time.perf_counter(), st["VmRSS"], st["RssAnon"]))
             except (OSError, KeyError):  # exited (a zombie has no VmRSS)
                 pass
             time.sleep(0.02)
@@ -143,10 +153,15 @@ def sampled_build(recipe: Path, out: Path, cache: Path) -> dict:
     stages, start = {}, t0
     for t, e in events:
         if e.get("event") == "stage":
-            window = [rss for ts, rss in samples if start <= ts <= t]
-            stages[e["stage"]] = {"status": e["status"], "seconds": e["seconds"], "peak_rss": max(window, default=0)}
+            window = [(rss, anon) for ts, rss, anon in samples if start <= ts <= t]
+            stages[e["stage"]] = {"status": e["status"], "seconds": e["seconds"],
+                                  "peak_rss": max((w[0] for w in window), default=0),
+                                  "peak_anon": max((w[1] for w in window), default=0)}
             start = t
-    return {"peak_rss": usage.ru_maxrss * 1024, "seconds": time.perf_counter() - t0, "stages": stages,
+    # RSS counts the checkpoint's and the engine's mapped file pages as the build touches them (clean page cache
+    # the kernel can drop); the anonymous part is what the build itself holds
+    return {"peak_rss": usage.ru_maxrss * 1024, "peak_anon": max((a for _, _, a in samples), default=0),
+            "seconds": time.perf_counter() - t0, "stages": stages,
             "notes": [e["message"] for _, e in events if e.get("event") == "note"]}
 
 
@@ -163,26 +178,35 @@ def tree_bytes(*roots: Path) -> tuple[int, int]:
 
 
 def measure(layers: int, work: Path) -> dict:
+    """One depth of the bench shape; layers 0: the real-width 2-layer Flash."""
     import dsv4c
 
-    ckpt, cache, out = work / f"ckpt-{layers}l", work / f"cache-{layers}l", work / f"artifact-{layers}l"
+    tag = f"{layers}l" if layers else "flash-2l"
+    ckpt, cache, out = work / f"ckpt-{tag}", work / f"cache-{tag}", work / f"artifact-{tag}"
     written = run_json("--write-checkpoint", str(layers), str(ckpt))
-    recipe = work / f"bm-{layers}l.yaml"
-    recipe.write_text(json.dumps({"name": f"bm-{layers}l", "model": {"checkpoint": str(ckpt)},
+    recipe = work / f"bm-{tag}.yaml"
+    recipe.write_text(json.dumps({"name": f"bm-{tag}", "model": {"checkpoint": str(ckpt)},
                                   "quantization": {"preset": "official"}, "target": {"kind": "cpu"},
                                   "runtime": RUNTIME}))
     built = sampled_build(recipe, out, cache)
     plan = dsv4c.plan(recipe)
     disk_unique, disk_apparent = tree_bytes(cache, out)
+    from dsv4c.graphs.checkpoint import CheckpointReader
+
+    sizes = CheckpointReader(ckpt).sizes()
+    largest_layer = max(sum(v for k, v in sizes.items() if k.startswith(p + "."))
+                        for p in {".".join(k.split(".")[:2]) for k in sizes if k.startswith(("layers.", "mtp."))})
     return {
         "layers": layers, "checkpoint_bytes": sum(f.stat().st_size for f in ckpt.glob("*.safetensors")),
+        "largest_layer_bytes": largest_layer,
         "write": written, "build": built, "artifact_bytes": tree_bytes(out)[1],
         "disk_unique": disk_unique, "disk_apparent": disk_apparent,
         # the checkpoint is the user's input, not the build's: what the build adds is cache + artifact
         "engine": run_json("--engine-rss", str(out)),
         "plan": {"per_device": plan.per_device_bytes,
                  "per_device_dsv4c_engine": max(s["total"] for s in plan.per_device["dsv4c_engine_stages"]),
-                 "host_ram": plan.build["host_ram_peak_bytes"], "disk": plan.build["disk_peak_bytes"]},
+                 "host_ram": plan.build["host_ram_peak_bytes"], "disk": plan.build["disk_peak_bytes"],
+                 "artifact": plan.build["disk"]["artifact"]},
     }
 
 
@@ -191,12 +215,16 @@ def mb(n: float) -> str:
 
 
 def report(rows: list[dict]) -> None:
-    head = ("layers", "checkpoint", "build peak RSS", "baseline", "artifact", "artifact/ckpt", "cache+artifact disk",
-            "(paths)", "plan disk", "engine RSS", "plan/device", "plan f32 engine", "writer peak")
+    flash = [r for r in rows if r["layers"] == 0]
+    rows = [r for r in rows if r["layers"]]
+    head = ("layers", "checkpoint", "build peak RSS", "(anon)", "plan RAM", "baseline", "artifact", "artifact/ckpt",
+            "cache+artifact disk", "(paths)", "plan disk", "engine RSS", "plan/device", "plan f32 engine",
+            "writer peak")
     table = [head]
     for r in rows:
         table.append((str(r["layers"]), mb(r["checkpoint_bytes"]), mb(r["build"]["peak_rss"]),
-                      BASELINE.get(r["layers"], "-"), mb(r["artifact_bytes"]),
+                      mb(r["build"]["peak_anon"]), mb(r["plan"]["host_ram"]), BASELINE.get(r["layers"], "-"),
+                      mb(r["artifact_bytes"]),
                       f"{r['artifact_bytes'] / r['checkpoint_bytes']:.2f}x", mb(r["disk_unique"]),
                       mb(r["disk_apparent"]), mb(r["plan"]["disk"]),
                       mb(r["engine"]["VmRSS"]), mb(r["plan"]["per_device"]), mb(r["plan"]["per_device_dsv4c_engine"]),
@@ -205,6 +233,22 @@ def report(rows: list[dict]) -> None:
     for row in table:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
     print(BASELINE_NOTE)
+    for r in flash:
+        limit = r["largest_layer_bytes"] + 4 * 2**30
+        b, p = r["build"], r["plan"]
+        print(f"\nreal-width V4-Flash, 2 layers + MTP ({mb(r['checkpoint_bytes'])} checkpoint, largest layer "
+              f"{mb(r['largest_layer_bytes'])}), built for the CPU target in {b['seconds']:.0f} s; synthetic writer "
+              f"peak {mb(r['write']['peak_rss'])}:")
+        print(f"  build peak RSS {mb(b['peak_rss'])} (anonymous {mb(b['peak_anon'])}) against one layer + 4 GiB = "
+              f"{mb(limit)}: {'within' if b['peak_rss'] <= limit else 'OVER'}")
+        for what, got, planned in (("peak RSS", b["peak_rss"], p["host_ram"]), ("disk", r["disk_unique"], p["disk"]),
+                                   ("artifact", r["artifact_bytes"], p["artifact"])):
+            print(f"  plan's {what}: {mb(planned)} against {mb(got)} measured ({planned / got - 1:+.1%})")
+        print(f"  engine RSS after load + prefill + decode {mb(r['engine']['VmRSS'])} (anonymous "
+              f"{mb(r['engine']['RssAnon'])}); plan per device {mb(p['per_device_dsv4c_engine'])}")
+        for stage, st in b["stages"].items():
+            print(f"  {stage:>9} {st['status']:>7} {st['seconds']:7.1f} s  {mb(st['peak_rss']):>10} "
+                  f"(anon {mb(st['peak_anon'])})")
     if len(rows) > 1:
         a, b = rows[0], rows[-1]
         per_layer = (b["build"]["peak_rss"] - a["build"]["peak_rss"]) / (b["layers"] - a["layers"])
@@ -215,7 +259,8 @@ def report(rows: list[dict]) -> None:
     deep = rows[-1]
     print(f"\npeak RSS per stage, {deep['layers']} layers (20 ms samples; quantize and export run inside lower):")
     for stage, s in deep["build"]["stages"].items():
-        print(f"  {stage:>9} {s['status']:>7} {s['seconds']:7.1f} s  {mb(s['peak_rss']):>10}")
+        print(f"  {stage:>9} {s['status']:>7} {s['seconds']:7.1f} s  {mb(s['peak_rss']):>10} (anon "
+              f"{mb(s['peak_anon'])})")
     for r in rows:
         if r["build"]["notes"]:
             print(f"notes ({r['layers']} layers): " + " | ".join(r["build"]["notes"]))
@@ -231,6 +276,8 @@ def main() -> None:
     ap.add_argument("--layers", default="2,4,8", help="comma-separated depths (even)")
     ap.add_argument("--dir", help="work directory (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints, caches and artifacts")
+    ap.add_argument("--flash", action="store_true", help="also build the real-width 2-layer V4-Flash (~11 GB of "
+                    "checkpoint, ~30 GB of disk in all, about an hour on 2 cores)")
     ap.add_argument("--json", help="also write the measurements to this file")
     ap.add_argument("--write-checkpoint", nargs=2, metavar=("LAYERS", "DIR"), help=argparse.SUPPRESS)
     ap.add_argument("--engine-rss", metavar="ARTIFACT", help=argparse.SUPPRESS)
@@ -241,9 +288,10 @@ def main() -> None:
     if args.engine_rss:
         print(json.dumps(engine_rss(args.engine_rss)))
         return
-    layers = [int(x) for x in args.layers.split(",")]
+    layers = [int(x) for x in args.layers.split(",") if x]
     for n in layers:
         bench_config(n)  # an odd depth is refused before minutes of work
+    layers += [0] if args.flash else []
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="dsv4c-build-memory-"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -251,7 +299,8 @@ def main() -> None:
         for n in layers:
             t0 = time.perf_counter()
             rows.append(measure(n, work))
-            print(f"[{n} layers measured in {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
+            print(f"[{n or 'flash 2'} layers measured in {time.perf_counter() - t0:.0f} s]", file=sys.stderr,
+                  flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
