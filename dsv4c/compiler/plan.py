@@ -531,7 +531,7 @@ def build_peaks(recipe, shipped_layers: dict[Any, int], graph_rows: list[dict[st
                 engine_cache_at_max: int) -> dict[str, Any]:
     """Host RAM and disk the build needs, from the streamed build's working set (graphs.streamed; README 'Plan').
     `graph_rows`: the graph's tensors (graph_rows), per place."""
-    from dsv4c.compiler.validation import DEQUANT_CACHE_BYTES
+    from dsv4c.compiler.validation import DEQUANT_CACHE_BYTES, needs_sensitivity
     from dsv4c.graphs.streamed import DEFAULT_BUDGET, READ_CHUNK
 
     globals_bytes = shipped_layers.get("first", 0) + shipped_layers.get("last", 0)
@@ -553,6 +553,9 @@ def build_peaks(recipe, shipped_layers: dict[Any, int], graph_rows: list[dict[st
         resident = max(per_block.values())
     ram = (BUILD_PROCESS_BYTES + graph_globals + resident + READ_CHUNK + 4 * prompts * engine_cache_at_max
            + (graph_engine if recipe.target.kind == "cpu" else 0))
+    if needs_sensitivity(recipe.validate):  # the perturbed reference's float32 copy of the embedding table
+        cfg = recipe.model.shapes()
+        ram += 4 * cfg.vocab_size * cfg.hidden_size
     copies, engine_links_bundle = _weight_copies(recipe.target.kind)
     synthetic = sum(shipped_layers.values()) if recipe.model.synthetic is not None else 0
     # what each directory holds (its files' sizes, as `ls` shows them); the stored export has no weights
