@@ -44,6 +44,7 @@ RUNTIME = {"max_batch_size": 2, "max_seq_len": 1024}  # the validation prompts (
 
 
 VOCAB = 8192
+REUSE_CHECKPOINTS = False  # --reuse-checkpoints: a checkpoint left in --dir by an earlier run is built again
 
 
 def flash_config():
@@ -183,7 +184,10 @@ def measure(layers: int, work: Path) -> dict:
 
     tag = f"{layers}l" if layers else "flash-2l"
     ckpt, cache, out = work / f"ckpt-{tag}", work / f"cache-{tag}", work / f"artifact-{tag}"
-    written = run_json("--write-checkpoint", str(layers), str(ckpt))
+    reuse = REUSE_CHECKPOINTS and (ckpt / "model.safetensors.index.json").is_file()
+    written = {"seconds": 0.0, "peak_rss": 0} if reuse else run_json("--write-checkpoint", str(layers), str(ckpt))
+    shutil.rmtree(cache, ignore_errors=True)  # a fresh stage cache: every stage runs
+    shutil.rmtree(out, ignore_errors=True)
     recipe = work / f"bm-{tag}.yaml"
     recipe.write_text(json.dumps({"name": f"bm-{tag}", "model": {"checkpoint": str(ckpt)},
                                   "quantization": {"preset": "official"}, "target": {"kind": "cpu"},
@@ -228,7 +232,7 @@ def report(rows: list[dict]) -> None:
                       f"{r['artifact_bytes'] / r['checkpoint_bytes']:.2f}x", mb(r["disk_unique"]),
                       mb(r["disk_apparent"]), mb(r["plan"]["disk"]),
                       mb(r["engine"]["VmRSS"]), mb(r["plan"]["per_device"]), mb(r["plan"]["per_device_dsv4c_engine"]),
-                      mb(r["write"]["peak_rss"])))
+                      mb(r["write"]["peak_rss"]) if r["write"]["peak_rss"] else "-"))
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     for row in table:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
@@ -279,6 +283,8 @@ def main() -> None:
     ap.add_argument("--flash", action="store_true", help="also build the real-width 2-layer V4-Flash (~11 GB of "
                     "checkpoint, ~30 GB of disk in all, about an hour on 2 cores)")
     ap.add_argument("--json", help="also write the measurements to this file")
+    ap.add_argument("--reuse-checkpoints", action="store_true", help="build the checkpoints an earlier run left "
+                    "in --dir instead of writing them again (the writer's peak is then not measured)")
     ap.add_argument("--write-checkpoint", nargs=2, metavar=("LAYERS", "DIR"), help=argparse.SUPPRESS)
     ap.add_argument("--engine-rss", metavar="ARTIFACT", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -288,6 +294,8 @@ def main() -> None:
     if args.engine_rss:
         print(json.dumps(engine_rss(args.engine_rss)))
         return
+    global REUSE_CHECKPOINTS
+    REUSE_CHECKPOINTS = args.reuse_checkpoints
     layers = [int(x) for x in args.layers.split(",") if x]
     for n in layers:
         bench_config(n)  # an odd depth is refused before minutes of work

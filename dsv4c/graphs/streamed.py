@@ -102,14 +102,18 @@ class StreamedWeights:
         return self.model.get_buffer(name)
 
     def need(self, block: str) -> None:
-        """Make `block` resident (read it if it is not), then give back others while over the budget."""
+        """Make `block` resident: if it is not, first give back blocks (least recently used first) until it fits
+        the budget beside those left — before reading it, so two big blocks are never held at once (measured at
+        V4-Flash width: 10.3 GB instead of 6.4 while the lowering moved from one layer to the next)."""
         if block in self.held:
             self.held.move_to_end(block)
             return
-        self._materialise(block)
-        while sum(self.held.values()) > self.budget + self.held[GLOBALS] + self.held[block]:
-            victim = next(b for b in self.held if b not in (GLOBALS, block))
+        while sum(self.held.values()) - self.held[GLOBALS] + self.block_bytes[block] > self.budget:
+            victim = next((b for b in self.held if b != GLOBALS), None)
+            if victim is None:
+                break
             self._release(victim)
+        self._materialise(block)
 
     @property
     def streaming(self) -> bool:
