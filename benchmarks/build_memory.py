@@ -242,7 +242,7 @@ def report(rows: list[dict]) -> None:
         b, p = r["build"], r["plan"]
         print(f"\nreal-width V4-Flash, 2 layers + MTP ({mb(r['checkpoint_bytes'])} checkpoint, largest layer "
               f"{mb(r['largest_layer_bytes'])}), built for the CPU target in {b['seconds']:.0f} s; synthetic writer "
-              f"peak {mb(r['write']['peak_rss'])}:")
+              f"peak {mb(r['write']['peak_rss']) if r['write']['peak_rss'] else 'not measured (reused)'}:")
         print(f"  build peak RSS {mb(b['peak_rss'])} (anonymous {mb(b['peak_anon'])}) against one layer + 4 GiB = "
               f"{mb(limit)}: {'within' if b['peak_rss'] <= limit else 'OVER'}")
         for what, got, planned in (("peak RSS", b["peak_rss"], p["host_ram"]), ("disk", r["disk_unique"], p["disk"]),
