@@ -2,8 +2,8 @@
 
 `streamed_model` builds DeepseekV4 with its weight buffers on the meta device. A block (a main layer, an MTP block)
 gets its buffers read from the official checkpoint and converted (`load_official`, the same conversion as a whole
-load) when one of its modules runs, and gives them back once more than `budget` bytes of blocks are held, the least
-recently used first. The globals (embedding, head, final mixing) are read once and kept: every step needs them.
+load) when one of its modules runs; before another block is read, blocks are given back, the least recently used
+first, until it fits `budget` bytes beside those left. The globals (embedding, head, final mixing) are read once and kept: every step needs them.
 `StreamedWeights.tensor(name)` serves one buffer the same way, for the lowering to write the weights from the
 checkpoint straight into the engine's data files (`write_onnx_program(..., weights=)`).
 
@@ -119,9 +119,6 @@ class StreamedWeights:
     def streaming(self) -> bool:
         """Whether blocks are re-read on each use (the model's blocks exceed the budget)."""
         return sum(self.block_bytes.values()) > self.budget
-
-    def resident_bytes(self) -> int:
-        return sum(self.held.values())
 
     def _materialise(self, block: str) -> None:
         nbytes = 0
