@@ -48,7 +48,8 @@ def test_a_streamed_model_computes_what_the_whole_model_computes(reader, budget)
     whole = load_checkpoint_model(reader, num, "fp4")
     streamed = streamed_model(reader, num, "fp4", budget=budget)
     tokens = torch.randint(2, 1000, (2, 40), generator=torch.Generator().manual_seed(0))
-    for (want_logits, want_cache), (got_logits, got_cache) in zip(_steps(whole, tokens, 3), _steps(streamed, tokens, 3)):
+    steps = zip(_steps(whole, tokens, 3), _steps(streamed, tokens, 3))
+    for (want_logits, want_cache), (got_logits, got_cache) in steps:
         assert torch.equal(want_logits, got_logits)
         assert all((host_array(a) == host_array(b)).all() for a, b in zip(want_cache, got_cache))
     w = streamed.streamed

@@ -127,11 +127,16 @@ def quantize_model(build: Build) -> None:
     """quantize's work: the model in the engine's formats over the checkpoint, streamed (graphs.streamed): a
     block's weights are read and converted when the lowering writes them or the reference runs it, and at most
     a bounded set of blocks is held."""
+    build.outputs.model = _streamed(build)
+
+
+def _streamed(build: Build, shard=None) -> DeepseekV4:
+    """The model (or a rank's shard) over the build's checkpoint, in its formats and numerics, streamed."""
     from dsv4c.graphs.model import Numerics
     from dsv4c.graphs.streamed import streamed_model
 
-    build.outputs.model = streamed_model(build.outputs.reader, Numerics.for_quantization(build.recipe.quantization),
-                                         graph_expert_format(build))
+    return streamed_model(build.outputs.reader, Numerics.for_quantization(build.recipe.quantization),
+                          graph_expert_format(build), shard)
 
 
 def reference_model(build: Build) -> DeepseekV4:
@@ -205,17 +210,13 @@ def rank_programs(build: Build, rank: int) -> tuple[dict[str, ExportedProgram], 
     """Rank `rank`'s programs (exported without weights) and its weights: its shard of the checkpoint, streamed
     (only its slices and experts are read); nothing of another rank is held."""
     from dsv4c.compiler.export import PROGRAMS, export_program, program_weights
-    from dsv4c.graphs.model import Numerics
     from dsv4c.graphs.parallel import Shard
-    from dsv4c.graphs.streamed import streamed_model
 
     reader, rt = build.outputs.reader, build.recipe.runtime
     shard = Shard.for_rank(reader.config, rank, build.recipe.target.parallel)
     model = _weightless(build, shard)
     programs = {p: export_program(model, p, rt.max_batch_size, rt.max_seq_len) for p in PROGRAMS}
-    weights = streamed_model(reader, Numerics.for_quantization(build.recipe.quantization), graph_expert_format(build),
-                             shard)
-    return programs, program_weights(weights)
+    return programs, program_weights(_streamed(build, shard))
 
 
 def _lower_mesh(build: Build, into: Path, mesh: dict) -> None:

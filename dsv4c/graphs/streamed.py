@@ -3,8 +3,8 @@
 `streamed_model` builds DeepseekV4 with its weight buffers on the meta device. A block (a main layer, an MTP block)
 gets its buffers read from the official checkpoint and converted (`load_official`, the same conversion as a whole
 load) when one of its modules runs; before another block is read, blocks are given back, the least recently used
-first, until it fits `budget` bytes beside those left. The globals (embedding, head, final mixing) are read once and kept: every step needs them.
-`StreamedWeights.tensor(name)` serves one buffer the same way, for the lowering to write the weights from the
+first, until it fits `budget` bytes beside those left. The globals (embedding, head, final mixing) are read once
+and kept: every step needs them. `StreamedWeights.tensor(name)` serves one buffer the same way, for the lowering to write the weights from the
 checkpoint straight into the engine's data files (`write_onnx_program(..., weights=)`).
 
 A model that fits in `budget` ends up wholly resident, as a whole load would leave it; a bigger one is re-read
@@ -71,6 +71,7 @@ class StreamedWeights:
 
     def __init__(self, model: DeepseekV4, reader: CheckpointReader, budget: int):
         self.model, self.reader, self.budget = model, reader, budget
+        self.sizes = reader.sizes()  # checkpoint bytes per tensor, for the read chunks (once: every re-read uses it)
         prefixes = [p for p, _ in layer_prefixes(reader.config)]
         self.official: dict[str, list[str]] = {b: [] for b in (GLOBALS, *prefixes)}  # block -> checkpoint names
         self.owner: dict[str, str] = {}  # model buffer name -> its block
@@ -126,7 +127,7 @@ class StreamedWeights:
             meta = self.model.get_buffer(name)
             self._set(name, torch.empty(meta.shape, dtype=meta.dtype))
             nbytes += _nbytes(meta)
-        for names in _chunks(self.reader, self.official[block]):
+        for names in _chunks(self.official[block], self.sizes):
             load_official(self.model, self.reader.read(names))  # each chunk's mapped pages dropped after it
         self.held[block] = nbytes
         self.reads += 1
@@ -148,13 +149,12 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _chunks(reader: CheckpointReader, names: list[str]) -> Iterator[list[str]]:
-    """`names` in groups of about READ_CHUNK bytes, a weight always with its scale (a transcode or a rank's slice
-    of a scale needs both)."""
+def _chunks(names: list[str], sizes: dict[str, int]) -> Iterator[list[str]]:
+    """`names` in groups of about READ_CHUNK bytes (`sizes`: bytes per name), a weight always with its scale (a
+    transcode or a rank's slice of a scale needs both)."""
     stems: dict[str, list[str]] = {}
     for n in names:
         stems.setdefault(n.rsplit(".", 1)[0], []).append(n)
-    sizes = reader.sizes()
     chunk, held = [], 0
     for group in stems.values():
         chunk += group

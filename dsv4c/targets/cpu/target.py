@@ -44,7 +44,8 @@ class CpuTarget:
         from dsv4c.graphs.ops.onnx import ONNX_OPSET
         from dsv4c.targets.onnx_bundle import export_bundle_programs, share_weights
 
-        files = export_bundle_programs(programs, bundle_dir, ONNX_OPSET, weights=weights)  # with the function bodies: portable
+        # with the function bodies: portable
+        files = export_bundle_programs(programs, bundle_dir, ONNX_OPSET, weights=weights)
         share_weights(bundle_dir, files)  # decode reads prefill's weights: one copy on disk and in page cache
         (bundle_dir / "bundle.json").write_text(json.dumps(
             {**meta, "format": "onnx", "opset": ONNX_OPSET, "programs": files}, indent=2))
