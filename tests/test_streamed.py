@@ -61,6 +61,18 @@ def test_a_streamed_model_computes_what_the_whole_model_computes(reader, budget)
         assert w.reads == 1 + layers
 
 
+def test_a_released_model_reads_its_weights_again_when_it_next_runs(reader):
+    """`release` (the validation's, before it loads the engine) gives back the globals too; the next forward reads
+    what it needs again and computes the same logits."""
+    streamed = streamed_model(reader, Numerics.reference(), "fp4", budget=0)
+    tokens = torch.randint(2, 1000, (1, 12), generator=torch.Generator().manual_seed(1))
+    before = _steps(streamed, tokens, 1)
+    streamed.streamed.release()
+    assert not streamed.streamed.held and streamed.embed.is_meta
+    after = _steps(streamed, tokens, 1)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(before, after))
+
+
 def test_each_buffer_is_served_with_the_whole_loads_values(reader):
     whole = load_checkpoint_model(reader, Numerics.reference(), "fp8")  # the FP4 -> FP8 transcode too
     weights = streamed_model(reader, Numerics.reference(), "fp8", budget=0).streamed

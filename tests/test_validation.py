@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import torch
 from conftest import RECIPES, dsv4c_cli, reference_model
 from mutants import MUTANTS, mutant_executor
 
 import dsv4c
 from dsv4c.compiler.recipe import load_recipe
-from dsv4c.compiler.validation import (STRICT_COSINE, Gate, ReferenceRun, derive_gate, gate_error, prompt_lengths,
-                                       reference_steps)
+from dsv4c.compiler.validation import (PERTURBATION, STRICT_COSINE, Gate, ReferenceRun, derive_gate, gate_error,
+                                       perturbed_embedding, prompt_lengths, reference_steps)
 from dsv4c.graphs.config import preset
-from dsv4c.graphs.model import Numerics
+from dsv4c.graphs.model import DeepseekV4, Numerics
 from dsv4c.runtime import Engine
 
 RECIPE = "recipes/tiny-cpu.yaml"
@@ -69,6 +71,40 @@ def test_mutant_fails_validation_naming_the_first_failing_row(tiny, reference, m
     assert error.exit_code == 5
     step = "prefill" if first["step"] == 0 else f"decode step {first['step']}"
     assert f"first failing: {step}, sequence {first['sequence']}" in str(error)
+
+
+def test_spilled_steps_read_back_as_the_steps_kept_in_memory(reference, stage_cache, tmp_path):
+    """validate_engine runs the reference first with its steps on disk (one file a step, a step's cache_in being
+    the previous step's cache_out): read back, every step is the one the in-memory record holds."""
+    spilled = ReferenceRun.record(reference.model, reference.v, 2, 4096, tmp_path)
+    kept, read = list(reference.steps), list(spilled.steps)
+    assert len(read) == len(kept)
+    assert len(list(tmp_path.iterdir())) == len(kept) + sum(r.step == 0 for r in kept)  # + an empty cache a batch
+    for a, b in zip(kept, read):
+        assert (a.batch, a.step, a.sequences, a.prompts) == (b.batch, b.step, b.sequences, b.prompts)
+        for x, y in [(a.tokens, b.tokens), (a.start, b.start), (a.logits, b.logits),
+                     *zip(a.cache_in, b.cache_in), *zip(a.cache_out, b.cache_out)]:
+            assert x.dtype == y.dtype and np.array_equal(x, y, equal_nan=True)
+    assert spilled.gate.thresholds() == reference.gate.thresholds()
+
+
+def test_the_sensitivity_run_scales_only_the_used_rows_by_its_stated_factor():
+    """perturbed_embedding: row t of a used token reads embed[t] (widened to FP32) x (1 + 1e-6 N(0, 1)), the noise
+    seeded by draw and token (the module doc's definition, computed here on its own); other rows unchanged; the
+    model's own lookup back afterwards."""
+    model = DeepseekV4(preset("tiny"))
+    torch.nn.init.normal_(model.embed)
+    used, other = [5, 77], [6, 1000]
+    tokens = torch.tensor([used + other])
+    plain = model.embed_tokens(tokens)
+    with perturbed_embedding(model, used, draw=1):
+        got = model.embed_tokens(tokens)
+    for k, t in enumerate(used):
+        noise = torch.randn(model.cfg.hidden_size, generator=torch.Generator().manual_seed(1_000_003 * 2 + t))
+        assert torch.equal(got[0, k], model.embed[t].float() * (1 + PERTURBATION * noise))
+        assert not torch.equal(got[0, k], plain[0, k])
+    assert torch.equal(got[0, 2:], plain[0, 2:])
+    assert "embed_tokens" not in vars(model) and torch.equal(model.embed_tokens(tokens), plain)
 
 
 def test_prompts_are_sized_so_every_layer_type_works():

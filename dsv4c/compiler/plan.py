@@ -531,7 +531,7 @@ def build_peaks(recipe, shipped_layers: dict[Any, int], graph_rows: list[dict[st
                 engine_cache_at_max: int) -> dict[str, Any]:
     """Host RAM and disk the build needs, from the streamed build's working set (graphs.streamed; README 'Plan').
     `graph_rows`: the graph's tensors (graph_rows), per place."""
-    from dsv4c.compiler.validation import DEQUANT_CACHE_BYTES, needs_sensitivity
+    from dsv4c.compiler.validation import DEQUANT_CACHE_BYTES
     from dsv4c.graphs.streamed import DEFAULT_BUDGET, READ_CHUNK
 
     globals_bytes = shipped_layers.get("first", 0) + shipped_layers.get("last", 0)
@@ -542,24 +542,29 @@ def build_peaks(recipe, shipped_layers: dict[Any, int], graph_rows: list[dict[st
         per_block[r["where"]] += r["bytes"]
     graph_globals = per_block.pop("first", 0) + per_block.pop("last", 0)
     blocks = sum(per_block.values())
-    # resident: the globals and either every block (they fit the budget: kept, with their decoded weights, bounded)
-    # or the one running (streamed, decoded per call); a checkpoint chunk being converted; the validation's caches
-    # (the reference's before/after and the engine's, validate.prompts sequences at most, at max_seq_len); for a
-    # CPU engine, its weights file as the validation touches it
+    # The validation runs the reference first (its steps spilled to disk), then the engine (validation.py
+    # validate_engine). Reference: the globals and either every block (they fit the budget: kept, with their
+    # decoded weights, bounded) or the one running (streamed, decoded per call), a checkpoint chunk being
+    # converted, a step's caches before and after (validate.prompts sequences at most, at max_seq_len). Engine:
+    # for a CPU engine its weights as the validation touches them, its sessions' caches and the replayed step's.
+    # A streamed reference gives its weights back before the engine loads: the peak is the larger phase; a
+    # resident one (its blocks fit the budget) stays beside the engine. The lowering's working set (the globals,
+    # one block, a chunk) is within the reference's.
     prompts = min(recipe.validate.prompts, recipe.runtime.max_batch_size)
-    if blocks <= DEFAULT_BUDGET:
-        resident = blocks + min(DEQUANT_CACHE_BYTES, 4 * blocks)
-    else:
-        resident = max(per_block.values())
-    ram = (BUILD_PROCESS_BYTES + graph_globals + resident + READ_CHUNK + 4 * prompts * engine_cache_at_max
-           + (graph_engine if recipe.target.kind == "cpu" else 0))
-    if needs_sensitivity(recipe.validate):  # the perturbed reference's float32 copy of the embedding table
-        cfg = recipe.model.shapes()
-        ram += 4 * cfg.vocab_size * cfg.hidden_size
+    caches = 4 * prompts * engine_cache_at_max
+    streaming = blocks > DEFAULT_BUDGET
+    resident = max(per_block.values(), default=0) if streaming else blocks + min(DEQUANT_CACHE_BYTES, 4 * blocks)
+    reference = graph_globals + resident + READ_CHUNK + caches
+    engine = (graph_engine if recipe.target.kind == "cpu" else 0) + caches
+    ram = BUILD_PROCESS_BYTES + (max(reference, engine) if streaming else reference + engine)
     copies, engine_links_bundle = _weight_copies(recipe.target.kind)
     synthetic = sum(shipped_layers.values()) if recipe.model.synthetic is not None else 0
     # what each directory holds (its files' sizes, as `ls` shows them); the stored export has no weights
-    disk = {"synthetic_checkpoint": synthetic, "export": 0,
+    # the reference's steps spilled by the validation: per step, each sequence's logits and cache after it
+    cfg = recipe.model.shapes()
+    steps = recipe.validate.decode_steps + 1
+    spill = recipe.validate.prompts * (steps + 1) * (engine_cache_at_max + 4 * cfg.vocab_size)
+    disk = {"synthetic_checkpoint": synthetic, "export": 0, "validation_steps": spill,
             **{stage: copies[stage] * graph_engine for stage in ("lower_bundle", "build_engine", "artifact")}}
     # what the disk holds: the artifact hard-links the engine's files (and the validate stage lays the engine
     # out the same way), a CPU engine hard-links the bundle's, so each inode counts once (dsv4c.files)

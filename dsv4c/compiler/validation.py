@@ -7,7 +7,9 @@
                 like the engine's) and teacher-forced decode steps: inputs, the cache before and after, the logits.
     engine      `EngineReplay`: the same steps on the engine; every decode step starts from the reference's cache,
                 so the gate measures the engine's step function, not accumulated drift. Per step: a check per
-                logit row and a check per sequence on the cache rows written (worst row).
+                logit row and a check per sequence on the cache rows written (worst row). The build runs the
+                reference's steps first, spilled to disk, and a streamed reference gives its weights back before
+                the engine loads (`validate_engine`): the build's peak holds one model, not both.
     thresholds  `derive_gate`: written recipe keys win; otherwise derived. Continuous numerics (plain): the strict
                 gate, every check at cosine 0.9999. DeepSeek's numerics are discontinuous (FP8 block scales, bf16
                 points, FP4 indexer, top-k routing/selection): the reference against itself with its embedding
@@ -19,6 +21,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -294,19 +299,22 @@ class EngineReplay:
 @contextmanager
 def perturbed_embedding(model, token_ids: Iterable[int], draw: int, noise: float = PERTURBATION):
     """Scale the embedding rows of `token_ids` by (1 + noise * N(0, 1)) (deterministic per draw and token) for
-    the duration. The model keeps its table in BF16, which cannot hold a 1e-6 change, so a float32 copy of the
-    table stands in for it meanwhile (the reference multiplies in FP32 anyway); the BF16 table is put back."""
+    the duration. The model keeps its table in BF16, which cannot hold a 1e-6 change, so the rows are scaled as
+    they are read, in float32 (the reference widens them to FP32 anyway): only the used rows' factors are held,
+    not a float32 copy of the table (2.1 GB at V4-Flash's vocabulary)."""
     ids = sorted(set(int(t) for t in token_ids))
-    shipped = model.embed
-    table = shipped.float()
-    for t in ids:
+    factors = torch.ones(len(ids) + 1, model.cfg.hidden_size)  # row 0: tokens left as they are
+    for k, t in enumerate(ids, start=1):
         gen = torch.Generator().manual_seed(1_000_003 * (draw + 1) + t)
-        table[t] = table[t] * (1 + noise * torch.randn(table.shape[1], generator=gen))
-    model.embed = table
+        factors[k] = 1 + noise * torch.randn(model.cfg.hidden_size, generator=gen)
+    row = torch.zeros(model.cfg.vocab_size, dtype=torch.long)
+    row[ids] = torch.arange(1, len(ids) + 1)
+    shipped = model.embed_tokens
+    model.embed_tokens = lambda tokens: shipped(tokens) * factors[row[tokens]]
     try:
         yield
     finally:
-        model.embed = shipped
+        del model.embed_tokens  # the class's method again
 
 
 class Sensitivity:
@@ -515,18 +523,64 @@ def gate_error(report: dict, kept: Path | None = None) -> ValidationGateError:
 
 
 def validate_engine(artifact, model, v, emulate: bool = False, engine=None) -> dict:
-    """The gate on an artifact (or an already loaded `engine`) against the reference `model`: the report."""
+    """The gate on an artifact (or an already loaded `engine`) against the reference `model`: the report.
+
+    The reference runs first, its steps written beside the artifact (`SpilledSteps`), and a streamed reference
+    then gives its weights back before the engine is loaded: the two models are never resident at once (at
+    V4-Flash width: a layer and the globals, then the engine, instead of both)."""
+    from dsv4c.artifact import read_manifest
     from dsv4c.runtime.engine import Engine
 
-    engine = engine if engine is not None else Engine.load(artifact, emulate=emulate)
-    ref = ReferenceRun.stream(model, v, engine.max_batch_size, engine.max_seq_len)
-    return ref.check(engine)
+    if engine is not None:
+        batch, seq_len = engine.max_batch_size, engine.max_seq_len
+    else:
+        runtime = read_manifest(artifact).runtime
+        batch, seq_len = int(runtime["max_batch_size"]), int(runtime["max_seq_len"])
+    beside = Path(artifact).parent if artifact is not None else None
+    with tempfile.TemporaryDirectory(prefix=".reference-", dir=beside) as spill:
+        ref = ReferenceRun.record(model, v, batch, seq_len, Path(spill))
+        streamed = getattr(model, "streamed", None)
+        if streamed is not None and streamed.streaming:
+            streamed.release()
+        engine = engine if engine is not None else Engine.load(artifact, emulate=emulate)
+        return ref.check(engine)
+
+
+class SpilledSteps:
+    """Reference steps kept on disk, one file each, read back one at a time: the steps of a validation hold a
+    cache before and after each step, which at depth is more than the memory a step needs. A step's `cache_in`
+    is not written: it is the previous step's `cache_out` (a prefill's: the empty cache, written once)."""
+
+    def __init__(self, into: Path):
+        self.into, self.count = into, 0
+
+    def append(self, rec: RefStep) -> None:
+        if rec.step == 0:
+            self._dump(f"{self.count}.empty", rec.cache_in)
+        self._dump(str(self.count), dataclasses.replace(rec, cache_in=[]))
+        self.count += 1
+
+    def __iter__(self) -> Iterator[RefStep]:
+        previous: list[np.ndarray] = []
+        for i in range(self.count):
+            rec = self._load(str(i))
+            rec.cache_in = self._load(f"{i}.empty") if rec.step == 0 else previous
+            previous = rec.cache_out
+            yield rec
+
+    def _dump(self, name: str, obj) -> None:
+        with open(self.into / name, "wb") as f:
+            pickle.dump(obj, f, protocol=5)
+
+    def _load(self, name: str):
+        with open(self.into / name, "rb") as f:
+            return pickle.load(f)
 
 
 @dataclass
 class ReferenceRun:
     """The reference side of a validation: prompts, steps, coverage, gate. `stream` computes the steps while an
-    engine is checked (nothing kept: the build); `record` keeps them, to check several engines (tests)."""
+    engine is checked (nothing kept); `record` runs them all first, kept in memory or spilled to a directory."""
 
     model: Any
     v: Any
@@ -549,9 +603,9 @@ class ReferenceRun:
                    Coverage(model.cfg, names))
 
     @classmethod
-    def record(cls, model, v, max_batch: int, max_seq_len: int) -> ReferenceRun:
+    def record(cls, model, v, max_batch: int, max_seq_len: int, spill: Path | None = None) -> ReferenceRun:
         run = cls.stream(model, v, max_batch, max_seq_len)
-        steps = []
+        steps: list[RefStep] | SpilledSteps = [] if spill is None else SpilledSteps(spill)
         with weights_dequantised_once(dequant_budget(model)):
             for rec in run.steps:
                 run._observe(rec)

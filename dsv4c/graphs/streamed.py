@@ -91,6 +91,8 @@ class StreamedWeights:
         self.held: OrderedDict[str, int] = OrderedDict()  # resident block -> bytes, least recently used first
         self.reads = 0  # blocks read from the checkpoint so far (each re-read counts)
         self._materialise(GLOBALS)
+        # the globals are kept from here on; after `release` the next forward reads them again
+        model.register_forward_pre_hook(lambda _m, _a: self.need(GLOBALS))
         for block in prefixes:  # "layers.3", "mtp.0": the prefix is the block's module path
             for module in model.get_submodule(block).modules():
                 module.register_forward_pre_hook(lambda _m, _a, block=block: self.need(block))
@@ -109,12 +111,16 @@ class StreamedWeights:
         if block in self.held:
             self.held.move_to_end(block)
             return
-        while sum(self.held.values()) - self.held[GLOBALS] + self.block_bytes[block] > self.budget:
-            victim = next((b for b in self.held if b != GLOBALS), None)
-            if victim is None:
-                break
-            self._release(victim)
+        blocks = [b for b in self.held if b != GLOBALS]  # least recently used first
+        while blocks and sum(self.held[b] for b in blocks) + self.block_bytes.get(block, 0) > self.budget:
+            self._release(blocks.pop(0))
         self._materialise(block)
+
+    def release(self) -> None:
+        """Give back every resident block and the globals: the validation does, once the reference has run, so
+        the engine it checks runs without the reference's weights beside it. Anything used later is read again."""
+        for block in list(self.held):
+            self._release(block)
 
     @property
     def streaming(self) -> bool:
