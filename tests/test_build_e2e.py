@@ -3,6 +3,7 @@ against the PyTorch reference (the same checkpoint through DeepseekV4 directly),
 
 from __future__ import annotations
 
+import filecmp
 import json
 
 import numpy as np
@@ -160,6 +161,16 @@ def test_changing_only_the_target_reruns_only_target_stages(official, stage_cach
     assert weight_file_bytes(tmp_path / "trt") == pytest.approx(plan.build["disk"]["lower_bundle"], rel=0.02)
 
 
+def test_another_checkpoint_of_the_same_shapes_reuses_the_exported_programs(official, stage_cache, tmp_path):
+    """The programs are traced without weights: a checkpoint with other values and the same shapes loads and
+    lowers anew but reuses the stored export."""
+    status = stage_status(build("tiny-cpu", tmp_path / "seed", stage_cache, "--set", "model.synthetic.seed=9",
+                                "--until", "lower"))
+    assert (status["load"], status["export"], status["lower"]) == ("done", "cached", "done"), status
+    first, other = (next(d.rglob("prefill.onnx.data")) for d in (official[0], tmp_path / "seed"))
+    assert not filecmp.cmp(first, other, shallow=False)  # the bundle holds the new checkpoint's weights
+
+
 def weight_file_bytes(root) -> int:
     return sum(f.stat().st_size for f in root.rglob("*.onnx.data"))
 
@@ -232,7 +243,6 @@ def test_where_hard_links_fail_the_build_copies_and_says_so(official, stage_cach
     """A filesystem that refuses links (the output on another disk than the cache): the validate stage and the
     artifact copy the engine instead, each says so in the build's events, and the artifact is the same engine."""
     import errno
-    import filecmp
     import os
 
     from dsv4c.artifact import read_manifest
@@ -261,7 +271,6 @@ def test_where_hard_links_fail_the_build_copies_and_says_so(official, stage_cach
 def test_the_cpu_engine_copies_the_bundle_where_links_fail(official, stage_cache, tmp_path, monkeypatch, caplog):
     """The CPU target's build hard-links the bundle's files into the engine; refused a link it copies and warns."""
     import errno
-    import filecmp
     import logging
     import os
 

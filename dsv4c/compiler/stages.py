@@ -147,8 +147,11 @@ def reference_model(build: Build) -> DeepseekV4:
 
 # ---- export: torch.export of the prefill and decode programs (lazy) -------------------------------------------
 def stage_export(build: Build) -> Status:
+    # the programs carry no weights: their key is the model's shapes, not its checkpoint (another checkpoint of
+    # the same shapes reuses them)
     rt = build.recipe.runtime
-    build.keys["export"] = key = digest(build.keys["quantize"], rt.max_batch_size, rt.max_seq_len,
+    build.keys["export"] = key = digest(str(build.outputs.reader.config), build.recipe.digest("quantization"),
+                                        expert_format_for(build), rt.max_batch_size, rt.max_seq_len,
                                         build.outputs.toolchain["torch"], build.outputs.toolchain["dsv4c_sources"])
     stored = build.cached_dir("export", key)
     return "cached" if stored and (stored / "decode.pt2").is_file() else "done"
@@ -263,7 +266,8 @@ def engine_meta(build: Build) -> dict:
 def stage_lower(build: Build) -> Status:
     from dsv4c.compiler.export import program_weights
 
-    key = digest(build.keys["export"], build.recipe.digest("target"), build.outputs.toolchain)
+    # the programs (export) and the weights the lowering writes into the bundle (quantize: the checkpoint)
+    key = digest(build.keys["export"], build.keys["quantize"], build.recipe.digest("target"), build.outputs.toolchain)
     build.keys["lower"] = key
     mesh = mesh_of(build.recipe)
 
