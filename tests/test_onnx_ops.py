@@ -477,30 +477,48 @@ def test_tiny_model_matches_torch(tmp_path):
             assert np.abs(g - w).max(initial=0) <= 1e-5 * max(np.abs(w).max(initial=0), 1e-30)
 
 
-def test_share_weights_stores_each_tensor_once_and_models_still_run(tmp_path):
-    """Two programs (y = x @ W + b) sharing W, each with its own b: after share_weights W is stored once, the second
-    program's data file holds only its b, and both give the same results as before."""
-    from dsv4c.targets.onnx_bundle import share_weights
+class _TwoHeads(torch.nn.Module):
+    """y = (x @ W) @ P (prefill) or (x @ W) @ D (decode): a shared weight and one of each program's own."""
 
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((64, 32)).astype(np.float32)
-    biases = {"prefill": rng.standard_normal(32).astype(np.float32), "decode": rng.standard_normal(32).astype(np.float32)}
-    x = rng.standard_normal((3, 64)).astype(np.float32)
-    for name, b in biases.items():
-        graph = helper.make_graph(
-            [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])], name,
-            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, 64])],
-            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, 32])],
-            [onnx.numpy_helper.from_array(w, "W"), onnx.numpy_helper.from_array(b, f"b_{name}")])
-        graph.node[1].input[1] = f"b_{name}"
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-        onnx.save(model, tmp_path / f"{name}.onnx", save_as_external_data=True, location=f"{name}.onnx.data",
-                  size_threshold=0)
+    def __init__(self, decode: bool):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.register_buffer("w", torch.randn(64, 32, generator=gen))
+        self.register_buffer("p", torch.randn(32, 32, generator=gen))
+        self.register_buffer("d", torch.randn(32, 32, generator=gen))
+        self.decode = decode
 
-    saved = share_weights(tmp_path, {"prefill": "prefill.onnx", "decode": "decode.onnx"})
+    def forward(self, x):
+        return (x @ self.w) @ (self.d if self.decode else self.p)
 
-    assert saved == w.nbytes
-    assert (tmp_path / "decode.onnx.data").stat().st_size == biases["decode"].nbytes  # only its own bias
-    for name, b in biases.items():
-        session = ort.InferenceSession(str(tmp_path / f"{name}.onnx"), providers=["CPUExecutionProvider"])
-        np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ w + b, rtol=1e-5, atol=1e-5)
+
+def test_a_bundles_programs_store_each_weight_once_and_still_run(tmp_path):
+    """export_bundle_programs(share=True): decode's initializers that prefill stores refer to prefill's data file
+    (never written twice), decode's data file holds only what prefill lacks, and both run as before."""
+    from dsv4c.targets.onnx_bundle import export_bundle_programs
+
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    heads = {name: _TwoHeads(decode=name == "decode") for name in ("prefill", "decode")}
+    programs = {name: torch.export.export(m, (x,)) for name, m in heads.items()}
+    files = export_bundle_programs(programs, tmp_path, share=True)
+
+    assert (tmp_path / "prefill.onnx.data").stat().st_size == (64 + 32) * 32 * 4  # w and p (d is not used)
+    assert (tmp_path / "decode.onnx.data").stat().st_size == 32 * 32 * 4  # only d: w is prefill's
+    decode = onnx.load(tmp_path / files["decode"], load_external_data=False)
+    w = next(t for t in decode.graph.initializer if t.name == "w")
+    assert {e.key: e.value for e in w.external_data}["location"] == "prefill.onnx.data"
+    for name, m in heads.items():
+        session = ort.InferenceSession(str(tmp_path / files[name]), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0],
+                                   m(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_stored_weight_of_another_shape_is_refused_by_name(tmp_path):
+    from dsv4c.graphs.ops.onnx import write_onnx_program
+
+    x = torch.randn(3, 64)
+    first = write_onnx_program(torch.export.export(_TwoHeads(False), (x,)), tmp_path / "prefill.onnx")
+    stored = {t.name: t for t in first.graph.initializer}
+    stored["w"].dims[:] = [32, 64]
+    with pytest.raises(ValueError, match="initializer 'w' is FLOAT"):
+        write_onnx_program(torch.export.export(_TwoHeads(True), (x,)), tmp_path / "decode.onnx", stored=stored)

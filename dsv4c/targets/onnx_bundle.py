@@ -6,9 +6,8 @@
         ops as custom nodes and map them to its plugins / custom operators, never inline a portable body),
         CastLike rewritten to Cast (not in every vendor's operator list; its target type is static here), then a
         target hook rewrites the custom nodes (plugin attributes, CANN operator names).
-    share_weights: programs after the first point at the weights an earlier program already stores (prefill and
-        decode read the same tensors), so a bundle holds each weight once. The last step of a lowering: later
-        rewrites assume each program's weights are in its own `.data` file.
+        With `share`, a program's weights an earlier program stores refer to that program's `.data` file
+        (prefill and decode read the same tensors): a bundle holds, writes and reads each weight once.
     emulation_session: the exact bundle file on ONNX Runtime CPU, with reference implementations of the custom
         nodes attached as model-local functions in memory; the weights are read from the bundle's `.data` file.
 
@@ -18,8 +17,6 @@ touching only its graph.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -38,21 +35,27 @@ NodeHook = Callable[[onnx.ModelProto], None]
 
 def export_bundle_programs(programs: dict[str, Any], bundle_dir: Path, opset: int = ONNX_OPSET,
                            hook: NodeHook | None = None,
-                           weights: Callable[[str], Any] | None = None) -> dict[str, str]:
+                           weights: Callable[[str], Any] | None = None, share: bool = False) -> dict[str, str]:
     """Export each program at `opset`: at ONNX_OPSET with the function bodies, as is; below it (a vendor's opset)
     without them, post-processed and saved in place. `weights`: the values of programs exported without them
-    (write_onnx_program). -> {program: file}."""
+    (write_onnx_program). `share`: a program's initializers that an earlier one stores refer to that program's
+    data file instead of being written again (prefill and decode read the same weights). -> {program: file}."""
     portable = opset == ONNX_OPSET
     if portable and hook is not None:
         raise ValueError("a node hook is for vendor bundles: the portable (ONNX_OPSET) bundle keeps the dsv4 nodes")
-    files = {}
+    files: dict[str, str] = {}
+    stored: dict[str, onnx.TensorProto] = {}  # initializers an earlier program's data file holds
     for name, ep in programs.items():
         path = bundle_dir / f"{name}.onnx"
-        write_onnx_program(ep, path, opset=opset, with_functions=portable, weights=weights)
+        model = write_onnx_program(ep, path, opset=opset, with_functions=portable, weights=weights,
+                                   stored=stored if share else None)
         files[name] = path.name
+        own = f"{path.name}.data"
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL and _location(t) == own:
+                stored.setdefault(t.name, t)
         if portable:
             continue
-        model = onnx.load(path, load_external_data=False)
         _check_opset(model, opset, path)
         model = inline_vendor_native(model)
         castlike_to_cast(model)
@@ -60,6 +63,10 @@ def export_bundle_programs(programs: dict[str, Any], bundle_dir: Path, opset: in
             hook(model)
         onnx.save(model, path)  # initializers keep their references into <name>.onnx.data
     return files
+
+
+def _location(t: onnx.TensorProto) -> str:
+    return next(e.value for e in t.external_data if e.key == "location")
 
 
 def inline_vendor_native(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -92,44 +99,6 @@ def inline_vendor_native(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def share_weights(bundle_dir: Path, files: dict[str, str]) -> int:
-    """Store each external initializer once across the programs (`files`: program -> model file, in order).
-    A tensor whose bytes, element type and shape equal one an earlier program stores is re-pointed at that
-    program's data file; each model's own data file is rewritten with only what is left (removed when nothing
-    is). Content-addressed, so it holds whatever names the exporter gave. Returns the bytes saved."""
-    stored: dict[tuple, dict[str, str]] = {}  # (dtype, dims, sha256) -> location/offset/length in the bundle
-    saved = 0
-    for file in files.values():
-        path = bundle_dir / file
-        model = onnx.load(path, load_external_data=False)
-        own_name = f"{file}.data"
-        own = bundle_dir / own_name
-        staged = bundle_dir / f".{own_name}.tmp"
-        kept = 0
-        with open(staged, "wb") as out:
-            for t in model.graph.initializer:
-                if t.data_location != onnx.TensorProto.EXTERNAL:
-                    continue
-                ref = {e.key: e.value for e in t.external_data}
-                data = _read_external(bundle_dir / ref["location"], ref)
-                key = (t.data_type, tuple(t.dims), hashlib.sha256(data).hexdigest())
-                if key not in stored:  # first sighting: this program keeps it, 64-byte aligned for mmap/SIMD
-                    out.write(b"\0" * (-out.tell() % 64))
-                    stored[key] = {"location": own_name, "offset": str(out.tell()), "length": str(len(data))}
-                    out.write(data)
-                    kept += 1
-                else:
-                    saved += len(data)
-                _set_external(t, stored[key])
-        if kept:
-            os.replace(staged, own)
-        else:
-            staged.unlink()
-            own.unlink(missing_ok=True)
-        onnx.save(model, path)
-    return saved
-
-
 def initializer_array(tensor: onnx.TensorProto, base_dir: Path) -> np.ndarray:
     """An initializer's values, its external data read from `base_dir`. onnx's own reader refuses a data file
     with several hard links ("hardlink attack"), and our artifacts hard-link the stage cache's weight files on
@@ -152,12 +121,6 @@ def _read_external(data_file: Path, ref: dict[str, str]) -> bytes:
     with open(data_file, "rb") as f:
         f.seek(int(ref.get("offset", 0)))
         return f.read(int(ref["length"])) if "length" in ref else f.read()
-
-
-def _set_external(tensor: onnx.TensorProto, ref: dict[str, str]) -> None:
-    del tensor.external_data[:]
-    for k, v in ref.items():
-        tensor.external_data.add(key=k, value=v)
 
 
 def _check_opset(model: onnx.ModelProto, opset: int, path: Path) -> None:

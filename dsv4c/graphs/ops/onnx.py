@@ -523,7 +523,8 @@ def _translation(op: OpDef, onnx_op) -> Callable:
 def write_onnx_program(ep: torch.export.ExportedProgram, path: str | Path, *,
                        external_data: bool = True, opset: int = ONNX_OPSET,
                        with_functions: bool = True,
-                       weights: Callable[[str], torch.Tensor] | None = None) -> onnx.ModelProto:
+                       weights: Callable[[str], torch.Tensor] | None = None,
+                       stored: dict[str, onnx.TensorProto] | None = None) -> onnx.ModelProto:
     """Lower an exported program to ONNX: dsv4 ops become dsv4 nodes (+ their function bodies), the rest
     goes through torch's exporter at ONNX_OPSET without the optimizer (which would fold small packed
     weights into float). Saved at `path`, weights in one `<file>.data` beside it when `external_data`.
@@ -542,7 +543,10 @@ def write_onnx_program(ep: torch.export.ExportedProgram, path: str | Path, *,
     function bodies (the bodies are written against ONNX_OPSET), i.e. `with_functions` must be False.
     `weights` (initializer name -> tensor) supplies the values of a program exported without them (its state on
     the meta device, graphs.streamed): each is asked for while the data file is written, one at a time, so the
-    weights go from the checkpoint into the file without the whole model ever being held."""
+    weights go from the checkpoint into the file without the whole model ever being held.
+    `stored` (initializer name -> an external-data TensorProto of an earlier program beside `path`): those
+    initializers are not written again but refer to that file (the programs of a bundle are exported from one
+    model, so a name is one buffer: prefill and decode share every weight, written and read from disk once)."""
     if with_functions and opset != ONNX_OPSET:
         raise ValueError(f"function bodies need ONNX opset {ONNX_OPSET}; export at {opset} with_functions=False")
     import logging
@@ -559,6 +563,7 @@ def write_onnx_program(ep: torch.export.ExportedProgram, path: str | Path, *,
                                     opset_version=opset, verbose=False)
     model = program.model
     drop_identity_transposes(model.graph)
+    shared = _take_stored(model.graph, stored or {})
     _stream_initializers(model.graph, weights)
     used = {n.op_type for n in model.graph.all_nodes() if n.domain == DOMAIN} if with_functions else set()
     # subgraphs (e.g. from torch.cond) are walked by all_nodes(); local functions of the exporter too
@@ -572,7 +577,29 @@ def write_onnx_program(ep: torch.export.ExportedProgram, path: str | Path, *,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(path, external_data=external_data)
-    return onnx.load(path, load_external_data=False)
+    saved = onnx.load(path, load_external_data=False)
+    own_data = path.with_name(f"{path.name}.data")
+    if own_data.is_file() and own_data.stat().st_size == 0:  # every weight is an earlier program's: no file
+        own_data.unlink()
+    if shared:
+        saved.graph.initializer.extend(shared)
+        onnx.save(saved, path)
+    return saved
+
+
+def _take_stored(graph, stored: dict[str, onnx.TensorProto]) -> list[onnx.TensorProto]:
+    """Remove from `graph` the initializers `stored` holds (checked to have the same element type and shape) and
+    return the references to add to the saved model in their place."""
+    taken = []
+    for name in [n for n in graph.initializers if n in stored]:
+        value, ref = graph.initializers[name], stored[name]
+        if (ref.data_type, tuple(ref.dims)) != (value.dtype.value, tuple(value.shape)):
+            raise ValueError(f"initializer {name!r} is {value.dtype} {tuple(value.shape)} here but "
+                             f"{onnx.TensorProto.DataType.Name(ref.data_type)} {tuple(ref.dims)} in the program "
+                             "storing it")
+        graph.initializers.pop(name)
+        taken.append(ref)
+    return taken
 
 
 def _stream_initializers(graph, weights: Callable[[str], torch.Tensor] | None) -> None:

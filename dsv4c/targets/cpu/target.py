@@ -42,11 +42,11 @@ class CpuTarget:
     def lower(self, programs: dict[str, Any], bundle_dir: Path, recipe: Any, meta: dict[str, Any],
               weights: Callable[[str], Any] | None = None) -> None:
         from dsv4c.graphs.ops.onnx import ONNX_OPSET
-        from dsv4c.targets.onnx_bundle import export_bundle_programs, share_weights
+        from dsv4c.targets.onnx_bundle import export_bundle_programs
 
         # with the function bodies: portable
-        files = export_bundle_programs(programs, bundle_dir, ONNX_OPSET, weights=weights)
-        share_weights(bundle_dir, files)  # decode reads prefill's weights: one copy on disk and in page cache
+        # decode reads prefill's weights: one copy on disk and in the page cache
+        files = export_bundle_programs(programs, bundle_dir, ONNX_OPSET, weights=weights, share=True)
         (bundle_dir / "bundle.json").write_text(json.dumps(
             {**meta, "format": "onnx", "opset": ONNX_OPSET, "programs": files}, indent=2))
 

@@ -45,7 +45,7 @@ WORKSPACE_BYTES = 8 << 30
 
 class TensorRTTarget:
     kind = "tensorrt"
-    # the bundle ships each weight once (share_weights); each serialized .plan embeds its own
+    # the bundle ships each weight once (decode refers to prefill's); each serialized .plan embeds its own
     weight_copies = {"lower_bundle": 1, "build_engine": 2, "artifact": 2}
     engine_links_bundle = False  # the engine is new files (one .plan per program) compiled from the bundle
 
@@ -72,13 +72,13 @@ class TensorRTTarget:
 
     def lower(self, programs: dict[str, Any], bundle_dir: Path, recipe: Any, meta: dict[str, Any],
               weights: Callable[[str], Any] | None = None) -> None:
-        from dsv4c.targets.onnx_bundle import custom_nodes, export_bundle_programs, share_weights
+        from dsv4c.targets.onnx_bundle import custom_nodes, export_bundle_programs
 
         from dsv4c.targets.tensorrt.collectives import COLLECTIVES, collective_nodes, mesh_groups
 
         bundle_dir.mkdir(parents=True, exist_ok=True)
-        files = export_bundle_programs(programs, bundle_dir, OPSET, hook=mark_plugins, weights=weights)
-        share_weights(bundle_dir, files)  # the bundle ships each weight once; the parser follows each location
+        # the bundle ships each weight once; the parser follows each initializer's location
+        files = export_bundle_programs(programs, bundle_dir, OPSET, hook=mark_plugins, weights=weights, share=True)
         _copy_plugin_sources(bundle_dir / "plugins")
         rt = recipe.runtime
         models = {p: onnx.load(bundle_dir / f, load_external_data=False) for p, f in files.items()}
