@@ -222,21 +222,31 @@ def test_the_artifact_and_the_stage_cache_hold_one_copy_of_the_weights(official,
 
 def test_validation_runs_the_engine_through_hard_links(official, stage_cache, tmp_path, monkeypatch):
     """The validate stage lays the engine out as its artifact with links to the build stage's files (it used to
-    copy the whole engine into a staging directory first)."""
+    copy the whole engine into a staging directory first); the reference's steps are spilled beside it while the
+    engine runs (within plan's figure) and removed after."""
     import dsv4c.compiler.stages as stages
 
-    seen = {}
+    from dsv4c.compiler.validation import ReferenceRun
+
+    seen, spilled = {}, []
 
     def spy(artifact, *args, **kwargs):
         seen.update(engine_weights(artifact / "engine"))
         return validate_engine(artifact, *args, **kwargs)
 
-    validate_engine = stages.validate_engine
+    def check(run, engine):  # the reference's steps are on disk while the engine runs
+        spilled.extend(f.stat().st_size for d in layout.glob(".reference-*") for f in d.iterdir())
+        return reference_check(run, engine)
+
+    validate_engine, reference_check = stages.validate_engine, ReferenceRun.check
     monkeypatch.setattr(stages, "validate_engine", spy)
+    monkeypatch.setattr(ReferenceRun, "check", check)
+    layout = stage_cache / "build"
     out = dsv4c.build(RECIPES / "tiny-cpu.yaml", tmp_path / "v", ["validate.seed=2"], cache_dir=stage_cache)
     engine = engine_weights(stage_dir(stage_cache, out, "build"))
     assert seen and {n: st.st_ino for n, st in seen.items()} == {n: st.st_ino for n, st in engine.items()}
-    assert not list(stage_dir(stage_cache, out, "build").parent.glob(".*.validate"))  # the layout is removed
+    assert not list(layout.glob(".*.validate")) and not list(layout.glob(".reference-*"))  # removed after
+    assert spilled and sum(spilled) <= dsv4c.plan(RECIPES / "tiny-cpu.yaml").build["disk"]["validation_steps"]
 
 
 def test_where_hard_links_fail_the_build_copies_and_says_so(official, stage_cache, tmp_path, monkeypatch, capsys):

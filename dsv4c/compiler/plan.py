@@ -560,10 +560,11 @@ def build_peaks(recipe, shipped_layers: dict[Any, int], graph_rows: list[dict[st
     copies, engine_links_bundle = _weight_copies(recipe.target.kind)
     synthetic = sum(shipped_layers.values()) if recipe.model.synthetic is not None else 0
     # what each directory holds (its files' sizes, as `ls` shows them); the stored export has no weights
-    # the reference's steps spilled by the validation: per step, each sequence's logits and cache after it
+    # the reference's steps spilled by the validation: per step and sequence its logits and cache after the step
+    # (and an empty cache per sequence), with its prompt and position (< 64 KiB)
     cfg = recipe.model.shapes()
-    steps = recipe.validate.decode_steps + 1
-    spill = recipe.validate.prompts * (steps + 1) * (engine_cache_at_max + 4 * cfg.vocab_size)
+    rows = recipe.validate.prompts * (recipe.validate.decode_steps + 2)
+    spill = rows * (engine_cache_at_max + 4 * cfg.vocab_size + (64 << 10))
     disk = {"synthetic_checkpoint": synthetic, "export": 0, "validation_steps": spill,
             **{stage: copies[stage] * graph_engine for stage in ("lower_bundle", "build_engine", "artifact")}}
     # what the disk holds: the artifact hard-links the engine's files (and the validate stage lays the engine
