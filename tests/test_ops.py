@@ -638,3 +638,16 @@ def test_compressor_emits_every_ratio_tokens(ratio, chunks):
                 assert torch.allclose(entries[0, j].double(), want[j], atol=1e-5), (start, j)
             else:
                 assert torch.isnan(entries[0, j]).all(), f"slot {j} written after {start} tokens"
+
+
+def test_bf16_linear_widens_a_large_weight_a_slice_of_rows_at_a_time(monkeypatch):
+    """Past WIDEN_ROWS_BYTES the reference widens the BF16 weight slice by slice (V4-Flash's head: 2.1 GB in FP32):
+    the identity matrix reads every stored value back exactly, and a product stays x @ float(w)^T."""
+    from dsv4c.graphs.ops import registry
+
+    monkeypatch.setattr(registry, "WIDEN_ROWS_BYTES", 3 * 4 * 16)  # 3 rows of 16: slices 3, 3, 3, 1
+    w = torch.randn(10, 16, generator=torch.Generator().manual_seed(0)).bfloat16()
+    assert torch.equal(torch.ops.dsv4.bf16_linear(torch.eye(16), w).T, w.float())
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    want = (x.double() @ w.double().T).float()
+    torch.testing.assert_close(torch.ops.dsv4.bf16_linear(x, w), want, rtol=1e-6, atol=1e-6)

@@ -194,8 +194,18 @@ def fp8_grouped_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, 
            lambda s, a, m: [[*s[0][:-1], s[1][0]]], input_dtypes={"w": "bfloat16"}, vendor_native=True)
 def bf16_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """y[..., N] = x[..., K] @ float(w)[N, K]^T in fp32. w is a BF16 checkpoint weight the reference holds
-    and multiplies in FP32 (head, gate, compressor wkv/wgate, indexer weights_proj); the engine keeps it BF16."""
-    return F.linear(x.float(), w.float())
+    and multiplies in FP32 (head, gate, compressor wkv/wgate, indexer weights_proj); the engine keeps it BF16.
+    A weight whose FP32 copy would pass WIDEN_ROWS_BYTES is widened a slice of output rows at a time: V4-Flash's
+    head (129,280 x 4096) would otherwise add a transient 2.1 GB to the validation's working set. Each output
+    element is still one K-long dot product (slicing N leaves the reduction over K as it is)."""
+    x = x.float()
+    rows = max(1, WIDEN_ROWS_BYTES // (4 * w.shape[-1]))
+    if w.shape[0] <= rows:
+        return F.linear(x, w.float())
+    return torch.cat([F.linear(x, part.float()) for part in w.split(rows)], dim=-1)
+
+
+WIDEN_ROWS_BYTES = 256 << 20  # the FP32 copy of a BF16 weight the reference holds at once (bf16_linear)
 
 
 _PACKED_OR_FLOAT = "uint8|float32"  # expert weights: packed bytes (FP4 / FP8) or float
