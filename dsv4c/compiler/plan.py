@@ -532,6 +532,7 @@ def build_peaks(recipe, shipped_layers: dict[Any, int], graph_rows: list[dict[st
     """Host RAM and disk the build needs, from the streamed build's working set (graphs.streamed; README 'Plan').
     `graph_rows`: the graph's tensors (graph_rows), per place."""
     from dsv4c.compiler.validation import DEQUANT_CACHE_BYTES
+    from dsv4c.graphs.ops.registry import WIDEN_ROWS_BYTES
     from dsv4c.graphs.streamed import DEFAULT_BUDGET, READ_CHUNK
 
     globals_bytes = shipped_layers.get("first", 0) + shipped_layers.get("last", 0)
@@ -545,16 +546,16 @@ def build_peaks(recipe, shipped_layers: dict[Any, int], graph_rows: list[dict[st
     # The validation runs the reference first (its steps spilled to disk), then the engine (validation.py
     # validate_engine). Reference: the globals and either every block (they fit the budget: kept, with their
     # decoded weights, bounded) or the one running (streamed, decoded per call), a checkpoint chunk being
-    # converted, a step's caches before and after (validate.prompts sequences at most, at max_seq_len). Engine:
-    # for a CPU engine its weights as the validation touches them, its sessions' caches and the replayed step's.
-    # A streamed reference gives its weights back before the engine loads: the peak is the larger phase; a
-    # resident one (its blocks fit the budget) stays beside the engine. The lowering's working set (the globals,
-    # one block, a chunk) is within the reference's.
+    # converted, a BF16 weight's FP32 slice (registry.bf16_linear), a step's caches before and after
+    # (validate.prompts sequences at most, at max_seq_len). Engine: for a CPU engine its weights as the validation
+    # touches them, its sessions' caches and the replayed step's. A streamed reference gives its weights back
+    # before the engine loads: the peak is the larger phase; a resident one (its blocks fit the budget) stays
+    # beside the engine. The lowering's working set (the globals, one block, a chunk) is within the reference's.
     prompts = min(recipe.validate.prompts, recipe.runtime.max_batch_size)
     caches = 4 * prompts * engine_cache_at_max
     streaming = blocks > DEFAULT_BUDGET
     resident = max(per_block.values(), default=0) if streaming else blocks + min(DEQUANT_CACHE_BYTES, 4 * blocks)
-    reference = graph_globals + resident + READ_CHUNK + caches
+    reference = graph_globals + resident + READ_CHUNK + WIDEN_ROWS_BYTES + caches
     engine = (graph_engine if recipe.target.kind == "cpu" else 0) + caches
     ram = BUILD_PROCESS_BYTES + (max(reference, engine) if streaming else reference + engine)
     copies, engine_links_bundle = _weight_copies(recipe.target.kind)
