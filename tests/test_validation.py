@@ -76,7 +76,7 @@ def test_mutant_fails_validation_naming_the_first_failing_row(tiny, reference, m
 def test_spilled_steps_read_back_as_the_steps_kept_in_memory(reference, stage_cache, tmp_path):
     """validate_engine runs the reference first with its steps on disk (one file a step, a step's cache_in being
     the previous step's cache_out): read back, every step is the one the in-memory record holds."""
-    spilled = ReferenceRun.record(reference.model, reference.v, 2, 4096, tmp_path)
+    spilled = ReferenceRun.record(reference_model(stage_cache, Numerics.reference()), reference.v, 2, 4096, tmp_path)
     kept, read = list(reference.steps), list(spilled.steps)
     assert len(read) == len(kept)
     assert len(list(tmp_path.iterdir())) == len(kept) + sum(r.step == 0 for r in kept)  # + an empty cache a batch

@@ -579,54 +579,39 @@ class SpilledSteps:
 
 @dataclass
 class ReferenceRun:
-    """The reference side of a validation: prompts, steps, coverage, gate. `stream` computes the steps while an
-    engine is checked (nothing kept); `record` runs them all first, kept in memory or spilled to a directory."""
+    """The reference side of a validation, run once (`record`): prompts, steps, coverage, gate; `check` replays
+    the steps on an engine (several engines, in the tests)."""
 
-    model: Any
     v: Any
     max_batch: int
-    max_seq_len: int
     steps: Iterable[RefStep]
     lengths: list[int]
     names: list[str]
-    sensitivity: Sensitivity | None
     coverage: Coverage
-    gate: Gate | None = None
-
-    @classmethod
-    def stream(cls, model, v, max_batch: int, max_seq_len: int) -> ReferenceRun:
-        prompts = validation_prompts(model.cfg, v, max_seq_len)
-        names = [e.name for e in model.cache_spec(1, max_seq_len)]
-        sens = Sensitivity(model, names, v) if needs_sensitivity(v) else None
-        steps = reference_steps(model, prompts, v.decode_steps, max_batch, max_seq_len)
-        return cls(model, v, max_batch, max_seq_len, steps, [len(p) for p in prompts], names, sens,
-                   Coverage(model.cfg, names))
+    gate: Gate
 
     @classmethod
     def record(cls, model, v, max_batch: int, max_seq_len: int, spill: Path | None = None) -> ReferenceRun:
-        run = cls.stream(model, v, max_batch, max_seq_len)
+        """Run the reference's steps with its sensitivity and coverage and derive the gate; the steps are kept in
+        memory, or spilled to the directory `spill` (`SpilledSteps`)."""
+        prompts = validation_prompts(model.cfg, v, max_seq_len)
+        names = [e.name for e in model.cache_spec(1, max_seq_len)]
+        sensitivity = Sensitivity(model, names, v) if needs_sensitivity(v) else None
+        coverage = Coverage(model.cfg, names)
         steps: list[RefStep] | SpilledSteps = [] if spill is None else SpilledSteps(spill)
         with weights_dequantised_once(dequant_budget(model)):
-            for rec in run.steps:
-                run._observe(rec)
+            for rec in reference_steps(model, prompts, v.decode_steps, max_batch, max_seq_len):
+                coverage.observe(rec)
+                if sensitivity is not None:
+                    sensitivity.observe(rec)
                 steps.append(rec)
-        run.steps, run.gate = steps, derive_gate(v, model.numerics, run.sensitivity)
-        return run
-
-    def _observe(self, rec: RefStep) -> None:
-        self.coverage.observe(rec)
-        if self.sensitivity is not None:
-            self.sensitivity.observe(rec)
+        return cls(v, max_batch, steps, [len(p) for p in prompts], names, coverage,
+                   derive_gate(v, model.numerics, sensitivity))
 
     def check(self, engine) -> dict:
         replay, checks, free = EngineReplay(engine, self.names, self.v), [], []
-        recorded = self.gate is not None
-        with weights_dequantised_once(dequant_budget(self.model)):
-            for rec in self.steps:
-                if not recorded:
-                    self._observe(rec)
-                gated, free_rows = replay.checks(rec)
-                checks += gated
-                free += free_rows
-        gate = self.gate if recorded else derive_gate(self.v, self.model.numerics, self.sensitivity)
-        return gate_report(checks, free, gate, self.coverage.report(), self.lengths, self.v, self.max_batch)
+        for rec in self.steps:
+            gated, free_rows = replay.checks(rec)
+            checks += gated
+            free += free_rows
+        return gate_report(checks, free, self.gate, self.coverage.report(), self.lengths, self.v, self.max_batch)
