@@ -4,7 +4,8 @@
 gets its buffers read from the official checkpoint and converted (`load_official`, the same conversion as a whole
 load) when one of its modules runs; before another block is read, blocks are given back, the least recently used
 first, until it fits `budget` bytes beside those left. The globals (embedding, head, final mixing) are read once
-and kept: every step needs them. `StreamedWeights.tensor(name)` serves one buffer the same way, for the lowering to write the weights from the
+and kept: every step needs them (`release` gives back everything, globals too; the next forward reads them again).
+`StreamedWeights.tensor(name)` serves one buffer the same way, for the lowering to write the weights from the
 checkpoint straight into the engine's data files (`write_onnx_program(..., weights=)`).
 
 A model that fits in `budget` ends up wholly resident, as a whole load would leave it; a bigger one is re-read

@@ -44,8 +44,7 @@ class CpuTarget:
         from dsv4c.graphs.ops.onnx import ONNX_OPSET
         from dsv4c.targets.onnx_bundle import export_bundle_programs
 
-        # with the function bodies: portable
-        # decode reads prefill's weights: one copy on disk and in the page cache
+        # with the function bodies (portable); decode reads prefill's weights: one copy on disk and in the page cache
         files = export_bundle_programs(programs, bundle_dir, ONNX_OPSET, weights=weights, share=True)
         (bundle_dir / "bundle.json").write_text(json.dumps(
             {**meta, "format": "onnx", "opset": ONNX_OPSET, "programs": files}, indent=2))
