@@ -9,7 +9,6 @@ mutant that cannot find its nodes raises instead of silently leaving the engine 
 from __future__ import annotations
 
 import ast
-import re
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -110,18 +109,20 @@ def _toposort(graph: onnx.GraphProto) -> None:
 
 # ---- the mutants (each: Edit, program name -> None) -----------------------------------------------------------
 def rope_wrong_dims(e: Edit, program: str, layer: int = 1) -> None:
-    """Layer `layer`'s query RoPE rotates the leading rope_dim dims instead of the trailing ones."""
-    module = f"model.layers.{layer}.attn"
-    cat = _one([n for n in _find(e.graph, "Concat", module, "apply_rope(q, self.freqs, pos)")
-                if "aten.cat" in _meta(n, "pkg.torch.onnx.fx_node")], "q RoPE concat")
-    producers = {o: n for n in e.graph.node for o in n.output}
-    nope = producers[cat.input[0]]  # x[..., :-r]
-    rot = _one([n for n in e.graph.node if n.op_type == "Slice" and n is not nope and n.input[0] == nope.input[0]],
-               "q RoPE slice")  # x[..., -r:]
-    r = -int(re.search(r"aten\.slice\.Tensor\]\(args = \(%\w+, -?\d+, (-\d+),", _meta(rot, "pkg.torch.onnx.fx_node"))[1])
-    nope.input[1], nope.input[2] = e.const([r], np.int64), e.const([INT64_MAX], np.int64)  # x[..., r:]
-    rot.input[1], rot.input[2] = e.const([0], np.int64), e.const([r], np.int64)  # x[..., :r]
-    cat.input[0], cat.input[1] = cat.input[1], cat.input[0]  # [rotated | rest]
+    """Layer `layer`'s query RoPE rotates the leading rope_dim dims instead of the trailing ones: the Rope node
+    sees x with its first r dims moved to the end, and its output is moved back."""
+    node = _one(_find(e.graph, "Rope", f"model.layers.{layer}.attn", "ops.rope(q, self.freqs, pos", domain="dsv4"),
+                "query Rope")
+    r = 2 * e.initializer(node.input[1]).shape[0]
+    last = e.const([-1], np.int64)
+
+    def move(x: str, n: int) -> str:  # x[..., n:] followed by x[..., :n] (n < 0: counted from the end)
+        head = e.node("Slice", x, e.const([0], np.int64), e.const([n], np.int64), last)
+        tail = e.node("Slice", x, e.const([n], np.int64), e.const([INT64_MAX], np.int64), last)
+        return e.node("Concat", tail, head, axis=-1)
+
+    node.input[0] = move(node.input[0], r)
+    e.after(node, 0, lambda y: move(y, -r))
 
 
 def window_one_short(e: Edit, program: str) -> None:

@@ -361,9 +361,58 @@ def test_attach_functions_is_idempotent_and_checks_the_opset():
         attach_functions(model)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_head_rescale_body_matches_the_reference(bf16):
+    """fp32: within 1e-5. bf16: ONNX Runtime's ReduceMean sums in its own order, so a mean within an fp32 ulp of a
+    bf16 midpoint may round the other way: then its whole row is one bf16 step off, never more, and rarely."""
+    q = rand(3, 1, 8, 128, seed=5) * torch.logspace(-2, 1, 128)
+    if not bf16:
+        check("head_rescale", {"eps": 1e-6, "bf16": False}, x=q)
+        return
+    (got,) = run_onnx("head_rescale", {"eps": 1e-6, "bf16": True}, [4], x=q)
+    want = ops.head_rescale(q, 1e-6, True).numpy()
+    assert (np.abs(got - want) <= np.abs(want) * 2.0 ** -7).all()
+    assert (got != want).any(-1).mean() <= 0.25
+
+
+@pytest.mark.parametrize("shape", [(3, 64), (2, 1, 4, 128), (1, 7, 4096)])
+def test_rms_norm_body_matches_the_reference(shape):
+    x = rand(*shape, seed=5) * torch.logspace(-2, 2, shape[-1])
+    w = rand(shape[-1], seed=6)
+    check("rms_norm", {"eps": 1e-6, "bf16": False}, x=x, weight=w)
+    # an all-zero row: eps keeps it finite (zeros out)
+    (got,) = run_onnx("rms_norm", {"eps": 1e-6, "bf16": False}, [2], x=torch.zeros(2, 64), weight=w[:64])
+    assert not got.any()
+    # bf16 in and out: ReduceMean's own summation order may move a value one bf16 step, rarely
+    (got,) = run_onnx("rms_norm", {"eps": 1e-6, "bf16": True}, [len(shape)], x=x, weight=w)
+    want = ops.rms_norm(x, w, 1e-6, True).numpy()
+    assert (np.abs(got - want) <= np.abs(want) * 2.0 ** -7).all() and (got != want).mean() < 0.01
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 192), (2, 3, 128)])
+def test_rope_body_matches_the_reference(shape, inverse):
+    """Heads [B, S, H, D] and KV rows [B, S, D]; positions up to 65536. Cos and Sin are ONNX Runtime's, not
+    torch's: within 1e-5 of the largest value in float, and rounded to bf16 a value may land one bf16 step away
+    (its float lay within an fp32 ulp of a rounding midpoint), never further."""
+    from dsv4c.graphs.config import preset
+    from dsv4c.graphs.model import rope_frequencies
+
+    freqs = rope_frequencies(preset("tiny"), yarn=True)
+    x, pos = rand(*shape, seed=3), torch.tensor([[0, 5, 77], [1000, 3, 65536]])
+    check("rope", {"inverse": inverse, "bf16": False}, x=x, freqs=freqs, pos=pos)
+    (got,) = run_onnx("rope", {"inverse": inverse, "bf16": True}, [len(shape)], x=x, freqs=freqs, pos=pos)
+    want = ops.rope(x, freqs, pos, inverse, True).numpy()
+    step = np.abs(want) * 2.0 ** -7  # one bf16 step (8 significant bits) at that value, or more
+    assert (np.abs(got - want) <= step).all()
+    assert (got != want).mean() < 0.01
+    assert np.array_equal(got[..., :shape[-1] - 64], x[..., :shape[-1] - 64].to(torch.bfloat16).float().numpy())
+
+
 def test_every_op_has_a_test():
     tested = {"fp8_linear", "bf16_linear", "cache_write", "fp8_grouped_linear", "moe_experts", "fake_quant_fp8",
-              "hadamard_fp4", "sparse_attn", "indexer_topk", "indexer_scores", "compress_pool", "hc_pre", "hc_post"}
+              "hadamard_fp4", "sparse_attn", "indexer_topk", "indexer_scores", "compress_pool", "hc_pre", "hc_post",
+              "rope", "rms_norm", "head_rescale"}
     # collectives have no ONNX body: their kernels are tested across processes (tests/test_mesh_runtime.py)
     collectives = {name for name, op in OPS.items() if op.collective}
     assert collectives == {"all_reduce", "all_gather"}

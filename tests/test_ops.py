@@ -15,7 +15,7 @@ import torch
 import dsv4c.graphs.ops  # noqa: F401  (registers torch.ops.dsv4.*)
 from dsv4c.graphs import quant
 from dsv4c.graphs.config import QuantizationConfig, preset
-from dsv4c.graphs.model import (Attention, Compressor, Numerics, SharedExpert, Step, apply_rope, fake_quant_nope,
+from dsv4c.graphs.model import (Attention, Compressor, Numerics, SharedExpert, Step, fake_quant_nope,
                                 rope_frequencies)
 
 from tensors import e4m3_value, rand, sylvester
@@ -422,6 +422,36 @@ def test_rope_frequencies_match_spec(name, yarn):
         assert math.isclose(got[-1].item(), cfg.compress_rope_theta ** (-62 / 64) / 16, rel_tol=1e-6)
 
 
+def test_head_rescale_rounds_each_step_to_bf16_as_the_reference():
+    """Spec §3.9.1 by hand, one row at a time in numpy: bf16(q^2), their fp32 mean to bf16, + eps to bf16, the
+    reciprocal root to bf16, the product to bf16. Without bf16 it is the fp32 RMS rescale (float64 by hand)."""
+    q = rand(2, 3, 64, seed=9) * torch.logspace(-2, 1, 64)
+    got = ops.head_rescale(q, 1e-6, True)
+    for row, out in zip(q.reshape(-1, 64).tolist(), got.reshape(-1, 64).tolist()):
+        squares = [np.float32(bf16(np.float32(v) * np.float32(v))) for v in row]
+        mean = bf16(np.float32(sum(squares, np.float32(0))) / np.float32(64))
+        r = bf16(np.float32(1) / np.sqrt(np.float32(bf16(np.float32(mean) + np.float32(1e-6)))))
+        assert out == [bf16(np.float32(v) * np.float32(r)) for v in row]
+    plain = ops.head_rescale(q, 1e-6, False).double()
+    want = q.double() / torch.sqrt(q.double().square().mean(-1, keepdim=True) + 1e-6)
+    assert ((plain - want).abs() <= 2e-7 * want.abs() + 1e-30).all()
+
+
+def test_rms_norm_scales_each_row_by_its_inverse_rms_then_by_the_weight():
+    """y = x / sqrt(mean(x^2) + eps) * w per row of the last dim (spec §2), against float64 by hand: within 2e-7
+    relative (an fp32 mean, rsqrt and two products); eps keeps a zero row at zero."""
+    x, w = rand(3, 5, 64, seed=7) * torch.logspace(-3, 2, 64), rand(64, seed=8)
+    y = ops.rms_norm(x, w, 1e-6, False).double()
+    xd = x.double()
+    want = xd / torch.sqrt((xd * xd).sum(-1, keepdim=True) / 64 + 1e-6) * w.double()
+    assert ((y - want).abs() <= 2e-7 * want.abs() + 1e-30).all()
+    assert not ops.rms_norm(torch.zeros(2, 64), w, 1e-6, False).any()
+    # bf16: the norm of the bf16-rounded input, rounded
+    rounded = x.to(torch.bfloat16).float()
+    want = ops.rms_norm(rounded, w, 1e-6, False).to(torch.bfloat16).float()
+    assert torch.equal(ops.rms_norm(x, w, 1e-6, True), want)
+
+
 @pytest.mark.parametrize("head_dim", [128, 192, 512])
 def test_rope_rotates_the_last_dims_interleaved(head_dim):
     """Head layout [nope | rope 64]: only the trailing 64 dims rotate, as interleaved pairs; inverse undoes it.
@@ -430,15 +460,21 @@ def test_rope_rotates_the_last_dims_interleaved(head_dim):
     freqs = rope_frequencies(cfg, yarn=True)
     x = rand(2, 3, 4, head_dim, seed=1)  # [B, S, H, D]
     pos = torch.tensor([[0, 5, 77], [1000, 3, 65536]])
-    y = apply_rope(x, freqs, pos)
+    y = ops.rope(x, freqs, pos, False, False)
     f = freqs.tolist()
     for bi in range(2):
         for si in range(3):
             want = rope_by_hand(x[bi, si], int(pos[bi, si]), f)
             assert torch.allclose(y[bi, si].double(), want, atol=2e-5)
+            # a row without head dim (a KV row [B, S, D]) turns the same way
+            row = ops.rope(x[:, :, 0], freqs, pos, False, False)[bi, si]
+            assert torch.allclose(row.double(), want[0], atol=2e-5)
     assert torch.equal(y[..., :head_dim - 64], x[..., :head_dim - 64])
-    back = apply_rope(y, freqs, pos, inverse=True)
+    back = ops.rope(y, freqs, pos, True, False)
     assert torch.allclose(back, x, atol=1e-5)
+    assert torch.allclose(back[0, 1].double(), rope_by_hand(y[0, 1], 5, f, inverse=True), atol=2e-5)
+    # bf16: the rotated result, rounded once
+    assert torch.equal(ops.rope(x, freqs, pos, False, True), y.to(torch.bfloat16).float())
 
 
 @pytest.mark.parametrize("head_dim", [128, 192])

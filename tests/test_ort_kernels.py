@@ -544,9 +544,72 @@ def test_hadamard_fp4_odd_leading_dims(library):
     check(library, "hadamard_fp4", {}, exact=True, x=rand(7, 64, seed=3, scale=1e-3))
 
 
+@pytest.mark.parametrize("shape", [(3, 1, 8, 128), (2, 3, 64, 512)])
+def test_head_rescale(library, shape):
+    """fp32 within 1e-5; bf16 (V4's 64 heads x 512): a row is either equal to the reference or, where the mean of
+    its squares lay within an fp32 ulp of a bf16 midpoint (summed in double here, in fp32 lanes by torch), one
+    bf16 step off; rarely."""
+    q = rand(*shape, seed=5) * torch.logspace(-2, 1, shape[-1])
+    check(library, "head_rescale", {"eps": 1e-6, "bf16": False}, x=q)
+    (got,) = run_kernel(library, "head_rescale", {"eps": 1e-6, "bf16": True}, [len(shape)], 2, x=q)
+    want = ops.head_rescale(q, 1e-6, True).numpy()
+    assert (np.abs(got - want) <= np.abs(want) * 2.0 ** -7).all()
+    assert (got != want).any(-1).mean() <= 0.05
+
+
+@pytest.mark.parametrize("shape", [(3, 64), (2, 1, 4, 128), (5, 7168)])
+def test_rms_norm(library, shape):
+    """Rows from 64 to V4-Pro's 7168 wide, values over four decades. The kernel sums the squares in double,
+    torch in fp32 lanes: within 1e-5 of the largest value, and every value within 4 fp32 ulps of the norm
+    computed in float64 from the same inputs."""
+    x, w = rand(*shape, seed=5) * torch.logspace(-2, 2, shape[-1]), rand(shape[-1], seed=6)
+    (got,) = check(library, "rms_norm", {"eps": 1e-6, "bf16": False}, x=x, weight=w)
+    xd = x.double()
+    exact = (xd / torch.sqrt(xd.square().mean(-1, keepdim=True) + 1e-6) * w.double()).numpy()
+    assert (np.abs(got - exact) <= 4 * np.spacing(np.abs(exact).astype(np.float32))).all()
+    (zeros,) = run_kernel(library, "rms_norm", {"eps": 1e-6, "bf16": False}, [2], x=torch.zeros(2, 64), weight=w[:64])
+    assert not zeros.any()
+    # bf16 in and out: one bf16 step from the reference at most, rarely
+    (got,) = run_kernel(library, "rms_norm", {"eps": 1e-6, "bf16": True}, [len(shape)], 2, x=x, weight=w)
+    want = ops.rms_norm(x, w, 1e-6, True).numpy()
+    assert (np.abs(got - want) <= np.abs(want) * 2.0 ** -7).all() and (got != want).mean() < 0.01
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 192), (2, 3, 128), (1, 1, 3, 64)])
+def test_rope(library, shape, inverse):
+    """Heads [B, S, H, D], KV rows [B, S, D], a rope-only head; positions up to 65536. The kernel's cos/sin are
+    rounded once from double, torch's are fp32 (within an ulp): within 1e-5 of the largest value in float, every
+    value within 2 fp32 ulps (of its terms) of the rotation done in float64 from the same fp32 angles; rounded to bf16 at most
+    one bf16 step from the reference, and rarely."""
+    from dsv4c.graphs.config import preset
+    from dsv4c.graphs.model import rope_frequencies
+
+    freqs = rope_frequencies(preset("tiny"), yarn=True)
+    pos = torch.tensor([[0, 5, 77], [1000, 3, 65536]])[:shape[0], :shape[1]]
+    x = rand(*shape, seed=4)
+    (got,) = check(library, "rope", {"inverse": inverse, "bf16": False}, x=x, freqs=freqs, pos=pos)
+    angle = (pos.float()[..., None] * freqs).double()  # fp32 angles, as the reference's table
+    while angle.dim() < x.dim():
+        angle = angle.unsqueeze(-2)
+    sin = torch.sin(angle) * (-1 if inverse else 1)
+    x0, x1 = x[..., -64::2].double(), x[..., -63::2].double()
+    cos = torch.cos(angle)
+    exact = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2)
+    terms = torch.stack([(x0 * cos).abs() + (x1 * sin).abs(), (x0 * sin).abs() + (x1 * cos).abs()], -1).flatten(-2)
+    ulp = np.spacing(terms.numpy().astype(np.float32))  # a sum's rounding is relative to its terms
+    assert (np.abs(got[..., -64:] - exact.numpy()) <= 2 * ulp).all()
+    (got,) = run_kernel(library, "rope", {"inverse": inverse, "bf16": True}, [len(shape)], 2, x=x, freqs=freqs, pos=pos)
+    want = ops.rope(x, freqs, pos, inverse, True).numpy()
+    assert (np.abs(got - want) <= np.abs(want) * 2.0 ** -7).all()
+    assert (got != want).mean() < 0.01
+    assert np.array_equal(got[..., :-64], x[..., :-64].to(torch.bfloat16).float().numpy())
+
+
 def test_every_op_has_a_kernel_test():
     tested = {"fp8_linear", "bf16_linear", "cache_write", "fp8_grouped_linear", "moe_experts", "fake_quant_fp8",
-              "hadamard_fp4", "sparse_attn", "indexer_topk", "compress_pool", "hc_pre", "hc_post"}
+              "hadamard_fp4", "sparse_attn", "indexer_topk", "compress_pool", "hc_pre", "hc_post", "rope",
+              "rms_norm", "head_rescale"}
     # the collective kernels talk to other processes: tests/test_mesh_runtime.py runs them across two ranks
     collectives = {"all_reduce", "all_gather"}
     assert {op.onnx_name for op in OPS.values()} == CPP_KERNELS

@@ -349,7 +349,7 @@ def test_ops_follow_the_numerics():
     names = lambda p: {o["op"] for o in p["ops"]}  # noqa: E731
     assert names(official) == {"fp8_linear", "bf16_linear", "fp8_grouped_linear", "moe_experts", "fake_quant_fp8",
                                "hadamard_fp4", "sparse_attn", "indexer_topk", "compress_pool", "hc_pre", "hc_post",
-                               "cache_write"}
+                               "cache_write", "rope", "rms_norm", "head_rescale"}
     # plain numerics: no FP8 KV simulation, no Hadamard + FP4 indexer
     assert names(plain) == names(official) - {"fake_quant_fp8", "hadamard_fp4"}
     assert all(o["implemented"] for o in official["ops"])  # the CPU target runs every op

@@ -99,8 +99,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.register_buffer("weight", torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps) * self.weight
+    def forward(self, x: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+        """`bf16`: the reference's RMSNorm of a bf16 tensor (x and the result rounded to bf16)."""
+        return ops.rms_norm(x, self.weight, self.eps, bf16)
 
 
 class Linear(nn.Module):
@@ -142,21 +143,6 @@ def rope_frequencies(cfg: ModelConfig, yarn: bool) -> torch.Tensor:
         smooth = 1 - ramp
         freqs = freqs / ys.factor * (1 - smooth) + freqs * smooth
     return freqs
-
-
-def apply_rope(x: torch.Tensor, freqs: torch.Tensor, pos: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Interleaved (GPT-J) RoPE on the trailing 2*len(freqs) dims of x [B, S, ..., D] at positions pos [B, S]."""
-    r = 2 * freqs.shape[0]
-    angle = pos.float()[..., None] * freqs  # [B, S, r/2], fp32 like the reference table
-    while angle.dim() < x.dim():
-        angle = angle.unsqueeze(-2)
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    if inverse:
-        sin = -sin
-    nope, rot = x[..., :-r], x[..., -r:]
-    x0, x1 = rot[..., 0::2], rot[..., 1::2]
-    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
-    return torch.cat([nope, rotated], dim=-1)
 
 
 def fake_quant_nope(x: torch.Tensor, rope_dim: int, enabled: bool) -> torch.Tensor:
@@ -209,8 +195,8 @@ class Compressor(nn.Module):
         closes = last < step.end[:, None]
         rows = torch.where(closes, last - (step.start[:, None] - span), torch.full_like(last, -1))
         pooled = ops.compress_pool(ext_kv, ext_score, rows, m, self.overlap)  # [B, K, d]
-        new = _rnd(self.norm(_rnd(pooled, num)), num)
-        new = _rnd(apply_rope(new, freqs, j * m), num)  # RoPE at the window's first position
+        new = self.norm(pooled, num.bf16)
+        new = ops.rope(new, freqs, j * m, False, num.bf16)  # RoPE at the window's first position
         if self.indexer_keys:
             new = ops.hadamard_fp4(new) if num.indexer_fp4 else new
         else:
@@ -240,7 +226,7 @@ class Indexer(nn.Module):
     def forward(self, x, qr, step: Step, entries, state_kv, state_score, freqs, num: Numerics):
         b, s, _ = x.shape
         q = _rnd(self.wq_b(qr, num.act_quant), num).view(b, s, self.n_heads, self.head_dim)
-        q = _rnd(apply_rope(q, freqs, step.positions), num)
+        q = ops.rope(q, freqs, step.positions, False, num.bf16)
         if num.indexer_fp4:
             q = ops.hadamard_fp4(q)
         entries, state_kv, state_score = self.compressor(x, step, entries, state_kv, state_score, freqs, num)
@@ -302,12 +288,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, step: Step, cache: dict[str, torch.Tensor], num: Numerics):
         b, s, _ = x.shape
         pos, W, r = step.positions, self.window, self.rope_dim
-        qr = _rnd(self.q_norm(_rnd(self.wq_a(x, num.act_quant), num)), num)  # [B,S,q_lora], also the indexer's
+        qr = self.q_norm(self.wq_a(x, num.act_quant), num.bf16)  # [B,S,q_lora], also the indexer's
         q = _rnd(self.wq_b(qr, num.act_quant), num).view(b, s, self.n_heads, self.head_dim)
         q = head_rescale(q, self.eps, num)  # weightless per-head norm
-        q = _rnd(apply_rope(q, self.freqs, pos), num)
-        kv = _rnd(self.kv_norm(_rnd(self.wkv(x, num.act_quant), num)), num)  # [B,S,d]
-        kv = fake_quant_nope(_rnd(apply_rope(kv, self.freqs, pos), num), r, num.kv_fp8)
+        q = ops.rope(q, self.freqs, pos, False, num.bf16)
+        kv = self.kv_norm(self.wkv(x, num.act_quant), num.bf16)  # [B,S,d]
+        kv = fake_quant_nope(ops.rope(kv, self.freqs, pos, False, num.bf16), r, num.kv_fp8)
 
         # Keys: [window ring (W) | this call's tokens (S) | compressed entries (N)]
         keys, idx = [cache["win"], kv.to(cache["win"].dtype)], [self.window_indices(step)]
@@ -327,7 +313,7 @@ class Attention(nn.Module):
             idx.append(torch.where(picks >= 0, picks + W + s, picks))
         o = ops.sparse_attn(q, torch.cat(keys, dim=1), self.attn_sink, torch.cat(idx, dim=-1), self.head_dim ** -0.5,
                             num.bf16)
-        o = _rnd(apply_rope(_rnd(o, num), self.freqs, pos, inverse=True), num)  # strip V's absolute position
+        o = ops.rope(_rnd(o, num), self.freqs, pos, True, num.bf16)  # inverse: strip V's absolute position
         z = _rnd(self.project_groups(o.view(b, s, self.groups, -1)), num)  # [B, S, G, o_lora]
         z = z.flatten(2)
         if self.shard.tensor > 1 and not self.shard.split_wo_b:  # whole wo_b: every rank's groups, in order
@@ -468,7 +454,7 @@ class Block(nn.Module):
         x, post, comb = ops.hc_pre(streams, getattr(self, f"hc_{part}_fn"), getattr(self, f"hc_{part}_scale"),
                                    getattr(self, f"hc_{part}_base"), c.hc_sinkhorn_iters, c.rms_norm_eps, c.hc_eps)
         norm = self.attn_norm if part == "attn" else self.ffn_norm
-        return _rnd(norm(_rnd(x, num)), num), post, comb
+        return norm(x, num.bf16), post, comb
 
     @staticmethod
     def hc_post(out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
@@ -500,7 +486,7 @@ class HcHead(nn.Module):
         flat = streams.flatten(-2)
         mix = F.linear(flat, self.hc_head_fn) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.eps)
         pre = torch.sigmoid(mix * self.hc_head_scale + self.hc_head_base) + self.hc_eps
-        return _rnd(self.norm(_rnd((pre[..., None] * streams).sum(-2), num)), num)
+        return self.norm((pre[..., None] * streams).sum(-2), num.bf16)
 
 
 class MTPBlock(nn.Module):
@@ -613,12 +599,8 @@ class DeepseekV4(nn.Module):
 
 
 def head_rescale(q: torch.Tensor, eps: float, num: Numerics) -> torch.Tensor:
-    """q * rsqrt(mean(q^2) + eps) per head. The reference runs it op by op on bf16 q (spec §3.9.1): square,
-    mean, + eps, rsqrt and the product each round to bf16, which is not an fp32 RMS rounded once."""
-    if not num.bf16:
-        return q * torch.rsqrt(q.square().mean(-1, keepdim=True) + eps)
-    mean_sq = _rnd(_rnd(q.square(), num).mean(-1, keepdim=True), num)
-    return _rnd(q * _rnd(torch.rsqrt(_rnd(mean_sq + eps, num)), num), num)
+    """q * rsqrt(mean(q^2) + eps) per head, op by op in bf16 as the reference (registry.head_rescale)."""
+    return ops.head_rescale(q, eps, num.bf16)
 
 
 def _rnd(x: torch.Tensor, num: Numerics) -> torch.Tensor:

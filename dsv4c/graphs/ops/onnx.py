@@ -289,6 +289,48 @@ def _finite_or_zero(g: Graph, x: str) -> str:
     return g.Where(finite, x, g.const(0.0))
 
 
+def _body_rms_norm(g: Graph, x, weight, eps, bf16):
+    """registry.rms_norm: the reference's operations in its order, x * (1 / sqrt(mean(x * x) + eps)) * weight;
+    the bf16 roundings through Where (no control flow to inline, as _body_rope)."""
+    rounding = g.Cast(bf16, to=TensorProto.BOOL)
+    x = g.Where(rounding, round_bf16(g, x), x)
+    mean_sq = g.ReduceMean(g.Mul(x, x), g.i64(-1), keepdims=1)
+    y = g.Mul(g.Mul(x, g.Reciprocal(g.Sqrt(g.Add(mean_sq, eps)))), weight)
+    return [g.Where(rounding, round_bf16(g, y), y)]
+
+
+def _body_head_rescale(g: Graph, x, eps, bf16):
+    """registry.head_rescale; the bf16 roundings through Where (no control flow to inline, as _body_rope)."""
+    rounding = g.Cast(bf16, to=TensorProto.BOOL)
+
+    def rnd(v: str) -> str:
+        return g.Where(rounding, round_bf16(g, v), v)
+
+    mean_sq = rnd(g.ReduceMean(rnd(g.Mul(x, x)), g.i64(-1), keepdims=1))
+    return [rnd(g.Mul(x, rnd(g.Reciprocal(g.Sqrt(rnd(g.Add(mean_sq, eps)))))))]
+
+
+def _body_rope(g: Graph, x, freqs, pos, inverse, bf16):
+    """registry.rope: x viewed as [B, S, M, D] (M = the dims between, 1 if none), its trailing r dims as r/2 pairs
+    [B, S, M, r/2, 2]; the same fp32 products and sums as the reference. The flags select with Where, not If:
+    inlined into a TensorRT or CANN bundle (vendor_native) the body has no control flow."""
+    d, half, lead = g.Shape(x, start=-1), g.Shape(freqs), g.Shape(x, end=2)  # [1], [1], [B, S]
+    r = g.Mul(half, g.i64(2))
+    rows = g.Reshape(x, g.Concat(lead, g.i64(-1), d, axis=0))  # [B, S, M, D]
+    keep, split = g.Slice(rows, g.i64(0), g.Sub(d, r), g.i64(3)), g.Sub(d, r)
+    pairs = g.Reshape(g.Slice(rows, split, d, g.i64(3)), g.Concat(lead, g.i64(-1), half, g.i64(2), axis=0))
+    x0 = g.Slice(pairs, g.i64(0), g.i64(1), g.i64(4))  # [B, S, M, r/2, 1]
+    x1 = g.Slice(pairs, g.i64(1), g.i64(2), g.i64(4))
+    angle = g.Unsqueeze(g.Mul(g.Unsqueeze(g.Cast(pos, to=TensorProto.FLOAT), g.i64(-1)), freqs), g.i64(2, 4))
+    sign = g.Where(g.Cast(inverse, to=TensorProto.BOOL), g.const(-1.0), g.const(1.0))  # -sin: exact
+    cos, sin = g.Cos(angle), g.Mul(g.Sin(angle), sign)  # [B, S, 1, r/2, 1]
+    y0 = g.Sub(g.Mul(x0, cos), g.Mul(x1, sin))
+    y1 = g.Add(g.Mul(x0, sin), g.Mul(x1, cos))
+    rotated = g.Reshape(g.Concat(y0, y1, axis=-1), g.Concat(lead, g.i64(-1), r, axis=0))
+    y = g.Reshape(g.Concat(keep, rotated, axis=3), g.Shape(x))
+    return [g.Where(g.Cast(bf16, to=TensorProto.BOOL), round_bf16(g, y), y)]
+
+
 def _body_sparse_attn(g: Graph, q, kv, sink, idx, scale, bf16):
     """registry.sparse_attn's online softmax: idx padded with -1 picks to whole blocks of ATTN_BLOCK, then a Loop
     over the blocks (in idx order) carrying the running max, the denominator and the accumulator [B,S,H,D]; per
@@ -431,6 +473,9 @@ _BODIES: dict[str, Callable[..., list[str]]] = {
     "moe_experts": _body_moe_experts,
     "fake_quant_fp8": _body_fake_quant_fp8,
     "hadamard_fp4": _body_hadamard_fp4,
+    "rms_norm": _body_rms_norm,
+    "head_rescale": _body_head_rescale,
+    "rope": _body_rope,
     "sparse_attn": _body_sparse_attn,
     "indexer_topk": _body_indexer_topk,
     "indexer_scores": _body_indexer_scores,

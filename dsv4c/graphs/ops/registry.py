@@ -262,7 +262,52 @@ def hadamard_fp4(x: torch.Tensor) -> torch.Tensor:
     return quant.fake_quant_fp4(round_bf16(quant.hadamard(x.float()), True), FP4_BLOCK)
 
 
+# ---- norms and rotations ---------------------------------------------------------------------------------
+@_register("rms_norm", "RmsNorm", "(Tensor x, Tensor weight, float eps, bool bf16) -> Tensor", _same_shape,
+           ("eps", "bf16"), vendor_native=True)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, bf16: bool) -> torch.Tensor:
+    """x [..., D] * rsqrt(mean(x^2 over D) + eps) * weight [D], in fp32 (the reference's RMSNorm on x.float()):
+    (x * rsqrt) first, then * weight. With `bf16`, the reference's RMSNorm of a bf16 tensor: x rounded to bf16 on
+    the way in, the result on the way out."""
+    x = round_bf16(x.float(), bf16)
+    return round_bf16(x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight.float(), bf16)
+
+
 # ---- attention -------------------------------------------------------------------------------------------
+@_register("head_rescale", "HeadRescale", "(Tensor x, float eps, bool bf16) -> Tensor", _same_shape,
+           ("eps", "bf16"), vendor_native=True)
+def head_rescale(x: torch.Tensor, eps: float, bf16: bool) -> torch.Tensor:
+    """Weightless RMS rescale of each row of the last dim: x * rsqrt(mean(x^2) + eps). With `bf16` it runs as the
+    reference runs it op by op on bf16 q (spec §3.9.1): the squares, their mean, + eps, rsqrt and the product each
+    rounded to bf16, which is not an fp32 RMS rounded once."""
+    x = x.float()
+    if not bf16:
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    mean_sq = round_bf16(round_bf16(x.square(), True).mean(-1, keepdim=True), True)
+    return round_bf16(x * round_bf16(torch.rsqrt(round_bf16(mean_sq + eps, True)), True), True)
+
+
+@_register("rope", "Rope", "(Tensor x, Tensor freqs, Tensor pos, bool inverse, bool bf16) -> Tensor", _same_shape,
+           ("inverse", "bf16"), input_dtypes={"pos": "int64"}, vendor_native=True)
+def rope(x: torch.Tensor, freqs: torch.Tensor, pos: torch.Tensor, inverse: bool, bf16: bool) -> torch.Tensor:
+    """Interleaved (GPT-J) RoPE on the trailing r = 2 len(freqs) dims of x [B, S, ..., D] at positions pos [B, S]:
+    pair i = (x[2i], x[2i+1]) of the rotated part turns by angle pos * freqs[i] (an fp32 product, as the
+    reference's table), y = (x0 cos - x1 sin, x0 sin + x1 cos), each product and sum rounded on its own (the
+    reference's complex product); `inverse` turns by -angle (the reference's conjugate: sin negated). The
+    leading D - r dims pass through. With `bf16` the result is rounded to bf16, as every caller stores it."""
+    r = 2 * freqs.shape[0]
+    angle = pos.float()[..., None] * freqs.float()  # [B, S, r/2]
+    while angle.dim() < x.dim():
+        angle = angle.unsqueeze(-2)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    if inverse:
+        sin = -sin
+    x = x.float()
+    x0, x1 = x[..., -r::2], x[..., -r + 1::2]
+    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+    return round_bf16(torch.cat([x[..., :-r], rotated], dim=-1), bf16)
+
+
 ATTN_BLOCK = 64  # picks per online-softmax block, as DeepSeek's sparse_attn kernel
 
 

@@ -3,5 +3,5 @@
 # The ONNX op types ops.cc registers (its `emplace_back` table; tests/test_op_coverage.py keeps the two equal).
 # Ops not listed run as their ONNX function bodies (dsv4c.targets.coverage).
 CPP_KERNELS = frozenset({"Fp8Linear", "Bf16Linear", "Fp8GroupedLinear", "MoeExperts", "FakeQuantFp8", "HadamardFp4",
-                         "SparseAttn", "IndexerTopK", "IndexerScores", "CompressPool", "HcPre", "HcPost", "CacheWrite",
-                         "AllReduce", "AllGather"})
+                         "RmsNorm", "HeadRescale", "Rope", "SparseAttn", "IndexerTopK", "IndexerScores", "CompressPool",
+                         "HcPre", "HcPost", "CacheWrite", "AllReduce", "AllGather"})

@@ -664,6 +664,112 @@ struct HadamardFp4 : Kernel {
   }
 };
 
+// registry.rms_norm: y = (x * r) * w with r = 1 / sqrt(mean(x^2) + eps) per row of D. The squares are summed in
+// double and the sum rounded once (torch sums them in fp32 lanes: the two agree within an fp32 ulp of the mean).
+// With bf16 the input is rounded to bf16 as it is read and the result as it is written.
+struct RmsNorm : Kernel {
+  float eps;
+  bool bf16;
+  explicit RmsNorm(const OrtKernelInfo* info)
+      : eps(attr_float(info, "RmsNorm", "eps")), bf16(attr_int(info, "RmsNorm", "bf16") != 0) {}
+
+  void compute(OrtKernelContext* ctx) override {
+    Context c(ctx, "RmsNorm", inline_work_);
+    const Tensor x = c.input(0, "x", F32), w = c.input(1, "weight", F32, 1);
+    const int64_t D = x.rank() ? x.dim(-1) : 0;
+    c.require(x.rank() >= 1 && w.dim(0) == D, "weight " + shape_str(w.shape) + " must be [D] for x " +
+                                                  shape_str(x.shape));
+    float* y = c.output<float>(0, x.shape);
+    const int64_t rows = D ? x.numel() / D : 0, per = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
+    c.parallel((rows + per - 1) / per, 3.0 * x.numel(), [&](size_t t) {
+      for (int64_t row = t * per; row < std::min(rows, (int64_t)(t + 1) * per); ++row) {
+        const float* in = x.f32() + row * D;
+        float* out = y + row * D;
+        for (int64_t i = 0; i < D; ++i) out[i] = bf16 ? round_bf16(in[i]) : in[i];  // the input as read
+        double sum = 0;
+        for (int64_t i = 0; i < D; ++i) sum += (double)(out[i] * out[i]);
+        const float r = 1.f / std::sqrt((float)sum / (float)D + eps);
+        for (int64_t i = 0; i < D; ++i) {
+          const float v = out[i] * r * w.f32()[i];
+          out[i] = bf16 ? round_bf16(v) : v;
+        }
+      }
+    });
+  }
+};
+
+// registry.head_rescale: x * r per row of D, r = 1 / sqrt(mean(x^2) + eps); with bf16 each step rounded to bf16
+// (the squares, their mean, + eps, the reciprocal root, the product) as the reference's op-by-op bf16 path. The
+// squares are summed in double (torch: fp32 lanes; the bf16 rounding of the mean hides the difference but for
+// sums within an fp32 ulp of a bf16 midpoint).
+struct HeadRescale : Kernel {
+  float eps;
+  bool bf16;
+  explicit HeadRescale(const OrtKernelInfo* info)
+      : eps(attr_float(info, "HeadRescale", "eps")), bf16(attr_int(info, "HeadRescale", "bf16") != 0) {}
+
+  void compute(OrtKernelContext* ctx) override {
+    Context c(ctx, "HeadRescale", inline_work_);
+    const Tensor x = c.input(0, "x", F32);
+    const int64_t D = x.rank() ? x.dim(-1) : 0, rows = D ? x.numel() / D : 0;
+    float* y = c.output<float>(0, x.shape);
+    const auto rnd = [this](float v) { return bf16 ? round_bf16(v) : v; };
+    const int64_t per = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
+    c.parallel((rows + per - 1) / per, 3.0 * x.numel(), [&](size_t t) {
+      for (int64_t row = t * per; row < std::min(rows, (int64_t)(t + 1) * per); ++row) {
+        const float* in = x.f32() + row * D;
+        double sum = 0;
+        for (int64_t i = 0; i < D; ++i) sum += (double)rnd(in[i] * in[i]);
+        const float r = rnd(1.f / std::sqrt(rnd(rnd((float)sum / (float)D) + eps)));
+        for (int64_t i = 0; i < D; ++i) y[row * D + i] = rnd(in[i] * r);
+      }
+    });
+  }
+};
+
+// registry.rope: x [B, S, ..., D], the trailing r = 2 * len(freqs) dims turned as interleaved pairs by
+// pos[b, s] * freqs[i] (an fp32 product). cos and sin are taken in double and rounded once to float: within half
+// an fp32 ulp of the true values, where torch's fp32 cos/sin (the reference) are within one. One task per
+// position: its r/2 angles serve every head of that position.
+struct Rope : Kernel {
+  bool inverse, bf16;
+  explicit Rope(const OrtKernelInfo* info)
+      : inverse(attr_int(info, "Rope", "inverse") != 0), bf16(attr_int(info, "Rope", "bf16") != 0) {}
+
+  void compute(OrtKernelContext* ctx) override {
+    Context c(ctx, "Rope", inline_work_);
+    const Tensor x = c.input(0, "x", F32), freqs = c.input(1, "freqs", F32, 1), pos = c.input(2, "pos", I64, 2);
+    const int64_t half = freqs.dim(0), r = 2 * half, D = x.rank() >= 2 ? x.dim(-1) : 0;
+    c.require(x.rank() >= 3 && x.dim(0) == pos.dim(0) && x.dim(1) == pos.dim(1),
+              "x " + shape_str(x.shape) + " must be [B, S, ..., D] for pos " + shape_str(pos.shape));
+    c.require(r <= D, "x's last dim (" + std::to_string(D) + ") must hold the " + std::to_string(r) +
+                          " rotated dims of " + std::to_string(half) + " frequencies");
+    float* y = c.output<float>(0, x.shape);
+    const int64_t positions = pos.numel(), rows = positions ? x.numel() / (positions * D) : 0, keep = D - r;
+    const float sign = inverse ? -1.f : 1.f;
+    c.parallel(positions, 6.0 * x.numel(), [&](size_t t) {
+      std::vector<float> cs(2 * half);
+      const float p = (float)pos.i64()[t];
+      for (int64_t i = 0; i < half; ++i) {
+        const double angle = (double)(p * freqs.f32()[i]);
+        cs[2 * i] = (float)std::cos(angle);
+        cs[2 * i + 1] = sign * (float)std::sin(angle);
+      }
+      for (int64_t m = 0; m < rows; ++m) {
+        const float* in = x.f32() + (t * rows + m) * D;
+        float* out = y + (t * rows + m) * D;
+        for (int64_t i = 0; i < keep; ++i) out[i] = bf16 ? round_bf16(in[i]) : in[i];
+        for (int64_t i = 0; i < half; ++i) {
+          const float x0 = in[keep + 2 * i], x1 = in[keep + 2 * i + 1], cos = cs[2 * i], sin = cs[2 * i + 1];
+          const float y0 = x0 * cos - x1 * sin, y1 = x0 * sin + x1 * cos;  // no FMA: -ffp-contract=off
+          out[keep + 2 * i] = bf16 ? round_bf16(y0) : y0;
+          out[keep + 2 * i + 1] = bf16 ? round_bf16(y1) : y1;
+        }
+      }
+    });
+  }
+};
+
 struct SparseAttn : Kernel {
   float scale;
   bool bf16;
@@ -987,6 +1093,9 @@ std::vector<OpEntry>& ops() {
                    make<MoeExperts>);
     t.emplace_back("FakeQuantFp8", std::vector{F32}, std::vector{F32}, make<FakeQuantFp8>);
     t.emplace_back("HadamardFp4", std::vector{F32}, std::vector{F32}, make<HadamardFp4>);
+    t.emplace_back("RmsNorm", std::vector{F32, F32}, std::vector{F32}, make<RmsNorm>);
+    t.emplace_back("HeadRescale", std::vector{F32}, std::vector{F32}, make<HeadRescale>);
+    t.emplace_back("Rope", std::vector{F32, F32, I64}, std::vector{F32}, make<Rope>);
     t.emplace_back("SparseAttn", std::vector{F32, ANY, F32, I64}, std::vector{F32}, make<SparseAttn>);
     t.emplace_back("IndexerTopK", std::vector{F32, ANY, F32, I64}, std::vector{I64}, make<IndexerTopK>);
     t.emplace_back("IndexerScores", std::vector{F32, ANY, F32}, std::vector{F32}, make<IndexerScores>);
