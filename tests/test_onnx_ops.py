@@ -409,6 +409,30 @@ def test_rope_body_matches_the_reference(shape, inverse):
     assert np.array_equal(got[..., :shape[-1] - 64], x[..., :shape[-1] - 64].to(torch.bfloat16).float().numpy())
 
 
+def test_exporting_and_lowering_keep_no_traced_graph_alive(tmp_path):
+    """After torch.export and write_onnx_program, with the program dropped, no FX GraphModule is left in the
+    process (torch keeps its last trace's nodes for its leak check unless forget_export_trace drops them). Run in a
+    fresh interpreter: graphs of other tests must not count."""
+    import subprocess
+    import sys
+
+    script = f"""
+import gc, torch
+from dsv4c.graphs.ops.onnx import write_onnx_program
+class M(torch.nn.Module):
+    def forward(self, x):
+        return torch.relu(x @ x.transpose(0, 1)).sum(-1)
+x = torch.ones(3, 4)
+ep = torch.export.export(M(), (x,), dynamic_shapes=({{0: torch.export.Dim("n", min=2, max=8)}},), strict=False)
+write_onnx_program(ep, {str(tmp_path / "m.onnx")!r})
+del ep
+gc.collect()
+print(sum(isinstance(o, torch.fx.GraphModule) for o in gc.get_objects()))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-1] == "0", out
+
+
 def test_every_op_has_a_test():
     tested = {"fp8_linear", "bf16_linear", "cache_write", "fp8_grouped_linear", "moe_experts", "fake_quant_fp8",
               "hadamard_fp4", "sparse_attn", "indexer_topk", "indexer_scores", "compress_pool", "hc_pre", "hc_post",

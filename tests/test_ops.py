@@ -425,13 +425,15 @@ def test_rope_frequencies_match_spec(name, yarn):
 def test_head_rescale_rounds_each_step_to_bf16_as_the_reference():
     """Spec §3.9.1 by hand, one row at a time in numpy: bf16(q^2), their fp32 mean to bf16, + eps to bf16, the
     reciprocal root to bf16, the product to bf16. Without bf16 it is the fp32 RMS rescale (float64 by hand)."""
+    # wide rows over three decades, and 8-wide rows, where rounding the squares moves many means a bf16 step
+    for q in (rand(2, 3, 64, seed=9) * torch.logspace(-2, 1, 64), rand(200, 8, seed=10)):
+        got, d = ops.head_rescale(q, 1e-6, True), q.shape[-1]
+        for row, out in zip(q.reshape(-1, d).tolist(), got.reshape(-1, d).tolist()):
+            squares = [np.float32(bf16(np.float32(v) * np.float32(v))) for v in row]
+            mean = bf16(np.float32(sum(squares, np.float32(0))) / np.float32(d))
+            r = bf16(np.float32(1) / np.sqrt(np.float32(bf16(np.float32(mean) + np.float32(1e-6)))))
+            assert out == [bf16(np.float32(v) * np.float32(r)) for v in row]
     q = rand(2, 3, 64, seed=9) * torch.logspace(-2, 1, 64)
-    got = ops.head_rescale(q, 1e-6, True)
-    for row, out in zip(q.reshape(-1, 64).tolist(), got.reshape(-1, 64).tolist()):
-        squares = [np.float32(bf16(np.float32(v) * np.float32(v))) for v in row]
-        mean = bf16(np.float32(sum(squares, np.float32(0))) / np.float32(64))
-        r = bf16(np.float32(1) / np.sqrt(np.float32(bf16(np.float32(mean) + np.float32(1e-6)))))
-        assert out == [bf16(np.float32(v) * np.float32(r)) for v in row]
     plain = ops.head_rescale(q, 1e-6, False).double()
     want = q.double() / torch.sqrt(q.double().square().mean(-1, keepdim=True) + 1e-6)
     assert ((plain - want).abs() <= 2e-7 * want.abs() + 1e-30).all()

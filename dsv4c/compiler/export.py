@@ -17,6 +17,7 @@ from torch import nn
 from torch.export import Dim, ExportedProgram
 
 from dsv4c.graphs.model import DeepseekV4
+from dsv4c.graphs.ops.onnx import forget_export_trace
 
 PROGRAMS = ("prefill", "decode")
 
@@ -77,4 +78,6 @@ def export_program(model: DeepseekV4, program: str, max_batch: int, max_seq_len:
     tokens_dims = {0: batch, 1: Dim("seq", min=2, max=max_seq_len)} if program == "prefill" else {0: batch}
     dynamic = (tokens_dims, {0: batch}, {0: batch}, tuple({0: batch} for _ in cache))
     with torch.no_grad():
-        return torch.export.export(StepProgram(model.eval()), args, dynamic_shapes=dynamic, strict=False)
+        program = torch.export.export(StepProgram(model.eval()), args, dynamic_shapes=dynamic, strict=False)
+    forget_export_trace()
+    return program
