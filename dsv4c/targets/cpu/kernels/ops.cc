@@ -646,6 +646,15 @@ struct FakeQuantFp8 : Kernel {
   }
 };
 
+// f(row of x, row of y) for every row of the last dim D, the rows split into tasks of ~16k values each.
+template <typename F>
+void each_row(const Context& c, const Tensor& x, float* y, int64_t D, double work, F&& f) {
+  const int64_t rows = D ? x.numel() / D : 0, per = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
+  c.parallel((rows + per - 1) / per, work, [&](size_t t) {
+    for (int64_t r = t * per; r < std::min(rows, (int64_t)(t + 1) * per); ++r) f(x.f32() + r * D, y + r * D);
+  });
+}
+
 struct HadamardFp4 : Kernel {
   explicit HadamardFp4(const OrtKernelInfo*) {}
 
@@ -656,11 +665,7 @@ struct HadamardFp4 : Kernel {
     c.require(d >= 32 && (d & (d - 1)) == 0, "the last dim of x " + shape_str(x.shape) +
                                                  " must be a power of two >= 32 (Hadamard, FP4 blocks of 32)");
     float* y = c.output<float>(0, x.shape);
-    const int64_t rows = x.numel() / d, per = std::max<int64_t>(1, 16384 / d);
-    c.parallel((rows + per - 1) / per, 8.0 * rows * d, [&](size_t t) {
-      for (int64_t r = t * per; r < std::min(rows, (int64_t)(t + 1) * per); ++r)
-        hadamard_fp4(x.f32() + r * d, y + r * d, d);
-    });
+    each_row(c, x, y, d, 8.0 * x.numel(), [&](const float* in, float* out) { hadamard_fp4(in, out, d); });
   }
 };
 
@@ -680,19 +685,14 @@ struct RmsNorm : Kernel {
     c.require(x.rank() >= 1 && w.dim(0) == D, "weight " + shape_str(w.shape) + " must be [D] for x " +
                                                   shape_str(x.shape));
     float* y = c.output<float>(0, x.shape);
-    const int64_t rows = D ? x.numel() / D : 0, per = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
-    c.parallel((rows + per - 1) / per, 3.0 * x.numel(), [&](size_t t) {
-      for (int64_t row = t * per; row < std::min(rows, (int64_t)(t + 1) * per); ++row) {
-        const float* in = x.f32() + row * D;
-        float* out = y + row * D;
-        for (int64_t i = 0; i < D; ++i) out[i] = bf16 ? round_bf16(in[i]) : in[i];  // the input as read
-        double sum = 0;
-        for (int64_t i = 0; i < D; ++i) sum += (double)(out[i] * out[i]);
-        const float r = 1.f / std::sqrt((float)sum / (float)D + eps);
-        for (int64_t i = 0; i < D; ++i) {
-          const float v = out[i] * r * w.f32()[i];
-          out[i] = bf16 ? round_bf16(v) : v;
-        }
+    each_row(c, x, y, D, 3.0 * x.numel(), [&](const float* in, float* out) {
+      for (int64_t i = 0; i < D; ++i) out[i] = bf16 ? round_bf16(in[i]) : in[i];  // the input as read
+      double sum = 0;
+      for (int64_t i = 0; i < D; ++i) sum += (double)(out[i] * out[i]);
+      const float r = 1.f / std::sqrt((float)sum / (float)D + eps);
+      for (int64_t i = 0; i < D; ++i) {
+        const float v = out[i] * r * w.f32()[i];
+        out[i] = bf16 ? round_bf16(v) : v;
       }
     });
   }
@@ -711,18 +711,14 @@ struct HeadRescale : Kernel {
   void compute(OrtKernelContext* ctx) override {
     Context c(ctx, "HeadRescale", inline_work_);
     const Tensor x = c.input(0, "x", F32);
-    const int64_t D = x.rank() ? x.dim(-1) : 0, rows = D ? x.numel() / D : 0;
+    const int64_t D = x.rank() ? x.dim(-1) : 0;
     float* y = c.output<float>(0, x.shape);
     const auto rnd = [this](float v) { return bf16 ? round_bf16(v) : v; };
-    const int64_t per = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
-    c.parallel((rows + per - 1) / per, 3.0 * x.numel(), [&](size_t t) {
-      for (int64_t row = t * per; row < std::min(rows, (int64_t)(t + 1) * per); ++row) {
-        const float* in = x.f32() + row * D;
-        double sum = 0;
-        for (int64_t i = 0; i < D; ++i) sum += (double)rnd(in[i] * in[i]);
-        const float r = rnd(1.f / std::sqrt(rnd(rnd((float)sum / (float)D) + eps)));
-        for (int64_t i = 0; i < D; ++i) y[row * D + i] = rnd(in[i] * r);
-      }
+    each_row(c, x, y, D, 3.0 * x.numel(), [&](const float* in, float* out) {
+      double sum = 0;
+      for (int64_t i = 0; i < D; ++i) sum += (double)rnd(in[i] * in[i]);
+      const float r = rnd(1.f / std::sqrt(rnd(rnd((float)sum / (float)D) + eps)));
+      for (int64_t i = 0; i < D; ++i) out[i] = rnd(in[i] * r);
     });
   }
 };
