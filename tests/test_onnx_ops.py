@@ -518,7 +518,7 @@ def test_table_lookup_keeps_one_copy_of_the_table(tmp_path):
 def test_tiny_model_matches_torch(tmp_path):
     """The `tiny` preset's prefill program (random weights, plain numerics: no rounding to flip) through
     write_onnx_program, at two batch/length shapes: logits and every cache output."""
-    from dsv4c.compiler.export import write_onnx_program as torch_export
+    from dsv4c.compiler.export import export_program as torch_export
     from dsv4c.graphs.config import preset
     from dsv4c.graphs.model import DeepseekV4, Numerics
 
