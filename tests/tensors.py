@@ -91,6 +91,13 @@ def e4m3_value(byte: int) -> float:
     return sign * (1 + man / 8) * 2.0 ** (exp - 7)
 
 
+def differences_within_a_bf16_step(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """Asserts every value of `got` lies within one bf16 step (8 significant bits) of `want`, as a bf16 rounding
+    that went the other way leaves it; returns where the two differ (how rarely is each test's own bound)."""
+    assert (np.abs(got - want) <= np.abs(want) * 2.0 ** -7).all()
+    return got != want
+
+
 def assert_outputs_match(got: list[np.ndarray], want: list[np.ndarray], exact: bool) -> None:
     """Bit-exact, or max |diff| <= 1e-5 * max |reference| per output; shapes and dtypes always equal."""
     for g, w in zip(got, want):

@@ -42,7 +42,7 @@ from onnx.defs import OpSchema
 
 from dsv4c.graphs.ops.onnx_builder import (
     ONNX_OPSET, Builder, Graph, branch, decode_fp4, decode_fp8, fake_quant_fp4, fake_quant_fp8, linear,
-    make_function, maybe, round_bf16, silu,
+    make_function, maybe, round_bf16, round_bf16_where, silu,
 )
 from dsv4c.graphs.ops.registry import ATTN_BLOCK, OPS, DimMath, OpDef, like_input
 from dsv4c.graphs.quant import ExpertFormat
@@ -290,21 +290,16 @@ def _finite_or_zero(g: Graph, x: str) -> str:
 
 
 def _body_rms_norm(g: Graph, x, weight, eps, bf16):
-    """registry.rms_norm: the reference's operations in its order, x * (1 / sqrt(mean(x * x) + eps)) * weight;
-    the bf16 roundings through Where (no control flow to inline, as _body_rope)."""
-    rounding = g.Cast(bf16, to=TensorProto.BOOL)
-    x = g.Where(rounding, round_bf16(g, x), x)
+    """registry.rms_norm: the reference's operations in its order, x * (1 / sqrt(mean(x * x) + eps)) * weight."""
+    x = round_bf16_where(g, bf16, x)
     mean_sq = g.ReduceMean(g.Mul(x, x), g.i64(-1), keepdims=1)
-    y = g.Mul(g.Mul(x, g.Reciprocal(g.Sqrt(g.Add(mean_sq, eps)))), weight)
-    return [g.Where(rounding, round_bf16(g, y), y)]
+    return [round_bf16_where(g, bf16, g.Mul(g.Mul(x, g.Reciprocal(g.Sqrt(g.Add(mean_sq, eps)))), weight))]
 
 
 def _body_head_rescale(g: Graph, x, eps, bf16):
-    """registry.head_rescale; the bf16 roundings through Where (no control flow to inline, as _body_rope)."""
-    rounding = g.Cast(bf16, to=TensorProto.BOOL)
-
+    """registry.head_rescale: each step rounded to bf16 with `bf16`."""
     def rnd(v: str) -> str:
-        return g.Where(rounding, round_bf16(g, v), v)
+        return round_bf16_where(g, bf16, v)
 
     mean_sq = rnd(g.ReduceMean(rnd(g.Mul(x, x)), g.i64(-1), keepdims=1))
     return [rnd(g.Mul(x, rnd(g.Reciprocal(g.Sqrt(rnd(g.Add(mean_sq, eps)))))))]
@@ -312,8 +307,8 @@ def _body_head_rescale(g: Graph, x, eps, bf16):
 
 def _body_rope(g: Graph, x, freqs, pos, inverse, bf16):
     """registry.rope: x viewed as [B, S, M, D] (M = the dims between, 1 if none), its trailing r dims as r/2 pairs
-    [B, S, M, r/2, 2]; the same fp32 products and sums as the reference. The flags select with Where, not If:
-    inlined into a TensorRT or CANN bundle (vendor_native) the body has no control flow."""
+    [B, S, M, r/2, 2]; the same fp32 products and sums as the reference. The flags select with Where, not If
+    (round_bf16_where: no control flow in a vendor bundle)."""
     d, half, lead = g.Shape(x, start=-1), g.Shape(freqs), g.Shape(x, end=2)  # [1], [1], [B, S]
     r = g.Mul(half, g.i64(2))
     rows = g.Reshape(x, g.Concat(lead, g.i64(-1), d, axis=0))  # [B, S, M, D]
@@ -328,7 +323,7 @@ def _body_rope(g: Graph, x, freqs, pos, inverse, bf16):
     y1 = g.Add(g.Mul(x0, sin), g.Mul(x1, cos))
     rotated = g.Reshape(g.Concat(y0, y1, axis=-1), g.Concat(lead, g.i64(-1), r, axis=0))
     y = g.Reshape(g.Concat(keep, rotated, axis=3), g.Shape(x))
-    return [g.Where(g.Cast(bf16, to=TensorProto.BOOL), round_bf16(g, y), y)]
+    return [round_bf16_where(g, bf16, y)]
 
 
 def _body_sparse_attn(g: Graph, q, kv, sink, idx, scale, bf16):

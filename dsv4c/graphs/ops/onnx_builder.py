@@ -109,6 +109,12 @@ def maybe(g: Graph, flag: str, fn: Builder, x: str) -> str:
     return branch(g, flag, lambda s: fn(s, x), lambda s: x)
 
 
+def round_bf16_where(g: Graph, flag: str, x: str) -> str:
+    """round_bf16(x) if flag else x, selected by Where instead of If: both are computed, and a body inlined into a
+    TensorRT or CANN bundle (registry.vendor_native) keeps no control flow."""
+    return g.Where(g.Cast(flag, to=TensorProto.BOOL), round_bf16(g, x), x)
+
+
 # ---- weight decoding ----------------------------------------------------------------------------------------
 def fp8_table() -> np.ndarray:
     """float32 value of every e4m3fn byte (incl. NaN at 0x7f/0xff), decoded by torch: bit-exact."""

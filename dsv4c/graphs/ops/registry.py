@@ -273,7 +273,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, bf16: bool) -> t
     return round_bf16(x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * weight.float(), bf16)
 
 
-# ---- attention -------------------------------------------------------------------------------------------
 @_register("head_rescale", "HeadRescale", "(Tensor x, float eps, bool bf16) -> Tensor", _same_shape,
            ("eps", "bf16"), vendor_native=True)
 def head_rescale(x: torch.Tensor, eps: float, bf16: bool) -> torch.Tensor:
@@ -308,6 +307,7 @@ def rope(x: torch.Tensor, freqs: torch.Tensor, pos: torch.Tensor, inverse: bool,
     return round_bf16(torch.cat([x[..., :-r], rotated], dim=-1), bf16)
 
 
+# ---- attention -------------------------------------------------------------------------------------------
 ATTN_BLOCK = 64  # picks per online-softmax block, as DeepSeek's sparse_attn kernel
 
 

@@ -48,6 +48,8 @@ inline float round_bf16(float x) {
   return from_bits(u & 0xFFFF0000u);
 }
 
+inline float round_bf16_if(bool bf16, float x) { return bf16 ? round_bf16(x) : x; }
+
 // Smallest power of two >= v > 0 (quant.ceil_pow2: frexp, exact).
 inline float ceil_pow2(float v) {
   int e;
@@ -620,7 +622,7 @@ struct MoeExperts : Kernel {
         for (int64_t q = start[t]; q < start[t + 1]; ++q) {
           const float* o = out.data() + order[q] * D;
           float* yt = y + t * D;
-          for (int64_t i = 0; i < D; ++i) yt[i] += bf16 ? round_bf16(o[i]) : o[i];
+          for (int64_t i = 0; i < D; ++i) yt[i] += round_bf16_if(bf16, o[i]);
         }
     });
   }
@@ -686,14 +688,11 @@ struct RmsNorm : Kernel {
                                                   shape_str(x.shape));
     float* y = c.output<float>(0, x.shape);
     each_row(c, x, y, D, 3.0 * x.numel(), [&](const float* in, float* out) {
-      for (int64_t i = 0; i < D; ++i) out[i] = bf16 ? round_bf16(in[i]) : in[i];  // the input as read
+      for (int64_t i = 0; i < D; ++i) out[i] = round_bf16_if(bf16, in[i]);  // the input as read
       double sum = 0;
       for (int64_t i = 0; i < D; ++i) sum += (double)(out[i] * out[i]);
       const float r = 1.f / std::sqrt((float)sum / (float)D + eps);
-      for (int64_t i = 0; i < D; ++i) {
-        const float v = out[i] * r * w.f32()[i];
-        out[i] = bf16 ? round_bf16(v) : v;
-      }
+      for (int64_t i = 0; i < D; ++i) out[i] = round_bf16_if(bf16, out[i] * r * w.f32()[i]);
     });
   }
 };
@@ -713,7 +712,7 @@ struct HeadRescale : Kernel {
     const Tensor x = c.input(0, "x", F32);
     const int64_t D = x.rank() ? x.dim(-1) : 0;
     float* y = c.output<float>(0, x.shape);
-    const auto rnd = [this](float v) { return bf16 ? round_bf16(v) : v; };
+    const auto rnd = [this](float v) { return round_bf16_if(bf16, v); };
     each_row(c, x, y, D, 3.0 * x.numel(), [&](const float* in, float* out) {
       double sum = 0;
       for (int64_t i = 0; i < D; ++i) sum += (double)rnd(in[i] * in[i]);
@@ -735,16 +734,17 @@ struct Rope : Kernel {
   void compute(OrtKernelContext* ctx) override {
     Context c(ctx, "Rope", inline_work_);
     const Tensor x = c.input(0, "x", F32), freqs = c.input(1, "freqs", F32, 1), pos = c.input(2, "pos", I64, 2);
-    const int64_t half = freqs.dim(0), r = 2 * half, D = x.rank() >= 2 ? x.dim(-1) : 0;
     c.require(x.rank() >= 3 && x.dim(0) == pos.dim(0) && x.dim(1) == pos.dim(1),
               "x " + shape_str(x.shape) + " must be [B, S, ..., D] for pos " + shape_str(pos.shape));
+    const int64_t half = freqs.dim(0), r = 2 * half, D = x.dim(-1);
     c.require(r <= D, "x's last dim (" + std::to_string(D) + ") must hold the " + std::to_string(r) +
                           " rotated dims of " + std::to_string(half) + " frequencies");
     float* y = c.output<float>(0, x.shape);
     const int64_t positions = pos.numel(), rows = positions ? x.numel() / (positions * D) : 0, keep = D - r;
     const float sign = inverse ? -1.f : 1.f;
     c.parallel(positions, 6.0 * x.numel(), [&](size_t t) {
-      std::vector<float> cs(2 * half);
+      thread_local std::vector<float> cs;  // one position's cos, sin pairs
+      cs.resize(2 * half);
       const float p = (float)pos.i64()[t];
       for (int64_t i = 0; i < half; ++i) {
         const double angle = (double)(p * freqs.f32()[i]);
@@ -754,12 +754,12 @@ struct Rope : Kernel {
       for (int64_t m = 0; m < rows; ++m) {
         const float* in = x.f32() + (t * rows + m) * D;
         float* out = y + (t * rows + m) * D;
-        for (int64_t i = 0; i < keep; ++i) out[i] = bf16 ? round_bf16(in[i]) : in[i];
+        for (int64_t i = 0; i < keep; ++i) out[i] = round_bf16_if(bf16, in[i]);
         for (int64_t i = 0; i < half; ++i) {
           const float x0 = in[keep + 2 * i], x1 = in[keep + 2 * i + 1], cos = cs[2 * i], sin = cs[2 * i + 1];
           const float y0 = x0 * cos - x1 * sin, y1 = x0 * sin + x1 * cos;  // no FMA: -ffp-contract=off
-          out[keep + 2 * i] = bf16 ? round_bf16(y0) : y0;
-          out[keep + 2 * i + 1] = bf16 ? round_bf16(y1) : y1;
+          out[keep + 2 * i] = round_bf16_if(bf16, y0);
+          out[keep + 2 * i + 1] = round_bf16_if(bf16, y1);
         }
       }
     });
