@@ -90,7 +90,7 @@ def cases(cfg: ModelConfig, batch: int, context: int) -> list[Case]:
                          win + 1 + torch.randperm(n_cmp, generator=_g(3))[:picked].expand(b, 1, picked)], dim=-1)
         out.append(Case(f"sparse_attn {kind} H={h} D={hd} K={idx.shape[-1]} N={rows}", "sparse_attn",
                         {"q": x(b, 1, h, hd), "kv": x(b, rows, hd, seed=1), "sink": x(h, seed=2), "idx": idx},
-                        {"scale": hd ** -0.5, "bf16": True}))
+                        {"kv_rope": 0, "scale": hd ** -0.5, "bf16": True}))
     out.append(Case(f"indexer_topk h={ih} d={ihd} N={n_csa} top{topk}", "indexer_topk",
                     {"q": x(b, 1, ih, ihd), "k": x(b, n_csa, ihd, seed=1), "w": x(b, 1, ih, seed=2),
                      "n_visible": torch.full((b, 1), n_csa)}, {"topk": topk, "bf16": True}))

@@ -357,7 +357,7 @@ def dsv4_cases():
               comb=rand(b, s, n, n, seed=4))
     close = lambda got, want: np.abs(got - want).max() <= 1e-5 * np.abs(want).max()  # noqa: E731
     return {
-        "SparseAttn": (attention_blocks(), {"scale": 0.125, "bf16": 1}, (f, 4), close),  # float32-exact scale
+        "SparseAttn": (attention_blocks(), {"kv_rope": 0, "scale": 0.125, "bf16": 1}, (f, 4), close),  # float32-exact scale
         "IndexerTopK": (indexer_grid(), {"topk": 24, "bf16": 1}, (i64, 3), np.array_equal),
         "HadamardFp4": ({"x": rand(64, 64, seed=5)}, {}, (f, 2), np.array_equal),
         "HcPost": (hc, {}, (f, 4), np.array_equal),

@@ -40,7 +40,8 @@ def single_node_model(name: str, inputs: dict[str, torch.Tensor], attrs: dict,
     graph_inputs = [helper.make_tensor_value_info(n, _ELEM[inputs[n].numpy().dtype], [None] * inputs[n].dim())
                     for n in names if inputs[n].dtype != torch.bfloat16]
     weights = [bf16_initializer(n, inputs[n]) for n in names if inputs[n].dtype == torch.bfloat16]
-    out_type = onnx.TensorProto.INT64 if name == "indexer_topk" else onnx.TensorProto.FLOAT
+    out_type = {"int64": onnx.TensorProto.INT64, "uint8": onnx.TensorProto.UINT8}.get(op.output_dtypes[0],
+                                                                                       onnx.TensorProto.FLOAT)
     outputs = [helper.make_tensor_value_info(n, out_type, [None] * r) for n, r in zip(output_names(op), out_ranks)]
     model = helper.make_model(helper.make_graph([node], name, graph_inputs, outputs, weights),
                               opset_imports=[helper.make_opsetid("", ONNX_OPSET)], ir_version=10)
@@ -253,7 +254,7 @@ def test_sparse_attn(bf16):
     idx[0, 1, 3:] = -1  # partly empty
     idx[1, 2] = -1  # nothing to attend to: only the sink, output 0
     idx[1, 3] = torch.tensor([2, 2, 2, -1, 5, 5])  # repeated rows count twice
-    out = check("sparse_attn", {"scale": d ** -0.5, "bf16": bf16}, q=rand(b, s, h, d, seed=1),
+    out = check("sparse_attn", {"kv_rope": 0, "scale": d ** -0.5, "bf16": bf16}, q=rand(b, s, h, d, seed=1),
                 kv=rand(b, n, d, seed=2), sink=rand(h, seed=3), idx=idx)[0]
     assert not out[1, 2].any()
 
@@ -263,13 +264,13 @@ def test_sparse_attn_blocks(bf16):
     """K = 200: the body's Loop over four 64-pick blocks, with -1 picks scattered, an empty block after valid
     ones and one before any (tensors.attention_blocks; test_ort_kernels shows that this data tells a rounding
     in the wrong place, or none, from the reference's)."""
-    out = check("sparse_attn", {"scale": 40 ** -0.5, "bf16": bf16}, **attention_blocks())[0]
+    out = check("sparse_attn", {"kv_rope": 0, "scale": 40 ** -0.5, "bf16": bf16}, **attention_blocks())[0]
     assert not out[1, 1].any()
 
 
 def test_sparse_attn_without_picks():
     """K = 0: the block Loop runs no iteration, the output is zeros (only the sink in the denominator)."""
-    out = check("sparse_attn", {"scale": 0.5, "bf16": True}, q=rand(1, 2, 3, 8), kv=rand(1, 4, 8), sink=rand(3),
+    out = check("sparse_attn", {"kv_rope": 0, "scale": 0.5, "bf16": True}, q=rand(1, 2, 3, 8), kv=rand(1, 4, 8), sink=rand(3),
                 idx=torch.zeros(1, 2, 0, dtype=torch.int64))[0]
     assert out.shape == (1, 2, 3, 8) and not out.any()
 
@@ -431,7 +432,7 @@ print(sum(isinstance(o, torch.fx.GraphModule) for o in gc.get_objects()))
 def test_every_op_has_a_test():
     tested = {"fp8_linear", "bf16_linear", "cache_write", "fp8_grouped_linear", "moe_experts", "fake_quant_fp8",
               "hadamard_fp4", "sparse_attn", "indexer_topk", "indexer_scores", "compress_pool", "hc_pre", "hc_post",
-              "rope", "rms_norm", "head_rescale"}
+              "rope", "rms_norm", "head_rescale", "pack_kv_fp8", "pack_fp4"}
     # collectives have no ONNX body: their kernels are tested across processes (tests/test_mesh_runtime.py)
     collectives = {name for name, op in OPS.items() if op.collective}
     assert collectives == {"all_reduce", "all_gather"}
@@ -455,7 +456,7 @@ class Tiny(torch.nn.Module):
         h = ops.fp8_linear(ops.fake_quant_fp8(x, 64), self.w, self.w_scale, True)  # [B, T, 128]
         q = h.view(h.shape[0], h.shape[1], 2, 64)
         kv = h[..., :64]
-        return ops.sparse_attn(q, kv, self.sink, idx, 0.125, False) + 1.0
+        return ops.sparse_attn(q, kv, self.sink, idx, 0.125, False, 0) + 1.0
 
 
 def test_write_onnx_program_dynamic_shapes(tmp_path):
@@ -590,3 +591,30 @@ def test_a_stored_weight_of_another_shape_is_refused_by_name(tmp_path):
     stored["w"].dims[:] = [32, 64]
     with pytest.raises(ValueError, match="initializer 'w' is FLOAT"):
         write_onnx_program(torch.export.export(_TwoHeads(True), (x,)), tmp_path / "decode.onnx", stored=stored)
+
+
+# ---- packed cache rows ------------------------------------------------------------------------------------------
+def test_pack_bodies_write_the_references_bytes():
+    """PackKvFp8 / PackFp4 bodies (codes counted against the sorted format tables, bf16 bits from sign, exponent
+    and mantissa: ONNX Runtime has no BitCast) give the reference's bytes exactly, signed zeros and a bf16
+    subnormal included."""
+    from tensors import packed_rows_case
+
+    x = packed_rows_case()
+    check("pack_kv_fp8", {"rope_dim": 64}, exact=True, x=x)
+    check("pack_fp4", {}, exact=True, x=x[..., :128])
+
+
+def test_attention_and_indexer_bodies_read_packed_rows():
+    """SparseAttn with kv_rope > 0 and the indexer bodies on narrower (packed FP4) keys unpack the rows (If: only
+    that branch runs) and agree with the reference, which reads the same rows."""
+    from tensors import attention_blocks, packed_rows_case
+
+    inputs = attention_blocks(d=192)
+    check("sparse_attn", {"kv_rope": 64, "scale": 192 ** -0.5, "bf16": True},
+          **{**inputs, "kv": torch.ops.dsv4.pack_kv_fp8(inputs["kv"], 64)})
+    keys = torch.ops.dsv4.pack_fp4(packed_rows_case(d=128)[:, :, :128])
+    q, w = rand(2, 3, 4, 128, seed=1).round(), rand(2, 3, 4, seed=2)  # integer q: exact dot products
+    check("indexer_scores", {"bf16": True}, exact=True, q=q, k=keys, w=w)
+    check("indexer_topk", {"topk": 5, "bf16": True}, exact=True, q=q, k=keys, w=w,
+          n_visible=torch.tensor([[3, 7, 12], [12, 1, 0]]))

@@ -191,13 +191,13 @@ def test_sparse_attn_hand_computed():
     kv = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # [B=1, N=2, D=2]
     q = torch.tensor([[[[math.log(2), math.log(3)]]]])  # [1, 1, 1, 2]
     sink = torch.zeros(1)
-    o = ops.sparse_attn(q, kv, sink, torch.tensor([[[0, 1]]]), 1.0, False)
+    o = ops.sparse_attn(q, kv, sink, torch.tensor([[[0, 1]]]), 1.0, False, 0)
     assert torch.allclose(o[0, 0, 0], torch.tensor([1 / 3, 1 / 2]), atol=1e-6)
     # -1 sentinels contribute nothing; a sink of ln 3 with only key 0 (e^{ln 2} = 2): o = 2/(2+3) kv0
-    o = ops.sparse_attn(q, kv, torch.tensor([math.log(3)]), torch.tensor([[[-1, 0, -1]]]), 1.0, False)
+    o = ops.sparse_attn(q, kv, torch.tensor([math.log(3)]), torch.tensor([[[-1, 0, -1]]]), 1.0, False, 0)
     assert torch.allclose(o[0, 0, 0], torch.tensor([0.4, 0.0]), atol=1e-6)
     # nothing to attend to: only the sink, output exactly 0
-    o = ops.sparse_attn(q, kv, sink, torch.tensor([[[-1, -1]]]), 1.0, False)
+    o = ops.sparse_attn(q, kv, sink, torch.tensor([[[-1, -1]]]), 1.0, False, 0)
     assert not o.any()
 
 
@@ -206,7 +206,7 @@ def test_sparse_attn_formula():
     q, kv, sink = rand(b, s, h, d, seed=1), rand(b, n, d, seed=2), rand(h, seed=3)
     idx = torch.randint(-1, n, (b, s, k), generator=torch.Generator().manual_seed(4))
     idx[0, 5] = torch.tensor([2, 2, 2, -1, 7])  # a repeated row counts each time
-    o = ops.sparse_attn(q, kv, sink, idx, scale, False)
+    o = ops.sparse_attn(q, kv, sink, idx, scale, False, 0)
     for bi in range(b):
         for si in range(s):
             rows = [int(j) for j in idx[bi, si] if j >= 0]
@@ -253,8 +253,8 @@ def test_sparse_attn_rounds_probabilities_per_block_of_64():
     idx[:, :, 64:128] = -1  # the middle block sees nothing
     idx[:, 1, ::7] = -1
     idx[:, 2, :64] = torch.sort(idx[:, 2, :64], descending=True).values  # logits grow across the blocks
-    got = ops.sparse_attn(q, kv, sink, idx, scale, True)
-    exact = ops.sparse_attn(q, kv, sink, idx, scale, False)
+    got = ops.sparse_attn(q, kv, sink, idx, scale, True, 0)
+    exact = ops.sparse_attn(q, kv, sink, idx, scale, False, 0)
     for si in range(s):
         for hi in range(h):
             want = sparse_attn_like_the_kernel(q[0, si, hi].numpy(), kv[0].numpy(), float(sink[hi]),
@@ -689,3 +689,80 @@ def test_bf16_linear_widens_a_large_weight_a_slice_of_rows_at_a_time(monkeypatch
     x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
     want = (x.double() @ w.double().T).float()
     torch.testing.assert_close(torch.ops.dsv4.bf16_linear(x, w), want, rtol=1e-6, atol=1e-6)
+
+
+# ---- packed cache rows ------------------------------------------------------------------------------------------
+def test_a_packed_kv_row_has_the_documented_bytes():
+    """Hand-computed: non-RoPE dims all 1.0 -> scale 2^ceil(log2(1/448)) = 2^-8, each value 256 = e4m3 0x78
+    (exponent 8 + bias 7, mantissa 0), scale byte 127 - 8 = 119; the second block 0.5 at 2^-9 (same code); RoPE dims
+    1.0 and -2.0 as bf16 0x3f80 / 0xc000, little-endian; then zero padding to a multiple of 8."""
+    x = torch.cat([torch.ones(64), torch.full((64,), 0.5), torch.tensor([1.0, -2.0])])
+    row = ops.pack_kv_fp8(x[None], 2)[0]
+    assert row.dtype == torch.uint8 and row.numel() == quant.kv_row_bytes(130, 2) == 136  # 128 + 4 + 2 -> 136
+    assert row[:128].tolist() == [0x78] * 128
+    assert row[128:132].tolist() == [0x80, 0x3F, 0x00, 0xC0]
+    assert row[132:134].tolist() == [119, 118]
+    assert row[134:].tolist() == [0, 0]
+    assert quant.kv_row_bytes(512, 64) == 584  # V4: 448 + 128 + 7 + 1 (vLLM's fp8_ds_mla row, spec §4.2)
+
+
+def test_a_packed_fp4_row_has_the_documented_bytes():
+    """Hand-computed: 32 values 1, -1.5, 6, 0, ... (amax 6 -> scale 1, e8m0 127): e2m1 codes 2, 8|3 = 11, 7, 0
+    packed low nibble first (0xB2, 0x07), then the scale byte."""
+    x = torch.tensor([1.0, -1.5, 6.0, 0.0] * 8)
+    row = ops.pack_fp4(x[None])[0]
+    assert row.tolist() == [0xB2, 0x07] * 8 + [127]
+    assert quant.fp4_row_bytes(128) == 68
+
+
+def test_packed_rows_unpack_to_exactly_the_qat_simulation():
+    """The cache's packed rows hold the values the reference's simulation computes (spec §3.1, §4.1): FP8 non-RoPE
+    dims in blocks of 64 + bf16 RoPE dims (model.fake_quant_nope), FP4 keys = fake_quant_fp4 — bit for bit, and
+    packing FP4-valued keys again keeps their values (the indexer packs hadamard_fp4's output; a block whose
+    largest value rounded down may get a scale one step smaller, with every value still on the grid)."""
+    from tensors import packed_rows_case
+
+    x = packed_rows_case()
+    simulated = fake_quant_nope(x, 64, True)
+    simulated = torch.cat([simulated[..., :-64], simulated[..., -64:].to(torch.bfloat16).float()], dim=-1)
+    unpacked = quant.unpack_kv_fp8(ops.pack_kv_fp8(x, 64), 192, 64)
+    assert torch.equal(unpacked.view(torch.int32), simulated.view(torch.int32))  # -0.0 included
+    keys = quant.fake_quant_fp4(x[..., :128])
+    packed = ops.pack_fp4(x[..., :128])
+    assert torch.equal(quant.unpack_fp4_rows(packed, 128).view(torch.int32), keys.view(torch.int32))
+    again = quant.unpack_fp4_rows(ops.pack_fp4(keys), 128)
+    assert torch.equal(again.view(torch.int32), keys.view(torch.int32))
+
+
+def test_attention_and_indexer_read_packed_rows_as_their_values():
+    """sparse_attn over packed FP8 rows = sparse_attn over the unpacked floats; the indexer's scores and picks over
+    packed FP4 keys = over the unpacked keys (bit for bit, the bf16 rounding points included)."""
+    from tensors import attention_blocks, packed_rows_case
+
+    inputs = attention_blocks(d=192)
+    packed = ops.pack_kv_fp8(inputs["kv"], 64)
+    args = (inputs["q"], None, inputs["sink"], inputs["idx"], 192 ** -0.5, True)
+    got = ops.sparse_attn(args[0], packed, *args[2:], 64)
+    want = ops.sparse_attn(args[0], quant.unpack_kv_fp8(packed, 192, 64), *args[2:], 0)
+    assert torch.equal(got, want)
+    keys = ops.pack_fp4(packed_rows_case(d=128)[:, :, :128])
+    q, w = rand(2, 3, 4, 128, seed=1), rand(2, 3, 4, seed=2)
+    values = quant.unpack_fp4_rows(keys, 128)
+    assert torch.equal(ops.indexer_scores(q, keys, w, True), ops.indexer_scores(q, values, w, True))
+    n_visible = torch.tensor([[3, 7, 12], [12, 1, 0]])
+    assert torch.equal(ops.indexer_topk(q, keys, w, n_visible, 5, True), ops.indexer_topk(q, values, w, n_visible, 5, True))
+
+
+def test_the_reference_numerics_cache_holds_packed_rows():
+    """Under the recipe's FP8 KV / FP4 indexer numerics the window, compressed-entry and indexer-key caches are
+    uint8 rows of the packed widths (584 / 68 bytes at V4's dims); plain numerics keep float rows."""
+    from dsv4c.graphs.cache import layer_cache_spec
+
+    cfg = preset("mini-1b")
+    spec = {e.field: e for e in layer_cache_spec(cfg, "l", 4, 1, 64, Numerics.reference().cache_rows)}
+    assert (spec["win"].dtype, spec["win"].shape[-1], spec["win"].packing) == (torch.uint8, 584, "kv_fp8")
+    assert (spec["cmp"].dtype, spec["cmp"].shape[-1]) == (torch.uint8, 584)
+    assert (spec["idx"].dtype, spec["idx"].shape[-1], spec["idx"].packing) == (torch.uint8, 68, "fp4")
+    assert spec["cmp_state_kv"].dtype == torch.float32
+    plain = {e.field: e for e in layer_cache_spec(cfg, "l", 4, 1, 64, Numerics.plain().cache_rows)}
+    assert plain["win"].dtype == torch.float32 and plain["win"].shape[-1] == cfg.head_dim and not plain["win"].packing

@@ -71,7 +71,8 @@ def node_model(name: str, inputs: dict[str, torch.Tensor], attrs: dict, out_rank
     graph_inputs = [helper.make_tensor_value_info(n, _ELEM[inputs[n].numpy().dtype], [None] * inputs[n].dim())
                     for n in names if inputs[n].dtype != torch.bfloat16]
     weights = [bf16_initializer(n, inputs[n]) for n in names if inputs[n].dtype == torch.bfloat16]
-    out_type = onnx.TensorProto.INT64 if name == "indexer_topk" else onnx.TensorProto.FLOAT
+    out_type = {"int64": onnx.TensorProto.INT64, "uint8": onnx.TensorProto.UINT8}.get(op.output_dtypes[0],
+                                                                                       onnx.TensorProto.FLOAT)
     outputs = [helper.make_tensor_value_info(n, out_type, [None] * r) for n, r in zip(output_names(op), out_ranks)]
     opsets = [helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)]
     model = helper.make_model(helper.make_graph([node], name, graph_inputs, outputs, weights), ir_version=10,
@@ -212,7 +213,7 @@ def test_sparse_attn_reads_bf16_cache_rows_as_their_values(library, isa, d):
     inputs = attention_blocks(d=d)
     stored = {**inputs, "kv": inputs["kv"].to(torch.bfloat16)}
     for rounding in (False, True):
-        attrs = {"scale": d ** -0.5, "bf16": rounding}
+        attrs = {"kv_rope": 0, "scale": d ** -0.5, "bf16": rounding}
         if rounding:
             got = run_kernel(library, "sparse_attn", attrs, [4], **stored)[0]
         else:
@@ -387,7 +388,7 @@ def test_sparse_attn(library, isa, h, d, bf16):
     idx[0, 1, 3:] = -1  # partly empty
     idx[1, 2] = -1  # nothing to attend to: only the sink, output 0
     idx[1, 3] = torch.tensor([2, 2, 2, -1, 5, 5])  # repeated rows count twice
-    out = check(library, "sparse_attn", {"scale": d ** -0.5, "bf16": bf16}, q=rand(b, s, h, d, seed=1),
+    out = check(library, "sparse_attn", {"kv_rope": 0, "scale": d ** -0.5, "bf16": bf16}, q=rand(b, s, h, d, seed=1),
                 kv=rand(b, n, d, seed=2), sink=rand(h, seed=3), idx=idx)[0]
     assert not out[1, 2].any()
 
@@ -399,7 +400,7 @@ def test_sparse_attn_blocks(library, isa, bf16):
     the other setting is far off on most elements, and with bf16 the same picks compacted to the front (other
     blocks, other running maxima) are far off on whole rows, so a kernel that rounds elsewhere fails."""
     inputs = attention_blocks()
-    attrs = {"scale": 40 ** -0.5, "bf16": bf16}
+    attrs = {"kv_rope": 0, "scale": 40 ** -0.5, "bf16": bf16}
     out = check(library, "sparse_attn", attrs, **inputs)[0]
     assert not out[1, 1].any()
     assert far(reference("sparse_attn", {**attrs, "bf16": not bf16}, **inputs)[0], out) > 0.5
@@ -411,7 +412,7 @@ def test_sparse_attn_blocks(library, isa, bf16):
 
 def test_sparse_attn_without_picks(library, isa):
     """K = 0: no block at all, only the sink in the denominator: zeros."""
-    out = check(library, "sparse_attn", {"scale": 0.5, "bf16": True}, q=rand(1, 2, 5, 8), kv=rand(1, 4, 8),
+    out = check(library, "sparse_attn", {"kv_rope": 0, "scale": 0.5, "bf16": True}, q=rand(1, 2, 5, 8), kv=rand(1, 4, 8),
                 sink=rand(5), idx=torch.zeros(1, 2, 0, dtype=torch.int64))[0]
     assert out.shape == (1, 2, 5, 8) and not out.any()
 
@@ -419,7 +420,7 @@ def test_sparse_attn_without_picks(library, isa):
 def test_sparse_attn_rejects_rows_outside_kv(library):
     q, kv, sink = rand(1, 1, 2, 8), rand(1, 4, 8), rand(2)
     with pytest.raises(Exception, match="idx holds row 4, kv has 4 rows"):
-        run_kernel(library, "sparse_attn", {"scale": 1.0, "bf16": True}, [4], q=q, kv=kv, sink=sink,
+        run_kernel(library, "sparse_attn", {"kv_rope": 0, "scale": 1.0, "bf16": True}, [4], q=q, kv=kv, sink=sink,
                    idx=torch.tensor([[[0, 4]]]))
 
 
@@ -609,3 +610,45 @@ def test_every_op_has_a_kernel_test():
     collectives = {"all_reduce", "all_gather"}
     assert {op.onnx_name for op in OPS.values()} == CPP_KERNELS
     assert set(OPS) == tested | {"indexer_scores"} | collectives
+
+
+# ---- packed cache rows ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("threads", [1, 2])
+def test_pack_kernels_write_the_references_bytes(library, threads):
+    from tensors import packed_rows_case
+
+    x = packed_rows_case()
+    check(library, "pack_kv_fp8", {"rope_dim": 64}, exact=True, threads=threads, x=x)
+    check(library, "pack_fp4", {}, exact=True, threads=threads, x=x[..., :128])
+
+
+def test_kernels_read_packed_rows_as_their_values(library, isa):
+    """SparseAttn on packed FP8 rows gives bit for bit what it gives on the unpacked floats (kv_rope 0), and the
+    indexer kernels on packed FP4 keys what they give on the unpacked keys; both match the reference."""
+    from tensors import attention_blocks, packed_rows_case
+
+    inputs = attention_blocks(d=192)
+    packed = torch.ops.dsv4.pack_kv_fp8(inputs["kv"], 64)
+    attrs = {"kv_rope": 64, "scale": 192 ** -0.5, "bf16": True}
+    got = run_kernel(library, "sparse_attn", attrs, [4], **{**inputs, "kv": packed})[0]
+    as_float = run_kernel(library, "sparse_attn", {**attrs, "kv_rope": 0}, [4],
+                          **{**inputs, "kv": quant.unpack_kv_fp8(packed, 192, 64)})[0]
+    np.testing.assert_array_equal(got, as_float)
+    check(library, "sparse_attn", {**attrs, "bf16": False}, **{**inputs, "kv": packed})
+    keys = torch.ops.dsv4.pack_fp4(packed_rows_case(d=128, rows=300)[:, :, :128])
+    q, w = rand(2, 3, 4, 128, seed=1).round(), rand(2, 3, 4, seed=2)  # integer q: exact dot products
+    values = quant.unpack_fp4_rows(keys, 128)
+    for name, attrs, extra in (("indexer_scores", {"bf16": True}, {}),
+                               ("indexer_topk", {"topk": 24, "bf16": True},
+                                {"n_visible": torch.tensor([[3, 70, 300], [300, 1, 0]])})):
+        got = check(library, name, attrs, exact=True, q=q, k=keys, w=w, **extra)[0]
+        np.testing.assert_array_equal(got, run_kernel(library, name, attrs, [3], q=q, k=values, w=w, **extra)[0])
+
+
+def test_sparse_attn_refuses_packed_rows_without_kv_rope(library):
+    from tensors import attention_blocks
+
+    inputs = attention_blocks(d=192)
+    packed = torch.ops.dsv4.pack_kv_fp8(inputs["kv"], 64)
+    with pytest.raises(Exception, match="kv_rope"):
+        run_kernel(library, "sparse_attn", {"kv_rope": 0, "scale": 0.1, "bf16": True}, [4], **{**inputs, "kv": packed})

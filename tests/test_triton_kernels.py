@@ -200,7 +200,7 @@ def test_sparse_attn(b, s, h, d, n, k, bf16):
     idx[-1, -1, 3:] = -1  # three valid picks
     scale = 3 * d ** -0.5  # sharp softmax
     got = K.sparse_attn(*dev(q, kv, sink, idx), scale, bf16)
-    want = ops.sparse_attn(q, kv, sink, idx, scale, bf16)
+    want = ops.sparse_attn(q, kv, sink, idx, scale, bf16, 0)
     # o is a convex combination of kv rows; logits carry ~(d u + 2^-20)|q||kv| scale error, so the weights
     # err by that much relative: bound by max|kv| times the largest logit error (+ reordering of the K-sum).
     # With bf16 such a logit error may also move a probability across a bf16 rounding boundary (one bf16 ulp,
@@ -226,7 +226,7 @@ def test_bf16_cache_rows_are_typed_bf16_in_the_aot_signature():
     from dsv4c.targets.tensorrt.plugins import aot_kernel
 
     shapes = [[1, 1, 4, 64], [1, 30, 64], [4], [1, 1, 16]]
-    attrs = {"scale": 0.125, "bf16": True}
+    attrs = {"kv_rope": 0, "scale": 0.125, "bf16": True}
     plain = aot_kernel("sparse_attn", shapes, attrs, lambda a, b: -(-a // b))
     stored = aot_kernel("sparse_attn", shapes, attrs, lambda a, b: -(-a // b), bf16_inputs=[1])
     assert plain.signature["kv_ptr"] == "*fp32" and stored.signature["kv_ptr"] == "*bf16"
@@ -265,11 +265,11 @@ def test_sparse_attn_bf16_blocks(bf16):
     assert not near_bf16_boundary(torch.exp(-torch.arange(161.0) / 8), 2.0 ** -18).any()
     assert (q.abs().max() * kv.abs().max() * d * scale).item() <= 8  # logits in [-8, 8]: |l - m| <= 16
     got = K.sparse_attn(*dev(q, kv, sink, idx), scale, bf16)
-    want = ops.sparse_attn(q, kv, sink, idx, scale, bf16)
+    want = ops.sparse_attn(q, kv, sink, idx, scale, bf16, 0)
     tol = ((k + 16) * U + 2.0 ** -20) * kv.abs().max().item()  # reordering (+ tf32x3 on a GPU)
     assert_within(got, want, tol, "sparse_attn")
     # the cases above do exercise the rounding: it moves the reference's outputs by far more than tol
-    other = ops.sparse_attn(q, kv, sink, idx, scale, not bf16)
+    other = ops.sparse_attn(q, kv, sink, idx, scale, not bf16, 0)
     assert (other - want).abs().max() > 20 * tol
 
 
@@ -476,7 +476,11 @@ def plugin_cases() -> list[tuple[str, list[torch.Tensor], dict, int]]:
         ("fake_quant_fp8", [rand(3, 7, 256, seed=36) * torch.logspace(-6, 3, 256)], dict(block=64), 1),
         ("hadamard_fp4", [rand(5, 64, seed=37)], {}, 1),
         ("sparse_attn", [rand(2, 3, 5, 48, seed=38), rand(2, 20, 48, seed=39), rand(5, seed=40), idx],
-         dict(scale=0.3, bf16=1), 1),
+         dict(scale=0.3, bf16=1, kv_rope=0), 1),
+        ("sparse_attn", [rand(2, 3, 5, 192, seed=54), ops.pack_kv_fp8(rand(2, 20, 192, seed=55), 64), rand(5, seed=40),
+                         idx], dict(scale=0.3, bf16=1, kv_rope=64), 1),  # packed FP8 rows
+        ("indexer_scores", [rand(2, 3, 5, 64, seed=56), ops.pack_fp4(rand(2, 70, 64, seed=57)), rand(2, 3, 5, seed=58)],
+         dict(bf16=1), 1),  # packed FP4 keys
         ("compress_pool", [rand(2, 30, 48, seed=41), rand(2, 30, 48, seed=42), ends], dict(ratio=4, overlap=1), 1),
         ("indexer_scores", [rand(2, 3, 5, 32, seed=51), rand(2, 70, 32, seed=52), rand(2, 3, 5, seed=53)],
          dict(bf16=1), 1),
@@ -523,6 +527,7 @@ def test_output_shapes_equal_the_fake_kernels():
     cases.append(("moe_experts", moe, dict(fmt=0, swiglu_limit=10.0, act_quant=1, bf16=1)))
     pool = [torch.zeros(1, 200, 64), torch.zeros(1, 200, 64), torch.zeros(1, 3, dtype=torch.int64)]
     cases.append(("compress_pool", pool, dict(ratio=128, overlap=0)))
+    cases += [("pack_kv_fp8", [torch.zeros(2, 3, 576)], dict(rope_dim=64)), ("pack_fp4", [torch.zeros(2, 7, 128)], {})]
     assert {c[0] for c in cases} == {n for n, op in dsv4c.graphs.ops.OPS.items()
                                      if not (op.collective or op.vendor_native)}
     for op, inputs, attrs in cases:
@@ -715,3 +720,29 @@ def test_plugin_api_rejects_what_tensorrt_rejects(plugin_api):
     for decorator, bad in trt_plugin_misuse.bad_implementations(t):
         with pytest.raises(ValueError):
             getattr(t, decorator)("dsv4test::ok")(bad)
+
+
+# ---- packed cache rows ------------------------------------------------------------------------------------------
+def test_kernels_read_and_write_packed_rows():
+    """The attention and indexer kernels load packed rows (FP8 KV: e4m3 * e8m0 + bf16 RoPE dims; FP4 keys) as the
+    values they hold: bit for bit the results on the unpacked floats; the pack launchers give the reference's
+    bytes."""
+    from tensors import packed_rows_case
+
+    from dsv4c.graphs import quant
+
+    x = packed_rows_case()
+    assert torch.equal(K.pack_kv_fp8(*dev(x), 64).cpu(), ops.pack_kv_fp8(x, 64))
+    assert torch.equal(K.pack_fp4(*dev(x[..., :128])).cpu(), ops.pack_fp4(x[..., :128]))
+    q, sink = rand(2, 3, 5, 192, seed=8), rand(5, seed=10)
+    kv = ops.pack_kv_fp8(rand(2, 20, 192, seed=9), 64)
+    idx = torch.randint(-1, 20, (2, 3, 70), generator=torch.Generator().manual_seed(11))
+    got = K.sparse_attn(*dev(q, kv, sink, idx), 0.1, True, 64)
+    assert torch.equal(got, K.sparse_attn(*dev(q, quant.unpack_kv_fp8(kv, 192, 64), sink, idx), 0.1, True))
+    keys = ops.pack_fp4(x[..., :128])
+    qi, w = rand(2, 3, 4, 128, seed=1).round(), rand(2, 3, 4, seed=2)
+    values = quant.unpack_fp4_rows(keys, 128)
+    assert torch.equal(K.indexer_scores(*dev(qi, keys, w), True), K.indexer_scores(*dev(qi, values, w), True))
+    n_visible = torch.tensor([[3, 7, 12], [12, 1, 0]])
+    assert torch.equal(K.indexer_topk(*dev(qi, keys, w, n_visible), 5, True),
+                       K.indexer_topk(*dev(qi, values, w, n_visible), 5, True))

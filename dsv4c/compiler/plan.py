@@ -9,7 +9,7 @@ Sources of every figure (nothing is loaded, no weights are needed):
   * KV cache: the spec §4 layout per layer type (window ring, compressed CSA/HCA entries, indexer keys, compressor
     state) in the recipe's `kv_cache` / `indexer` formats, against a V3.2-style dense MLA cache of the same depth
     (and of V3.2's own 61 layers, the baseline of DeepSeek's "10 % / 7 % at 1M" claim); dsv4c's engine layout
-    (`DeepseekV4.cache_spec`: bf16 rows as the reference keeps them, float32 compressor state) beside it.
+    (`DeepseekV4.cache_spec`: the rows packed in the recipe's FP8 / FP4 formats, float32 compressor state) beside it.
   * activations and custom ops: one prefill chunk traced on the meta device through a model with one layer of
     each kind (transients live within a layer, so it peaks like the whole model): the peak bytes of the tensors
     the forward allocates, and the `dsv4::*` ops it calls, checked against what the target implements.
@@ -718,8 +718,7 @@ def make_plan(recipe) -> dict[str, Any]:
                         f"dsv4c yet: {', '.join(missing_ops)}")
     warnings = []
     if worst_graph["total"] > usable and worst["total"] <= usable:
-        warnings.append(f"dsv4c's current engine stores weight scales as float32 and the KV cache in BF16 (not the "
-                        f"recipe's FP8 / FP4 cache formats): it would "
+        warnings.append(f"dsv4c's current engine stores weight scales as float32 (not e8m0 bytes): it would "
                         f"need {worst_graph['total'] / GIB:.1f} GiB per device, more than the "
                         f"{usable / GIB:.1f} GiB usable (the recipe's formats need {worst['total'] / GIB:.1f})")
     shipped_layers: dict[Any, int] = defaultdict(int)

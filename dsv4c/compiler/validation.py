@@ -27,13 +27,13 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from dsv4c.compiler.errors import ValidationGateError
-from dsv4c.graphs.cache import from_host, host_array
+from dsv4c.graphs.cache import from_host, host_array, row_values
 
 GATE_VERSION = 3  # part of the validate stage's cache key: a changed gate re-validates
 PREFILL_CHUNK = 256  # the runtime's chunk (dsv4c.runtime.engine.PREFILL_CHUNK); the reference prefills alike
@@ -223,16 +223,29 @@ def cache_kind(name: str) -> str:
     return "state" if "_state_" in field else field
 
 
-def cache_checks(rec: RefStep, got: list[np.ndarray], names: list[str]) -> list[dict]:
+CacheValues = Callable[[str, np.ndarray], np.ndarray]  # (cache tensor name, its array) -> its rows as values
+
+
+def cache_values(model) -> CacheValues:
+    """How to read a model's cache tensors as values: packed rows (cache.RowFormat) unpacked, others as float."""
+    packing = {e.name: e.packing for e in model.cache_spec(1, 1)}
+    return lambda name, rows: row_values(rows, packing.get(name, ""), model.cfg)
+
+
+def _as_float(name: str, rows: np.ndarray) -> np.ndarray:
+    return np.asarray(rows, dtype=np.float32)
+
+
+def cache_checks(rec: RefStep, got: list[np.ndarray], names: list[str], values: CacheValues = _as_float) -> list[dict]:
     """One check per sequence and cache kind: the worst cosine over the rows of that kind the step wrote (in the
     reference or in the engine), a row being one slot of one cache tensor (a window slot, a compressed entry, a
-    state row). A row only one side wrote (a missed or stray write), whose set of finite entries differs, or that
-    is zero on one side only, counts as cosine 0."""
+    state row), compared as values (`values`: packed rows unpacked). A row only one side wrote (a missed or stray
+    write), whose set of finite entries differs, or that is zero on one side only, counts as cosine 0."""
     worst: dict[tuple[int, str], tuple[float, str]] = {}
     written: dict[tuple[int, str], int] = {}
     for name, before, ref, eng in zip(names, rec.cache_in, rec.cache_out, got):
         kind = cache_kind(name)
-        b_idx, r_idx, cos = _written_row_cosines(before, ref, np.asarray(eng))
+        b_idx, r_idx, cos = _written_row_cosines(*(values(name, np.asarray(t)) for t in (before, ref, eng)))
         for b, r, c in zip(b_idx.tolist(), r_idx.tolist(), cos.tolist()):
             written[b, kind] = written.get((b, kind), 0) + 1
             if c < worst.get((b, kind), (2.0, ""))[0]:
@@ -273,8 +286,8 @@ class EngineReplay:
     """Runs the reference's steps on an engine: the prefill from an empty cache; every decode step from the
     reference's cache (`stepped`), and also from the engine's own previous cache (`free`, reported only)."""
 
-    def __init__(self, engine, cache_names: list[str], v):
-        self.engine, self.names, self.v = engine, cache_names, v
+    def __init__(self, engine, cache_names: list[str], v, values: CacheValues = _as_float):
+        self.engine, self.names, self.v, self.values = engine, cache_names, v, values
         self.stepped = self.free = None
 
     def checks(self, rec: RefStep) -> tuple[list[dict], list[dict]]:
@@ -291,7 +304,8 @@ class EngineReplay:
             self.stepped.positions = rec.start.copy()
             got = self.stepped.decode(rec.tokens)
             free = logit_checks(rec, self.free.decode(rec.tokens), self.v)
-        gated = logit_checks(rec, got, self.v) + cache_checks(rec, self.stepped.cache.to_host(), self.names)
+        gated = logit_checks(rec, got, self.v) + cache_checks(rec, self.stepped.cache.to_host(), self.names,
+                                                                 self.values)
         return gated, free
 
 
@@ -324,6 +338,7 @@ class Sensitivity:
     def __init__(self, model, cache_names: list[str], v, draws: int | None = None):
         draws = draws or SENSITIVITY_DRAWS
         self.model, self.names, self.v, self.draws = model, cache_names, v, draws
+        self.values = cache_values(model)
         self.checks: list[list[dict]] = [[] for _ in range(draws)]
 
     def observe(self, rec: RefStep) -> None:
@@ -334,7 +349,7 @@ class Sensitivity:
                     logits, cache = reference_prefill(self.model, rec.prompts, rec.cache_in)
                 else:
                     logits, cache = reference_decode(self.model, rec.tokens, rec.start, rec.cache_in)
-            self.checks[draw] += logit_checks(rec, logits, self.v) + cache_checks(rec, cache, self.names)
+            self.checks[draw] += logit_checks(rec, logits, self.v) + cache_checks(rec, cache, self.names, self.values)
 
 
 # ---- thresholds -----------------------------------------------------------------------------------------------
@@ -589,6 +604,7 @@ class ReferenceRun:
     names: list[str]
     coverage: Coverage
     gate: Gate
+    values: CacheValues = _as_float  # the cache tensors as values (cache_values)
 
     @classmethod
     def record(cls, model, v, max_batch: int, max_seq_len: int, spill: Path | None = None) -> ReferenceRun:
@@ -606,10 +622,10 @@ class ReferenceRun:
                     sensitivity.observe(rec)
                 steps.append(rec)
         return cls(v, max_batch, steps, [len(p) for p in prompts], names, coverage,
-                   derive_gate(v, model.numerics, sensitivity))
+                   derive_gate(v, model.numerics, sensitivity), cache_values(model))
 
     def check(self, engine) -> dict:
-        replay, checks, free = EngineReplay(engine, self.names, self.v), [], []
+        replay, checks, free = EngineReplay(engine, self.names, self.v, self.values), [], []
         for rec in self.steps:
             gated, free_rows = replay.checks(rec)
             checks += gated

@@ -275,7 +275,7 @@ def _cache_length(rec: Recording, cfg) -> int:
 
 def _fresh_cache(model: DeepseekV4, layer: int, batch: int, max_seq_len: int) -> dict[str, torch.Tensor]:
     ratio = model.cfg.layer_ratio(layer)
-    spec = layer_cache_spec(model.cfg, f"layer{layer}", ratio, batch, max_seq_len, model.numerics.cache_rows_dtype)
+    spec = layer_cache_spec(model.cfg, f"layer{layer}", ratio, batch, max_seq_len, model.numerics.cache_rows)
     return dict(zip(layer_cache_fields(ratio), (e.empty() for e in spec)))
 
 

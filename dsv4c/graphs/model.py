@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dsv4c.graphs.ops  # noqa: F401  (registers torch.ops.dsv4.*)
-from dsv4c.graphs.cache import CacheEntry, layer_cache_fields, layer_cache_spec
+from dsv4c.graphs.cache import CacheEntry, RowFormat, layer_cache_fields, layer_cache_spec
 from dsv4c.graphs.config import ModelConfig
 from dsv4c.graphs.parallel import GROUP_EXPERT, GROUP_TENSOR, Shard, local_expert, shard_tensor, split_dim
 from dsv4c.graphs.quant import ExpertFormat
@@ -58,10 +58,12 @@ class Numerics:
         return Numerics(act_quant=False, kv_fp8=False, indexer_fp4=False, bf16=False)
 
     @property
-    def cache_rows_dtype(self) -> torch.dtype:
-        """What the caches hold KV rows and indexer keys in: bf16 when every row is bf16-rounded (the reference's
-        cache dtype; storing them as bf16 is exact), else float32."""
-        return torch.bfloat16 if self.bf16 else torch.float32
+    def cache_rows(self) -> RowFormat:
+        """How the caches hold KV rows and indexer keys: packed in the recipe's FP8 / FP4 formats where the values
+        are exactly those (FP8 KV rows need bf16 RoPE dims too), the rest bf16 when every row is bf16-rounded
+        (the reference's cache dtype; storing them as bf16 is exact), else float32."""
+        return RowFormat(torch.bfloat16 if self.bf16 else torch.float32, kv_fp8=self.kv_fp8 and self.bf16,
+                         idx_fp4=self.indexer_fp4)
 
     @staticmethod
     def for_quantization(q: Any) -> "Numerics":
@@ -152,6 +154,14 @@ def fake_quant_nope(x: torch.Tensor, rope_dim: int, enabled: bool) -> torch.Tens
     return torch.cat([ops.fake_quant_fp8(x[..., :-rope_dim], 64), x[..., -rope_dim:]], dim=-1)
 
 
+def kv_rows(x: torch.Tensor, rope_dim: int, like: torch.Tensor, num: Numerics) -> torch.Tensor:
+    """KV rows x [..., d] in the format of the cache `like`: packed FP8 rows where it holds them (uint8; the
+    packing is the FP8 simulation, cache.py), else the simulated values in its dtype."""
+    if like.dtype == torch.uint8:
+        return ops.pack_kv_fp8(x, rope_dim)
+    return fake_quant_nope(x, rope_dim, num.kv_fp8).to(like.dtype)
+
+
 def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """x [B, N, D], rows [B, K] (in range) -> [B, K, D]."""
     return torch.gather(x, 1, rows[..., None].expand(-1, -1, x.shape[-1]))
@@ -197,10 +207,11 @@ class Compressor(nn.Module):
         pooled = ops.compress_pool(ext_kv, ext_score, rows, m, self.overlap)  # [B, K, d]
         new = self.norm(pooled, num.bf16)
         new = ops.rope(new, freqs, j * m, False, num.bf16)  # RoPE at the window's first position
-        if self.indexer_keys:
-            new = ops.hadamard_fp4(new) if num.indexer_fp4 else new
-        else:
-            new = fake_quant_nope(new, self.rope_dim, num.kv_fp8)
+        if not self.indexer_keys:
+            new = kv_rows(new, self.rope_dim, entries, num)
+        elif num.indexer_fp4:
+            new = ops.hadamard_fp4(new)
+            new = ops.pack_fp4(new) if entries.dtype == torch.uint8 else new  # FP4 values: packed exactly
         # Window j that closed in this call is entry j; the others are not written (slot -1).
         entries = ops.cache_write(entries, new.to(entries.dtype), torch.where(closes, j, -1))
         # New state: the span rows ending at position end-1, i.e. ext rows n_valid .. n_valid+span-1.
@@ -293,10 +304,10 @@ class Attention(nn.Module):
         q = head_rescale(q, self.eps, num)  # weightless per-head norm
         q = ops.rope(q, self.freqs, pos, False, num.bf16)
         kv = self.kv_norm(self.wkv(x, num.act_quant), num.bf16)  # [B,S,d]
-        kv = fake_quant_nope(ops.rope(kv, self.freqs, pos, False, num.bf16), r, num.kv_fp8)
+        kv = kv_rows(ops.rope(kv, self.freqs, pos, False, num.bf16), r, cache["win"], num)
 
-        # Keys: [window ring (W) | this call's tokens (S) | compressed entries (N)]
-        keys, idx = [cache["win"], kv.to(cache["win"].dtype)], [self.window_indices(step)]
+        # Keys: [window ring (W) | this call's tokens (S) | compressed entries (N)], in the cache's row format
+        keys, idx = [cache["win"], kv], [self.window_indices(step)]
         new_cache = {"win": self.updated_ring(cache["win"], kv, step)}
         if self.ratio:
             cmp, skv, ssc = self.compressor(x, step, cache["cmp"], cache["cmp_state_kv"],
@@ -311,8 +322,9 @@ class Attention(nn.Module):
                 entry = step.arange(cmp.shape[1])
                 picks = torch.where(entry[None, None, :] < ((pos + 1) // self.ratio)[..., None], entry, -1)
             idx.append(torch.where(picks >= 0, picks + W + s, picks))
+        packed = cache["win"].dtype == torch.uint8
         o = ops.sparse_attn(q, torch.cat(keys, dim=1), self.attn_sink, torch.cat(idx, dim=-1), self.head_dim ** -0.5,
-                            num.bf16)
+                            num.bf16, r if packed else 0)
         o = ops.rope(_rnd(o, num), self.freqs, pos, True, num.bf16)  # inverse: strip V's absolute position
         z = _rnd(self.project_groups(o.view(b, s, self.groups, -1)), num)  # [B, S, G, o_lora]
         z = z.flatten(2)
@@ -347,7 +359,7 @@ class Attention(nn.Module):
         W = self.window
         pos = step.positions  # [B, S]
         kept = (pos < step.end[:, None]) & (pos >= step.end[:, None] - W)
-        return ops.cache_write(ring, kv.to(ring.dtype), torch.where(kept, torch.remainder(pos, W), -1))
+        return ops.cache_write(ring, kv, torch.where(kept, torch.remainder(pos, W), -1))
 
 
 # ---- mixture of experts --------------------------------------------------------------------------------------
@@ -526,7 +538,7 @@ class DeepseekV4(nn.Module):
 
     # -- cache ----------------------------------------------------------------------------------------------
     def cache_spec(self, batch: int, max_seq_len: int, include_mtp: bool = False) -> list[CacheEntry]:
-        spec, rows = [], self.numerics.cache_rows_dtype
+        spec, rows = [], self.numerics.cache_rows
         for i in range(self.cfg.num_hidden_layers):
             spec += layer_cache_spec(self.cfg, f"layers.{i}", self.cfg.layer_ratio(i), batch, max_seq_len, rows)
         if include_mtp:

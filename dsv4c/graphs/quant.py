@@ -185,3 +185,70 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
         y = torch.stack([a + b, a - b], dim=-2)
         h *= 2
     return y.reshape(x.shape) * d ** -0.5
+
+
+# ---- packed cache rows (the KV cache in its deployed formats, spec §4.2) ---------------------------------------
+# A main KV row (window slot or compressed entry, head_dim values) under FP8 KV, in bytes:
+#   [0, n)              e4m3 bits of the n = head_dim - rope non-RoPE dims, each divided by its block's scale
+#   [n, n + 2r)         the r RoPE dims as bf16, little-endian
+#   [n + 2r, + n/64)    one e8m0 scale per 64 non-RoPE dims (the reference's act_quant(kv, 64, ue8m0))
+#   zero padding to a multiple of 8 (584 bytes for V4's 512 = 448 + 64, vLLM's fp8_ds_mla row)
+# An indexer key row (index_head_dim values) under FP4: [d/2 packed e2m1, low nibble first | d/32 e8m0 scales].
+# Both hold exactly the values the QAT simulation computes (the FP8 / FP4 fake quant, bf16 RoPE dims): unpacking a
+# packed row gives those floats bit for bit, so the engine stores the reference's cache at half or less the bytes.
+KV_SCALE_BLOCK = 64
+
+
+def kv_row_bytes(head_dim: int, rope_dim: int) -> int:
+    nope = head_dim - rope_dim
+    return -(-(nope + 2 * rope_dim + nope // KV_SCALE_BLOCK) // 8) * 8
+
+
+def fp4_row_bytes(dim: int) -> int:
+    return dim // 2 + dim // FP4_BLOCK
+
+
+def _e8m0_bytes(scale: torch.Tensor) -> torch.Tensor:
+    """Exact powers of two (float32) -> their e8m0 bytes (uint8)."""
+    _, e = torch.frexp(scale)
+    return (e - 1 + E8M0_BIAS).clamp(0, 2 * E8M0_BIAS).to(torch.uint8)
+
+
+def pack_kv_fp8(x: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """[..., head_dim] float -> [..., kv_row_bytes] uint8: the non-RoPE dims FP8 in blocks of 64 with power-of-two
+    scales rounded up (fake_quant_fp8(x, 64)'s arithmetic), the RoPE dims rounded to bf16."""
+    d = x.shape[-1]
+    nope = d - rope_dim
+    xb = x[..., :nope].float().reshape(*x.shape[:-1], nope // KV_SCALE_BLOCK, KV_SCALE_BLOCK)
+    scale = ceil_pow2(xb.abs().amax(-1, keepdim=True).clamp(min=1e-4) / FP8_MAX)
+    codes = (xb / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8).flatten(-2)
+    rope = x[..., nope:].to(torch.bfloat16).contiguous().view(torch.uint8)
+    pad = kv_row_bytes(d, rope_dim) - (nope + 2 * rope_dim + nope // KV_SCALE_BLOCK)
+    parts = [codes, rope, _e8m0_bytes(scale[..., 0]), x.new_zeros((*x.shape[:-1], pad), dtype=torch.uint8)]
+    return torch.cat(parts, dim=-1)
+
+
+def unpack_kv_fp8(rows: torch.Tensor, head_dim: int, rope_dim: int) -> torch.Tensor:
+    """pack_kv_fp8's inverse: [..., kv_row_bytes] uint8 -> [..., head_dim] float32."""
+    nope = head_dim - rope_dim
+    codes = rows[..., :nope].contiguous().view(torch.float8_e4m3fn).float()
+    rope = rows[..., nope:nope + 2 * rope_dim].contiguous().view(torch.bfloat16).float()
+    scale = e8m0_to_float(rows[..., nope + 2 * rope_dim:nope + 2 * rope_dim + nope // KV_SCALE_BLOCK])
+    values = (codes.unflatten(-1, (-1, KV_SCALE_BLOCK)) * scale[..., None]).flatten(-2)
+    return torch.cat([values, rope], dim=-1)
+
+
+def pack_fp4_rows(x: torch.Tensor) -> torch.Tensor:
+    """[..., d] float -> [..., d/2 + d/32] uint8: FP4 e2m1 in blocks of 32 with power-of-two scales rounded up
+    (fake_quant_fp4's arithmetic; on its output it gives back the same values: the format is idempotent)."""
+    d = x.shape[-1]
+    xb = x.float().reshape(*x.shape[:-1], d // FP4_BLOCK, FP4_BLOCK)
+    scale = ceil_pow2(xb.abs().amax(-1, keepdim=True).clamp(min=FP4_MAX * 2.0 ** -126) / FP4_MAX)
+    codes = round_e2m1(xb / scale).flatten(-2)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)  # element 2k -> low nibble
+    return torch.cat([packed, _e8m0_bytes(scale[..., 0])], dim=-1)
+
+
+def unpack_fp4_rows(rows: torch.Tensor, dim: int) -> torch.Tensor:
+    """pack_fp4_rows's inverse: [..., d/2 + d/32] uint8 -> [..., d] float32."""
+    return dequantize_fp4(rows[..., :dim // 2], rows[..., dim // 2:dim // 2 + dim // FP4_BLOCK])

@@ -43,10 +43,12 @@ def op_coverage(kind: str, op: str, soc: str | None = None) -> Coverage:
         return Coverage(op, True, "ONNX function body", fallback=True)
     if kind == "tensorrt":
         from dsv4c.targets.tensorrt.collectives import COLLECTIVES
-        from dsv4c.targets.tensorrt.plugins import AOT_OPS, PLUGIN_OPS
+        from dsv4c.targets.tensorrt.plugins import AOT_OPS, PLUGIN_OPS, TORCH_GLUE_OPS
 
         if onnx_name in COLLECTIVES:
             return Coverage(op, True, "TensorRT IDistCollectiveLayer (NCCL), spliced in at engine build")
+        if op in TORCH_GLUE_OPS:
+            return Coverage(op, True, "TensorRT plugin (torch ops, JIT)")
         if op in PLUGIN_OPS:
             return Coverage(op, True, "TensorRT plugin (Triton, " + ("AOT + JIT)" if op in AOT_OPS else "JIT)"))
         return Coverage(op, False, "no TensorRT plugin")

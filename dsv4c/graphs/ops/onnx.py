@@ -42,7 +42,8 @@ from onnx.defs import OpSchema
 
 from dsv4c.graphs.ops.onnx_builder import (
     ONNX_OPSET, Builder, Graph, branch, decode_fp4, decode_fp8, fake_quant_fp4, fake_quant_fp8, linear,
-    make_function, maybe, round_bf16, round_bf16_where, silu,
+    make_function, maybe, pack_fp4_rows, pack_kv_fp8, round_bf16, round_bf16_where, silu, unpack_fp4_rows,
+    unpack_kv_fp8,
 )
 from dsv4c.graphs.ops.registry import ATTN_BLOCK, OPS, DimMath, OpDef, like_input
 from dsv4c.graphs.quant import ExpertFormat
@@ -57,9 +58,9 @@ DOMAIN_VERSION = 1
 _FLOAT, _U8, _I64, _BF16 = "tensor(float)", "tensor(uint8)", "tensor(int64)", "tensor(bfloat16)"
 # TW, TK: type constraints (an output "like:<input>" takes its input's constraint, so the same type)
 _ONNX_TYPES = {"float32": _FLOAT, "uint8": _U8, "int64": _I64, "bfloat16": _BF16, "uint8|float32": "TW",
-               "float32|bfloat16": "TK"}
+               "float32|bfloat16|uint8": "TK"}
 _CONSTRAINTS = {"TW": ([_U8, _FLOAT], "expert weights: packed bytes or float"),
-                "TK": ([_FLOAT, _BF16], "cache rows: float, or bf16 where the values are bf16")}
+                "TK": ([_FLOAT, _BF16, _U8], "cache rows: float, bf16 where the values are bf16, or packed bytes")}
 _ATTR_TYPES = {"bool": OpSchema.AttrType.INT, "int": OpSchema.AttrType.INT, "float": OpSchema.AttrType.FLOAT}
 
 
@@ -119,7 +120,7 @@ def _shape_inference(op: OpDef) -> Callable:
         if like_input(dtype):  # the input's element type (float when shape inference does not know it)
             t = ctx.get_input_type(names.index(like_input(dtype)))
             return t.tensor_type.elem_type if t is not None and t.tensor_type.elem_type else TensorProto.FLOAT
-        return TensorProto.INT64 if dtype == "int64" else TensorProto.FLOAT
+        return {"int64": TensorProto.INT64, "uint8": TensorProto.UINT8}.get(dtype, TensorProto.FLOAT)
 
     def infer(ctx) -> None:
         elems = [elem_type(ctx, t) for t in op.output_dtypes]
@@ -283,6 +284,20 @@ def _body_hadamard_fp4(g: Graph, x):
     return [fake_quant_fp4(g, round_bf16(g, _hadamard(g, x)))]  # the reference's Hadamard returns bf16
 
 
+def _body_pack_kv_fp8(g: Graph, x, rope_dim):
+    return [pack_kv_fp8(g, x, rope_dim)]
+
+
+def _body_pack_fp4(g: Graph, x):
+    return [pack_fp4_rows(g, x)]
+
+
+def _cache_rows(g: Graph, rows: str, packed: str, unpack: Callable[[Graph], str]) -> str:
+    """Cache rows as float: `unpack` where `packed` (a flag) says they are packed bytes, else widened (If: only the
+    chosen branch runs)."""
+    return branch(g, packed, unpack, lambda b: b.Cast(rows, to=TensorProto.FLOAT))
+
+
 def _finite_or_zero(g: Graph, x: str) -> str:
     """x where finite, else 0: the softmax shift that never computes -inf - -inf (registry.sparse_attn)."""
     finite = g.Not(g.Or(g.IsInf(x), g.IsNaN(x)))
@@ -326,12 +341,13 @@ def _body_rope(g: Graph, x, freqs, pos, inverse, bf16):
     return [round_bf16_where(g, bf16, y)]
 
 
-def _body_sparse_attn(g: Graph, q, kv, sink, idx, scale, bf16):
+def _body_sparse_attn(g: Graph, q, kv, sink, idx, scale, bf16, kv_rope):
     """registry.sparse_attn's online softmax: idx padded with -1 picks to whole blocks of ATTN_BLOCK, then a Loop
     over the blocks (in idx order) carrying the running max, the denominator and the accumulator [B,S,H,D]; per
     block the picked rows are gathered (-1 -> row 0, masked to -inf) and P is rounded to bf16 (with `bf16`)
     for the P.V product only. After the loop the sink joins the denominator against the final max."""
-    kv = g.Cast(kv, to=TensorProto.FLOAT)  # bf16 cache rows are read as float
+    d = g.Shape(q, start=-1)
+    kv = _cache_rows(g, kv, kv_rope, lambda b: unpack_kv_fp8(b, kv, d, kv_rope))  # packed when kv_rope > 0
     zero, block = g.const(0, np.int64), g.i64(ATTN_BLOCK)
     k = g.Shape(idx, start=2)  # [1]
     blocks = g.Div(g.Add(k, g.i64(ATTN_BLOCK - 1)), block)
@@ -369,7 +385,9 @@ def _body_indexer_scores(g: Graph, q, k, w, bf16):
     def rounded(x: str) -> str:
         return maybe(g, bf16, round_bf16, x)
 
-    k = g.Cast(k, to=TensorProto.FLOAT)  # bf16 indexer keys are read as float
+    d = g.Shape(q, start=-1)
+    packed = g.Squeeze(g.Not(g.Equal(g.Shape(k, start=-1), d)), g.i64(0))  # packed FP4 rows are narrower than d
+    k = _cache_rows(g, k, packed, lambda b: unpack_fp4_rows(b, k, d))
     scores = g.Relu(rounded(g.MatMul(q, g.Unsqueeze(g.Transpose(k, perm=[0, 2, 1]), g.i64(1)))))  # [B,S,h,N]
     return [rounded(g.ReduceSum(rounded(g.Mul(scores, g.Unsqueeze(w, g.i64(-1)))), g.i64(2), keepdims=0))]
 
@@ -472,6 +490,8 @@ _BODIES: dict[str, Callable[..., list[str]]] = {
     "head_rescale": _body_head_rescale,
     "rope": _body_rope,
     "sparse_attn": _body_sparse_attn,
+    "pack_kv_fp8": _body_pack_kv_fp8,
+    "pack_fp4": _body_pack_fp4,
     "indexer_topk": _body_indexer_topk,
     "indexer_scores": _body_indexer_scores,
     "compress_pool": _body_compress_pool,

@@ -213,3 +213,131 @@ def silu(g: Graph, x: str) -> str:
 def linear(g: Graph, x: str, w: str) -> str:
     """F.linear without bias: x [..., K] @ w[..., N, K]^T."""
     return g.MatMul(x, g.Transpose(w, perm=[1, 0]))
+
+
+# ---- packed cache rows (quant.pack_kv_fp8 / pack_fp4_rows) ------------------------------------------------------
+# ONNX Runtime has no BitCast, so the bodies take bytes apart and put them together arithmetically: a byte's value
+# by table (e4m3, e2m1), a bf16's from its sign, exponent and mantissa fields, and a value's code by counting the
+# sorted table entries below it (exact: every packed value is on the format's grid already).
+def _negative(g: Graph, v: str) -> str:
+    """v < 0, -0.0 included (1 / -0.0 = -inf): the sign bit."""
+    return g.Less(g.Reciprocal(v), g.const(0.0))
+
+
+def _code_of(g: Graph, x: str, rounding: Builder, magnitudes: np.ndarray, sign_bit: int) -> str:
+    """The code (int64) of x rounded to a format's grid: sign_bit if x is negative (a value that rounds to zero
+    keeps its sign, as torch's casts do) + the index of the rounded |x| among the format's sorted non-negative
+    magnitudes (= how many of them are smaller)."""
+    below = g.Less(g.const(magnitudes), g.Unsqueeze(g.Abs(rounding(g, x)), g.i64(-1)))
+    index = g.ReduceSum(g.Cast(below, to=TensorProto.INT64), g.i64(-1), keepdims=0)
+    return g.Add(index, g.Where(_negative(g, x), g.const(sign_bit, np.int64), g.const(0, np.int64)))
+
+
+def _exponent_byte(g: Graph, scale: str) -> str:
+    """A power-of-two scale's e8m0 byte (int64): log2 rounded to the integer it is, plus the bias."""
+    e = g.Round(g.Mul(g.Log(scale), g.const(1 / math.log(2))))
+    return g.Cast(g.Add(e, g.const(float(quant.E8M0_BIAS))), to=TensorProto.INT64)
+
+
+def _bf16_bits(g: Graph, x: str) -> str:
+    """The 16 bits (int64) of round_bf16(x): sign << 15 | exponent << 7 | mantissa (subnormals: exponent 0, mantissa
+    |v| / 2^-133; infinities 0x7f80; NaN 0x7fc0)."""
+    v = round_bf16(g, x)
+    mag = g.Abs(v)
+    p = g.Pow(g.const(2.0), g.Floor(g.Mul(g.Log(mag), g.const(1 / math.log(2)))))  # 2^floor(log2), fixed below
+    p = g.Where(g.Greater(p, mag), g.Mul(p, g.const(0.5)), p)
+    p = g.Where(g.LessOrEqual(g.Mul(p, g.const(2.0)), mag), g.Mul(p, g.const(2.0)), p)
+    normal = g.GreaterOrEqual(mag, g.const(2.0 ** -126))
+    exponent = g.Where(normal, g.Add(g.Round(g.Mul(g.Log(p), g.const(1 / math.log(2)))), g.const(127.0)),
+                       g.const(0.0))
+    mantissa = g.Where(normal, g.Mul(g.Sub(g.Div(mag, p), g.const(1.0)), g.const(128.0)),
+                       g.Div(mag, g.const(2.0 ** -133)))
+    bits = g.Add(g.Mul(exponent, g.const(128.0)), mantissa)
+    bits = g.Where(g.IsInf(mag), g.const(float(0x7F80)), bits)
+    bits = g.Where(g.IsNaN(v), g.const(float(0x7FC0)), bits)
+    bits = g.Add(bits, g.Where(_negative(g, v), g.const(float(0x8000)), g.const(0.0)))  # NaN: 1/NaN < 0 is false
+    return g.Cast(bits, to=TensorProto.INT64)
+
+
+def _bf16_from_bytes(g: Graph, lo: str, hi: str) -> str:
+    """float32 value of the bf16 whose little-endian bytes are lo, hi (uint8)."""
+    lo, hi = g.Cast(lo, to=TensorProto.FLOAT), g.Cast(hi, to=TensorProto.FLOAT)
+    negative = g.GreaterOrEqual(hi, g.const(128.0))
+    top = g.Sub(hi, g.Where(negative, g.const(128.0), g.const(0.0)))  # exponent's upper 7 bits
+    low_exp = g.Floor(g.Div(lo, g.const(128.0)))
+    exponent = g.Add(g.Mul(top, g.const(2.0)), low_exp)
+    mantissa = g.Sub(lo, g.Mul(low_exp, g.const(128.0)))
+    normal = g.Mul(g.Add(mantissa, g.const(128.0)), g.Pow(g.const(2.0), g.Sub(exponent, g.const(134.0))))
+    value = g.Where(g.Equal(exponent, g.const(0.0)), g.Mul(mantissa, g.const(2.0 ** -133)), normal)
+    special = g.Where(g.Equal(mantissa, g.const(0.0)), g.const(np.inf), g.const(np.nan))
+    value = g.Where(g.Equal(exponent, g.const(255.0)), special, value)
+    return g.Where(negative, g.Neg(value), value)
+
+
+def _blocks_of(g: Graph, x: str, block: int) -> str:
+    return g.Reshape(x, g.Concat(g.Shape(x, end=-1), g.i64(-1, block), axis=0))
+
+
+def _flat_last2(g: Graph, x: str) -> str:
+    return g.Reshape(x, g.Concat(g.Shape(x, end=-2), g.i64(-1), axis=0))
+
+
+def _pow2_scale(g: Graph, xb: str, qmax: float, amax_min: float) -> str:
+    amax = g.Max(g.ReduceMax(g.Abs(xb), g.i64(-1), keepdims=1), g.const(amax_min))
+    return ceil_pow2(g, g.Div(amax, g.const(qmax)))
+
+
+def pack_kv_fp8(g: Graph, x: str, rope: str) -> str:
+    """quant.pack_kv_fp8: x [..., D] float, rope an int64 scalar -> uint8 [..., kv_row_bytes(D, rope)]."""
+    d = g.Shape(x, start=-1)
+    r = g.Unsqueeze(rope, g.i64(0))
+    nope = g.Sub(d, r)
+    xb = _blocks_of(g, g.Slice(x, g.i64(0), nope, g.i64(-1)), quant.KV_SCALE_BLOCK)  # [..., n/64, 64]
+    scale = _pow2_scale(g, xb, quant.FP8_MAX, 1e-4)
+    positive = fp8_table()[:0x7F]  # codes 0x00 .. 0x7e: the non-negative values in increasing order
+    codes = _flat_last2(g, _code_of(g, g.Div(xb, scale), round_fp8, positive, 0x80))
+    bits = _bf16_bits(g, g.Slice(x, nope, d, g.i64(-1)))  # [..., r]
+    hi = g.Div(bits, g.const(256, np.int64))
+    lo = g.Sub(bits, g.Mul(hi, g.const(256, np.int64)))
+    rope_bytes = _flat_last2(g, g.Concat(g.Unsqueeze(lo, g.i64(-1)), g.Unsqueeze(hi, g.i64(-1)), axis=-1))
+    scales = g.Squeeze(_exponent_byte(g, scale), g.i64(-1))
+    used = g.Add(g.Add(nope, g.Mul(r, g.i64(2))), g.Div(nope, g.i64(quant.KV_SCALE_BLOCK)))
+    pad = g.Sub(g.Mul(g.Div(g.Add(used, g.i64(7)), g.i64(8)), g.i64(8)), used)
+    zeros = g.Expand(g.const(0, np.int64), g.Concat(g.Shape(x, end=-1), pad, axis=0))
+    return g.Cast(g.Concat(codes, rope_bytes, scales, zeros, axis=-1), to=TensorProto.UINT8)
+
+
+def unpack_kv_fp8(g: Graph, rows: str, d: str, rope: str) -> str:
+    """quant.unpack_kv_fp8: uint8 rows [..., bytes], d an int64 [1], rope an int64 scalar -> float [..., d]."""
+    rows = g.Cast(rows, to=TensorProto.UINT8)  # a no-op on packed rows; keeps an untaken If branch well-typed
+    r = g.Unsqueeze(rope, g.i64(0))
+    nope = g.Sub(d, r)
+    rope_end = g.Add(nope, g.Mul(r, g.i64(2)))
+    codes = g.Gather(g.const(fp8_table()), g.Cast(g.Slice(rows, g.i64(0), nope, g.i64(-1)), to=TensorProto.INT32))
+    scale_bytes = g.Slice(rows, rope_end, g.Add(rope_end, g.Div(nope, g.i64(quant.KV_SCALE_BLOCK))), g.i64(-1))
+    values = g.Mul(_blocks_of(g, codes, quant.KV_SCALE_BLOCK), g.Unsqueeze(e8m0_value(g, scale_bytes), g.i64(-1)))
+    lo = g.Slice(rows, nope, rope_end, g.i64(-1), g.i64(2))
+    hi = g.Slice(rows, g.Add(nope, g.i64(1)), rope_end, g.i64(-1), g.i64(2))
+    return g.Concat(_flat_last2(g, values), _bf16_from_bytes(g, lo, hi), axis=-1)
+
+
+def pack_fp4_rows(g: Graph, x: str) -> str:
+    """quant.pack_fp4_rows: x [..., d] float -> uint8 [..., d/2 + d/32]."""
+    xb = _blocks_of(g, x, quant.FP4_BLOCK)
+    scale = _pow2_scale(g, xb, quant.FP4_MAX, quant.FP4_MAX * 2.0 ** -126)
+    codes = _code_of(g, g.Div(xb, scale), round_e2m1, np.array([0, .5, 1, 1.5, 2, 3, 4, 6], np.float32), 8)
+    pairs = g.Reshape(codes, g.Concat(g.Shape(x, end=-1), g.i64(-1, 2), axis=0))  # [..., d/2, 2]
+    low = g.Squeeze(g.Slice(pairs, g.i64(0), g.i64(1), g.i64(-1)), g.i64(-1))
+    high = g.Squeeze(g.Slice(pairs, g.i64(1), g.i64(2), g.i64(-1)), g.i64(-1))
+    packed = g.Add(low, g.Mul(high, g.const(16, np.int64)))
+    scales = g.Squeeze(_exponent_byte(g, scale), g.i64(-1))
+    return g.Cast(g.Concat(packed, scales, axis=-1), to=TensorProto.UINT8)
+
+
+def unpack_fp4_rows(g: Graph, rows: str, d: str) -> str:
+    """quant.unpack_fp4_rows: uint8 rows [..., d/2 + d/32], d an int64 [1] -> float [..., d]."""
+    rows = g.Cast(rows, to=TensorProto.UINT8)  # as unpack_kv_fp8
+    half = g.Div(d, g.i64(2))
+    packed = g.Slice(rows, g.i64(0), half, g.i64(-1))
+    scales = g.Slice(rows, half, g.Add(half, g.Div(d, g.i64(quant.FP4_BLOCK))), g.i64(-1))
+    return decode_fp4(g, packed, e8m0_value(g, scales))

@@ -18,7 +18,10 @@ Conventions shared by all ops:
   * BF16 checkpoint weights (embedding, head, gate, compressor and indexer projections) stay bfloat16 and are
     widened to fp32 inside the op, as the reference holds them in FP32 (spec §5.4): same values, half the
     bytes of a float32 copy;
-  * index tensors are int64 and use -1 for "no entry".
+  * index tensors are int64 and use -1 for "no entry";
+  * cache rows are float32, bf16 (values that are bf16), or uint8 rows packed in the deployed formats
+    (quant.pack_kv_fp8 / pack_fp4_rows: FP8 KV rows with bf16 RoPE dims, FP4 indexer keys), which the ops that
+    read them unpack to exactly the floats the QAT simulation computes.
 """
 
 from __future__ import annotations
@@ -84,8 +87,9 @@ class OpDef:
 
 
 OPS: dict[str, OpDef] = {}
-_TORCH_DTYPES = {"float32": torch.float32, "int64": torch.int64}
-CACHE_ROWS = "float32|bfloat16"  # cache rows the ops read / write: float32, or bf16 where the values are bf16
+_TORCH_DTYPES = {"float32": torch.float32, "int64": torch.int64, "uint8": torch.uint8}
+# cache rows the ops read / write: float32, bf16 where the values are bf16, or uint8 rows in a packed format
+CACHE_ROWS = "float32|bfloat16|uint8"
 
 
 def like_input(dtype: str) -> str | None:
@@ -262,6 +266,41 @@ def hadamard_fp4(x: torch.Tensor) -> torch.Tensor:
     return quant.fake_quant_fp4(round_bf16(quant.hadamard(x.float()), True), FP4_BLOCK)
 
 
+# ---- packed cache rows -------------------------------------------------------------------------------------------
+def _pad8(n, m):
+    return m.div(n + 7, 8) * 8
+
+
+@_register("pack_kv_fp8", "PackKvFp8", "(Tensor x, int rope_dim) -> Tensor",
+           lambda s, a, m: [[*s[0][:-1], _pad8(s[0][-1] + a["rope_dim"] + m.div(s[0][-1] - a["rope_dim"],
+                                                                                 quant.KV_SCALE_BLOCK), m)]],
+           ("rope_dim",), output_dtypes=("uint8",))
+def pack_kv_fp8(x: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """KV rows [..., D] -> the FP8 cache row format [..., kv_row_bytes(D, rope_dim)] uint8 (quant.py): the D -
+    rope_dim non-RoPE dims FP8 e4m3 in blocks of 64 with power-of-two scales rounded up (the reference's KV
+    simulation, act_quant(kv, 64, ue8m0)), the RoPE dims bf16, then the e8m0 scales. Unpacked, a row is exactly
+    the simulation's values."""
+    return quant.pack_kv_fp8(x, rope_dim)
+
+
+@_register("pack_fp4", "PackFp4", "(Tensor x) -> Tensor",
+           lambda s, a, m: [[*s[0][:-1], m.div(s[0][-1], 2) + m.div(s[0][-1], FP4_BLOCK)]],
+           output_dtypes=("uint8",))
+def pack_fp4(x: torch.Tensor) -> torch.Tensor:
+    """Rows [..., d] -> the FP4 cache row format [..., d/2 + d/32] uint8 (quant.py): e2m1 in blocks of 32 with
+    power-of-two scales rounded up, two values per byte (low nibble first), then the e8m0 scales. The indexer's
+    keys come out of hadamard_fp4 already FP4-valued: packing them loses nothing."""
+    return quant.pack_fp4_rows(x)
+
+
+def unpack_rows(rows: torch.Tensor, dim: int, rope_dim: int = 0) -> torch.Tensor:
+    """Cache rows as float32 [..., dim]: packed uint8 rows unpacked (FP8 KV rows with `rope_dim` RoPE dims, or FP4
+    rows when rope_dim is 0), float / bf16 rows widened."""
+    if rows.dtype != torch.uint8:
+        return rows.float()
+    return quant.unpack_kv_fp8(rows, dim, rope_dim) if rope_dim else quant.unpack_fp4_rows(rows, dim)
+
+
 # ---- norms and rotations ---------------------------------------------------------------------------------
 @_register("rms_norm", "RmsNorm", "(Tensor x, Tensor weight, float eps, bool bf16) -> Tensor", _same_shape,
            ("eps", "bf16"), vendor_native=True)
@@ -312,18 +351,19 @@ ATTN_BLOCK = 64  # picks per online-softmax block, as DeepSeek's sparse_attn ker
 
 
 @_register("sparse_attn", "SparseAttn",
-           "(Tensor q, Tensor kv, Tensor sink, Tensor idx, float scale, bool bf16) -> Tensor",
-           _same_shape, ("scale", "bf16"), input_dtypes={"idx": "int64", "kv": CACHE_ROWS})
+           "(Tensor q, Tensor kv, Tensor sink, Tensor idx, float scale, bool bf16, int kv_rope) -> Tensor",
+           _same_shape, ("scale", "bf16", "kv_rope"), input_dtypes={"idx": "int64", "kv": CACHE_ROWS})
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
-                bf16: bool) -> torch.Tensor:
-    """q [B,S,H,D], kv [B,N,D] (K = V), sink [H], idx [B,S,K] int64 rows of kv (-1 = none).
+                bf16: bool, kv_rope: int) -> torch.Tensor:
+    """q [B,S,H,D], kv [B,N,D] (K = V) or packed FP8 rows [B,N,kv_row_bytes(D, kv_rope)] uint8 (kv_rope: their
+    RoPE dims; 0 for float rows), sink [H], idx [B,S,K] int64 rows of kv (-1 = none).
     o[b,s,h] = sum_k p_k kv[idx_k] with p = exp(l_k) / (sum_j exp(l_j) + exp(sink_h)), l = scale q.kv,
     computed as DeepSeek's kernel does (spec §3.9.2): an online softmax over blocks of 64 picks in idx order;
     per block the unnormalised exp(l - running max) are rounded to bf16 (with `bf16`) before the P.V product,
     the denominator sums them unrounded, and the sink joins the denominator at the end."""
     b, s, h, d = q.shape
     out = torch.empty(b, s, h, d, dtype=torch.float32, device=q.device)
-    kvf = kv.float()
+    kvf = unpack_rows(kv, d, kv_rope)
     for s0 in range(0, s, 64):  # query blocks bound the gathered [B, s, K, D] tensor
         ib = idx[:, s0:s0 + 64]  # [B, s, K]
         qb = q[:, s0:s0 + 64].float()
@@ -355,7 +395,7 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
            output_dtypes=("int64",), input_dtypes={"n_visible": "int64", "k": CACHE_ROWS})
 def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_visible: torch.Tensor,
                  topk: int, bf16: bool) -> torch.Tensor:
-    """Lightning indexer: q [B,S,h,d], compressed keys k [B,N,d], head weights w [B,S,h] (already scaled),
+    """Lightning indexer: q [B,S,h,d], compressed keys k [B,N,d] (or packed FP4 rows, uint8), head weights w [B,S,h] (already scaled),
     n_visible [B,S] = entries each query may see. score[j] = sum_h w_h relu(q_h . k_j); with `bf16` each
     q_h . k_j, each w_h relu(.) and the head sum are rounded to bf16 as the reference's bf16 einsum, product
     and reduction do (spec §3.9.4). Entries j >= n_visible are -inf; returns the top-min(topk, N) entry ids
@@ -374,11 +414,12 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_visible: t
 @_register("indexer_scores", "IndexerScores", "(Tensor q, Tensor k, Tensor w, bool bf16) -> Tensor",
            lambda s, a, m: [[s[0][0], s[0][1], s[1][1]]], ("bf16",), input_dtypes={"k": CACHE_ROWS})
 def indexer_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, bf16: bool) -> torch.Tensor:
-    """The lightning indexer's scores over the heads it is given: q [B,S,h,d], k [B,N,d], w [B,S,h] ->
+    """The lightning indexer's scores over the heads it is given: q [B,S,h,d], k [B,N,d] (or packed FP4 rows), w [B,S,h] ->
     score [B,S,N] = sum_h w_h relu(q_h . k_j), rounded to bf16 as indexer_topk does (spec §3.9.4); no mask.
     Under tensor parallelism each rank scores its own heads and the partial scores are all-reduced before the
     top-k (spec §2.5)."""
-    scores = round_bf16(torch.einsum("bshd,bnd->bshn", q.float(), k.float()), bf16).relu()
+    keys = unpack_rows(k, q.shape[-1])
+    scores = round_bf16(torch.einsum("bshd,bnd->bshn", q.float(), keys), bf16).relu()
     scores = round_bf16(scores * w.float()[..., None], bf16)
     return round_bf16(scores.sum(dim=2), bf16)
 

@@ -187,6 +187,15 @@ MAPPING: dict[str, Mapping] = {m.dsv4_op: m for m in (
             "quantizes to FP8/INT8 (IndexerCompressEpilog, QuantLightningIndexer), not FP4; ours rounds the "
             "rotation to bf16 before the FP4 simulation (spec §3.9.3)",
             source="[recipes] ops/ascendc/docs/custom-npu_indexer_compress_epilog.md"),
+    Mapping("PackKvFp8", "dsv4 PackKvFp8 (kernel TBD)", "dsv4 PackKvFp8 (kernel TBD)", "tbd",
+            nearest="KvCompressEpilog (cann-recipes-infer) writes compressed KV into an FP8 cache; not checked "
+            "to match quant.pack_kv_fp8's row byte for byte (e4m3 non-RoPE dims, bf16 RoPE dims, one e8m0 "
+            "scale per 64 dims, rows padded to 8 bytes), which SparseAttn here reads",
+            source="[recipes] ops/ascendc/docs/custom-npu_kv_compress_epilog.md; spec §4.2"),
+    Mapping("PackFp4", "dsv4 PackFp4 (kernel TBD)", "dsv4 PackFp4 (kernel TBD)", "tbd",
+            nearest="none: the cann-recipes-infer indexer keeps FP8/INT8 keys (IndexerCompressEpilog), not FP4 "
+            "rows of e2m1 pairs + e8m0 scales (quant.pack_fp4_rows)",
+            source="[recipes] ops/ascendc/docs/custom-npu_indexer_compress_epilog.md"),
 )}
 
 

@@ -17,7 +17,7 @@ Per op:
                are compile-time constants), so the engine runs without Python;
   * impl       JIT fallback for every op: the launcher on TensorRT's stream (needs Python + torch at run time).
   indexer_topk (score kernel + top-k over packed keys) and moe_experts (routing glue + two grouped GEMMs) are
-  multi-kernel and JIT only.
+  multi-kernel and JIT only; pack_kv_fp8 / pack_fp4 (the packed cache rows' writers) are torch glue, JIT only.
 
 Verified here: module imports without TensorRT, `output_shapes` equals every op's fake kernel, every AOT
 kernel spec compiles for sm_90 and its PTX has exactly TensorRT's parameter list (after dropping Triton's two
@@ -43,9 +43,10 @@ PLUGIN_NAMESPACE = "dsv4"
 # JIT plugin (`_register`); the single-kernel ones also an AOT kernel. tests/test_triton_kernels.py checks both
 # against what `_register` registers.
 PLUGIN_OPS = ("fp8_linear", "fp8_grouped_linear", "moe_experts", "fake_quant_fp8", "hadamard_fp4", "sparse_attn",
-              "indexer_topk", "indexer_scores", "compress_pool", "hc_pre", "hc_post")
+              "indexer_topk", "indexer_scores", "compress_pool", "hc_pre", "hc_post", "pack_kv_fp8", "pack_fp4")
 AOT_OPS = ("fp8_linear", "fp8_grouped_linear", "fake_quant_fp8", "hadamard_fp4", "sparse_attn", "indexer_scores",
            "compress_pool", "hc_pre", "hc_post")
+TORCH_GLUE_OPS = ("pack_kv_fp8", "pack_fp4")  # JIT plugins whose launcher is torch ops, not a Triton kernel
 # The collectives (all_reduce, all_gather) are no plugins: the engine build splices TensorRT's own
 # IDistCollectiveLayer (NCCL) in their place (collectives.py).
 GEMM_TACTICS = {1: (16, 32), 2: (64, 128)}  # (BLOCK_M, BLOCK_N): decode-shaped / prefill-shaped
@@ -127,6 +128,7 @@ def aot_kernel(op: str, shapes: Sequence[Sequence[Any]], attrs: dict, cdiv: Call
     dsv4c.targets.tensorrt.kernels (same kernels, same block choices); `cdiv` is triton.cdiv or trtp.cdiv
     (shape expressions), applied through _ceil_div. `bf16_inputs`: positions of inputs that come as bf16 (cache
     rows; the kernels widen what they load), typed *bf16 in the signature."""
+    from dsv4c.graphs.quant import kv_row_bytes
     from dsv4c.targets.tensorrt.kernels import attention, compressor, fp8_gemm, hyper_connections, indexer, quant
     from dsv4c.targets.tensorrt.kernels.common import next_pow2
 
@@ -167,9 +169,10 @@ def aot_kernel(op: str, shapes: Sequence[Sequence[Any]], attrs: dict, cdiv: Call
         b, s_, h, d = shapes[0]
         d = _static(d, "sparse_attn: head dim of q")
         bh, bk, bd, dc, warps = attention.attn_blocks(d)
+        rope = int(attrs.get("kv_rope", 0))  # > 0: packed FP8 rows (uint8)
         c = dict(D=d, SCALE=float(attrs["scale"]), BF16=bool(attrs["bf16"]), PRECISION="tf32x3", BLOCK_H=bh,
-                 BLOCK_K=bk, BLOCK_D=bd, BLOCK_DC=dc)
-        s = sig([("q_ptr", "fp32"), ("kv_ptr", "fp32"), ("sink_ptr", "fp32"), ("idx_ptr", "i64")],
+                 BLOCK_K=bk, BLOCK_D=bd, BLOCK_DC=dc, ROPE=rope, ROW_BYTES=kv_row_bytes(d, rope) if rope else 0)
+        s = sig([("q_ptr", "fp32"), ("kv_ptr", "u8" if rope else "fp32"), ("sink_ptr", "fp32"), ("idx_ptr", "i64")],
                 ["S", "H", "N", "K"], [("o_ptr", "fp32")], c)
         return AotKernel(attention.sparse_attn_kernel, s, c, (b * s_, ceil_div(h, bh), 1),
                          [s_, h, shapes[1][1], shapes[3][2]], num_warps=warps, n_inputs=4)
@@ -178,8 +181,11 @@ def aot_kernel(op: str, shapes: Sequence[Sequence[Any]], attrs: dict, cdiv: Call
         h = _static(h, "indexer_scores: head count of q")
         d = _static(d, "indexer_scores: head dim of q")
         bs, bh, bn, bd = indexer.indexer_blocks(h, d)
-        c = dict(D=d, BF16=bool(attrs["bf16"]), PRECISION="tf32x3", BLOCK_S=bs, BLOCK_H=bh, BLOCK_N=bn, BLOCK_D=bd)
-        s = sig([("q_ptr", "fp32"), ("k_ptr", "fp32"), ("w_ptr", "fp32")], ["S", "H", "N"], [("out_ptr", "fp32")], c)
+        packed = _static(shapes[1][2], "indexer_scores: last dim of k") != d  # packed FP4 rows are narrower
+        c = dict(D=d, BF16=bool(attrs["bf16"]), PRECISION="tf32x3", BLOCK_S=bs, BLOCK_H=bh, BLOCK_N=bn, BLOCK_D=bd,
+                 PACKED=packed)
+        s = sig([("q_ptr", "fp32"), ("k_ptr", "u8" if packed else "fp32"), ("w_ptr", "fp32")], ["S", "H", "N"],
+                [("out_ptr", "fp32")], c)
         n = shapes[1][1]
         return AotKernel(indexer.indexer_scores_kernel, s, c, (b, ceil_div(s_, bs), ceil_div(n, bn)), [s_, h, n],
                          n_inputs=3)
@@ -278,7 +284,7 @@ def _register(trt: Any, trtp: Any) -> None:  # noqa: C901  (one block per op, on
     from dsv4c.targets.tensorrt.kernels import LAUNCHERS
 
     TD, T = trtp.TensorDesc, trtp.Tensor
-    dtypes = {"float32": trt.float32, "int64": trt.int64}
+    dtypes = {"float32": trt.float32, "int64": trt.int64, "uint8": trt.uint8}
 
     def desc(op: str, inputs: list, attrs: dict):
         shapes = [list(t.shape_expr) for t in inputs]
@@ -389,18 +395,36 @@ def _register(trt: Any, trtp: Any) -> None:  # noqa: C901  (one block per op, on
     def _(x: TD, outputs: Tuple[TD], tactic: int) -> AotOut:
         return aot("hadamard_fp4", [x], {}, tactic)
 
+    # pack_kv_fp8, pack_fp4 (JIT only) ----------------------------------------------------------------------------
+    @trtp.register(plugin_id("pack_kv_fp8"))
+    def _(x: TD, rope_dim: int) -> TD:
+        return desc("pack_kv_fp8", [x], dict(rope_dim=rope_dim))
+
+    @trtp.impl(plugin_id("pack_kv_fp8"))
+    def _(x: T, rope_dim: int, outputs: Tuple[T], stream: int) -> None:
+        jit("pack_kv_fp8", [x], dict(rope_dim=rope_dim), outputs, stream)
+
+    @trtp.register(plugin_id("pack_fp4"))
+    def _(x: TD) -> TD:
+        return desc("pack_fp4", [x], {})
+
+    @trtp.impl(plugin_id("pack_fp4"))
+    def _(x: T, outputs: Tuple[T], stream: int) -> None:
+        jit("pack_fp4", [x], {}, outputs, stream)
+
     # sparse_attn ----------------------------------------------------------------------------------------------
     @trtp.register(plugin_id("sparse_attn"))
-    def _(q: TD, kv: TD, sink: TD, idx: TD, scale: float, bf16: int) -> TD:
-        return desc("sparse_attn", [q, kv, sink, idx], dict(scale=scale, bf16=bf16))
+    def _(q: TD, kv: TD, sink: TD, idx: TD, scale: float, bf16: int, kv_rope: int) -> TD:
+        return desc("sparse_attn", [q, kv, sink, idx], dict(scale=scale, bf16=bf16, kv_rope=kv_rope))
 
     @trtp.impl(plugin_id("sparse_attn"))
-    def _(q: T, kv: T, sink: T, idx: T, scale: float, bf16: int, outputs: Tuple[T], stream: int) -> None:
-        jit("sparse_attn", [q, kv, sink, idx], dict(scale=scale, bf16=bf16), outputs, stream)
+    def _(q: T, kv: T, sink: T, idx: T, scale: float, bf16: int, kv_rope: int, outputs: Tuple[T], stream: int) -> None:
+        jit("sparse_attn", [q, kv, sink, idx], dict(scale=scale, bf16=bf16, kv_rope=kv_rope), outputs, stream)
 
     @aot_impl(plugin_id("sparse_attn"))
-    def _(q: TD, kv: TD, sink: TD, idx: TD, scale: float, bf16: int, outputs: Tuple[TD], tactic: int) -> AotOut:
-        return aot("sparse_attn", [q, kv, sink, idx], dict(scale=scale, bf16=bf16), tactic)
+    def _(q: TD, kv: TD, sink: TD, idx: TD, scale: float, bf16: int, kv_rope: int, outputs: Tuple[TD],
+          tactic: int) -> AotOut:
+        return aot("sparse_attn", [q, kv, sink, idx], dict(scale=scale, bf16=bf16, kv_rope=kv_rope), tactic)
 
     # indexer_topk (JIT only) ----------------------------------------------------------------------------------
     @trtp.register(plugin_id("indexer_topk"))

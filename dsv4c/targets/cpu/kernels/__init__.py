@@ -4,4 +4,5 @@
 # Ops not listed run as their ONNX function bodies (dsv4c.targets.coverage).
 CPP_KERNELS = frozenset({"Fp8Linear", "Bf16Linear", "Fp8GroupedLinear", "MoeExperts", "FakeQuantFp8", "HadamardFp4",
                          "RmsNorm", "HeadRescale", "Rope", "SparseAttn", "IndexerTopK", "IndexerScores", "CompressPool",
-                         "HcPre", "HcPost", "CacheWrite", "AllReduce", "AllGather"})
+                         "HcPre", "HcPost", "CacheWrite", "AllReduce", "AllGather", "PackKvFp8",
+                         "PackFp4"})

@@ -110,6 +110,89 @@ void hadamard_fp4(const float* x, float* y, int64_t d) {
   }
 }
 
+// ---- packed cache rows (quant.py: pack_kv_fp8 / pack_fp4_rows; the layouts are described there) ---------------
+constexpr int64_t kKvScaleBlock = 64;  // = quant.KV_SCALE_BLOCK
+
+int64_t kv_row_bytes(int64_t d, int64_t rope) {
+  const int64_t nope = d - rope;
+  return (nope + 2 * rope + nope / kKvScaleBlock + 7) / 8 * 8;
+}
+int64_t fp4_row_bytes(int64_t d) { return d / 2 + d / 32; }
+
+inline float e4m3_value(uint8_t b) {
+  const int e = (b >> 3) & 15, m = b & 7;
+  float v = e == 0 ? std::ldexp((float)m, -9) : std::ldexp((float)(8 + m), e - 10);
+  if ((b & 0x7f) == 0x7f) v = NAN;
+  return (b & 0x80) ? -v : v;
+}
+// the byte of a value on the e4m3 grid (round_e4m3's output), sign of zero kept
+inline uint8_t e4m3_code(float v) {
+  const uint32_t u = to_bits(v), sign = (u >> 31) << 7, a = u & 0x7FFFFFFFu;
+  if (a >= 0x3C800000u) return (uint8_t)(sign | (((a >> 23) - 127 + 7) << 3) | ((a >> 20) & 7));  // >= 2^-6
+  return (uint8_t)(sign | (uint32_t)std::ldexp(from_bits(a), 9));  // subnormal: a multiple of 2^-9
+}
+inline float e2m1_value(uint8_t c) {
+  static const float mag[8] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
+  return (c & 8) ? -mag[c & 7] : mag[c & 7];
+}
+// the nibble of a value on the e2m1 grid (round_e2m1's output), sign of zero kept
+inline uint8_t e2m1_code(float v) {
+  const float m = std::fabs(v);
+  const int code = m < 2.f ? (int)(m * 2) : (m < 4.f ? (int)m + 2 : (int)(m / 2) + 4);
+  return (uint8_t)((std::signbit(v) ? 8 : 0) | code);
+}
+inline uint8_t e8m0_byte(float pow2) {
+  int e;
+  std::frexp(pow2, &e);
+  return (uint8_t)std::clamp(e - 1 + 127, 0, 254);
+}
+inline float e8m0_value(uint8_t b) { return std::ldexp(1.0f, (int)b - 127); }
+
+void pack_kv_row(const float* x, int64_t d, int64_t rope, uint8_t* out) {
+  const int64_t nope = d - rope;
+  uint8_t* scales = out + nope + 2 * rope;
+  for (int64_t b0 = 0; b0 < nope; b0 += kKvScaleBlock) {  // fake_quant_fp8(x, 64)'s arithmetic
+    float amax = 0.f;
+    for (int64_t i = b0; i < b0 + kKvScaleBlock; ++i) amax = std::fmax(amax, std::fabs(x[i]));
+    const float scale = ceil_pow2(std::fmax(amax, 1e-4f) / 448.0f), inv = 1.0f / scale;
+    for (int64_t i = b0; i < b0 + kKvScaleBlock; ++i) out[i] = e4m3_code(round_e4m3(std::clamp(x[i] * inv, -448.f, 448.f)));
+    scales[b0 / kKvScaleBlock] = e8m0_byte(scale);
+  }
+  for (int64_t i = 0; i < rope; ++i) {
+    const uint32_t bits = to_bits(round_bf16(x[nope + i])) >> 16;
+    out[nope + 2 * i] = (uint8_t)(bits & 0xFF);
+    out[nope + 2 * i + 1] = (uint8_t)(bits >> 8);
+  }
+  for (int64_t i = nope + 2 * rope + nope / kKvScaleBlock; i < kv_row_bytes(d, rope); ++i) out[i] = 0;
+}
+
+void unpack_kv_row(const uint8_t* row, int64_t d, int64_t rope, float* out) {
+  const int64_t nope = d - rope;
+  const uint8_t* scales = row + nope + 2 * rope;
+  for (int64_t i = 0; i < nope; ++i) out[i] = e4m3_value(row[i]) * e8m0_value(scales[i / kKvScaleBlock]);
+  for (int64_t i = 0; i < rope; ++i)
+    out[nope + i] = from_bits((uint32_t)(row[nope + 2 * i] | (row[nope + 2 * i + 1] << 8)) << 16);
+}
+
+void pack_fp4_row(const float* x, int64_t d, uint8_t* out) {
+  for (int64_t b0 = 0; b0 < d; b0 += 32) {  // fake_quant_fp4's arithmetic
+    float amax = 0.f;
+    for (int64_t i = b0; i < b0 + 32; ++i) amax = std::fmax(amax, std::fabs(x[i]));
+    const float scale = ceil_pow2(std::fmax(amax, 6.0f * 0x1p-126f) / 6.0f), inv = 1.0f / scale;
+    for (int64_t i = b0; i < b0 + 32; i += 2)
+      out[i / 2] = e2m1_code(round_e2m1(x[i] * inv)) | (e2m1_code(round_e2m1(x[i + 1] * inv)) << 4);
+    out[d / 2 + b0 / 32] = e8m0_byte(scale);
+  }
+}
+
+void unpack_fp4_row(const uint8_t* row, int64_t d, float* out) {
+  for (int64_t i = 0; i < d; i += 2) {
+    const float scale = e8m0_value(row[d / 2 + i / 32]);
+    out[i] = e2m1_value(row[i / 2] & 15) * scale;
+    out[i + 1] = e2m1_value(row[i / 2] >> 4) * scale;
+  }
+}
+
 // x row [K] -> fp4 kernel order (kernels.h): per 32-block the even elements, then the odd ones.
 void fp4_order(const float* x, float* out, int64_t k) {
   for (int64_t b = 0; b < k; b += 32)
@@ -164,7 +247,8 @@ struct Tensor {
   const int64_t* i64() const { return static_cast<const int64_t*>(data); }
   // row r of a [.., N, D] float or bf16 tensor (cache rows), as the kernels' untyped row pointer
   const void* row(int64_t r) const {
-    return static_cast<const char*>(data) + r * dim(-1) * (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 ? 2 : 4);
+    const int64_t size = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 ? 2 : (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 ? 1 : 4);
+    return static_cast<const char*>(data) + r * dim(-1) * size;
   }
 };
 
@@ -214,12 +298,13 @@ class Context {
     return t;
   }
 
-  // cache rows: float, or bf16 where the engine stores them as the reference does
+  // cache rows: float, bf16 where the engine stores them as the reference does, or uint8 rows in a packed format
   Tensor cache_rows(size_t i, const char* name, int rank) const {
     const Tensor t = input(i, name, ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, rank);
-    if (t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16)
-      fail(std::string("input '") + name + "' must be float or bfloat16, got " + type_name(t.type) + " " +
-           shape_str(t.shape));
+    if (t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 &&
+        t.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8)
+      fail(std::string("input '") + name + "' must be float, bfloat16 or packed uint8 rows, got " + type_name(t.type) +
+           " " + shape_str(t.shape));
     return t;
   }
 
@@ -671,6 +756,40 @@ struct HadamardFp4 : Kernel {
   }
 };
 
+// registry.pack_kv_fp8 / pack_fp4: float rows [..., d] -> packed uint8 rows (quant.py's layouts)
+struct PackKvFp8 : Kernel {
+  int64_t rope;
+  explicit PackKvFp8(const OrtKernelInfo* info) : rope(attr_int(info, "PackKvFp8", "rope_dim")) {}
+
+  void compute(OrtKernelContext* ctx) override {
+    Context c(ctx, "PackKvFp8", inline_work_);
+    const Tensor x = c.input(0, "x", F32);
+    const int64_t d = x.rank() ? x.dim(-1) : 0;
+    c.require(rope > 0 && rope < d && (d - rope) % kKvScaleBlock == 0,
+              "rope_dim=" + std::to_string(rope) + " must leave a multiple of 64 non-RoPE dims of x " + shape_str(x.shape));
+    std::vector<int64_t> shape = x.shape;
+    shape.back() = kv_row_bytes(d, rope);
+    uint8_t* y = c.output<uint8_t>(0, shape);
+    const int64_t rows = x.numel() / d;
+    c.parallel(rows, 4.0 * x.numel(), [&](size_t r) { pack_kv_row(x.f32() + r * d, d, rope, y + r * shape.back()); });
+  }
+};
+
+struct PackFp4 : Kernel {
+  explicit PackFp4(const OrtKernelInfo*) {}
+
+  void compute(OrtKernelContext* ctx) override {
+    Context c(ctx, "PackFp4", inline_work_);
+    const Tensor x = c.input(0, "x", F32);
+    const int64_t d = x.rank() ? x.dim(-1) : 0;
+    c.require(d > 0 && d % 32 == 0, "the last dim of x " + shape_str(x.shape) + " must be a multiple of 32");
+    std::vector<int64_t> shape = x.shape;
+    shape.back() = fp4_row_bytes(d);
+    uint8_t* y = c.output<uint8_t>(0, shape);
+    c.parallel(x.numel() / d, 4.0 * x.numel(), [&](size_t r) { pack_fp4_row(x.f32() + r * d, d, y + r * shape.back()); });
+  }
+};
+
 // registry.rms_norm: y = (x * r) * w with r = 1 / sqrt(mean(x^2) + eps) per row of D. The squares are summed in
 // double and the sum rounded once (torch sums them in fp32 lanes: the two agree within an fp32 ulp of the mean).
 // With bf16 the input is rounded to bf16 as it is read and the result as it is written.
@@ -766,19 +885,29 @@ struct Rope : Kernel {
   }
 };
 
+// Packed FP8 kv rows (kv_rope > 0) are unpacked as they are picked: each task unpacks its query's picks into a
+// float buffer and runs the float kernel on it (the same values, so the same result as float rows).
 struct SparseAttn : Kernel {
   float scale;
   bool bf16;
+  int64_t kv_rope;
   explicit SparseAttn(const OrtKernelInfo* info)
-      : scale(attr_float(info, "SparseAttn", "scale")), bf16(attr_int(info, "SparseAttn", "bf16") != 0) {}
+      : scale(attr_float(info, "SparseAttn", "scale")), bf16(attr_int(info, "SparseAttn", "bf16") != 0),
+        kv_rope(attr_int(info, "SparseAttn", "kv_rope")) {}
 
   void compute(OrtKernelContext* ctx) override {
     Context c(ctx, "SparseAttn", inline_work_);
     const Tensor q = c.input(0, "q", F32, 4), kv = c.cache_rows(1, "kv", 3), sink = c.input(2, "sink", F32, 1),
                  idx = c.input(3, "idx", I64, 3);
     const int64_t B = q.dim(0), S = q.dim(1), H = q.dim(2), D = q.dim(3), N = kv.dim(1), K = idx.dim(2);
-    c.require(kv.dim(0) == B && kv.dim(2) == D, "kv " + shape_str(kv.shape) + " must be [B, N, D] for q " +
-                                                    shape_str(q.shape));
+    const bool packed = kv.type == U8;
+    c.require(packed == (kv_rope > 0), "kv must be packed uint8 rows exactly when attribute kv_rope > 0 (kv_rope=" +
+                                           std::to_string(kv_rope) + ", kv " + type_name(kv.type) + ")");
+    const int64_t width = packed ? kv_row_bytes(D, kv_rope) : D;
+    c.require(!packed || (kv_rope < D && (D - kv_rope) % kKvScaleBlock == 0),
+              "kv_rope=" + std::to_string(kv_rope) + " must leave a multiple of 64 non-RoPE dims of D=" + std::to_string(D));
+    c.require(kv.dim(0) == B && kv.dim(2) == width, "kv " + shape_str(kv.shape) + " must be [B, N, " +
+                                                        std::to_string(width) + "] for q " + shape_str(q.shape));
     c.require(sink.dim(0) == H, "sink " + shape_str(sink.shape) + " must be [H] = [" + std::to_string(H) + "]");
     c.require(idx.dim(0) == B && idx.dim(1) == S, "idx " + shape_str(idx.shape) + " must be [B, S, K] for q " +
                                                       shape_str(q.shape));
@@ -791,11 +920,51 @@ struct SparseAttn : Kernel {
       thread_local std::vector<float> scratch;
       scratch.resize(4 * (64 + D));
       const int64_t bs = t / groups, h0 = (t % groups) * 4, b = bs / S;
-      isa->sparse_attn_query(q.f32() + bs * H * D, kv.row(b * N), kv.type == BF16, ix + bs * K, K, sink.f32(), h0,
+      const void* rows = kv.row(b * N);
+      const int64_t* picks = ix + bs * K;
+      if (packed) {  // the picked rows, unpacked in pick order; picks become 0 .. K-1 (-1 stays)
+        thread_local std::vector<float> unpacked;
+        thread_local std::vector<int64_t> order;
+        unpacked.resize(K * D);
+        order.resize(K);
+        for (int64_t j = 0; j < K; ++j) {
+          order[j] = picks[j] < 0 ? -1 : j;
+          if (picks[j] >= 0) unpack_kv_row(kv.u8() + (b * N + picks[j]) * width, D, kv_rope, unpacked.data() + j * D);
+        }
+        rows = unpacked.data();
+        picks = order.data();
+      }
+      isa->sparse_attn_query(q.f32() + bs * H * D, rows, kv.type == BF16, picks, K, sink.f32(), h0,
                              std::min(H, h0 + 4), D, scale, bf16, out + bs * H * D, scratch.data());
     });
   }
 };
+
+// Indexer scores of query bs (of [B, S]) for entries [n0, n1) into scores[n0 .. n1): packed FP4 keys (uint8 rows)
+// are unpacked into a float buffer first (the same values as the simulation's).
+void indexer_scores_range(const IsaKernels* isa, const Tensor& q, const Tensor& k, const Tensor& w, int64_t bs,
+                          int64_t n0, int64_t n1, bool bf16, float* scores) {
+  const int64_t S = q.dim(1), Hh = q.dim(2), D = q.dim(3), N = k.dim(1), b = bs / S;
+  const float* qs = q.f32() + bs * Hh * D;
+  const float* ws = w.f32() + bs * Hh;
+  if (k.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) {
+    isa->indexer_scores(qs, ws, Hh, k.row(b * N), k.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16, D, n0, n1, bf16,
+                        scores);
+    return;
+  }
+  thread_local std::vector<float> keys;
+  keys.resize((n1 - n0) * D);
+  for (int64_t j = n0; j < n1; ++j) unpack_fp4_row(k.u8() + (b * N + j) * k.dim(2), D, keys.data() + (j - n0) * D);
+  isa->indexer_scores(qs, ws, Hh, keys.data(), false, D, 0, n1 - n0, bf16, scores + n0);
+}
+
+// k rows as IndexerTopK / IndexerScores take them: [B, N, d] values or [B, N, d/2 + d/32] packed FP4 rows
+void require_index_keys(const Context& c, const Tensor& q, const Tensor& k) {
+  const int64_t D = q.dim(3), width = k.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 ? fp4_row_bytes(D) : D;
+  c.require(D % 32 == 0 || k.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, "packed FP4 keys need d a multiple of 32");
+  c.require(k.dim(0) == q.dim(0) && k.dim(2) == width, "k " + shape_str(k.shape) + " must be [B, N, " +
+                                                           std::to_string(width) + "] for q " + shape_str(q.shape));
+}
 
 struct IndexerTopK : Kernel {
   int64_t topk;
@@ -810,8 +979,7 @@ struct IndexerTopK : Kernel {
     const Tensor q = c.input(0, "q", F32, 4), k = c.cache_rows(1, "k", 3), w = c.input(2, "w", F32, 3),
                  nv = c.input(3, "n_visible", I64, 2);
     const int64_t B = q.dim(0), S = q.dim(1), Hh = q.dim(2), D = q.dim(3), N = k.dim(1), Kout = std::min(topk, N);
-    c.require(k.dim(0) == B && k.dim(2) == D, "k " + shape_str(k.shape) + " must be [B, N, d] for q " +
-                                                  shape_str(q.shape));
+    require_index_keys(c, q, k);
     c.require(w.shape == std::vector<int64_t>{B, S, Hh}, "w " + shape_str(w.shape) + " must be [B, S, h] for q " +
                                                              shape_str(q.shape));
     c.require(nv.shape == std::vector<int64_t>{B, S}, "n_visible " + shape_str(nv.shape) + " must be [B, S]");
@@ -825,8 +993,7 @@ struct IndexerTopK : Kernel {
     c.parallel(B * S * chunks, double(B) * S * N * Hh * D, [&](size_t t) {
       const int64_t bs = t / chunks, n0 = (t % chunks) * chunk, n1 = std::min(visible(bs), n0 + chunk);
       if (n0 >= n1) return;
-      isa->indexer_scores(q.f32() + bs * Hh * D, w.f32() + bs * Hh, Hh, k.row((bs / S) * N), k.type == BF16, D, n0,
-                          n1, bf16, scores.data() + bs * N);
+      indexer_scores_range(isa, q, k, w, bs, n0, n1, bf16, scores.data() + bs * N);
     });
 
     // top-K per query: descending score, ties lower entry first (NaN counts as largest, as torch's sort);
@@ -859,16 +1026,14 @@ struct IndexerScores : Kernel {
     Context c(ctx, "IndexerScores", inline_work_);
     const Tensor q = c.input(0, "q", F32, 4), k = c.cache_rows(1, "k", 3), w = c.input(2, "w", F32, 3);
     const int64_t B = q.dim(0), S = q.dim(1), Hh = q.dim(2), D = q.dim(3), N = k.dim(1);
-    c.require(k.dim(0) == B && k.dim(2) == D, "k " + shape_str(k.shape) + " must be [B, N, d] for q " +
-                                                  shape_str(q.shape));
+    require_index_keys(c, q, k);
     c.require(w.shape == std::vector<int64_t>{B, S, Hh}, "w " + shape_str(w.shape) + " must be [B, S, h] for q " +
                                                              shape_str(q.shape));
     float* out = c.output<float>(0, {B, S, N});
     const int64_t chunk = 256, chunks = (N + chunk - 1) / chunk;  // tasks: (query, 256 entries)
     c.parallel(B * S * chunks, double(B) * S * N * Hh * D, [&](size_t t) {
       const int64_t bs = t / chunks, n0 = (t % chunks) * chunk, n1 = std::min(N, n0 + chunk);
-      isa->indexer_scores(q.f32() + bs * Hh * D, w.f32() + bs * Hh, Hh, k.row((bs / S) * N), k.type == BF16, D, n0,
-                          n1, bf16, out + bs * N);
+      indexer_scores_range(isa, q, k, w, bs, n0, n1, bf16, out + bs * N);
     });
   }
 };
@@ -1089,6 +1254,8 @@ std::vector<OpEntry>& ops() {
                    make<MoeExperts>);
     t.emplace_back("FakeQuantFp8", std::vector{F32}, std::vector{F32}, make<FakeQuantFp8>);
     t.emplace_back("HadamardFp4", std::vector{F32}, std::vector{F32}, make<HadamardFp4>);
+    t.emplace_back("PackKvFp8", std::vector{F32}, std::vector{U8}, make<PackKvFp8>);
+    t.emplace_back("PackFp4", std::vector{F32}, std::vector{U8}, make<PackFp4>);
     t.emplace_back("RmsNorm", std::vector{F32, F32}, std::vector{F32}, make<RmsNorm>);
     t.emplace_back("HeadRescale", std::vector{F32}, std::vector{F32}, make<HeadRescale>);
     t.emplace_back("Rope", std::vector{F32, F32, I64}, std::vector{F32}, make<Rope>);

@@ -5,6 +5,7 @@ One module per kernel family; each exposes a launcher named like its op, taking 
 down to its bf16 rounding points (spec §3.9):
 
     quant.py               fake_quant_fp8, hadamard_fp4                    1 kernel each
+                           pack_kv_fp8, pack_fp4                           torch glue (no kernel yet)
     fp8_gemm.py            fp8_linear, fp8_grouped_linear                  1 kernel (act quant fused)
     attention.py           sparse_attn                                     1 kernel (64-pick online softmax + sink)
     compressor.py          compress_pool                                   1 kernel
@@ -25,7 +26,7 @@ from dsv4c.targets.tensorrt.kernels.fp8_gemm import fp8_grouped_linear, fp8_line
 from dsv4c.targets.tensorrt.kernels.hyper_connections import hc_post, hc_pre
 from dsv4c.targets.tensorrt.kernels.indexer import indexer_scores, indexer_topk
 from dsv4c.targets.tensorrt.kernels.moe import moe_experts
-from dsv4c.targets.tensorrt.kernels.quant import fake_quant_fp8, hadamard_fp4
+from dsv4c.targets.tensorrt.kernels.quant import fake_quant_fp8, hadamard_fp4, pack_fp4, pack_kv_fp8
 
 LAUNCHERS = {
     "fp8_linear": fp8_linear,
@@ -33,6 +34,8 @@ LAUNCHERS = {
     "moe_experts": moe_experts,
     "fake_quant_fp8": fake_quant_fp8,
     "hadamard_fp4": hadamard_fp4,
+    "pack_kv_fp8": pack_kv_fp8,
+    "pack_fp4": pack_fp4,
     "sparse_attn": sparse_attn,
     "indexer_topk": indexer_topk,
     "indexer_scores": indexer_scores,

@@ -12,6 +12,7 @@ sparse_attn, spec §3.9.2): exactly ATTN_BLOCK = 64 picks per block, in idx orde
 and at the end o = acc / (denom + exp(sink_h - m)): the sink joins the denominator only, against the final
 max (0 while nothing was valid, so blocks of -1 picks give exp(-inf) = 0, never NaN). Rows with no valid pick
 give o = 0. Indices outside [0, N) are treated as -1 (never read), so a bad index cannot fault the GPU.
+kv rows are float, bf16, or packed FP8 rows (ROPE > 0: quant.pack_kv_fp8), unpacked as they are loaded.
 """
 
 from __future__ import annotations
@@ -21,15 +22,18 @@ import triton
 import triton.language as tl
 
 from dsv4c.graphs.ops.registry import ATTN_BLOCK
-from dsv4c.targets.tensorrt.kernels.common import (F32_PRECISION, cache_rows, check_shape, check_tensors, f32,
-                                                    next_pow2, require, round_bf16)
+from dsv4c.graphs import quant
+from dsv4c.targets.tensorrt.kernels.common import (F32_PRECISION, check_shape, check_tensors, f32, load_kv_rows,
+                                                    next_pow2, packed_rows, require, round_bf16)
 
 
 @triton.jit
 def sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, S, H, N, K, o_ptr,
                        D: tl.constexpr, SCALE: tl.constexpr, BF16: tl.constexpr, PRECISION: tl.constexpr,
-                       BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr):
-    # q [B,S,H,D] f32, kv [B,N,D] f32, sink [H] f32, idx [B,S,K] i64 -> o [B,S,H,D]; program (b*S+s, head block)
+                       BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
+                       ROPE: tl.constexpr = 0, ROW_BYTES: tl.constexpr = 0):
+    # q [B,S,H,D] f32, kv [B,N,D] f32 / bf16 or [B,N,ROW_BYTES] packed (ROPE > 0), sink [H] f32, idx [B,S,K] i64
+    # -> o [B,S,H,D]; program (b*S+s, head block)
     # q.kv runs over D in chunks of BLOCK_DC (only a [BH, DC] slice of q and a [BK, DC] slice of the rows live
     # at once); the P.V product needs the full rows, re-read from L1/L2
     bs = tl.program_id(0).to(tl.int64)
@@ -45,13 +49,12 @@ def sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, S, H, N, K, o_ptr,
         picks = k0 + tl.arange(0, BLOCK_K)
         ids = tl.load(idx_ptr + bs * K + picks, mask=picks < K, other=-1)
         valid = (ids >= 0) & (ids < N)
-        row_base = (b * N + ids)[:, None] * D
+        rows_k = b * N + tl.where(valid, ids, 0)
         logits = tl.zeros((BLOCK_H, BLOCK_K), tl.float32)
         for d0 in tl.static_range(0, BLOCK_D, BLOCK_DC):
             dc = d0 + tl.arange(0, BLOCK_DC)
             qc = tl.load(q_ptr + q_rows + dc[None, :], mask=h_ok[:, None] & (dc < D)[None, :], other=0.0)
-            rc = tl.load(kv_ptr + row_base + dc[None, :], mask=valid[:, None] & (dc < D)[None, :],
-                         other=0.0).to(tl.float32)  # bf16 cache rows: widened exactly
+            rc = load_kv_rows(kv_ptr, rows_k, valid, dc, D, ROPE, ROW_BYTES)
             logits += tl.dot(qc, tl.trans(rc), input_precision=PRECISION)
         logits = tl.where(valid[None, :], logits * SCALE, float("-inf"))  # [BH, BK]
         m_new = tl.maximum(m, tl.max(logits, axis=1))
@@ -61,7 +64,7 @@ def sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, S, H, N, K, o_ptr,
         l = l * alpha + tl.sum(p, axis=1)  # the denominator sums the unrounded p
         if BF16:
             p = round_bf16(p)  # the reference's P.V takes bf16 probabilities
-        rows = tl.load(kv_ptr + row_base + dims[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        rows = load_kv_rows(kv_ptr, rows_k, valid, dims, D, ROPE, ROW_BYTES)
         acc = acc * alpha[:, None] + tl.dot(p, rows, input_precision=PRECISION)
         m = m_new
     sink = tl.load(sink_ptr + heads, mask=h_ok, other=0.0)
@@ -84,14 +87,18 @@ def attn_blocks(d: int) -> tuple[int, int, int, int, int]:
 
 
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
-                bf16: bool) -> torch.Tensor:
-    """dsv4::sparse_attn: q [B,S,H,D], kv [B,N,D], sink [H], idx [B,S,K] int64 (-1 = none) -> o [B,S,H,D];
-    `bf16` rounds each block's probabilities to bf16 before the P.V product."""
+                bf16: bool, kv_rope: int = 0) -> torch.Tensor:
+    """dsv4::sparse_attn: q [B,S,H,D], kv [B,N,D] (or packed FP8 rows [B,N,kv_row_bytes] uint8 with kv_rope
+    RoPE dims), sink [H], idx [B,S,K] int64 (-1 = none) -> o [B,S,H,D]; `bf16` rounds each block's
+    probabilities to bf16 before the P.V product."""
     op = "sparse_attn"
     check_tensors(op, q=q, kv=kv, sink=sink, idx=idx)
     require(q.dim() == 4, op, f"`q` must be [B, S, H, D], got shape {list(q.shape)}")
     b, s, h, d = q.shape
-    check_shape(op, "kv", kv, (b, None, d))
+    require((kv.dtype == torch.uint8) == (kv_rope > 0), op, f"`kv` must be packed uint8 rows exactly when "
+            f"kv_rope > 0, got {kv.dtype} with kv_rope={kv_rope}")
+    width = quant.kv_row_bytes(d, kv_rope) if kv_rope else d
+    check_shape(op, "kv", kv, (b, None, width))
     check_shape(op, "sink", sink, (h,))
     check_shape(op, "idx", idx, (b, s, None))
     require(idx.dtype == torch.int64, op, f"`idx` must be int64, got {idx.dtype}")
@@ -101,6 +108,7 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
         return o
     bh, bk, bd, dc, warps = attn_blocks(d)
     sparse_attn_kernel[(b * s, triton.cdiv(h, bh))](
-        f32(q), cache_rows(kv), f32(sink), idx.contiguous(), s, h, n, k, o, D=d, SCALE=float(scale), BF16=bool(bf16),
-        PRECISION=F32_PRECISION, BLOCK_H=bh, BLOCK_K=bk, BLOCK_D=bd, BLOCK_DC=dc, num_warps=warps)
+        f32(q), packed_rows(kv), f32(sink), idx.contiguous(), s, h, n, k, o, D=d, SCALE=float(scale), BF16=bool(bf16),
+        PRECISION=F32_PRECISION, BLOCK_H=bh, BLOCK_K=bk, BLOCK_D=bd, BLOCK_DC=dc, ROPE=int(kv_rope),
+        ROW_BYTES=width if kv_rope else 0, num_warps=warps)
     return o

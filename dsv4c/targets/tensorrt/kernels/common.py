@@ -192,3 +192,47 @@ def round_to_e2m1(y):
     inv_step = tl.where(mag < 2.0, 2.0, tl.where(mag < 4.0, 1.0, 0.5))
     q = tl.minimum(round_half_even(mag * inv_step) * step, 6.0)
     return tl.where(y < 0, -q, q)
+
+
+# ---- packed cache rows (quant.py's layouts) -----------------------------------------------------------------
+@triton.jit
+def load_kv_rows(kv_ptr, rows, mask_rows, dims, D: tl.constexpr, ROPE: tl.constexpr, ROW_BYTES: tl.constexpr):
+    """Cache rows `rows` [R] (int64 row numbers), dims [C] -> fp32 [R, C]. ROPE = 0: float or bf16 rows of D
+    (widened exactly); ROPE > 0: packed FP8 rows of ROW_BYTES bytes (quant.pack_kv_fp8: e4m3 non-RoPE dims times
+    their block's e8m0 scale, bf16 RoPE dims), unpacked to the same values. Masked lanes give 0."""
+    ok = mask_rows[:, None] & (dims < D)[None, :]
+    if ROPE == 0:
+        return tl.load(kv_ptr + rows[:, None] * D + dims[None, :], mask=ok, other=0.0).to(tl.float32)
+    else:
+        NOPE: tl.constexpr = D - ROPE
+        base = kv_ptr + rows[:, None] * ROW_BYTES
+        nope = (dims < NOPE)[None, :]
+        code = tl.load(base + dims[None, :], mask=ok & nope, other=0)
+        scale = tl.load(base + NOPE + 2 * ROPE + dims[None, :] // 64, mask=ok & nope, other=127)
+        value = decode_e4m3(code) * exp2i(scale.to(tl.int32) - 127)  # pack keeps scales >= 2^-22: normal
+        r = tl.where(nope, 0, dims[None, :] - NOPE)
+        lo = tl.load(base + NOPE + 2 * r, mask=ok & ~nope, other=0).to(tl.int32)
+        hi = tl.load(base + NOPE + 2 * r + 1, mask=ok & ~nope, other=0).to(tl.int32)
+        rope = ((hi << 24) | (lo << 16)).to(tl.float32, bitcast=True)  # bf16 bits are a float's upper half
+        return tl.where(nope, value, rope)
+
+
+@triton.jit
+def load_fp4_rows(k_ptr, rows, mask_rows, dims, D: tl.constexpr, PACKED: tl.constexpr):
+    """Indexer keys `rows` [R], dims [C] -> fp32 [R, C]: float / bf16 rows of D, or (PACKED) quant.pack_fp4_rows
+    rows of D/2 + D/32 bytes (e2m1 pairs, low nibble first, then the e8m0 scales), unpacked exactly."""
+    ok = mask_rows[:, None] & (dims < D)[None, :]
+    if PACKED:
+        ROW: tl.constexpr = D // 2 + D // 32
+        base = k_ptr + rows[:, None] * ROW
+        byte = tl.load(base + dims[None, :] // 2, mask=ok, other=0).to(tl.int32)
+        code = tl.where((dims % 2 == 0)[None, :], byte & 15, (byte >> 4) & 15)
+        scale = tl.load(base + D // 2 + dims[None, :] // 32, mask=ok, other=127).to(tl.int32)
+        return decode_e2m1(code) * exp2i(scale - 127)
+    else:
+        return tl.load(k_ptr + rows[:, None] * D + dims[None, :], mask=ok, other=0.0).to(tl.float32)
+
+
+def packed_rows(t: torch.Tensor) -> torch.Tensor:
+    """Cache rows as the kernels read them: packed uint8 rows as they are, else as cache_rows."""
+    return t.contiguous() if t.dtype == torch.uint8 else cache_rows(t)

@@ -22,8 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4c.targets.tensorrt.kernels.common import (F32_PRECISION, cache_rows, check_shape, check_tensors, f32,
-                                                    next_pow2, require, round_bf16)
+from dsv4c.graphs import quant
+from dsv4c.targets.tensorrt.kernels.common import (F32_PRECISION, check_shape, check_tensors, f32, load_fp4_rows,
+                                                    next_pow2, packed_rows, require, round_bf16)
 
 LOW_MASK = (1 << 32) - 1
 
@@ -31,7 +32,7 @@ LOW_MASK = (1 << 32) - 1
 @triton.jit
 def _head_scores(q_ptr, k_ptr, w_ptr, S, H, N, b, qs, ents, D: tl.constexpr, BF16: tl.constexpr,
                  PRECISION: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
+                 BLOCK_D: tl.constexpr, PACKED: tl.constexpr):
     # sum_h w[b,s,h] relu(q[b,s,h] . k[b,n]) for the BLOCK_S queries `qs` x BLOCK_N entries `ents`, at the
     # reference's bf16 points; the BLOCK_S queries' heads form the rows of one dot. Shared by indexer_topk's key
     # kernel and indexer_scores (the head-partial scores a tensor-parallel rank all-reduces before the top-k).
@@ -41,8 +42,7 @@ def _head_scores(q_ptr, k_ptr, w_ptr, S, H, N, b, qs, ents, D: tl.constexpr, BF1
     q_rows = (b * S + qs)[:, None] * H + heads[None, :]  # [BS, BH]
     q = tl.load(q_ptr + q_rows[:, :, None] * D + dims[None, None, :],
                 mask=(s_ok[:, None] & h_ok[None, :])[:, :, None] & d_ok[None, None, :], other=0.0)
-    keys_t = tl.load(k_ptr + (b * N + ents)[:, None] * D + dims[None, :], mask=n_ok[:, None] & d_ok[None, :],
-                     other=0.0).to(tl.float32)  # bf16 keys: widened exactly
+    keys_t = load_fp4_rows(k_ptr, b * N + tl.where(n_ok, ents, 0), n_ok, dims, D, PACKED)  # bf16: widened exactly
     logits = tl.dot(tl.reshape(q, (BLOCK_S * BLOCK_H, BLOCK_D)), tl.trans(keys_t), input_precision=PRECISION)
     w = tl.load(w_ptr + q_rows, mask=s_ok[:, None] & h_ok[None, :], other=0.0)  # [BS, BH]
     logits = tl.reshape(logits, (BLOCK_S, BLOCK_H, BLOCK_N))
@@ -60,7 +60,7 @@ def _head_scores(q_ptr, k_ptr, w_ptr, S, H, N, b, qs, ents, D: tl.constexpr, BF1
 @triton.jit
 def indexer_keys_kernel(q_ptr, k_ptr, w_ptr, nvis_ptr, S, H, N, keys_ptr,
                         D: tl.constexpr, BF16: tl.constexpr, PRECISION: tl.constexpr, BLOCK_S: tl.constexpr,
-                        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PACKED: tl.constexpr = False):
     # q [B,S,H,D], k [B,N,D], w [B,S,H] f32, n_visible [B,S] i64 -> keys [B,S,N] i64
     # program (b, query block, entry block)
     b = tl.program_id(0).to(tl.int64)
@@ -68,7 +68,7 @@ def indexer_keys_kernel(q_ptr, k_ptr, w_ptr, nvis_ptr, S, H, N, keys_ptr,
     ents = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     s_ok, n_ok = qs < S, ents < N
     score = _head_scores(q_ptr, k_ptr, w_ptr, S, H, N, b, qs, ents, D, BF16, PRECISION, BLOCK_S, BLOCK_H, BLOCK_N,
-                         BLOCK_D)
+                         BLOCK_D, PACKED)
     n_vis = tl.load(nvis_ptr + b * S + qs, mask=s_ok, other=0)
     score = tl.where(ents[None, :] < n_vis[:, None], score, float("-inf"))
     score = tl.where(score == 0.0, 0.0, score)  # -0.0 ties with +0.0 (the reference compares values)
@@ -81,14 +81,15 @@ def indexer_keys_kernel(q_ptr, k_ptr, w_ptr, nvis_ptr, S, H, N, keys_ptr,
 @triton.jit
 def indexer_scores_kernel(q_ptr, k_ptr, w_ptr, S, H, N, out_ptr,
                           D: tl.constexpr, BF16: tl.constexpr, PRECISION: tl.constexpr, BLOCK_S: tl.constexpr,
-                          BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                          BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                          PACKED: tl.constexpr = False):
     # q [B,S,H,D], k [B,N,D], w [B,S,H] f32 -> scores [B,S,N] f32 (no mask: the summed scores are masked by the
     # top-k that follows the all-reduce); program (b, query block, entry block)
     b = tl.program_id(0).to(tl.int64)
     qs = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
     ents = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     score = _head_scores(q_ptr, k_ptr, w_ptr, S, H, N, b, qs, ents, D, BF16, PRECISION, BLOCK_S, BLOCK_H, BLOCK_N,
-                         BLOCK_D)
+                         BLOCK_D, PACKED)
     tl.store(out_ptr + (b * S + qs)[:, None] * N + ents[None, :], score, mask=(qs < S)[:, None] & (ents < N)[None, :])
 
 
@@ -108,8 +109,8 @@ def indexer_keys(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_visible: t
         return keys
     bs, bh, bn, bd = indexer_blocks(h, d)
     indexer_keys_kernel[(b, triton.cdiv(s, bs), triton.cdiv(n, bn))](
-        f32(q), cache_rows(k), f32(w), n_visible.contiguous(), s, h, n, keys, D=d, BF16=bool(bf16),
-        PRECISION=F32_PRECISION, BLOCK_S=bs, BLOCK_H=bh, BLOCK_N=bn, BLOCK_D=bd)
+        f32(q), packed_rows(k), f32(w), n_visible.contiguous(), s, h, n, keys, D=d, BF16=bool(bf16),
+        PRECISION=F32_PRECISION, BLOCK_S=bs, BLOCK_H=bh, BLOCK_N=bn, BLOCK_D=bd, PACKED=k.dtype == torch.uint8)
     return keys
 
 
@@ -119,7 +120,7 @@ def check_indexer_inputs(op: str, q: torch.Tensor, k: torch.Tensor, w: torch.Ten
     check_tensors(op, q=q, k=k, w=w)
     require(q.dim() == 4, op, f"`q` must be [B, S, h, d], got shape {list(q.shape)}")
     b, s, h, d = q.shape
-    check_shape(op, "k", k, (b, None, d))
+    check_shape(op, "k", k, (b, None, quant.fp4_row_bytes(d) if k.dtype == torch.uint8 else d))
     check_shape(op, "w", w, (b, s, h))
     return b, s, h, d
 
@@ -145,7 +146,7 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, n_visible: t
 
 
 def indexer_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, bf16: bool) -> torch.Tensor:
-    """dsv4::indexer_scores: q [B,S,h,d], k [B,N,d], w [B,S,h] -> the heads' summed scores [B,S,N] float32, at the
+    """dsv4::indexer_scores: q [B,S,h,d], k [B,N,d] (or packed FP4 rows, uint8), w [B,S,h] -> the heads' summed scores [B,S,N] float32, at the
     reference's bf16 points with `bf16`, no mask (a tensor-parallel rank's partial scores, all-reduced before the
     top-k: spec §2.5)."""
     b, s, h, d = check_indexer_inputs("indexer_scores", q, k, w)
@@ -155,6 +156,6 @@ def indexer_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, bf16: bool
         return out
     bs, bh, bn, bd = indexer_blocks(h, d)
     indexer_scores_kernel[(b, triton.cdiv(s, bs), triton.cdiv(n, bn))](
-        f32(q), cache_rows(k), f32(w), s, h, n, out, D=d, BF16=bool(bf16), PRECISION=F32_PRECISION, BLOCK_S=bs,
-        BLOCK_H=bh, BLOCK_N=bn, BLOCK_D=bd)
+        f32(q), packed_rows(k), f32(w), s, h, n, out, D=d, BF16=bool(bf16), PRECISION=F32_PRECISION, BLOCK_S=bs,
+        BLOCK_H=bh, BLOCK_N=bn, BLOCK_D=bd, PACKED=k.dtype == torch.uint8)
     return out

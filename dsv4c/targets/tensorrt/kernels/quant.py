@@ -1,4 +1,5 @@
-"""QAT simulations: `fake_quant_fp8` (KV cache rounding) and `hadamard_fp4` (indexer q / keys).
+"""QAT simulations: `fake_quant_fp8` (KV cache rounding) and `hadamard_fp4` (indexer q / keys); the packed cache
+rows' writers `pack_kv_fp8` and `pack_fp4` (torch glue on the launcher's device, no Triton kernel yet).
 
 Both are elementwise-per-block and bit-exact with the torch reference (registry.py): the FP8/FP4 rounding is
 exact arithmetic (common.py) and the Walsh-Hadamard butterflies run in the reference's order
@@ -16,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4c.graphs import quant as qt
 from dsv4c.targets.tensorrt.kernels.common import (ceil_pow2, check_tensors, exp2i, exponent_of, f32, next_pow2,
                                                     quantize_fp8_rows, require, round_bf16, round_to_e2m1)
 
@@ -85,3 +87,17 @@ def hadamard_fp4(x: torch.Tensor) -> torch.Tensor:
         hadamard_fp4_kernel[(triton.cdiv(rows, HADAMARD_ROWS),)](
             xf, rows, y, D=d, LOG2_D=int(math.log2(d)), SCALE=d ** -0.5, BLOCK_R=HADAMARD_ROWS)
     return y
+
+
+# ---- packed cache rows: torch glue (a few rows per step; no Triton kernel yet) ------------------------------------
+def pack_kv_fp8(x: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """dsv4::pack_kv_fp8 with torch ops on the launcher's device: rows [..., D] -> packed FP8 rows (uint8)."""
+    require(x.shape[-1] > rope_dim > 0 and (x.shape[-1] - rope_dim) % qt.KV_SCALE_BLOCK == 0, "pack_kv_fp8",
+            f"rope_dim={rope_dim} must leave a multiple of 64 non-RoPE dims of x {list(x.shape)}")
+    return qt.pack_kv_fp8(f32(x), rope_dim)
+
+
+def pack_fp4(x: torch.Tensor) -> torch.Tensor:
+    """dsv4::pack_fp4 with torch ops on the launcher's device: rows [..., d] -> packed FP4 rows (uint8)."""
+    require(x.shape[-1] % qt.FP4_BLOCK == 0, "pack_fp4", f"the last dim of x {list(x.shape)} must be a multiple of 32")
+    return qt.pack_fp4_rows(f32(x))
