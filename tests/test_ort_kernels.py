@@ -71,8 +71,10 @@ def node_model(name: str, inputs: dict[str, torch.Tensor], attrs: dict, out_rank
     graph_inputs = [helper.make_tensor_value_info(n, _ELEM[inputs[n].numpy().dtype], [None] * inputs[n].dim())
                     for n in names if inputs[n].dtype != torch.bfloat16]
     weights = [bf16_initializer(n, inputs[n]) for n in names if inputs[n].dtype == torch.bfloat16]
-    out_type = {"int64": onnx.TensorProto.INT64, "uint8": onnx.TensorProto.UINT8}.get(op.output_dtypes[0],
-                                                                                       onnx.TensorProto.FLOAT)
+    dtype = op.output_dtypes[0]
+    if dtype == "like:cache" and inputs["cache"].dtype == torch.uint8:  # a packed cache: bytes out
+        dtype = "uint8"
+    out_type = {"int64": onnx.TensorProto.INT64, "uint8": onnx.TensorProto.UINT8}.get(dtype, onnx.TensorProto.FLOAT)
     outputs = [helper.make_tensor_value_info(n, out_type, [None] * r) for n, r in zip(output_names(op), out_ranks)]
     opsets = [helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)]
     model = helper.make_model(helper.make_graph([node], name, graph_inputs, outputs, weights), ir_version=10,
@@ -605,7 +607,7 @@ def test_rope(library, shape, inverse):
 def test_every_op_has_a_kernel_test():
     tested = {"fp8_linear", "bf16_linear", "cache_write", "fp8_grouped_linear", "moe_experts", "fake_quant_fp8",
               "hadamard_fp4", "sparse_attn", "indexer_topk", "compress_pool", "hc_pre", "hc_post", "rope",
-              "rms_norm", "head_rescale"}
+              "rms_norm", "head_rescale", "pack_kv_fp8", "pack_fp4"}
     # the collective kernels talk to other processes: tests/test_mesh_runtime.py runs them across two ranks
     collectives = {"all_reduce", "all_gather"}
     assert {op.onnx_name for op in OPS.values()} == CPP_KERNELS
@@ -622,12 +624,16 @@ def test_pack_kernels_write_the_references_bytes(library, threads):
     check(library, "pack_fp4", {}, exact=True, threads=threads, x=x[..., :128])
 
 
-def test_kernels_read_packed_rows_as_their_values(library, isa):
+@pytest.mark.parametrize("picks", [200, 40])  # more picks than rows over all queries (every row unpacked) or fewer
+def test_kernels_read_packed_rows_as_their_values(library, isa, picks):
     """SparseAttn on packed FP8 rows gives bit for bit what it gives on the unpacked floats (kv_rope 0), and the
     indexer kernels on packed FP4 keys what they give on the unpacked keys; both match the reference."""
     from tensors import attention_blocks, packed_rows_case
 
     inputs = attention_blocks(d=192)
+    inputs["idx"] = inputs["idx"][:, :, :picks]
+    if picks < 200:  # 3 queries x 40 picks < 300 rows: each query's picks are unpacked
+        inputs = {**inputs, "q": inputs["q"][:, :1], "idx": inputs["idx"][:, :1]}
     packed = torch.ops.dsv4.pack_kv_fp8(inputs["kv"], 64)
     attrs = {"kv_rope": 64, "scale": 192 ** -0.5, "bf16": True}
     got = run_kernel(library, "sparse_attn", attrs, [4], **{**inputs, "kv": packed})[0]
@@ -652,3 +658,18 @@ def test_sparse_attn_refuses_packed_rows_without_kv_rope(library):
     packed = torch.ops.dsv4.pack_kv_fp8(inputs["kv"], 64)
     with pytest.raises(Exception, match="kv_rope"):
         run_kernel(library, "sparse_attn", {"kv_rope": 0, "scale": 0.1, "bf16": True}, [4], **{**inputs, "kv": packed})
+
+
+def test_cache_write_packed_uint8_cache(library):
+    """A cache of packed uint8 rows (FP8 KV rows, FP4 keys) is written row by row in bytes: the hand-written case
+    with byte values (every row its own bytes), rows 1 byte per element, the other rows kept."""
+    from test_onnx_ops import cache_write_case
+
+    inputs, want = cache_write_case()
+    packed = {"cache": inputs["cache"].to(torch.uint8), "rows": (100 + inputs["rows"]).to(torch.uint8),
+              "slots": inputs["slots"]}
+    want = want.copy()
+    want[want < 0] += 100
+    got = run_kernel(library, "cache_write", {}, [3], **packed)[0]
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, want.astype(np.uint8))

@@ -245,11 +245,12 @@ struct Tensor {
   const float* f32() const { return static_cast<const float*>(data); }
   const uint8_t* u8() const { return static_cast<const uint8_t*>(data); }
   const int64_t* i64() const { return static_cast<const int64_t*>(data); }
-  // row r of a [.., N, D] float or bf16 tensor (cache rows), as the kernels' untyped row pointer
-  const void* row(int64_t r) const {
-    const int64_t size = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 ? 2 : (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 ? 1 : 4);
-    return static_cast<const char*>(data) + r * dim(-1) * size;
+  // bytes per element of a cache-row tensor: float32, bf16 or packed uint8 rows
+  size_t element_size() const {
+    return type == ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 ? 2 : (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 ? 1 : 4);
   }
+  // row r of a [.., N, D] cache-row tensor, as the kernels' untyped row pointer
+  const void* row(int64_t r) const { return static_cast<const char*>(data) + r * dim(-1) * element_size(); }
 };
 
 // One compute call: inputs, outputs, errors naming the op, tasks on ORT's intra-op pool.
@@ -502,7 +503,7 @@ struct CacheWrite : Kernel {
     const int64_t K = slots.dim(1);
     c.require(rows.shape == std::vector<int64_t>{B, K, D}, "rows " + shape_str(rows.shape) + " must be [B, K, D] = " +
                                                              shape_str({B, K, D}));
-    const size_t esize = cache.type == BF16 ? 2 : 4, row_bytes = esize * D;
+    const size_t row_bytes = cache.element_size() * D;
     char* out = c.output<char>(0, cache.shape);
     const char* in = static_cast<const char*>(cache.data);
     // the copy is the whole cost (a long context's cache is MBs per layer): split it into ~256 KB pieces
@@ -885,8 +886,9 @@ struct Rope : Kernel {
   }
 };
 
-// Packed FP8 kv rows (kv_rope > 0) are unpacked as they are picked: each task unpacks its query's picks into a
-// float buffer and runs the float kernel on it (the same values, so the same result as float rows).
+// Packed FP8 kv rows (kv_rope > 0) are unpacked once per call into a float buffer the head groups share, and the
+// float kernel runs on it (the same values, so the same result as float rows): every row of kv when there are no
+// more rows than picks (prefill; HCA decode), else each query's picks in pick order (long-context decode).
 struct SparseAttn : Kernel {
   float scale;
   bool bf16;
@@ -915,25 +917,30 @@ struct SparseAttn : Kernel {
     for (int64_t i = 0; i < idx.numel(); ++i)
       c.require(ix[i] < N, "idx holds row " + std::to_string(ix[i]) + ", kv has " + std::to_string(N) + " rows");
     float* out = c.output<float>(0, q.shape);
+    const bool whole = packed && N <= S * K;
+    std::vector<float> values;  // unpacked rows: [B, N, D] (whole) or [B, S, K, D] (each query's picks)
+    std::vector<int64_t> order;  // picks into the latter: 0 .. K-1 per query, -1 kept
+    if (packed) {
+      const int64_t rows = whole ? B * N : B * S * K, per = 16;
+      values.resize(rows * D);
+      if (!whole) {
+        order.resize(B * S * K);
+        for (int64_t i = 0; i < B * S * K; ++i) order[i] = ix[i] < 0 ? -1 : i % K;
+      }
+      c.parallel((rows + per - 1) / per, 2.0 * rows * D, [&](size_t t) {
+        for (int64_t r = t * per; r < std::min(rows, (int64_t)(t + 1) * per); ++r) {
+          const int64_t src = whole ? r : (ix[r] < 0 ? -1 : (r / (S * K)) * N + ix[r]);
+          if (src >= 0) unpack_kv_row(kv.u8() + src * width, D, kv_rope, values.data() + r * D);
+        }
+      });
+    }
     const int64_t groups = (H + 3) / 4;  // tasks: (query position, 4 heads): decode still spreads over threads
     c.parallel(B * S * groups, 2.0 * B * S * H * K * D, [&](size_t t) {
       thread_local std::vector<float> scratch;
       scratch.resize(4 * (64 + D));
       const int64_t bs = t / groups, h0 = (t % groups) * 4, b = bs / S;
-      const void* rows = kv.row(b * N);
-      const int64_t* picks = ix + bs * K;
-      if (packed) {  // the picked rows, unpacked in pick order; picks become 0 .. K-1 (-1 stays)
-        thread_local std::vector<float> unpacked;
-        thread_local std::vector<int64_t> order;
-        unpacked.resize(K * D);
-        order.resize(K);
-        for (int64_t j = 0; j < K; ++j) {
-          order[j] = picks[j] < 0 ? -1 : j;
-          if (picks[j] >= 0) unpack_kv_row(kv.u8() + (b * N + picks[j]) * width, D, kv_rope, unpacked.data() + j * D);
-        }
-        rows = unpacked.data();
-        picks = order.data();
-      }
+      const void* rows = whole ? values.data() + b * N * D : (packed ? values.data() + bs * K * D : kv.row(b * N));
+      const int64_t* picks = packed && !whole ? order.data() + bs * K : ix + bs * K;
       isa->sparse_attn_query(q.f32() + bs * H * D, rows, kv.type == BF16, picks, K, sink.f32(), h0,
                              std::min(H, h0 + 4), D, scale, bf16, out + bs * H * D, scratch.data());
     });
