@@ -389,9 +389,9 @@ def test_lowered_dsv4_ops_keep_the_registry_numerics(tmp_path, soc, op_type):
 
 
 def test_lowering_refuses_a_node_without_its_contract_attributes(tmp_path):
-    """A SparseAttn exported before it had `bf16` would reach ATC without it: the lowering says so."""
+    """A SparseAttn exported before it had `bf16` and `kv_rope` would reach ATC without them: the lowering says so."""
     path = dsv4_graph(tmp_path, "SparseAttn", attention_blocks(), {"y": (TensorProto.FLOAT, 4)}, scale=0.5)
-    with pytest.raises(ValueError, match=r"SparseAttn.*\['bf16'\].*missing"):
+    with pytest.raises(ValueError, match=r"SparseAttn.*\['bf16', 'kv_rope'\].*missing"):
         lower_program(path, "Ascend950", 8, requant.ErrorStats())
 
 

@@ -284,21 +284,22 @@ def test_head_dim_192_matches_transformers_once_its_fp8_dequant_follows_the_spec
 
 
 @torch.no_grad()
-def test_bf16_cache_rows_hold_the_reference_values_exactly():
-    """Under the reference numerics the caches hold KV rows and indexer keys as bf16 (the reference's own cache
-    dtype, spec §4.1): every value written there is bf16 already (FP8-simulated nope dims and bf16 RoPE dims, FP4-
-    simulated indexer keys), so prefill and decode give bit for bit the logits and cache contents of the same model
-    with those caches in float32."""
-    from dsv4c.graphs.cache import layer_cache_spec
+def test_packed_cache_rows_hold_the_reference_values_exactly():
+    """Under the reference numerics the caches hold KV rows and indexer keys packed in the recipe's formats (FP8
+    rows with bf16 RoPE dims, FP4 keys; spec §4.2): every value written there is exactly such a value already (the
+    reference's FP8 / FP4 simulations), so prefill and decode give bit for bit the logits and cache contents of the
+    same model with those caches in float32."""
+    from dsv4c.graphs.cache import RowFormat, layer_cache_spec, row_values
 
     cfg = preset("tiny")
     m = DeepseekV4(cfg, Numerics.reference())
     load_official(m, dict(synthetic_tensors(cfg, seed=3)))
     m.eval()
-    stored = m.new_cache(2, MAX_LEN)
-    assert {c.dtype for c in stored} == {torch.bfloat16, torch.float32}
+    spec = m.cache_spec(2, MAX_LEN)
+    stored = tuple(e.empty() for e in spec)
+    assert {c.dtype for c in stored} == {torch.uint8, torch.float32}
     wide = tuple(e.empty() for i in range(cfg.num_hidden_layers)
-                 for e in layer_cache_spec(cfg, f"layers.{i}", cfg.layer_ratio(i), 2, MAX_LEN, torch.float32))
+                 for e in layer_cache_spec(cfg, f"layers.{i}", cfg.layer_ratio(i), 2, MAX_LEN, RowFormat()))
     toks = torch.randint(2, cfg.vocab_size, (2, 140), generator=torch.Generator().manual_seed(4))
     runs = []
     for cache in (stored, wide):
@@ -307,7 +308,8 @@ def test_bf16_cache_rows_hold_the_reference_values_exactly():
         for i in range(5):
             logits, cache = m(toks[:, i:i + 1], pos + i, torch.ones(2, dtype=torch.long), cache)
             out.append(logits)
-        runs.append((out, [c.float() for c in cache]))
+        runs.append((out, [torch.from_numpy(row_values(c.numpy(), e.packing if c.dtype == torch.uint8 else "", cfg))
+                           for c, e in zip(cache, spec)]))
     (got, got_cache), (want, want_cache) = runs
     assert all(torch.equal(g, w) for g, w in zip(got, want))
     assert all(torch.equal(g.nan_to_num(), w.nan_to_num()) for g, w in zip(got_cache, want_cache))

@@ -193,11 +193,13 @@ def test_kv_at_1m_reproduces_the_10_and_7_percent_claim(flash, pro):
     assert flash["kv_cache"]["at_1m"]["ratio_to_dense_same_depth"] == pytest.approx(0.104, abs=0.001)
 
 
-def test_engine_kv_layout_is_reported_in_bf16(flash):
-    # dsv4c's cache rows (graphs/cache.py) are bf16 under the official numerics: 2 bytes per value, the spec's rows
-    # (CSA: an entry per 4 tokens of 512 plus an indexer key of 128; HCA: an entry per 128 tokens)
-    per_token = 21 * (512 / 4 + 128 / 4) * 2 + 20 * 512 / 128 * 2
-    assert flash["kv_cache"]["dsv4c_engine"]["bytes_per_token"] == pytest.approx(per_token)
+def test_engine_kv_layout_is_the_recipes_formats(flash):
+    # dsv4c's cache rows (graphs/cache.py) are packed under the official numerics: an FP8 KV row of 512 is 448 e4m3
+    # bytes + 64 bf16 RoPE dims + 7 e8m0 scales, padded to 584; an FP4 indexer key of 128 is 64 + 4 = 68 bytes
+    # (CSA: an entry per 4 tokens plus an indexer key; HCA: an entry per 128 tokens), the spec §4.2 figure
+    per_token = 21 * (584 / 4 + 68 / 4) + 20 * 584 / 128
+    assert flash["kv_cache"]["dsv4c_engine"]["bytes_per_token"] == pytest.approx(per_token) == 3514.25
+    assert flash["kv_cache"]["dsv4c_engine"]["bytes_per_token"] == flash["kv_cache"]["bytes_per_token"]
 
 
 # ---- devices and feasibility --------------------------------------------------------------------------------------
@@ -347,11 +349,11 @@ def test_ops_follow_the_numerics():
     official = make_plan(load_recipe(RECIPES / "tiny-cpu.yaml"))
     plain = make_plan(load_recipe(RECIPES / "tiny-plain-cpu.yaml"))
     names = lambda p: {o["op"] for o in p["ops"]}  # noqa: E731
-    assert names(official) == {"fp8_linear", "bf16_linear", "fp8_grouped_linear", "moe_experts", "fake_quant_fp8",
-                               "hadamard_fp4", "sparse_attn", "indexer_topk", "compress_pool", "hc_pre", "hc_post",
-                               "cache_write", "rope", "rms_norm", "head_rescale"}
-    # plain numerics: no FP8 KV simulation, no Hadamard + FP4 indexer
-    assert names(plain) == names(official) - {"fake_quant_fp8", "hadamard_fp4"}
+    assert names(official) == {"fp8_linear", "bf16_linear", "fp8_grouped_linear", "moe_experts", "pack_kv_fp8",
+                               "hadamard_fp4", "pack_fp4", "sparse_attn", "indexer_topk", "compress_pool", "hc_pre",
+                               "hc_post", "cache_write", "rope", "rms_norm", "head_rescale"}
+    # plain numerics: no FP8 KV rows, no Hadamard + FP4 indexer keys
+    assert names(plain) == names(official) - {"pack_kv_fp8", "hadamard_fp4", "pack_fp4"}
     assert all(o["implemented"] for o in official["ops"])  # the CPU target runs every op
 
 
