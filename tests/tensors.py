@@ -110,10 +110,12 @@ def assert_outputs_match(got: list[np.ndarray], want: list[np.ndarray], exact: b
 
 def packed_rows_case(d: int = 192, rope: int = 64, rows: int = 12) -> torch.Tensor:
     """KV / indexer-key rows [2, rows, d] to pack: magnitudes 1e-3 .. 1e3 across rows, an all-zero 64-block, a -0.0,
-    values that round to zero (their sign kept in the byte), a bf16 subnormal in the RoPE dims."""
+    values that round to zero (their sign kept in the byte), values that are e4m3 subnormals at their block's scale
+    (where the scale's choice shows in the values), a bf16 subnormal in the RoPE dims."""
     x = rand(2, rows, d, seed=7) * torch.logspace(-3, 3, rows)[None, :, None]
     x[0, 0, :64] = 0.0
     x[0, 1, 5] = -0.0
     x[0, 2, :4] = torch.tensor([-1e-9, 1e-9, -3e-4, 3e-4])
+    x[1, 0, 8:11] = x[1, 0, :64].abs().max() * torch.tensor([1e-5, -2.3e-5, 3.1e-6])  # e4m3 subnormals of the block
     x[1, 3, d - rope] = 1e-40
     return x
