@@ -166,10 +166,32 @@ void pack_kv_row(const float* x, int64_t d, int64_t rope, uint8_t* out) {
   for (int64_t i = nope + 2 * rope + nope / kKvScaleBlock; i < kv_row_bytes(d, rope); ++i) out[i] = 0;
 }
 
+// Every byte's value: e4m3 (fp8), and the two e2m1 values of a byte (fp4 pairs, low nibble first). Unpacking runs
+// on every picked row of every decode step: a table lookup and one multiply per value, the scale per block.
+struct PackedTables {
+  float fp8[256];
+  float fp4_pairs[256][2];
+  PackedTables() {
+    for (int b = 0; b < 256; ++b) {
+      fp8[b] = e4m3_value((uint8_t)b);
+      fp4_pairs[b][0] = e2m1_value((uint8_t)(b & 15));
+      fp4_pairs[b][1] = e2m1_value((uint8_t)(b >> 4));
+    }
+  }
+};
+const PackedTables& packed_tables() {
+  static const PackedTables tables;
+  return tables;
+}
+
 void unpack_kv_row(const uint8_t* row, int64_t d, int64_t rope, float* out) {
   const int64_t nope = d - rope;
   const uint8_t* scales = row + nope + 2 * rope;
-  for (int64_t i = 0; i < nope; ++i) out[i] = e4m3_value(row[i]) * e8m0_value(scales[i / kKvScaleBlock]);
+  const float* fp8 = packed_tables().fp8;
+  for (int64_t b0 = 0; b0 < nope; b0 += kKvScaleBlock) {
+    const float scale = e8m0_value(scales[b0 / kKvScaleBlock]);  // a power of two: the products are exact
+    for (int64_t i = b0; i < b0 + kKvScaleBlock; ++i) out[i] = fp8[row[i]] * scale;
+  }
   for (int64_t i = 0; i < rope; ++i)
     out[nope + i] = from_bits((uint32_t)(row[nope + 2 * i] | (row[nope + 2 * i + 1] << 8)) << 16);
 }
@@ -186,10 +208,13 @@ void pack_fp4_row(const float* x, int64_t d, uint8_t* out) {
 }
 
 void unpack_fp4_row(const uint8_t* row, int64_t d, float* out) {
-  for (int64_t i = 0; i < d; i += 2) {
-    const float scale = e8m0_value(row[d / 2 + i / 32]);
-    out[i] = e2m1_value(row[i / 2] & 15) * scale;
-    out[i + 1] = e2m1_value(row[i / 2] >> 4) * scale;
+  const float(*pairs)[2] = packed_tables().fp4_pairs;
+  for (int64_t b0 = 0; b0 < d; b0 += 32) {
+    const float scale = e8m0_value(row[d / 2 + b0 / 32]);
+    for (int64_t i = b0; i < b0 + 32; i += 2) {
+      out[i] = pairs[row[i / 2]][0] * scale;
+      out[i + 1] = pairs[row[i / 2]][1] * scale;
+    }
   }
 }
 
