@@ -782,7 +782,16 @@ struct HadamardFp4 : Kernel {
   }
 };
 
-// registry.pack_kv_fp8 / pack_fp4: float rows [..., d] -> packed uint8 rows (quant.py's layouts)
+// registry.pack_kv_fp8 / pack_fp4: float rows [..., d] -> packed uint8 rows of `width` bytes (quant.py's layouts),
+// pack(row of x, packed row) for every row
+template <typename F>
+void pack_rows(const Context& c, const Tensor& x, int64_t d, int64_t width, F&& pack) {
+  std::vector<int64_t> shape = x.shape;
+  shape.back() = width;
+  uint8_t* y = c.output<uint8_t>(0, shape);
+  c.parallel(x.numel() / d, 4.0 * x.numel(), [&](size_t r) { pack(x.f32() + r * d, y + r * width); });
+}
+
 struct PackKvFp8 : Kernel {
   int64_t rope;
   explicit PackKvFp8(const OrtKernelInfo* info) : rope(attr_int(info, "PackKvFp8", "rope_dim")) {}
@@ -793,11 +802,7 @@ struct PackKvFp8 : Kernel {
     const int64_t d = x.rank() ? x.dim(-1) : 0;
     c.require(rope > 0 && rope < d && (d - rope) % kKvScaleBlock == 0,
               "rope_dim=" + std::to_string(rope) + " must leave a multiple of 64 non-RoPE dims of x " + shape_str(x.shape));
-    std::vector<int64_t> shape = x.shape;
-    shape.back() = kv_row_bytes(d, rope);
-    uint8_t* y = c.output<uint8_t>(0, shape);
-    const int64_t rows = x.numel() / d;
-    c.parallel(rows, 4.0 * x.numel(), [&](size_t r) { pack_kv_row(x.f32() + r * d, d, rope, y + r * shape.back()); });
+    pack_rows(c, x, d, kv_row_bytes(d, rope), [&](const float* in, uint8_t* out) { pack_kv_row(in, d, rope, out); });
   }
 };
 
@@ -809,10 +814,7 @@ struct PackFp4 : Kernel {
     const Tensor x = c.input(0, "x", F32);
     const int64_t d = x.rank() ? x.dim(-1) : 0;
     c.require(d > 0 && d % 32 == 0, "the last dim of x " + shape_str(x.shape) + " must be a multiple of 32");
-    std::vector<int64_t> shape = x.shape;
-    shape.back() = fp4_row_bytes(d);
-    uint8_t* y = c.output<uint8_t>(0, shape);
-    c.parallel(x.numel() / d, 4.0 * x.numel(), [&](size_t r) { pack_fp4_row(x.f32() + r * d, d, y + r * shape.back()); });
+    pack_rows(c, x, d, fp4_row_bytes(d), [&](const float* in, uint8_t* out) { pack_fp4_row(in, d, out); });
   }
 };
 
