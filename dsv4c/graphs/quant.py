@@ -37,6 +37,12 @@ def ceil_pow2(x: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(x), e)
 
 
+def block_scales(xb: torch.Tensor, qmax: float, amax_min: float) -> torch.Tensor:
+    """The power-of-two scale of each block along xb's last dim (kept as a dim of 1): 2^ceil(log2(max(amax,
+    amax_min) / qmax)), the reference's act_quant / fp4_act_quant rule for activations and FP4 weights alike."""
+    return ceil_pow2(xb.abs().amax(-1, keepdim=True).clamp(min=amax_min) / qmax)
+
+
 def e8m0_to_float(s: torch.Tensor) -> torch.Tensor:
     """e8m0 scales (float8_e8m0fnu or raw uint8 bytes) -> float32 2^(byte-127)."""
     raw = s.view(torch.uint8) if s.dtype == torch.float8_e8m0fnu else s.to(torch.uint8)
@@ -99,8 +105,7 @@ def quantize_fp4(w: torch.Tensor, block: int = FP4_BLOCK) -> tuple[torch.Tensor,
     """[N, K] float -> (int8 packed [N, K/2], e8m0 scales [N, K/32])."""
     n, k = w.shape
     wb = w.float().view(n, k // block, block)
-    amax = wb.abs().amax(-1, keepdim=True).clamp(min=FP4_MAX * 2.0 ** -126)
-    scale = ceil_pow2(amax / FP4_MAX)
+    scale = block_scales(wb, FP4_MAX, FP4_MAX * 2.0 ** -126)
     codes = round_e2m1(wb / scale).view(n, k)
     packed = codes[:, 0::2] | (codes[:, 1::2] << 4)  # element 2k -> low nibble
     return packed.view(torch.int8), float_to_e8m0(scale[..., 0])
@@ -150,7 +155,7 @@ def fake_quant_fp8(x: torch.Tensor, block: int) -> torch.Tensor:
     """FP8 e4m3 quantise-dequantise along the last dim in blocks of `block`, scale 2^ceil(log2(amax/448))."""
     shape = x.shape
     xb = x.float().reshape(*shape[:-1], shape[-1] // block, block)
-    scale = ceil_pow2(xb.abs().amax(-1, keepdim=True).clamp(min=1e-4) / FP8_MAX)
+    scale = block_scales(xb, FP8_MAX, 1e-4)
     q = (xb / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
     return (q * scale).reshape(shape)
 
@@ -159,7 +164,7 @@ def fake_quant_fp4(x: torch.Tensor, block: int = FP4_BLOCK) -> torch.Tensor:
     """FP4 e2m1 quantise-dequantise along the last dim in blocks of 32, scale 2^ceil(log2(amax/6))."""
     shape = x.shape
     xb = x.float().reshape(*shape[:-1], shape[-1] // block, block)
-    scale = ceil_pow2(xb.abs().amax(-1, keepdim=True).clamp(min=FP4_MAX * 2.0 ** -126) / FP4_MAX)
+    scale = block_scales(xb, FP4_MAX, FP4_MAX * 2.0 ** -126)
     q = _round_e2m1_values(xb / scale)
     return (q * scale).reshape(shape)
 
@@ -208,23 +213,18 @@ def fp4_row_bytes(dim: int) -> int:
     return dim // 2 + dim // FP4_BLOCK
 
 
-def _e8m0_bytes(scale: torch.Tensor) -> torch.Tensor:
-    """Exact powers of two (float32) -> their e8m0 bytes (uint8)."""
-    _, e = torch.frexp(scale)
-    return (e - 1 + E8M0_BIAS).clamp(0, 2 * E8M0_BIAS).to(torch.uint8)
-
-
 def pack_kv_fp8(x: torch.Tensor, rope_dim: int) -> torch.Tensor:
     """[..., head_dim] float -> [..., kv_row_bytes] uint8: the non-RoPE dims FP8 in blocks of 64 with power-of-two
     scales rounded up (fake_quant_fp8(x, 64)'s arithmetic), the RoPE dims rounded to bf16."""
     d = x.shape[-1]
     nope = d - rope_dim
     xb = x[..., :nope].float().reshape(*x.shape[:-1], nope // KV_SCALE_BLOCK, KV_SCALE_BLOCK)
-    scale = ceil_pow2(xb.abs().amax(-1, keepdim=True).clamp(min=1e-4) / FP8_MAX)
+    scale = block_scales(xb, FP8_MAX, 1e-4)  # fake_quant_fp8's
     codes = (xb / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8).flatten(-2)
     rope = x[..., nope:].to(torch.bfloat16).contiguous().view(torch.uint8)
     pad = kv_row_bytes(d, rope_dim) - (nope + 2 * rope_dim + nope // KV_SCALE_BLOCK)
-    parts = [codes, rope, _e8m0_bytes(scale[..., 0]), x.new_zeros((*x.shape[:-1], pad), dtype=torch.uint8)]
+    scales = float_to_e8m0(scale[..., 0]).view(torch.uint8)
+    parts = [codes, rope, scales, x.new_zeros((*x.shape[:-1], pad), dtype=torch.uint8)]
     return torch.cat(parts, dim=-1)
 
 
@@ -239,14 +239,12 @@ def unpack_kv_fp8(rows: torch.Tensor, head_dim: int, rope_dim: int) -> torch.Ten
 
 
 def pack_fp4_rows(x: torch.Tensor) -> torch.Tensor:
-    """[..., d] float -> [..., d/2 + d/32] uint8: FP4 e2m1 in blocks of 32 with power-of-two scales rounded up
-    (fake_quant_fp4's arithmetic; on its output it gives back the same values: the format is idempotent)."""
-    d = x.shape[-1]
-    xb = x.float().reshape(*x.shape[:-1], d // FP4_BLOCK, FP4_BLOCK)
-    scale = ceil_pow2(xb.abs().amax(-1, keepdim=True).clamp(min=FP4_MAX * 2.0 ** -126) / FP4_MAX)
-    codes = round_e2m1(xb / scale).flatten(-2)
-    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)  # element 2k -> low nibble
-    return torch.cat([packed, _e8m0_bytes(scale[..., 0])], dim=-1)
+    """[..., d] float -> [..., d/2 + d/32] uint8: the FP4 weight format (quantize_fp4: e2m1 in blocks of 32, scales
+    rounded up to powers of two, as fake_quant_fp4) with each row's scale bytes after its packed values. On FP4-valued
+    rows (fake_quant_fp4's output) it gives back the same values: the format is idempotent."""
+    packed, scales = quantize_fp4(x.reshape(-1, x.shape[-1]))
+    rows = torch.cat([packed.view(torch.uint8), scales.view(torch.uint8)], dim=-1)
+    return rows.view(*x.shape[:-1], rows.shape[-1])
 
 
 def unpack_fp4_rows(rows: torch.Tensor, dim: int) -> torch.Tensor:

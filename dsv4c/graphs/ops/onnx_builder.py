@@ -163,11 +163,20 @@ def ceil_pow2(g: Graph, v: str) -> str:
 def blocked_fake_quant(g: Graph, x: str, block: str, quantize: Builder, qmax: float, amax_min: float) -> str:
     """Fake-quant along the last dim in blocks (`block`: an int64 [1] value): scale = ceil_pow2(max(amax,
     amax_min) / qmax) per block, y = quantize(x / scale) * scale (quant.fake_quant_fp8 / fake_quant_fp4)."""
-    shape = g.Shape(x)
-    xb = g.Reshape(x, g.Concat(g.Shape(x, end=-1), g.i64(-1), block, axis=0))
+    xb = blocks_of(g, x, block)
+    scale = block_scales(g, xb, qmax, amax_min)
+    return g.Reshape(g.Mul(quantize(g, g.Div(xb, scale)), scale), g.Shape(x))
+
+
+def blocks_of(g: Graph, x: str, block: str) -> str:
+    """x [..., K] -> [..., K/block, block] (`block`: an int64 [1] value)."""
+    return g.Reshape(x, g.Concat(g.Shape(x, end=-1), g.i64(-1), block, axis=0))
+
+
+def block_scales(g: Graph, xb: str, qmax: float, amax_min: float) -> str:
+    """quant.block_scales: ceil_pow2(max(amax, amax_min) / qmax) per block of the last dim, kept as a dim of 1."""
     amax = g.Max(g.ReduceMax(g.Abs(xb), g.i64(-1), keepdims=1), g.const(amax_min))
-    scale = ceil_pow2(g, g.Div(amax, g.const(qmax)))
-    return g.Reshape(g.Mul(quantize(g, g.Div(xb, scale)), scale), shape)
+    return ceil_pow2(g, g.Div(amax, g.const(qmax)))
 
 
 def round_fp8(g: Graph, x: str) -> str:
@@ -183,8 +192,12 @@ def round_e2m1(g: Graph, x: str) -> str:
     step = g.Where(g.Less(mag, g.const(2.0)), g.const(0.5),
                    g.Where(g.Less(mag, g.const(4.0)), g.const(1.0), g.const(2.0)))
     q = g.Min(g.Mul(g.Round(g.Div(mag, step)), step), g.const(quant.FP4_MAX))
-    negative = g.Or(g.Less(x, g.const(0.0)), g.Less(g.Reciprocal(x), g.const(0.0)))
-    return g.Where(negative, g.Neg(q), q)
+    return g.Where(negative(g, x), g.Neg(q), q)
+
+
+def negative(g: Graph, v: str) -> str:
+    """v < 0, -0.0 included (1 / -0.0 = -inf): the sign bit."""
+    return g.Less(g.Reciprocal(v), g.const(0.0))
 
 
 def round_bf16(g: Graph, x: str) -> str:
@@ -219,21 +232,16 @@ def linear(g: Graph, x: str, w: str) -> str:
 # ONNX Runtime has no BitCast, so the bodies take bytes apart and put them together arithmetically: a byte's value
 # by table (e4m3, e2m1), a bf16's from its sign, exponent and mantissa fields, and a value's code by counting the
 # sorted table entries below it (exact: every packed value is on the format's grid already).
-def _negative(g: Graph, v: str) -> str:
-    """v < 0, -0.0 included (1 / -0.0 = -inf): the sign bit."""
-    return g.Less(g.Reciprocal(v), g.const(0.0))
-
-
 def _code_of(g: Graph, x: str, rounding: Builder, magnitudes: np.ndarray, sign_bit: int) -> str:
     """The code (int64) of x rounded to a format's grid: sign_bit if x is negative (a value that rounds to zero
     keeps its sign, as torch's casts do) + the index of the rounded |x| among the format's sorted non-negative
     magnitudes (= how many of them are smaller)."""
     below = g.Less(g.const(magnitudes), g.Unsqueeze(g.Abs(rounding(g, x)), g.i64(-1)))
     index = g.ReduceSum(g.Cast(below, to=TensorProto.INT64), g.i64(-1), keepdims=0)
-    return g.Add(index, g.Where(_negative(g, x), g.const(sign_bit, np.int64), g.const(0, np.int64)))
+    return g.Add(index, g.Where(negative(g, x), g.const(sign_bit, np.int64), g.const(0, np.int64)))
 
 
-def _exponent_byte(g: Graph, scale: str) -> str:
+def e8m0_byte(g: Graph, scale: str) -> str:
     """A power-of-two scale's e8m0 byte (int64): log2 rounded to the integer it is, plus the bias."""
     e = g.Round(g.Mul(g.Log(scale), g.const(1 / math.log(2))))
     return g.Cast(g.Add(e, g.const(float(quant.E8M0_BIAS))), to=TensorProto.INT64)
@@ -255,7 +263,7 @@ def _bf16_bits(g: Graph, x: str) -> str:
     bits = g.Add(g.Mul(exponent, g.const(128.0)), mantissa)
     bits = g.Where(g.IsInf(mag), g.const(float(0x7F80)), bits)
     bits = g.Where(g.IsNaN(v), g.const(float(0x7FC0)), bits)
-    bits = g.Add(bits, g.Where(_negative(g, v), g.const(float(0x8000)), g.const(0.0)))  # NaN: 1/NaN < 0 is false
+    bits = g.Add(bits, g.Where(negative(g, v), g.const(float(0x8000)), g.const(0.0)))  # NaN: 1/NaN < 0 is false
     return g.Cast(bits, to=TensorProto.INT64)
 
 
@@ -274,17 +282,8 @@ def _bf16_from_bytes(g: Graph, lo: str, hi: str) -> str:
     return g.Where(negative, g.Neg(value), value)
 
 
-def _blocks_of(g: Graph, x: str, block: int) -> str:
-    return g.Reshape(x, g.Concat(g.Shape(x, end=-1), g.i64(-1, block), axis=0))
-
-
 def _flat_last2(g: Graph, x: str) -> str:
     return g.Reshape(x, g.Concat(g.Shape(x, end=-2), g.i64(-1), axis=0))
-
-
-def _pow2_scale(g: Graph, xb: str, qmax: float, amax_min: float) -> str:
-    amax = g.Max(g.ReduceMax(g.Abs(xb), g.i64(-1), keepdims=1), g.const(amax_min))
-    return ceil_pow2(g, g.Div(amax, g.const(qmax)))
 
 
 def pack_kv_fp8(g: Graph, x: str, rope: str) -> str:
@@ -292,15 +291,15 @@ def pack_kv_fp8(g: Graph, x: str, rope: str) -> str:
     d = g.Shape(x, start=-1)
     r = g.Unsqueeze(rope, g.i64(0))
     nope = g.Sub(d, r)
-    xb = _blocks_of(g, g.Slice(x, g.i64(0), nope, g.i64(-1)), quant.KV_SCALE_BLOCK)  # [..., n/64, 64]
-    scale = _pow2_scale(g, xb, quant.FP8_MAX, 1e-4)
+    xb = blocks_of(g, g.Slice(x, g.i64(0), nope, g.i64(-1)), g.i64(quant.KV_SCALE_BLOCK))  # [..., n/64, 64]
+    scale = block_scales(g, xb, quant.FP8_MAX, 1e-4)
     positive = fp8_table()[:0x7F]  # codes 0x00 .. 0x7e: the non-negative values in increasing order
     codes = _flat_last2(g, _code_of(g, g.Div(xb, scale), round_fp8, positive, 0x80))
     bits = _bf16_bits(g, g.Slice(x, nope, d, g.i64(-1)))  # [..., r]
     hi = g.Div(bits, g.const(256, np.int64))
     lo = g.Sub(bits, g.Mul(hi, g.const(256, np.int64)))
     rope_bytes = _flat_last2(g, g.Concat(g.Unsqueeze(lo, g.i64(-1)), g.Unsqueeze(hi, g.i64(-1)), axis=-1))
-    scales = g.Squeeze(_exponent_byte(g, scale), g.i64(-1))
+    scales = g.Squeeze(e8m0_byte(g, scale), g.i64(-1))
     used = g.Add(g.Add(nope, g.Mul(r, g.i64(2))), g.Div(nope, g.i64(quant.KV_SCALE_BLOCK)))
     pad = g.Sub(g.Mul(g.Div(g.Add(used, g.i64(7)), g.i64(8)), g.i64(8)), used)
     zeros = g.Expand(g.const(0, np.int64), g.Concat(g.Shape(x, end=-1), pad, axis=0))
@@ -315,7 +314,7 @@ def unpack_kv_fp8(g: Graph, rows: str, d: str, rope: str) -> str:
     rope_end = g.Add(nope, g.Mul(r, g.i64(2)))
     codes = g.Gather(g.const(fp8_table()), g.Cast(g.Slice(rows, g.i64(0), nope, g.i64(-1)), to=TensorProto.INT32))
     scale_bytes = g.Slice(rows, rope_end, g.Add(rope_end, g.Div(nope, g.i64(quant.KV_SCALE_BLOCK))), g.i64(-1))
-    values = g.Mul(_blocks_of(g, codes, quant.KV_SCALE_BLOCK), g.Unsqueeze(e8m0_value(g, scale_bytes), g.i64(-1)))
+    values = g.Mul(blocks_of(g, codes, g.i64(quant.KV_SCALE_BLOCK)), g.Unsqueeze(e8m0_value(g, scale_bytes), g.i64(-1)))
     lo = g.Slice(rows, nope, rope_end, g.i64(-1), g.i64(2))
     hi = g.Slice(rows, g.Add(nope, g.i64(1)), rope_end, g.i64(-1), g.i64(2))
     return g.Concat(_flat_last2(g, values), _bf16_from_bytes(g, lo, hi), axis=-1)
@@ -323,14 +322,14 @@ def unpack_kv_fp8(g: Graph, rows: str, d: str, rope: str) -> str:
 
 def pack_fp4_rows(g: Graph, x: str) -> str:
     """quant.pack_fp4_rows: x [..., d] float -> uint8 [..., d/2 + d/32]."""
-    xb = _blocks_of(g, x, quant.FP4_BLOCK)
-    scale = _pow2_scale(g, xb, quant.FP4_MAX, quant.FP4_MAX * 2.0 ** -126)
+    xb = blocks_of(g, x, g.i64(quant.FP4_BLOCK))
+    scale = block_scales(g, xb, quant.FP4_MAX, quant.FP4_MAX * 2.0 ** -126)
     codes = _code_of(g, g.Div(xb, scale), round_e2m1, np.array([0, .5, 1, 1.5, 2, 3, 4, 6], np.float32), 8)
     pairs = g.Reshape(codes, g.Concat(g.Shape(x, end=-1), g.i64(-1, 2), axis=0))  # [..., d/2, 2]
     low = g.Squeeze(g.Slice(pairs, g.i64(0), g.i64(1), g.i64(-1)), g.i64(-1))
     high = g.Squeeze(g.Slice(pairs, g.i64(1), g.i64(2), g.i64(-1)), g.i64(-1))
     packed = g.Add(low, g.Mul(high, g.const(16, np.int64)))
-    scales = g.Squeeze(_exponent_byte(g, scale), g.i64(-1))
+    scales = g.Squeeze(e8m0_byte(g, scale), g.i64(-1))
     return g.Cast(g.Concat(packed, scales, axis=-1), to=TensorProto.UINT8)
 
 

@@ -25,7 +25,6 @@ the shipped FP4 / FP8 blocks) and the activation quantizer (per-token INT8 / MXF
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import numpy as np
@@ -35,8 +34,8 @@ from onnx import TensorProto, helper
 from dsv4c.graphs import quant
 from dsv4c.graphs.ops.onnx import function_bodies, moe_experts_graph
 from dsv4c.graphs.ops.onnx_builder import (
-    ONNX_DOMAIN, Graph, blocked_fake_quant, branch, ceil_pow2, decode_fp4, e8m0_value, fp8_table, make_function, maybe,
-    round_bf16, round_fp8,
+    ONNX_DOMAIN, Graph, block_scales, blocked_fake_quant, blocks_of, branch, decode_fp4, e8m0_byte, e8m0_value,
+    fp8_table, make_function, maybe, round_bf16, round_fp8,
 )
 from dsv4c.targets.cann.mapping import (
     DOMAIN, DOMAIN_VERSION, DSV4_DOMAIN, DT_BF16, DT_FLOAT8_E4M3FN, DT_INT8, MX_BLOCK, MX_GROUP_SIZE,
@@ -72,12 +71,10 @@ def _body_dynamic_quant(g: Graph, x):
 
 
 def _body_dynamic_mx_quant(g: Graph, x):
-    blocks = g.Reshape(x, g.Concat(g.Shape(x, end=-1), g.i64(-1, MX_BLOCK), axis=0))  # [..., K/32, 32]
-    amax = g.Max(g.ReduceMax(g.Abs(blocks), g.i64(-1), keepdims=1), g.const(MX_MIN_AMAX))
-    p = ceil_pow2(g, g.Div(amax, g.const(quant.FP8_MAX)))  # [..., K/32, 1], exact powers of two
+    blocks = blocks_of(g, x, g.i64(MX_BLOCK))  # [..., K/32, 32]
+    p = block_scales(g, blocks, quant.FP8_MAX, MX_MIN_AMAX)  # [..., K/32, 1], exact powers of two
     y = g.Reshape(round_fp8(g, g.Div(blocks, p)), g.Shape(x))
-    exponent = g.Round(g.Div(g.Log(p), g.const(math.log(2.0))))  # exact: p is a power of two
-    byte = g.Cast(g.Add(exponent, g.const(float(quant.E8M0_BIAS))), to=TensorProto.UINT8)
+    byte = g.Cast(e8m0_byte(g, p), to=TensorProto.UINT8)
     return [y, g.Reshape(byte, g.Concat(g.Shape(x, end=-1), g.i64(-1, 2), axis=0))]  # [..., K/64, 2]
 
 
