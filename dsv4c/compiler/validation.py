@@ -286,7 +286,7 @@ class EngineReplay:
     """Runs the reference's steps on an engine: the prefill from an empty cache; every decode step from the
     reference's cache (`stepped`), and also from the engine's own previous cache (`free`, reported only)."""
 
-    def __init__(self, engine, cache_names: list[str], v, values: CacheValues = _as_float):
+    def __init__(self, engine, cache_names: list[str], v, values: CacheValues):
         self.engine, self.names, self.v, self.values = engine, cache_names, v, values
         self.stepped = self.free = None
 
@@ -604,7 +604,7 @@ class ReferenceRun:
     names: list[str]
     coverage: Coverage
     gate: Gate
-    values: CacheValues = _as_float  # the cache tensors as values (cache_values)
+    values: CacheValues  # the cache tensors as values (cache_values)
 
     @classmethod
     def record(cls, model, v, max_batch: int, max_seq_len: int, spill: Path | None = None) -> ReferenceRun:

@@ -89,8 +89,8 @@ def layer_cache_spec(cfg: ModelConfig, prefix: str, ratio: int, batch: int, max_
         shapes["idx"] = ((batch, max_seq_len // 4, idx_width), 0.0)
         shapes["idx_state_kv"] = ((batch, 8, 2 * di), 0.0)
         shapes["idx_state_score"] = ((batch, 8, 2 * di), float("-inf"))
-    packing = {"win": "kv_fp8" if rows.kv_fp8 else "", "cmp": "kv_fp8" if rows.kv_fp8 else "",
-               "idx": "fp4" if rows.idx_fp4 else ""}
+    kv = "kv_fp8" if rows.kv_fp8 else ""
+    packing = {"win": kv, "cmp": kv, "idx": "fp4" if rows.idx_fp4 else ""}  # the rest: compressor state, float32
     return [CacheEntry(f"{prefix}.{f}", f, *shapes[f], dtype=_field_dtype(f, packing.get(f, ""), rows),
                        packing=packing.get(f, "")) for f in layer_cache_fields(ratio)]
 

@@ -75,12 +75,20 @@ inline float round_e2m1(float v) {
   return std::copysign(std::fmin(std::nearbyint(mag / step) * step, 6.0f), v);
 }
 
-// quant.fake_quant_fp8 on `n` values in blocks of `block`: scale 2^ceil(log2(max(amax, 1e-4) / 448)).
+// quant.block_scales for one block of n values: 2^ceil(log2(max(amax, amax_min) / qmax)), a power of two (so
+// dividing by it is exact). The floors: FP8 activations 1e-4 (the reference's act_quant), FP4 the smallest amax
+// with a normal scale.
+constexpr float kFp8AmaxMin = 1e-4f, kFp4AmaxMin = 6.0f * 0x1p-126f;
+inline float block_scale(const float* x, int64_t n, float amax_min, float qmax) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < n; ++i) amax = std::fmax(amax, std::fabs(x[i]));
+  return ceil_pow2(std::fmax(amax, amax_min) / qmax);
+}
+
+// quant.fake_quant_fp8 on `n` values in blocks of `block`.
 void fake_quant_fp8(const float* x, float* y, int64_t n, int64_t block) {
   for (int64_t b0 = 0; b0 < n; b0 += block) {
-    float amax = 0.f;
-    for (int64_t i = b0; i < b0 + block; ++i) amax = std::fmax(amax, std::fabs(x[i]));
-    const float scale = ceil_pow2(std::fmax(amax, 1e-4f) / 448.0f), inv = 1.0f / scale;  // powers of two: exact
+    const float scale = block_scale(x + b0, block, kFp8AmaxMin, 448.0f), inv = 1.0f / scale;
     for (int64_t i = b0; i < b0 + block; ++i) {
       float v = x[i] * inv;
       v = v > 448.f ? 448.f : (v < -448.f ? -448.f : v);
@@ -103,9 +111,7 @@ void hadamard_fp4(const float* x, float* y, int64_t d) {
   const float norm = (float)std::pow((double)d, -0.5);
   for (int64_t i = 0; i < d; ++i) y[i] = round_bf16(y[i] * norm);
   for (int64_t b0 = 0; b0 < d; b0 += 32) {
-    float amax = 0.f;
-    for (int64_t i = b0; i < b0 + 32; ++i) amax = std::fmax(amax, std::fabs(y[i]));
-    const float scale = ceil_pow2(std::fmax(amax, 6.0f * 0x1p-126f) / 6.0f), inv = 1.0f / scale;
+    const float scale = block_scale(y + b0, 32, kFp4AmaxMin, 6.0f), inv = 1.0f / scale;
     for (int64_t i = b0; i < b0 + 32; ++i) y[i] = round_e2m1(y[i] * inv) * scale;
   }
 }
@@ -152,9 +158,7 @@ void pack_kv_row(const float* x, int64_t d, int64_t rope, uint8_t* out) {
   const int64_t nope = d - rope;
   uint8_t* scales = out + nope + 2 * rope;
   for (int64_t b0 = 0; b0 < nope; b0 += kKvScaleBlock) {  // fake_quant_fp8(x, 64)'s arithmetic
-    float amax = 0.f;
-    for (int64_t i = b0; i < b0 + kKvScaleBlock; ++i) amax = std::fmax(amax, std::fabs(x[i]));
-    const float scale = ceil_pow2(std::fmax(amax, 1e-4f) / 448.0f), inv = 1.0f / scale;
+    const float scale = block_scale(x + b0, kKvScaleBlock, kFp8AmaxMin, 448.0f), inv = 1.0f / scale;
     for (int64_t i = b0; i < b0 + kKvScaleBlock; ++i) out[i] = e4m3_code(round_e4m3(std::clamp(x[i] * inv, -448.f, 448.f)));
     scales[b0 / kKvScaleBlock] = e8m0_byte(scale);
   }
@@ -198,9 +202,7 @@ void unpack_kv_row(const uint8_t* row, int64_t d, int64_t rope, float* out) {
 
 void pack_fp4_row(const float* x, int64_t d, uint8_t* out) {
   for (int64_t b0 = 0; b0 < d; b0 += 32) {  // fake_quant_fp4's arithmetic
-    float amax = 0.f;
-    for (int64_t i = b0; i < b0 + 32; ++i) amax = std::fmax(amax, std::fabs(x[i]));
-    const float scale = ceil_pow2(std::fmax(amax, 6.0f * 0x1p-126f) / 6.0f), inv = 1.0f / scale;
+    const float scale = block_scale(x + b0, 32, kFp4AmaxMin, 6.0f), inv = 1.0f / scale;
     for (int64_t i = b0; i < b0 + 32; i += 2)
       out[i / 2] = e2m1_code(round_e2m1(x[i] * inv)) | (e2m1_code(round_e2m1(x[i + 1] * inv)) << 4);
     out[d / 2 + b0 / 32] = e8m0_byte(scale);
