@@ -32,12 +32,14 @@ def dsv4_node(name: str, attrs: dict, inputs: list[str]) -> onnx.NodeProto:
 
 
 def single_node_model(name: str, inputs: dict[str, torch.Tensor], attrs: dict,
-                      out_ranks: list[int]) -> onnx.ModelProto:
-    """One dsv4 node with its function body attached; every dim dynamic (the checker wants output ranks)."""
+                      out_ranks: list[int], static: bool = False) -> onnx.ModelProto:
+    """One dsv4 node with its function body attached; every input dim dynamic (the checker wants output ranks),
+    or with `static` the inputs' own shapes."""
     op = OPS[name]
     names = tensor_inputs(op)
     node = dsv4_node(name, attrs, names)
-    graph_inputs = [helper.make_tensor_value_info(n, _ELEM[inputs[n].numpy().dtype], [None] * inputs[n].dim())
+    graph_inputs = [helper.make_tensor_value_info(n, _ELEM[inputs[n].numpy().dtype],
+                                                  list(inputs[n].shape) if static else [None] * inputs[n].dim())
                     for n in names if inputs[n].dtype != torch.bfloat16]
     weights = [bf16_initializer(n, inputs[n]) for n in names if inputs[n].dtype == torch.bfloat16]
     out_type = {"int64": onnx.TensorProto.INT64, "uint8": onnx.TensorProto.UINT8}.get(op.output_dtypes[0],
@@ -50,8 +52,9 @@ def single_node_model(name: str, inputs: dict[str, torch.Tensor], attrs: dict,
     return model
 
 
-def run_onnx(name: str, attrs: dict, out_ranks: list[int], **inputs: torch.Tensor) -> list[np.ndarray]:
-    model = single_node_model(name, inputs, attrs, out_ranks)
+def run_onnx(name: str, attrs: dict, out_ranks: list[int], static: bool = False,
+             **inputs: torch.Tensor) -> list[np.ndarray]:
+    model = single_node_model(name, inputs, attrs, out_ranks, static)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -266,6 +269,20 @@ def test_sparse_attn_blocks(bf16):
     in the wrong place, or none, from the reference's)."""
     out = check("sparse_attn", {"kv_rope": 0, "scale": 40 ** -0.5, "bf16": bf16}, **attention_blocks())[0]
     assert not out[1, 1].any()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_sparse_attn_body_with_static_shapes(packed):
+    """Inputs of fixed shape (a static-shape bundle, benchmarks/ort_kernels.py): ORT infers the shapes in both
+    branches of the body's If, so the unpacking branch must stay consistent on float rows it never runs (V4's
+    widths: the non-RoPE dims whole blocks of 64). bf16 off: at d = 192 the reference's bf16 P rounds differently
+    from the body's product order (test_sparse_attn_blocks compares that rounding at d = 40)."""
+    inputs = attention_blocks(d=192)
+    if packed:
+        inputs["kv"] = torch.ops.dsv4.pack_kv_fp8(inputs["kv"], 64)
+    attrs = {"kv_rope": 64 if packed else 0, "scale": 192 ** -0.5, "bf16": False}
+    want = reference("sparse_attn", attrs, **inputs)
+    assert_outputs_match(run_onnx("sparse_attn", attrs, [4], static=True, **inputs), want, exact=False)
 
 
 def test_sparse_attn_without_picks():

@@ -313,7 +313,11 @@ def unpack_kv_fp8(g: Graph, rows: str, d: str, rope: str) -> str:
     nope = g.Sub(d, r)
     rope_end = g.Add(nope, g.Mul(r, g.i64(2)))
     codes = g.Gather(g.const(fp8_table()), g.Cast(g.Slice(rows, g.i64(0), nope, g.i64(-1)), to=TensorProto.INT32))
-    scale_bytes = g.Slice(rows, rope_end, g.Add(rope_end, g.Div(nope, g.i64(quant.KV_SCALE_BLOCK))), g.i64(-1))
+    # the scale bytes by Gather, not Slice: on float rows (the untaken If branch, rope 0) that Slice would be empty,
+    # and static shape inference would reject the Mul below; Gather's indices are not checked until it runs
+    scale_end = g.Add(rope_end, g.Div(nope, g.i64(quant.KV_SCALE_BLOCK)))
+    scale_at = g.Range(g.Squeeze(rope_end, g.i64(0)), g.Squeeze(scale_end, g.i64(0)), g.const(1, np.int64))
+    scale_bytes = g.Gather(rows, scale_at, axis=-1)
     values = g.Mul(blocks_of(g, codes, g.i64(quant.KV_SCALE_BLOCK)), g.Unsqueeze(e8m0_value(g, scale_bytes), g.i64(-1)))
     lo = g.Slice(rows, nope, rope_end, g.i64(-1), g.i64(2))
     hi = g.Slice(rows, g.Add(nope, g.i64(1)), rope_end, g.i64(-1), g.i64(2))
