@@ -2,8 +2,8 @@
 
 Every case is a one-node ONNX model WITHOUT the op's function body, so ONNX Runtime can only run it with the
 kernel library (checked once below: without the library such a model does not even load). Each case runs with
-the AVX2 loops and with the portable ones (DSV4C_KERNEL_ISA=generic), on 2 intra-op threads, at sizes that reach
-every code path: 1-4 token rows (fused decode), 5-12 (fused, several passes), > 12 (tiled GEMM), ragged K,
+each instruction set's loops this CPU runs (DSV4C_KERNEL_ISA: avx512bf16, avx2, generic), on 2 intra-op threads,
+at sizes that reach every code path: 1-4 token rows (fused decode), 5-12 (fused, several passes), > 12 (tiled GEMM), ragged K,
 odd head counts, -1 sentinels, repeated picks, exact score ties, several 64-pick attention blocks. Where the
 registry rounds to bf16 (attention probabilities, indexer scores, Hadamard output) each test also shows that its
 data tells the rounding apart: the reference without it (or with the blocks elsewhere) fails the same check.
@@ -51,11 +51,14 @@ def split_all_work(monkeypatch):
     monkeypatch.setenv("DSV4C_KERNEL_INLINE_WORK", "0")
 
 
-@pytest.fixture(params=["avx2", "generic"])
+ISAS = ["generic", "avx2", "avx512bf16"]  # each runs on a CPU that runs the next
+
+
+@pytest.fixture(params=ISAS[::-1])
 def isa(request, library, monkeypatch) -> str:
-    """Which inner loops the kernels created next use (read at session creation)."""
-    if request.param == "avx2" and build.kernel_isa(library) != "avx2":
-        pytest.skip("this CPU has no AVX2/FMA/F16C")
+    """Which inner loops the kernels created next use (read at session creation): each one this CPU runs."""
+    if ISAS.index(request.param) > ISAS.index(build.kernel_isa(library)):
+        pytest.skip(f"this CPU cannot run the {request.param} loops")
     monkeypatch.setenv("DSV4C_KERNEL_ISA", request.param)
     return request.param
 
@@ -135,7 +138,7 @@ def test_kernel_preferred_over_function_body(library, tmp_path):
 
 def test_library_build_is_cached_and_reports_its_isa(library):
     assert build.library_path() == build.build_library() == type(build.build_library())(library)
-    assert build.kernel_isa(library) in ("avx2", "generic")
+    assert build.kernel_isa(library) in ISAS
 
 
 def test_missing_toolchain_is_named(tmp_path, monkeypatch):
@@ -270,6 +273,17 @@ def test_bf16_linear(library, isa, rows):
     np.testing.assert_allclose(got, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 6])
+def test_bf16_linear_of_bf16_valued_rows(library, isa, rows):
+    """x rows that are bf16 numbers (as the model's rounded activations): the AVX-512 BF16 loops' pair dot
+    products; K = 320, two 128-wide steps and a 64-wide tail. The products are exact, so only the fp32 summation
+    order differs from float64."""
+    x, w = rand(rows, 320, seed=6).to(torch.bfloat16).float(), rand(70, 320, seed=7).to(torch.bfloat16)
+    got = check(library, "bf16_linear", {}, x=x, w=w)[0]
+    exact = (x.double() @ w.double().T).numpy()
+    np.testing.assert_allclose(got, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
+
+
 @pytest.mark.parametrize("act_quant", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 6, 17])  # fused 1 / 3 rows, fused 4 + 2, tiled GEMM
 def test_fp8_linear(library, isa, act_quant, rows):
@@ -361,18 +375,20 @@ def test_moe_float_experts_without_scales(library):
 
 @pytest.mark.parametrize("fmt", [0, 1, 2])
 @pytest.mark.parametrize("act_quant,bf16", [(True, False), (False, True), (True, True)])
-def test_moe_experts_rounding(library, isa, fmt, act_quant, bf16):
+@pytest.mark.parametrize("tokens", [6, 24])  # 1-3 picks per expert (fused loops), ~14 (tiled)
+def test_moe_experts_rounding(library, isa, fmt, act_quant, bf16, tokens):
     """With bf16 / FP8 rounding inside, ulp-level differences (silu's exp, the down projection's summation
     order) move an element across a rounding boundary now and then, so exactness is asked of nearly all
     elements. Gate/up are exact by construction (coarse inputs); a missing or misplaced rounding would make
-    most elements differ (checked: the unrounded result is far off)."""
-    inputs = moe_inputs(fmt, tokens=24, coarse=True)
+    most elements differ (checked: the unrounded result is far off). The x rows are bf16 values here, as in the
+    model: the AVX-512 BF16 loops' pair dot products for FP4 experts."""
+    inputs = moe_inputs(fmt, tokens=tokens, coarse=True)
     attrs = {"fmt": fmt, "swiglu_limit": 0.5, "act_quant": act_quant, "bf16": bf16}
-    want = moe_reference(fmt, 24, True, 0.5, act_quant, bf16)
+    want = moe_reference(fmt, tokens, True, 0.5, act_quant, bf16)
     got = run_kernel(library, "moe_experts", attrs, [2], **inputs)[0]
     err = np.abs(got - want) / np.abs(want).max()
     assert (err <= 1e-5).mean() >= 0.99 and err.max() <= 1e-2
-    unrounded = moe_reference(fmt, 24, True, 0.5, False, False)
+    unrounded = moe_reference(fmt, tokens, True, 0.5, False, False)
     assert (np.abs(unrounded - want) / np.abs(want).max() > 1e-5).mean() > 0.5
 
 

@@ -1,5 +1,6 @@
 // Inner loops of the dsv4 kernels, compiled once per instruction set into namespace dsv4::DSV4_ISA
-// (isa_generic.cc: the compiler's baseline; isa_avx2.cc: -mavx2 -mfma -mf16c, explicit intrinsics below).
+// (isa_generic.cc: the compiler's baseline; isa_avx2.cc: -mavx2 -mfma -mf16c, explicit intrinsics below;
+// isa_avx512bf16.cc: the AVX2 loops plus vdpbf16ps pair dot products for FP4 and BF16 weights).
 // Only raw pointers, libc/libm and intrinsics here: no std:: templates or inline library helpers whose
 // out-of-line copies the linker could share between the two builds (see kernels.h). No include guard: each
 // isa_*.cc includes it once, with its own DSV4_ISA.
@@ -250,6 +251,13 @@ void decode_row(const QuantWeight& w, int64_t j, float* out) {
   }
 }
 
+// A weight row a few rows ahead of the one being read, into L1: a job reads short runs of rows (an expert's slice,
+// a small matrix) from memory, too short for the hardware prefetcher to ramp up on.
+constexpr int64_t kPrefetchRows = 4;
+inline void prefetch(const void* p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char*)p + b, _MM_HINT_T0);
+}
+
 // ---- fused decode + dot for M <= 4 token rows: every decoded weight vector meets all M rows ---------------
 // A independent accumulators per row hide the FMA latency (A = 4 for M <= 2, else 2).
 template <int M, int A>
@@ -259,6 +267,7 @@ void fused_fp8(const QuantWeight& w, const float* x, int64_t ldx, float* y, int6
   for (int64_t j = n0; j < n1; ++j) {
     const uint8_t* row = (const uint8_t*)w.data + j * K;
     const float* srow = w.scale + (j / 128) * kblocks;
+    if (j + kPrefetchRows < n1) prefetch(row + kPrefetchRows * K, K);
     __m256 acc[M];
     float tail[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps(), tail[m] = 0.f;
@@ -303,6 +312,10 @@ void fused_fp4(const QuantWeight& w, const float* x, int64_t ldx, float* y, int6
   for (int64_t j = n0; j < n1; ++j) {
     const uint8_t* row = (const uint8_t*)w.data + j * (K / 2);
     const float* srow = w.scale + j * nblk;
+    if (j + kPrefetchRows < n1) {
+      prefetch(row + kPrefetchRows * (K / 2), K / 2);
+      prefetch(srow + kPrefetchRows * nblk, nblk * sizeof(float));
+    }
     __m256 acc[M][A];
     for (int m = 0; m < M; ++m)
       for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
@@ -352,8 +365,134 @@ void fused_plain(const QuantWeight& w, const float* x, int64_t ldx, float* y, in
   }
 }
 
+#if defined(__AVX512BF16__)
+// ---- AVX512-BF16: pair dot products (vdpbf16ps) when the x rows hold bf16 values -----------------------------
+// Every e2m1 and bf16 weight is a bf16 number, and so are x rows that act_quant made FP8 values times a power of
+// two, or that the model rounded to bf16: their products are exact in fp32 (8 x 8 significant bits), so this path
+// computes the same sums as the FMA loops, added in another order. (vdpbf16ps also treats bf16 subnormals, below
+// 2^-126, as 0 and flushes subnormal sums: values far below anything a layer's inputs hold.) The FP4 scales are
+// powers of two: a block's sum times its scale equals the sum of its scaled products exactly.
+// Weights decode without floats: e2m1 nibbles -> bf16 bits by a 16-entry vpermw table; bf16 weights as stored.
+
+thread_local ThreadBuffer<uint16_t> tl_xbf16;  // x rows as bf16 bits, in the order the weights decode
+
+inline bool bf16_valued(const float* x, int64_t ldx, int64_t rows, int64_t K) {  // low 16 bits all zero
+  const __m512i low = _mm512_set1_epi32(0xFFFF);
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t k = 0; k < K; k += 16)
+      if (_mm512_test_epi32_mask(_mm512_loadu_si512(x + m * ldx + k), low)) return false;
+  return true;
+}
+
+inline void to_bf16(const float* x, uint16_t* out, int64_t n) {  // n % 16 == 0, exact for bf16-valued x
+  for (int64_t k = 0; k < n; k += 16)
+    _mm256_storeu_si256((__m256i*)(out + k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_loadu_si512(x + k), 16)));
+}
+
+// 32 packed bytes = 64 e2m1 values -> even elements 0, 2, .., 62 and odd ones 1, 3, .., 63 as bf16 words
+inline void decode_fp4_bf16_64(const uint8_t* p, __m512i& even, __m512i& odd) {
+  alignas(64) static const uint16_t e2m1_bf16[32] = {0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
+                                                     0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0};
+  const __m512i table = _mm512_load_si512(e2m1_bf16);
+  const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p));
+  even = _mm512_permutexvar_epi16(_mm512_and_si512(bytes, _mm512_set1_epi16(0x0F)), table);
+  odd = _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), table);
+}
+
+// x rows (fp4 order: per block of 32 its 16 even elements, then the 16 odd ones) -> bf16 in decode order: per 64
+// elements the evens of both blocks, then their odds (decode_fp4_bf16_64's words)
+inline void fp4_x_bf16(const float* x, uint16_t* out, int64_t K) {
+  for (int64_t c = 0; c < K; c += 64) {
+    to_bf16(x + c, out + c, 16);            // block 0 evens
+    to_bf16(x + c + 32, out + c + 16, 16);  // block 1 evens
+    to_bf16(x + c + 16, out + c + 32, 16);  // block 0 odds
+    to_bf16(x + c + 48, out + c + 48, 16);  // block 1 odds
+  }
+}
+
+template <int M>
+void dp_fp4(const QuantWeight& w, const uint16_t* xb, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  const int64_t K = w.k, nblk = K / 32;
+  const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  for (int64_t j = n0; j < n1; ++j) {
+    const uint8_t* row = (const uint8_t*)w.data + j * (K / 2);
+    const float* srow = w.scale + j * nblk;
+    if (j + kPrefetchRows < n1) {
+      prefetch(row + kPrefetchRows * (K / 2), K / 2);
+      prefetch(srow + kPrefetchRows * nblk, nblk * sizeof(float));
+    }
+    __m512 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < K; c += 64) {
+      __m512i even, odd;
+      decode_fp4_bf16_64(row + c / 2, even, odd);
+      // dword lanes 0-7 sum the first block's pairs, lanes 8-15 the second's: each times its own scale
+      const __m512 scale = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(
+                                                             (const double*)(srow + c / 32)))));
+      for (int m = 0; m < M; ++m) {
+        const uint16_t* xm = xb + m * K + c;
+        __m512 t = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)even, (__m512bh)_mm512_loadu_si512(xm));
+        t = _mm512_dpbf16_ps(t, (__m512bh)odd, (__m512bh)_mm512_loadu_si512(xm + 32));
+        acc[m] = _mm512_fmadd_ps(t, scale, acc[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) y[m * ldy + j] = _mm512_reduce_add_ps(acc[m]);
+  }
+}
+
+template <int M>
+void dp_bf16(const QuantWeight& w, const uint16_t* xb, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  constexpr int A = M <= 2 ? 4 : 2;  // independent accumulators per row: vdpbf16ps has a latency of several cycles
+  const int64_t K = w.k;
+  for (int64_t j = n0; j < n1; ++j) {
+    const uint16_t* row = (const uint16_t*)w.data + j * K;
+    __m512 acc[M][A];
+    for (int m = 0; m < M; ++m)
+      for (int a = 0; a < A; ++a) acc[m][a] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 * A <= K; k += 32 * A)
+      for (int a = 0; a < A; ++a) {
+        const __m512bh v = (__m512bh)_mm512_loadu_si512(row + k + 32 * a);
+        for (int m = 0; m < M; ++m)
+          acc[m][a] = _mm512_dpbf16_ps(acc[m][a], v, (__m512bh)_mm512_loadu_si512(xb + m * K + k + 32 * a));
+      }
+    for (; k < K; k += 32)
+      for (int m = 0; m < M; ++m)
+        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], (__m512bh)_mm512_loadu_si512(row + k),
+                                     (__m512bh)_mm512_loadu_si512(xb + m * K + k));
+    for (int m = 0; m < M; ++m) {
+      __m512 sum = acc[m][0];
+      for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, acc[m][a]);
+      y[m * ldy + j] = _mm512_reduce_add_ps(sum);
+    }
+  }
+}
+
+// The pair-dot path when it applies (FP4 or BF16 weights, K a multiple of 64, bf16-valued x): true if it ran.
+template <int M>
+bool fused_dp(const QuantWeight& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  const int64_t K = w.k;
+  if ((w.format != kFp4 && w.format != kBf16) || K % 64 != 0 || !bf16_valued(x, ldx, M, K)) return false;
+  uint16_t* xb = tl_xbf16.get(M * K);
+  for (int m = 0; m < M; ++m) {
+    if (w.format == kFp4)
+      fp4_x_bf16(x + m * ldx, xb + m * K, K);
+    else
+      to_bf16(x + m * ldx, xb + m * K, K);
+  }
+  if (w.format == kFp4)
+    dp_fp4<M>(w, xb, y, ldy, n0, n1);
+  else
+    dp_bf16<M>(w, xb, y, ldy, n0, n1);
+  return true;
+}
+#endif
+
 template <int M>
 void fused(const QuantWeight& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+#if defined(__AVX512BF16__)
+  if (fused_dp<M>(w, x, ldx, y, ldy, n0, n1)) return;
+#endif
   constexpr int A = M <= 2 ? 4 : 2;
   if (w.format == kFp8)
     fused_fp8<M, A>(w, x, ldx, y, ldy, n0, n1);

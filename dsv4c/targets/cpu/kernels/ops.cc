@@ -399,14 +399,23 @@ const IsaKernels* select_isa() {
 #ifdef DSV4_HAVE_AVX2_BUILD
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                            __builtin_cpu_supports("f16c");
+  static const bool avx512bf16 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                                 __builtin_cpu_supports("avx512bf16");
 #else
-  static const bool avx2 = false;
+  static const bool avx2 = false, avx512bf16 = false;
 #endif
-  const char* want = std::getenv("DSV4C_KERNEL_ISA");  // "generic" forces the portable loops (tests, debugging)
-  if (want && std::string(want) == "generic") return &generic::kernels;
-  if (want && std::string(want) == "avx2" && !avx2)
-    throw std::runtime_error("DSV4C_KERNEL_ISA=avx2 but this CPU lacks AVX2/FMA/F16C");
+  // DSV4C_KERNEL_ISA forces a table (tests run each one this CPU can; debugging): generic, avx2 or avx512bf16
+  const char* want = std::getenv("DSV4C_KERNEL_ISA");
+  const std::string forced = want ? want : "";
+  if (forced == "generic") return &generic::kernels;
+  if (forced == "avx2" && !avx2) throw std::runtime_error("DSV4C_KERNEL_ISA=avx2 but this CPU lacks AVX2/FMA/F16C");
+  if (forced == "avx512bf16" && !avx512bf16)
+    throw std::runtime_error("DSV4C_KERNEL_ISA=avx512bf16 but this CPU lacks AVX-512 F/BW/VL/DQ/BF16 or AVX2");
+  if (!forced.empty() && forced != "avx2" && forced != "avx512bf16")
+    throw std::runtime_error("DSV4C_KERNEL_ISA=" + forced + ": expected generic, avx2 or avx512bf16");
 #ifdef DSV4_HAVE_AVX2_BUILD
+  if (avx512bf16 && forced != "avx2") return &avx512bf16::kernels;
   if (avx2) return &avx2::kernels;
 #endif
   return &generic::kernels;
