@@ -273,10 +273,10 @@ def test_bf16_linear(library, isa, rows):
     np.testing.assert_allclose(got, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 6])
+@pytest.mark.parametrize("rows", [1, 2, 3, 6, 8, 9])
 def test_bf16_linear_of_bf16_valued_rows(library, isa, rows):
     """x rows that are bf16 numbers (as the model's rounded activations): the AVX-512 BF16 loops' pair dot
-    products; K = 320, two 128-wide steps and a 64-wide tail. The products are exact, so only the fp32 summation
+    products, up to 8 rows in one pass (9: the tiled loops); K = 320, two 128-wide steps and a 64-wide tail. The products are exact, so only the fp32 summation
     order differs from float64."""
     x, w = rand(rows, 320, seed=6).to(torch.bfloat16).float(), rand(70, 320, seed=7).to(torch.bfloat16)
     got = check(library, "bf16_linear", {}, x=x, w=w)[0]
@@ -375,7 +375,7 @@ def test_moe_float_experts_without_scales(library):
 
 @pytest.mark.parametrize("fmt", [0, 1, 2])
 @pytest.mark.parametrize("act_quant,bf16", [(True, False), (False, True), (True, True)])
-@pytest.mark.parametrize("tokens", [6, 24])  # 1-3 picks per expert (fused loops), ~14 (tiled)
+@pytest.mark.parametrize("tokens", [6, 12, 24])  # 1-3 picks per expert (fused loops), 5-9, ~14 (tiled)
 def test_moe_experts_rounding(library, isa, fmt, act_quant, bf16, tokens):
     """With bf16 / FP8 rounding inside, ulp-level differences (silu's exp, the down projection's summation
     order) move an element across a rounding boundary now and then, so exactness is asked of nearly all

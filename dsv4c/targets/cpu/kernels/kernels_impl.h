@@ -446,6 +446,7 @@ void dp_bf16(const QuantWeight& w, const uint16_t* xb, float* y, int64_t ldy, in
   const int64_t K = w.k;
   for (int64_t j = n0; j < n1; ++j) {
     const uint16_t* row = (const uint16_t*)w.data + j * K;
+    if (M > 2 && j + kPrefetchRows < n1) prefetch(row + kPrefetchRows * K, K * 2);
     __m512 acc[M][A];
     for (int m = 0; m < M; ++m)
       for (int a = 0; a < A; ++a) acc[m][a] = _mm512_setzero_ps();
@@ -486,13 +487,27 @@ bool fused_dp(const QuantWeight& w, const float* x, int64_t ldx, float* y, int64
     dp_bf16<M>(w, xb, y, ldy, n0, n1);
   return true;
 }
+
+// Up to 8 token rows in one pass over the weights (a batch-8 decode reads each weight once; 8 rows x 2
+// accumulators fit the 32 vector registers).
+bool linear_dp(const QuantWeight& w, const float* x, int64_t ldx, int64_t rows, float* y, int64_t ldy, int64_t n0,
+               int64_t n1) {
+  switch (rows) {
+    case 1: return fused_dp<1>(w, x, ldx, y, ldy, n0, n1);
+    case 2: return fused_dp<2>(w, x, ldx, y, ldy, n0, n1);
+    case 3: return fused_dp<3>(w, x, ldx, y, ldy, n0, n1);
+    case 4: return fused_dp<4>(w, x, ldx, y, ldy, n0, n1);
+    case 5: return fused_dp<5>(w, x, ldx, y, ldy, n0, n1);
+    case 6: return fused_dp<6>(w, x, ldx, y, ldy, n0, n1);
+    case 7: return fused_dp<7>(w, x, ldx, y, ldy, n0, n1);
+    case 8: return fused_dp<8>(w, x, ldx, y, ldy, n0, n1);
+    default: return false;
+  }
+}
 #endif
 
 template <int M>
 void fused(const QuantWeight& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-#if defined(__AVX512BF16__)
-  if (fused_dp<M>(w, x, ldx, y, ldy, n0, n1)) return;
-#endif
   constexpr int A = M <= 2 ? 4 : 2;
   if (w.format == kFp8)
     fused_fp8<M, A>(w, x, ldx, y, ldy, n0, n1);
@@ -562,6 +577,9 @@ void linear_tiled(const QuantWeight& w, const float* x, int64_t ldx, int64_t row
 
 void linear_impl(const QuantWeight& w, const float* x, int64_t ldx, int64_t rows, float* y, int64_t ldy,
                  int64_t n0, int64_t n1) {
+#if defined(__AVX512BF16__)
+  if (linear_dp(w, x, ldx, rows, y, ldy, n0, n1)) return;
+#endif
   if (rows > 6) return linear_tiled(w, x, ldx, rows, y, ldy, n0, n1);  // 5-6 rows: two fused passes are cheaper
   for (int64_t m0 = 0; m0 < rows; m0 += 4) {
     const float* xm = x + m0 * ldx;
