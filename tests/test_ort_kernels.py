@@ -2,7 +2,7 @@
 
 Every case is a one-node ONNX model WITHOUT the op's function body, so ONNX Runtime can only run it with the
 kernel library (checked once below: without the library such a model does not even load). Each case runs with
-each instruction set's loops this CPU runs (DSV4C_KERNEL_ISA: avx512bf16, avx2, generic), on 2 intra-op threads,
+each instruction set's loops this CPU runs (DSV4C_KERNEL_ISA: amx, avx512bf16, avx2, generic), on 2 intra-op threads,
 at sizes that reach every code path: 1-4 token rows (fused decode), 5-12 (fused, several passes), > 12 (tiled GEMM), ragged K,
 odd head counts, -1 sentinels, repeated picks, exact score ties, several 64-pick attention blocks. Where the
 registry rounds to bf16 (attention probabilities, indexer scores, Hadamard output) each test also shows that its
@@ -51,7 +51,7 @@ def split_all_work(monkeypatch):
     monkeypatch.setenv("DSV4C_KERNEL_INLINE_WORK", "0")
 
 
-ISAS = ["generic", "avx2", "avx512bf16"]  # each runs on a CPU that runs the next
+ISAS = ["generic", "avx2", "avx512bf16", "amx"]  # each runs on a CPU that runs the next
 
 
 @pytest.fixture(params=ISAS[::-1])
@@ -170,13 +170,16 @@ def test_fp8_decode_every_byte(library, isa):
 def test_bf16_linear_reads_the_stored_weight_exactly(library, isa):
     """x = I reads the widened bf16 weight back bit for bit (the tiled path with 20 rows, the fused one a row at
     a time): random bit patterns, subnormals and signed zeros; K = 20 has an 8-wide vector part and a scalar tail.
+    The AMX tiles read subnormals as 0 (documented in kernels_impl.h), the one difference.
     Infinities and NaNs are left out (0 * inf in the other columns' products would be NaN)."""
     bits = torch.randint(0, 1 << 16, (16, 20), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
     bits[(bits & 0x7F80) == 0x7F80] = 0
     bits[0, :4] = torch.tensor([0x0001, 0x8000, 0x807F, 0x3F80])  # smallest subnormal, -0, -subnormal, 1.0
     w = bits.to(torch.int16).view(torch.bfloat16)
     want = w.float().numpy()
-    np.testing.assert_array_equal(run_kernel(library, "bf16_linear", {}, [2], x=torch.eye(20), w=w)[0].T, want)
+    # AMX (like vdpbf16ps) reads bf16 subnormals as 0: the 20 bf16-valued rows of I take its tiles
+    flushed = np.where(np.abs(want) < np.finfo(np.float32).tiny, 0.0, want) if isa == "amx" else want
+    np.testing.assert_array_equal(run_kernel(library, "bf16_linear", {}, [2], x=torch.eye(20), w=w)[0].T, flushed)
     for j in (0, 9, 19):
         row = run_kernel(library, "bf16_linear", {}, [2], x=torch.eye(20)[j:j + 1], w=w)[0]
         np.testing.assert_array_equal(row[0], want[:, j])
@@ -273,12 +276,15 @@ def test_bf16_linear(library, isa, rows):
     np.testing.assert_allclose(got, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 6, 8, 9])
-def test_bf16_linear_of_bf16_valued_rows(library, isa, rows):
+@pytest.mark.parametrize("rows", [1, 2, 3, 6, 8, 9, 40, 70])
+@pytest.mark.parametrize("k", [320, 203])
+def test_bf16_linear_of_bf16_valued_rows(library, isa, rows, k):
     """x rows that are bf16 numbers (as the model's rounded activations): the AVX-512 BF16 loops' pair dot
-    products, up to 8 rows in one pass (9: the tiled loops); K = 320, two 128-wide steps and a 64-wide tail. The products are exact, so only the fp32 summation
-    order differs from float64."""
-    x, w = rand(rows, 320, seed=6).to(torch.bfloat16).float(), rand(70, 320, seed=7).to(torch.bfloat16)
+    products, up to 8 rows in one pass (9: the tiled loops), K = 320 (two 128-wide steps and a 64-wide tail);
+    the AMX tiles from 5 rows: 1 to 5 blocks of 16 rows (a partial one), K = 203 padded to whole 32-wide steps
+    (and an odd last pair), 70 weight rows (a partial block of 16). The products are exact, so only the fp32
+    summation order differs from float64."""
+    x, w = rand(rows, k, seed=6).to(torch.bfloat16).float(), rand(70, k, seed=7).to(torch.bfloat16)
     got = check(library, "bf16_linear", {}, x=x, w=w)[0]
     exact = (x.double() @ w.double().T).numpy()
     np.testing.assert_allclose(got, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
@@ -289,6 +295,15 @@ def test_bf16_linear_of_bf16_valued_rows(library, isa, rows):
 def test_fp8_linear(library, isa, act_quant, rows):
     w, s = fp8_weight(200, 384, seed=2)  # N = 200: the last 128-row scale block is cropped
     check(library, "fp8_linear", {"act_quant": act_quant}, x=rand(rows, 384, seed=3), w=w, w_scale=s)
+
+
+@pytest.mark.parametrize("rows", [6, 20])
+def test_fp8_linear_with_scales_that_are_not_powers_of_two(library, isa, rows):
+    """act_quant rows are bf16 values, but weights times 1.3-like scales are not: the AMX tiles, which multiply
+    bf16 numbers only, must leave such a weight to the float loops (their result, not a rounded one)."""
+    w, s = fp8_weight(200, 384, seed=8)
+    s = s * torch.linspace(1.1, 1.7, s.numel()).reshape(s.shape)
+    check(library, "fp8_linear", {"act_quant": True}, x=rand(rows, 384, seed=9), w=w, w_scale=s)
 
 
 @pytest.mark.parametrize("rows", [1, 2, 20])

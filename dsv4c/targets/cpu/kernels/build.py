@@ -18,8 +18,9 @@ Where things come from:
     headers work with the newer runtime: the library asks ORT for the API version it was compiled with.
   * libonnxruntime: not linked. ORT passes its API table to `RegisterCustomOps`.
 Instruction sets: no -march=native (the library must run on any x86-64 the artifact is copied to). The inner
-loops are compiled three times, baseline, -mavx2 -mfma -mf16c, and that plus AVX-512 F/BW/VL/DQ/BF16, and the
-library picks the widest this CPU runs (cpuid; DSV4C_KERNEL_ISA=generic / avx2 / avx512bf16 forces one).
+loops are compiled four times, baseline, -mavx2 -mfma -mf16c, that plus AVX-512 F/BW/VL/DQ/BF16, and that plus
+AMX-BF16, and the library picks the widest this CPU (and, for AMX, the kernel) allows (cpuid;
+DSV4C_KERNEL_ISA=generic / avx2 / avx512bf16 / amx forces one).
 Cache: $DSV4C_KERNEL_CACHE, else $XDG_CACHE_HOME/dsv4c/ortkernels, else ~/.cache/dsv4c/ortkernels, then
 <sha256 of sources + flags + onnxruntime version>/libdsv4_ops.so, written atomically (build in a temporary
 directory, then rename).
@@ -48,8 +49,10 @@ SOURCE_DIR = Path(__file__).resolve().parent
 COMMON_FLAGS = ["-std=c++17", "-O3", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off", "-fno-math-errno",
                 "-Wall", "-Wextra", "-Wno-unused-parameter"]
 AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c"]
+AVX512BF16_FLAGS = [*AVX2_FLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16"]
 ISA_FLAGS = {"isa_avx2.cc": AVX2_FLAGS,  # run only after a cpuid check (ops.cc)
-             "isa_avx512bf16.cc": [*AVX2_FLAGS, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16"]}
+             "isa_avx512bf16.cc": AVX512BF16_FLAGS,
+             "isa_amx.cc": [*AVX512BF16_FLAGS, "-mamx-tile", "-mamx-bf16"]}
 LINK_FLAGS = ["-shared", "-Wl,--no-undefined", "-pthread"]
 
 # Debian trixie's libonnxruntime-dev: the only packaged ORT C/C++ API headers (no PyPI wheel ships them, bookworm
@@ -344,7 +347,7 @@ def _run(cmd: list[str], what: str) -> None:
 
 
 def kernel_isa(library: str | Path) -> str:
-    """Which inner loops the library runs on this CPU ("avx512bf16", "avx2" or "generic")."""
+    """Which inner loops the library runs on this CPU ("amx", "avx512bf16", "avx2" or "generic")."""
     import ctypes
 
     fn = ctypes.CDLL(str(library)).dsv4_kernels_isa

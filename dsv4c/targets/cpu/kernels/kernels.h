@@ -1,7 +1,7 @@
 // The inner loops of the dsv4 ONNX Runtime kernels, behind one table per instruction set.
 //
-// kernels_impl.h is compiled three times: isa_generic.cc (the compiler's baseline, runs anywhere), isa_avx2.cc
-// (-mavx2 -mfma -mf16c) and isa_avx512bf16.cc (AVX2 + AVX-512 F/BW/VL/DQ/BF16). ops.cc picks a table at kernel
+// kernels_impl.h is compiled four times: isa_generic.cc (the compiler's baseline, runs anywhere), isa_avx2.cc
+// (-mavx2 -mfma -mf16c), isa_avx512bf16.cc (AVX2 + AVX-512 F/BW/VL/DQ/BF16) and isa_amx.cc (that + AMX-BF16). ops.cc picks a table at kernel
 // creation from the CPU's cpuid, so the library stays portable while the hot loops use what the CPU has. Only plain pointers cross this interface: the ISA
 // translation units instantiate no std:: templates, so no AVX2 code can be shared with the generic path by the
 // linker's merging of identical inline functions.
@@ -36,9 +36,16 @@ struct QuantWeight {
 struct IsaKernels {
   const char* name;
 
-  // y[m * ldy + j] = sum_k x[m * ldx + k] * W[j, k] for j in [n0, n1), m in [0, rows).
+  // y[m * ldy + j] = sum_k x[m * ldx + k] * W[j, k] for j in [n0, n1), m in [0, rows). `prepared`: x's rows
+  // as prepare_rows laid them out (made once per call, shared by its tasks), or null.
   void (*linear)(const QuantWeight& w, const float* x, int64_t ldx, int64_t rows, float* y, int64_t ldy,
-                 int64_t n0, int64_t n1);
+                 int64_t n0, int64_t n1, const void* prepared);
+
+  // Bytes of x rows [rows, k] laid out for this table's matrix loops (AMX: bf16 pairs per 16 rows); 0 when the
+  // table has no such layout or it does not pay at this many rows.
+  int64_t (*prepared_bytes)(int64_t rows, int64_t k);
+  // Lays x out into `out` (prepared_bytes of it); false (nothing usable) unless every value is a bf16 number.
+  bool (*prepare_rows)(const float* x, int64_t ldx, int64_t rows, int64_t k, void* out);
 
   // Sparse attention of one query position, heads [h0, h1): q [H, D], kv [N, D] (K = V; float, or bf16 bits
   // with kv_bf16: cache rows stored as the reference stores them, widened exactly as they are read), idx [K] rows of kv
@@ -83,6 +90,9 @@ namespace avx2 {
 extern const IsaKernels kernels;
 }
 namespace avx512bf16 {
+extern const IsaKernels kernels;
+}
+namespace amx {
 extern const IsaKernels kernels;
 }
 

@@ -1,6 +1,7 @@
 // Inner loops of the dsv4 kernels, compiled once per instruction set into namespace dsv4::DSV4_ISA
 // (isa_generic.cc: the compiler's baseline; isa_avx2.cc: -mavx2 -mfma -mf16c, explicit intrinsics below;
-// isa_avx512bf16.cc: the AVX2 loops plus vdpbf16ps pair dot products for FP4 and BF16 weights).
+// isa_avx512bf16.cc: the AVX2 loops plus vdpbf16ps pair dot products for FP4 and BF16 weights; isa_amx.cc: that
+// plus AMX tile products for 5+ rows).
 // Only raw pointers, libc/libm and intrinsics here: no std:: templates or inline library helpers whose
 // out-of-line copies the linker could share between the two builds (see kernels.h). No include guard: each
 // isa_*.cc includes it once, with its own DSV4_ISA.
@@ -977,9 +978,167 @@ void hc_post_token(const float* f, const float* res, const float* post, const fl
   }
 }
 
+#if defined(__AMX_BF16__)
+// ---- AMX-BF16: tile products for 5+ bf16-valued rows -----------------------------------------------------------
+// C[16 weight rows][16 x rows] += A[16 weight rows][32 k] . B[16 k pairs][16 x rows x 2]: the weights are the A
+// operand, read as stored (bf16) or decoded 16 rows at a time (FP8 / FP4 times their power-of-two scales: bf16
+// numbers), so no weight is ever rearranged; the x rows, the B operand, are laid out once per call in pairs
+// (prepare_rows). Products exact, fp32 sums (as vdpbf16ps). Tiles: C 0-3 (64 x rows), A 4, B 5-7.
+constexpr int64_t kAmxMinRows = 5;  // up to 4 rows the vdpbf16ps loops read the weights as fast
+
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+thread_local bool tl_tiles_configured = false;
+thread_local ThreadBuffer<uint16_t> tl_wtile;  // 16 decoded weight rows, bf16
+thread_local ThreadBuffer<float> tl_ctile;     // 4 C tiles as stored
+
+inline int64_t pair_padded(int64_t k) { return (k + 31) / 32 * 32; }
+
+int64_t amx_prepared_bytes(int64_t rows, int64_t k) {
+  return rows >= kAmxMinRows ? (rows + 15) / 16 * pair_padded(k) * 16 * 2 : 0;
+}
+
+inline uint32_t bf16_bits(float v) {
+  uint32_t u;
+  memcpy(&u, &v, sizeof u);
+  return u;
+}
+
+// out[block of 16 rows][k pair][row in block] = (x[row][2i], x[row][2i+1]) as one dword of two bf16, zero padded
+bool amx_prepare_rows(const float* x, int64_t ldx, int64_t rows, int64_t k, void* out) {
+  for (int64_t m = 0; m < rows; ++m)
+    for (int64_t i = 0; i < k; ++i)
+      if (bf16_bits(x[m * ldx + i]) & 0xFFFF) return false;
+  const int64_t pairs = pair_padded(k) / 2;
+  uint32_t* o = (uint32_t*)out;
+  memset(o, 0, (size_t)amx_prepared_bytes(rows, k));
+  for (int64_t m = 0; m < rows; ++m) {
+    uint32_t* dst = o + (m / 16) * pairs * 16 + m % 16;
+    const float* xm = x + m * ldx;
+    for (int64_t i = 0; i < k / 2; ++i) dst[i * 16] = (bf16_bits(xm[2 * i]) >> 16) | (bf16_bits(xm[2 * i + 1]) & 0xFFFF0000u);
+    if (k % 2) dst[(k / 2) * 16] = bf16_bits(xm[k - 1]) >> 16;
+  }
+  return true;
+}
+
+inline void configure_tiles() {
+  if (tl_tiles_configured) return;
+  TileConfig cfg;
+  memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+  tl_tiles_configured = true;
+}
+
+// 16 weight rows from j0 (fewer at the end: zero rows) as bf16 [16][kp]; false if a value is not a bf16 number
+bool decode_tile(const QuantWeight& w, int64_t j0, int64_t nb, uint16_t* out, int64_t kp) {
+  const int64_t K = w.k;
+  float* row = tl_row.get(K);
+  memset(out, 0, (size_t)16 * kp * 2);
+  const __m512i low = _mm512_set1_epi32(0xFFFF);
+  for (int64_t r = 0; r < nb; ++r) {
+    decode_row(w, j0 + r, row);
+    uint16_t* o = out + r * kp;
+    int64_t i = 0;
+    for (; i + 16 <= K; i += 16) {
+      const __m512i u = _mm512_loadu_si512(row + i);
+      if (_mm512_test_epi32_mask(u, low)) return false;
+      _mm256_storeu_si256((__m256i*)(o + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+    }
+    for (; i < K; ++i) {
+      const uint32_t u = bf16_bits(row[i]);
+      if (u & 0xFFFF) return false;
+      o[i] = (uint16_t)(u >> 16);
+    }
+  }
+  return true;
+}
+
+// false: a weight tile was not bf16-valued; the caller then computes every row the other way
+bool amx_linear(const QuantWeight& w, const uint32_t* xp, int64_t rows, float* y, int64_t ldy, int64_t n0,
+                int64_t n1) {
+  configure_tiles();
+  const int64_t K = w.k, kp = pair_padded(K), pairs = kp / 2, mblocks = (rows + 15) / 16;
+  uint16_t* wt = tl_wtile.get(16 * kp);
+  float* c = tl_ctile.get(4 * 256);
+  for (int64_t j0 = n0; j0 < n1; j0 += 16) {
+    const int64_t nb = lo(16, n1 - j0);
+    const uint16_t* a = wt;
+    int64_t stride = kp * 2;
+    if (w.format == kBf16 && K == kp && nb == 16) {
+      a = (const uint16_t*)w.data + j0 * K, stride = K * 2;  // read in place
+    } else if (w.format == kBf16) {
+      memset(wt, 0, (size_t)16 * kp * 2);
+      for (int64_t r = 0; r < nb; ++r) memcpy(wt + r * kp, (const uint16_t*)w.data + (j0 + r) * K, (size_t)K * 2);
+    } else if (!decode_tile(w, j0, nb, wt, kp)) {
+      return false;
+    }
+    for (int64_t mb = 0; mb < mblocks; mb += 4) {
+      const int64_t g = lo(4, mblocks - mb);
+      const uint32_t* b = xp + mb * pairs * 16;  // x block mb at k pair 0
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t kc = 0; kc < kp; kc += 32) {
+        const uint32_t* bk = b + (kc / 2) * 16;
+        _tile_loadd(4, a + kc, stride);
+        _tile_loadd(5, bk, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        if (g > 1) {
+          _tile_loadd(6, bk + pairs * 16, 64);
+          _tile_dpbf16ps(1, 4, 6);
+        }
+        if (g > 2) {
+          _tile_loadd(7, bk + 2 * pairs * 16, 64);
+          _tile_dpbf16ps(2, 4, 7);
+        }
+        if (g > 3) {
+          _tile_loadd(5, bk + 3 * pairs * 16, 64);
+          _tile_dpbf16ps(3, 4, 5);
+        }
+      }
+      _tile_stored(0, c, 64);
+      _tile_stored(1, c + 256, 64);
+      _tile_stored(2, c + 512, 64);
+      _tile_stored(3, c + 768, 64);
+      for (int64_t q = 0; q < g; ++q)  // C [weight row][x row] -> y [x row][weight row]
+        for (int64_t m = 0; m < lo(16, rows - (mb + q) * 16); ++m) {
+          float* ym = y + ((mb + q) * 16 + m) * ldy + j0;
+          for (int64_t r = 0; r < nb; ++r) ym[r] = c[q * 256 + r * 16 + m];
+        }
+    }
+  }
+  return true;
+}
+#endif
+
+int64_t prepared_bytes(int64_t rows, int64_t k) {
+#if defined(__AMX_BF16__)
+  return amx_prepared_bytes(rows, k);
+#else
+  return 0;
+#endif
+}
+
+bool prepare_rows(const float* x, int64_t ldx, int64_t rows, int64_t k, void* out) {
+#if defined(__AMX_BF16__)
+  return amx_prepare_rows(x, ldx, rows, k, out);
+#else
+  return false;
+#endif
+}
+
 void linear(const QuantWeight& w, const float* x, int64_t ldx, int64_t rows, float* y, int64_t ldy, int64_t n0,
-            int64_t n1) {
+            int64_t n1, const void* prepared) {
   if (rows <= 0 || n1 <= n0) return;
+#if defined(__AMX_BF16__)
+  if (prepared && amx_linear(w, (const uint32_t*)prepared, rows, y, ldy, n0, n1)) return;
+#endif
   linear_impl(w, x, ldx, rows, y, ldy, n0, n1);
 }
 
@@ -1003,8 +1162,8 @@ void indexer_scores(const float* q, const float* w, int64_t heads, const void* k
 
 #define DSV4_STR2(x) #x
 #define DSV4_STR(x) DSV4_STR2(x)
-const IsaKernels kernels = {DSV4_STR(DSV4_ISA), linear,       sparse_attn_query, indexer_scores,
-                            swiglu,              pool_channels, hc_pre_token,      hc_post_token};
+const IsaKernels kernels = {DSV4_STR(DSV4_ISA), linear,        prepared_bytes, prepare_rows,  sparse_attn_query,
+                            indexer_scores,      swiglu,        pool_channels,  hc_pre_token, hc_post_token};
 
 }  // namespace DSV4_ISA
 }  // namespace dsv4

@@ -21,6 +21,14 @@
 #include <string>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "kernels.h"
 
 namespace dsv4 {
@@ -395,6 +403,19 @@ int64_t rows_per_task(int64_t n, int64_t tokens, int64_t matrices = 1) {
 #define DSV4_HAVE_AVX2_BUILD 1  // build.py compiles isa_avx2.cc on x86 only
 #endif
 
+// AMX: the CPU has the tile unit (cpuid leaf 7: EDX bits 22, 24) and Linux lets this process use the tile
+// registers (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA; Linux 5.16+, process-wide, asked once).
+bool amx_usable() {
+#if defined(DSV4_HAVE_AVX2_BUILD) && defined(__linux__)
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24))) return false;
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
 const IsaKernels* select_isa() {
 #ifdef DSV4_HAVE_AVX2_BUILD
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -402,19 +423,24 @@ const IsaKernels* select_isa() {
   static const bool avx512bf16 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                                  __builtin_cpu_supports("avx512bf16");
+  static const bool amx = avx512bf16 && amx_usable();
 #else
-  static const bool avx2 = false, avx512bf16 = false;
+  static const bool avx2 = false, avx512bf16 = false, amx = false;
 #endif
-  // DSV4C_KERNEL_ISA forces a table (tests run each one this CPU can; debugging): generic, avx2 or avx512bf16
+  // DSV4C_KERNEL_ISA forces a table (tests run each one this CPU can; debugging): generic, avx2, avx512bf16, amx
   const char* want = std::getenv("DSV4C_KERNEL_ISA");
   const std::string forced = want ? want : "";
   if (forced == "generic") return &generic::kernels;
   if (forced == "avx2" && !avx2) throw std::runtime_error("DSV4C_KERNEL_ISA=avx2 but this CPU lacks AVX2/FMA/F16C");
   if (forced == "avx512bf16" && !avx512bf16)
     throw std::runtime_error("DSV4C_KERNEL_ISA=avx512bf16 but this CPU lacks AVX-512 F/BW/VL/DQ/BF16 or AVX2");
-  if (!forced.empty() && forced != "avx2" && forced != "avx512bf16")
-    throw std::runtime_error("DSV4C_KERNEL_ISA=" + forced + ": expected generic, avx2 or avx512bf16");
+  if (forced == "amx" && !amx)
+    throw std::runtime_error("DSV4C_KERNEL_ISA=amx but this CPU lacks AMX-BF16 (or AVX-512 BF16), or the kernel "
+                             "refused the tile registers");
+  if (!forced.empty() && forced != "avx2" && forced != "avx512bf16" && forced != "amx")
+    throw std::runtime_error("DSV4C_KERNEL_ISA=" + forced + ": expected generic, avx2, avx512bf16 or amx");
 #ifdef DSV4_HAVE_AVX2_BUILD
+  if (amx && (forced.empty() || forced == "amx")) return &amx::kernels;
   if (avx512bf16 && forced != "avx2") return &avx512bf16::kernels;
   if (avx2) return &avx2::kernels;
 #endif
@@ -480,6 +506,20 @@ const float* act_quant_rows(const Context& c, const float* x, int64_t rows, int6
   return buf.data();
 }
 
+// x rows laid out once per call for the table's matrix loops (IsaKernels::prepare_rows), shared by the call's
+// tasks; data is null when the table has no layout for this many rows or the rows are not bf16 values.
+struct PreparedRows {
+  std::vector<uint8_t> bytes;
+  const void* data = nullptr;
+  PreparedRows() = default;
+  PreparedRows(const IsaKernels* isa, const float* x, int64_t ldx, int64_t rows, int64_t k) {
+    const int64_t n = isa->prepared_bytes(rows, k);
+    if (n <= 0) return;
+    bytes.resize(n);
+    if (isa->prepare_rows(x, ldx, rows, k, bytes.data())) data = bytes.data();
+  }
+};
+
 // y[..., N] = x[..., K] . W^T (x FP8-quantised first with `act_quant`): the body of the linear kernels, after
 // each has checked its weight into `qw`.
 void linear_rows(const Context& c, const IsaKernels* isa, const Tensor& x, const Tensor& w, const QuantWeight& qw,
@@ -494,9 +534,10 @@ void linear_rows(const Context& c, const IsaKernels* isa, const Tensor& x, const
   if (qw.k == 0) return (void)std::fill(y, y + rows * qw.n, 0.f);
   std::vector<float> xq;
   const float* xin = act_quant ? act_quant_rows(c, x.f32(), rows, qw.k, xq) : x.f32();
+  const PreparedRows prepared(isa, xin, qw.k, rows, qw.k);
   const int64_t per = rows_per_task(qw.n, rows);
   c.parallel((qw.n + per - 1) / per, double(rows + 1) * qw.n * qw.k, [&](size_t t) {
-    isa->linear(qw, xin, qw.k, rows, y, qw.n, t * per, std::min(qw.n, (int64_t)(t + 1) * per));
+    isa->linear(qw, xin, qw.k, rows, y, qw.n, t * per, std::min(qw.n, (int64_t)(t + 1) * per), prepared.data);
   });
 }
 
@@ -580,10 +621,13 @@ struct Fp8GroupedLinear : Kernel {
     if (k == 0) return (void)std::fill(y, y + rows * g * r, 0.f);
     std::vector<float> xq;
     const float* xin = act_quant ? act_quant_rows(c, x.f32(), rows * g, k, xq) : x.f32();
+    std::vector<PreparedRows> prepared;
+    for (int64_t gi = 0; gi < g; ++gi) prepared.emplace_back(isa, xin + gi * k, g * k, rows, k);
     const int64_t per = rows_per_task(r, rows, g), chunks = (r + per - 1) / per;
     c.parallel(g * chunks, double(rows + 1) * qw.n * k, [&](size_t t) {  // group gi's rows, its slice of x
       const int64_t gi = t / chunks, r0 = (t % chunks) * per;
-      isa->linear(qw, xin + gi * k, g * k, rows, y, g * r, gi * r + r0, gi * r + std::min(r, r0 + per));
+      isa->linear(qw, xin + gi * k, g * k, rows, y, g * r, gi * r + r0, gi * r + std::min(r, r0 + per),
+                  prepared[gi].data);
     });
   }
 };
@@ -698,13 +742,24 @@ struct MoeExperts : Kernel {
       return jobs;
     };
 
+    // each expert's rows laid out once for the matrix loops (gate/up read x, down reads h)
+    auto prepare = [&](const std::vector<float>& rows, int64_t k, std::vector<PreparedRows>& out) {
+      out.resize(E);
+      c.parallel(E, double(P) * k, [&](size_t e) {
+        const int64_t p0 = count[e], m = count[e + 1] - p0;
+        if (m) out[e] = PreparedRows(isa, rows.data() + p0 * k, k, m, k);
+      });
+    };
+    std::vector<PreparedRows> x_rows, h_rows;
+    prepare(xp, D, x_rows);
+
     std::vector<float> gate(P * I), up(P * I);
     const std::vector<Job> gu = jobs_for(I);
     c.parallel(gu.size(), 2.0 * (P + used) * I * D, [&](size_t t) {
       const Job& j = gu[t];
       const int64_t p0 = count[j.e], m = count[j.e + 1] - p0;
-      isa->linear(up1.at(j.e), xp.data() + p0 * D, D, m, gate.data() + p0 * I, I, j.r0, j.r1);
-      isa->linear(up3.at(j.e), xp.data() + p0 * D, D, m, up.data() + p0 * I, I, j.r0, j.r1);
+      isa->linear(up1.at(j.e), xp.data() + p0 * D, D, m, gate.data() + p0 * I, I, j.r0, j.r1, x_rows[j.e].data);
+      isa->linear(up3.at(j.e), xp.data() + p0 * D, D, m, up.data() + p0 * I, I, j.r0, j.r1, x_rows[j.e].data);
     });
 
     // h = silu(gate) * up * routing weight, with the reference's clamps and roundings
@@ -724,12 +779,13 @@ struct MoeExperts : Kernel {
       }
     });
 
+    prepare(h, I, h_rows);
     std::vector<float> out(P * D);
     const std::vector<Job> dn = jobs_for(D);
     c.parallel(dn.size(), double(P + used) * I * D, [&](size_t t) {
       const Job& j = dn[t];
       const int64_t p0 = count[j.e], m = count[j.e + 1] - p0;
-      isa->linear(down.at(j.e), h.data() + p0 * I, I, m, out.data() + p0 * D, D, j.r0, j.r1);
+      isa->linear(down.at(j.e), h.data() + p0 * I, I, m, out.data() + p0 * D, D, j.r0, j.r1, h_rows[j.e].data);
     });
 
     // y[t] += each pick's output, experts ascending (the reference's index_add_ order); tokens in parallel
