@@ -259,6 +259,14 @@ inline void prefetch(const void* p, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char*)p + b, _MM_HINT_T0);
 }
 
+// FP4 row j + kPrefetchRows (packed values and scales), if it is one of this job's rows
+inline void prefetch_fp4_ahead(const QuantWeight& w, int64_t j, int64_t n1) {
+  if (j + kPrefetchRows >= n1) return;
+  const int64_t K = w.k, ahead = j + kPrefetchRows;
+  prefetch((const uint8_t*)w.data + ahead * (K / 2), K / 2);
+  prefetch(w.scale + ahead * (K / 32), K / 32 * (int64_t)sizeof(float));
+}
+
 // ---- fused decode + dot for M <= 4 token rows: every decoded weight vector meets all M rows ---------------
 // A independent accumulators per row hide the FMA latency (A = 4 for M <= 2, else 2).
 template <int M, int A>
@@ -313,10 +321,7 @@ void fused_fp4(const QuantWeight& w, const float* x, int64_t ldx, float* y, int6
   for (int64_t j = n0; j < n1; ++j) {
     const uint8_t* row = (const uint8_t*)w.data + j * (K / 2);
     const float* srow = w.scale + j * nblk;
-    if (j + kPrefetchRows < n1) {
-      prefetch(row + kPrefetchRows * (K / 2), K / 2);
-      prefetch(srow + kPrefetchRows * nblk, nblk * sizeof(float));
-    }
+    prefetch_fp4_ahead(w, j, n1);
     __m256 acc[M][A];
     for (int m = 0; m < M; ++m)
       for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
@@ -418,10 +423,7 @@ void dp_fp4(const QuantWeight& w, const uint16_t* xb, float* y, int64_t ldy, int
   for (int64_t j = n0; j < n1; ++j) {
     const uint8_t* row = (const uint8_t*)w.data + j * (K / 2);
     const float* srow = w.scale + j * nblk;
-    if (j + kPrefetchRows < n1) {
-      prefetch(row + kPrefetchRows * (K / 2), K / 2);
-      prefetch(srow + kPrefetchRows * nblk, nblk * sizeof(float));
-    }
+    prefetch_fp4_ahead(w, j, n1);
     __m512 acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t c = 0; c < K; c += 64) {
