@@ -378,6 +378,18 @@ def test_moe_experts(library, isa, fmt, tokens):
         assert not got[3].any()  # a token without experts gets zeros
 
 
+def test_moe_fp4_experts_with_scales_that_are_not_powers_of_two(library, isa):
+    """bf16-valued x rows with 5-8 picks per expert, FP4 scales times 1.1-1.7: the AMX tiles' direct e2m1 -> bf16
+    decode (the scale added to the exponent) must leave such a block to the float decode."""
+    inputs = dict(moe_inputs(0, tokens=12, coarse=True))
+    for name in ("s1", "s3", "s2"):
+        inputs[name] = inputs[name] * torch.linspace(1.1, 1.7, inputs[name].numel()).reshape(inputs[name].shape)
+    attrs = {"fmt": 0, "swiglu_limit": 0.0, "act_quant": False, "bf16": False}
+    want = reference("moe_experts", attrs, **inputs)[0]
+    got = run_kernel(library, "moe_experts", attrs, [2], **inputs)[0]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
 def test_moe_float_experts_without_scales(library):
     """model.Experts passes empty scales for float experts: the kernel must not read them."""
     inputs = moe_inputs(2)

@@ -395,11 +395,13 @@ inline void to_bf16(const float* x, uint16_t* out, int64_t n) {  // n % 16 == 0,
     _mm256_storeu_si256((__m256i*)(out + k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_loadu_si512(x + k), 16)));
 }
 
+// bf16 bits of the 16 e2m1 codes (then zeros: a 32-word vpermw table)
+alignas(64) const uint16_t kE2m1Bf16[32] = {0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
+                                            0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0};
+
 // 32 packed bytes = 64 e2m1 values -> even elements 0, 2, .., 62 and odd ones 1, 3, .., 63 as bf16 words
 inline void decode_fp4_bf16_64(const uint8_t* p, __m512i& even, __m512i& odd) {
-  alignas(64) static const uint16_t e2m1_bf16[32] = {0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0,
-                                                     0x8000, 0xBF00, 0xBF80, 0xBFC0, 0xC000, 0xC040, 0xC080, 0xC0C0};
-  const __m512i table = _mm512_load_si512(e2m1_bf16);
+  const __m512i table = _mm512_load_si512(kE2m1Bf16);
   const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p));
   even = _mm512_permutexvar_epi16(_mm512_and_si512(bytes, _mm512_set1_epi16(0x0F)), table);
   odd = _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), table);
@@ -1037,12 +1039,38 @@ inline void configure_tiles() {
 }
 
 // 16 weight rows from j0 (fewer at the end: zero rows) as bf16 [16][kp]; false if a value is not a bf16 number
+// FP4 row j straight to bf16 in kernel order (per block of 32 its evens, then its odds): e2m1 codes -> bf16 bits
+// by vpermw, times the block's power-of-two scale by adding its exponent to every nonzero value (exact). false for
+// a scale that is not a power of two within 2^+-100 (the float decode then decides).
+bool decode_fp4_row_bf16(const QuantWeight& w, int64_t j, uint16_t* out) {
+  const int64_t K = w.k, nblk = K / 32;
+  const uint8_t* row = (const uint8_t*)w.data + j * (K / 2);
+  const float* srow = w.scale + j * nblk;
+  const __m256i table = _mm256_load_si256((const __m256i*)kE2m1Bf16), nibble = _mm256_set1_epi16(0x0F),
+                magnitude = _mm256_set1_epi16(0x7FFF);
+  for (int64_t b = 0; b < nblk; ++b) {
+    const uint32_t bits = bf16_bits(srow[b]);
+    const int32_t field = (int32_t)(bits >> 23) & 0xFF;
+    if ((bits & 0x807FFFFFu) || field < 127 - 100 || field > 127 + 100) return false;
+    const __m256i shift = _mm256_set1_epi16((short)((field - 127) * 128));
+    const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(row + b * 16)));
+    __m256i even = _mm256_permutexvar_epi16(_mm256_and_si256(bytes, nibble), table);
+    __m256i odd = _mm256_permutexvar_epi16(_mm256_srli_epi16(bytes, 4), table);
+    even = _mm256_mask_add_epi16(even, _mm256_test_epi16_mask(even, magnitude), even, shift);
+    odd = _mm256_mask_add_epi16(odd, _mm256_test_epi16_mask(odd, magnitude), odd, shift);
+    _mm256_storeu_si256((__m256i*)(out + b * 32), even);
+    _mm256_storeu_si256((__m256i*)(out + b * 32 + 16), odd);
+  }
+  return true;
+}
+
 bool decode_tile(const QuantWeight& w, int64_t j0, int64_t nb, uint16_t* out, int64_t kp) {
   const int64_t K = w.k;
   float* row = tl_row.get(K);
   memset(out, 0, (size_t)16 * kp * 2);
   const __m512i low = _mm512_set1_epi32(0xFFFF);
   for (int64_t r = 0; r < nb; ++r) {
+    if (w.format == kFp4 && decode_fp4_row_bf16(w, j0 + r, out + r * kp)) continue;
     decode_row(w, j0 + r, row);
     uint16_t* o = out + r * kp;
     int64_t i = 0;
