@@ -290,6 +290,17 @@ def test_bf16_linear_of_bf16_valued_rows(library, isa, rows, k):
     np.testing.assert_allclose(got, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
 
 
+@pytest.mark.parametrize("rows", [2, 6])
+def test_bf16_linear_of_rows_with_one_value_that_is_not_bf16(library, isa, rows):
+    """Rows of bf16 numbers but for the last of K = 203 values (in the scalar tail of the checks' 16-wide
+    loops): the BF16 units' loops would truncate it, so every table must take the float loops for them."""
+    x, w = rand(rows, 203, seed=6).to(torch.bfloat16).float(), rand(70, 203, seed=7).to(torch.bfloat16)
+    x[:, -1] = 1 + 2 ** -12
+    got = check(library, "bf16_linear", {}, x=x, w=w)[0]
+    exact = (x.double() @ w.double().T).numpy()
+    np.testing.assert_allclose(got, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
+
+
 @pytest.mark.parametrize("act_quant", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 6, 17])  # fused 1 / 3 rows, fused 4 + 2, tiled GEMM
 def test_fp8_linear(library, isa, act_quant, rows):

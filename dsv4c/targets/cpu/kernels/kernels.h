@@ -1,10 +1,11 @@
 // The inner loops of the dsv4 ONNX Runtime kernels, behind one table per instruction set.
 //
 // kernels_impl.h is compiled four times: isa_generic.cc (the compiler's baseline, runs anywhere), isa_avx2.cc
-// (-mavx2 -mfma -mf16c), isa_avx512bf16.cc (AVX2 + AVX-512 F/BW/VL/DQ/BF16) and isa_amx.cc (that + AMX-BF16). ops.cc picks a table at kernel
-// creation from the CPU's cpuid, so the library stays portable while the hot loops use what the CPU has. Only plain pointers cross this interface: the ISA
-// translation units instantiate no std:: templates, so no AVX2 code can be shared with the generic path by the
-// linker's merging of identical inline functions.
+// (-mavx2 -mfma -mf16c), isa_avx512bf16.cc (AVX2 + AVX-512 F/BW/VL/DQ/BF16) and isa_amx.cc (that + AMX-BF16).
+// ops.cc picks a table at kernel creation from the CPU's cpuid, so the library stays portable while the hot
+// loops use what the CPU has. Only plain pointers cross this interface: the ISA translation units instantiate
+// no std:: templates, so no AVX2 code can be shared with the generic path by the linker's merging of identical
+// inline functions.
 #pragma once
 
 #include <cstdint>

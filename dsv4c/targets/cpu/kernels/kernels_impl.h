@@ -382,11 +382,39 @@ void fused_plain(const QuantWeight& w, const float* x, int64_t ldx, float* y, in
 
 thread_local ThreadBuffer<uint16_t> tl_xbf16;  // x rows as bf16 bits, in the order the weights decode
 
-inline bool bf16_valued(const float* x, int64_t ldx, int64_t rows, int64_t K) {  // low 16 bits all zero
+inline uint32_t float_bits(float v) {
+  uint32_t u;
+  memcpy(&u, &v, sizeof u);
+  return u;
+}
+
+// x [n] -> bf16 bits; false (out partly written) at the first value that is not a bf16 number (low 16 bits set)
+inline bool to_bf16_exact(const float* x, uint16_t* out, int64_t n) {
   const __m512i low = _mm512_set1_epi32(0xFFFF);
-  for (int64_t m = 0; m < rows; ++m)
-    for (int64_t k = 0; k < K; k += 16)
-      if (_mm512_test_epi32_mask(_mm512_loadu_si512(x + m * ldx + k), low)) return false;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i u = _mm512_loadu_si512(x + i);
+    if (_mm512_test_epi32_mask(u, low)) return false;
+    _mm256_storeu_si256((__m256i*)(out + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+  }
+  for (; i < n; ++i) {
+    const uint32_t u = float_bits(x[i]);
+    if (u & 0xFFFF) return false;
+    out[i] = (uint16_t)(u >> 16);
+  }
+  return true;
+}
+
+inline bool bf16_valued(const float* x, int64_t ldx, int64_t rows, int64_t K) {  // every value a bf16 number
+  const __m512i low = _mm512_set1_epi32(0xFFFF);
+  for (int64_t m = 0; m < rows; ++m) {
+    const float* xm = x + m * ldx;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16)
+      if (_mm512_test_epi32_mask(_mm512_loadu_si512(xm + k), low)) return false;
+    for (; k < K; ++k)
+      if (float_bits(xm[k]) & 0xFFFF) return false;
+  }
   return true;
 }
 
@@ -1005,25 +1033,18 @@ int64_t amx_prepared_bytes(int64_t rows, int64_t k) {
   return rows >= kAmxMinRows ? (rows + 15) / 16 * pair_padded(k) * 16 * 2 : 0;
 }
 
-inline uint32_t bf16_bits(float v) {
-  uint32_t u;
-  memcpy(&u, &v, sizeof u);
-  return u;
-}
-
 // out[block of 16 rows][k pair][row in block] = (x[row][2i], x[row][2i+1]) as one dword of two bf16, zero padded
 bool amx_prepare_rows(const float* x, int64_t ldx, int64_t rows, int64_t k, void* out) {
-  for (int64_t m = 0; m < rows; ++m)
-    for (int64_t i = 0; i < k; ++i)
-      if (bf16_bits(x[m * ldx + i]) & 0xFFFF) return false;
+  if (!bf16_valued(x, ldx, rows, k)) return false;
   const int64_t pairs = pair_padded(k) / 2;
   uint32_t* o = (uint32_t*)out;
   memset(o, 0, (size_t)amx_prepared_bytes(rows, k));
   for (int64_t m = 0; m < rows; ++m) {
     uint32_t* dst = o + (m / 16) * pairs * 16 + m % 16;
     const float* xm = x + m * ldx;
-    for (int64_t i = 0; i < k / 2; ++i) dst[i * 16] = (bf16_bits(xm[2 * i]) >> 16) | (bf16_bits(xm[2 * i + 1]) & 0xFFFF0000u);
-    if (k % 2) dst[(k / 2) * 16] = bf16_bits(xm[k - 1]) >> 16;
+    for (int64_t i = 0; i < k / 2; ++i)
+      dst[i * 16] = (float_bits(xm[2 * i]) >> 16) | (float_bits(xm[2 * i + 1]) & 0xFFFF0000u);
+    if (k % 2) dst[(k / 2) * 16] = float_bits(xm[k - 1]) >> 16;
   }
   return true;
 }
@@ -1038,7 +1059,6 @@ inline void configure_tiles() {
   tl_tiles_configured = true;
 }
 
-// 16 weight rows from j0 (fewer at the end: zero rows) as bf16 [16][kp]; false if a value is not a bf16 number
 // FP4 row j straight to bf16 in kernel order (per block of 32 its evens, then its odds): e2m1 codes -> bf16 bits
 // by vpermw, times the block's power-of-two scale by adding its exponent to every nonzero value (exact). false for
 // a scale that is not a power of two within 2^+-100 (the float decode then decides).
@@ -1049,7 +1069,7 @@ bool decode_fp4_row_bf16(const QuantWeight& w, int64_t j, uint16_t* out) {
   const __m256i table = _mm256_load_si256((const __m256i*)kE2m1Bf16), nibble = _mm256_set1_epi16(0x0F),
                 magnitude = _mm256_set1_epi16(0x7FFF);
   for (int64_t b = 0; b < nblk; ++b) {
-    const uint32_t bits = bf16_bits(srow[b]);
+    const uint32_t bits = float_bits(srow[b]);
     const int32_t field = (int32_t)(bits >> 23) & 0xFF;
     if ((bits & 0x807FFFFFu) || field < 127 - 100 || field > 127 + 100) return false;
     const __m256i shift = _mm256_set1_epi16((short)((field - 127) * 128));
@@ -1064,26 +1084,14 @@ bool decode_fp4_row_bf16(const QuantWeight& w, int64_t j, uint16_t* out) {
   return true;
 }
 
+// 16 weight rows from j0 (fewer at the end: zero rows) as bf16 [16][kp]; false if a value is not a bf16 number
 bool decode_tile(const QuantWeight& w, int64_t j0, int64_t nb, uint16_t* out, int64_t kp) {
-  const int64_t K = w.k;
-  float* row = tl_row.get(K);
+  float* row = tl_row.get(w.k);
   memset(out, 0, (size_t)16 * kp * 2);
-  const __m512i low = _mm512_set1_epi32(0xFFFF);
   for (int64_t r = 0; r < nb; ++r) {
     if (w.format == kFp4 && decode_fp4_row_bf16(w, j0 + r, out + r * kp)) continue;
     decode_row(w, j0 + r, row);
-    uint16_t* o = out + r * kp;
-    int64_t i = 0;
-    for (; i + 16 <= K; i += 16) {
-      const __m512i u = _mm512_loadu_si512(row + i);
-      if (_mm512_test_epi32_mask(u, low)) return false;
-      _mm256_storeu_si256((__m256i*)(o + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
-    }
-    for (; i < K; ++i) {
-      const uint32_t u = bf16_bits(row[i]);
-      if (u & 0xFFFF) return false;
-      o[i] = (uint16_t)(u >> 16);
-    }
+    if (!to_bf16_exact(row, out + r * kp, w.k)) return false;
   }
   return true;
 }
