@@ -128,11 +128,11 @@ def rope_wrong_dims(e: Edit, program: str, layer: int = 1) -> None:
 def window_one_short(e: Edit, program: str) -> None:
     """Every layer's sliding window ends one token early: the oldest window key (index column 0) is dropped."""
     for attn in [n for n in e.graph.node if n.op_type == "SparseAttn"]:
-        idx = attn.input[3]
+        idx = attn.input[4]
         first = e.node("Slice", idx, e.const([0], np.int64), e.const([1], np.int64), e.const([-1], np.int64))
         none = e.node("Add", e.node("Mul", first, e.const(0, np.int64)), e.const(-1, np.int64))
         rest = e.node("Slice", idx, e.const([1], np.int64), e.const([INT64_MAX], np.int64), e.const([-1], np.int64))
-        attn.input[3] = e.node("Concat", none, rest, axis=-1)
+        attn.input[4] = e.node("Concat", none, rest, axis=-1)
     _toposort(e.graph)
 
 
@@ -192,8 +192,8 @@ def fp8_activation_scale_2x(e: Edit, program: str, layer: int = 1) -> None:
 def sink_dropped(e: Edit, program: str, layer: int = 1) -> None:
     """Layer `layer`'s attention softmax loses its per-head sink term."""
     attn = _one(_find(e.graph, "SparseAttn", f"model.layers.{layer}.attn"), "SparseAttn")
-    heads = e.initializer(attn.input[2]).shape
-    attn.input[2] = e.const(np.full(heads, -1e30, dtype=np.float32))
+    heads = e.initializer(attn.input[3]).shape
+    attn.input[3] = e.const(np.full(heads, -1e30, dtype=np.float32))
 
 
 def hc_post_comb_swapped(e: Edit, program: str, layer: int = 1) -> None:

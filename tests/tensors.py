@@ -56,14 +56,22 @@ def attention_blocks(h: int = 5, d: int = 40) -> dict[str, torch.Tensor]:
     """sparse_attn inputs with K = 200 picks, i.e. four 64-pick online-softmax blocks (64, 64, 64, 8): -1 picks
     scattered through a row, a whole block of them after valid picks, a row whose first block and a half are -1
     (the running max is still -inf after an empty block), a row with none at all (sink only: zeros). With
-    bf16 the blocks' positions matter: the same picks compacted to the front give another result."""
+    bf16 the blocks' positions matter: the same picks compacted to the front give another result. The 300 rows
+    come in the op's two parts, kv (90 rows) and cmp (210): the picks land in both, blocks mixing them."""
     b, s, n, k = 2, 3, 300, 200
     idx = torch.randint(0, n, (b, s, k), generator=torch.Generator().manual_seed(0))
     idx[0, 0, 64:128] = -1
     idx[0, 1, ::3] = -1
     idx[1, 1] = -1
     idx[1, 2, :100] = -1
-    return dict(q=rand(b, s, h, d, seed=1), kv=rand(b, n, d, seed=2), sink=rand(h, seed=3), idx=idx)
+    kv, cmp = split_rows(rand(b, n, d, seed=2), 90)
+    return dict(q=rand(b, s, h, d, seed=1), kv=kv, cmp=cmp, sink=rand(h, seed=3), idx=idx)
+
+
+def split_rows(rows: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """sparse_attn's key rows [B, N, D] as its two parts (kv: the first n rows, cmp: the rest): the same row
+    numbers, so the same picks and the same result as one tensor of all the rows."""
+    return rows[:, :n].contiguous(), rows[:, n:].contiguous()
 
 
 def indexer_grid(n: int = 80) -> dict[str, torch.Tensor]:

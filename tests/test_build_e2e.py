@@ -99,6 +99,26 @@ def test_manifest_cache_dtypes_are_what_the_engine_stores(official):
     assert [a.dtype.name for a in eng.session(1).cache.to_host()] == stored
 
 
+def test_decode_updates_every_cache_but_the_window_ring_in_place(official):
+    """The decode program writes the compressed entries, indexer keys and compressor state rings into their own
+    buffers (a one-token step touches one row of each): only the window ring, which the attention reads beside
+    the step's token, goes through a spare buffer. The prefill program re-reads the state in position order."""
+    import onnx
+
+    from dsv4c.targets.cpu.executor import updated_in_place
+
+    out, _ = official
+    eng = Engine.load(out)
+    names = [c["name"] for c in eng.manifest.engine["cache"]]
+    assert any(n.endswith("_state_kv") for n in names)
+    flags = {}
+    for program in ("decode", "prefill"):
+        graph = onnx.load(out / "engine" / eng.manifest.engine["programs"][program], load_external_data=False).graph
+        flags[program] = dict(zip(names, updated_in_place(graph)))
+    assert [n for n, f in flags["decode"].items() if not f] == [n for n in names if n.endswith(".win")]
+    assert [n for n, f in flags["prefill"].items() if f] == [n for n in names if n.endswith((".cmp", ".idx"))]
+
+
 def test_the_programs_share_one_map_of_the_weights(official):
     """Prefill and decode read the same weights file; the engine maps it once for both (two maps would count
     every page both programs touch twice in the process's resident set)."""

@@ -72,8 +72,8 @@ def _hadamard_unrounded(x):
 REVERTS = {
     "q_rescale_fp32": (lambda mp: mp.setattr(model_module, "head_rescale", _q_rescale_in_fp32), "attn_reference_topk"),
     "attention_probabilities_fp32": (lambda mp: mp.setattr(model_module, "ops", _OpsWith(
-        sparse_attn=lambda q, kv, sink, idx, scale, bf16, kv_rope: torch.ops.dsv4.sparse_attn(
-            q, kv, sink, idx, scale, False, kv_rope))),
+        sparse_attn=lambda q, kv, cmp, sink, idx, scale, bf16, kv_rope: torch.ops.dsv4.sparse_attn(
+            q, kv, cmp, sink, idx, scale, False, kv_rope))),
         "attn_reference_topk"),
     "hadamard_unrounded": (lambda mp: mp.setattr(model_module, "ops", _OpsWith(hadamard_fp4=_hadamard_unrounded)), "topk"),
     "indexer_scores_fp32": (lambda mp: mp.setattr(model_module, "ops", _OpsWith(

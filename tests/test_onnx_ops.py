@@ -17,7 +17,7 @@ from dsv4c.graphs.ops.onnx import (DOMAIN, ONNX_OPSET, attach_functions, attribu
 from dsv4c.graphs.ops.onnx_builder import fp8_table
 
 from tensors import (assert_outputs_match, attention_blocks, bf16_initializer, differences_within_a_bf16_step, feeds,
-                     fp8_weight, indexer_grid, rand, reference)
+                     fp8_weight, indexer_grid, rand, reference, split_rows)
 
 register_schemas()
 ops = torch.ops.dsv4
@@ -257,8 +257,9 @@ def test_sparse_attn(bf16):
     idx[0, 1, 3:] = -1  # partly empty
     idx[1, 2] = -1  # nothing to attend to: only the sink, output 0
     idx[1, 3] = torch.tensor([2, 2, 2, -1, 5, 5])  # repeated rows count twice
+    kv, cmp = split_rows(rand(b, n, d, seed=2), 4)  # rows 4..8 are cmp's
     out = check("sparse_attn", {"kv_rope": 0, "scale": d ** -0.5, "bf16": bf16}, q=rand(b, s, h, d, seed=1),
-                kv=rand(b, n, d, seed=2), sink=rand(h, seed=3), idx=idx)[0]
+                kv=kv, cmp=cmp, sink=rand(h, seed=3), idx=idx)[0]
     assert not out[1, 2].any()
 
 
@@ -279,7 +280,7 @@ def test_sparse_attn_body_with_static_shapes(packed):
     from the body's product order (test_sparse_attn_blocks compares that rounding at d = 40)."""
     inputs = attention_blocks(d=192)
     if packed:
-        inputs["kv"] = torch.ops.dsv4.pack_kv_fp8(inputs["kv"], 64)
+        inputs.update({part: torch.ops.dsv4.pack_kv_fp8(inputs[part], 64) for part in ("kv", "cmp")})
     attrs = {"kv_rope": 64 if packed else 0, "scale": 192 ** -0.5, "bf16": False}
     want = reference("sparse_attn", attrs, **inputs)
     assert_outputs_match(run_onnx("sparse_attn", attrs, [4], static=True, **inputs), want, exact=False)
@@ -287,8 +288,8 @@ def test_sparse_attn_body_with_static_shapes(packed):
 
 def test_sparse_attn_without_picks():
     """K = 0: the block Loop runs no iteration, the output is zeros (only the sink in the denominator)."""
-    out = check("sparse_attn", {"kv_rope": 0, "scale": 0.5, "bf16": True}, q=rand(1, 2, 3, 8), kv=rand(1, 4, 8), sink=rand(3),
-                idx=torch.zeros(1, 2, 0, dtype=torch.int64))[0]
+    out = check("sparse_attn", {"kv_rope": 0, "scale": 0.5, "bf16": True}, q=rand(1, 2, 3, 8), kv=rand(1, 4, 8),
+                cmp=rand(1, 2, 8), sink=rand(3), idx=torch.zeros(1, 2, 0, dtype=torch.int64))[0]
     assert out.shape == (1, 2, 3, 8) and not out.any()
 
 
@@ -473,7 +474,7 @@ class Tiny(torch.nn.Module):
         h = ops.fp8_linear(ops.fake_quant_fp8(x, 64), self.w, self.w_scale, True)  # [B, T, 128]
         q = h.view(h.shape[0], h.shape[1], 2, 64)
         kv = h[..., :64]
-        return ops.sparse_attn(q, kv, self.sink, idx, 0.125, False, 0) + 1.0
+        return ops.sparse_attn(q, kv, kv[:, :0], self.sink, idx, 0.125, False, 0) + 1.0  # no compressed rows
 
 
 def test_write_onnx_program_dynamic_shapes(tmp_path):
@@ -629,7 +630,7 @@ def test_attention_and_indexer_bodies_read_packed_rows():
 
     inputs = attention_blocks(d=192)
     check("sparse_attn", {"kv_rope": 64, "scale": 192 ** -0.5, "bf16": True},
-          **{**inputs, "kv": torch.ops.dsv4.pack_kv_fp8(inputs["kv"], 64)})
+          **{**inputs, **{part: torch.ops.dsv4.pack_kv_fp8(inputs[part], 64) for part in ("kv", "cmp")}})
     keys = torch.ops.dsv4.pack_fp4(packed_rows_case(d=128)[:, :, :128])
     q, w = rand(2, 3, 4, 128, seed=1).round(), rand(2, 3, 4, seed=2)  # integer q: exact dot products
     check("indexer_scores", {"bf16": True}, exact=True, q=q, k=keys, w=w)

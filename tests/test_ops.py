@@ -18,7 +18,7 @@ from dsv4c.graphs.config import QuantizationConfig, preset
 from dsv4c.graphs.model import (Attention, Compressor, Numerics, SharedExpert, Step, fake_quant_nope,
                                 rope_frequencies)
 
-from tensors import e4m3_value, rand, sylvester
+from tensors import e4m3_value, rand, split_rows, sylvester
 
 ops = torch.ops.dsv4
 
@@ -191,13 +191,13 @@ def test_sparse_attn_hand_computed():
     kv = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # [B=1, N=2, D=2]
     q = torch.tensor([[[[math.log(2), math.log(3)]]]])  # [1, 1, 1, 2]
     sink = torch.zeros(1)
-    o = ops.sparse_attn(q, kv, sink, torch.tensor([[[0, 1]]]), 1.0, False, 0)
+    o = ops.sparse_attn(q, kv[:, :1], kv[:, 1:], sink, torch.tensor([[[0, 1]]]), 1.0, False, 0)  # row 1: cmp's 0
     assert torch.allclose(o[0, 0, 0], torch.tensor([1 / 3, 1 / 2]), atol=1e-6)
     # -1 sentinels contribute nothing; a sink of ln 3 with only key 0 (e^{ln 2} = 2): o = 2/(2+3) kv0
-    o = ops.sparse_attn(q, kv, torch.tensor([math.log(3)]), torch.tensor([[[-1, 0, -1]]]), 1.0, False, 0)
+    o = ops.sparse_attn(q, kv, kv[:, :0], torch.tensor([math.log(3)]), torch.tensor([[[-1, 0, -1]]]), 1.0, False, 0)
     assert torch.allclose(o[0, 0, 0], torch.tensor([0.4, 0.0]), atol=1e-6)
     # nothing to attend to: only the sink, output exactly 0
-    o = ops.sparse_attn(q, kv, sink, torch.tensor([[[-1, -1]]]), 1.0, False, 0)
+    o = ops.sparse_attn(q, kv[:, :0], kv, sink, torch.tensor([[[-1, -1]]]), 1.0, False, 0)
     assert not o.any()
 
 
@@ -206,7 +206,7 @@ def test_sparse_attn_formula():
     q, kv, sink = rand(b, s, h, d, seed=1), rand(b, n, d, seed=2), rand(h, seed=3)
     idx = torch.randint(-1, n, (b, s, k), generator=torch.Generator().manual_seed(4))
     idx[0, 5] = torch.tensor([2, 2, 2, -1, 7])  # a repeated row counts each time
-    o = ops.sparse_attn(q, kv, sink, idx, scale, False, 0)
+    o = ops.sparse_attn(q, *split_rows(kv, 4), sink, idx, scale, False, 0)
     for bi in range(b):
         for si in range(s):
             rows = [int(j) for j in idx[bi, si] if j >= 0]
@@ -253,8 +253,8 @@ def test_sparse_attn_rounds_probabilities_per_block_of_64():
     idx[:, :, 64:128] = -1  # the middle block sees nothing
     idx[:, 1, ::7] = -1
     idx[:, 2, :64] = torch.sort(idx[:, 2, :64], descending=True).values  # logits grow across the blocks
-    got = ops.sparse_attn(q, kv, sink, idx, scale, True, 0)
-    exact = ops.sparse_attn(q, kv, sink, idx, scale, False, 0)
+    got = ops.sparse_attn(q, *split_rows(kv, 120), sink, idx, scale, True, 0)
+    exact = ops.sparse_attn(q, *split_rows(kv, 120), sink, idx, scale, False, 0)
     for si in range(s):
         for hi in range(h):
             want = sparse_attn_like_the_kernel(q[0, si, hi].numpy(), kv[0].numpy(), float(sink[hi]),
@@ -631,10 +631,13 @@ def test_window_ring_wraps_around():
 # ---- compressor emit boundaries (spec §2.4) ------------------------------------------------------------------------
 @pytest.mark.parametrize("ratio", [4, 8])
 @pytest.mark.parametrize("chunks", [[1] * 19, [5, 2, 9, 1, 6], [23]])
-def test_compressor_emits_every_ratio_tokens(ratio, chunks):
+@pytest.mark.parametrize("state", ["fresh", "stale"])
+def test_compressor_emits_every_ratio_tokens(ratio, chunks, state):
     """Entry j appears exactly when token (j+1)m-1 arrives, at slot j, and equals the spec's formula: per-channel
     softmax over the window (+ape by offset; CSA: previous window's first-half channels too), RMSNorm, RoPE at
-    position j*m. Slots not yet emitted keep their old value (NaN here)."""
+    position j*m. Slots not yet emitted keep their old value (NaN here). One-token chunks take the decode path
+    (the state ring read in place), longer ones the prefill path. A stale state (another sequence's rows left in
+    the batch slot) changes nothing: a new sequence needs no reset."""
     cfg = preset("tiny")
     d = 64 + cfg.qk_rope_head_dim  # entry width: nope 64 + rope 64
     comp = Compressor(cfg, ratio, d, indexer_keys=False)
@@ -665,6 +668,8 @@ def test_compressor_emits_every_ratio_tokens(ratio, chunks):
     n_slots = total // ratio + 2
     entries = torch.full((1, n_slots, d), float("nan"))
     skv, ssc = torch.zeros(1, c * ratio, c * d), torch.full((1, c * ratio, c * d), float("-inf"))
+    if state == "stale":
+        skv, ssc = torch.randn(skv.shape, generator=g) * 5, torch.randn(ssc.shape, generator=g) * 5
     start = 0
     for n in chunks:
         step = Step(torch.tensor([start]), torch.tensor([n]), n)
@@ -740,10 +745,10 @@ def test_attention_and_indexer_read_packed_rows_as_their_values():
     from tensors import attention_blocks, packed_rows_case
 
     inputs = attention_blocks(d=192)
-    packed = ops.pack_kv_fp8(inputs["kv"], 64)
-    args = (inputs["q"], None, inputs["sink"], inputs["idx"], 192 ** -0.5, True)
-    got = ops.sparse_attn(args[0], packed, *args[2:], 64)
-    want = ops.sparse_attn(args[0], quant.unpack_kv_fp8(packed, 192, 64), *args[2:], 0)
+    kv, cmp = ops.pack_kv_fp8(inputs["kv"], 64), ops.pack_kv_fp8(inputs["cmp"], 64)
+    args = (inputs["sink"], inputs["idx"], 192 ** -0.5, True)
+    got = ops.sparse_attn(inputs["q"], kv, cmp, *args, 64)
+    want = ops.sparse_attn(inputs["q"], quant.unpack_kv_fp8(kv, 192, 64), quant.unpack_kv_fp8(cmp, 192, 64), *args, 0)
     assert torch.equal(got, want)
     keys = ops.pack_fp4(packed_rows_case(d=128)[:, :, :128])
     q, w = rand(2, 3, 4, 128, seed=1), rand(2, 3, 4, seed=2)

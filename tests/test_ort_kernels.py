@@ -29,7 +29,7 @@ from dsv4c.targets.base import ToolchainMissing
 from dsv4c.targets.cpu.kernels import CPP_KERNELS, build
 
 from tensors import (assert_outputs_match, attention_blocks, bf16_initializer, differences_within_a_bf16_step, feeds,
-                     fp8_weight, indexer_grid, rand, reference)
+                     fp8_weight, indexer_grid, rand, reference, split_rows)
 
 register_schemas()
 ops = torch.ops.dsv4
@@ -219,14 +219,15 @@ def test_sparse_attn_reads_bf16_cache_rows_as_their_values(library, isa, d):
     so it gives bit for bit what it gives on the same values in float32 (with and without the bf16 rounding of
     P), and matches the reference (compared unrounded: a rounding flip is not what this test is about)."""
     inputs = attention_blocks(d=d)
-    stored = {**inputs, "kv": inputs["kv"].to(torch.bfloat16)}
+    stored = {**inputs, "kv": inputs["kv"].to(torch.bfloat16), "cmp": inputs["cmp"].to(torch.bfloat16)}
     for rounding in (False, True):
         attrs = {"kv_rope": 0, "scale": d ** -0.5, "bf16": rounding}
         if rounding:
             got = run_kernel(library, "sparse_attn", attrs, [4], **stored)[0]
         else:
             got = check(library, "sparse_attn", attrs, **stored)[0]
-        as_float = run_kernel(library, "sparse_attn", attrs, [4], **{**stored, "kv": stored["kv"].float()})[0]
+        as_float = run_kernel(library, "sparse_attn", attrs, [4], **{**stored, "kv": stored["kv"].float(),
+                                                                      "cmp": stored["cmp"].float()})[0]
         np.testing.assert_array_equal(got, as_float)
 
 
@@ -444,8 +445,9 @@ def test_sparse_attn(library, isa, h, d, bf16):
     idx[0, 1, 3:] = -1  # partly empty
     idx[1, 2] = -1  # nothing to attend to: only the sink, output 0
     idx[1, 3] = torch.tensor([2, 2, 2, -1, 5, 5])  # repeated rows count twice
+    kv, cmp = split_rows(rand(b, n, d, seed=2), 4)  # rows 4..8 are cmp's
     out = check(library, "sparse_attn", {"kv_rope": 0, "scale": d ** -0.5, "bf16": bf16}, q=rand(b, s, h, d, seed=1),
-                kv=rand(b, n, d, seed=2), sink=rand(h, seed=3), idx=idx)[0]
+                kv=kv, cmp=cmp, sink=rand(h, seed=3), idx=idx)[0]
     assert not out[1, 2].any()
 
 
@@ -469,15 +471,18 @@ def test_sparse_attn_blocks(library, isa, bf16):
 def test_sparse_attn_without_picks(library, isa):
     """K = 0: no block at all, only the sink in the denominator: zeros."""
     out = check(library, "sparse_attn", {"kv_rope": 0, "scale": 0.5, "bf16": True}, q=rand(1, 2, 5, 8), kv=rand(1, 4, 8),
-                sink=rand(5), idx=torch.zeros(1, 2, 0, dtype=torch.int64))[0]
+                cmp=rand(1, 0, 8), sink=rand(5), idx=torch.zeros(1, 2, 0, dtype=torch.int64))[0]
     assert out.shape == (1, 2, 5, 8) and not out.any()
 
 
 def test_sparse_attn_rejects_rows_outside_kv(library):
-    q, kv, sink = rand(1, 1, 2, 8), rand(1, 4, 8), rand(2)
-    with pytest.raises(Exception, match="idx holds row 4, kv has 4 rows"):
-        run_kernel(library, "sparse_attn", {"kv_rope": 0, "scale": 1.0, "bf16": True}, [4], q=q, kv=kv, sink=sink,
-                   idx=torch.tensor([[[0, 4]]]))
+    q, kv, cmp, sink = rand(1, 1, 2, 8), rand(1, 4, 8), rand(1, 3, 8), rand(2)
+    with pytest.raises(Exception, match=r"idx holds row 7, kv and cmp have 4 \+ 3 rows"):
+        run_kernel(library, "sparse_attn", {"kv_rope": 0, "scale": 1.0, "bf16": True}, [4], q=q, kv=kv, cmp=cmp,
+                   sink=sink, idx=torch.tensor([[[0, 6, 7]]]))
+    with pytest.raises(Exception, match=r"cmp bfloat16 \[1, 3, 8\] must be float32 \[B, M, 8\] like kv"):
+        run_kernel(library, "sparse_attn", {"kv_rope": 0, "scale": 1.0, "bf16": True}, [4], q=q, kv=kv,
+                   cmp=cmp.bfloat16(), sink=sink, idx=torch.tensor([[[0, 6]]]))
 
 
 @pytest.mark.parametrize("bf16", [False, True])
@@ -688,13 +693,13 @@ def test_kernels_read_packed_rows_as_their_values(library, isa, picks):
     inputs["idx"] = inputs["idx"][:, :, :picks]
     if picks < 200:  # 3 queries x 40 picks < 300 rows: each query's picks are unpacked
         inputs = {**inputs, "q": inputs["q"][:, :1], "idx": inputs["idx"][:, :1]}
-    packed = torch.ops.dsv4.pack_kv_fp8(inputs["kv"], 64)
+    packed = {part: torch.ops.dsv4.pack_kv_fp8(inputs[part], 64) for part in ("kv", "cmp")}
     attrs = {"kv_rope": 64, "scale": 192 ** -0.5, "bf16": True}
-    got = run_kernel(library, "sparse_attn", attrs, [4], **{**inputs, "kv": packed})[0]
+    got = run_kernel(library, "sparse_attn", attrs, [4], **{**inputs, **packed})[0]
     as_float = run_kernel(library, "sparse_attn", {**attrs, "kv_rope": 0}, [4],
-                          **{**inputs, "kv": quant.unpack_kv_fp8(packed, 192, 64)})[0]
+                          **{**inputs, **{part: quant.unpack_kv_fp8(rows, 192, 64) for part, rows in packed.items()}})[0]
     np.testing.assert_array_equal(got, as_float)
-    check(library, "sparse_attn", {**attrs, "bf16": False}, **{**inputs, "kv": packed})
+    check(library, "sparse_attn", {**attrs, "bf16": False}, **{**inputs, **packed})
     keys = torch.ops.dsv4.pack_fp4(packed_rows_case(d=128, rows=300)[:, :, :128])
     q, w = rand(2, 3, 4, 128, seed=1).round(), rand(2, 3, 4, seed=2)  # integer q: exact dot products
     values = quant.unpack_fp4_rows(keys, 128)
@@ -709,9 +714,9 @@ def test_sparse_attn_refuses_packed_rows_without_kv_rope(library):
     from tensors import attention_blocks
 
     inputs = attention_blocks(d=192)
-    packed = torch.ops.dsv4.pack_kv_fp8(inputs["kv"], 64)
+    packed = {part: torch.ops.dsv4.pack_kv_fp8(inputs[part], 64) for part in ("kv", "cmp")}
     with pytest.raises(Exception, match="kv_rope"):
-        run_kernel(library, "sparse_attn", {"kv_rope": 0, "scale": 0.1, "bf16": True}, [4], **{**inputs, "kv": packed})
+        run_kernel(library, "sparse_attn", {"kv_rope": 0, "scale": 0.1, "bf16": True}, [4], **{**inputs, **packed})
 
 
 def test_cache_write_packed_uint8_cache(library):

@@ -42,6 +42,7 @@ import triton.language as tl  # noqa: E402
 
 import dsv4c.graphs.ops  # noqa: E402,F401  (registers torch.ops.dsv4.*)
 from dsv4c.graphs import quant  # noqa: E402
+from tensors import split_rows  # noqa: E402
 
 K = importlib.import_module("dsv4c.targets.tensorrt.kernels")
 common = importlib.import_module("dsv4c.targets.tensorrt.kernels.common")
@@ -199,8 +200,9 @@ def test_sparse_attn(b, s, h, d, n, k, bf16):
     idx[0, 1, :5] = 7  # duplicate picks count once each
     idx[-1, -1, 3:] = -1  # three valid picks
     scale = 3 * d ** -0.5  # sharp softmax
-    got = K.sparse_attn(*dev(q, kv, sink, idx), scale, bf16)
-    want = ops.sparse_attn(q, kv, sink, idx, scale, bf16, 0)
+    parts = split_rows(kv, n // 2)  # picks in both parts
+    got = K.sparse_attn(*dev(q, *parts, sink, idx), scale, bf16)
+    want = ops.sparse_attn(q, *parts, sink, idx, scale, bf16, 0)
     # o is a convex combination of kv rows; logits carry ~(d u + 2^-20)|q||kv| scale error, so the weights
     # err by that much relative: bound by max|kv| times the largest logit error (+ reordering of the K-sum).
     # With bf16 such a logit error may also move a probability across a bf16 rounding boundary (one bf16 ulp,
@@ -217,21 +219,23 @@ def test_sparse_attn_reads_bf16_cache_rows():
     bit what it returns on the same values in float32."""
     q, kv, sink = rand(2, 3, 5, 48, seed=8), rand(2, 20, 48, seed=9).to(torch.bfloat16), rand(5, seed=10)
     idx = torch.randint(-1, 20, (2, 3, 70), generator=torch.Generator().manual_seed(11))
+    kv, cmp = split_rows(kv, 8)
     for bf16 in (False, True):
-        got = K.sparse_attn(*dev(q, kv, sink, idx), 48 ** -0.5, bf16)
-        assert torch.equal(got, K.sparse_attn(*dev(q, kv.float(), sink, idx), 48 ** -0.5, bf16))
+        got = K.sparse_attn(*dev(q, kv, cmp, sink, idx), 48 ** -0.5, bf16)
+        assert torch.equal(got, K.sparse_attn(*dev(q, kv.float(), cmp.float(), sink, idx), 48 ** -0.5, bf16))
 
 
 def test_bf16_cache_rows_are_typed_bf16_in_the_aot_signature():
     from dsv4c.targets.tensorrt.plugins import aot_kernel
 
-    shapes = [[1, 1, 4, 64], [1, 30, 64], [4], [1, 1, 16]]
+    shapes = [[1, 1, 4, 64], [1, 30, 64], [1, 7, 64], [4], [1, 1, 16]]
     attrs = {"kv_rope": 0, "scale": 0.125, "bf16": True}
     plain = aot_kernel("sparse_attn", shapes, attrs, lambda a, b: -(-a // b))
-    stored = aot_kernel("sparse_attn", shapes, attrs, lambda a, b: -(-a // b), bf16_inputs=[1])
-    assert plain.signature["kv_ptr"] == "*fp32" and stored.signature["kv_ptr"] == "*bf16"
-    assert {k: v for k, v in stored.signature.items() if k != "kv_ptr"} == \
-        {k: v for k, v in plain.signature.items() if k != "kv_ptr"}
+    stored = aot_kernel("sparse_attn", shapes, attrs, lambda a, b: -(-a // b), bf16_inputs=[1, 2])
+    rows = ("kv_ptr", "cmp_ptr")
+    assert [plain.signature[r] for r in rows] == ["*fp32"] * 2 and [stored.signature[r] for r in rows] == ["*bf16"] * 2
+    assert {k: v for k, v in stored.signature.items() if k not in rows} == \
+        {k: v for k, v in plain.signature.items() if k not in rows}
 
 
 def near_bf16_boundary(p: torch.Tensor, rel: float) -> torch.Tensor:
@@ -264,12 +268,13 @@ def test_sparse_attn_bf16_blocks(bf16):
     idx[0, 2, :64] = 39
     assert not near_bf16_boundary(torch.exp(-torch.arange(161.0) / 8), 2.0 ** -18).any()
     assert (q.abs().max() * kv.abs().max() * d * scale).item() <= 8  # logits in [-8, 8]: |l - m| <= 16
-    got = K.sparse_attn(*dev(q, kv, sink, idx), scale, bf16)
-    want = ops.sparse_attn(q, kv, sink, idx, scale, bf16, 0)
+    parts = split_rows(kv, 25)  # row 39 (query 2's first block) is cmp's
+    got = K.sparse_attn(*dev(q, *parts, sink, idx), scale, bf16)
+    want = ops.sparse_attn(q, *parts, sink, idx, scale, bf16, 0)
     tol = ((k + 16) * U + 2.0 ** -20) * kv.abs().max().item()  # reordering (+ tf32x3 on a GPU)
     assert_within(got, want, tol, "sparse_attn")
     # the cases above do exercise the rounding: it moves the reference's outputs by far more than tol
-    other = ops.sparse_attn(q, kv, sink, idx, scale, not bf16, 0)
+    other = ops.sparse_attn(q, *parts, sink, idx, scale, not bf16, 0)
     assert (other - want).abs().max() > 20 * tol
 
 
@@ -446,7 +451,7 @@ def test_route_tiles_by_hand():
 def test_errors_name_the_tensor():
     q = torch.zeros(1, 2, 4, 32, device=DEV)
     with pytest.raises(K.KernelInputError, match="`kv` has shape"):
-        K.sparse_attn(q, torch.zeros(1, 5, 16, device=DEV), torch.zeros(4, device=DEV),
+        K.sparse_attn(q, torch.zeros(1, 5, 16, device=DEV), torch.zeros(1, 2, 32, device=DEV), torch.zeros(4, device=DEV),
                       torch.zeros(1, 2, 3, dtype=torch.int64, device=DEV), 1.0, True)
     with pytest.raises(K.KernelInputError, match="multiple of 128"):
         K.fp8_linear(torch.zeros(2, 100, device=DEV), torch.zeros(8, 100, dtype=torch.uint8, device=DEV),
@@ -475,10 +480,12 @@ def plugin_cases() -> list[tuple[str, list[torch.Tensor], dict, int]]:
         ("fp8_grouped_linear", [rand(2, 3, 4, 128, seed=35), wg, sg], dict(act_quant=1), 2),
         ("fake_quant_fp8", [rand(3, 7, 256, seed=36) * torch.logspace(-6, 3, 256)], dict(block=64), 1),
         ("hadamard_fp4", [rand(5, 64, seed=37)], {}, 1),
-        ("sparse_attn", [rand(2, 3, 5, 48, seed=38), rand(2, 20, 48, seed=39), rand(5, seed=40), idx],
+        ("sparse_attn", [rand(2, 3, 5, 48, seed=38), *split_rows(rand(2, 20, 48, seed=39), 12), rand(5, seed=40), idx],
          dict(scale=0.3, bf16=1, kv_rope=0), 1),
-        ("sparse_attn", [rand(2, 3, 5, 192, seed=54), ops.pack_kv_fp8(rand(2, 20, 192, seed=55), 64), rand(5, seed=40),
-                         idx], dict(scale=0.3, bf16=1, kv_rope=64), 1),  # packed FP8 rows
+        ("sparse_attn", [rand(2, 3, 5, 192, seed=54), *split_rows(ops.pack_kv_fp8(rand(2, 20, 192, seed=55), 64), 12),
+                         rand(5, seed=40), idx], dict(scale=0.3, bf16=1, kv_rope=64), 1),  # packed FP8 rows
+        ("sparse_attn", [rand(2, 3, 5, 48, seed=38), rand(2, 20, 48, seed=39), torch.zeros(2, 0, 48), rand(5, seed=40), idx],
+         dict(scale=0.3, bf16=1, kv_rope=0), 1),  # no compressed rows (a window-only layer)
         ("indexer_scores", [rand(2, 3, 5, 64, seed=56), ops.pack_fp4(rand(2, 70, 64, seed=57)), rand(2, 3, 5, seed=58)],
          dict(bf16=1), 1),  # packed FP4 keys
         ("compress_pool", [rand(2, 30, 48, seed=41), rand(2, 30, 48, seed=42), ends], dict(ratio=4, overlap=1), 1),
@@ -735,10 +742,11 @@ def test_kernels_read_and_write_packed_rows():
     assert torch.equal(K.pack_kv_fp8(*dev(x), 64).cpu(), ops.pack_kv_fp8(x, 64))
     assert torch.equal(K.pack_fp4(*dev(x[..., :128])).cpu(), ops.pack_fp4(x[..., :128]))
     q, sink = rand(2, 3, 5, 192, seed=8), rand(5, seed=10)
-    kv = ops.pack_kv_fp8(rand(2, 20, 192, seed=9), 64)
+    kv, cmp = split_rows(ops.pack_kv_fp8(rand(2, 20, 192, seed=9), 64), 6)
     idx = torch.randint(-1, 20, (2, 3, 70), generator=torch.Generator().manual_seed(11))
-    got = K.sparse_attn(*dev(q, kv, sink, idx), 0.1, True, 64)
-    assert torch.equal(got, K.sparse_attn(*dev(q, quant.unpack_kv_fp8(kv, 192, 64), sink, idx), 0.1, True))
+    got = K.sparse_attn(*dev(q, kv, cmp, sink, idx), 0.1, True, 64)
+    values = [quant.unpack_kv_fp8(rows, 192, 64) for rows in (kv, cmp)]
+    assert torch.equal(got, K.sparse_attn(*dev(q, *values, sink, idx), 0.1, True))
     keys = ops.pack_fp4(x[..., :128])
     qi, w = rand(2, 3, 4, 128, seed=1).round(), rand(2, 3, 4, seed=2)
     values = quant.unpack_fp4_rows(keys, 128)

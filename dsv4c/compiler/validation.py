@@ -218,7 +218,7 @@ CACHE_KINDS = ("win", "cmp", "idx", "state")
 
 def cache_kind(name: str) -> str:
     """The field kind of a cache tensor name: win (window ring), cmp (compressed entries), idx (indexer keys),
-    state (compressor shift registers). Kinds are gated apart: their rows differ in how rounding moves them."""
+    state (compressor state rings). Kinds are gated apart: their rows differ in how rounding moves them."""
     field = name.rsplit(".", 1)[-1]
     return "state" if "_state_" in field else field
 

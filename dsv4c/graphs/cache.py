@@ -6,7 +6,7 @@ Per sequence and layer (d = head_dim, m = compress ratio, c = 2 for CSA's overla
 |---------------------|------------|--------------------------------|----------------------------------------------|
 | win                 | all        | [W, d]                         | ring of the last W raw KV rows, slot pos % W |
 | cmp                 | CSA, HCA   | [max_seq_len // m, d]          | compressed entry j at row j                  |
-| cmp_state_kv/score  | CSA, HCA   | [c*m, c*d]                     | last c*m raw rows (kv, gate+ape), in order   |
+| cmp_state_kv/score  | CSA, HCA   | [c*m, c*d]                     | ring of the last c*m raw rows (kv, gate+ape) |
 | idx                 | CSA        | [max_seq_len // 4, d_I]        | indexer keys, entry j at row j               |
 | idx_state_kv/score  | CSA        | [8, 2*d_I]                     | the indexer compressor's last 8 raw rows     |
 
@@ -15,9 +15,10 @@ e4m3 non-RoPE dims + bf16 RoPE dims + e8m0 scales, 584 bytes for V4's 512 dims, 
 keys idx rows are packed FP4 (quant.pack_fp4_rows, 68 bytes for 128 dims). Unpacked they are exactly the values the
 reference's QAT simulation computes and stores as bf16 (spec §4.1), so the cache shrinks without changing a value.
 Rows that are not packed are bf16 when the numerics round to bf16 (exact, as above), float32 in plain numerics. Compressor state stays float32, as the
-reference keeps it. Departure from the reference layout: compressor state is a shift register of the last c*m rows in
-position order instead of [previous window | current window]; rows before position 0 are masked by position,
-so a new sequence needs no explicit reset and a sequence that is idle in a batched step keeps its state.
+reference keeps it. Departure from the reference layout: compressor state is a ring of the last c*m rows (position
+p at slot p % (c*m), like the window) instead of [previous window | current window]; rows before position 0 are
+masked by position, so a new sequence needs no explicit reset and a sequence that is idle in a batched step keeps its
+state. A decode step writes its row in place and pools a closing window straight from the ring (model.Compressor).
 """
 
 from __future__ import annotations

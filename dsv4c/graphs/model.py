@@ -171,7 +171,8 @@ def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 class Compressor(nn.Module):
     """Gated pooling of every `ratio` raw tokens into one compressed KV entry (CSA: ratio 4 with overlapping
     windows of 8; HCA: ratio 128). State: the last c*ratio raw rows (kv and gate score incl. `ape`), held as a
-    shift register in position order; rows before position 0 are masked, so a new sequence needs no reset."""
+    ring (position p at slot p % span, like the window cache); rows before position 0 are masked, so a new
+    sequence needs no reset."""
 
     def __init__(self, cfg: ModelConfig, ratio: int, head_dim: int, indexer_keys: bool):
         super().__init__()
@@ -192,18 +193,25 @@ class Compressor(nn.Module):
         pos = step.positions  # [B, S]
         kv = self.wkv(x)  # [B, S, c*d], fp32 like the reference
         score = self.wgate(x) + self.ape[pos % m]
-        # Extended rows E = [state (positions start-span .. start-1) | new tokens (start .. start+S-1)]
-        state_pos = step.start[:, None] - span + step.arange(span)  # [B, span]
-        before_start = (state_pos < 0)[..., None]
-        ext_kv = torch.cat([state_kv.masked_fill(before_start, 0.0), kv], dim=1)
-        ext_score = torch.cat([state_score.masked_fill(before_start, float("-inf")), score], dim=1)
-        # Windows closing in this call: j = start//m + k, last token at (j+1)m-1, row (j+1)m-1 - (start-span).
+        # The call's last `span` real tokens go to their ring slots (distinct); padding and older tokens do not.
+        kept = (pos < step.end[:, None]) & (pos >= step.end[:, None] - span)
+        slots = torch.where(kept, pos % span, -1)
+        ring_kv, ring_score = ops.cache_write(state_kv, kv, slots), ops.cache_write(state_score, score, slots)
+        # Windows that may close in this call: j = start//m + k, last token at (j+1)m-1.
         n_win = step.seqlen // m + 2  # at most S//m + 1 close; +1 more keeps the size >= 2 so export
         # does not specialise on a size-1 dimension
         j = (step.start // m)[:, None] + step.arange(n_win)  # [B, K]
         last = (j + 1) * m - 1
         closes = last < step.end[:, None]
-        rows = torch.where(closes, last - (step.start[:, None] - span), torch.full_like(last, -1))
+        if step.seqlen == 1:  # decode: a window closing now has all its rows in the updated ring
+            ext_kv, ext_score, first = self.ring_in_order(ring_kv, ring_score, step)
+        else:  # rows [state in position order (start-span .. start-1) | the call's tokens (start .. start+S-1)]
+            order = (step.start[:, None] + step.arange(span)) % span  # slot of start-span+i
+            older = (step.start[:, None] - span + step.arange(span) < 0)[..., None]
+            ext_kv = torch.cat([take_rows(state_kv, order).masked_fill(older, 0.0), kv], dim=1)
+            ext_score = torch.cat([take_rows(state_score, order).masked_fill(older, float("-inf")), score], dim=1)
+            first = step.start - span  # position of ext row 0
+        rows = torch.where(closes, last - first[:, None], torch.full_like(last, -1))
         pooled = ops.compress_pool(ext_kv, ext_score, rows, m, self.overlap)  # [B, K, d]
         new = self.norm(pooled, num.bf16)
         new = ops.rope(new, freqs, j * m, False, num.bf16)  # RoPE at the window's first position
@@ -214,9 +222,23 @@ class Compressor(nn.Module):
             new = ops.pack_fp4(new) if entries.dtype == torch.uint8 else new  # FP4 values: packed exactly
         # Window j that closed in this call is entry j; the others are not written (slot -1).
         entries = ops.cache_write(entries, new.to(entries.dtype), torch.where(closes, j, -1))
-        # New state: the span rows ending at position end-1, i.e. ext rows n_valid .. n_valid+span-1.
-        keep = step.n_valid[:, None] + step.arange(span)
-        return entries, take_rows(ext_kv, keep), take_rows(ext_score, keep)
+        return entries, ring_kv, ring_score
+
+    def ring_in_order(self, ring_kv: torch.Tensor, ring_score: torch.Tensor, step: Step):
+        """A one-token step's pooling rows from the ring that includes it, and the position of row 0. HCA
+        (span = m): a window closing at this token holds slots 0 .. m-1 in position order, so the ring is read
+        as it is (no copy; no window reaches before position 0). CSA's overlapping windows (span = 2m) start
+        at either half: the ring twice over holds the span ending at any slot in order, and its rows before
+        position 0 (the first window's previous half) are masked."""
+        span = self.span
+        base = step.start - step.start % span  # position of slot 0's latest row
+        if not self.overlap:
+            return ring_kv, ring_score, base
+        first = base - span
+        before_zero = (first[:, None] + step.arange(2 * span) < 0)[..., None]
+        ext_kv = torch.cat([ring_kv, ring_kv], dim=1).masked_fill(before_zero, 0.0)
+        ext_score = torch.cat([ring_score, ring_score], dim=1).masked_fill(before_zero, float("-inf"))
+        return ext_kv, ext_score, first
 
 
 class Indexer(nn.Module):
@@ -306,14 +328,14 @@ class Attention(nn.Module):
         kv = self.kv_norm(self.wkv(x, num.act_quant), num.bf16)  # [B,S,d]
         kv = kv_rows(ops.rope(kv, self.freqs, pos, False, num.bf16), r, cache["win"], num)
 
-        # Keys: [window ring (W) | this call's tokens (S) | compressed entries (N)], in the cache's row format
-        keys, idx = [cache["win"], kv], [self.window_indices(step)]
+        # Keys: [window ring (W) | this call's tokens (S)] and the compressed entries (N), in the cache's row format
+        window = torch.cat([cache["win"], kv], dim=1)
+        idx, cmp = [self.window_indices(step)], window[:, :0]  # no compressed entries in a window-only layer
         new_cache = {"win": self.updated_ring(cache["win"], kv, step)}
         if self.ratio:
             cmp, skv, ssc = self.compressor(x, step, cache["cmp"], cache["cmp_state_kv"],
                                             cache["cmp_state_score"], self.freqs, num)
             new_cache.update(cmp=cmp, cmp_state_kv=skv, cmp_state_score=ssc)
-            keys.append(cmp)
             if self.indexer is not None:
                 picks, icmp, ikv, isc = self.indexer(x, qr, step, cache["idx"], cache["idx_state_kv"],
                                                      cache["idx_state_score"], self.freqs, num)
@@ -323,8 +345,8 @@ class Attention(nn.Module):
                 picks = torch.where(entry[None, None, :] < ((pos + 1) // self.ratio)[..., None], entry, -1)
             idx.append(torch.where(picks >= 0, picks + W + s, picks))
         packed = cache["win"].dtype == torch.uint8
-        o = ops.sparse_attn(q, torch.cat(keys, dim=1), self.attn_sink, torch.cat(idx, dim=-1), self.head_dim ** -0.5,
-                            num.bf16, r if packed else 0)
+        o = ops.sparse_attn(q, window, cmp, self.attn_sink, torch.cat(idx, dim=-1), self.head_dim ** -0.5, num.bf16,
+                            r if packed else 0)
         o = ops.rope(_rnd(o, num), self.freqs, pos, True, num.bf16)  # inverse: strip V's absolute position
         z = _rnd(self.project_groups(o.view(b, s, self.groups, -1)), num)  # [B, S, G, o_lora]
         z = z.flatten(2)

@@ -341,12 +341,14 @@ def _body_rope(g: Graph, x, freqs, pos, inverse, bf16):
     return [round_bf16_where(g, bf16, y)]
 
 
-def _body_sparse_attn(g: Graph, q, kv, sink, idx, scale, bf16, kv_rope):
+def _body_sparse_attn(g: Graph, q, kv, cmp, sink, idx, scale, bf16, kv_rope):
     """registry.sparse_attn's online softmax: idx padded with -1 picks to whole blocks of ATTN_BLOCK, then a Loop
     over the blocks (in idx order) carrying the running max, the denominator and the accumulator [B,S,H,D]; per
     block the picked rows are gathered (-1 -> row 0, masked to -inf) and P is rounded to bf16 (with `bf16`)
-    for the P.V product only. After the loop the sink joins the denominator against the final max."""
+    for the P.V product only. After the loop the sink joins the denominator against the final max. The body
+    joins the two parts of the rows (the library's kernel reads them where they are)."""
     d = g.Shape(q, start=-1)
+    kv = g.Concat(kv, cmp, axis=1)
     kv = _cache_rows(g, kv, kv_rope, lambda b: unpack_kv_fp8(b, kv, d, kv_rope))  # packed when kv_rope > 0
     zero, block = g.const(0, np.int64), g.i64(ATTN_BLOCK)
     k = g.Shape(idx, start=2)  # [1]

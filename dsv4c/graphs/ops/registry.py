@@ -351,19 +351,22 @@ ATTN_BLOCK = 64  # picks per online-softmax block, as DeepSeek's sparse_attn ker
 
 
 @_register("sparse_attn", "SparseAttn",
-           "(Tensor q, Tensor kv, Tensor sink, Tensor idx, float scale, bool bf16, int kv_rope) -> Tensor",
-           _same_shape, ("scale", "bf16", "kv_rope"), input_dtypes={"idx": "int64", "kv": CACHE_ROWS})
-def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
-                bf16: bool, kv_rope: int) -> torch.Tensor:
-    """q [B,S,H,D], kv [B,N,D] (K = V) or packed FP8 rows [B,N,kv_row_bytes(D, kv_rope)] uint8 (kv_rope: their
-    RoPE dims; 0 for float rows), sink [H], idx [B,S,K] int64 rows of kv (-1 = none).
-    o[b,s,h] = sum_k p_k kv[idx_k] with p = exp(l_k) / (sum_j exp(l_j) + exp(sink_h)), l = scale q.kv,
+           "(Tensor q, Tensor kv, Tensor cmp, Tensor sink, Tensor idx, float scale, bool bf16, int kv_rope) -> Tensor",
+           _same_shape, ("scale", "bf16", "kv_rope"), input_dtypes={"idx": "int64", "kv": CACHE_ROWS, "cmp": CACHE_ROWS})
+def sparse_attn(q: torch.Tensor, kv: torch.Tensor, cmp: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
+                scale: float, bf16: bool, kv_rope: int) -> torch.Tensor:
+    """q [B,S,H,D]; the key (= value) rows in two parts, kv [B,N,D] (window and new tokens) and cmp [B,M,D]
+    (compressed entries; M may be 0), both float / bf16 or both packed FP8 rows [B,*,kv_row_bytes(D, kv_rope)]
+    uint8 (kv_rope: their RoPE dims; 0 for value rows); sink [H], idx [B,S,K] int64 rows of [kv | cmp]
+    (row N + j is cmp's row j; -1 = none). Two parts because the compressed entries are a cache as long as
+    the context allows: joining them to the window each step would copy all of it.
+    o[b,s,h] = sum_k p_k rows[idx_k] with p = exp(l_k) / (sum_j exp(l_j) + exp(sink_h)), l = scale q.row,
     computed as DeepSeek's kernel does (spec §3.9.2): an online softmax over blocks of 64 picks in idx order;
     per block the unnormalised exp(l - running max) are rounded to bf16 (with `bf16`) before the P.V product,
     the denominator sums them unrounded, and the sink joins the denominator at the end."""
     b, s, h, d = q.shape
     out = torch.empty(b, s, h, d, dtype=torch.float32, device=q.device)
-    kvf = unpack_rows(kv, d, kv_rope)
+    kvf = torch.cat([unpack_rows(kv, d, kv_rope), unpack_rows(cmp, d, kv_rope)], dim=1)
     for s0 in range(0, s, 64):  # query blocks bound the gathered [B, s, K, D] tensor
         ib = idx[:, s0:s0 + 64]  # [B, s, K]
         qb = q[:, s0:s0 + 64].float()

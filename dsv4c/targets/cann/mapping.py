@@ -143,7 +143,8 @@ MAPPING: dict[str, Mapping] = {m.dsv4_op: m for m in (
             nearest="SparseAttnSharedKV (+ AICPU SparseAttnSharedKVMetadata): takes the window KV (ori_kv) and the "
             "compressed KV (cmp_kv) as separate paged caches with block tables, masks the window with a band "
             "(ori_win_left 127) and picks compressed rows with int32 cmp_sparse_indices (K = 512, D = 512); ours "
-            "takes one gathered KV tensor with explicit int64 indices for both parts and any D. Numerics to keep "
+            "also takes the window rows (ring + the step's tokens) and the compressed rows as two inputs, contiguous, "
+            "with explicit int64 indices into both (row N + j = compressed row j) and any D. Numerics to keep "
             "(attribute bf16, spec §3.9.2): an online softmax over 64-pick blocks in index order, each block's "
             "unnormalised probabilities rounded to bf16 before P.V, the denominator unrounded, the sink last",
             source="[recipes] ops/ascendc/docs/custom-npu_sparse_attn_sharedkv.md"),

@@ -23,9 +23,9 @@ KERNELS = "libdsv4_ops.so"
 class OrtExecutor:
     """Positional I/O: tokens, start_pos, n_valid, *cache -> logits, *new_cache; the caches are host arrays
     (`HostCache`) bound to the sessions' inputs and outputs (IOBinding). A cache that only its CacheWrite node
-    reads (the compressed entries and indexer keys, which grow with the context) is updated in place: its output
-    is bound to its own input buffer and the kernel writes the step's rows only. The others are written into the
-    cache's spare buffers, which then become the cache."""
+    reads (the compressed entries and indexer keys, which grow with the context; in decode the compressor state
+    too) is updated in place: its output is bound to its own input buffer and the kernel writes the step's rows
+    only. The others are written into the cache's spare buffers, which then become the cache."""
 
     def __init__(self, engine_dir: Path, programs: dict[str, str], slots: Sequence[CacheSlot],
                  threads: int | None = None):

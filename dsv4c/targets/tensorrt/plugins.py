@@ -172,10 +172,11 @@ def aot_kernel(op: str, shapes: Sequence[Sequence[Any]], attrs: dict, cdiv: Call
         rope = int(attrs.get("kv_rope", 0))  # > 0: packed FP8 rows (uint8)
         c = dict(D=d, SCALE=float(attrs["scale"]), BF16=bool(attrs["bf16"]), PRECISION="tf32x3", BLOCK_H=bh,
                  BLOCK_K=bk, BLOCK_D=bd, BLOCK_DC=dc, ROPE=rope, ROW_BYTES=kv_row_bytes(d, rope) if rope else 0)
-        s = sig([("q_ptr", "fp32"), ("kv_ptr", "u8" if rope else "fp32"), ("sink_ptr", "fp32"), ("idx_ptr", "i64")],
-                ["S", "H", "N", "K"], [("o_ptr", "fp32")], c)
+        rows = "u8" if rope else "fp32"
+        s = sig([("q_ptr", "fp32"), ("kv_ptr", rows), ("cmp_ptr", rows), ("sink_ptr", "fp32"), ("idx_ptr", "i64")],
+                ["S", "H", "N", "M", "K"], [("o_ptr", "fp32")], c)
         return AotKernel(attention.sparse_attn_kernel, s, c, (b * s_, ceil_div(h, bh), 1),
-                         [s_, h, shapes[1][1], shapes[3][2]], num_warps=warps, n_inputs=4)
+                         [s_, h, shapes[1][1], shapes[2][1], shapes[4][2]], num_warps=warps, n_inputs=5)
     if op == "indexer_scores":
         b, s_, h, d = shapes[0]
         h = _static(h, "indexer_scores: head count of q")
@@ -414,17 +415,18 @@ def _register(trt: Any, trtp: Any) -> None:  # noqa: C901  (one block per op, on
 
     # sparse_attn ----------------------------------------------------------------------------------------------
     @trtp.register(plugin_id("sparse_attn"))
-    def _(q: TD, kv: TD, sink: TD, idx: TD, scale: float, bf16: int, kv_rope: int) -> TD:
-        return desc("sparse_attn", [q, kv, sink, idx], dict(scale=scale, bf16=bf16, kv_rope=kv_rope))
+    def _(q: TD, kv: TD, cmp: TD, sink: TD, idx: TD, scale: float, bf16: int, kv_rope: int) -> TD:
+        return desc("sparse_attn", [q, kv, cmp, sink, idx], dict(scale=scale, bf16=bf16, kv_rope=kv_rope))
 
     @trtp.impl(plugin_id("sparse_attn"))
-    def _(q: T, kv: T, sink: T, idx: T, scale: float, bf16: int, kv_rope: int, outputs: Tuple[T], stream: int) -> None:
-        jit("sparse_attn", [q, kv, sink, idx], dict(scale=scale, bf16=bf16, kv_rope=kv_rope), outputs, stream)
+    def _(q: T, kv: T, cmp: T, sink: T, idx: T, scale: float, bf16: int, kv_rope: int, outputs: Tuple[T],
+          stream: int) -> None:
+        jit("sparse_attn", [q, kv, cmp, sink, idx], dict(scale=scale, bf16=bf16, kv_rope=kv_rope), outputs, stream)
 
     @aot_impl(plugin_id("sparse_attn"))
-    def _(q: TD, kv: TD, sink: TD, idx: TD, scale: float, bf16: int, kv_rope: int, outputs: Tuple[TD],
+    def _(q: TD, kv: TD, cmp: TD, sink: TD, idx: TD, scale: float, bf16: int, kv_rope: int, outputs: Tuple[TD],
           tactic: int) -> AotOut:
-        return aot("sparse_attn", [q, kv, sink, idx], dict(scale=scale, bf16=bf16, kv_rope=kv_rope), tactic)
+        return aot("sparse_attn", [q, kv, cmp, sink, idx], dict(scale=scale, bf16=bf16, kv_rope=kv_rope), tactic)
 
     # indexer_topk (JIT only) ----------------------------------------------------------------------------------
     @trtp.register(plugin_id("indexer_topk"))

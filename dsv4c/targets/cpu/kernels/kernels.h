@@ -48,14 +48,15 @@ struct IsaKernels {
   // Lays x out into `out` (prepared_bytes of it); false (nothing usable) unless every value is a bf16 number.
   bool (*prepare_rows)(const float* x, int64_t ldx, int64_t rows, int64_t k, void* out);
 
-  // Sparse attention of one query position, heads [h0, h1): q [H, D], kv [N, D] (K = V; float, or bf16 bits
-  // with kv_bf16: cache rows stored as the reference stores them, widened exactly as they are read), idx [K] rows of kv
-  // (-1 = none, all < N), sink [H]; out [H, D] rows h0..h1-1. An online softmax over blocks of 64 picks in idx
-  // order; with `bf16` each block's unnormalised probabilities are rounded to bf16 before the P.V product
-  // (registry.sparse_attn). scratch: at least 4 * (64 + D) floats.
-  void (*sparse_attn_query)(const float* q, const void* kv, bool kv_bf16, const int64_t* idx, int64_t k,
-                            const float* sink, int64_t h0, int64_t h1, int64_t d, float scale, bool bf16, float* out,
-                            float* scratch);
+  // Sparse attention of one query position, heads [h0, h1): q [H, D], the K = V rows in two parts, kv [n_kv, D]
+  // and cmp [*, D] (float, or bf16 bits with rows_bf16: cache rows stored as the reference stores them, widened
+  // exactly as they are read), idx [K] rows of [kv | cmp] (-1 = none; row n_kv + j is cmp's row j), sink [H];
+  // out [H, D] rows h0..h1-1. An online softmax over blocks of 64 picks in idx order; with `bf16` each block's
+  // unnormalised probabilities are rounded to bf16 before the P.V product (registry.sparse_attn). scratch: at
+  // least 4 * (64 + D) floats.
+  void (*sparse_attn_query)(const float* q, const void* kv, int64_t n_kv, const void* cmp, bool rows_bf16,
+                            const int64_t* idx, int64_t k, const float* sink, int64_t h0, int64_t h1, int64_t d,
+                            float scale, bool bf16, float* out, float* scratch);
 
   // Lightning-indexer scores of one query for entries [n0, n1): score[j] = r(sum_h r(w[h] relu(r(q[h] . k[j])))),
   // h summed in order (as the reference's reduction), r = bf16 rounding with `bf16` (else identity).

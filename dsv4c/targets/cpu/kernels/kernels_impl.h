@@ -70,7 +70,7 @@ struct ThreadBuffer {
 };
 thread_local ThreadBuffer<float> tl_row, tl_tile;  // decoded weight rows / tiles
 thread_local ThreadBuffer<float> tl_dots;          // indexer dot products [heads][8 entries]
-thread_local ThreadBuffer<int64_t> tl_offsets;     // row offsets
+thread_local ThreadBuffer<int64_t> tl_offsets;     // where each attention block's picks start
 
 // ---- scalar pieces (both builds) ---------------------------------------------------------------------------
 inline float widen(float v) { return v; }
@@ -140,19 +140,19 @@ void dot_heads(const float* q, int64_t d, const T* row, float* out) {
   for (int g = 0; g < G; ++g) out[g] = dot(q + g * d, row, d);
 }
 
-// l[j][g] = q[g] . kv[rows[j]] for the n listed rows (offsets of kv rows, in elements).
+// l[j][g] = q[g] . rows[j] for the n listed rows.
 template <int G, typename T>
-void logits_heads(const float* q, int64_t d, const T* kv, const int64_t* rows, int64_t n, float* l) {
-  for (int64_t j = 0; j < n; ++j) dot_heads<G>(q, d, kv + rows[j], l + j * G);
+void logits_heads(const float* q, int64_t d, const T* const* rows, int64_t n, float* l) {
+  for (int64_t j = 0; j < n; ++j) dot_heads<G>(q, d, rows[j], l + j * G);
 }
 
-// out[g] = sum_j p[j][g] kv[rows[j]] for G heads.
+// out[g] = sum_j p[j][g] rows[j] for G heads.
 template <int G, typename T>
-void weighted_rows(float* out, int64_t d, const T* kv, const int64_t* rows, const float* p, int64_t n) {
+void weighted_rows(float* out, int64_t d, const T* const* rows, const float* p, int64_t n) {
   for (int64_t i = 0; i < G * d; ++i) out[i] = 0.f;
   for (int64_t j = 0; j < n; ++j)
     for (int g = 0; g < G; ++g)
-      for (int64_t k = 0; k < d; ++k) out[g * d + k] += p[j * G + g] * widen(kv[rows[j] + k]);
+      for (int64_t k = 0; k < d; ++k) out[g * d + k] += p[j * G + g] * widen(rows[j][k]);
 }
 
 #else  // ---- AVX2 + FMA + F16C ---------------------------------------------------------------------------------
@@ -646,13 +646,13 @@ void dot_heads(const float* q, int64_t d, const T* row, float* out) {
   }
 }
 
-// l[j][g] = q[g] . kv[rows[j]]: two rows at a time, so each q load feeds two FMAs (2G accumulators).
+// l[j][g] = q[g] . rows[j]: two rows at a time, so each q load feeds two FMAs (2G accumulators).
 template <int G, typename T>
-void logits_heads(const float* q, int64_t d, const T* kv, const int64_t* rows, int64_t n, float* l) {
+void logits_heads(const float* q, int64_t d, const T* const* rows, int64_t n, float* l) {
   int64_t j = 0;
   for (; j + 2 <= n; j += 2) {
-    const T* r0 = kv + rows[j];
-    const T* r1 = kv + rows[j + 1];
+    const T* r0 = rows[j];
+    const T* r1 = rows[j + 1];
     __m256 a[G], b[G];
     for (int g = 0; g < G; ++g) a[g] = _mm256_setzero_ps(), b[g] = _mm256_setzero_ps();
     int64_t k = 0;
@@ -671,18 +671,18 @@ void logits_heads(const float* q, int64_t d, const T* kv, const int64_t* rows, i
       l[(j + 1) * G + g] = sb;
     }
   }
-  if (j < n) dot_heads<G>(q, d, kv + rows[j], l + j * G);
+  if (j < n) dot_heads<G>(q, d, rows[j], l + j * G);
 }
 
-// out[g] = sum_j p[j][g] kv[rows[j]]: per 16 channels the G x 2 sums stay in registers while the rows stream by.
+// out[g] = sum_j p[j][g] rows[j]: per 16 channels the G x 2 sums stay in registers while the rows stream by.
 template <int G, typename T>
-void weighted_rows(float* out, int64_t d, const T* kv, const int64_t* rows, const float* p, int64_t n) {
+void weighted_rows(float* out, int64_t d, const T* const* rows, const float* p, int64_t n) {
   int64_t c = 0;
   for (; c + 16 <= d; c += 16) {
     __m256 acc[G][2];
     for (int g = 0; g < G; ++g) acc[g][0] = _mm256_setzero_ps(), acc[g][1] = _mm256_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
-      const __m256 v0 = load8(kv + rows[j] + c), v1 = load8(kv + rows[j] + c + 8);
+      const __m256 v0 = load8(rows[j] + c), v1 = load8(rows[j] + c + 8);
       for (int g = 0; g < G; ++g) {
         const __m256 pb = _mm256_broadcast_ss(p + j * G + g);
         acc[g][0] = _mm256_fmadd_ps(pb, v0, acc[g][0]);
@@ -697,7 +697,7 @@ void weighted_rows(float* out, int64_t d, const T* kv, const int64_t* rows, cons
   for (; c < d; ++c)
     for (int g = 0; g < G; ++g) {
       float sum = 0.f;
-      for (int64_t j = 0; j < n; ++j) sum += p[j * G + g] * widen(kv[rows[j] + c]);
+      for (int64_t j = 0; j < n; ++j) sum += p[j * G + g] * widen(rows[j][c]);
       out[g * d + c] = sum;
     }
 }
@@ -762,13 +762,13 @@ inline __m256 exp256(__m256 x) {
 // running max each block rounds against are part of the numerics.
 constexpr int64_t kAttnBlock = 64;
 
-// One block for heads h..h+G-1: `rows` the offsets of its n > 0 valid picks. Updates the running max, the
+// One block for heads h..h+G-1: `rows` its n > 0 valid picks. Updates the running max, the
 // denominator and the accumulator acc [G][d] as the reference does: the block's own P.V sum first, then
 // acc * rescale + that sum (a block of -1 picks only would leave all three unchanged, so callers skip it).
 template <int G, typename T>
-void attn_block(const float* q, const T* kv, const int64_t* rows, int64_t n, int64_t d, float scale, bool bf16,
+void attn_block(const float* q, const T* const* rows, int64_t n, int64_t d, float scale, bool bf16,
                 float* run_max, float* denom, float* acc, float* p /* [n][G] */, float* part /* [G][d] */) {
-  logits_heads<G>(q, d, kv, rows, n, p);
+  logits_heads<G>(q, d, rows, n, p);
   float shift[G], rescale[G], sum[G];
   for (int g = 0; g < G; ++g) {
     float mx = run_max[g];
@@ -788,7 +788,7 @@ void attn_block(const float* q, const T* kv, const int64_t* rows, int64_t n, int
       sum[g] += e;  // the denominator takes the unrounded value
       p[j * G + g] = bf16 ? round_bf16(e) : e;
     }
-  weighted_rows<G>(part, d, kv, rows, p, n);
+  weighted_rows<G>(part, d, rows, p, n);
   for (int g = 0; g < G; ++g) {
     denom[g] = denom[g] * rescale[g] + sum[g];
     scale_add(acc + g * d, rescale[g], part + g * d, d);
@@ -797,7 +797,7 @@ void attn_block(const float* q, const T* kv, const int64_t* rows, int64_t n, int
 
 // Heads h..h+G-1 of one query over all blocks; block b's valid picks are rows[start[b] .. start[b + 1]).
 template <int G, typename T>
-void attn_heads(const float* q, const T* kv, const int64_t* rows, const int64_t* start, int64_t blocks,
+void attn_heads(const float* q, const T* const* rows, const int64_t* start, int64_t blocks,
                 const float* sink, int64_t d, float scale, bool bf16, float* out, float* scratch) {
   float run_max[G], denom[G];
   for (int g = 0; g < G; ++g) run_max[g] = -INFINITY, denom[g] = 0.f;
@@ -806,7 +806,7 @@ void attn_heads(const float* q, const T* kv, const int64_t* rows, const int64_t*
   float* part = scratch + kAttnBlock * G;
   for (int64_t b = 0; b < blocks; ++b)
     if (start[b + 1] > start[b])
-      attn_block<G, T>(q, kv, rows + start[b], start[b + 1] - start[b], d, scale, bf16, run_max, denom, out, p, part);
+      attn_block<G, T>(q, rows + start[b], start[b + 1] - start[b], d, scale, bf16, run_max, denom, out, p, part);
   for (int g = 0; g < G; ++g) {  // the sink joins the denominator last, against the final max
     const float z = denom[g] + expf(sink[g] - (__builtin_isfinite(run_max[g]) ? run_max[g] : 0.f));
     for (int64_t i = 0; i < d; ++i) out[g * d + i] /= z;
@@ -814,16 +814,23 @@ void attn_heads(const float* q, const T* kv, const int64_t* rows, const int64_t*
 }
 
 template <typename T>
-void sparse_attn_rows(const float* q, const T* kv, const int64_t* idx, int64_t k, const float* sink, int64_t h0,
-                      int64_t h1, int64_t d, float scale, bool bf16, float* out, float* scratch) {
+const T** row_pointers(int64_t n) {
+  thread_local ThreadBuffer<const T*> buffer;
+  return buffer.get(n);
+}
+
+template <typename T>
+void sparse_attn_rows(const float* q, const T* kv, int64_t n_kv, const T* cmp, const int64_t* idx, int64_t k,
+                      const float* sink, int64_t h0, int64_t h1, int64_t d, float scale, bool bf16, float* out,
+                      float* scratch) {
   const int64_t blocks = (k + kAttnBlock - 1) / kAttnBlock;
-  int64_t* rows = tl_offsets.get(k + blocks + 1);
-  int64_t* start = rows + k;
+  const T** rows = row_pointers<T>(k);
+  int64_t* start = tl_offsets.get(blocks + 1);
   int64_t n = 0;
   for (int64_t b = 0; b < blocks; ++b) {
     start[b] = n;
-    for (int64_t j = b * kAttnBlock; j < lo(k, (b + 1) * kAttnBlock); ++j)
-      if (idx[j] >= 0) rows[n++] = idx[j] * d;  // -1 picks drop out (a repeated row stays twice)
+    for (int64_t j = b * kAttnBlock; j < lo(k, (b + 1) * kAttnBlock); ++j)  // -1 picks drop out (a repeat stays)
+      if (idx[j] >= 0) rows[n++] = idx[j] < n_kv ? kv + idx[j] * d : cmp + (idx[j] - n_kv) * d;
   }
   start[blocks] = n;
   for (int64_t h = h0; h < h1;) {
@@ -831,10 +838,10 @@ void sparse_attn_rows(const float* q, const T* kv, const int64_t* idx, int64_t k
     const float* qh = q + h * d;
     float* oh = out + h * d;
     switch (g) {
-      case 4: attn_heads<4, T>(qh, kv, rows, start, blocks, sink + h, d, scale, bf16, oh, scratch); break;
-      case 3: attn_heads<3, T>(qh, kv, rows, start, blocks, sink + h, d, scale, bf16, oh, scratch); break;
-      case 2: attn_heads<2, T>(qh, kv, rows, start, blocks, sink + h, d, scale, bf16, oh, scratch); break;
-      default: attn_heads<1, T>(qh, kv, rows, start, blocks, sink + h, d, scale, bf16, oh, scratch); break;
+      case 4: attn_heads<4, T>(qh, rows, start, blocks, sink + h, d, scale, bf16, oh, scratch); break;
+      case 3: attn_heads<3, T>(qh, rows, start, blocks, sink + h, d, scale, bf16, oh, scratch); break;
+      case 2: attn_heads<2, T>(qh, rows, start, blocks, sink + h, d, scale, bf16, oh, scratch); break;
+      default: attn_heads<1, T>(qh, rows, start, blocks, sink + h, d, scale, bf16, oh, scratch); break;
     }
     h += g;
   }
@@ -1182,12 +1189,14 @@ void linear(const QuantWeight& w, const float* x, int64_t ldx, int64_t rows, flo
 
 }  // namespace
 
-void sparse_attn_query(const float* q, const void* kv, bool kv_bf16, const int64_t* idx, int64_t k, const float* sink,
-                       int64_t h0, int64_t h1, int64_t d, float scale, bool bf16, float* out, float* scratch) {
-  if (kv_bf16)
-    sparse_attn_rows(q, (const uint16_t*)kv, idx, k, sink, h0, h1, d, scale, bf16, out, scratch);
+void sparse_attn_query(const float* q, const void* kv, int64_t n_kv, const void* cmp, bool rows_bf16, const int64_t* idx,
+                       int64_t k, const float* sink, int64_t h0, int64_t h1, int64_t d, float scale, bool bf16, float* out,
+                       float* scratch) {
+  if (rows_bf16)
+    sparse_attn_rows(q, (const uint16_t*)kv, n_kv, (const uint16_t*)cmp, idx, k, sink, h0, h1, d, scale, bf16, out,
+                     scratch);
   else
-    sparse_attn_rows(q, (const float*)kv, idx, k, sink, h0, h1, d, scale, bf16, out, scratch);
+    sparse_attn_rows(q, (const float*)kv, n_kv, (const float*)cmp, idx, k, sink, h0, h1, d, scale, bf16, out, scratch);
 }
 
 void indexer_scores(const float* q, const float* w, int64_t heads, const void* k, bool k_bf16, int64_t d, int64_t n0,

@@ -980,9 +980,11 @@ struct Rope : Kernel {
   }
 };
 
-// Packed FP8 kv rows (kv_rope > 0) are unpacked once per call into a float buffer the head groups share, and the
-// float kernel runs on it (the same values, so the same result as float rows): every row of kv when there are no
-// more rows than picks (prefill; HCA decode), else each query's picks in pick order (long-context decode).
+// The key rows come in two parts, kv (window ring and the step's tokens) and cmp (compressed entries, a cache as long
+// as the context allows), read where they are: joining them would copy all of cmp every step. Packed FP8 rows
+// (kv_rope > 0) are unpacked once per call into a float buffer the head groups share, and the float kernel runs on
+// it (the same values, so the same result as float rows): every row of both parts when there are no more rows than
+// picks (prefill; HCA decode), else each query's picks in pick order (long-context decode).
 struct SparseAttn : Kernel {
   float scale;
   bool bf16;
@@ -993,9 +995,10 @@ struct SparseAttn : Kernel {
 
   void compute(OrtKernelContext* ctx) override {
     Context c(ctx, "SparseAttn", inline_work_);
-    const Tensor q = c.input(0, "q", F32, 4), kv = c.cache_rows(1, "kv", 3), sink = c.input(2, "sink", F32, 1),
-                 idx = c.input(3, "idx", I64, 3);
-    const int64_t B = q.dim(0), S = q.dim(1), H = q.dim(2), D = q.dim(3), N = kv.dim(1), K = idx.dim(2);
+    const Tensor q = c.input(0, "q", F32, 4), kv = c.cache_rows(1, "kv", 3), cmp = c.cache_rows(2, "cmp", 3),
+                 sink = c.input(3, "sink", F32, 1), idx = c.input(4, "idx", I64, 3);
+    const int64_t B = q.dim(0), S = q.dim(1), H = q.dim(2), D = q.dim(3), N = kv.dim(1), M = cmp.dim(1),
+                  K = idx.dim(2);
     const bool packed = kv.type == U8;
     c.require(packed == (kv_rope > 0), "kv must be packed uint8 rows exactly when attribute kv_rope > 0 (kv_rope=" +
                                            std::to_string(kv_rope) + ", kv " + type_name(kv.type) + ")");
@@ -1004,18 +1007,25 @@ struct SparseAttn : Kernel {
               "kv_rope=" + std::to_string(kv_rope) + " must leave a multiple of 64 non-RoPE dims of D=" + std::to_string(D));
     c.require(kv.dim(0) == B && kv.dim(2) == width, "kv " + shape_str(kv.shape) + " must be [B, N, " +
                                                         std::to_string(width) + "] for q " + shape_str(q.shape));
+    c.require(cmp.type == kv.type && cmp.dim(0) == B && cmp.dim(2) == width,
+              "cmp " + std::string(type_name(cmp.type)) + " " + shape_str(cmp.shape) + " must be " + type_name(kv.type) +
+                  " [B, M, " + std::to_string(width) + "] like kv");
     c.require(sink.dim(0) == H, "sink " + shape_str(sink.shape) + " must be [H] = [" + std::to_string(H) + "]");
     c.require(idx.dim(0) == B && idx.dim(1) == S, "idx " + shape_str(idx.shape) + " must be [B, S, K] for q " +
                                                       shape_str(q.shape));
     const int64_t* ix = idx.i64();
     for (int64_t i = 0; i < idx.numel(); ++i)
-      c.require(ix[i] < N, "idx holds row " + std::to_string(ix[i]) + ", kv has " + std::to_string(N) + " rows");
+      c.require(ix[i] < N + M, "idx holds row " + std::to_string(ix[i]) + ", kv and cmp have " +
+                                   std::to_string(N) + " + " + std::to_string(M) + " rows");
     float* out = c.output<float>(0, q.shape);
-    const bool whole = packed && N <= S * K;
-    std::vector<float> values;  // unpacked rows: [B, N, D] (whole) or [B, S, K, D] (each query's picks)
+    auto packed_row = [&](int64_t b, int64_t r) {  // row r of batch b's [kv | cmp]
+      return r < N ? kv.u8() + (b * N + r) * width : cmp.u8() + (b * M + r - N) * width;
+    };
+    const bool whole = packed && N + M <= S * K;
+    std::vector<float> values;  // unpacked rows: [B, N + M, D] (whole) or [B, S, K, D] (each query's picks)
     std::vector<int64_t> order;  // picks into the latter: 0 .. K-1 per query, -1 kept
     if (packed) {
-      const int64_t rows = whole ? B * N : B * S * K, per = 16;
+      const int64_t rows = whole ? B * (N + M) : B * S * K, per = 16;
       values.resize(rows * D);
       if (!whole) {
         order.resize(B * S * K);
@@ -1023,8 +1033,10 @@ struct SparseAttn : Kernel {
       }
       c.parallel((rows + per - 1) / per, 2.0 * rows * D, [&](size_t t) {
         for (int64_t r = t * per; r < std::min(rows, (int64_t)(t + 1) * per); ++r) {
-          const int64_t src = whole ? r : (ix[r] < 0 ? -1 : (r / (S * K)) * N + ix[r]);
-          if (src >= 0) unpack_kv_row(kv.u8() + src * width, D, kv_rope, values.data() + r * D);
+          if (whole)
+            unpack_kv_row(packed_row(r / (N + M), r % (N + M)), D, kv_rope, values.data() + r * D);
+          else if (ix[r] >= 0)
+            unpack_kv_row(packed_row(r / (S * K), ix[r]), D, kv_rope, values.data() + r * D);
         }
       });
     }
@@ -1033,10 +1045,17 @@ struct SparseAttn : Kernel {
       thread_local std::vector<float> scratch;
       scratch.resize(4 * (64 + D));
       const int64_t bs = t / groups, h0 = (t % groups) * 4, b = bs / S;
-      const void* rows = whole ? values.data() + b * N * D : (packed ? values.data() + bs * K * D : kv.row(b * N));
-      const int64_t* picks = packed && !whole ? order.data() + bs * K : ix + bs * K;
-      isa->sparse_attn_query(q.f32() + bs * H * D, rows, kv.type == BF16, picks, K, sink.f32(), h0,
-                             std::min(H, h0 + 4), D, scale, bf16, out + bs * H * D, scratch.data());
+      const float* qh = q.f32() + bs * H * D;
+      float* oh = out + bs * H * D;
+      if (!packed)
+        isa->sparse_attn_query(qh, kv.row(b * N), N, cmp.row(b * M), kv.type == BF16, ix + bs * K, K, sink.f32(), h0,
+                               std::min(H, h0 + 4), D, scale, bf16, oh, scratch.data());
+      else if (whole)  // one part now: batch b's rows of kv then cmp
+        isa->sparse_attn_query(qh, values.data() + b * (N + M) * D, N + M, nullptr, false, ix + bs * K, K, sink.f32(),
+                               h0, std::min(H, h0 + 4), D, scale, bf16, oh, scratch.data());
+      else
+        isa->sparse_attn_query(qh, values.data() + bs * K * D, K, nullptr, false, order.data() + bs * K, K,
+                               sink.f32(), h0, std::min(H, h0 + 4), D, scale, bf16, oh, scratch.data());
     });
   }
 };
@@ -1360,7 +1379,7 @@ std::vector<OpEntry>& ops() {
     t.emplace_back("RmsNorm", std::vector{F32, F32}, std::vector{F32}, make<RmsNorm>);
     t.emplace_back("HeadRescale", std::vector{F32}, std::vector{F32}, make<HeadRescale>);
     t.emplace_back("Rope", std::vector{F32, F32, I64}, std::vector{F32}, make<Rope>);
-    t.emplace_back("SparseAttn", std::vector{F32, ANY, F32, I64}, std::vector{F32}, make<SparseAttn>);
+    t.emplace_back("SparseAttn", std::vector{F32, ANY, ANY, F32, I64}, std::vector{F32}, make<SparseAttn>);
     t.emplace_back("IndexerTopK", std::vector{F32, ANY, F32, I64}, std::vector{I64}, make<IndexerTopK>);
     t.emplace_back("IndexerScores", std::vector{F32, ANY, F32}, std::vector{F32}, make<IndexerScores>);
     t.emplace_back("CompressPool", std::vector{F32, F32, I64}, std::vector{F32}, make<CompressPool>);
