@@ -84,13 +84,15 @@ def cases(cfg: ModelConfig, batch: int, context: int) -> list[Case]:
                     {"x": x(b, d), "weights": x(b, k).abs(), "indices": picks, "w1": w1, "s1": s1, "w3": w3, "s3": s3,
                      "w2": w2, "s2": s2},
                     {"fmt": 0, "swiglu_limit": cfg.swiglu_limit, "act_quant": True, "bf16": True}, used * per_expert))
+    rope = cfg.qk_rope_head_dim
     for kind, n_cmp, picked in (("CSA", n_csa, min(topk, n_csa)), ("HCA", n_hca, n_hca)):
-        rows = win + 1 + n_cmp
         idx = torch.cat([torch.arange(win).expand(b, 1, win),
                          win + 1 + torch.randperm(n_cmp, generator=_g(3))[:picked].expand(b, 1, picked)], dim=-1)
-        out.append(Case(f"sparse_attn {kind} H={h} D={hd} K={idx.shape[-1]} N={rows}", "sparse_attn",
-                        {"q": x(b, 1, h, hd), "kv": x(b, rows, hd, seed=1), "sink": x(h, seed=2), "idx": idx},
-                        {"kv_rope": 0, "scale": hd ** -0.5, "bf16": True}))
+        # the engine's layout: packed FP8 rows, the window ring + the step's token and the compressed entries apart
+        out.append(Case(f"sparse_attn {kind} H={h} D={hd} K={idx.shape[-1]} N={win + 1}+{n_cmp}", "sparse_attn",
+                        {"q": x(b, 1, h, hd), "kv": torch.ops.dsv4.pack_kv_fp8(x(b, win + 1, hd, seed=1), rope),
+                         "cmp": torch.ops.dsv4.pack_kv_fp8(x(b, n_cmp, hd, seed=4), rope), "sink": x(h, seed=2),
+                         "idx": idx}, {"kv_rope": rope, "scale": hd ** -0.5, "bf16": True}))
     out.append(Case(f"indexer_topk h={ih} d={ihd} N={n_csa} top{topk}", "indexer_topk",
                     {"q": x(b, 1, ih, ihd), "k": x(b, n_csa, ihd, seed=1), "w": x(b, 1, ih, seed=2),
                      "n_visible": torch.full((b, 1), n_csa)}, {"topk": topk, "bf16": True}))

@@ -28,8 +28,8 @@ from dsv4c.graphs.ops.onnx import (DOMAIN, DOMAIN_VERSION, ONNX_OPSET, attach_fu
 from dsv4c.targets.base import ToolchainMissing
 from dsv4c.targets.cpu.kernels import CPP_KERNELS, build
 
-from tensors import (assert_outputs_match, attention_blocks, bf16_initializer, differences_within_a_bf16_step, feeds,
-                     fp8_weight, indexer_grid, rand, reference, split_rows)
+from tensors import (assert_outputs_match, attention_blocks, bf16_initializer, differences_within_a_bf16_step,
+                     e4m3_value, feeds, fp8_weight, indexer_grid, rand, reference, split_rows)
 
 register_schemas()
 ops = torch.ops.dsv4
@@ -316,6 +316,22 @@ def test_fp8_linear_with_scales_that_are_not_powers_of_two(library, isa, rows):
     w, s = fp8_weight(200, 384, seed=8)
     s = s * torch.linspace(1.1, 1.7, s.numel()).reshape(s.shape)
     check(library, "fp8_linear", {"act_quant": True}, x=rand(rows, 384, seed=9), w=w, w_scale=s)
+
+
+@pytest.mark.parametrize("rows", [1, 6, 200])  # the float loops, then the AMX tiles (5+ bf16-valued rows)
+def test_fp8_linear_reads_every_e4m3_code_exactly(library, isa, rows):
+    """x = rows of the identity picks single weights: y[r, j] = e4m3(w[j, r]) * scale, exactly, for every code
+    (subnormals and -0 included) under power-of-two block scales from 2^-10 to 2^4 (tensors.e4m3_value, the
+    format's definition, gives the expected values)."""
+    n, k = 256, 200  # K = 200: a partial 128-wide block and a scalar tail
+    codes = (torch.arange(n)[:, None] + torch.arange(k)[None, :]) % 256
+    codes[(codes == 0x7F) | (codes == 0xFF)] = 0  # the NaN codes: not weights
+    scale = torch.tensor([[2.0 ** -3, 2.0 ** 4], [2.0 ** -10, 1.0]])
+    values = torch.tensor([e4m3_value(c) for c in range(256)], dtype=torch.float64)[codes]
+    want = (values * scale.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]).T[:rows]
+    x = torch.eye(k)[:rows]
+    got = run_kernel(library, "fp8_linear", {"act_quant": False}, [2], x=x, w=codes.to(torch.uint8), w_scale=scale)[0]
+    np.testing.assert_array_equal(got, want.float().numpy())
 
 
 @pytest.mark.parametrize("rows", [1, 2, 20])

@@ -1091,12 +1091,52 @@ bool decode_fp4_row_bf16(const QuantWeight& w, int64_t j, uint16_t* out) {
   return true;
 }
 
+// FP8 row j straight to bf16 (in order): an e4m3 magnitude shifted left by 4 is the bf16 bit pattern of the same
+// mantissa with the exponent biased 7 instead of 127, so adding (120 + the block's power-of-two exponent) << 7
+// gives the scaled value of a normal code; the 7 subnormal codes (m/8 2^-6) come from a table, their exponent
+// moved the same way; the sign is bit 7 moved to bit 15. Exact; false for a scale that is not a power of two
+// within 2^+-100 (the float decode then decides). (The NaN codes 0x7f / 0xff are not handled: quantised weights
+// never hold them, as in decode_fp8_16.)
+alignas(32) const uint16_t kE4m3SubnormalBf16[16] = {0x0000, 0x3B00, 0x3B80, 0x3BC0, 0x3C00, 0x3C20, 0x3C40, 0x3C60};
+bool decode_fp8_row_bf16(const QuantWeight& w, int64_t j, uint16_t* out) {
+  const int64_t K = w.k;
+  const uint8_t* row = (const uint8_t*)w.data + j * K;
+  const float* srow = w.scale + (j / 128) * ((K + 127) / 128);
+  const __m256i low7 = _mm256_set1_epi16(0x7F), sign = _mm256_set1_epi16(0x80), eight = _mm256_set1_epi16(8);
+  for (int64_t k0 = 0; k0 < K; k0 += 128) {
+    const uint32_t bits = float_bits(srow[k0 / 128]);
+    const int32_t field = (int32_t)(bits >> 23) & 0xFF;
+    if ((bits & 0x807FFFFFu) || field < 127 - 100 || field > 127 + 100) return false;
+    const __m256i shift = _mm256_set1_epi16((short)((field - 127) * 128));
+    const __m256i bias = _mm256_set1_epi16((short)((field - 127 + 120) * 128));
+    __m256i sub = _mm256_load_si256((const __m256i*)kE4m3SubnormalBf16);
+    sub = _mm256_mask_add_epi16(sub, _mm256_test_epi16_mask(sub, sub), sub, shift);  // code 0 stays 0
+    const int64_t k1 = lo(K, k0 + 128);
+    int64_t k = k0;
+    for (; k + 16 <= k1; k += 16) {
+      const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(row + k)));
+      const __m256i mag = _mm256_and_si256(bytes, low7);
+      __m256i v = _mm256_add_epi16(_mm256_slli_epi16(mag, 4), bias);
+      v = _mm256_mask_permutexvar_epi16(v, _mm256_cmplt_epu16_mask(mag, eight), mag, sub);
+      v = _mm256_or_si256(v, _mm256_slli_epi16(_mm256_and_si256(bytes, sign), 8));
+      _mm256_storeu_si256((__m256i*)(out + k), v);
+    }
+    for (; k < k1; ++k) {
+      const int m = row[k] & 0x7F;
+      const uint16_t v = m < 8 ? kE4m3SubnormalBf16[m] + (m ? (field - 127) * 128 : 0) : (m << 4) + (field - 127 + 120) * 128;
+      out[k] = (uint16_t)(v | ((row[k] & 0x80) << 8));
+    }
+  }
+  return true;
+}
+
 // 16 weight rows from j0 (fewer at the end: zero rows) as bf16 [16][kp]; false if a value is not a bf16 number
 bool decode_tile(const QuantWeight& w, int64_t j0, int64_t nb, uint16_t* out, int64_t kp) {
   float* row = tl_row.get(w.k);
   memset(out, 0, (size_t)16 * kp * 2);
   for (int64_t r = 0; r < nb; ++r) {
     if (w.format == kFp4 && decode_fp4_row_bf16(w, j0 + r, out + r * kp)) continue;
+    if (w.format == kFp8 && decode_fp8_row_bf16(w, j0 + r, out + r * kp)) continue;
     decode_row(w, j0 + r, row);
     if (!to_bf16_exact(row, out + r * kp, w.k)) return false;
   }
