@@ -119,6 +119,16 @@ def test_decode_updates_every_cache_but_the_window_ring_in_place(official):
     assert [n for n, f in flags["prefill"].items() if f] == [n for n in names if n.endswith((".cmp", ".idx"))]
 
 
+def test_prefill_hands_its_workspace_back_and_decode_keeps_its_own(official):
+    """ONNX Runtime keeps its arena at the largest run's size: prefill runs (a chunk's activations) ask it to
+    shrink back afterwards, decode steps (small, every token) keep theirs (benchmarks/build_memory.py measures
+    the engine's resident memory)."""
+    out, _ = official
+    executor = Engine.load(out).executor
+    shrink = "memory.enable_memory_arena_shrinkage"
+    assert executor.run_options["prefill"].get_run_config_entry(shrink) == "cpu:0"
+    assert executor.run_options["decode"] is None
+
 def test_the_programs_share_one_map_of_the_weights(official):
     """Prefill and decode read the same weights file; the engine maps it once for both (two maps would count
     every page both programs touch twice in the process's resident set)."""

@@ -152,11 +152,12 @@ class HostCache:
 
 
 def run_bound(session, program: str, steps: Sequence[np.ndarray], cache: HostCache,
-              in_place: Sequence[bool] | None = None) -> np.ndarray:
+              in_place: Sequence[bool] | None = None, run_options=None) -> np.ndarray:
     """One run of an ONNX Runtime session with positional I/O (tokens, start_pos, n_valid, *cache -> logits,
     *new_cache), the caches bound in place (IOBinding: bf16 caches, which ORT's numpy feeds cannot take, and no
     copy of what it returns). Cache i's output is written into its own buffer where in_place[i] (the caller
-    knows nothing else reads it), else into the cache's spare buffer, swapped in afterwards."""
+    knows nothing else reads it), else into the cache's spare buffer, swapped in afterwards. `run_options`: ORT
+    RunOptions for this run (None: the defaults)."""
     in_place = in_place if in_place is not None else [False] * len(cache.arrays)
     targets = [array if in_place[i] else cache.spare(i) for i, array in enumerate(cache.arrays)]
     # binding 2 x 19 caches costs ~0.35 ms (tiny's whole step is ~2.5): a binding is kept per set of buffers (the
@@ -170,7 +171,7 @@ def run_bound(session, program: str, steps: Sequence[np.ndarray], cache: HostCac
     steps = [np.ascontiguousarray(v) for v in steps]  # alive until the run returns
     for name, value in zip(step_names, steps):
         io.bind_cpu_input(name, value)
-    session.run_with_iobinding(io)
+    session.run_with_iobinding(io, run_options)
     logits = io.get_outputs()[0].numpy().copy()  # the binding keeps ORT's buffer: its next run writes there
     for i, done in enumerate(in_place):
         if not done:
