@@ -224,7 +224,8 @@ class Compressor(nn.Module):
         entries = ops.cache_write(entries, new.to(entries.dtype), torch.where(closes, j, -1))
         return entries, ring_kv, ring_score
 
-    def ring_in_order(self, ring_kv: torch.Tensor, ring_score: torch.Tensor, step: Step):
+    def ring_in_order(self, ring_kv: torch.Tensor, ring_score: torch.Tensor,
+                      step: Step) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A one-token step's pooling rows from the ring that includes it, and the position of row 0. HCA
         (span = m): a window closing at this token holds slots 0 .. m-1 in position order, so the ring is read
         as it is (no copy; no window reaches before position 0). CSA's overlapping windows (span = 2m) start
