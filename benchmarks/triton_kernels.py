@@ -124,11 +124,13 @@ def cases(phase: str) -> list[Case]:
     # sparse attention: window 128 + top-512 CSA picks per query, over [window | new tokens] and the CSA entries
     n_rows = win + s + n_csa
     kk = win + itopk
-    q, kv, cmp, sink = cuda_rand(b, s, h, hd, scale=0.05), cuda_rand(b, win + s, hd), cuda_rand(b, n_csa, hd), cuda_rand(h)
+    q, sink = cuda_rand(b, s, h, hd, scale=0.05), cuda_rand(h)
+    kv, cmp = cuda_rand(b, win + s, hd), cuda_rand(b, n_csa, hd)
     g = torch.Generator(device="cuda").manual_seed(3)
     idx = torch.randint(0, n_rows, (b, s, kk), device="cuda", generator=g)
     out.append(Case("sparse_attn", f"{tag} H{h} D{hd} K{kk} N{n_rows}",
-                    lambda q=q, kv=kv, cmp=cmp, sink=sink, idx=idx: K.sparse_attn(q, kv, cmp, sink, idx, hd ** -0.5, True),
+                    lambda q=q, kv=kv, cmp=cmp, sink=sink, idx=idx: K.sparse_attn(q, kv, cmp, sink, idx, hd ** -0.5,
+                                                                                  True),
                     lambda q=q, kv=kv, cmp=cmp, sink=sink, idx=idx: REFERENCE["sparse_attn"](q, kv, cmp, sink, idx,
                                                                                              hd ** -0.5, True),
                     bytes=2 * q.numel() * 4 + b * s * kk * 8 + min(b * s * kk, b * n_rows) * hd * 4,

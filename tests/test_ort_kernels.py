@@ -712,8 +712,8 @@ def test_kernels_read_packed_rows_as_their_values(library, isa, picks):
     packed = {part: torch.ops.dsv4.pack_kv_fp8(inputs[part], 64) for part in ("kv", "cmp")}
     attrs = {"kv_rope": 64, "scale": 192 ** -0.5, "bf16": True}
     got = run_kernel(library, "sparse_attn", attrs, [4], **{**inputs, **packed})[0]
-    as_float = run_kernel(library, "sparse_attn", {**attrs, "kv_rope": 0}, [4],
-                          **{**inputs, **{part: quant.unpack_kv_fp8(rows, 192, 64) for part, rows in packed.items()}})[0]
+    values = {part: quant.unpack_kv_fp8(rows, 192, 64) for part, rows in packed.items()}
+    as_float = run_kernel(library, "sparse_attn", {**attrs, "kv_rope": 0}, [4], **{**inputs, **values})[0]
     np.testing.assert_array_equal(got, as_float)
     check(library, "sparse_attn", {**attrs, "bf16": False}, **{**inputs, **packed})
     keys = torch.ops.dsv4.pack_fp4(packed_rows_case(d=128, rows=300)[:, :, :128])

@@ -451,7 +451,8 @@ def test_route_tiles_by_hand():
 def test_errors_name_the_tensor():
     q = torch.zeros(1, 2, 4, 32, device=DEV)
     with pytest.raises(K.KernelInputError, match="`kv` has shape"):
-        K.sparse_attn(q, torch.zeros(1, 5, 16, device=DEV), torch.zeros(1, 2, 32, device=DEV), torch.zeros(4, device=DEV),
+        K.sparse_attn(q, torch.zeros(1, 5, 16, device=DEV), torch.zeros(1, 2, 32, device=DEV),
+                      torch.zeros(4, device=DEV),
                       torch.zeros(1, 2, 3, dtype=torch.int64, device=DEV), 1.0, True)
     with pytest.raises(K.KernelInputError, match="multiple of 128"):
         K.fp8_linear(torch.zeros(2, 100, device=DEV), torch.zeros(8, 100, dtype=torch.uint8, device=DEV),
@@ -484,7 +485,8 @@ def plugin_cases() -> list[tuple[str, list[torch.Tensor], dict, int]]:
          dict(scale=0.3, bf16=1, kv_rope=0), 1),
         ("sparse_attn", [rand(2, 3, 5, 192, seed=54), *split_rows(ops.pack_kv_fp8(rand(2, 20, 192, seed=55), 64), 12),
                          rand(5, seed=40), idx], dict(scale=0.3, bf16=1, kv_rope=64), 1),  # packed FP8 rows
-        ("sparse_attn", [rand(2, 3, 5, 48, seed=38), rand(2, 20, 48, seed=39), torch.zeros(2, 0, 48), rand(5, seed=40), idx],
+        ("sparse_attn", [rand(2, 3, 5, 48, seed=38), rand(2, 20, 48, seed=39), torch.zeros(2, 0, 48), rand(5, seed=40),
+                         idx],
          dict(scale=0.3, bf16=1, kv_rope=0), 1),  # no compressed rows (a window-only layer)
         ("indexer_scores", [rand(2, 3, 5, 64, seed=56), ops.pack_fp4(rand(2, 70, 64, seed=57)), rand(2, 3, 5, seed=58)],
          dict(bf16=1), 1),  # packed FP4 keys

@@ -352,7 +352,8 @@ ATTN_BLOCK = 64  # picks per online-softmax block, as DeepSeek's sparse_attn ker
 
 @_register("sparse_attn", "SparseAttn",
            "(Tensor q, Tensor kv, Tensor cmp, Tensor sink, Tensor idx, float scale, bool bf16, int kv_rope) -> Tensor",
-           _same_shape, ("scale", "bf16", "kv_rope"), input_dtypes={"idx": "int64", "kv": CACHE_ROWS, "cmp": CACHE_ROWS})
+           _same_shape, ("scale", "bf16", "kv_rope"),
+           input_dtypes={"idx": "int64", "kv": CACHE_ROWS, "cmp": CACHE_ROWS})
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, cmp: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
                 scale: float, bf16: bool, kv_rope: int) -> torch.Tensor:
     """q [B,S,H,D]; the key (= value) rows in two parts, kv [B,N,D] (window and new tokens) and cmp [B,M,D]

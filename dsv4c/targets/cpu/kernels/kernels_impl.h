@@ -1123,7 +1123,8 @@ bool decode_fp8_row_bf16(const QuantWeight& w, int64_t j, uint16_t* out) {
     }
     for (; k < k1; ++k) {
       const int m = row[k] & 0x7F;
-      const uint16_t v = m < 8 ? kE4m3SubnormalBf16[m] + (m ? (field - 127) * 128 : 0) : (m << 4) + (field - 127 + 120) * 128;
+      const uint16_t v = m < 8 ? kE4m3SubnormalBf16[m] + (m ? (field - 127) * 128 : 0)
+                               : (m << 4) + (field - 127 + 120) * 128;
       out[k] = (uint16_t)(v | ((row[k] & 0x80) << 8));
     }
   }
@@ -1229,9 +1230,9 @@ void linear(const QuantWeight& w, const float* x, int64_t ldx, int64_t rows, flo
 
 }  // namespace
 
-void sparse_attn_query(const float* q, const void* kv, int64_t n_kv, const void* cmp, bool rows_bf16, const int64_t* idx,
-                       int64_t k, const float* sink, int64_t h0, int64_t h1, int64_t d, float scale, bool bf16, float* out,
-                       float* scratch) {
+void sparse_attn_query(const float* q, const void* kv, int64_t n_kv, const void* cmp, bool rows_bf16,
+                       const int64_t* idx, int64_t k, const float* sink, int64_t h0, int64_t h1, int64_t d, float scale,
+                       bool bf16, float* out, float* scratch) {
   if (rows_bf16)
     sparse_attn_rows(q, (const uint16_t*)kv, n_kv, (const uint16_t*)cmp, idx, k, sink, h0, h1, d, scale, bf16, out,
                      scratch);

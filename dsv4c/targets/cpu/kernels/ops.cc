@@ -1008,8 +1008,8 @@ struct SparseAttn : Kernel {
     c.require(kv.dim(0) == B && kv.dim(2) == width, "kv " + shape_str(kv.shape) + " must be [B, N, " +
                                                         std::to_string(width) + "] for q " + shape_str(q.shape));
     c.require(cmp.type == kv.type && cmp.dim(0) == B && cmp.dim(2) == width,
-              "cmp " + std::string(type_name(cmp.type)) + " " + shape_str(cmp.shape) + " must be " + type_name(kv.type) +
-                  " [B, M, " + std::to_string(width) + "] like kv");
+              "cmp " + std::string(type_name(cmp.type)) + " " + shape_str(cmp.shape) + " must be " +
+                  type_name(kv.type) + " [B, M, " + std::to_string(width) + "] like kv");
     c.require(sink.dim(0) == H, "sink " + shape_str(sink.shape) + " must be [H] = [" + std::to_string(H) + "]");
     c.require(idx.dim(0) == B && idx.dim(1) == S, "idx " + shape_str(idx.shape) + " must be [B, S, K] for q " +
                                                       shape_str(q.shape));
