@@ -1066,6 +1066,14 @@ inline void configure_tiles() {
   tl_tiles_configured = true;
 }
 
+// e = log2(s) for a scale s that is a power of two within 2^+-100 (so adding e to a bf16 exponent is exact);
+// false for any other scale (the float decode then decides).
+inline bool pow2_exponent(float s, int32_t& e) {
+  const uint32_t bits = float_bits(s);
+  e = (int32_t)((bits >> 23) & 0xFF) - 127;
+  return !(bits & 0x807FFFFFu) && e >= -100 && e <= 100;
+}
+
 // FP4 row j straight to bf16 in kernel order (per block of 32 its evens, then its odds): e2m1 codes -> bf16 bits
 // by vpermw, times the block's power-of-two scale by adding its exponent to every nonzero value (exact). false for
 // a scale that is not a power of two within 2^+-100 (the float decode then decides).
@@ -1076,10 +1084,9 @@ bool decode_fp4_row_bf16(const QuantWeight& w, int64_t j, uint16_t* out) {
   const __m256i table = _mm256_load_si256((const __m256i*)kE2m1Bf16), nibble = _mm256_set1_epi16(0x0F),
                 magnitude = _mm256_set1_epi16(0x7FFF);
   for (int64_t b = 0; b < nblk; ++b) {
-    const uint32_t bits = float_bits(srow[b]);
-    const int32_t field = (int32_t)(bits >> 23) & 0xFF;
-    if ((bits & 0x807FFFFFu) || field < 127 - 100 || field > 127 + 100) return false;
-    const __m256i shift = _mm256_set1_epi16((short)((field - 127) * 128));
+    int32_t e;
+    if (!pow2_exponent(srow[b], e)) return false;
+    const __m256i shift = _mm256_set1_epi16((short)(e * 128));
     const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(row + b * 16)));
     __m256i even = _mm256_permutexvar_epi16(_mm256_and_si256(bytes, nibble), table);
     __m256i odd = _mm256_permutexvar_epi16(_mm256_srli_epi16(bytes, 4), table);
@@ -1104,11 +1111,10 @@ bool decode_fp8_row_bf16(const QuantWeight& w, int64_t j, uint16_t* out) {
   const float* srow = w.scale + (j / 128) * ((K + 127) / 128);
   const __m256i low7 = _mm256_set1_epi16(0x7F), sign = _mm256_set1_epi16(0x80), eight = _mm256_set1_epi16(8);
   for (int64_t k0 = 0; k0 < K; k0 += 128) {
-    const uint32_t bits = float_bits(srow[k0 / 128]);
-    const int32_t field = (int32_t)(bits >> 23) & 0xFF;
-    if ((bits & 0x807FFFFFu) || field < 127 - 100 || field > 127 + 100) return false;
-    const __m256i shift = _mm256_set1_epi16((short)((field - 127) * 128));
-    const __m256i bias = _mm256_set1_epi16((short)((field - 127 + 120) * 128));
+    int32_t e;
+    if (!pow2_exponent(srow[k0 / 128], e)) return false;
+    const __m256i shift = _mm256_set1_epi16((short)(e * 128));
+    const __m256i bias = _mm256_set1_epi16((short)((e + 120) * 128));
     __m256i sub = _mm256_load_si256((const __m256i*)kE4m3SubnormalBf16);
     sub = _mm256_mask_add_epi16(sub, _mm256_test_epi16_mask(sub, sub), sub, shift);  // code 0 stays 0
     const int64_t k1 = lo(K, k0 + 128);
@@ -1123,8 +1129,7 @@ bool decode_fp8_row_bf16(const QuantWeight& w, int64_t j, uint16_t* out) {
     }
     for (; k < k1; ++k) {
       const int m = row[k] & 0x7F;
-      const uint16_t v = m < 8 ? kE4m3SubnormalBf16[m] + (m ? (field - 127) * 128 : 0)
-                               : (m << 4) + (field - 127 + 120) * 128;
+      const uint16_t v = m < 8 ? kE4m3SubnormalBf16[m] + (m ? e * 128 : 0) : (m << 4) + (e + 120) * 128;
       out[k] = (uint16_t)(v | ((row[k] & 0x80) << 8));
     }
   }

@@ -1045,17 +1045,18 @@ struct SparseAttn : Kernel {
       thread_local std::vector<float> scratch;
       scratch.resize(4 * (64 + D));
       const int64_t bs = t / groups, h0 = (t % groups) * 4, b = bs / S;
-      const float* qh = q.f32() + bs * H * D;
-      float* oh = out + bs * H * D;
-      if (!packed)
-        isa->sparse_attn_query(qh, kv.row(b * N), N, cmp.row(b * M), kv.type == BF16, ix + bs * K, K, sink.f32(), h0,
-                               std::min(H, h0 + 4), D, scale, bf16, oh, scratch.data());
-      else if (whole)  // one part now: batch b's rows of kv then cmp
-        isa->sparse_attn_query(qh, values.data() + b * (N + M) * D, N + M, nullptr, false, ix + bs * K, K, sink.f32(),
-                               h0, std::min(H, h0 + 4), D, scale, bf16, oh, scratch.data());
-      else
-        isa->sparse_attn_query(qh, values.data() + bs * K * D, K, nullptr, false, order.data() + bs * K, K,
-                               sink.f32(), h0, std::min(H, h0 + 4), D, scale, bf16, oh, scratch.data());
+      // the rows the picks index: the two parts as stored, or one unpacked part (batch b's kv rows then its cmp
+      // rows; or this query's picks in order)
+      const void* rows = kv.row(b * N);
+      const void* cmp_rows = cmp.row(b * M);
+      int64_t n_rows = N;
+      const int64_t* picks = ix + bs * K;
+      if (packed && whole)
+        rows = values.data() + b * (N + M) * D, cmp_rows = nullptr, n_rows = N + M;
+      else if (packed)
+        rows = values.data() + bs * K * D, cmp_rows = nullptr, n_rows = K, picks = order.data() + bs * K;
+      isa->sparse_attn_query(q.f32() + bs * H * D, rows, n_rows, cmp_rows, kv.type == BF16, picks, K, sink.f32(), h0,
+                             std::min(H, h0 + 4), D, scale, bf16, out + bs * H * D, scratch.data());
     });
   }
 };
