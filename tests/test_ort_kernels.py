@@ -65,15 +65,18 @@ def isa(request, library, monkeypatch) -> str:
 
 # ---- one-node models ----------------------------------------------------------------------------------------
 def node_model(name: str, inputs: dict[str, torch.Tensor], attrs: dict, out_ranks: list[int],
-               with_body: bool = False) -> onnx.ModelProto:
-    """One dsv4 node, every dim dynamic; the op's function body only when asked."""
+               with_body: bool = False, constants: tuple[str, ...] = ()) -> onnx.ModelProto:
+    """One dsv4 node, every dim dynamic; the op's function body only when asked. The bf16 inputs and those named
+    in `constants` are initializers (as an engine holds its weights), the others graph inputs."""
     op = OPS[name]
     names = tensor_inputs(op)
     onnx_attrs = {n: int(attrs[n]) if k == "bool" else attrs[n] for n, k in attribute_kinds(op).items()}
     node = helper.make_node(op.onnx_name, names, list(output_names(op)), domain=DOMAIN, **onnx_attrs)
+    held = [n for n in names if inputs[n].dtype == torch.bfloat16 or n in constants]
     graph_inputs = [helper.make_tensor_value_info(n, _ELEM[inputs[n].numpy().dtype], [None] * inputs[n].dim())
-                    for n in names if inputs[n].dtype != torch.bfloat16]
-    weights = [bf16_initializer(n, inputs[n]) for n in names if inputs[n].dtype == torch.bfloat16]
+                    for n in names if n not in held]
+    weights = [bf16_initializer(n, inputs[n]) if inputs[n].dtype == torch.bfloat16
+               else onnx.numpy_helper.from_array(inputs[n].numpy(), n) for n in held]
     dtype = op.output_dtypes[0]
     if dtype == "like:cache" and inputs["cache"].dtype == torch.uint8:  # a packed cache: bytes out
         dtype = "uint8"
@@ -307,6 +310,26 @@ def test_bf16_linear_of_rows_with_one_value_that_is_not_bf16(library, isa, rows)
 def test_fp8_linear(library, isa, act_quant, rows):
     w, s = fp8_weight(200, 384, seed=2)  # N = 200: the last 128-row scale block is cropped
     check(library, "fp8_linear", {"act_quant": act_quant}, x=rand(rows, 384, seed=3), w=w, w_scale=s)
+
+
+@pytest.mark.parametrize("name", ["fp8_linear", "moe_experts"])
+def test_weights_held_as_initializers_give_the_same_results_run_after_run(library, isa, name):
+    """Engines hold their weights as initializers, which the kernels read once, when ORT creates them (type, shape
+    and data stay for the session's life). One session, three runs whose token counts differ: each matches the
+    reference, as when the weights are fed as inputs."""
+    if name == "fp8_linear":
+        w, s = fp8_weight(200, 384, seed=2)
+        runs = [dict(x=rand(t, 384, seed=t), w=w, w_scale=s) for t in (1, 17, 3)]
+        attrs, constants = {"act_quant": True}, ("w", "w_scale")
+    else:
+        runs = [moe_inputs(2, t) for t in (6, 1, 48)]
+        attrs, constants = {"fmt": 2, "swiglu_limit": 0.5, "act_quant": False, "bf16": False}, \
+            ("w1", "s1", "w3", "s3", "w2", "s2")
+    s = session(node_model(name, runs[0], attrs, [2], constants=constants), library)
+    for inputs in runs:
+        want = reference(name, attrs, **inputs)
+        got = s.run(None, {n: v for n, v in feeds(inputs).items() if n not in constants})
+        assert_outputs_match(got, want, exact=False)
 
 
 @pytest.mark.parametrize("rows", [6, 20])

@@ -16,9 +16,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -258,7 +260,37 @@ const char* type_name(ONNXTensorElementDataType t) {
   }
 }
 
-std::string shape_str(const std::vector<int64_t>& s) {
+// A tensor's shape held inline: Context::input reads a few hundred shapes per decode step, and a heap allocation
+// for each was a measurable part of a small model's step. The dsv4 ops take rank <= 5.
+class Dims {
+ public:
+  static constexpr size_t kMaxRank = 8;
+  Dims() = default;
+  Dims(std::initializer_list<int64_t> dims) {
+    resize(dims.size());
+    std::copy(dims.begin(), dims.end(), d_);
+  }
+  void resize(size_t n) {
+    if (n > kMaxRank) throw std::runtime_error("tensor of rank " + std::to_string(n) + " (the dsv4 kernels take <= 8)");
+    for (size_t i = n_; i < n; ++i) d_[i] = 0;
+    n_ = n;
+  }
+  size_t size() const { return n_; }
+  int64_t* data() { return d_; }
+  const int64_t* data() const { return d_; }
+  const int64_t* begin() const { return d_; }
+  const int64_t* end() const { return d_ + n_; }
+  int64_t& operator[](size_t i) { return d_[i]; }
+  int64_t operator[](size_t i) const { return d_[i]; }
+  int64_t& back() { return d_[n_ - 1]; }
+  bool operator==(const Dims& o) const { return n_ == o.n_ && std::equal(begin(), end(), o.begin()); }
+
+ private:
+  int64_t d_[kMaxRank] = {};
+  size_t n_ = 0;
+};
+
+std::string shape_str(const Dims& s) {
   std::string r = "[";
   for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
   return r + "]";
@@ -267,7 +299,7 @@ std::string shape_str(const std::vector<int64_t>& s) {
 struct Tensor {
   const char* name;
   ONNXTensorElementDataType type;
-  std::vector<int64_t> shape;
+  Dims shape;
   const void* data;
 
   int64_t dim(int i) const { return shape[i < 0 ? shape.size() + i : i]; }
@@ -288,6 +320,49 @@ struct Tensor {
   const void* row(int64_t r) const { return static_cast<const char*>(data) + r * dim(-1) * element_size(); }
 };
 
+// An OrtValue's element type, shape and data (name left empty).
+Tensor describe(const OrtValue* value) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  check(api->GetTensorTypeAndShape(value, &info));
+  Tensor t{"", ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, {}, nullptr};
+  size_t n = 0;
+  OrtStatus* st = api->GetTensorElementType(info, &t.type);
+  if (!st) st = api->GetDimensionsCount(info, &n);
+  if (!st && n > Dims::kMaxRank) st = api->CreateStatus(ORT_INVALID_ARGUMENT, "tensor of rank > 8");
+  if (!st) t.shape.resize(n);
+  if (!st) st = api->GetDimensions(info, t.shape.data(), n);
+  api->ReleaseTensorTypeAndShapeInfo(info);
+  check(st);
+  void* data = nullptr;
+  check(api->GetTensorMutableData(const_cast<OrtValue*>(value), &data));
+  t.data = data;
+  return t;
+}
+
+// The inputs of one node that are constant initializers (weights, scales, tables), read once when ORT creates
+// the kernel: their type, shape and data stay as they are for the session's life, and asking ORT for a tensor's
+// type and shape allocates twice (a few hundred times per decode step otherwise).
+struct ConstantInputs {
+  std::vector<Tensor> tensors;  // by input index, where constant[i]
+  std::vector<bool> constant;
+
+  void read(const OrtKernelInfo* info) {
+    size_t n = 0;
+    check(api->KernelInfo_GetInputCount(info, &n));
+    tensors.assign(n, Tensor{"", ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, {}, nullptr});
+    constant.assign(n, false);
+    for (size_t i = 0; i < n; ++i) {
+      int is_constant = 0;
+      const OrtValue* value = nullptr;
+      check(api->KernelInfoGetConstantInput_tensor(info, i, &is_constant, &value));
+      if (!is_constant || !value) continue;
+      tensors[i] = describe(value);
+      constant[i] = true;
+    }
+  }
+  const Tensor* find(size_t i) const { return i < constant.size() && constant[i] ? &tensors[i] : nullptr; }
+};
+
 // One compute call: inputs, outputs, errors naming the op, tasks on ORT's intra-op pool.
 // Calls with less work (~ multiply-adds) run on the calling thread: ~10 us of one core, below which a hand-over
 // to another thread costs more than it gives. DSV4C_KERNEL_INLINE_WORK overrides it (0: always split; tests).
@@ -298,33 +373,34 @@ double inline_work() {
 
 class Context {
  public:
-  Context(OrtKernelContext* ctx, const char* op, double inline_work = 32768.0)
-      : ctx_(ctx), op_(op), inline_work_(inline_work) {}
+  Context(OrtKernelContext* ctx, const char* op, double inline_work, const ConstantInputs& constants)
+      : ctx_(ctx), op_(op), inline_work_(inline_work), constants_(constants) {}
 
   [[noreturn]] void fail(const std::string& msg) const {
     throw std::runtime_error(std::string("dsv4.") + op_ + ": " + msg);
   }
-  void require(bool ok, const std::string& msg) const {
-    if (!ok) fail(msg);
+  // `message`: a string, or a callable that builds it: the decode loop calls the kernels hundreds of times a
+  // step, and building every check's message up front cost ~8 % of tiny's decode step
+  template <typename Message>
+  void require(bool ok, Message&& message) const {
+    if (ok) return;
+    if constexpr (std::is_invocable_v<Message>)
+      fail(message());
+    else
+      fail(message);
   }
 
   Tensor input(size_t i, const char* name, ONNXTensorElementDataType type, int rank = -1) const {
-    const OrtValue* value = nullptr;
-    check(api->KernelContext_GetInput(ctx_, i, &value));
-    if (!value) fail(std::string("input '") + name + "' is missing");
-    OrtTensorTypeAndShapeInfo* info = nullptr;
-    check(api->GetTensorTypeAndShape(value, &info));
-    Tensor t{name, ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, {}, nullptr};
-    size_t n = 0;
-    OrtStatus* st = api->GetTensorElementType(info, &t.type);
-    if (!st) st = api->GetDimensionsCount(info, &n);
-    t.shape.resize(n);
-    if (!st) st = api->GetDimensions(info, t.shape.data(), n);
-    api->ReleaseTensorTypeAndShapeInfo(info);
-    check(st);
-    void* data = nullptr;
-    check(api->GetTensorMutableData(const_cast<OrtValue*>(value), &data));
-    t.data = data;
+    Tensor t;
+    if (const Tensor* known = constants_.find(i)) {
+      t = *known;
+    } else {
+      const OrtValue* value = nullptr;
+      check(api->KernelContext_GetInput(ctx_, i, &value));
+      if (!value) fail(std::string("input '") + name + "' is missing");
+      t = describe(value);
+    }
+    t.name = name;
     if (type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED && t.type != type)
       fail(std::string("input '") + name + "' must be " + type_name(type) + ", got " + type_name(t.type) + " " +
            shape_str(t.shape));
@@ -345,7 +421,7 @@ class Context {
   }
 
   template <typename T>
-  T* output(size_t i, const std::vector<int64_t>& shape) const {
+  T* output(size_t i, const Dims& shape) const {
     OrtValue* value = nullptr;
     check(api->KernelContext_GetOutput(ctx_, i, shape.data(), shape.size(), &value));
     void* data = nullptr;
@@ -388,6 +464,7 @@ class Context {
   OrtKernelContext* ctx_;
   const char* op_;
   double inline_work_;
+  const ConstantInputs& constants_;
 };
 
 // Rows of a weight per task: about 64 tasks over `matrices` weights of n rows (enough to balance any pool),
@@ -447,10 +524,90 @@ const IsaKernels* select_isa() {
   return &generic::kernels;
 }
 
+// Scratch memory of one compute call, from a small per-thread pool. A decode step calls the kernels a few hundred
+// times; asking glibc for a block of >= 1 KiB after small frees makes it consolidate its fast bins first, which
+// cost ~5 % of tiny's step. Blocks go back to the pool when the call ends; the pool keeps at most kKeepBlocks of
+// up to kKeepBytes each, so a prefill's large scratch is freed rather than held while the engine decodes.
+class ScratchPool {
+ public:
+  static constexpr size_t kKeepBlocks = 16, kKeepBytes = size_t(1) << 20;
+  ~ScratchPool() {
+    for (size_t i = 0; i < n_; ++i) free(blocks_[i].p);
+  }
+  void* take(size_t& bytes) {  // bytes: in, what the caller needs; out, what the block holds
+    size_t best = n_;
+    for (size_t i = 0; i < n_; ++i)
+      if (blocks_[i].bytes >= bytes && (best == n_ || blocks_[i].bytes < blocks_[best].bytes)) best = i;
+    if (best < n_) {
+      Block b = blocks_[best];
+      blocks_[best] = blocks_[--n_];
+      bytes = b.bytes;
+      return b.p;
+    }
+    bytes = std::max<size_t>(64, (bytes + 63) / 64 * 64);
+    void* p = aligned_alloc(64, bytes);
+    if (!p) throw std::bad_alloc();
+    return p;
+  }
+  void give(void* p, size_t bytes) {
+    if (!p) return;
+    if (bytes > kKeepBytes || n_ == kKeepBlocks) return free(p);
+    blocks_[n_++] = Block{p, bytes};
+  }
+
+ private:
+  struct Block {
+    void* p;
+    size_t bytes;
+  };
+  Block blocks_[kKeepBlocks];
+  size_t n_ = 0;
+};
+thread_local ScratchPool tl_scratch;
+
+// n values of T (trivially copyable) for one call: uninitialised, or all `fill`.
+template <class T>
+class Scratch {
+  static_assert(std::is_trivially_copyable_v<T>, "Scratch holds plain values");
+
+ public:
+  Scratch() = default;
+  explicit Scratch(int64_t n) { resize(n); }
+  Scratch(int64_t n, T fill) : Scratch(n) { std::fill(begin(), end(), fill); }
+  Scratch(Scratch&& o) noexcept : p_(o.p_), n_(o.n_), bytes_(o.bytes_) { o.p_ = nullptr, o.n_ = o.bytes_ = 0; }
+  Scratch& operator=(Scratch&& o) noexcept {
+    std::swap(p_, o.p_), std::swap(n_, o.n_), std::swap(bytes_, o.bytes_);
+    return *this;
+  }
+  ~Scratch() { tl_scratch.give(p_, bytes_); }
+  void resize(int64_t n) {  // contents not kept
+    if (size_t(n) * sizeof(T) > bytes_) {
+      tl_scratch.give(p_, bytes_);
+      p_ = nullptr;
+      bytes_ = size_t(n) * sizeof(T);
+      p_ = static_cast<T*>(tl_scratch.take(bytes_));
+    }
+    n_ = n;
+  }
+  T* data() { return p_; }
+  const T* data() const { return p_; }
+  T* begin() { return p_; }
+  T* end() { return p_ + n_; }
+  int64_t size() const { return n_; }
+  T& operator[](int64_t i) { return p_[i]; }
+  const T& operator[](int64_t i) const { return p_[i]; }
+
+ private:
+  T* p_ = nullptr;
+  int64_t n_ = 0;
+  size_t bytes_ = 0;
+};
+
 // ---- kernels --------------------------------------------------------------------------------------------------
 struct Kernel {
   const IsaKernels* isa = select_isa();
   double inline_work_ = inline_work();
+  ConstantInputs constants;  // filled when ORT creates the kernel (OpEntry)
   virtual ~Kernel() = default;
   virtual void compute(OrtKernelContext* ctx) = 0;
 };
@@ -483,20 +640,21 @@ constexpr auto ANY = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
 
 // FP8 weight [N, K] with scales [ceil(N/128), ceil(K/128)], checked.
 QuantWeight fp8_weight(const Context& c, const Tensor& w, const Tensor& s) {
-  c.require(w.rank() == 2, std::string("input '") + w.name + "' must be uint8 [N, K], got " + shape_str(w.shape));
+  c.require(w.rank() == 2,
+            [&] { return std::string("input '") + w.name + "' must be uint8 [N, K], got " + shape_str(w.shape); });
   const int64_t n = w.dim(0), k = w.dim(1);
   const int64_t nb = (n + kFp8Block - 1) / kFp8Block, kb = (k + kFp8Block - 1) / kFp8Block;
-  c.require(s.rank() == 2 && s.dim(0) == nb && s.dim(1) == kb,
-            std::string("input '") + s.name + "' must be [ceil(N/128), ceil(K/128)] = [" + std::to_string(nb) +
-                ", " + std::to_string(kb) + "] for " + w.name + " " + shape_str(w.shape) + ", got " +
-                shape_str(s.shape));
+  c.require(s.rank() == 2 && s.dim(0) == nb && s.dim(1) == kb, [&] {
+    return std::string("input '") + s.name + "' must be [ceil(N/128), ceil(K/128)] = [" + std::to_string(nb) + ", " +
+           std::to_string(kb) + "] for " + w.name + " " + shape_str(w.shape) + ", got " + shape_str(s.shape);
+  });
   return QuantWeight{kFp8, w.data, s.f32(), n, k};
 }
 
 // Activations [rows, K] fake-quantised to FP8 (blocks of 128) into `buf`, in parallel; returns buf.
-const float* act_quant_rows(const Context& c, const float* x, int64_t rows, int64_t k, std::vector<float>& buf) {
+const float* act_quant_rows(const Context& c, const float* x, int64_t rows, int64_t k, Scratch<float>& buf) {
   c.require(k % kFp8Block == 0,
-            "act_quant needs the last dim of x to be a multiple of 128, got " + std::to_string(k));
+            [&] { return "act_quant needs the last dim of x to be a multiple of 128, got " + std::to_string(k); });
   buf.resize(rows * k);
   const int64_t per = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
   c.parallel((rows + per - 1) / per, 4.0 * rows * k, [&](size_t t) {
@@ -509,7 +667,7 @@ const float* act_quant_rows(const Context& c, const float* x, int64_t rows, int6
 // x rows laid out once per call for the table's matrix loops (IsaKernels::prepare_rows), shared by the call's
 // tasks; data is null when the table has no layout for this many rows or the rows are not bf16 values.
 struct PreparedRows {
-  std::vector<uint8_t> bytes;
+  Scratch<uint8_t> bytes;
   const void* data = nullptr;
   PreparedRows() = default;
   PreparedRows(const IsaKernels* isa, const float* x, int64_t ldx, int64_t rows, int64_t k) {
@@ -524,15 +682,16 @@ struct PreparedRows {
 // each has checked its weight into `qw`.
 void linear_rows(const Context& c, const IsaKernels* isa, const Tensor& x, const Tensor& w, const QuantWeight& qw,
                  bool act_quant) {
-  c.require(x.rank() >= 1 && x.dim(-1) == qw.k, "x " + shape_str(x.shape) + " does not match w " +
-                                                       shape_str(w.shape) + " (last dims must agree)");
+  c.require(x.rank() >= 1 && x.dim(-1) == qw.k, [&] {
+    return "x " + shape_str(x.shape) + " does not match w " + shape_str(w.shape) + " (last dims must agree)";
+  });
   const int64_t rows = x.numel() / std::max<int64_t>(qw.k, 1);
-  std::vector<int64_t> shape = x.shape;
+  Dims shape = x.shape;
   shape.back() = qw.n;
   float* y = c.output<float>(0, shape);
   if (rows == 0 || qw.n == 0) return;
   if (qw.k == 0) return (void)std::fill(y, y + rows * qw.n, 0.f);
-  std::vector<float> xq;
+  Scratch<float> xq;
   const float* xin = act_quant ? act_quant_rows(c, x.f32(), rows, qw.k, xq) : x.f32();
   const PreparedRows prepared(isa, xin, qw.k, rows, qw.k);
   const int64_t per = rows_per_task(qw.n, rows);
@@ -546,7 +705,7 @@ struct Fp8Linear : Kernel {
   explicit Fp8Linear(const OrtKernelInfo* info) : act_quant(attr_int(info, "Fp8Linear", "act_quant") != 0) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "Fp8Linear", inline_work_);
+    Context c(ctx, "Fp8Linear", inline_work_, constants);
     const Tensor x = c.input(0, "x", F32), w = c.input(1, "w", U8), s = c.input(2, "w_scale", F32);
     linear_rows(c, isa, x, w, fp8_weight(c, w, s), act_quant);
   }
@@ -557,9 +716,9 @@ struct Bf16Linear : Kernel {
   explicit Bf16Linear(const OrtKernelInfo*) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "Bf16Linear", inline_work_);
+    Context c(ctx, "Bf16Linear", inline_work_, constants);
     const Tensor x = c.input(0, "x", F32), w = c.input(1, "w", BF16);
-    c.require(w.rank() == 2, "input 'w' must be bfloat16 [N, K], got " + shape_str(w.shape));
+    c.require(w.rank() == 2, [&] { return "input 'w' must be bfloat16 [N, K], got " + shape_str(w.shape); });
     linear_rows(c, isa, x, w, QuantWeight{kBf16, w.data, nullptr, w.dim(0), w.dim(1)}, false);
   }
 };
@@ -571,15 +730,16 @@ struct CacheWrite : Kernel {
   explicit CacheWrite(const OrtKernelInfo*) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "CacheWrite", inline_work_);
+    Context c(ctx, "CacheWrite", inline_work_, constants);
     const Tensor cache = c.cache_rows(0, "cache", 3), rows = c.input(1, "rows", cache.type),
                  slots = c.input(2, "slots", I64);
     const int64_t B = cache.dim(0), N = cache.dim(1), D = cache.dim(2);
-    c.require(slots.rank() == 2 && slots.dim(0) == B, "slots " + shape_str(slots.shape) + " must be [B, K] for cache " +
-                                                          shape_str(cache.shape));
+    c.require(slots.rank() == 2 && slots.dim(0) == B, [&] {
+      return "slots " + shape_str(slots.shape) + " must be [B, K] for cache " + shape_str(cache.shape);
+    });
     const int64_t K = slots.dim(1);
-    c.require(rows.shape == std::vector<int64_t>{B, K, D}, "rows " + shape_str(rows.shape) + " must be [B, K, D] = " +
-                                                             shape_str({B, K, D}));
+    c.require(rows.shape == Dims{B, K, D},
+              [&] { return "rows " + shape_str(rows.shape) + " must be [B, K, D] = " + shape_str({B, K, D}); });
     const size_t row_bytes = cache.element_size() * D;
     char* out = c.output<char>(0, cache.shape);
     const char* in = static_cast<const char*>(cache.data);
@@ -605,21 +765,24 @@ struct Fp8GroupedLinear : Kernel {
 
   // x [..., G, K], w [G*R, K] -> y[..., g, r] = x[..., g, :] . w[g*R + r, :]
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "Fp8GroupedLinear", inline_work_);
+    Context c(ctx, "Fp8GroupedLinear", inline_work_, constants);
     const Tensor x = c.input(0, "x", F32), w = c.input(1, "w", U8), s = c.input(2, "w_scale", F32);
     const QuantWeight qw = fp8_weight(c, w, s);
-    c.require(x.rank() >= 2 && x.dim(-1) == qw.k, "x must be [..., G, K] with K = w's last dim " +
-                                                       std::to_string(qw.k) + ", got " + shape_str(x.shape));
+    c.require(x.rank() >= 2 && x.dim(-1) == qw.k, [&] {
+      return "x must be [..., G, K] with K = w's last dim " + std::to_string(qw.k) + ", got " + shape_str(x.shape);
+    });
     const int64_t g = x.dim(-2), k = qw.k;
-    c.require(g > 0 && qw.n % g == 0, "w rows (" + std::to_string(qw.n) + ") must be a multiple of the " +
-                                          std::to_string(g) + " groups of x " + shape_str(x.shape));
+    c.require(g > 0 && qw.n % g == 0, [&] {
+      return "w rows (" + std::to_string(qw.n) + ") must be a multiple of the " + std::to_string(g) + " groups of x " +
+             shape_str(x.shape);
+    });
     const int64_t r = qw.n / g, rows = x.numel() / std::max<int64_t>(g * k, 1);
-    std::vector<int64_t> shape = x.shape;
+    Dims shape = x.shape;
     shape.back() = r;
     float* y = c.output<float>(0, shape);
     if (rows == 0 || r == 0) return;
     if (k == 0) return (void)std::fill(y, y + rows * g * r, 0.f);
-    std::vector<float> xq;
+    Scratch<float> xq;
     const float* xin = act_quant ? act_quant_rows(c, x.f32(), rows * g, k, xq) : x.f32();
     std::vector<PreparedRows> prepared;
     for (int64_t gi = 0; gi < g; ++gi) prepared.emplace_back(isa, xin + gi * k, g * k, rows, k);
@@ -659,62 +822,71 @@ struct MoeExperts : Kernel {
 
   Stack stack(const Context& c, const Tensor& w, const Tensor& s, int64_t e, int64_t n, int64_t k) const {
     const std::string what = std::string("input '") + w.name + "'";
-    const std::vector<int64_t> want_w = fmt == kFp4 ? std::vector<int64_t>{e, n, k / 2} : std::vector<int64_t>{e, n, k};
-    c.require(w.type == (fmt == kF32 ? F32 : U8), what + " must be " + (fmt == kF32 ? "float32" : "uint8") +
-                                                   " for fmt " + std::to_string(fmt) + ", got " + type_name(w.type));
-    c.require(w.shape == want_w, what + " must be " + shape_str(want_w) + ", got " + shape_str(w.shape));
+    const Dims want_w = fmt == kFp4 ? Dims{e, n, k / 2} : Dims{e, n, k};
+    c.require(w.type == (fmt == kF32 ? F32 : U8), [&] {
+      return what + " must be " + (fmt == kF32 ? "float32" : "uint8") + " for fmt " + std::to_string(fmt) + ", got " +
+             type_name(w.type);
+    });
+    c.require(w.shape == want_w,
+              [&] { return what + " must be " + shape_str(want_w) + ", got " + shape_str(w.shape); });
     if (fmt == kFp4)
-      c.require(k % kFp4Block == 0, "fp4 experts need dims that are multiples of 32, got " + std::to_string(k));
+      c.require(k % kFp4Block == 0,
+                [&] { return "fp4 experts need dims that are multiples of 32, got " + std::to_string(k); });
     Stack st{(int32_t)fmt, w.u8(), nullptr, e, n, k, 0, 0};
     st.w_stride = (fmt == kFp4 ? n * k / 2 : n * k) * (fmt == kF32 ? 4 : 1);
     if (fmt == kF32) return st;  // float experts carry no scales (model.Experts passes an empty tensor)
     const int64_t nb = (n + kFp8Block - 1) / kFp8Block, kb = (k + kFp8Block - 1) / kFp8Block;
-    const std::vector<int64_t> want_s = fmt == kFp4 ? std::vector<int64_t>{e, n, k / kFp4Block}
-                                                   : std::vector<int64_t>{e, nb, kb};
-    c.require(s.shape == want_s, std::string("input '") + s.name + "' must be " + shape_str(want_s) + ", got " +
-                                     shape_str(s.shape));
+    const Dims want_s = fmt == kFp4 ? Dims{e, n, k / kFp4Block} : Dims{e, nb, kb};
+    c.require(s.shape == want_s, [&] {
+      return std::string("input '") + s.name + "' must be " + shape_str(want_s) + ", got " + shape_str(s.shape);
+    });
     st.scale = s.f32();
     st.s_stride = want_s[1] * want_s[2];
     return st;
   }
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "MoeExperts", inline_work_);
+    Context c(ctx, "MoeExperts", inline_work_, constants);
     const Tensor x = c.input(0, "x", F32, 2), wts = c.input(1, "weights", F32, 2), ids = c.input(2, "indices", I64, 2);
     const Tensor w1 = c.input(3, "w1", ANY, 3), s1 = c.input(4, "s1", F32), w3 = c.input(5, "w3", ANY, 3),
                  s3 = c.input(6, "s3", F32), w2 = c.input(7, "w2", ANY, 3), s2 = c.input(8, "s2", F32);
     const int64_t T = x.dim(0), D = x.dim(1), K = ids.dim(1), E = w1.dim(0), I = w1.dim(1);
-    c.require(ids.dim(0) == T && wts.shape == ids.shape, "weights " + shape_str(wts.shape) + " and indices " +
-                                                             shape_str(ids.shape) + " must both be [T, k] for x " +
-                                                             shape_str(x.shape));
+    c.require(ids.dim(0) == T && wts.shape == ids.shape, [&] {
+      return "weights " + shape_str(wts.shape) + " and indices " + shape_str(ids.shape) +
+             " must both be [T, k] for x " + shape_str(x.shape);
+    });
     const Stack up1 = stack(c, w1, s1, E, I, D), up3 = stack(c, w3, s3, E, I, D), down = stack(c, w2, s2, E, D, I);
     if (act_quant)
-      c.require(D % kFp8Block == 0 && I % kFp8Block == 0, "act_quant needs hidden (" + std::to_string(D) +
-                                                               ") and expert (" + std::to_string(I) +
-                                                               ") dims that are multiples of 128");
+      c.require(D % kFp8Block == 0 && I % kFp8Block == 0, [&] {
+        return "act_quant needs hidden (" + std::to_string(D) + ") and expert (" + std::to_string(I) +
+               ") dims that are multiples of 128";
+      });
     float* y = c.output<float>(0, {T, D});
     std::fill(y, y + T * D, 0.f);
 
     // picks grouped by expert, ascending; within an expert in (token, slot) order, as the reference loops
-    std::vector<int64_t> count(E + 1, 0);
+    Scratch<int64_t> count(E + 1, 0);
     const int64_t* idx = ids.i64();
     for (int64_t p = 0; p < T * K; ++p) {
       if (idx[p] < 0) continue;
-      c.require(idx[p] < E, "indices holds expert " + std::to_string(idx[p]) + ", the weights have " +
-                                std::to_string(E) + " experts");
+      c.require(idx[p] < E, [&] {
+        return "indices holds expert " + std::to_string(idx[p]) + ", the weights have " + std::to_string(E) +
+               " experts";
+      });
       ++count[idx[p] + 1];
     }
     for (int64_t e = 0; e < E; ++e) count[e + 1] += count[e];  // count[e]: first pick of expert e
     const int64_t P = count[E];
     if (P == 0 || D == 0) return;
-    std::vector<int64_t> pick(P), fill(count.begin(), count.end() - 1);
+    Scratch<int64_t> pick(P), fill(E);
+    std::copy(count.begin(), count.end() - 1, fill.begin());
     for (int64_t p = 0; p < T * K; ++p)
       if (idx[p] >= 0) pick[fill[idx[p]]++] = p;  // flat (token * k + slot)
 
     // x rows of every pick, quantised if asked, in the kernel order of the weight format
-    std::vector<float> xq;
+    Scratch<float> xq;
     const float* xs = act_quant ? act_quant_rows(c, x.f32(), T, D, xq) : x.f32();
-    std::vector<float> xp(P * D);
+    Scratch<float> xp(P * D);
     c.parallel((P + 63) / 64, double(P) * D, [&](size_t t) {
       for (int64_t p = t * 64; p < std::min(P, (int64_t)(t + 1) * 64); ++p) {
         const float* src = xs + (pick[p] / K) * D;
@@ -732,29 +904,33 @@ struct MoeExperts : Kernel {
     int64_t used = 0;
     for (int64_t e = 0; e < E; ++e) used += count[e + 1] > count[e];
     auto jobs_for = [&](int64_t rows) {  // ~64 jobs over all used experts together
-      std::vector<Job> jobs;
+      auto per = [&](int64_t e) { return rows_per_task(rows, count[e + 1] - count[e], used); };
+      int64_t n = 0;
+      for (int64_t e = 0; e < E; ++e)
+        if (count[e + 1] > count[e]) n += (rows + per(e) - 1) / per(e);
+      Scratch<Job> jobs(n);
+      n = 0;
       for (int64_t e = 0; e < E; ++e) {
-        const int64_t m = count[e + 1] - count[e];
-        if (!m) continue;
-        const int64_t per = rows_per_task(rows, m, used);
-        for (int64_t r0 = 0; r0 < rows; r0 += per) jobs.push_back({e, r0, std::min(rows, r0 + per)});
+        if (count[e + 1] == count[e]) continue;
+        const int64_t step = per(e);
+        for (int64_t r0 = 0; r0 < rows; r0 += step) jobs[n++] = Job{e, r0, std::min(rows, r0 + step)};
       }
       return jobs;
     };
 
     // each expert's rows laid out once for the matrix loops (gate/up read x, down reads h)
-    auto prepare = [&](const std::vector<float>& rows, int64_t k, std::vector<PreparedRows>& out) {
+    auto prepare = [&](const float* rows, int64_t k, std::vector<PreparedRows>& out) {
       out.resize(E);
       c.parallel(E, double(P) * k, [&](size_t e) {
         const int64_t p0 = count[e], m = count[e + 1] - p0;
-        if (m) out[e] = PreparedRows(isa, rows.data() + p0 * k, k, m, k);
+        if (m) out[e] = PreparedRows(isa, rows + p0 * k, k, m, k);
       });
     };
     std::vector<PreparedRows> x_rows, h_rows;
-    prepare(xp, D, x_rows);
+    prepare(xp.data(), D, x_rows);
 
-    std::vector<float> gate(P * I), up(P * I);
-    const std::vector<Job> gu = jobs_for(I);
+    Scratch<float> gate(P * I), up(P * I);
+    const Scratch<Job> gu = jobs_for(I);
     c.parallel(gu.size(), 2.0 * (P + used) * I * D, [&](size_t t) {
       const Job& j = gu[t];
       const int64_t p0 = count[j.e], m = count[j.e + 1] - p0;
@@ -764,7 +940,7 @@ struct MoeExperts : Kernel {
 
     // h = silu(gate) * up * routing weight, with the reference's clamps and roundings
     const float* rw = wts.f32();
-    std::vector<float> h(P * I);
+    Scratch<float> h(P * I);
     c.parallel((P + 15) / 16, 8.0 * P * I, [&](size_t t) {
       thread_local std::vector<float> tmp;
       tmp.resize(I);
@@ -779,9 +955,9 @@ struct MoeExperts : Kernel {
       }
     });
 
-    prepare(h, I, h_rows);
-    std::vector<float> out(P * D);
-    const std::vector<Job> dn = jobs_for(D);
+    prepare(h.data(), I, h_rows);
+    Scratch<float> out(P * D);
+    const Scratch<Job> dn = jobs_for(D);
     c.parallel(dn.size(), double(P + used) * I * D, [&](size_t t) {
       const Job& j = dn[t];
       const int64_t p0 = count[j.e], m = count[j.e + 1] - p0;
@@ -789,10 +965,10 @@ struct MoeExperts : Kernel {
     });
 
     // y[t] += each pick's output, experts ascending (the reference's index_add_ order); tokens in parallel
-    std::vector<int64_t> order(P);  // picks sorted by token, stable: expert order kept within a token
+    Scratch<int64_t> order(P);  // picks sorted by token, stable: expert order kept within a token
     for (int64_t p = 0; p < P; ++p) order[p] = p;
     std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return pick[a] / K < pick[b] / K; });
-    std::vector<int64_t> start(T + 1, 0);
+    Scratch<int64_t> start(T + 1, 0);
     for (int64_t p = 0; p < P; ++p) ++start[pick[p] / K + 1];
     for (int64_t t = 0; t < T; ++t) start[t + 1] += start[t];
     c.parallel((T + 15) / 16, double(P) * D, [&](size_t task) {
@@ -813,10 +989,11 @@ struct FakeQuantFp8 : Kernel {
   }
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "FakeQuantFp8", inline_work_);
+    Context c(ctx, "FakeQuantFp8", inline_work_, constants);
     const Tensor x = c.input(0, "x", F32);
-    c.require(x.rank() >= 1 && x.dim(-1) % block == 0, "the last dim of x " + shape_str(x.shape) +
-                                                           " must be a multiple of block=" + std::to_string(block));
+    c.require(x.rank() >= 1 && x.dim(-1) % block == 0, [&] {
+      return "the last dim of x " + shape_str(x.shape) + " must be a multiple of block=" + std::to_string(block);
+    });
     float* y = c.output<float>(0, x.shape);
     const int64_t n = x.numel(), chunk = std::max<int64_t>(block, 65536 / block * block);
     c.parallel((n + chunk - 1) / chunk, 4.0 * n, [&](size_t t) {
@@ -839,11 +1016,12 @@ struct HadamardFp4 : Kernel {
   explicit HadamardFp4(const OrtKernelInfo*) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "HadamardFp4", inline_work_);
+    Context c(ctx, "HadamardFp4", inline_work_, constants);
     const Tensor x = c.input(0, "x", F32);
     const int64_t d = x.rank() ? x.dim(-1) : 0;
-    c.require(d >= 32 && (d & (d - 1)) == 0, "the last dim of x " + shape_str(x.shape) +
-                                                 " must be a power of two >= 32 (Hadamard, FP4 blocks of 32)");
+    c.require(d >= 32 && (d & (d - 1)) == 0, [&] {
+      return "the last dim of x " + shape_str(x.shape) + " must be a power of two >= 32 (Hadamard, FP4 blocks of 32)";
+    });
     float* y = c.output<float>(0, x.shape);
     each_row(c, x, y, d, 8.0 * x.numel(), [&](const float* in, float* out) { hadamard_fp4(in, out, d); });
   }
@@ -853,7 +1031,7 @@ struct HadamardFp4 : Kernel {
 // pack(row of x, packed row) for every row
 template <typename F>
 void pack_rows(const Context& c, const Tensor& x, int64_t d, int64_t width, F&& pack) {
-  std::vector<int64_t> shape = x.shape;
+  Dims shape = x.shape;
   shape.back() = width;
   uint8_t* y = c.output<uint8_t>(0, shape);
   c.parallel(x.numel() / d, 4.0 * x.numel(), [&](size_t r) { pack(x.f32() + r * d, y + r * width); });
@@ -864,11 +1042,13 @@ struct PackKvFp8 : Kernel {
   explicit PackKvFp8(const OrtKernelInfo* info) : rope(attr_int(info, "PackKvFp8", "rope_dim")) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "PackKvFp8", inline_work_);
+    Context c(ctx, "PackKvFp8", inline_work_, constants);
     const Tensor x = c.input(0, "x", F32);
     const int64_t d = x.rank() ? x.dim(-1) : 0;
-    c.require(rope > 0 && rope < d && (d - rope) % kKvScaleBlock == 0,
-              "rope_dim=" + std::to_string(rope) + " must leave a multiple of 64 non-RoPE dims of x " + shape_str(x.shape));
+    c.require(rope > 0 && rope < d && (d - rope) % kKvScaleBlock == 0, [&] {
+      return "rope_dim=" + std::to_string(rope) + " must leave a multiple of 64 non-RoPE dims of x " +
+             shape_str(x.shape);
+    });
     pack_rows(c, x, d, kv_row_bytes(d, rope), [&](const float* in, uint8_t* out) { pack_kv_row(in, d, rope, out); });
   }
 };
@@ -877,10 +1057,11 @@ struct PackFp4 : Kernel {
   explicit PackFp4(const OrtKernelInfo*) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "PackFp4", inline_work_);
+    Context c(ctx, "PackFp4", inline_work_, constants);
     const Tensor x = c.input(0, "x", F32);
     const int64_t d = x.rank() ? x.dim(-1) : 0;
-    c.require(d > 0 && d % 32 == 0, "the last dim of x " + shape_str(x.shape) + " must be a multiple of 32");
+    c.require(d > 0 && d % 32 == 0,
+              [&] { return "the last dim of x " + shape_str(x.shape) + " must be a multiple of 32"; });
     pack_rows(c, x, d, fp4_row_bytes(d), [&](const float* in, uint8_t* out) { pack_fp4_row(in, d, out); });
   }
 };
@@ -895,11 +1076,11 @@ struct RmsNorm : Kernel {
       : eps(attr_float(info, "RmsNorm", "eps")), bf16(attr_int(info, "RmsNorm", "bf16") != 0) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "RmsNorm", inline_work_);
+    Context c(ctx, "RmsNorm", inline_work_, constants);
     const Tensor x = c.input(0, "x", F32), w = c.input(1, "weight", F32, 1);
     const int64_t D = x.rank() ? x.dim(-1) : 0;
-    c.require(x.rank() >= 1 && w.dim(0) == D, "weight " + shape_str(w.shape) + " must be [D] for x " +
-                                                  shape_str(x.shape));
+    c.require(x.rank() >= 1 && w.dim(0) == D,
+              [&] { return "weight " + shape_str(w.shape) + " must be [D] for x " + shape_str(x.shape); });
     float* y = c.output<float>(0, x.shape);
     each_row(c, x, y, D, 3.0 * x.numel(), [&](const float* in, float* out) {
       for (int64_t i = 0; i < D; ++i) out[i] = round_bf16_if(bf16, in[i]);  // the input as read
@@ -922,7 +1103,7 @@ struct HeadRescale : Kernel {
       : eps(attr_float(info, "HeadRescale", "eps")), bf16(attr_int(info, "HeadRescale", "bf16") != 0) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "HeadRescale", inline_work_);
+    Context c(ctx, "HeadRescale", inline_work_, constants);
     const Tensor x = c.input(0, "x", F32);
     const int64_t D = x.rank() ? x.dim(-1) : 0;
     float* y = c.output<float>(0, x.shape);
@@ -946,13 +1127,15 @@ struct Rope : Kernel {
       : inverse(attr_int(info, "Rope", "inverse") != 0), bf16(attr_int(info, "Rope", "bf16") != 0) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "Rope", inline_work_);
+    Context c(ctx, "Rope", inline_work_, constants);
     const Tensor x = c.input(0, "x", F32), freqs = c.input(1, "freqs", F32, 1), pos = c.input(2, "pos", I64, 2);
     c.require(x.rank() >= 3 && x.dim(0) == pos.dim(0) && x.dim(1) == pos.dim(1),
-              "x " + shape_str(x.shape) + " must be [B, S, ..., D] for pos " + shape_str(pos.shape));
+              [&] { return "x " + shape_str(x.shape) + " must be [B, S, ..., D] for pos " + shape_str(pos.shape); });
     const int64_t half = freqs.dim(0), r = 2 * half, D = x.dim(-1);
-    c.require(r <= D, "x's last dim (" + std::to_string(D) + ") must hold the " + std::to_string(r) +
-                          " rotated dims of " + std::to_string(half) + " frequencies");
+    c.require(r <= D, [&] {
+      return "x's last dim (" + std::to_string(D) + ") must hold the " + std::to_string(r) + " rotated dims of " +
+             std::to_string(half) + " frequencies";
+    });
     float* y = c.output<float>(0, x.shape);
     const int64_t positions = pos.numel(), rows = positions ? x.numel() / (positions * D) : 0, keep = D - r;
     const float sign = inverse ? -1.f : 1.f;
@@ -994,39 +1177,49 @@ struct SparseAttn : Kernel {
         kv_rope(attr_int(info, "SparseAttn", "kv_rope")) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "SparseAttn", inline_work_);
+    Context c(ctx, "SparseAttn", inline_work_, constants);
     const Tensor q = c.input(0, "q", F32, 4), kv = c.cache_rows(1, "kv", 3), cmp = c.cache_rows(2, "cmp", 3),
                  sink = c.input(3, "sink", F32, 1), idx = c.input(4, "idx", I64, 3);
     const int64_t B = q.dim(0), S = q.dim(1), H = q.dim(2), D = q.dim(3), N = kv.dim(1), M = cmp.dim(1),
                   K = idx.dim(2);
     const bool packed = kv.type == U8;
-    c.require(packed == (kv_rope > 0), "kv must be packed uint8 rows exactly when attribute kv_rope > 0 (kv_rope=" +
-                                           std::to_string(kv_rope) + ", kv " + type_name(kv.type) + ")");
+    c.require(packed == (kv_rope > 0), [&] {
+      return "kv must be packed uint8 rows exactly when attribute kv_rope > 0 (kv_rope=" + std::to_string(kv_rope) +
+             ", kv " + type_name(kv.type) + ")";
+    });
     const int64_t width = packed ? kv_row_bytes(D, kv_rope) : D;
-    c.require(!packed || (kv_rope < D && (D - kv_rope) % kKvScaleBlock == 0),
-              "kv_rope=" + std::to_string(kv_rope) + " must leave a multiple of 64 non-RoPE dims of D=" + std::to_string(D));
-    c.require(kv.dim(0) == B && kv.dim(2) == width, "kv " + shape_str(kv.shape) + " must be [B, N, " +
-                                                        std::to_string(width) + "] for q " + shape_str(q.shape));
-    c.require(cmp.type == kv.type && cmp.dim(0) == B && cmp.dim(2) == width,
-              "cmp " + std::string(type_name(cmp.type)) + " " + shape_str(cmp.shape) + " must be " +
-                  type_name(kv.type) + " [B, M, " + std::to_string(width) + "] like kv");
-    c.require(sink.dim(0) == H, "sink " + shape_str(sink.shape) + " must be [H] = [" + std::to_string(H) + "]");
-    c.require(idx.dim(0) == B && idx.dim(1) == S, "idx " + shape_str(idx.shape) + " must be [B, S, K] for q " +
-                                                      shape_str(q.shape));
+    c.require(!packed || (kv_rope < D && (D - kv_rope) % kKvScaleBlock == 0), [&] {
+      return "kv_rope=" + std::to_string(kv_rope) +
+             " must leave a multiple of 64 non-RoPE dims of D=" + std::to_string(D);
+    });
+    c.require(kv.dim(0) == B && kv.dim(2) == width, [&] {
+      return "kv " + shape_str(kv.shape) + " must be [B, N, " + std::to_string(width) + "] for q " + shape_str(q.shape);
+    });
+    c.require(cmp.type == kv.type && cmp.dim(0) == B && cmp.dim(2) == width, [&] {
+      return "cmp " + std::string(type_name(cmp.type)) + " " + shape_str(cmp.shape) + " must be " + type_name(kv.type) +
+             " [B, M, " + std::to_string(width) + "] like kv";
+    });
+    c.require(sink.dim(0) == H,
+              [&] { return "sink " + shape_str(sink.shape) + " must be [H] = [" + std::to_string(H) + "]"; });
+    c.require(idx.dim(0) == B && idx.dim(1) == S,
+              [&] { return "idx " + shape_str(idx.shape) + " must be [B, S, K] for q " + shape_str(q.shape); });
     const int64_t* ix = idx.i64();
     for (int64_t i = 0; i < idx.numel(); ++i)
-      c.require(ix[i] < N + M, "idx holds row " + std::to_string(ix[i]) + ", kv and cmp have " +
-                                   std::to_string(N) + " + " + std::to_string(M) + " rows");
+      c.require(ix[i] < N + M, [&] {
+        return "idx holds row " + std::to_string(ix[i]) + ", kv and cmp have " + std::to_string(N) + " + " +
+               std::to_string(M) + " rows";
+      });
     float* out = c.output<float>(0, q.shape);
     auto packed_row = [&](int64_t b, int64_t r) {  // row r of batch b's [kv | cmp]
       return r < N ? kv.u8() + (b * N + r) * width : cmp.u8() + (b * M + r - N) * width;
     };
     const bool whole = packed && N + M <= S * K;
-    std::vector<float> values;  // unpacked rows: [B, N + M, D] (whole) or [B, S, K, D] (each query's picks)
-    std::vector<int64_t> order;  // picks into the latter: 0 .. K-1 per query, -1 kept
+    Scratch<float> values;   // unpacked rows: [B, N + M, D] (whole) or [B, S, K, D] (each query's picks)
+    Scratch<int64_t> order;  // picks into the latter: 0 .. K-1 per query, -1 kept
     if (packed) {
       const int64_t rows = whole ? B * (N + M) : B * S * K, per = 16;
       values.resize(rows * D);
+      std::fill(values.begin(), values.end(), 0.f);  // rows no pick names stay defined
       if (!whole) {
         order.resize(B * S * K);
         for (int64_t i = 0; i < B * S * K; ++i) order[i] = ix[i] < 0 ? -1 : i % K;
@@ -1083,8 +1276,9 @@ void indexer_scores_range(const IsaKernels* isa, const Tensor& q, const Tensor& 
 void require_index_keys(const Context& c, const Tensor& q, const Tensor& k) {
   const int64_t D = q.dim(3), width = k.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 ? fp4_row_bytes(D) : D;
   c.require(D % 32 == 0 || k.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8, "packed FP4 keys need d a multiple of 32");
-  c.require(k.dim(0) == q.dim(0) && k.dim(2) == width, "k " + shape_str(k.shape) + " must be [B, N, " +
-                                                           std::to_string(width) + "] for q " + shape_str(q.shape));
+  c.require(k.dim(0) == q.dim(0) && k.dim(2) == width, [&] {
+    return "k " + shape_str(k.shape) + " must be [B, N, " + std::to_string(width) + "] for q " + shape_str(q.shape);
+  });
 }
 
 struct IndexerTopK : Kernel {
@@ -1096,20 +1290,20 @@ struct IndexerTopK : Kernel {
   }
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "IndexerTopK", inline_work_);
+    Context c(ctx, "IndexerTopK", inline_work_, constants);
     const Tensor q = c.input(0, "q", F32, 4), k = c.cache_rows(1, "k", 3), w = c.input(2, "w", F32, 3),
                  nv = c.input(3, "n_visible", I64, 2);
     const int64_t B = q.dim(0), S = q.dim(1), Hh = q.dim(2), D = q.dim(3), N = k.dim(1), Kout = std::min(topk, N);
     require_index_keys(c, q, k);
-    c.require(w.shape == std::vector<int64_t>{B, S, Hh}, "w " + shape_str(w.shape) + " must be [B, S, h] for q " +
-                                                             shape_str(q.shape));
-    c.require(nv.shape == std::vector<int64_t>{B, S}, "n_visible " + shape_str(nv.shape) + " must be [B, S]");
+    c.require(w.shape == Dims{B, S, Hh},
+              [&] { return "w " + shape_str(w.shape) + " must be [B, S, h] for q " + shape_str(q.shape); });
+    c.require(nv.shape == Dims{B, S}, [&] { return "n_visible " + shape_str(nv.shape) + " must be [B, S]"; });
     int64_t* out = c.output<int64_t>(0, {B, S, Kout});
     if (B * S * Kout == 0) return;
     auto visible = [&](int64_t bs) { return std::clamp<int64_t>(nv.i64()[bs], 0, N); };
 
     // scores of the visible entries, tasks of (query, 256 entries)
-    std::vector<float> scores(B * S * N);
+    Scratch<float> scores(B * S * N);
     const int64_t chunk = 256, chunks = (N + chunk - 1) / chunk;
     c.parallel(B * S * chunks, double(B) * S * N * Hh * D, [&](size_t t) {
       const int64_t bs = t / chunks, n0 = (t % chunks) * chunk, n1 = std::min(visible(bs), n0 + chunk);
@@ -1122,7 +1316,7 @@ struct IndexerTopK : Kernel {
     c.parallel(B * S, 4.0 * B * S * N, [&](size_t bs) {
       const float* sc = scores.data() + bs * N;
       const int64_t vis = visible(bs), take = std::min(Kout, vis);
-      std::vector<int64_t> ids(vis);
+      Scratch<int64_t> ids(vis);
       for (int64_t j = 0; j < vis; ++j) ids[j] = j;
       auto before = [sc](int64_t a, int64_t b) {
         const bool na = std::isnan(sc[a]), nb = std::isnan(sc[b]);
@@ -1144,12 +1338,12 @@ struct IndexerScores : Kernel {
   explicit IndexerScores(const OrtKernelInfo* info) : bf16(attr_int(info, "IndexerScores", "bf16") != 0) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "IndexerScores", inline_work_);
+    Context c(ctx, "IndexerScores", inline_work_, constants);
     const Tensor q = c.input(0, "q", F32, 4), k = c.cache_rows(1, "k", 3), w = c.input(2, "w", F32, 3);
     const int64_t B = q.dim(0), S = q.dim(1), Hh = q.dim(2), D = q.dim(3), N = k.dim(1);
     require_index_keys(c, q, k);
-    c.require(w.shape == std::vector<int64_t>{B, S, Hh}, "w " + shape_str(w.shape) + " must be [B, S, h] for q " +
-                                                             shape_str(q.shape));
+    c.require(w.shape == Dims{B, S, Hh},
+              [&] { return "w " + shape_str(w.shape) + " must be [B, S, h] for q " + shape_str(q.shape); });
     float* out = c.output<float>(0, {B, S, N});
     const int64_t chunk = 256, chunks = (N + chunk - 1) / chunk;  // tasks: (query, 256 entries)
     c.parallel(B * S * chunks, double(B) * S * N * Hh * D, [&](size_t t) {
@@ -1168,20 +1362,23 @@ struct CompressPool : Kernel {
   }
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "CompressPool", inline_work_);
+    Context c(ctx, "CompressPool", inline_work_, constants);
     const Tensor kv = c.input(0, "kv", F32, 3), score = c.input(1, "score", F32, 3), ends = c.input(2, "ends", I64, 2);
     const int64_t B = kv.dim(0), L = kv.dim(1), cd = kv.dim(2), groups = overlap ? 2 : 1, d = cd / groups;
     const int64_t K = ends.dim(1), span = groups * ratio;
-    c.require(cd % groups == 0, "kv's last dim " + std::to_string(cd) + " must be 2 * d with overlap");
-    c.require(score.shape == kv.shape, "score " + shape_str(score.shape) + " must match kv " + shape_str(kv.shape));
-    c.require(ends.dim(0) == B, "ends " + shape_str(ends.shape) + " must be [B, K] for kv " + shape_str(kv.shape));
+    c.require(cd % groups == 0, [&] { return "kv's last dim " + std::to_string(cd) + " must be 2 * d with overlap"; });
+    c.require(score.shape == kv.shape,
+              [&] { return "score " + shape_str(score.shape) + " must match kv " + shape_str(kv.shape); });
+    c.require(ends.dim(0) == B,
+              [&] { return "ends " + shape_str(ends.shape) + " must be [B, K] for kv " + shape_str(kv.shape); });
     float* out = c.output<float>(0, {B, K, d});
     const int64_t* e = ends.i64();
     for (int64_t i = 0; i < B * K; ++i)
       if (e[i] >= 0)
-        c.require(std::max(e[i], span - 1) < L, "ends holds row " + std::to_string(e[i]) + ": its window of " +
-                                                    std::to_string(span) + " rows does not fit kv's " +
-                                                    std::to_string(L) + " rows");
+        c.require(std::max(e[i], span - 1) < L, [&] {
+          return "ends holds row " + std::to_string(e[i]) + ": its window of " + std::to_string(span) +
+                 " rows does not fit kv's " + std::to_string(L) + " rows";
+        });
     const int64_t chunk = 64, chunks = (d + chunk - 1) / chunk;  // tasks: (entry, 64 channels)
     c.parallel(B * K * chunks, 8.0 * B * K * span * d, [&](size_t task) {
       const int64_t t = task / chunks, c0 = (task % chunks) * chunk, nc = std::min(chunk, d - c0);
@@ -1206,16 +1403,16 @@ struct HcPre : Kernel {
         hc_eps(attr_float(info, "HcPre", "hc_eps")) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "HcPre", inline_work_);
+    Context c(ctx, "HcPre", inline_work_, constants);
     const Tensor x = c.input(0, "x", F32, 4), fn = c.input(1, "fn", F32, 2), scale = c.input(2, "scale", F32, 1),
                  base = c.input(3, "base", F32, 1);
     const int64_t B = x.dim(0), S = x.dim(1), n = x.dim(2), D = x.dim(3), nmix = (2 + n) * n;
-    c.require(n >= 1 && n <= 64, "x " + shape_str(x.shape) + ": the stream count n must be in [1, 64]");
-    c.require(fn.shape == std::vector<int64_t>{nmix, n * D}, "fn " + shape_str(fn.shape) + " must be [(2+n)n, nD] = " +
-                                                                 shape_str({nmix, n * D}));
-    c.require(scale.dim(0) == 3, "scale " + shape_str(scale.shape) + " must be [3]");
+    c.require(n >= 1 && n <= 64, [&] { return "x " + shape_str(x.shape) + ": the stream count n must be in [1, 64]"; });
+    c.require(fn.shape == Dims{nmix, n * D},
+              [&] { return "fn " + shape_str(fn.shape) + " must be [(2+n)n, nD] = " + shape_str({nmix, n * D}); });
+    c.require(scale.dim(0) == 3, [&] { return "scale " + shape_str(scale.shape) + " must be [3]"; });
     c.require(base.dim(0) == nmix,
-              "base " + shape_str(base.shape) + " must be [(2+n)n] = [" + std::to_string(nmix) + "]");
+              [&] { return "base " + shape_str(base.shape) + " must be [(2+n)n] = [" + std::to_string(nmix) + "]"; });
     float* y = c.output<float>(0, {B, S, D});
     float* post = c.output<float>(1, {B, S, n});
     float* comb = c.output<float>(2, {B, S, n, n});
@@ -1232,15 +1429,15 @@ struct HcPost : Kernel {
   explicit HcPost(const OrtKernelInfo*) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "HcPost", inline_work_);
+    Context c(ctx, "HcPost", inline_work_, constants);
     const Tensor f = c.input(0, "f", F32, 3), res = c.input(1, "res", F32, 4), post = c.input(2, "post", F32, 3),
                  comb = c.input(3, "comb", F32, 4);
     const int64_t B = res.dim(0), S = res.dim(1), n = res.dim(2), D = res.dim(3);
-    c.require(f.shape == std::vector<int64_t>{B, S, D}, "f " + shape_str(f.shape) + " must be [B, S, D] for res " +
-                                                            shape_str(res.shape));
-    c.require(post.shape == std::vector<int64_t>{B, S, n}, "post " + shape_str(post.shape) + " must be [B, S, n]");
-    c.require(comb.shape == std::vector<int64_t>{B, S, n, n},
-              "comb " + shape_str(comb.shape) + " must be [B, S, n, n]");
+    c.require(f.shape == Dims{B, S, D},
+              [&] { return "f " + shape_str(f.shape) + " must be [B, S, D] for res " + shape_str(res.shape); });
+    c.require(post.shape == Dims{B, S, n}, [&] { return "post " + shape_str(post.shape) + " must be [B, S, n]"; });
+    c.require(comb.shape == Dims{B, S, n, n},
+              [&] { return "comb " + shape_str(comb.shape) + " must be [B, S, n, n]"; });
     float* out = c.output<float>(0, res.shape);
     c.parallel(B * S, double(B) * S * (n + 2) * n * D, [&](size_t t) {
       isa->hc_post_token(f.f32() + t * D, res.f32() + t * n * D, post.f32() + t * n, comb.f32() + t * n * n, n, D,
@@ -1278,7 +1475,7 @@ struct AllReduce : Kernel {
   explicit AllReduce(const OrtKernelInfo* info) : group(attr_int(info, "AllReduce", "group")) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "AllReduce", inline_work_);
+    Context c(ctx, "AllReduce", inline_work_, constants);
     const Tensor x = c.input(0, "x", F32);
     run_collective(c, kCollectiveAllReduce, group, 1, x, c.output<float>(0, x.shape));
   }
@@ -1293,10 +1490,10 @@ struct AllGather : Kernel {
 
   // x [..., n] of every rank of the group -> [..., size * n], rank order along the last dim
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "AllGather", inline_work_);
+    Context c(ctx, "AllGather", inline_work_, constants);
     const Tensor x = c.input(0, "x", F32);
     c.require(x.rank() >= 1, "x must have rank >= 1, got a scalar");
-    std::vector<int64_t> shape = x.shape;
+    Dims shape = x.shape;
     shape.back() *= size;
     run_collective(c, kCollectiveAllGather, group, size, x, c.output<float>(0, shape));
   }
@@ -1331,7 +1528,14 @@ struct OpEntry : OrtCustomOp {
     CreateKernelV2 = [](const OrtCustomOp* op, const OrtApi*, const OrtKernelInfo* info,
                         void** kernel) -> OrtStatusPtr {
       try {
-        *kernel = self(op)->create(info);
+        Kernel* created = self(op)->create(info);
+        try {
+          created->constants.read(info);
+        } catch (...) {
+          delete created;
+          throw;
+        }
+        *kernel = created;
         return nullptr;
       } catch (const std::exception& e) {
         return api->CreateStatus(ORT_INVALID_ARGUMENT, e.what());
