@@ -16,6 +16,7 @@ import dsv4c
 from dsv4c.compiler.pipeline import STAGES
 from dsv4c.graphs.model import Numerics
 from dsv4c.runtime import Engine
+from dsv4c.targets.cpu.executor import SMALL_MODEL_BYTES, program_threads
 
 
 def build(recipe: str, out, cache, *extra: str):
@@ -128,6 +129,20 @@ def test_prefill_hands_its_workspace_back_and_decode_keeps_its_own(official):
     shrink = "memory.enable_memory_arena_shrinkage"
     assert executor.run_options["prefill"].get_run_config_entry(shrink) == "cpu:0"
     assert executor.run_options["decode"] is None
+
+
+def test_a_small_models_decode_runs_on_one_thread_its_prefill_on_all(official):
+    """A small model's decode step is kernel calls of microseconds that run inline: a second thread would only
+    spin (dsv4c.targets.cpu.executor.SMALL_MODEL_BYTES). Prefill, and a large model's decode, get the threads
+    asked for."""
+    out, _ = official
+    executor = Engine.load(out, threads=2).executor
+    assert sum(m.nbytes for m in executor.mapped) < SMALL_MODEL_BYTES
+    assert executor.threads == {"decode": 1, "prefill": 2}
+    assert executor.sessions["decode"].get_session_options().intra_op_num_threads == 1
+    assert executor.sessions["prefill"].get_session_options().intra_op_num_threads == 2
+    assert program_threads("decode", 2, SMALL_MODEL_BYTES) == 2
+    assert program_threads("decode", None, SMALL_MODEL_BYTES) is None
 
 def test_the_programs_share_one_map_of_the_weights(official):
     """Prefill and decode read the same weights file; the engine maps it once for both (two maps would count

@@ -42,8 +42,10 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, emulate: bool = False, threads: int | None = None,
              device: str | None = None) -> "Engine":
-        """`device` runs a TensorRT bundle without TensorRT: "cuda" with the Triton plugin kernels on the GPU,
-        "cpu" with the ops' torch reference (dsv4c.targets.tensorrt.torch_executor)."""
+        """`threads`: the most threads a program runs on (default: one per core; the CPU executor runs a small
+        model's decode program on one, dsv4c.targets.cpu.executor.program_threads). `device` runs a TensorRT bundle
+        without TensorRT: "cuda" with the Triton plugin kernels on the GPU, "cpu" with the ops' torch reference
+        (dsv4c.targets.tensorrt.torch_executor)."""
         root = Path(path)
         manifest = read_manifest(root)
         kind = manifest.target

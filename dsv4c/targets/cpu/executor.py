@@ -44,9 +44,10 @@ class OrtExecutor:
         models = {name: onnx.load(str(engine_dir / rel), load_external_data=False) for name, rel in programs.items()}
         # the programs share one weights file: mapped once here, every session reads the same pages
         weights, self.mapped = mapped_initializers(models, engine_dir)
+        self.threads = {name: program_threads(name, threads, sum(m.nbytes for m in self.mapped)) for name in programs}
         for name, rel in programs.items():
             kernels = str(library) if self.kernels else None
-            self.sessions[name] = ort_session(engine_dir / rel, custom_ops_library=kernels, threads=threads,
+            self.sessions[name] = ort_session(engine_dir / rel, custom_ops_library=kernels, threads=self.threads[name],
                                               initializers=weights[name])
         # without the library ORT runs CacheWrite's function body, which has no in-place path
         self.in_place = {n: updated_in_place(m.graph) if self.kernels else [False] * len(self.slots)
@@ -68,6 +69,22 @@ class OrtExecutor:
             cache: HostCache) -> np.ndarray:
         return run_bound(self.sessions[program], program, (tokens, start_pos, n_valid), cache,
                          self.in_place[program], self.run_options[program])
+
+
+# Below this many bytes of weights a decode step is a few hundred kernel calls of a few microseconds each, which
+# the kernels run inline (ops.cc: inline_work): a second thread only spins between them, and a spinning worker
+# leaves background work no core but the main thread's. tiny (6 MB), batch 1 / 2 / 8, 2 threads vs 1: mean step
+# 1.30 / 2.32 / 3.59 vs 1.05 / 1.40 / 3.11 ms (5-15 % of steps 4 ms late, one scheduler tick). flash-cpu-mini
+# (1 GB) splits its work: 26.9 ms per step with 2 threads, 45.5 with 1.
+SMALL_MODEL_BYTES = 64 << 20
+
+
+def program_threads(program: str, threads: int | None, weight_bytes: int) -> int | None:
+    """Intra-op threads of a program's session: `threads` (None: ONNX Runtime's default, one per core), except one
+    for the decode program of a model smaller than SMALL_MODEL_BYTES."""
+    if program == "decode" and weight_bytes < SMALL_MODEL_BYTES:
+        return 1
+    return threads
 
 
 def release_workspace_after() -> onnxruntime.RunOptions:
