@@ -144,6 +144,31 @@ def test_a_small_models_decode_runs_on_one_thread_its_prefill_on_all(official):
     assert program_threads("decode", 2, SMALL_MODEL_BYTES) == 2
     assert program_threads("decode", None, SMALL_MODEL_BYTES) is None
 
+def test_the_bf16_round_trips_behind_dsv4_ops_are_folded_and_need_the_library(official, tmp_path):
+    """The CPU build folds each `dsv4 op -> Cast(bf16) -> Cast(float)` into the op (dsv4c.targets.cpu.passes; the
+    validation gate of this build ran the folded engine). A folded engine without its kernel library would run
+    the ops' function bodies, which know nothing of the rounding: the executor refuses it, naming the library."""
+    import shutil
+
+    import onnx
+
+    out, _ = official
+    engine = json.loads((out / "engine" / "engine.json").read_text())
+    assert engine["graph_passes"]["bf16_roundings_folded"]["decode"] > 0
+    decode = onnx.load(str(out / "engine" / engine["programs"]["decode"]), load_external_data=False)
+    producer = {o: n for n in decode.graph.node for o in n.output}
+    behind_ops = [n for n in decode.graph.node if n.op_type == "Cast" and n.input[0] in producer
+                  and producer[n.input[0]].domain == "dsv4"]
+    assert not [n for n in behind_ops if n.attribute[0].i == onnx.TensorProto.BFLOAT16]
+    bare = tmp_path / "bare"
+    shutil.copytree(out, bare, ignore=shutil.ignore_patterns("libdsv4_ops.so"))
+    from dsv4c.compiler.errors import ToolchainError
+
+    with pytest.raises(ToolchainError, match="built for the dsv4 kernel library .libdsv4_ops.so.") as missing:
+        dsv4c.load(bare)
+    assert missing.value.exit_code == 4
+
+
 def test_the_programs_share_one_map_of_the_weights(official):
     """Prefill and decode read the same weights file; the engine maps it once for both (two maps would count
     every page both programs touch twice in the process's resident set)."""

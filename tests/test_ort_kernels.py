@@ -115,6 +115,39 @@ def check(library: str, name: str, attrs: dict, *, exact: bool = False, threads:
 
 
 # ---- the library is what runs ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["fp8_linear", "hc_post"])
+def test_round_bf16_out_rounds_the_output_as_a_cast_pair_would(library, name):
+    """The CPU build folds `op -> Cast(bf16) -> Cast(float)` into the op (dsv4c.targets.cpu.passes): with
+    round_bf16_out=1 the kernel's output is its plain output rounded to bf16 (torch's round to nearest even), bit
+    for bit."""
+    if name == "fp8_linear":
+        w, s = fp8_weight(200, 384, seed=2)
+        inputs, attrs = dict(x=rand(5, 384, seed=3), w=w, w_scale=s), {"act_quant": True}
+    else:
+        b, t, n, d = 2, 3, 4, 64
+        inputs = dict(f=rand(b, t, d, seed=1), res=rand(b, t, n, d, seed=2), post=rand(b, t, n, seed=3),
+                      comb=rand(b, t, n, n, seed=4))
+        attrs = {}
+    plain = check(library, name, attrs, **inputs)[0]  # the kernel without the attribute: the reference's values
+    model = node_model(name, inputs, attrs, [plain.ndim])
+    model.graph.node[0].attribute.append(helper.make_attribute("round_bf16_out", 1))
+    got = session(model, library).run(None, feeds(inputs))[0]
+    rounded = torch.from_numpy(plain).to(torch.bfloat16).float().numpy()
+    assert not np.array_equal(rounded, plain)  # the rounding shows
+    assert np.array_equal(got, rounded)
+
+
+def test_round_bf16_out_refuses_an_op_whose_output_is_not_float(library):
+    """CacheWrite writes its output as bytes (the cache's own type): a rounding asked of it is an error, not a
+    bf16 pass over bytes."""
+    packed = dict(cache=torch.zeros(1, 4, 8, dtype=torch.uint8), rows=torch.ones(1, 2, 8, dtype=torch.uint8),
+                  slots=torch.tensor([[0, 3]]))
+    model = node_model("cache_write", packed, {}, [3])
+    model.graph.node[0].attribute.append(helper.make_attribute("round_bf16_out", 1))
+    with pytest.raises(Exception, match="round_bf16_out needs a float output"):
+        session(model, library).run(None, feeds(packed))
+
+
 def test_models_without_function_bodies_need_the_library(library):
     w, s = fp8_weight(16, 128)
     model = node_model("fp8_linear", {"x": rand(1, 128), "w": w, "w_scale": s}, {"act_quant": False}, [2])

@@ -42,6 +42,9 @@ class OrtExecutor:
         self.library = library
         self.sessions = {}
         models = {name: onnx.load(str(engine_dir / rel), load_external_data=False) for name, rel in programs.items()}
+        if not self.kernels and any(folded_for_kernels(m.graph) for m in models.values()):
+            raise ArtifactError(f"{engine_dir}: the engine's programs were built for the dsv4 kernel library "
+                                f"({KERNELS}), which is missing there; restore it or rebuild the artifact")
         # the programs share one weights file: mapped once here, every session reads the same pages
         weights, self.mapped = mapped_initializers(models, engine_dir)
         self.threads = {name: program_threads(name, threads, sum(m.nbytes for m in self.mapped)) for name in programs}
@@ -98,6 +101,14 @@ def release_workspace_after() -> onnxruntime.RunOptions:
     options = ort.RunOptions()
     options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
     return options
+
+
+def folded_for_kernels(graph) -> bool:
+    """Whether a graph pass of the kernel library (dsv4c.targets.cpu.passes) rewrote this program: its nodes then
+    mean more than their ONNX function bodies say."""
+    from dsv4c.targets.cpu.passes import ROUND_ATTRIBUTE
+
+    return any(a.name == ROUND_ATTRIBUTE for node in graph.node for a in node.attribute)
 
 
 def updated_in_place(graph) -> list[bool]:

@@ -4,8 +4,8 @@
             FP4 nibbles stay uint8 initializers), V4 ops as `dsv4` domain nodes each carrying its ONNX function
             body, so the bundle runs on any ONNX Runtime.
     build:  the bundle + the dsv4 C++ kernel library (dsv4c.targets.cpu.kernels) when a C++ toolchain and the
-            ORT headers are present; without it ORT inlines the function bodies (correct, slower) and the
-            manifest records that fallback.
+            ORT headers are present, with the library's graph passes run on the programs (dsv4c.targets.cpu.passes);
+            without it ORT inlines the function bodies (correct, slower) and the manifest records that fallback.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dsv4c.targets.base import TargetCheck
 SUPPORTED = {"experts": ("fp4", "fp8"), "dense": ("fp8",), "activations": ("fp8", "none"),
              "kv_cache": ("fp8", "bf16"), "indexer": ("fp4", "bf16")}
 KERNELS_FILE = "libdsv4_ops.so"  # the executor looks for this name in the engine dir
+GRAPH_PASSES = "fold-bf16-roundings-1"  # the build stage's key: a change to dsv4c.targets.cpu.passes bumps it
 
 
 class CpuTarget:
@@ -30,7 +31,8 @@ class CpuTarget:
     def check(self, recipe: Any) -> TargetCheck:
         import onnxruntime
 
-        check = TargetCheck(toolchain={"onnxruntime": onnxruntime.__version__, "dsv4_kernels": _kernels_key()})
+        check = TargetCheck(toolchain={"onnxruntime": onnxruntime.__version__, "dsv4_kernels": _kernels_key(),
+                                       "graph_passes": GRAPH_PASSES})
         q = recipe.quantization
         for group, allowed in SUPPORTED.items():
             value = getattr(q, group)
@@ -56,7 +58,29 @@ class CpuTarget:
         # the engine runs the bundle's files as they are: hard links, not a second copy of the weights
         link_tree(bundle_dir, engine_dir, skip=("bundle.json", ".complete"))
         meta["kernels"] = _install_kernels(engine_dir)
+        if meta["kernels"]["implementation"] == "cpp":
+            meta["graph_passes"] = {"bf16_roundings_folded": _fold_programs(engine_dir, meta["programs"])}
         (engine_dir / "engine.json").write_text(json.dumps(meta, indent=2))
+
+
+def _fold_programs(engine_dir: Path, programs: dict[str, str]) -> dict[str, int]:
+    """Run the kernel library's graph passes (dsv4c.targets.cpu.passes) on the engine's programs. Each graph file
+    is written anew (its hard link to the bundle's is replaced, the weights' links stay): -> folds per program."""
+    import os
+
+    import onnx
+
+    from dsv4c.targets.cpu.passes import fold_bf16_roundings
+
+    folded = {}
+    for name, rel in programs.items():
+        path = engine_dir / rel
+        model = onnx.load(str(path), load_external_data=False)
+        folded[name] = fold_bf16_roundings(model.graph)
+        tmp = path.with_name(path.name + ".tmp")
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+    return folded
 
 
 def _kernels_key() -> str:

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <initializer_list>
 #include <mutex>
 #include <stdexcept>
@@ -363,6 +364,16 @@ struct ConstantInputs {
   const Tensor* find(size_t i) const { return i < constant.size() && constant[i] ? &tensors[i] : nullptr; }
 };
 
+// What a kernel learns about its node when ORT creates it (OpEntry), besides the op's own attributes.
+struct NodeSetup {
+  double inline_work = 32768.0;  // see inline_work()
+  ConstantInputs constants;
+  // attribute round_bf16_out=1: output 0 (float) is rounded to bf16 values after the op, in place. The CPU build
+  // folds an op's bf16 round trip (Cast to bf16, Cast back) into it (dsv4c/targets/cpu/passes.py): one pass over
+  // the output instead of two ONNX Runtime nodes.
+  bool round_output = false;
+};
+
 // One compute call: inputs, outputs, errors naming the op, tasks on ORT's intra-op pool.
 // Calls with less work (~ multiply-adds) run on the calling thread: ~10 us of one core, below which a hand-over
 // to another thread costs more than it gives. DSV4C_KERNEL_INLINE_WORK overrides it (0: always split; tests).
@@ -373,8 +384,19 @@ double inline_work() {
 
 class Context {
  public:
-  Context(OrtKernelContext* ctx, const char* op, double inline_work, const ConstantInputs& constants)
-      : ctx_(ctx), op_(op), inline_work_(inline_work), constants_(constants) {}
+  Context(OrtKernelContext* ctx, const char* op, const NodeSetup& node)
+      : ctx_(ctx),
+        op_(op),
+        inline_work_(node.inline_work),
+        constants_(node.constants),
+        round_output_(node.round_output) {}
+  // the node's output rounding happens here, once the op has written its output (not when it failed)
+  ~Context() {
+    if (round_output_ && rounded_ && std::uncaught_exceptions() == 0)
+      for (int64_t i = 0; i < rounded_n_; ++i) rounded_[i] = round_bf16(rounded_[i]);
+  }
+  Context(const Context&) = delete;
+  Context& operator=(const Context&) = delete;
 
   [[noreturn]] void fail(const std::string& msg) const {
     throw std::runtime_error(std::string("dsv4.") + op_ + ": " + msg);
@@ -426,6 +448,12 @@ class Context {
     check(api->KernelContext_GetOutput(ctx_, i, shape.data(), shape.size(), &value));
     void* data = nullptr;
     check(api->GetTensorMutableData(value, &data));
+    if (i == 0 && round_output_) {
+      if constexpr (!std::is_same_v<T, float>) fail("attribute round_bf16_out needs a float output");
+      rounded_ = reinterpret_cast<float*>(data);
+      rounded_n_ = 1;
+      for (int64_t d : shape) rounded_n_ *= d;
+    }
     return static_cast<T*>(data);
   }
 
@@ -465,6 +493,9 @@ class Context {
   const char* op_;
   double inline_work_;
   const ConstantInputs& constants_;
+  bool round_output_;
+  mutable float* rounded_ = nullptr;  // output 0, when the node rounds it
+  mutable int64_t rounded_n_ = 0;
 };
 
 // Rows of a weight per task: about 64 tasks over `matrices` weights of n rows (enough to balance any pool),
@@ -606,8 +637,7 @@ class Scratch {
 // ---- kernels --------------------------------------------------------------------------------------------------
 struct Kernel {
   const IsaKernels* isa = select_isa();
-  double inline_work_ = inline_work();
-  ConstantInputs constants;  // filled when ORT creates the kernel (OpEntry)
+  NodeSetup node;  // filled when ORT creates the kernel (OpEntry)
   virtual ~Kernel() = default;
   virtual void compute(OrtKernelContext* ctx) = 0;
 };
@@ -618,6 +648,15 @@ int64_t attr_int(const OrtKernelInfo* info, const char* op, const char* name) {
   if (st) {
     api->ReleaseStatus(st);
     throw std::runtime_error(std::string("dsv4.") + op + ": missing int attribute '" + name + "'");
+  }
+  return v;
+}
+
+int64_t optional_attr_int(const OrtKernelInfo* info, const char* name, int64_t fallback) {
+  int64_t v = fallback;
+  if (OrtStatus* st = api->KernelInfoGetAttribute_int64(info, name, &v)) {
+    api->ReleaseStatus(st);
+    return fallback;
   }
   return v;
 }
@@ -705,7 +744,7 @@ struct Fp8Linear : Kernel {
   explicit Fp8Linear(const OrtKernelInfo* info) : act_quant(attr_int(info, "Fp8Linear", "act_quant") != 0) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "Fp8Linear", inline_work_, constants);
+    Context c(ctx, "Fp8Linear", node);
     const Tensor x = c.input(0, "x", F32), w = c.input(1, "w", U8), s = c.input(2, "w_scale", F32);
     linear_rows(c, isa, x, w, fp8_weight(c, w, s), act_quant);
   }
@@ -716,7 +755,7 @@ struct Bf16Linear : Kernel {
   explicit Bf16Linear(const OrtKernelInfo*) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "Bf16Linear", inline_work_, constants);
+    Context c(ctx, "Bf16Linear", node);
     const Tensor x = c.input(0, "x", F32), w = c.input(1, "w", BF16);
     c.require(w.rank() == 2, [&] { return "input 'w' must be bfloat16 [N, K], got " + shape_str(w.shape); });
     linear_rows(c, isa, x, w, QuantWeight{kBf16, w.data, nullptr, w.dim(0), w.dim(1)}, false);
@@ -730,7 +769,7 @@ struct CacheWrite : Kernel {
   explicit CacheWrite(const OrtKernelInfo*) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "CacheWrite", inline_work_, constants);
+    Context c(ctx, "CacheWrite", node);
     const Tensor cache = c.cache_rows(0, "cache", 3), rows = c.input(1, "rows", cache.type),
                  slots = c.input(2, "slots", I64);
     const int64_t B = cache.dim(0), N = cache.dim(1), D = cache.dim(2);
@@ -765,7 +804,7 @@ struct Fp8GroupedLinear : Kernel {
 
   // x [..., G, K], w [G*R, K] -> y[..., g, r] = x[..., g, :] . w[g*R + r, :]
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "Fp8GroupedLinear", inline_work_, constants);
+    Context c(ctx, "Fp8GroupedLinear", node);
     const Tensor x = c.input(0, "x", F32), w = c.input(1, "w", U8), s = c.input(2, "w_scale", F32);
     const QuantWeight qw = fp8_weight(c, w, s);
     c.require(x.rank() >= 2 && x.dim(-1) == qw.k, [&] {
@@ -846,7 +885,7 @@ struct MoeExperts : Kernel {
   }
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "MoeExperts", inline_work_, constants);
+    Context c(ctx, "MoeExperts", node);
     const Tensor x = c.input(0, "x", F32, 2), wts = c.input(1, "weights", F32, 2), ids = c.input(2, "indices", I64, 2);
     const Tensor w1 = c.input(3, "w1", ANY, 3), s1 = c.input(4, "s1", F32), w3 = c.input(5, "w3", ANY, 3),
                  s3 = c.input(6, "s3", F32), w2 = c.input(7, "w2", ANY, 3), s2 = c.input(8, "s2", F32);
@@ -989,7 +1028,7 @@ struct FakeQuantFp8 : Kernel {
   }
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "FakeQuantFp8", inline_work_, constants);
+    Context c(ctx, "FakeQuantFp8", node);
     const Tensor x = c.input(0, "x", F32);
     c.require(x.rank() >= 1 && x.dim(-1) % block == 0, [&] {
       return "the last dim of x " + shape_str(x.shape) + " must be a multiple of block=" + std::to_string(block);
@@ -1016,7 +1055,7 @@ struct HadamardFp4 : Kernel {
   explicit HadamardFp4(const OrtKernelInfo*) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "HadamardFp4", inline_work_, constants);
+    Context c(ctx, "HadamardFp4", node);
     const Tensor x = c.input(0, "x", F32);
     const int64_t d = x.rank() ? x.dim(-1) : 0;
     c.require(d >= 32 && (d & (d - 1)) == 0, [&] {
@@ -1042,7 +1081,7 @@ struct PackKvFp8 : Kernel {
   explicit PackKvFp8(const OrtKernelInfo* info) : rope(attr_int(info, "PackKvFp8", "rope_dim")) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "PackKvFp8", inline_work_, constants);
+    Context c(ctx, "PackKvFp8", node);
     const Tensor x = c.input(0, "x", F32);
     const int64_t d = x.rank() ? x.dim(-1) : 0;
     c.require(rope > 0 && rope < d && (d - rope) % kKvScaleBlock == 0, [&] {
@@ -1057,7 +1096,7 @@ struct PackFp4 : Kernel {
   explicit PackFp4(const OrtKernelInfo*) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "PackFp4", inline_work_, constants);
+    Context c(ctx, "PackFp4", node);
     const Tensor x = c.input(0, "x", F32);
     const int64_t d = x.rank() ? x.dim(-1) : 0;
     c.require(d > 0 && d % 32 == 0,
@@ -1076,7 +1115,7 @@ struct RmsNorm : Kernel {
       : eps(attr_float(info, "RmsNorm", "eps")), bf16(attr_int(info, "RmsNorm", "bf16") != 0) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "RmsNorm", inline_work_, constants);
+    Context c(ctx, "RmsNorm", node);
     const Tensor x = c.input(0, "x", F32), w = c.input(1, "weight", F32, 1);
     const int64_t D = x.rank() ? x.dim(-1) : 0;
     c.require(x.rank() >= 1 && w.dim(0) == D,
@@ -1103,7 +1142,7 @@ struct HeadRescale : Kernel {
       : eps(attr_float(info, "HeadRescale", "eps")), bf16(attr_int(info, "HeadRescale", "bf16") != 0) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "HeadRescale", inline_work_, constants);
+    Context c(ctx, "HeadRescale", node);
     const Tensor x = c.input(0, "x", F32);
     const int64_t D = x.rank() ? x.dim(-1) : 0;
     float* y = c.output<float>(0, x.shape);
@@ -1127,7 +1166,7 @@ struct Rope : Kernel {
       : inverse(attr_int(info, "Rope", "inverse") != 0), bf16(attr_int(info, "Rope", "bf16") != 0) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "Rope", inline_work_, constants);
+    Context c(ctx, "Rope", node);
     const Tensor x = c.input(0, "x", F32), freqs = c.input(1, "freqs", F32, 1), pos = c.input(2, "pos", I64, 2);
     c.require(x.rank() >= 3 && x.dim(0) == pos.dim(0) && x.dim(1) == pos.dim(1),
               [&] { return "x " + shape_str(x.shape) + " must be [B, S, ..., D] for pos " + shape_str(pos.shape); });
@@ -1177,7 +1216,7 @@ struct SparseAttn : Kernel {
         kv_rope(attr_int(info, "SparseAttn", "kv_rope")) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "SparseAttn", inline_work_, constants);
+    Context c(ctx, "SparseAttn", node);
     const Tensor q = c.input(0, "q", F32, 4), kv = c.cache_rows(1, "kv", 3), cmp = c.cache_rows(2, "cmp", 3),
                  sink = c.input(3, "sink", F32, 1), idx = c.input(4, "idx", I64, 3);
     const int64_t B = q.dim(0), S = q.dim(1), H = q.dim(2), D = q.dim(3), N = kv.dim(1), M = cmp.dim(1),
@@ -1290,7 +1329,7 @@ struct IndexerTopK : Kernel {
   }
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "IndexerTopK", inline_work_, constants);
+    Context c(ctx, "IndexerTopK", node);
     const Tensor q = c.input(0, "q", F32, 4), k = c.cache_rows(1, "k", 3), w = c.input(2, "w", F32, 3),
                  nv = c.input(3, "n_visible", I64, 2);
     const int64_t B = q.dim(0), S = q.dim(1), Hh = q.dim(2), D = q.dim(3), N = k.dim(1), Kout = std::min(topk, N);
@@ -1338,7 +1377,7 @@ struct IndexerScores : Kernel {
   explicit IndexerScores(const OrtKernelInfo* info) : bf16(attr_int(info, "IndexerScores", "bf16") != 0) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "IndexerScores", inline_work_, constants);
+    Context c(ctx, "IndexerScores", node);
     const Tensor q = c.input(0, "q", F32, 4), k = c.cache_rows(1, "k", 3), w = c.input(2, "w", F32, 3);
     const int64_t B = q.dim(0), S = q.dim(1), Hh = q.dim(2), D = q.dim(3), N = k.dim(1);
     require_index_keys(c, q, k);
@@ -1362,7 +1401,7 @@ struct CompressPool : Kernel {
   }
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "CompressPool", inline_work_, constants);
+    Context c(ctx, "CompressPool", node);
     const Tensor kv = c.input(0, "kv", F32, 3), score = c.input(1, "score", F32, 3), ends = c.input(2, "ends", I64, 2);
     const int64_t B = kv.dim(0), L = kv.dim(1), cd = kv.dim(2), groups = overlap ? 2 : 1, d = cd / groups;
     const int64_t K = ends.dim(1), span = groups * ratio;
@@ -1403,7 +1442,7 @@ struct HcPre : Kernel {
         hc_eps(attr_float(info, "HcPre", "hc_eps")) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "HcPre", inline_work_, constants);
+    Context c(ctx, "HcPre", node);
     const Tensor x = c.input(0, "x", F32, 4), fn = c.input(1, "fn", F32, 2), scale = c.input(2, "scale", F32, 1),
                  base = c.input(3, "base", F32, 1);
     const int64_t B = x.dim(0), S = x.dim(1), n = x.dim(2), D = x.dim(3), nmix = (2 + n) * n;
@@ -1429,7 +1468,7 @@ struct HcPost : Kernel {
   explicit HcPost(const OrtKernelInfo*) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "HcPost", inline_work_, constants);
+    Context c(ctx, "HcPost", node);
     const Tensor f = c.input(0, "f", F32, 3), res = c.input(1, "res", F32, 4), post = c.input(2, "post", F32, 3),
                  comb = c.input(3, "comb", F32, 4);
     const int64_t B = res.dim(0), S = res.dim(1), n = res.dim(2), D = res.dim(3);
@@ -1475,7 +1514,7 @@ struct AllReduce : Kernel {
   explicit AllReduce(const OrtKernelInfo* info) : group(attr_int(info, "AllReduce", "group")) {}
 
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "AllReduce", inline_work_, constants);
+    Context c(ctx, "AllReduce", node);
     const Tensor x = c.input(0, "x", F32);
     run_collective(c, kCollectiveAllReduce, group, 1, x, c.output<float>(0, x.shape));
   }
@@ -1490,7 +1529,7 @@ struct AllGather : Kernel {
 
   // x [..., n] of every rank of the group -> [..., size * n], rank order along the last dim
   void compute(OrtKernelContext* ctx) override {
-    Context c(ctx, "AllGather", inline_work_, constants);
+    Context c(ctx, "AllGather", node);
     const Tensor x = c.input(0, "x", F32);
     c.require(x.rank() >= 1, "x must have rank >= 1, got a scalar");
     Dims shape = x.shape;
@@ -1530,7 +1569,9 @@ struct OpEntry : OrtCustomOp {
       try {
         Kernel* created = self(op)->create(info);
         try {
-          created->constants.read(info);
+          created->node.inline_work = inline_work();
+          created->node.constants.read(info);
+          created->node.round_output = optional_attr_int(info, "round_bf16_out", 0) != 0;
         } catch (...) {
           delete created;
           throw;
