@@ -377,5 +377,6 @@ def test_the_cpu_engine_copies_the_bundle_where_links_fail(official, stage_cache
     assert names and sorted(p.name for p in copied.iterdir() if p.name not in ("engine.json", "libdsv4_ops.so")) \
         == names
     for name in names:
-        assert filecmp.cmp(copied / name, bundle / name, shallow=False)
         assert (copied / name).stat().st_ino != (bundle / name).stat().st_ino
+        if not name.endswith(".onnx"):  # the programs themselves are rewritten by the graph passes
+            assert filecmp.cmp(copied / name, bundle / name, shallow=False)
