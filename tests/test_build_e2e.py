@@ -169,6 +169,19 @@ def test_the_bf16_round_trips_behind_dsv4_ops_are_folded_and_need_the_library(of
     assert missing.value.exit_code == 4
 
 
+def test_the_cpu_runtime_runs_without_importing_torch(official):
+    """The thin runtime: loading a CPU engine and running it needs ONNX Runtime and numpy, not torch (whose import
+    alone costs ~0.9 s and ~190 MB of resident memory)."""
+    import subprocess
+    import sys
+
+    out, _ = official
+    script = ("import sys, dsv4c; e = dsv4c.load(sys.argv[1]); s = e.session(1); s.prefill([[5, 6, 7]]); "
+              "s.decode([8]); print('torch' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "False"
+
+
 def test_the_programs_share_one_map_of_the_weights(official):
     """Prefill and decode read the same weights file; the engine maps it once for both (two maps would count
     every page both programs touch twice in the process's resident set)."""

@@ -103,7 +103,7 @@ def collective_rank(rank: int, port: int, model: str, library: str, queue) -> No
     from datetime import timedelta
 
     from dsv4c.graphs import parallel
-    from dsv4c.graphs.ops.onnx import ort_session
+    from dsv4c.targets.base import ort_session
     from dsv4c.targets.cpu.executor import install_collectives
 
     try:
@@ -144,7 +144,7 @@ def test_collective_kernels_across_two_ranks(tmp_path):
 
 def test_collective_kernel_without_callback_fails_naming_the_op(tmp_path):
     """This process never installs the callback: the node must fail, not hang or pass its input through."""
-    from dsv4c.graphs.ops.onnx import ort_session
+    from dsv4c.targets.base import ort_session
 
     library = kernel_library()
     collective_model(tmp_path / "c.onnx")

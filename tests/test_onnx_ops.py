@@ -12,9 +12,10 @@ from onnx import helper
 
 from dsv4c.graphs import quant
 from dsv4c.graphs.ops import OPS
-from dsv4c.graphs.ops.onnx import (DOMAIN, ONNX_OPSET, attach_functions, attribute_kinds, ort_session, output_names,
+from dsv4c.graphs.ops.onnx import (DOMAIN, ONNX_OPSET, attach_functions, attribute_kinds, output_names,
                                    register_schemas, tensor_inputs, write_onnx_program)
 from dsv4c.graphs.ops.onnx_builder import fp8_table
+from dsv4c.targets.base import ort_session
 
 from tensors import (assert_outputs_match, attention_blocks, bf16_initializer, differences_within_a_bf16_step, feeds,
                      fp8_weight, indexer_grid, rand, reference, split_rows)

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import numpy as np
 
 from dsv4c.artifact import ArtifactError
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 
 class ToolchainMissing(RuntimeError):
@@ -208,6 +211,27 @@ def _bind(bind, name: str, array: np.ndarray) -> None:
     # IOBinding takes numpy dtypes, or ONNX's type number for bf16 (ml_dtypes' type is not numpy's)
     element_type = 16 if array.dtype.name == "bfloat16" else array.dtype  # onnx.TensorProto.BFLOAT16
     bind(name, "cpu", 0, element_type, list(array.shape), array.ctypes.data)
+
+
+def ort_session(path: str | Path, *, custom_ops_library: str | None = None, threads: int | None = None,
+                initializers: dict | None = None) -> onnxruntime.InferenceSession:
+    """An ONNX Runtime CPU session. With `custom_ops_library` its dsv4 kernels run the dsv4 nodes;
+    without, ORT inlines the model-local function bodies. `initializers` (name -> OrtValue) replace the model's
+    own: ORT uses their memory as it is (the caller keeps them alive as long as the session)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # one node at a time, in ORT's topological order: the ranks of a mesh run the same graph, so each meets the
+    # collective nodes in the same order (parallel execution could start two collectives in different orders)
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if custom_ops_library:
+        options.register_custom_ops_library(str(custom_ops_library))
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    for name, value in (initializers or {}).items():
+        options.add_initializer(name, value)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def numpy_dtype(name: str) -> np.dtype:

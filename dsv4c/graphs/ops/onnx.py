@@ -49,7 +49,7 @@ from dsv4c.graphs.ops.registry import ATTN_BLOCK, OPS, DimMath, OpDef, like_inpu
 from dsv4c.graphs.quant import ExpertFormat
 
 __all__ = ["DOMAIN", "DOMAIN_VERSION", "ONNX_OPSET", "add_functions", "attach_functions", "attribute_kinds",
-           "function_bodies", "function_body", "moe_experts_graph", "ort_session", "output_names", "register_schemas",
+           "function_bodies", "function_body", "moe_experts_graph", "output_names", "register_schemas",
            "tensor_inputs", "translation_table", "write_onnx_program"]
 
 DOMAIN = "dsv4"
@@ -724,24 +724,3 @@ def drop_identity_transposes(graph) -> int:
         graph.remove(node, safe=True)
         removed += 1
     return removed
-
-
-def ort_session(path: str | Path, *, custom_ops_library: str | None = None, threads: int | None = None,
-                initializers: dict | None = None) -> "onnxruntime.InferenceSession":  # noqa: F821
-    """An ONNX Runtime CPU session. With `custom_ops_library` its dsv4 kernels run the dsv4 nodes;
-    without, ORT inlines the model-local function bodies. `initializers` (name -> OrtValue) replace the model's
-    own: ORT uses their memory as it is (the caller keeps them alive as long as the session)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    # one node at a time, in ORT's topological order: the ranks of a mesh run the same graph, so each meets the
-    # collective nodes in the same order (parallel execution could start two collectives in different orders)
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if custom_ops_library:
-        options.register_custom_ops_library(str(custom_ops_library))
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    for name, value in (initializers or {}).items():
-        options.add_initializer(name, value)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from dsv4c.artifact import ArtifactError, Manifest
-from dsv4c.targets.base import CacheSlot, HostCache, cache_slots, run_bound
+from dsv4c.targets.base import CacheSlot, HostCache, cache_slots, ort_session, run_bound
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -33,8 +33,6 @@ class OrtExecutor:
     def __init__(self, engine_dir: Path, programs: dict[str, str], slots: Sequence[CacheSlot],
                  threads: int | None = None):
         import onnx
-
-        from dsv4c.graphs.ops.onnx import ort_session
 
         self.slots = list(slots)
         library = engine_dir / KERNELS

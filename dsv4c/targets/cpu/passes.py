@@ -15,7 +15,6 @@ from collections import defaultdict
 import onnx
 from onnx import TensorProto
 
-from dsv4c.graphs.ops.onnx import DOMAIN
 
 ROUND_ATTRIBUTE = "round_bf16_out"
 
@@ -23,6 +22,8 @@ ROUND_ATTRIBUTE = "round_bf16_out"
 def fold_bf16_roundings(graph: onnx.GraphProto) -> int:
     """Fold each `dsv4 op -> Cast(bfloat16) -> Cast(float)` into the op (ROUND_ATTRIBUTE=1) where nothing else
     reads the op's output or the bf16 value and neither is a graph output. Returns how many were folded."""
+    from dsv4c.graphs.ops.onnx import DOMAIN  # build side only: the executor reads ROUND_ATTRIBUTE without torch
+
     readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
     for node in graph.node:
         for name in node.input:

@@ -3,7 +3,7 @@
     python -m dsv4c.targets.cpu.kernels.build           # build if needed (fetching the ORT headers), print the path
     python -m dsv4c.targets.cpu.kernels.build --check   # print the path if built, else exit 1
 
-Load it with `onnx.ort_session(path, custom_ops_library=library)` (SessionOptions.register_custom_ops_library):
+Load it with `dsv4c.targets.base.ort_session(path, custom_ops_library=library)` (SessionOptions.register_custom_ops_library):
 the `dsv4` nodes then run these kernels instead of their ONNX function bodies.
 
 Where things come from:
