@@ -192,7 +192,7 @@ class Compressor(nn.Module):
         m, span = self.ratio, self.span
         pos = step.positions  # [B, S]
         kv = self.wkv(x)  # [B, S, c*d], fp32 like the reference
-        score = self.wgate(x) + self.ape[pos % m]
+        score = self.wgate(x) + F.embedding(pos % m, self.ape)  # one Gather node, not six
         # The call's last `span` real tokens go to their ring slots (distinct); padding and older tokens do not.
         kept = (pos < step.end[:, None]) & (pos >= step.end[:, None] - span)
         slots = torch.where(kept, pos % span, -1)
@@ -400,7 +400,7 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores = F.softplus(ops.bf16_linear(x, self.weight)).sqrt()  # [T, E] sqrtsoftplus, fp32
         if self.hash:
-            picks = self.tid2eid[tokens]  # static hash routing by token id
+            picks = F.embedding(tokens, self.tid2eid)  # static hash routing by token id
         else:
             picks = (scores + self.bias).topk(self.topk, dim=-1).indices  # bias steers selection only
         weights = scores.gather(1, picks)
@@ -606,7 +606,7 @@ class DeepseekV4(nn.Module):
         """Embedding rows of `tokens`; vocabulary-parallel: each rank looks up the ids in its slice, zeros for the
         others, and the tensor group sums them (exact: one rank contributes each row)."""
         if self.shard.tensor == 1:
-            return self.embed[tokens].float()
+            return F.embedding(tokens, self.embed).float()
         rows = self.embed.shape[0]
         local = tokens - self.shard.tp_rank * rows
         mine = (local >= 0) & (local < rows)
