@@ -164,7 +164,7 @@ def run_bound(session, program: str, steps: Sequence[np.ndarray], cache: HostCac
     RunOptions for this run (None: the defaults)."""
     in_place = in_place if in_place is not None else [False] * len(cache.arrays)
     targets = [array if in_place[i] else cache.spare(i) for i, array in enumerate(cache.arrays)]
-    # binding 2 x 19 caches costs ~0.35 ms (tiny's whole step is ~1.4): a binding is kept per set of buffers (the
+    # binding 2 x 19 caches costs ~0.25 ms (tiny's whole step is ~1.0): a binding is kept per set of buffers (the
     # spare swaps make two in steady state) and only the step's inputs are bound anew. Keyed by the buffers'
     # ids (reading 38 data pointers cost ~45 us a step): the entry holds the buffers, so no other array can take
     # one of those ids while it exists; `HostCache.replace` drops the entries
