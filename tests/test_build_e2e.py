@@ -13,6 +13,7 @@ from conftest import (RECIPES, assert_step_function_agrees, compare_with_referen
                       reference_model)
 
 import dsv4c
+from dsv4c.compiler.errors import ToolchainError
 from dsv4c.compiler.pipeline import STAGES
 from dsv4c.graphs.model import Numerics
 from dsv4c.runtime import Engine
@@ -144,6 +145,7 @@ def test_a_small_models_decode_runs_on_one_thread_its_prefill_on_all(official):
     assert program_threads("decode", 2, SMALL_MODEL_BYTES) == 2
     assert program_threads("decode", None, SMALL_MODEL_BYTES) is None
 
+
 def test_the_bf16_round_trips_behind_dsv4_ops_are_folded_and_need_the_library(official, tmp_path):
     """The CPU build folds each `dsv4 op -> Cast(bf16) -> Cast(float)` into the op (dsv4c.targets.cpu.passes; the
     validation gate of this build ran the folded engine). A folded engine without its kernel library would run
@@ -162,8 +164,6 @@ def test_the_bf16_round_trips_behind_dsv4_ops_are_folded_and_need_the_library(of
     assert not [n for n in behind_ops if n.attribute[0].i == onnx.TensorProto.BFLOAT16]
     bare = tmp_path / "bare"
     shutil.copytree(out, bare, ignore=shutil.ignore_patterns("libdsv4_ops.so"))
-    from dsv4c.compiler.errors import ToolchainError
-
     with pytest.raises(ToolchainError, match="built for the dsv4 kernel library .libdsv4_ops.so.") as missing:
         dsv4c.load(bare)
     assert missing.value.exit_code == 4
