@@ -364,9 +364,17 @@ struct ConstantInputs {
   const Tensor* find(size_t i) const { return i < constant.size() && constant[i] ? &tensors[i] : nullptr; }
 };
 
+// Calls with less work (~ multiply-adds) run on the calling thread: ~10 us of one core, below which a hand-over
+// to another thread costs more than it gives. DSV4C_KERNEL_INLINE_WORK overrides it (0: always split; tests).
+constexpr double kInlineWork = 32768.0;
+double inline_work() {
+  const char* env = std::getenv("DSV4C_KERNEL_INLINE_WORK");
+  return env ? std::atof(env) : kInlineWork;
+}
+
 // What a kernel learns about its node when ORT creates it (OpEntry), besides the op's own attributes.
 struct NodeSetup {
-  double inline_work = 32768.0;  // see inline_work()
+  double inline_work = kInlineWork;  // inline_work() when ORT creates the kernel
   ConstantInputs constants;
   // attribute round_bf16_out=1: output 0 (float) is rounded to bf16 values after the op, in place. The CPU build
   // folds an op's bf16 round trip (Cast to bf16, Cast back) into it (dsv4c/targets/cpu/passes.py): one pass over
@@ -375,12 +383,6 @@ struct NodeSetup {
 };
 
 // One compute call: inputs, outputs, errors naming the op, tasks on ORT's intra-op pool.
-// Calls with less work (~ multiply-adds) run on the calling thread: ~10 us of one core, below which a hand-over
-// to another thread costs more than it gives. DSV4C_KERNEL_INLINE_WORK overrides it (0: always split; tests).
-double inline_work() {
-  const char* env = std::getenv("DSV4C_KERNEL_INLINE_WORK");
-  return env ? std::atof(env) : 32768.0;
-}
 
 class Context {
  public:
@@ -945,8 +947,11 @@ struct MoeExperts : Kernel {
     auto jobs_for = [&](int64_t rows) {  // ~64 jobs over all used experts together
       auto per = [&](int64_t e) { return rows_per_task(rows, count[e + 1] - count[e], used); };
       int64_t n = 0;
-      for (int64_t e = 0; e < E; ++e)
-        if (count[e + 1] > count[e]) n += (rows + per(e) - 1) / per(e);
+      for (int64_t e = 0; e < E; ++e) {
+        if (count[e + 1] == count[e]) continue;
+        const int64_t step = per(e);
+        n += (rows + step - 1) / step;
+      }
       Scratch<Job> jobs(n);
       n = 0;
       for (int64_t e = 0; e < E; ++e) {
