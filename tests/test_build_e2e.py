@@ -17,7 +17,7 @@ from dsv4c.compiler.errors import ToolchainError
 from dsv4c.compiler.pipeline import STAGES
 from dsv4c.graphs.model import Numerics
 from dsv4c.runtime import Engine
-from dsv4c.targets.cpu.executor import SMALL_MODEL_BYTES, program_threads
+from dsv4c.targets.cpu.executor import SMALL_MODEL_BYTES, mapped_initializers, program_threads
 
 
 def build(recipe: str, out, cache, *extra: str):
@@ -167,6 +167,33 @@ def test_the_bf16_round_trips_behind_dsv4_ops_are_folded_and_need_the_library(of
     with pytest.raises(ToolchainError, match="built for the dsv4 kernel library .libdsv4_ops.so.") as missing:
         dsv4c.load(bare)
     assert missing.value.exit_code == 4
+
+
+def test_the_engine_keeps_the_checkpoints_e8m0_scale_bytes(official, stage_cache):
+    """Weight scales stay the checkpoint's e8m0 bytes in the CPU engine (dsv4c.targets.cpu.passes): every scale a
+    linear or the experts read is a uint8 initializer holding the exponent byte of the reference model's scale,
+    read by the kernel itself (no decode left in the engine's programs)."""
+    import onnx
+    import onnx.numpy_helper
+
+    from dsv4c.graphs import quant
+    from dsv4c.targets.cpu.passes import E8M0_TABLE, SCALE_INPUTS
+
+    out, _ = official
+    engine = json.loads((out / "engine" / "engine.json").read_text())
+    assert engine["graph_passes"]["e8m0_decodes_folded"]["decode"] > 0
+    decode = onnx.load(str(out / "engine" / engine["programs"]["decode"]), load_external_data=False)
+    inits = {t.name: t for t in decode.graph.initializer}
+    scales = {n.input[i] for n in decode.graph.node for i in SCALE_INPUTS.get(n.op_type, ())}
+    assert len(scales) > 20 and E8M0_TABLE not in inits
+    assert {onnx.TensorProto.DataType.Name(inits[s].data_type) for s in scales} == {"UINT8"}
+    values, _maps = mapped_initializers({"decode": decode}, out / "engine")
+    ref = reference_model(stage_cache).state_dict()
+    for name in ("model.layers.1.attn.wq_b.scale", "model.layers.0.ffn.experts.w2_scale"):
+        want = quant.float_to_e8m0(ref[name.removeprefix("model.")]).view(torch.uint8).numpy()
+        external = values["decode"].get(name)  # big ones in the weights file, small ones inline
+        got = external.numpy() if external is not None else onnx.numpy_helper.to_array(inits[name])
+        np.testing.assert_array_equal(got, want)
 
 
 def test_the_cpu_runtime_runs_without_importing_torch(official):

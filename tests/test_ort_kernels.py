@@ -412,6 +412,41 @@ def test_fp8_grouped_linear(library, isa, act_quant, batch):
     check(library, "fp8_grouped_linear", {"act_quant": act_quant}, x=rand(*batch, 4, 128, seed=7), w=w, w_scale=s)
 
 
+# ---- e8m0 scales: the checkpoint's scale bytes, as the CPU build stores them ----------------------------------
+def _e8m0_case(name: str, rows: int) -> tuple[dict[str, torch.Tensor], dict, tuple[str, ...]]:
+    if name == "fp8_linear":
+        w, s = fp8_weight(200, 384, seed=2)
+        s[0, :], s[1, 2] = 2.0 ** -127, 2.0 ** 20  # e8m0 codes 0 (a float32 subnormal: outputs 0-127 tiny) and 147
+        return dict(x=rand(rows, 384, seed=3), w=w, w_scale=s), {"act_quant": True}, ("w_scale",)
+    if name == "fp8_grouped_linear":
+        w, s = fp8_weight(4 * 48, 128, seed=6)
+        return dict(x=rand(rows, 4, 128, seed=7), w=w, w_scale=s), {"act_quant": False}, ("w_scale",)
+    fmt = 0 if name == "moe_experts_fp4" else 1
+    inputs = dict(moe_inputs(fmt, tokens=rows, coarse=True))
+    return inputs, {"fmt": fmt, "swiglu_limit": 0.5, "act_quant": True, "bf16": True}, ("s1", "s3", "s2")
+
+
+@pytest.mark.parametrize("name", ["fp8_linear", "fp8_grouped_linear", "moe_experts_fp4", "moe_experts_fp8"])
+@pytest.mark.parametrize("rows", [1, 6, 24])  # fused loops, AMX tiles / pair dots, tiled
+def test_e8m0_scales_read_as_the_float_scales_they_encode(library, isa, name, rows):
+    """Scales given as e8m0 bytes (quant.float_to_e8m0 of the float scales) give bit for bit the result of the
+    float scales, which is the torch reference's to float rounding; held as initializers, as the engine holds
+    them."""
+    inputs, attrs, scales = _e8m0_case(name, rows)
+    op = "moe_experts" if name.startswith("moe") else name
+    as_float = check(library, op, attrs, **inputs)[0]
+    coded = {**inputs, **{n: quant.float_to_e8m0(inputs[n]).view(torch.uint8) for n in scales}}
+    model = node_model(op, coded, attrs, [as_float.ndim], constants=scales)
+    got = session(model, library).run(None, {n: v for n, v in feeds(coded).items() if n not in scales})[0]
+    np.testing.assert_array_equal(got, as_float)
+
+
+def test_scales_of_another_type_are_refused_naming_the_input(library):
+    w, s = fp8_weight(64, 128)
+    with pytest.raises(Exception, match="input 'w_scale' must be float32 or uint8 \\(e8m0\\) scales, got int64"):
+        run_kernel(library, "fp8_linear", {"act_quant": False}, [2], x=rand(1, 128), w=w, w_scale=s.long())
+
+
 # ---- routed experts ---------------------------------------------------------------------------------------------
 def expert_stack(fmt: int, e: int, n: int, k: int, seed: int,
                  coarse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

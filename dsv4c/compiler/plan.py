@@ -4,8 +4,9 @@ byte of weights is read.
 Sources of every figure (nothing is loaded, no weights are needed):
   * weights: the official tensor list (`checkpoint.expected_tensors`, the spec §5.6 byte model that gives Flash's
     159,609,485,896 bytes exactly), each quantized linear re-expressed in the recipe's format for its group after
-    the target's fallbacks (`FORMAT_BYTES`); plus what dsv4c's own graph holds (the model built on the meta device:
-    float32 scales; bf16 tensors kept bf16), reported beside it.
+    the target's fallbacks (`FORMAT_BYTES`); plus what dsv4c's own engine holds (the model built on the meta device:
+    bf16 tensors kept bf16, weight scales as the target stores them: e8m0 bytes on the CPU, float32 elsewhere),
+    reported beside it.
   * KV cache: the spec §4 layout per layer type (window ring, compressed CSA/HCA entries, indexer keys, compressor
     state) in the recipe's `kv_cache` / `indexer` formats, against a V3.2-style dense MLA cache of the same depth
     (and of V3.2's own 61 layers, the baseline of DeepSeek's "10 % / 7 % at 1M" claim); dsv4c's engine layout
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import subprocess
 import weakref
@@ -149,13 +151,18 @@ def weight_rows(cfg: ModelConfig, formats: dict[str, str]) -> list[dict[str, Any
     return rows
 
 
-def graph_rows(model: torch.nn.Module) -> list[dict[str, Any]]:
-    """What dsv4c's graph holds: the persistent buffers of the meta-device model, as the exported programs keep
-    them (packed FP8/FP4 bits as uint8, bf16 tensors as bf16, scales as float32)."""
+WEIGHT_SCALE = re.compile(r"(\.scale|\.w[123]_scale)$")  # the quantized linears' block scales (graphs.model)
+
+
+def graph_rows(model: torch.nn.Module, scale_bytes: int = 4) -> list[dict[str, Any]]:
+    """What dsv4c's engine holds: the persistent buffers of the meta-device model, as the exported programs keep
+    them (packed FP8/FP4 bits as uint8, bf16 tensors as bf16), the weight scales in `scale_bytes` each (the
+    target's `scale_bytes`: 1 where it stores the checkpoint's e8m0 bytes, 4 for float32)."""
     rows = []
     for name, t in model.state_dict().items():
         where, tp = _place(name)
-        rows.append({"group": group_of(name), "where": where, "tp": tp, "bytes": t.numel() * t.element_size()})
+        size = scale_bytes if WEIGHT_SCALE.search(name) else t.element_size()
+        rows.append({"group": group_of(name), "where": where, "tp": tp, "bytes": t.numel() * size})
     return rows
 
 
@@ -662,7 +669,8 @@ def make_plan(recipe) -> dict[str, Any]:
         # what one rank's engine holds, read off its own model (None: single device, or a refused layout whose
         # per-device figure falls back to the split formulas)
         rank_model = DeepseekV4(cfg, numerics, expert_format=graph_format, shard=shard) if shard else None
-    grows = graph_rows(model)
+    scale_bytes = target.scale_bytes
+    grows = graph_rows(model, scale_bytes)
     groups = {}
     for g in GROUPS:
         mine = [r for r in rows if r["group"] == g]
@@ -700,7 +708,7 @@ def make_plan(recipe) -> dict[str, Any]:
         else stage_ranges(cfg.num_hidden_layers, 1)
     stage_devs = per_device(engine_rows, "bytes", per_layer_kv, workspace, recipe, stages)
     if rank_model is not None:
-        graph_devs = per_device([r for r in graph_rows(rank_model) if r["where"] != "mtp"], "bytes",
+        graph_devs = per_device([r for r in graph_rows(rank_model, scale_bytes) if r["where"] != "mtp"], "bytes",
                                 engine_per_layer, workspace, recipe, stages, presplit=True)
     else:
         graph_devs = per_device(engine_grows, "bytes", engine_per_layer, workspace, recipe, stages)
@@ -718,7 +726,7 @@ def make_plan(recipe) -> dict[str, Any]:
                         f"dsv4c yet: {', '.join(missing_ops)}")
     warnings = []
     if worst_graph["total"] > usable and worst["total"] <= usable:
-        warnings.append(f"dsv4c's current engine stores weight scales as float32 (not e8m0 bytes): it would "
+        warnings.append(f"dsv4c's {t.kind} engine stores weight scales as float32 (not e8m0 bytes): it would "
                         f"need {worst_graph['total'] / GIB:.1f} GiB per device, more than the "
                         f"{usable / GIB:.1f} GiB usable (the recipe's formats need {worst['total'] / GIB:.1f})")
     shipped_layers: dict[Any, int] = defaultdict(int)

@@ -46,6 +46,8 @@ class Target(Protocol):
     # True when `build` hard-links the bundle's weight files into the engine (no new copy on disk); the artifact
     # always hard-links the engine's (dsv4c.files), so `plan` counts each inode once
     engine_links_bundle: bool
+    # bytes per weight scale in the engine: 1 where it keeps the checkpoint's e8m0 bytes, 4 for float32 (`plan`)
+    scale_bytes: int
 
     def check(self, recipe: Any) -> TargetCheck: ...
 

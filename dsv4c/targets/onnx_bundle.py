@@ -35,11 +35,13 @@ NodeHook = Callable[[onnx.ModelProto], None]
 
 def export_bundle_programs(programs: dict[str, Any], bundle_dir: Path, opset: int = ONNX_OPSET,
                            hook: NodeHook | None = None,
-                           weights: Callable[[str], Any] | None = None, share: bool = False) -> dict[str, str]:
+                           weights: Callable[[str], Any] | None = None, share: bool = False,
+                           rewrite: Callable[[Any], Any] | None = None) -> dict[str, str]:
     """Export each program at `opset`: at ONNX_OPSET with the function bodies, as is; below it (a vendor's opset)
     without them, post-processed and saved in place. `weights`: the values of programs exported without them
     (write_onnx_program). `share`: a program's initializers that an earlier one stores refer to that program's
-    data file instead of being written again (prefill and decode read the same weights). -> {program: file}."""
+    data file instead of being written again (prefill and decode read the same weights). `rewrite`: the target's
+    change to each program's graph before it is written (write_onnx_program). -> {program: file}."""
     portable = opset == ONNX_OPSET
     if portable and hook is not None:
         raise ValueError("a node hook is for vendor bundles: the portable (ONNX_OPSET) bundle keeps the dsv4 nodes")
@@ -48,7 +50,7 @@ def export_bundle_programs(programs: dict[str, Any], bundle_dir: Path, opset: in
     for name, ep in programs.items():
         path = bundle_dir / f"{name}.onnx"
         model = write_onnx_program(ep, path, opset=opset, with_functions=portable, weights=weights,
-                                   stored=stored if share else None)
+                                   stored=stored if share else None, rewrite=rewrite)
         files[name] = path.name
         own = f"{path.name}.data"
         for t in model.graph.initializer:

@@ -32,7 +32,7 @@ see `_body_indexer_topk`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import onnx
@@ -586,7 +586,8 @@ def write_onnx_program(ep: torch.export.ExportedProgram, path: str | Path, *,
                        external_data: bool = True, opset: int = ONNX_OPSET,
                        with_functions: bool = True,
                        weights: Callable[[str], torch.Tensor] | None = None,
-                       stored: dict[str, onnx.TensorProto] | None = None) -> onnx.ModelProto:
+                       stored: dict[str, onnx.TensorProto] | None = None,
+                       rewrite: Callable[[Any], Any] | None = None) -> onnx.ModelProto:
     """Lower an exported program to ONNX: dsv4 ops become dsv4 nodes (+ their function bodies), the rest
     goes through torch's exporter at ONNX_OPSET without the optimizer (which would fold small packed
     weights into float). Saved at `path`, weights in one `<file>.data` beside it when `external_data`.
@@ -608,7 +609,9 @@ def write_onnx_program(ep: torch.export.ExportedProgram, path: str | Path, *,
     weights go from the checkpoint into the file without the whole model ever being held.
     `stored` (initializer name -> an external-data TensorProto of an earlier program beside `path`): those
     initializers are not written again but refer to that file (the programs of a bundle are exported from one
-    model, so a name is one buffer: prefill and decode share every weight, written and read from disk once)."""
+    model, so a name is one buffer: prefill and decode share every weight, written and read from disk once).
+    `rewrite(graph)`: a target's change to the onnx_ir graph before it is saved (its initializers' values still
+    lazy where `weights` supplies them), e.g. the CPU bundle's e8m0 scales (dsv4c.targets.cpu.passes)."""
     if with_functions and opset != ONNX_OPSET:
         raise ValueError(f"function bodies need ONNX opset {ONNX_OPSET}; export at {opset} with_functions=False")
     import logging
@@ -626,8 +629,10 @@ def write_onnx_program(ep: torch.export.ExportedProgram, path: str | Path, *,
     forget_export_trace()
     model = program.model
     drop_identity_transposes(model.graph)
-    shared = _take_stored(model.graph, stored or {})
     _stream_initializers(model.graph, weights)
+    if rewrite is not None:
+        rewrite(model.graph)
+    shared = _take_stored(model.graph, stored or {})
     used = {n.op_type for n in model.graph.all_nodes() if n.domain == DOMAIN} if with_functions else set()
     # subgraphs (e.g. from torch.cond) are walked by all_nodes(); local functions of the exporter too
     for fn in list(model.functions.values()) if with_functions else []:

@@ -60,6 +60,7 @@ class CannTarget:
     # one weight file per program until ATC's handling of shared external data is verified; one .om per program
     weight_copies = {"lower_bundle": 2, "build_engine": 2, "artifact": 2}
     engine_links_bundle = False  # the engine is new files (one .om per program) compiled from the bundle
+    scale_bytes = 4  # weight scales as float32
 
     def check(self, recipe: Any) -> TargetCheck:
         check = TargetCheck(toolchain=toolchain())

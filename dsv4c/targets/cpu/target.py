@@ -20,13 +20,14 @@ from dsv4c.targets.base import TargetCheck
 SUPPORTED = {"experts": ("fp4", "fp8"), "dense": ("fp8",), "activations": ("fp8", "none"),
              "kv_cache": ("fp8", "bf16"), "indexer": ("fp4", "bf16")}
 KERNELS_FILE = "libdsv4_ops.so"  # the executor looks for this name in the engine dir
-GRAPH_PASSES = "fold-bf16-roundings-1"  # the build stage's key: a change to dsv4c.targets.cpu.passes bumps it
+GRAPH_PASSES = "fold-bf16-roundings-1,e8m0-scales-1"  # the build stage's key: a change to cpu.passes bumps it
 
 
 class CpuTarget:
     kind = "cpu"
     weight_copies = {"lower_bundle": 1, "build_engine": 1, "artifact": 1}  # decode reads prefill.onnx.data
     engine_links_bundle = True  # the engine's weight files are hard links to the bundle's (dsv4c.files)
+    scale_bytes = 1  # weight scales as the checkpoint's e8m0 bytes (cpu.passes.store_scales_e8m0)
 
     def check(self, recipe: Any) -> TargetCheck:
         import onnxruntime
@@ -44,10 +45,13 @@ class CpuTarget:
     def lower(self, programs: dict[str, Any], bundle_dir: Path, recipe: Any, meta: dict[str, Any],
               weights: Callable[[str], Any] | None = None) -> None:
         from dsv4c.graphs.ops.onnx import ONNX_OPSET
+        from dsv4c.targets.cpu.passes import store_scales_e8m0
         from dsv4c.targets.onnx_bundle import export_bundle_programs
 
-        # with the function bodies (portable); decode reads prefill's weights: one copy on disk and in the page cache
-        files = export_bundle_programs(programs, bundle_dir, ONNX_OPSET, weights=weights, share=True)
+        # with the function bodies (portable); decode reads prefill's weights: one copy on disk and in the page cache;
+        # weight scales as the checkpoint's e8m0 bytes, decoded in the graph (the build lets the kernels read them)
+        files = export_bundle_programs(programs, bundle_dir, ONNX_OPSET, weights=weights, share=True,
+                                       rewrite=store_scales_e8m0)
         (bundle_dir / "bundle.json").write_text(json.dumps(
             {**meta, "format": "onnx", "opset": ONNX_OPSET, "programs": files}, indent=2))
 
@@ -59,24 +63,26 @@ class CpuTarget:
         link_tree(bundle_dir, engine_dir, skip=("bundle.json", ".complete"))
         meta["kernels"] = _install_kernels(engine_dir)
         if meta["kernels"]["implementation"] == "cpp":
-            meta["graph_passes"] = {"bf16_roundings_folded": _fold_programs(engine_dir, meta["programs"])}
+            meta["graph_passes"] = _fold_programs(engine_dir, meta["programs"])
         (engine_dir / "engine.json").write_text(json.dumps(meta, indent=2))
 
 
-def _fold_programs(engine_dir: Path, programs: dict[str, str]) -> dict[str, int]:
+def _fold_programs(engine_dir: Path, programs: dict[str, str]) -> dict[str, dict[str, int]]:
     """Run the kernel library's graph passes (dsv4c.targets.cpu.passes) on the engine's programs. Each graph file
-    is written anew (its hard link to the bundle's is replaced, the weights' links stay): -> folds per program."""
+    is written anew (its hard link to the bundle's is replaced, the weights' links stay): -> folds per pass and
+    program."""
     import os
 
     import onnx
 
-    from dsv4c.targets.cpu.passes import fold_bf16_roundings
+    from dsv4c.targets.cpu.passes import fold_bf16_roundings, fold_e8m0_decodes
 
-    folded = {}
+    folded: dict[str, dict[str, int]] = {"bf16_roundings_folded": {}, "e8m0_decodes_folded": {}}
     for name, rel in programs.items():
         path = engine_dir / rel
         model = onnx.load(str(path), load_external_data=False)
-        folded[name] = fold_bf16_roundings(model.graph)
+        folded["bf16_roundings_folded"][name] = fold_bf16_roundings(model.graph)
+        folded["e8m0_decodes_folded"][name] = fold_e8m0_decodes(model.graph)
         tmp = path.with_name(path.name + ".tmp")
         onnx.save(model, str(tmp))
         os.replace(tmp, path)

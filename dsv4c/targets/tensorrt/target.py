@@ -48,6 +48,7 @@ class TensorRTTarget:
     # the bundle ships each weight once (decode refers to prefill's); each serialized .plan embeds its own
     weight_copies = {"lower_bundle": 1, "build_engine": 2, "artifact": 2}
     engine_links_bundle = False  # the engine is new files (one .plan per program) compiled from the bundle
+    scale_bytes = 4  # weight scales as float32
 
     def check(self, recipe: Any) -> TargetCheck:
         check = TargetCheck(toolchain=toolchain())

@@ -19,15 +19,18 @@ constexpr int64_t kFp8Block = 128;  // = FP8_BLOCK: FP8 weight scales per 128x12
 constexpr int64_t kFp4Block = 32;   // = FP4_BLOCK: FP4 scales per 1x32
 
 // One [N, K] weight matrix as stored in the model.
-//   fp4: uint8 [N, K/2], two e2m1 values per byte (element 2i in the low nibble), float scale [N, K/32]
-//   fp8: uint8 [N, K] e4m3fn bits, float scale [ceil(N/128), ceil(K/128)]
+//   fp4: uint8 [N, K/2], two e2m1 values per byte (element 2i in the low nibble), scale [N, K/32]
+//   fp8: uint8 [N, K] e4m3fn bits, scale [ceil(N/128), ceil(K/128)]
 //   f32: float [N, K], no scale
 //   bf16: uint16 [N, K] bfloat16 bits, no scale (widened exactly: a bf16 is the upper half of a float)
+// The scales are floats (`scale`) or, as the checkpoint ships them, e8m0 bytes (`scale_e8m0`: 2^(e-127), 0xFF
+// NaN; the CPU build stores them so, dsv4c.targets.cpu.passes); one of the two is set.
 struct QuantWeight {
   int32_t format;
   const void* data;
   const float* scale;
   int64_t n, k;
+  const uint8_t* scale_e8m0 = nullptr;
 };
 
 // x rows multiplied with an fp4 weight are given in "fp4 order": within each block of 32 the even elements

@@ -72,6 +72,47 @@ thread_local ThreadBuffer<float> tl_row, tl_tile;  // decoded weight rows / tile
 thread_local ThreadBuffer<float> tl_dots;          // indexer dot products [heads][8 entries]
 thread_local ThreadBuffer<int64_t> tl_offsets;     // where each attention block's picks start
 
+// ---- weight scales ------------------------------------------------------------------------------------------
+thread_local ThreadBuffer<float> tl_scales;  // one weight row's scales widened from e8m0
+
+inline float e8m0_value(uint8_t e) {
+  if (e == 0xFF) return NAN;
+  if (e == 0) return ldexpf(1.f, -127);  // a float32 subnormal
+  const uint32_t bits = (uint32_t)e << 23;
+  float v;
+  memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+// e8m0 bytes -> floats 2^(e-127): the byte is the float's exponent field (codes 1-254); 0 is the subnormal 2^-127
+// and 0xFF NaN, both patched in.
+inline void widen_e8m0(const uint8_t* e, float* out, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX2__)
+  const __m256i zero = _mm256_setzero_si256(), nan_code = _mm256_set1_epi32(0xFF);
+  const __m256i tiny = _mm256_set1_epi32(0x00400000), nan = _mm256_set1_epi32(0x7FC00000);
+  for (; i + 8 <= n; i += 8) {
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(e + i)));
+    __m256i bits = _mm256_slli_epi32(v, 23);
+    bits = _mm256_blendv_epi8(bits, tiny, _mm256_cmpeq_epi32(v, zero));
+    bits = _mm256_blendv_epi8(bits, nan, _mm256_cmpeq_epi32(v, nan_code));
+    _mm256_storeu_si256((__m256i*)(out + i), bits);
+  }
+#endif
+  for (; i < n; ++i) out[i] = e8m0_value(e[i]);
+}
+
+// The scales of weight row j as floats: FP8 its 128-row block's ceil(K/128), FP4 its own K/32. Float scales are
+// read where they are; e8m0 bytes are widened into a per-thread row, valid until the next call on this thread.
+inline const float* row_scales(const QuantWeight& w, int64_t j) {
+  const int64_t n = w.format == kFp8 ? (w.k + 127) / 128 : w.k / 32;
+  const int64_t at = w.format == kFp8 ? (j / 128) * n : j * n;
+  if (!w.scale_e8m0) return w.scale + at;
+  float* out = tl_scales.get(n);
+  widen_e8m0(w.scale_e8m0 + at, out, n);
+  return out;
+}
+
 // ---- scalar pieces (both builds) ---------------------------------------------------------------------------
 inline float widen(float v) { return v; }
 inline float widen(uint16_t bf16) {  // bfloat16 bits -> float, exact
@@ -87,11 +128,11 @@ inline float widen(uint16_t bf16) {  // bfloat16 bits -> float, exact
   const int64_t K = w.k;
   if (w.format == kFp8) {
     const uint8_t* row = (const uint8_t*)w.data + j * K;
-    const float* srow = w.scale + (j / 128) * ((K + 127) / 128);
+    const float* srow = row_scales(w, j);
     for (int64_t k = 0; k < K; ++k) out[k] = t.fp8[row[k]] * srow[k / 128];
   } else if (w.format == kFp4) {
     const uint8_t* row = (const uint8_t*)w.data + j * (K / 2);
-    const float* srow = w.scale + j * (K / 32);
+    const float* srow = row_scales(w, j);
     for (int64_t b = 0; b < K / 32; ++b) {
       const float s = srow[b];
       for (int i = 0; i < 16; ++i) {
@@ -219,7 +260,7 @@ void decode_row(const QuantWeight& w, int64_t j, float* out) {
   if (w.format == kFp8) {
     const float* t8 = tables().fp8;
     const uint8_t* row = (const uint8_t*)w.data + j * K;
-    const float* srow = w.scale + (j / 128) * ((K + 127) / 128);
+    const float* srow = row_scales(w, j);
     for (int64_t k0 = 0; k0 < K; k0 += 128) {
       const int64_t k1 = lo(K, k0 + 128);
       const float s = srow[k0 / 128];
@@ -235,7 +276,7 @@ void decode_row(const QuantWeight& w, int64_t j, float* out) {
     }
   } else if (w.format == kFp4) {
     const uint8_t* row = (const uint8_t*)w.data + j * (K / 2);
-    const float* srow = w.scale + j * (K / 32);
+    const float* srow = row_scales(w, j);
     for (int64_t b = 0; b < K / 32; ++b) {
       __m256 v[4];
       decode_fp4_32(row + b * 16, v);
@@ -264,7 +305,10 @@ inline void prefetch_fp4_ahead(const QuantWeight& w, int64_t j, int64_t n1) {
   if (j + kPrefetchRows >= n1) return;
   const int64_t K = w.k, ahead = j + kPrefetchRows;
   prefetch((const uint8_t*)w.data + ahead * (K / 2), K / 2);
-  prefetch(w.scale + ahead * (K / 32), K / 32 * (int64_t)sizeof(float));
+  if (w.scale_e8m0)
+    prefetch(w.scale_e8m0 + ahead * (K / 32), K / 32);
+  else
+    prefetch(w.scale + ahead * (K / 32), K / 32 * (int64_t)sizeof(float));
 }
 
 // ---- fused decode + dot for M <= 4 token rows: every decoded weight vector meets all M rows ---------------
@@ -275,7 +319,7 @@ void fused_fp8(const QuantWeight& w, const float* x, int64_t ldx, float* y, int6
   const int64_t K = w.k, kblocks = (K + 127) / 128;
   for (int64_t j = n0; j < n1; ++j) {
     const uint8_t* row = (const uint8_t*)w.data + j * K;
-    const float* srow = w.scale + (j / 128) * kblocks;
+    const float* srow = row_scales(w, j);
     if (j + kPrefetchRows < n1) prefetch(row + kPrefetchRows * K, K);
     __m256 acc[M];
     float tail[M];
@@ -320,7 +364,7 @@ void fused_fp4(const QuantWeight& w, const float* x, int64_t ldx, float* y, int6
   const int64_t K = w.k, nblk = K / 32;
   for (int64_t j = n0; j < n1; ++j) {
     const uint8_t* row = (const uint8_t*)w.data + j * (K / 2);
-    const float* srow = w.scale + j * nblk;
+    const float* srow = row_scales(w, j);
     prefetch_fp4_ahead(w, j, n1);
     __m256 acc[M][A];
     for (int m = 0; m < M; ++m)
@@ -452,7 +496,7 @@ void dp_fp4(const QuantWeight& w, const uint16_t* xb, float* y, int64_t ldy, int
   const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
   for (int64_t j = n0; j < n1; ++j) {
     const uint8_t* row = (const uint8_t*)w.data + j * (K / 2);
-    const float* srow = w.scale + j * nblk;
+    const float* srow = row_scales(w, j);
     prefetch_fp4_ahead(w, j, n1);
     __m512 acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
@@ -1080,7 +1124,7 @@ inline bool pow2_exponent(float s, int32_t& e) {
 bool decode_fp4_row_bf16(const QuantWeight& w, int64_t j, uint16_t* out) {
   const int64_t K = w.k, nblk = K / 32;
   const uint8_t* row = (const uint8_t*)w.data + j * (K / 2);
-  const float* srow = w.scale + j * nblk;
+  const float* srow = row_scales(w, j);
   const __m256i table = _mm256_load_si256((const __m256i*)kE2m1Bf16), nibble = _mm256_set1_epi16(0x0F),
                 magnitude = _mm256_set1_epi16(0x7FFF);
   for (int64_t b = 0; b < nblk; ++b) {
@@ -1108,7 +1152,7 @@ alignas(32) const uint16_t kE4m3SubnormalBf16[16] = {0x0000, 0x3B00, 0x3B80, 0x3
 bool decode_fp8_row_bf16(const QuantWeight& w, int64_t j, uint16_t* out) {
   const int64_t K = w.k;
   const uint8_t* row = (const uint8_t*)w.data + j * K;
-  const float* srow = w.scale + (j / 128) * ((K + 127) / 128);
+  const float* srow = row_scales(w, j);
   const __m256i low7 = _mm256_set1_epi16(0x7F), sign = _mm256_set1_epi16(0x80), eight = _mm256_set1_epi16(8);
   for (int64_t k0 = 0; k0 < K; k0 += 128) {
     int32_t e;

@@ -679,6 +679,19 @@ constexpr auto I64 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
 constexpr auto BF16 = ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16;
 constexpr auto ANY = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
 
+// `qw` reading the scales `s`: float32, or e8m0 bytes as the checkpoint ships them (the CPU build's graph pass
+// stores them so); any other type is refused, naming the input.
+QuantWeight with_scales(const Context& c, QuantWeight qw, const Tensor& s) {
+  c.require(s.type == F32 || s.type == U8, [&] {
+    return std::string("input '") + s.name + "' must be float32 or uint8 (e8m0) scales, got " + type_name(s.type);
+  });
+  if (s.type == U8)
+    qw.scale_e8m0 = s.u8();
+  else
+    qw.scale = s.f32();
+  return qw;
+}
+
 // FP8 weight [N, K] with scales [ceil(N/128), ceil(K/128)], checked.
 QuantWeight fp8_weight(const Context& c, const Tensor& w, const Tensor& s) {
   c.require(w.rank() == 2,
@@ -689,7 +702,7 @@ QuantWeight fp8_weight(const Context& c, const Tensor& w, const Tensor& s) {
     return std::string("input '") + s.name + "' must be [ceil(N/128), ceil(K/128)] = [" + std::to_string(nb) + ", " +
            std::to_string(kb) + "] for " + w.name + " " + shape_str(w.shape) + ", got " + shape_str(s.shape);
   });
-  return QuantWeight{kFp8, w.data, s.f32(), n, k};
+  return with_scales(c, QuantWeight{kFp8, w.data, nullptr, n, k}, s);
 }
 
 // Activations [rows, K] fake-quantised to FP8 (blocks of 128) into `buf`, in parallel; returns buf.
@@ -747,7 +760,7 @@ struct Fp8Linear : Kernel {
 
   void compute(OrtKernelContext* ctx) override {
     Context c(ctx, "Fp8Linear", node);
-    const Tensor x = c.input(0, "x", F32), w = c.input(1, "w", U8), s = c.input(2, "w_scale", F32);
+    const Tensor x = c.input(0, "x", F32), w = c.input(1, "w", U8), s = c.input(2, "w_scale", ANY);
     linear_rows(c, isa, x, w, fp8_weight(c, w, s), act_quant);
   }
 };
@@ -807,7 +820,7 @@ struct Fp8GroupedLinear : Kernel {
   // x [..., G, K], w [G*R, K] -> y[..., g, r] = x[..., g, :] . w[g*R + r, :]
   void compute(OrtKernelContext* ctx) override {
     Context c(ctx, "Fp8GroupedLinear", node);
-    const Tensor x = c.input(0, "x", F32), w = c.input(1, "w", U8), s = c.input(2, "w_scale", F32);
+    const Tensor x = c.input(0, "x", F32), w = c.input(1, "w", U8), s = c.input(2, "w_scale", ANY);
     const QuantWeight qw = fp8_weight(c, w, s);
     c.require(x.rank() >= 2 && x.dim(-1) == qw.k, [&] {
       return "x must be [..., G, K] with K = w's last dim " + std::to_string(qw.k) + ", got " + shape_str(x.shape);
@@ -854,10 +867,13 @@ struct MoeExperts : Kernel {
   struct Stack {
     int32_t format;
     const uint8_t* data;
-    const float* scale;
+    QuantWeight scales;  // the stack's scales (float or e8m0), expert 0's
     int64_t e, n, k, w_stride, s_stride;
     QuantWeight at(int64_t i) const {
-      return QuantWeight{format, data + i * w_stride, scale ? scale + i * s_stride : nullptr, n, k};
+      QuantWeight w{format, data + i * w_stride, nullptr, n, k};
+      if (scales.scale) w.scale = scales.scale + i * s_stride;
+      if (scales.scale_e8m0) w.scale_e8m0 = scales.scale_e8m0 + i * s_stride;
+      return w;
     }
   };
 
@@ -873,7 +889,7 @@ struct MoeExperts : Kernel {
     if (fmt == kFp4)
       c.require(k % kFp4Block == 0,
                 [&] { return "fp4 experts need dims that are multiples of 32, got " + std::to_string(k); });
-    Stack st{(int32_t)fmt, w.u8(), nullptr, e, n, k, 0, 0};
+    Stack st{(int32_t)fmt, w.u8(), QuantWeight{}, e, n, k, 0, 0};
     st.w_stride = (fmt == kFp4 ? n * k / 2 : n * k) * (fmt == kF32 ? 4 : 1);
     if (fmt == kF32) return st;  // float experts carry no scales (model.Experts passes an empty tensor)
     const int64_t nb = (n + kFp8Block - 1) / kFp8Block, kb = (k + kFp8Block - 1) / kFp8Block;
@@ -881,7 +897,7 @@ struct MoeExperts : Kernel {
     c.require(s.shape == want_s, [&] {
       return std::string("input '") + s.name + "' must be " + shape_str(want_s) + ", got " + shape_str(s.shape);
     });
-    st.scale = s.f32();
+    st.scales = with_scales(c, QuantWeight{}, s);
     st.s_stride = want_s[1] * want_s[2];
     return st;
   }
@@ -889,8 +905,8 @@ struct MoeExperts : Kernel {
   void compute(OrtKernelContext* ctx) override {
     Context c(ctx, "MoeExperts", node);
     const Tensor x = c.input(0, "x", F32, 2), wts = c.input(1, "weights", F32, 2), ids = c.input(2, "indices", I64, 2);
-    const Tensor w1 = c.input(3, "w1", ANY, 3), s1 = c.input(4, "s1", F32), w3 = c.input(5, "w3", ANY, 3),
-                 s3 = c.input(6, "s3", F32), w2 = c.input(7, "w2", ANY, 3), s2 = c.input(8, "s2", F32);
+    const Tensor w1 = c.input(3, "w1", ANY, 3), s1 = c.input(4, "s1", ANY), w3 = c.input(5, "w3", ANY, 3),
+                 s3 = c.input(6, "s3", ANY), w2 = c.input(7, "w2", ANY, 3), s2 = c.input(8, "s2", ANY);
     const int64_t T = x.dim(0), D = x.dim(1), K = ids.dim(1), E = w1.dim(0), I = w1.dim(1);
     c.require(ids.dim(0) == T && wts.shape == ids.shape, [&] {
       return "weights " + shape_str(wts.shape) + " and indices " + shape_str(ids.shape) +
@@ -1618,10 +1634,10 @@ std::vector<OpEntry>& ops() {
   static std::vector<OpEntry> table = [] {
     std::vector<OpEntry> t;
     t.reserve(15);
-    t.emplace_back("Fp8Linear", std::vector{F32, U8, F32}, std::vector{F32}, make<Fp8Linear>);
+    t.emplace_back("Fp8Linear", std::vector{F32, U8, ANY}, std::vector{F32}, make<Fp8Linear>);
     t.emplace_back("Bf16Linear", std::vector{F32, BF16}, std::vector{F32}, make<Bf16Linear>);
-    t.emplace_back("Fp8GroupedLinear", std::vector{F32, U8, F32}, std::vector{F32}, make<Fp8GroupedLinear>);
-    t.emplace_back("MoeExperts", std::vector{F32, F32, I64, ANY, F32, ANY, F32, ANY, F32}, std::vector{F32},
+    t.emplace_back("Fp8GroupedLinear", std::vector{F32, U8, ANY}, std::vector{F32}, make<Fp8GroupedLinear>);
+    t.emplace_back("MoeExperts", std::vector{F32, F32, I64, ANY, ANY, ANY, ANY, ANY, ANY}, std::vector{F32},
                    make<MoeExperts>);
     t.emplace_back("FakeQuantFp8", std::vector{F32}, std::vector{F32}, make<FakeQuantFp8>);
     t.emplace_back("HadamardFp4", std::vector{F32}, std::vector{F32}, make<HadamardFp4>);
