@@ -441,6 +441,28 @@ def test_e8m0_scales_read_as_the_float_scales_they_encode(library, isa, name, ro
     np.testing.assert_array_equal(got, as_float)
 
 
+def test_scale_bytes_rewritten_between_runs_are_read_anew(library, isa):
+    """The kernel widens an FP8 block's scale bytes once for the block's rows, within one call: a later call that
+    finds other bytes at the same address (an input array rewritten in place) must read those. One more in every
+    exponent byte doubles every output, exactly. (One block of rows, one thread: the second call starts on the
+    bytes the first ended on.)"""
+    w, s = fp8_weight(100, 384, seed=2)
+    codes = quant.float_to_e8m0(s).view(torch.uint8).numpy().copy()
+    x = rand(1, 384, seed=3)
+    sess = session(node_model("fp8_linear", dict(x=x, w=w, w_scale=torch.from_numpy(codes)), {"act_quant": True}, [2]),
+                   library, threads=1)
+    io = sess.io_binding()
+    io.bind_cpu_input("x", x.numpy())
+    io.bind_cpu_input("w", w.numpy())
+    io.bind_cpu_input("w_scale", codes)  # bound: the kernel reads this very array
+    io.bind_output("y", "cpu")
+    sess.run_with_iobinding(io)
+    first = io.copy_outputs_to_cpu()[0]
+    codes += 1
+    sess.run_with_iobinding(io)
+    np.testing.assert_array_equal(io.copy_outputs_to_cpu()[0], 2 * first)
+
+
 def test_scales_of_another_type_are_refused_naming_the_input(library):
     w, s = fp8_weight(64, 128)
     with pytest.raises(Exception, match="input 'w_scale' must be float32 or uint8 \\(e8m0\\) scales, got int64"):

@@ -73,7 +73,7 @@ thread_local ThreadBuffer<float> tl_dots;          // indexer dot products [head
 thread_local ThreadBuffer<int64_t> tl_offsets;     // where each attention block's picks start
 
 // ---- weight scales ------------------------------------------------------------------------------------------
-thread_local ThreadBuffer<float> tl_scales;  // one weight row's scales widened from e8m0
+thread_local ThreadBuffer<float> tl_scales;  // a weight row's scales widened from e8m0
 
 inline float e8m0_value(uint8_t e) {
   if (e == 0xFF) return NAN;
@@ -102,16 +102,41 @@ inline void widen_e8m0(const uint8_t* e, float* out, int64_t n) {
   for (; i < n; ++i) out[i] = e8m0_value(e[i]);
 }
 
-// The scales of weight row j as floats: FP8 its 128-row block's ceil(K/128), FP4 its own K/32. Float scales are
-// read where they are; e8m0 bytes are widened into a per-thread row, valid until the next call on this thread.
-inline const float* row_scales(const QuantWeight& w, int64_t j) {
-  const int64_t n = w.format == kFp8 ? (w.k + 127) / 128 : w.k / 32;
-  const int64_t at = w.format == kFp8 ? (j / 128) * n : j * n;
-  if (!w.scale_e8m0) return w.scale + at;
-  float* out = tl_scales.get(n);
-  widen_e8m0(w.scale_e8m0 + at, out, n);
-  return out;
-}
+// The scales of a weight's rows as floats, for one pass over them: row j's are its 128-row block's ceil(K/128)
+// (FP8) or its own K/32 (FP4). Float scales are read where they are; e8m0 bytes are widened into a per-thread
+// buffer, once per FP8 block (its 128 rows share them) and 16 FP4 rows at a time (a row has as few as 4: the
+// vector widening needs runs of 8). Made once per loop over the rows, outside it: a thread_local costs a call to
+// reach from a shared library. At most one per thread at a time (they share the buffer).
+class RowScales {
+ public:
+  static constexpr int64_t kFp4Rows = 16;
+  explicit RowScales(const QuantWeight& w)
+      : w_(w),
+        n_(w.format == kFp8 ? (w.k + 127) / 128 : w.k / 32),
+        buf_(w.scale_e8m0 ? tl_scales.get(w.format == kFp8 ? n_ : kFp4Rows * n_) : nullptr) {}
+  const float* operator()(int64_t j) {
+    const bool fp8 = w_.format == kFp8;
+    if (!buf_) return w_.scale + (fp8 ? (j / 128) * n_ : j * n_);
+    if (fp8) {
+      if (j / 128 != first_) {
+        first_ = j / 128;
+        widen_e8m0(w_.scale_e8m0 + first_ * n_, buf_, n_);
+      }
+      return buf_;
+    }
+    if (first_ < 0 || j < first_ || j >= first_ + kFp4Rows) {
+      first_ = j;
+      widen_e8m0(w_.scale_e8m0 + j * n_, buf_, lo(kFp4Rows, w_.n - j) * n_);
+    }
+    return buf_ + (j - first_) * n_;
+  }
+
+ private:
+  const QuantWeight& w_;
+  const int64_t n_;
+  float* const buf_;
+  int64_t first_ = -1;  // the FP8 block / first FP4 row widened in buf_
+};
 
 // ---- scalar pieces (both builds) ---------------------------------------------------------------------------
 inline float widen(float v) { return v; }
@@ -123,16 +148,16 @@ inline float widen(uint16_t bf16) {  // bfloat16 bits -> float, exact
 }
 
 // W row j, scaled, in kernel order (fp4: per 32-block the low nibbles, then the high ones) -> out [K].
-[[maybe_unused]] void decode_row_scalar(const QuantWeight& w, int64_t j, float* out) {
+[[maybe_unused]] void decode_row_scalar(const QuantWeight& w, RowScales& scales, int64_t j, float* out) {
   const Tables& t = tables();
   const int64_t K = w.k;
   if (w.format == kFp8) {
     const uint8_t* row = (const uint8_t*)w.data + j * K;
-    const float* srow = row_scales(w, j);
+    const float* srow = scales(j);
     for (int64_t k = 0; k < K; ++k) out[k] = t.fp8[row[k]] * srow[k / 128];
   } else if (w.format == kFp4) {
     const uint8_t* row = (const uint8_t*)w.data + j * (K / 2);
-    const float* srow = row_scales(w, j);
+    const float* srow = scales(j);
     for (int64_t b = 0; b < K / 32; ++b) {
       const float s = srow[b];
       for (int i = 0; i < 16; ++i) {
@@ -165,12 +190,13 @@ void linear_impl(const QuantWeight& w, const float* x, int64_t ldx, int64_t rows
                  int64_t n0, int64_t n1) {
   const int64_t K = w.k;
   float* buf = tl_row.get(K);
+  RowScales scales(w);
   for (int64_t j = n0; j < n1; ++j) {
     const float* wr = buf;
     if (w.format == kF32)
       wr = (const float*)w.data + j * K;
     else
-      decode_row_scalar(w, j, buf);
+      decode_row_scalar(w, scales, j, buf);
     for (int64_t m = 0; m < rows; ++m) y[m * ldy + j] = dot(x + m * ldx, wr, K);
   }
 }
@@ -255,12 +281,12 @@ inline void decode_fp4_32(const uint8_t* p, __m256 v[4]) {
 }
 
 // W row j, scaled, in kernel order -> out [K] (vector decode; scalar for a ragged FP8 tail).
-void decode_row(const QuantWeight& w, int64_t j, float* out) {
+void decode_row(const QuantWeight& w, RowScales& scales, int64_t j, float* out) {
   const int64_t K = w.k;
   if (w.format == kFp8) {
     const float* t8 = tables().fp8;
     const uint8_t* row = (const uint8_t*)w.data + j * K;
-    const float* srow = row_scales(w, j);
+    const float* srow = scales(j);
     for (int64_t k0 = 0; k0 < K; k0 += 128) {
       const int64_t k1 = lo(K, k0 + 128);
       const float s = srow[k0 / 128];
@@ -276,7 +302,7 @@ void decode_row(const QuantWeight& w, int64_t j, float* out) {
     }
   } else if (w.format == kFp4) {
     const uint8_t* row = (const uint8_t*)w.data + j * (K / 2);
-    const float* srow = row_scales(w, j);
+    const float* srow = scales(j);
     for (int64_t b = 0; b < K / 32; ++b) {
       __m256 v[4];
       decode_fp4_32(row + b * 16, v);
@@ -317,9 +343,10 @@ template <int M, int A>
 void fused_fp8(const QuantWeight& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   const float* t8 = tables().fp8;
   const int64_t K = w.k, kblocks = (K + 127) / 128;
+  RowScales scales(w);
   for (int64_t j = n0; j < n1; ++j) {
     const uint8_t* row = (const uint8_t*)w.data + j * K;
-    const float* srow = row_scales(w, j);
+    const float* srow = scales(j);
     if (j + kPrefetchRows < n1) prefetch(row + kPrefetchRows * K, K);
     __m256 acc[M];
     float tail[M];
@@ -362,9 +389,10 @@ void fused_fp8(const QuantWeight& w, const float* x, int64_t ldx, float* y, int6
 template <int M, int A>
 void fused_fp4(const QuantWeight& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t K = w.k, nblk = K / 32;
+  RowScales scales(w);
   for (int64_t j = n0; j < n1; ++j) {
     const uint8_t* row = (const uint8_t*)w.data + j * (K / 2);
-    const float* srow = row_scales(w, j);
+    const float* srow = scales(j);
     prefetch_fp4_ahead(w, j, n1);
     __m256 acc[M][A];
     for (int m = 0; m < M; ++m)
@@ -494,9 +522,10 @@ template <int M>
 void dp_fp4(const QuantWeight& w, const uint16_t* xb, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t K = w.k, nblk = K / 32;
   const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  RowScales scales(w);
   for (int64_t j = n0; j < n1; ++j) {
     const uint8_t* row = (const uint8_t*)w.data + j * (K / 2);
-    const float* srow = row_scales(w, j);
+    const float* srow = scales(j);
     prefetch_fp4_ahead(w, j, n1);
     __m512 acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
@@ -639,13 +668,14 @@ void linear_tiled(const QuantWeight& w, const float* x, int64_t ldx, int64_t row
   int64_t nb_max = 65536 / (K > 0 ? K : 1);  // a tile of <= 256 KB (L2), 2..64 rows
   nb_max = nb_max < 2 ? 2 : (nb_max > 64 ? 64 : nb_max);
   float* tile = tl_tile.get(nb_max * K);
+  RowScales scales(w);
   for (int64_t nt = n0; nt < n1; nt += nb_max) {
     const int64_t nb = lo(nb_max, n1 - nt);
     const float* wt = tile;
     if (w.format == kF32)
       wt = (const float*)w.data + nt * K;  // already fp32: use in place
     else
-      for (int64_t c = 0; c < nb; ++c) decode_row(w, nt + c, tile + c * K);
+      for (int64_t c = 0; c < nb; ++c) decode_row(w, scales, nt + c, tile + c * K);
     for (int64_t m0 = 0; m0 < rows; m0 += 4)
       for (int64_t c = 0; c < nb; c += 2)
         dot_rows(lo(4, rows - m0), lo(2, nb - c), x + m0 * ldx, ldx, wt + c * K, K, y + m0 * ldy + nt + c, ldy);
@@ -1121,10 +1151,10 @@ inline bool pow2_exponent(float s, int32_t& e) {
 // FP4 row j straight to bf16 in kernel order (per block of 32 its evens, then its odds): e2m1 codes -> bf16 bits
 // by vpermw, times the block's power-of-two scale by adding its exponent to every nonzero value (exact). false for
 // a scale that is not a power of two within 2^+-100 (the float decode then decides).
-bool decode_fp4_row_bf16(const QuantWeight& w, int64_t j, uint16_t* out) {
+bool decode_fp4_row_bf16(const QuantWeight& w, RowScales& scales, int64_t j, uint16_t* out) {
   const int64_t K = w.k, nblk = K / 32;
   const uint8_t* row = (const uint8_t*)w.data + j * (K / 2);
-  const float* srow = row_scales(w, j);
+  const float* srow = scales(j);
   const __m256i table = _mm256_load_si256((const __m256i*)kE2m1Bf16), nibble = _mm256_set1_epi16(0x0F),
                 magnitude = _mm256_set1_epi16(0x7FFF);
   for (int64_t b = 0; b < nblk; ++b) {
@@ -1149,10 +1179,10 @@ bool decode_fp4_row_bf16(const QuantWeight& w, int64_t j, uint16_t* out) {
 // within 2^+-100 (the float decode then decides). (The NaN codes 0x7f / 0xff are not handled: quantised weights
 // never hold them, as in decode_fp8_16.)
 alignas(32) const uint16_t kE4m3SubnormalBf16[16] = {0x0000, 0x3B00, 0x3B80, 0x3BC0, 0x3C00, 0x3C20, 0x3C40, 0x3C60};
-bool decode_fp8_row_bf16(const QuantWeight& w, int64_t j, uint16_t* out) {
+bool decode_fp8_row_bf16(const QuantWeight& w, RowScales& scales, int64_t j, uint16_t* out) {
   const int64_t K = w.k;
   const uint8_t* row = (const uint8_t*)w.data + j * K;
-  const float* srow = row_scales(w, j);
+  const float* srow = scales(j);
   const __m256i low7 = _mm256_set1_epi16(0x7F), sign = _mm256_set1_epi16(0x80), eight = _mm256_set1_epi16(8);
   for (int64_t k0 = 0; k0 < K; k0 += 128) {
     int32_t e;
@@ -1183,11 +1213,12 @@ bool decode_fp8_row_bf16(const QuantWeight& w, int64_t j, uint16_t* out) {
 // 16 weight rows from j0 (fewer at the end: zero rows) as bf16 [16][kp]; false if a value is not a bf16 number
 bool decode_tile(const QuantWeight& w, int64_t j0, int64_t nb, uint16_t* out, int64_t kp) {
   float* row = tl_row.get(w.k);
+  RowScales scales(w);
   memset(out, 0, (size_t)16 * kp * 2);
   for (int64_t r = 0; r < nb; ++r) {
-    if (w.format == kFp4 && decode_fp4_row_bf16(w, j0 + r, out + r * kp)) continue;
-    if (w.format == kFp8 && decode_fp8_row_bf16(w, j0 + r, out + r * kp)) continue;
-    decode_row(w, j0 + r, row);
+    if (w.format == kFp4 && decode_fp4_row_bf16(w, scales, j0 + r, out + r * kp)) continue;
+    if (w.format == kFp8 && decode_fp8_row_bf16(w, scales, j0 + r, out + r * kp)) continue;
+    decode_row(w, scales, j0 + r, row);
     if (!to_bf16_exact(row, out + r * kp, w.k)) return false;
   }
   return true;
