@@ -3,7 +3,7 @@ library can run.
 
 Weight scales (bundle, `store_scales_e8m0`): the checkpoint ships every FP8 and FP4 block scale as one e8m0 byte
 (2^(e-127)); the exported programs hold them as float32. The CPU bundle stores the bytes again (a routed expert's
-FP4 weights read 17 % fewer bytes: 0.53 instead of 0.63 per weight) and decodes them in the graph, `bytes ->
+FP4 weights read 15 % fewer bytes: 0.53 instead of 0.63 per weight) and decodes them in the graph, `bytes ->
 Cast(int64) -> Gather(E8M0_TABLE)`, so that any ONNX Runtime still runs the bundle (ORT's constant folding turns
 the decode back into float scales at load). With the library the build drops the decode (`fold_e8m0_decodes`):
 the kernels read the bytes themselves (ops.cc `with_scales`).
