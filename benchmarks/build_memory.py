@@ -11,7 +11,7 @@ layers alternating, so every added pair of layers is the same ~120 MB on disk) a
   3. counts the bytes of checkpoint, artifact, and stage cache + artifact (a hard-linked file counted once, and as
      `ls` would count it),
   4. loads the engine in a fresh subprocess and runs one prefill + one decode step: its RSS growth against
-     `dsv4c plan`'s per-device figure for the same recipe (the recipe's formats, and today's float32 engine).
+     `dsv4c plan`'s per-device figure for the same recipe (the recipe's formats, and this dsv4c's engine).
 
 and prints one table with issue 13's measured baseline beside it, then the 8-layer build's peak RSS per stage.
 
@@ -222,7 +222,7 @@ def report(rows: list[dict]) -> None:
     flash = [r for r in rows if r["layers"] == 0]
     rows = [r for r in rows if r["layers"]]
     head = ("layers", "checkpoint", "build peak RSS", "(anon)", "plan RAM", "baseline", "artifact", "artifact/ckpt",
-            "cache+artifact disk", "(paths)", "plan disk", "engine RSS", "plan/device", "plan f32 engine",
+            "cache+artifact disk", "(paths)", "plan disk", "engine RSS", "plan/device", "plan engine",
             "writer peak")
     table = [head]
     for r in rows:
@@ -260,6 +260,8 @@ def report(rows: list[dict]) -> None:
         print(f"build peak RSS grows {mb(per_layer)} per {mb(layer_disk)} layer; "
               f"{b['layers']} vs {a['layers']} layers: {b['build']['peak_rss'] / a['build']['peak_rss']:.2f}x "
               f"(issue 13's goal: flat within 25 %, i.e. <= 1.25x)")
+    if not rows:  # `--layers "" --flash`: the real-width build only, reported above
+        return
     deep = rows[-1]
     print(f"\npeak RSS per stage, {deep['layers']} layers (20 ms samples; quantize and export run inside lower):")
     for stage, s in deep["build"]["stages"].items():

@@ -111,9 +111,14 @@ def library() -> str:
 
 def test_e8m0_codes_are_the_exponents_of_powers_of_two():
     np.testing.assert_array_equal(e8m0_codes("s", SCALES), [[126, 117], [130, 0]])
-    for bad in (np.array([0.75]), np.array([0.0]), np.array([2.0 ** 128], dtype=np.float64)):
+    for bad in (np.array([0.75]), np.array([0.0]), np.array([-0.5]), np.array([np.inf], dtype=np.float32)):
         with pytest.raises(ValueError, match="weight scales 'layers.0.s' are not all powers of two"):
             e8m0_codes("layers.0.s", bad)
+    many = np.full((2, (1 << 20) + 3), 0.5, dtype=np.float32)  # converted a chunk at a time: the last one too
+    assert (e8m0_codes("s", many) == 126).all() and e8m0_codes("s", many).shape == many.shape
+    many[1, -1] = 0.75
+    with pytest.raises(ValueError):
+        e8m0_codes("s", many)
 
 
 def test_scales_are_stored_as_e8m0_bytes_and_decoded_in_the_graph(library):

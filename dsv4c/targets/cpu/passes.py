@@ -64,14 +64,24 @@ def store_scales_e8m0(graph: Any) -> int:
     return stored
 
 
+E8M0_CHUNK = 1 << 20  # scales converted at a time: a real-width expert stack holds 67M (268 MB as float32)
+
+
 def e8m0_codes(name: str, scales: np.ndarray) -> np.ndarray:
-    """Float32 powers of two in [2^-127, 2^127] -> their e8m0 bytes; anything else is refused, naming the tensor."""
-    mantissa, exponent = np.frexp(np.asarray(scales, dtype=np.float64))
-    codes = exponent.astype(np.int64) - 1 + E8M0_BIAS
-    if not (mantissa == 0.5).all() or codes.min(initial=0) < 0 or codes.max(initial=0) > 2 * E8M0_BIAS:
-        raise ValueError(f"weight scales {name!r} are not all powers of two in [2^-127, 2^127]: they cannot be "
-                         "stored as e8m0 bytes (the checkpoint's scale format)")
-    return codes.astype(np.uint8)
+    """Float32 powers of two in [2^-127, 2^127] -> their e8m0 bytes; anything else is refused, naming the tensor.
+    Read off the float's bits a chunk at a time: a normal power of two is its exponent field over a zero
+    mantissa (the code itself), 2^-127 the one subnormal; working copies stay a few MB whatever the tensor."""
+    bits = np.ascontiguousarray(scales, dtype=np.float32).reshape(-1).view(np.uint32)
+    codes = np.empty(bits.shape, dtype=np.uint8)
+    for start in range(0, bits.size, E8M0_CHUNK):
+        chunk = bits[start:start + E8M0_CHUNK]
+        exponent = chunk >> 23  # the sign bit makes it >= 256
+        subnormal = chunk == 0x00400000  # 2^-127
+        if not (subnormal | ((chunk & 0x7FFFFF) == 0) & (exponent >= 1) & (exponent <= 2 * E8M0_BIAS)).all():
+            raise ValueError(f"weight scales {name!r} are not all powers of two in [2^-127, 2^127]: they cannot be "
+                             "stored as e8m0 bytes (the checkpoint's scale format)")
+        codes[start:start + E8M0_CHUNK] = np.where(subnormal, 0, exponent)
+    return codes.reshape(np.shape(scales))
 
 
 def e8m0_values() -> np.ndarray:
@@ -85,7 +95,11 @@ def _powers_of_two_so_far(held: Any) -> bool:
 
     if isinstance(held, ir.LazyTensor):  # streamed from the checkpoint: e8m0 there, checked when written
         return True
-    return bool((np.frexp(held.numpy().astype(np.float32))[0] == 0.5).all())
+    try:
+        e8m0_codes("", held.numpy())
+    except ValueError:
+        return False
+    return True
 
 
 def _table_value(graph: Any) -> Any:
