@@ -32,7 +32,6 @@ from onnx import TensorProto
 ROUND_ATTRIBUTE = "round_bf16_out"
 SCALE_INPUTS = {"Fp8Linear": (2,), "Fp8GroupedLinear": (2,), "MoeExperts": (4, 6, 8)}  # weight scale positions
 E8M0_TABLE = "dsv4c.e8m0_values"  # float32 [256]: 2^(code-127) for every e8m0 byte, NaN for 0xFF
-E8M0_BIAS = 127
 
 
 # ---- weight scales as e8m0 bytes -------------------------------------------------------------------------------
@@ -55,11 +54,12 @@ def store_scales_e8m0(graph: Any) -> int:
             value = node.inputs[i] if i < len(node.inputs) else None
             if value is None or not value.is_initializer() or value.dtype != ir.DataType.FLOAT:
                 continue  # not a stored float tensor, or already decoded for an earlier reader
-            if math.prod(value.shape.dims) == 0 or not _powers_of_two_so_far(value.const_value):
+            codes = None if math.prod(value.shape.dims) == 0 else _codes(value.name, value.const_value)
+            if codes is None:
                 continue
             if table is None:
                 table = _table_value(graph)
-            _store_as_e8m0(graph, value, table, first)
+            _store_as_e8m0(graph, value, codes, table, first)
             stored += 1
     return stored
 
@@ -71,6 +71,8 @@ def e8m0_codes(name: str, scales: np.ndarray) -> np.ndarray:
     """Float32 powers of two in [2^-127, 2^127] -> their e8m0 bytes; anything else is refused, naming the tensor.
     Read off the float's bits a chunk at a time: a normal power of two is its exponent field over a zero
     mantissa (the code itself), 2^-127 the one subnormal; working copies stay a few MB whatever the tensor."""
+    from dsv4c.graphs.quant import E8M0_BIAS
+
     bits = np.ascontiguousarray(scales, dtype=np.float32).reshape(-1).view(np.uint32)
     codes = np.empty(bits.shape, dtype=np.uint8)
     for start in range(0, bits.size, E8M0_CHUNK):
@@ -85,21 +87,28 @@ def e8m0_codes(name: str, scales: np.ndarray) -> np.ndarray:
 
 
 def e8m0_values() -> np.ndarray:
+    import torch
+
+    from dsv4c.graphs.quant import e8m0_to_float
+
     values = np.full(256, np.nan, dtype=np.float32)  # 0xFF: NaN
-    values[:255] = np.ldexp(np.ones(255, dtype=np.float32), np.arange(255) - E8M0_BIAS)
+    values[:255] = e8m0_to_float(torch.arange(255, dtype=torch.uint8)).numpy()
     return values
 
 
-def _powers_of_two_so_far(held: Any) -> bool:
+def _codes(name: str, held: Any) -> Any:
+    """The e8m0 bytes of the scales `held`: converted as the file is written when the checkpoint streams them in
+    (e8m0 there; checked then), now when the exporter holds them; None for held values that are not all powers of
+    two (they stay float)."""
     import onnx_ir as ir
 
-    if isinstance(held, ir.LazyTensor):  # streamed from the checkpoint: e8m0 there, checked when written
-        return True
+    if isinstance(held, ir.LazyTensor):
+        return ir.LazyTensor(lambda: ir.tensor(e8m0_codes(name, held.numpy()), name=name), dtype=ir.DataType.UINT8,
+                             shape=held.shape, name=name)
     try:
-        e8m0_codes("", held.numpy())
+        return ir.tensor(e8m0_codes(name, held.numpy()), name=name)
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def _table_value(graph: Any) -> Any:
@@ -111,16 +120,14 @@ def _table_value(graph: Any) -> Any:
     return table
 
 
-def _store_as_e8m0(graph: Any, value: Any, table: Any, first: Any) -> None:
+def _store_as_e8m0(graph: Any, value: Any, codes_tensor: Any, table: Any, first: Any) -> None:
     import onnx_ir as ir
 
-    name, held, shape = value.name, value.const_value, value.shape
+    name, shape = value.name, value.shape
     decoded = ir.Value(name=f"{name}.decoded", shape=shape, type=ir.TensorType(ir.DataType.FLOAT))
     value.replace_all_uses_with(decoded)
     graph.initializers.pop(name)
-    codes = ir.Value(name=name, shape=shape, type=ir.TensorType(ir.DataType.UINT8),
-                     const_value=ir.LazyTensor(lambda: ir.tensor(e8m0_codes(name, held.numpy()), name=name),
-                                               dtype=ir.DataType.UINT8, shape=shape, name=name))
+    codes = ir.Value(name=name, shape=shape, type=ir.TensorType(ir.DataType.UINT8), const_value=codes_tensor)
     graph.register_initializer(codes)
     index = ir.Value(name=f"{name}.codes", shape=shape, type=ir.TensorType(ir.DataType.INT64))
     cast = ir.Node("", "Cast", [codes], [ir.AttrInt64("to", ir.DataType.INT64)], outputs=[index],

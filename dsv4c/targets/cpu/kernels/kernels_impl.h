@@ -75,14 +75,8 @@ thread_local ThreadBuffer<int64_t> tl_offsets;     // where each attention block
 // ---- weight scales ------------------------------------------------------------------------------------------
 thread_local ThreadBuffer<float> tl_scales;  // a weight row's scales widened from e8m0
 
-inline float e8m0_value(uint8_t e) {
-  if (e == 0xFF) return NAN;
-  if (e == 0) return ldexpf(1.f, -127);  // a float32 subnormal
-  const uint32_t bits = (uint32_t)e << 23;
-  float v;
-  memcpy(&v, &bits, sizeof v);
-  return v;
-}
+// ops.cc's e8m0_value (KV-row scales) with 0xFF as NaN; not shared: kernels.h says why
+inline float e8m0_value(uint8_t e) { return e == 0xFF ? NAN : ldexpf(1.f, (int)e - 127); }
 
 // e8m0 bytes -> floats 2^(e-127): the byte is the float's exponent field (codes 1-254); 0 is the subnormal 2^-127
 // and 0xFF NaN, both patched in.
