@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from dsv4c import heap
 from dsv4c.compiler.pipeline import STAGES, Build, Events, Stage, check_pipeline, execute
 from dsv4c.compiler.stages import PIPELINE
 
@@ -110,3 +111,48 @@ def test_the_declarations_are_checked_before_anything_runs():
         check_pipeline(PIPELINE[::-1])
     with pytest.raises(ValueError, match="materialise"):
         check_pipeline((*PIPELINE[:3], dataclasses.replace(PIPELINE[3], materialise=None), *PIPELINE[4:]))
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("RssAnon:"))
+
+
+@pytest.mark.skipif(heap._LIBC is None or not Path("/proc/self/status").is_file(), reason="glibc on Linux only")
+def test_what_a_stage_freed_is_given_back_before_the_next_stage_runs(tmp_path):
+    """malloc keeps the memory of blocks under its mmap threshold once they are freed unless trimmed: the next
+    stage would start with the last one's freed working set still resident."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    block, seen = 64 << 10, {}
+    kept = []
+
+    def lower_frees_256_mb(build: Build) -> str:
+        blocks = [libc.malloc(block) for _ in range(4096)]
+        kept.append(libc.malloc(block))  # above them: the heap's top cannot shrink past it by itself
+        for p in blocks:
+            ctypes.memset(p, 1, block)
+        seen["held"] = _rss_anon()
+        for p in blocks:
+            libc.free(p)
+        seen["freed"] = _rss_anon()
+        build.keys["lower"] = "key"
+        return "done"
+
+    def build_measures(build: Build) -> str:
+        seen["next stage"] = _rss_anon()
+        build.keys["build"] = "key"
+        return "done"
+
+    stages = list(toy_pipeline(reads={"lower": ()}))
+    for name, run in (("lower", lower_frees_256_mb), ("build", build_measures)):
+        stages[STAGES.index(name)] = dataclasses.replace(stages[STAGES.index(name)], run=run)
+    try:
+        events(tmp_path / "cache", tuple(stages), until="build")
+    finally:
+        for p in kept:
+            libc.free(p)
+    assert seen["freed"] > seen["held"] - (64 << 20)  # free() alone gave (almost) nothing back
+    assert seen["next stage"] < seen["freed"] - (200 << 20)

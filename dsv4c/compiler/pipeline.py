@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 
 from dsv4c._version import __version__ as DSV4C_VERSION
 from dsv4c.compiler.errors import BuildError, CheckpointInvalidError, Dsv4cError, InfeasibleError, ToolchainError
+from dsv4c.heap import trim_heap
 
 if TYPE_CHECKING:
     from torch.export import ExportedProgram
@@ -374,6 +375,10 @@ def run_stage(build: Build, stage: Stage) -> None:
             status = stage.run(build)
     finally:
         build.readers.pop()
+        # what a stage freed goes back to the system before the next one runs: malloc keeps freed blocks under its
+        # mmap threshold (measured: packaging held 0.36 GB of validation's freed memory at 8 layers, 0.53 at
+        # V4-Flash width)
+        trim_heap()
     if not stage.stored and status == "done":
         status = _marker(build, stage.name, build.keys[stage.name])
     if stage.lazy and status == "done" and stage.name not in build.materialised:
