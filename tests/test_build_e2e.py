@@ -146,6 +146,15 @@ def test_a_small_models_decode_runs_on_one_thread_its_prefill_on_all(official):
     assert program_threads("decode", None, SMALL_MODEL_BYTES) is None
 
 
+def test_decode_allocates_its_small_intermediates_where_prefill_plans_buffer_reuse(official):
+    """ORT's planned reuse of buffers costs more than it saves on a decode step's intermediates of a few KB
+    (dsv4c.targets.cpu.executor: tiny 4 % per step); prefill's activations are chunk-sized and keep it."""
+    out, _ = official
+    sessions = Engine.load(out).executor.sessions
+    assert not sessions["decode"].get_session_options().enable_mem_reuse
+    assert sessions["prefill"].get_session_options().enable_mem_reuse
+
+
 def test_the_bf16_round_trips_behind_dsv4_ops_are_folded_and_need_the_library(official, tmp_path):
     """The CPU build folds each `dsv4 op -> Cast(bf16) -> Cast(float)` into the op (dsv4c.targets.cpu.passes; the
     validation gate of this build ran the folded engine). A folded engine without its kernel library would run

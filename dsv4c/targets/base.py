@@ -216,10 +216,11 @@ def _bind(bind, name: str, array: np.ndarray) -> None:
 
 
 def ort_session(path: str | Path, *, custom_ops_library: str | None = None, threads: int | None = None,
-                initializers: dict | None = None) -> onnxruntime.InferenceSession:
+                initializers: dict | None = None, reuse_buffers: bool = True) -> onnxruntime.InferenceSession:
     """An ONNX Runtime CPU session. With `custom_ops_library` its dsv4 kernels run the dsv4 nodes;
     without, ORT inlines the model-local function bodies. `initializers` (name -> OrtValue) replace the model's
-    own: ORT uses their memory as it is (the caller keeps them alive as long as the session)."""
+    own: ORT uses their memory as it is (the caller keeps them alive as long as the session). `reuse_buffers`:
+    ORT's planned reuse of one node's output buffer for a later node's (SessionOptions.enable_mem_reuse)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -231,6 +232,7 @@ def ort_session(path: str | Path, *, custom_ops_library: str | None = None, thre
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    options.enable_mem_reuse = reuse_buffers
     for name, value in (initializers or {}).items():
         options.add_initializer(name, value)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
