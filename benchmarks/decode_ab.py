@@ -13,6 +13,11 @@ caches as returned copies; float32 caches only, numpy feeds cannot hold bf16), t
 before that change, runtime included:
 
     python benchmarks/decode_ab.py base=/tmp/old/mini-1b new=artifacts/bench/mini-1b --functional base
+
+`--reuse-buffers LABEL` loads that artifact's sessions with ONNX Runtime's planned buffer reuse, which the
+runtime turned off for decode (dsv4c/targets/cpu/executor.py): the same artifact twice measures that change.
+
+    python benchmarks/decode_ab.py new=artifacts/bench/tiny base=artifacts/bench/tiny --reuse-buffers base
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -34,6 +40,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--functional", action="append", default=[], metavar="LABEL",
                     help="run LABEL's artifact with the previous runtime's session.run (repeatable)")
+    ap.add_argument("--reuse-buffers", action="append", default=[], metavar="LABEL",
+                    help="load LABEL's decode session with ORT's planned buffer reuse, as before (repeatable)")
     args = ap.parse_args()
     from dsv4c.runtime import Engine
 
@@ -42,7 +50,8 @@ def main() -> None:
         label, _, path = item.partition("=")
         if not path:
             ap.error(f"{item!r}: expected LABEL=PATH")
-        engines[label] = Engine.load(path, threads=args.threads)
+        with planned_buffer_reuse(label in args.reuse_buffers):
+            engines[label] = Engine.load(path, threads=args.threads)
         if label in args.functional:
             engines[label].executor.run = functional_run(engines[label].executor)
     ms = {label: [] for label in engines}
@@ -64,6 +73,20 @@ def main() -> None:
     for label, values in ms.items():
         med = statistics.median(values)
         print(f"{label} | {med:.2f} | {args.batch * 1e3 / med:.1f} | {min(values):.2f} | {first / med:.2f}x")
+
+
+@contextmanager
+def planned_buffer_reuse(on: bool):
+    """Sessions the CPU executor makes meanwhile plan ORT's buffer reuse, whatever it asks for (when `on`)."""
+    from dsv4c.targets.cpu import executor
+
+    made = executor.ort_session
+    if on:
+        executor.ort_session = lambda *args, **kw: made(*args, **{**kw, "reuse_buffers": True})
+    try:
+        yield
+    finally:
+        executor.ort_session = made
 
 
 def functional_run(executor):

@@ -47,7 +47,8 @@ class OrtExecutor:
         weights, self.mapped = mapped_initializers(models, engine_dir)
         self.threads = {name: program_threads(name, threads, sum(m.nbytes for m in self.mapped)) for name in programs}
         # a decode step's intermediates are a few KB per token: ORT's planned buffer reuse costs more than it
-        # saves there (tiny, per step: 0.98 vs 1.02 ms at batch 1, 2.64 vs 2.72 at batch 8; mini-1b unchanged)
+        # saves there (benchmarks/decode_ab.py --reuse-buffers, per step: tiny 0.95 vs 1.00 ms at batch 1, 2.74
+        # vs 2.84 at batch 8; mini-1b 28.4 vs 29.0 and 81.8 vs 83.1)
         for name, rel in programs.items():
             kernels = str(library) if self.kernels else None
             self.sessions[name] = ort_session(engine_dir / rel, custom_ops_library=kernels, threads=self.threads[name],
