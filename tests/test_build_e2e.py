@@ -148,7 +148,7 @@ def test_a_small_models_decode_runs_on_one_thread_its_prefill_on_all(official):
 
 def test_decode_allocates_its_small_intermediates_where_prefill_plans_buffer_reuse(official):
     """ORT's planned reuse of buffers costs more than it saves on a decode step's intermediates of a few KB
-    (dsv4c.targets.cpu.executor: tiny 4 % per step); prefill's activations are chunk-sized and keep it."""
+    (dsv4c.targets.cpu.executor: tiny 5 % per step); prefill's activations are chunk-sized and keep it."""
     out, _ = official
     sessions = Engine.load(out).executor.sessions
     assert not sessions["decode"].get_session_options().enable_mem_reuse
