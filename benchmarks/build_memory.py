@@ -10,7 +10,8 @@ layers alternating, so every added pair of layers is the same ~120 MB on disk) a
      export run inside lower and report when they finish),
   3. counts the bytes of checkpoint, artifact, and stage cache + artifact (a hard-linked file counted once, and as
      `ls` would count it),
-  4. loads the engine in a fresh subprocess and runs one prefill + one decode step: its RSS growth against
+  4. loads the engine in a fresh subprocess and runs the workload `dsv4c plan` sizes a device for (max batch,
+     one full prefill chunk each, then decode): its peak RSS growth, and its growth after the run, against
      `dsv4c plan`'s per-device figure for the same recipe (the recipe's formats, and this dsv4c's engine).
 
 and prints one table with issue 13's measured baseline beside it, then the 8-layer build's peak RSS per stage.
@@ -82,19 +83,25 @@ def write_checkpoint(layers: int, out: str) -> dict:
 
 
 def engine_rss(artifact: str) -> dict:
-    """RSS growth of loading the engine and running one prefill (64 tokens) and one decode step."""
+    """The engine under the workload `dsv4c plan` sizes a device for: the recipe's max_batch_size sequences, one
+    full prefill chunk each, then two decode steps. Its peak RSS growth (VmHWM) against the RSS before loading,
+    and the growth after the steps (anonymous and file pages: the engine's mapped weights)."""
     import numpy as np
     import onnxruntime  # noqa: F401  (imported before the baseline: the library is not the engine)
 
     from dsv4c.runtime import Engine
+    from dsv4c.runtime.engine import PREFILL_CHUNK
 
     before = proc_status(os.getpid())
     eng = Engine.load(artifact)
-    s = eng.session(1)
-    logits = s.prefill([list(range(5, 69))])
-    s.decode(np.asarray(logits).argmax(-1))
+    s = eng.session(eng.max_batch_size)
+    rng = np.random.default_rng(0)
+    logits = s.prefill(rng.integers(2, eng.vocab_size, (eng.max_batch_size, PREFILL_CHUNK)))
+    for _ in range(2):
+        logits = s.decode(np.asarray(logits).argmax(-1))
     after = proc_status(os.getpid())
-    return {k: after[k] - before[k] for k in ("VmRSS", "RssAnon", "RssFile")} | {"VmHWM": after["VmHWM"]}
+    return {k: after[k] - before[k] for k in ("VmRSS", "RssAnon", "RssFile")} | {
+        "peak": after["VmHWM"] - before["VmRSS"], "batch": eng.max_batch_size, "tokens": PREFILL_CHUNK}
 
 
 def proc_status(pid: int) -> dict[str, int]:
@@ -222,7 +229,7 @@ def report(rows: list[dict]) -> None:
     flash = [r for r in rows if r["layers"] == 0]
     rows = [r for r in rows if r["layers"]]
     head = ("layers", "checkpoint", "build peak RSS", "(anon)", "plan RAM", "baseline", "artifact", "artifact/ckpt",
-            "cache+artifact disk", "(paths)", "plan disk", "engine RSS", "plan/device", "plan engine",
+            "cache+artifact disk", "(paths)", "plan disk", "engine peak", "(after)", "plan/device", "plan engine",
             "writer peak")
     table = [head]
     for r in rows:
@@ -231,7 +238,8 @@ def report(rows: list[dict]) -> None:
                       mb(r["artifact_bytes"]),
                       f"{r['artifact_bytes'] / r['checkpoint_bytes']:.2f}x", mb(r["disk_unique"]),
                       mb(r["disk_apparent"]), mb(r["plan"]["disk"]),
-                      mb(r["engine"]["VmRSS"]), mb(r["plan"]["per_device"]), mb(r["plan"]["per_device_dsv4c_engine"]),
+                      mb(r["engine"]["peak"]), mb(r["engine"]["VmRSS"]), mb(r["plan"]["per_device"]),
+                      mb(r["plan"]["per_device_dsv4c_engine"]),
                       mb(r["write"]["peak_rss"]) if r["write"]["peak_rss"] else "-"))
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     for row in table:
@@ -248,8 +256,10 @@ def report(rows: list[dict]) -> None:
         for what, got, planned in (("peak RSS", b["peak_rss"], p["host_ram"]), ("disk", r["disk_unique"], p["disk"]),
                                    ("artifact", r["artifact_bytes"], p["artifact"])):
             print(f"  plan's {what}: {mb(planned)} against {mb(got)} measured ({planned / got - 1:+.1%})")
-        print(f"  engine RSS after load + prefill + decode {mb(r['engine']['VmRSS'])} (anonymous "
-              f"{mb(r['engine']['RssAnon'])}); plan per device {mb(p['per_device_dsv4c_engine'])}")
+        e = r["engine"]
+        print(f"  engine peak RSS {mb(e['peak'])} ({e['batch']} x {e['tokens']} tokens of prefill, then decode), "
+              f"{mb(e['VmRSS'])} after (anonymous {mb(e['RssAnon'])}); plan per device "
+              f"{mb(p['per_device_dsv4c_engine'])} (peak {e['peak'] / p['per_device_dsv4c_engine']:.2f}x)")
         for stage, st in b["stages"].items():
             print(f"  {stage:>9} {st['status']:>7} {st['seconds']:7.1f} s  {mb(st['peak_rss']):>10} "
                   f"(anon {mb(st['peak_anon'])})")
@@ -271,8 +281,10 @@ def report(rows: list[dict]) -> None:
         if r["build"]["notes"]:
             print(f"notes ({r['layers']} layers): " + " | ".join(r["build"]["notes"]))
         e = r["engine"]
-        print(f"engine RSS growth, {r['layers']} layers: {mb(e['VmRSS'])} (anonymous {mb(e['RssAnon'])}, file pages "
-              f"{mb(e['RssFile'])}); plan: {mb(r['plan']['per_device'])} in the recipe's formats, "
+        print(f"engine, {r['layers']} layers, {e['batch']} x {e['tokens']} tokens of prefill then decode: peak RSS "
+              f"{mb(e['peak'])} ({e['peak'] / r['plan']['per_device_dsv4c_engine']:.2f}x plan), after "
+              f"{mb(e['VmRSS'])} (anonymous {mb(e['RssAnon'])}, file pages {mb(e['RssFile'])}); plan: "
+              f"{mb(r['plan']['per_device'])} in the recipe's formats, "
               f"{mb(r['plan']['per_device_dsv4c_engine'])} for today's engine; plan host RAM "
               f"{mb(r['plan']['host_ram'])}, disk {mb(r['plan']['disk'])}")
 

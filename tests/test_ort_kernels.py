@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -517,6 +518,30 @@ def test_moe_experts(library, isa, fmt, tokens):
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
     if tokens > 3:
         assert not got[3].any()  # a token without experts gets zeros
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc/self/status")
+def test_large_scratch_is_kept_for_the_next_call_and_given_back_on_request(library):
+    """A call's scratch blocks over 1 MiB (here the MoE picks of 4,096 tokens, ~40 MB) are kept for the next call
+    (malloc's heap, which would otherwise serve them, fragments under blocks of changing sizes from two threads)
+    and unmapped by dsv4_release_scratch, which the runtime calls after a prefill. The result stays the
+    reference's."""
+    import ctypes
+
+    def rss_anon() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) << 10 for line in f if line.startswith("RssAnon:"))
+
+    attrs = {"fmt": 2, "swiglu_limit": 0.5, "act_quant": False, "bf16": False}
+    inputs = moe_inputs(2, tokens=4096)
+    s = session(node_model("moe_experts", inputs, attrs, [2]), library)
+    release = ctypes.CDLL(library).dsv4_release_scratch
+    release()
+    got = s.run(None, feeds(inputs))
+    assert_outputs_match(got, reference("moe_experts", attrs, **inputs), exact=False)
+    before = rss_anon()
+    release()
+    assert before - rss_anon() > 30 << 20
 
 
 def test_moe_fp4_experts_with_scales_that_are_not_powers_of_two(library, isa):
