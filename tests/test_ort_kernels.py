@@ -716,7 +716,7 @@ def test_hc_post(library, isa, n):
 
 
 @pytest.mark.parametrize("block", [128, 32])
-def test_fake_quant_fp8(library, block):
+def test_fake_quant_fp8(library, isa, block):
     x = rand(3, 5, 256, seed=1, scale=3.0)
     x[0, 0, :block] = torch.linspace(-448, 448, block)  # scale exactly 1: round-to-nearest at every binade
     x[0, 0, 1:6] = torch.tensor([7.9, 1.97, 124.3, -15.9, 0.0019])  # round up across a power of two
@@ -728,21 +728,36 @@ def test_fake_quant_fp8(library, block):
     check(library, "fake_quant_fp8", {"block": block}, exact=True, x=x)
 
 
-def test_fake_quant_fp8_scale_at_powers_of_two(library):
+def test_fake_quant_fp8_scale_at_powers_of_two(library, isa):
     base = 448.0 * torch.pow(2.0, torch.arange(-15.0, 119.0))
     x = torch.cat([base, torch.nextafter(base, base * 2), torch.nextafter(base, base / 2), -1.3 * base])
     check(library, "fake_quant_fp8", {"block": 1}, exact=True, x=x.view(-1, 1))
 
 
-def test_fake_quant_fp8_every_e4m3_value(library):
-    """Block of 2 with 448 as the partner: scale 1, so each value of the first column is rounded on its own; all
-    e4m3 values, the midpoints between neighbours (ties to even) and points just off them."""
+def e4m3_probe() -> torch.Tensor:
+    """Every e4m3 value, the midpoints between neighbours (ties to even) and points just off them."""
     values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
     values = values[values.isfinite() & (values.abs() <= 448)].sort().values
     mids = (values[1:] + values[:-1]) / 2
-    probe = torch.cat([values, mids, torch.nextafter(mids, values[1:]), torch.nextafter(mids, values[:-1])])
+    return torch.cat([values, mids, torch.nextafter(mids, values[1:]), torch.nextafter(mids, values[:-1])])
+
+
+def test_fake_quant_fp8_every_e4m3_value(library, isa):
+    """Block of 2 with 448 as the partner: scale 1, so each value of the first column is rounded on its own."""
+    probe = e4m3_probe()
     x = torch.stack([probe, torch.full_like(probe, 448.0)], dim=1)
     check(library, "fake_quant_fp8", {"block": 2}, exact=True, x=x)
+
+
+@pytest.mark.parametrize("scale_exp", [0, -9, 5])
+def test_fake_quant_fp8_every_e4m3_value_in_vector_blocks(library, isa, scale_exp):
+    """Blocks of 128 (the vector loops: 16 or 8 values a step, none left over), each 448 * 2^e and 127 probe
+    values times 2^e: every value rounded at scale 2^e, subnormals and -0 included."""
+    probe = e4m3_probe()
+    probe = torch.cat([probe, torch.zeros(-len(probe) % 127)]).view(-1, 127)
+    probe[-1, -1] = -0.0
+    x = torch.cat([torch.full((len(probe), 1), 448.0), probe], dim=1) * 2.0 ** scale_exp
+    check(library, "fake_quant_fp8", {"block": 128}, exact=True, x=x)
 
 
 @pytest.mark.parametrize("d", [32, 64, 128])

@@ -86,6 +86,12 @@ struct IsaKernels {
   // and sum rounded on its own (bit-exact with registry.hc_post). f [D], res [n, D], out [n, D].
   void (*hc_post_token)(const float* f, const float* res, const float* post, const float* comb, int64_t n,
                         int64_t d, float* out);
+
+  // FP8 fake quantisation (quant.fake_quant_fp8), one block at a time: the block's largest |x| (NaN skipped, as
+  // fmax does), and y[i] = e4m3(x[i] / scale clamped to +-448) * scale for a power-of-two scale, the e4m3
+  // rounding to nearest even with subnormals, NaN kept (bit-exact with ops.cc round_e4m3).
+  float (*abs_max)(const float* x, int64_t n);
+  void (*quant_e4m3)(const float* x, float* y, int64_t n, float scale);
 };
 
 namespace generic {

@@ -823,6 +823,96 @@ inline __m256 exp256(__m256 x) {
 }
 #endif
 
+// ---- FP8 fake quantisation --------------------------------------------------------------------------------------
+// ops.cc's round_e4m3 restated (the ISA units share no inline functions with it, see kernels.h): |v| <= 448 ->
+// the nearest e4m3fn value, ties to even, subnormals included.
+inline float round_e4m3_value(float v) {
+  if (v != v) return v;
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  const uint32_t sign = u & 0x80000000u, a = u ^ sign;
+  uint32_t r;
+  if (a >= 0x3C800000u) {  // >= 2^-6: keep 3 mantissa bits
+    r = (a + 0x7FFFFu + ((a >> 20) & 1u)) & 0xFFF00000u;
+  } else {
+    float m;
+    memcpy(&m, &a, 4);
+    m = (m + 16384.0f) - 16384.0f;  // the float add rounds to a multiple of 2^-9
+    memcpy(&r, &m, 4);
+  }
+  r |= sign;
+  float out;
+  memcpy(&out, &r, 4);
+  return out;
+}
+
+float abs_max(const float* x, int64_t n) {
+  float m = 0.f;
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16)  // maxps gives its second operand when one is NaN: a NaN x loses to acc
+    acc = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + i)), acc);
+  m = _mm512_reduce_max_ps(acc);
+#elif defined(__AVX2__)
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) acc = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + i), magnitude), acc);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  for (float v : lanes) m = v > m ? v : m;
+#endif
+  for (; i < n; ++i) {
+    const float a = fabsf(x[i]);
+    m = a > m ? a : m;
+  }
+  return m;
+}
+
+void quant_e4m3(const float* x, float* y, int64_t n, float scale) {
+  const float inv = 1.0f / scale;  // exact: a power of two
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 inv16 = _mm512_set1_ps(inv), scale16 = _mm512_set1_ps(scale);
+  const __m512 hi = _mm512_set1_ps(448.f), lo16 = _mm512_set1_ps(-448.f), shift = _mm512_set1_ps(16384.0f);
+  const __m512i sign_bit = _mm512_set1_epi32((int)0x80000000u), keep = _mm512_set1_epi32((int)0xFFF00000u);
+  const __m512i half = _mm512_set1_epi32(0x7FFFF), one = _mm512_set1_epi32(1), normal_min = _mm512_set1_epi32(0x3C800000);
+  for (; i + 16 <= n; i += 16) {
+    __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + i), inv16);
+    v = _mm512_max_ps(lo16, _mm512_min_ps(hi, v));  // min/max give their second operand for NaN: NaN kept
+    const __m512i u = _mm512_castps_si512(v), sign = _mm512_and_si512(u, sign_bit), a = _mm512_xor_si512(u, sign);
+    const __m512i normal = _mm512_and_si512(
+        _mm512_add_epi32(_mm512_add_epi32(a, half), _mm512_and_si512(_mm512_srli_epi32(a, 20), one)), keep);
+    const __m512i small = _mm512_castps_si512(_mm512_sub_ps(_mm512_add_ps(_mm512_castsi512_ps(a), shift), shift));
+    __m512i r = _mm512_or_si512(_mm512_mask_blend_epi32(_mm512_cmpge_epu32_mask(a, normal_min), small, normal), sign);
+    r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, u);
+    _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_castsi512_ps(r), scale16));
+  }
+#elif defined(__AVX2__)
+  const __m256 inv8 = _mm256_set1_ps(inv), scale8 = _mm256_set1_ps(scale);
+  const __m256 hi = _mm256_set1_ps(448.f), lo8 = _mm256_set1_ps(-448.f), shift = _mm256_set1_ps(16384.0f);
+  const __m256i sign_bit = _mm256_set1_epi32((int)0x80000000u), keep = _mm256_set1_epi32((int)0xFFF00000u);
+  const __m256i half = _mm256_set1_epi32(0x7FFFF), one = _mm256_set1_epi32(1), below_normal = _mm256_set1_epi32(0x3C7FFFFF);
+  for (; i + 8 <= n; i += 8) {
+    __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + i), inv8);
+    v = _mm256_max_ps(lo8, _mm256_min_ps(hi, v));  // min/max give their second operand for NaN: NaN kept
+    const __m256i u = _mm256_castps_si256(v), sign = _mm256_and_si256(u, sign_bit), a = _mm256_xor_si256(u, sign);
+    const __m256i normal = _mm256_and_si256(
+        _mm256_add_epi32(_mm256_add_epi32(a, half), _mm256_and_si256(_mm256_srli_epi32(a, 20), one)), keep);
+    const __m256i small = _mm256_castps_si256(_mm256_sub_ps(_mm256_add_ps(_mm256_castsi256_ps(a), shift), shift));
+    // a < 2^31 (sign cleared), so the signed compare orders it; NaN: a > the normal floor, its bits kept below
+    __m256i r = _mm256_or_si256(_mm256_blendv_epi8(small, normal, _mm256_cmpgt_epi32(a, below_normal)), sign);
+    r = _mm256_blendv_epi8(r, u, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_castsi256_ps(r), scale8));
+  }
+#endif
+  for (; i < n; ++i) {
+    float v = x[i] * inv;
+    v = v > 448.f ? 448.f : (v < -448.f ? -448.f : v);
+    y[i] = round_e4m3_value(v) * scale;
+  }
+}
+
 // ---- attention -------------------------------------------------------------------------------------------------
 // An online softmax over blocks of 64 picks in idx order, as DeepSeek's kernel (spec §3.9.2, registry.sparse_attn):
 // with bf16 the unnormalised probabilities exp(l - running max) are rounded before the P.V product while the
@@ -1187,6 +1277,18 @@ bool decode_fp8_row_bf16(const QuantWeight& w, RowScales& scales, int64_t j, uin
     sub = _mm256_mask_add_epi16(sub, _mm256_test_epi16_mask(sub, sub), sub, shift);  // code 0 stays 0
     const int64_t k1 = lo(K, k0 + 128);
     int64_t k = k0;
+    {  // 32 at a time, the same steps in 512-bit registers (the subnormal table's upper half unused)
+      const __m512i sub32 = _mm512_castsi256_si512(sub), bias32 = _mm512_set1_epi16((short)((e + 120) * 128));
+      const __m512i low7_32 = _mm512_set1_epi16(0x7F), sign32 = _mm512_set1_epi16(0x80);
+      for (; k + 32 <= k1; k += 32) {
+        const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(row + k)));
+        const __m512i mag = _mm512_and_si512(bytes, low7_32);
+        __m512i v = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), bias32);
+        v = _mm512_mask_permutexvar_epi16(v, _mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8)), mag, sub32);
+        v = _mm512_or_si512(v, _mm512_slli_epi16(_mm512_and_si512(bytes, sign32), 8));
+        _mm512_storeu_si512(out + k, v);
+      }
+    }
     for (; k + 16 <= k1; k += 16) {
       const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(row + k)));
       const __m256i mag = _mm256_and_si256(bytes, low7);
@@ -1208,7 +1310,9 @@ bool decode_fp8_row_bf16(const QuantWeight& w, RowScales& scales, int64_t j, uin
 bool decode_tile(const QuantWeight& w, int64_t j0, int64_t nb, uint16_t* out, int64_t kp) {
   float* row = tl_row.get(w.k);
   RowScales scales(w);
-  memset(out, 0, (size_t)16 * kp * 2);
+  if (nb < 16) memset(out + nb * kp, 0, (size_t)(16 - nb) * kp * 2);  // rows past the weight's last: zero
+  if (w.k < kp)
+    for (int64_t r = 0; r < nb; ++r) memset(out + r * kp + w.k, 0, (size_t)(kp - w.k) * 2);  // the padded pair
   for (int64_t r = 0; r < nb; ++r) {
     if (w.format == kFp4 && decode_fp4_row_bf16(w, scales, j0 + r, out + r * kp)) continue;
     if (w.format == kFp8 && decode_fp8_row_bf16(w, scales, j0 + r, out + r * kp)) continue;
@@ -1325,7 +1429,8 @@ void indexer_scores(const float* q, const float* w, int64_t heads, const void* k
 #define DSV4_STR2(x) #x
 #define DSV4_STR(x) DSV4_STR2(x)
 const IsaKernels kernels = {DSV4_STR(DSV4_ISA), linear,        prepared_bytes, prepare_rows,  sparse_attn_query,
-                            indexer_scores,      swiglu,        pool_channels,  hc_pre_token, hc_post_token};
+                            indexer_scores,      swiglu,        pool_channels,  hc_pre_token, hc_post_token,
+                            abs_max,             quant_e4m3};
 
 }  // namespace DSV4_ISA
 }  // namespace dsv4

@@ -93,19 +93,18 @@ inline float round_e2m1(float v) {
 constexpr float kFp8AmaxMin = 1e-4f, kFp4AmaxMin = 6.0f * 0x1p-126f;
 inline float block_scale(const float* x, int64_t n, float amax_min, float qmax) {
   float amax = 0.f;
-  for (int64_t i = 0; i < n; ++i) amax = std::fmax(amax, std::fabs(x[i]));
+  for (int64_t i = 0; i < n; ++i) {  // fmax(amax, |x|), which skips NaN as this does, is a libm call per value
+    const float a = std::fabs(x[i]);
+    amax = a > amax ? a : amax;
+  }
   return ceil_pow2(std::fmax(amax, amax_min) / qmax);
 }
 
-// quant.fake_quant_fp8 on `n` values in blocks of `block`.
-void fake_quant_fp8(const float* x, float* y, int64_t n, int64_t block) {
+// quant.fake_quant_fp8 on `n` values in blocks of `block`, with the inner loops of `isa`.
+void fake_quant_fp8(const IsaKernels* isa, const float* x, float* y, int64_t n, int64_t block) {
   for (int64_t b0 = 0; b0 < n; b0 += block) {
-    const float scale = block_scale(x + b0, block, kFp8AmaxMin, 448.0f), inv = 1.0f / scale;
-    for (int64_t i = b0; i < b0 + block; ++i) {
-      float v = x[i] * inv;
-      v = v > 448.f ? 448.f : (v < -448.f ? -448.f : v);
-      y[i] = round_e4m3(v) * scale;
-    }
+    const float scale = ceil_pow2(std::fmax(isa->abs_max(x + b0, block), kFp8AmaxMin) / 448.0f);
+    isa->quant_e4m3(x + b0, y + b0, block, scale);
   }
 }
 
@@ -782,14 +781,15 @@ QuantWeight fp8_weight(const Context& c, const Tensor& w, const Tensor& s) {
 }
 
 // Activations [rows, K] fake-quantised to FP8 (blocks of 128) into `buf`, in parallel; returns buf.
-const float* act_quant_rows(const Context& c, const float* x, int64_t rows, int64_t k, Scratch<float>& buf) {
+const float* act_quant_rows(const Context& c, const IsaKernels* isa, const float* x, int64_t rows, int64_t k,
+                           Scratch<float>& buf) {
   c.require(k % kFp8Block == 0,
             [&] { return "act_quant needs the last dim of x to be a multiple of 128, got " + std::to_string(k); });
   buf.resize(rows * k);
   const int64_t per = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
   c.parallel((rows + per - 1) / per, 4.0 * rows * k, [&](size_t t) {
     for (int64_t r = t * per; r < std::min(rows, (int64_t)(t + 1) * per); ++r)
-      fake_quant_fp8(x + r * k, buf.data() + r * k, k, kFp8Block);
+      fake_quant_fp8(isa, x + r * k, buf.data() + r * k, k, kFp8Block);
   });
   return buf.data();
 }
@@ -822,7 +822,7 @@ void linear_rows(const Context& c, const IsaKernels* isa, const Tensor& x, const
   if (rows == 0 || qw.n == 0) return;
   if (qw.k == 0) return (void)std::fill(y, y + rows * qw.n, 0.f);
   Scratch<float> xq;
-  const float* xin = act_quant ? act_quant_rows(c, x.f32(), rows, qw.k, xq) : x.f32();
+  const float* xin = act_quant ? act_quant_rows(c, isa, x.f32(), rows, qw.k, xq) : x.f32();
   const PreparedRows prepared(isa, xin, qw.k, rows, qw.k);
   const int64_t per = rows_per_task(qw.n, rows);
   c.parallel((qw.n + per - 1) / per, double(rows + 1) * qw.n * qw.k, [&](size_t t) {
@@ -913,7 +913,7 @@ struct Fp8GroupedLinear : Kernel {
     if (rows == 0 || r == 0) return;
     if (k == 0) return (void)std::fill(y, y + rows * g * r, 0.f);
     Scratch<float> xq;
-    const float* xin = act_quant ? act_quant_rows(c, x.f32(), rows * g, k, xq) : x.f32();
+    const float* xin = act_quant ? act_quant_rows(c, isa, x.f32(), rows * g, k, xq) : x.f32();
     std::vector<PreparedRows> prepared;
     for (int64_t gi = 0; gi < g; ++gi) prepared.emplace_back(isa, xin + gi * k, g * k, rows, k);
     const int64_t per = rows_per_task(r, rows, g), chunks = (r + per - 1) / per;
@@ -1018,7 +1018,7 @@ struct MoeExperts : Kernel {
 
     // x rows of every pick, quantised if asked, in the kernel order of the weight format
     Scratch<float> xq;
-    const float* xs = act_quant ? act_quant_rows(c, x.f32(), T, D, xq) : x.f32();
+    const float* xs = act_quant ? act_quant_rows(c, isa, x.f32(), T, D, xq) : x.f32();
     Scratch<float> xp(P * D);
     c.parallel((P + 63) / 64, double(P) * D, [&](size_t t) {
       for (int64_t p = t * 64; p < std::min(P, (int64_t)(t + 1) * 64); ++p) {
@@ -1083,7 +1083,7 @@ struct MoeExperts : Kernel {
       for (int64_t p = t * 16; p < std::min(P, (int64_t)(t + 1) * 16); ++p) {
         float* hp = tmp.data();
         isa->swiglu(gate.data() + p * I, up.data() + p * I, I, rw[pick[p]], swiglu_limit, bf16, hp);
-        if (act_quant) fake_quant_fp8(hp, hp, I, kFp8Block);
+        if (act_quant) fake_quant_fp8(isa, hp, hp, I, kFp8Block);
         if (fmt == kFp4)
           fp4_order(hp, h.data() + p * I, I);
         else
@@ -1134,7 +1134,7 @@ struct FakeQuantFp8 : Kernel {
     const int64_t n = x.numel(), chunk = std::max<int64_t>(block, 65536 / block * block);
     c.parallel((n + chunk - 1) / chunk, 4.0 * n, [&](size_t t) {
       const int64_t i0 = t * chunk;
-      fake_quant_fp8(x.f32() + i0, y + i0, std::min(chunk, n - i0), block);
+      fake_quant_fp8(isa, x.f32() + i0, y + i0, std::min(chunk, n - i0), block);
     });
   }
 };
