@@ -320,10 +320,13 @@ inline void prefetch(const void* p, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char*)p + b, _MM_HINT_T0);
 }
 
-// FP4 row j + kPrefetchRows (packed values and scales), if it is one of this job's rows
+// FP4 row j + kFp4PrefetchRows (packed values and scales), if it is one of this job's rows. Further ahead than
+// the other formats' rows: an expert's rows are short (K/2 bytes) and read once per token from memory
+// (mini-1b, batch 1: 4 rows ahead 30.48 ms per step, 8 rows 29.62, 16 rows 29.16; batch 8 the same).
+constexpr int64_t kFp4PrefetchRows = 16;
 inline void prefetch_fp4_ahead(const QuantWeight& w, int64_t j, int64_t n1) {
-  if (j + kPrefetchRows >= n1) return;
-  const int64_t K = w.k, ahead = j + kPrefetchRows;
+  if (j + kFp4PrefetchRows >= n1) return;
+  const int64_t K = w.k, ahead = j + kFp4PrefetchRows;
   prefetch((const uint8_t*)w.data + ahead * (K / 2), K / 2);
   if (w.scale_e8m0)
     prefetch(w.scale_e8m0 + ahead * (K / 32), K / 32);
