@@ -879,7 +879,8 @@ void quant_e4m3(const float* x, float* y, int64_t n, float scale) {
   const __m512 inv16 = _mm512_set1_ps(inv), scale16 = _mm512_set1_ps(scale);
   const __m512 hi = _mm512_set1_ps(448.f), lo16 = _mm512_set1_ps(-448.f), shift = _mm512_set1_ps(16384.0f);
   const __m512i sign_bit = _mm512_set1_epi32((int)0x80000000u), keep = _mm512_set1_epi32((int)0xFFF00000u);
-  const __m512i half = _mm512_set1_epi32(0x7FFFF), one = _mm512_set1_epi32(1), normal_min = _mm512_set1_epi32(0x3C800000);
+  const __m512i half = _mm512_set1_epi32(0x7FFFF), one = _mm512_set1_epi32(1);
+  const __m512i normal_min = _mm512_set1_epi32(0x3C800000);  // 2^-6, the smallest normal e4m3 magnitude
   for (; i + 16 <= n; i += 16) {
     __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + i), inv16);
     v = _mm512_max_ps(lo16, _mm512_min_ps(hi, v));  // min/max give their second operand for NaN: NaN kept
@@ -895,7 +896,8 @@ void quant_e4m3(const float* x, float* y, int64_t n, float scale) {
   const __m256 inv8 = _mm256_set1_ps(inv), scale8 = _mm256_set1_ps(scale);
   const __m256 hi = _mm256_set1_ps(448.f), lo8 = _mm256_set1_ps(-448.f), shift = _mm256_set1_ps(16384.0f);
   const __m256i sign_bit = _mm256_set1_epi32((int)0x80000000u), keep = _mm256_set1_epi32((int)0xFFF00000u);
-  const __m256i half = _mm256_set1_epi32(0x7FFFF), one = _mm256_set1_epi32(1), below_normal = _mm256_set1_epi32(0x3C7FFFFF);
+  const __m256i half = _mm256_set1_epi32(0x7FFFF), one = _mm256_set1_epi32(1);
+  const __m256i below_normal = _mm256_set1_epi32(0x3C7FFFFF);  // just under 2^-6
   for (; i + 8 <= n; i += 8) {
     __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + i), inv8);
     v = _mm256_max_ps(lo8, _mm256_min_ps(hi, v));  // min/max give their second operand for NaN: NaN kept

@@ -560,7 +560,7 @@ const IsaKernels* select_isa() {
 // Large scratch blocks (over ScratchPool::kKeepBytes: a prefill chunk's MoE picks, attention rows) get memory
 // of their own, kept for reuse by later calls in one process-wide cache. From malloc they would come out of its
 // heap (glibc's mmap threshold rises to the largest block freed, up to 32 MiB), where blocks of changing sizes
-// from two threads fragment it: mini-1b's prefill of 8 x 256 tokens grew ~70 MB of heap a layer, 1,070 MB at its
+// from two threads fragment it: mini-1b's prefill of 8 x 256 tokens grew ~70 MiB of heap a layer, 1,070 MiB at its
 // peak. The cache keeps at most kCacheBytes; dsv4_release_scratch() hands it back (the runtime calls it after a
 // prefill, so a decoding engine does not hold a prefill's scratch).
 class LargeBlocks {
