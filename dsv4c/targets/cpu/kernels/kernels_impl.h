@@ -1267,45 +1267,34 @@ bool decode_fp4_row_bf16(const QuantWeight& w, RowScales& scales, int64_t j, uin
 // moved the same way; the sign is bit 7 moved to bit 15. Exact; false for a scale that is not a power of two
 // within 2^+-100 (the float decode then decides). (The NaN codes 0x7f / 0xff are not handled: quantised weights
 // never hold them, as in decode_fp8_16.)
-alignas(32) const uint16_t kE4m3SubnormalBf16[16] = {0x0000, 0x3B00, 0x3B80, 0x3BC0, 0x3C00, 0x3C20, 0x3C40, 0x3C60};
+const uint16_t kE4m3SubnormalBf16[8] = {0x0000, 0x3B00, 0x3B80, 0x3BC0, 0x3C00, 0x3C20, 0x3C40, 0x3C60};
+// 32 e4m3 bytes widened to words -> bf16 bits, the block's exponent in `bias` (normal codes) and `sub` (subnormals)
+inline __m512i fp8_words_bf16(__m512i bytes, __m512i bias, __m512i sub) {
+  const __m512i mag = _mm512_and_si512(bytes, _mm512_set1_epi16(0x7F));
+  __m512i v = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), bias);
+  v = _mm512_mask_permutexvar_epi16(v, _mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8)), mag, sub);
+  return _mm512_or_si512(v, _mm512_slli_epi16(_mm512_and_si512(bytes, _mm512_set1_epi16(0x80)), 8));
+}
+
 bool decode_fp8_row_bf16(const QuantWeight& w, RowScales& scales, int64_t j, uint16_t* out) {
   const int64_t K = w.k;
   const uint8_t* row = (const uint8_t*)w.data + j * K;
   const float* srow = scales(j);
-  const __m256i low7 = _mm256_set1_epi16(0x7F), sign = _mm256_set1_epi16(0x80), eight = _mm256_set1_epi16(8);
   for (int64_t k0 = 0; k0 < K; k0 += 128) {
     int32_t e;
     if (!pow2_exponent(srow[k0 / 128], e)) return false;
-    const __m256i shift = _mm256_set1_epi16((short)(e * 128));
-    const __m256i bias = _mm256_set1_epi16((short)((e + 120) * 128));
-    __m256i sub = _mm256_load_si256((const __m256i*)kE4m3SubnormalBf16);
-    sub = _mm256_mask_add_epi16(sub, _mm256_test_epi16_mask(sub, sub), sub, shift);  // code 0 stays 0
+    const __m512i bias = _mm512_set1_epi16((short)((e + 120) * 128));
+    __m512i sub = _mm512_maskz_loadu_epi16(0xFF, kE4m3SubnormalBf16);  // the 8 codes, then zeros
+    sub = _mm512_mask_add_epi16(sub, _mm512_test_epi16_mask(sub, sub), sub, _mm512_set1_epi16((short)(e * 128)));
     const int64_t k1 = lo(K, k0 + 128);
     int64_t k = k0;
-    {  // 32 at a time, the same steps in 512-bit registers (the subnormal table's upper half unused)
-      const __m512i sub32 = _mm512_castsi256_si512(sub), bias32 = _mm512_set1_epi16((short)((e + 120) * 128));
-      const __m512i low7_32 = _mm512_set1_epi16(0x7F), sign32 = _mm512_set1_epi16(0x80);
-      for (; k + 32 <= k1; k += 32) {
-        const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(row + k)));
-        const __m512i mag = _mm512_and_si512(bytes, low7_32);
-        __m512i v = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), bias32);
-        v = _mm512_mask_permutexvar_epi16(v, _mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8)), mag, sub32);
-        v = _mm512_or_si512(v, _mm512_slli_epi16(_mm512_and_si512(bytes, sign32), 8));
-        _mm512_storeu_si512(out + k, v);
-      }
-    }
-    for (; k + 16 <= k1; k += 16) {
-      const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(row + k)));
-      const __m256i mag = _mm256_and_si256(bytes, low7);
-      __m256i v = _mm256_add_epi16(_mm256_slli_epi16(mag, 4), bias);
-      v = _mm256_mask_permutexvar_epi16(v, _mm256_cmplt_epu16_mask(mag, eight), mag, sub);
-      v = _mm256_or_si256(v, _mm256_slli_epi16(_mm256_and_si256(bytes, sign), 8));
-      _mm256_storeu_si256((__m256i*)(out + k), v);
-    }
-    for (; k < k1; ++k) {
-      const int m = row[k] & 0x7F;
-      const uint16_t v = m < 8 ? kE4m3SubnormalBf16[m] + (m ? e * 128 : 0) : (m << 4) + (e + 120) * 128;
-      out[k] = (uint16_t)(v | ((row[k] & 0x80) << 8));
+    for (; k + 32 <= k1; k += 32)
+      _mm512_storeu_si512(out + k, fp8_words_bf16(_mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(row + k))),
+                                                   bias, sub));
+    if (k < k1) {  // a ragged block's last values, masked
+      const __mmask32 take = (1u << (k1 - k)) - 1;
+      _mm512_mask_storeu_epi16(out + k, take,
+                               fp8_words_bf16(_mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(take, row + k)), bias, sub));
     }
   }
   return true;
