@@ -544,6 +544,55 @@ def test_large_scratch_is_kept_for_the_next_call_and_given_back_on_request(libra
     assert before - rss_anon() > 30 << 20
 
 
+def resident_pages(array: np.ndarray) -> int:
+    """How many pages of `array` (page-aligned) are in this process's resident set (/proc/self/pagemap, bit 63)."""
+    import os
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(array.ctypes.data // page * 8)
+        entries = np.frombuffer(f.read(-(-array.nbytes // page) * 8), dtype=np.uint64)
+    return int((entries >> np.uint64(63)).sum())
+
+
+@pytest.mark.skipif(not Path("/proc/self/pagemap").is_file(), reason="Linux only")
+def test_weight_pages_in_registered_file_maps_are_given_back_after_the_node_that_read_them(library, tmp_path):
+    """dsv4_drop_weight_pages(maps) (the build's validation): after each node, the pages of its constant inputs
+    that lie in those read-only file maps leave the process's resident set; the page cache keeps them, and the
+    next run reads them again and gets the reference's result. A weight outside the maps is left alone
+    (MADV_DONTNEED would zero memory of ORT's own)."""
+    import ctypes
+
+    w, scale = fp8_weight(4096, 1024, seed=2)  # 4 MiB of e4m3: 1,024 pages
+    file = tmp_path / "weights.bin"
+    w.numpy().tofile(file)
+    mapped = np.memmap(file, dtype=np.uint8, mode="r", shape=tuple(w.shape))
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(library)
+    held = ort.OrtValue.ortvalue_from_numpy(mapped)  # ORT uses its memory as it is: kept alive here
+    options.add_initializer("w", held)
+    inputs = dict(x=rand(3, 1024, seed=3), w=w, w_scale=scale)
+    model = node_model("fp8_linear", inputs, {"act_quant": True}, [2], constants=("w", "w_scale"))
+    s = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    want = reference("fp8_linear", {"act_quant": True}, **inputs)
+    drop = ctypes.CDLL(library).dsv4_drop_weight_pages
+    drop.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    starts, sizes = (ctypes.c_size_t * 1)(mapped.ctypes.data), (ctypes.c_size_t * 1)(mapped.nbytes)
+    pages = mapped.nbytes // 4096
+    try:
+        assert_outputs_match(s.run(None, {"x": inputs["x"].numpy()}), want, exact=False)
+        assert resident_pages(mapped) == pages  # read by the node, kept
+        drop(starts, sizes, 1)
+        assert resident_pages(mapped) == 0  # what earlier runs read goes at once
+        for _ in range(2):
+            assert_outputs_match(s.run(None, {"x": inputs["x"].numpy()}), want, exact=False)
+            assert resident_pages(mapped) == 0
+    finally:
+        drop(None, None, 0)
+    assert_outputs_match(s.run(None, {"x": inputs["x"].numpy()}), want, exact=False)
+    assert resident_pages(mapped) == pages  # switched off: kept again
+
+
 def test_moe_fp4_experts_with_scales_that_are_not_powers_of_two(library, isa):
     """bf16-valued x rows with 5-8 picks per expert, FP4 scales times 1.1-1.7: the AMX tiles' direct e2m1 -> bf16
     decode (the scale added to the exponent) must leave such a block to the float decode."""

@@ -554,16 +554,19 @@ def build_peaks(recipe, shipped_layers: dict[Any, int], graph_rows: list[dict[st
     # validate_engine). Reference: the globals and either every block (they fit the budget: kept, with their
     # decoded weights, bounded) or the one running (streamed, decoded per call), a checkpoint chunk being
     # converted, a BF16 weight's FP32 slice (registry.bf16_linear), a step's caches before and after
-    # (validate.prompts sequences at most, at max_seq_len). Engine: for a CPU engine its weights as the validation
-    # touches them, its sessions' caches and the replayed step's. A streamed reference gives its weights back
-    # before the engine loads: the peak is the larger phase; a resident one (its blocks fit the budget) stays
-    # beside the engine. The lowering's working set (the globals, one block, a chunk) is within the reference's.
+    # (validate.prompts sequences at most, at max_seq_len). Engine: a CPU engine's weight pages as the validation
+    # touches them, which it gives back after each node (executor.drop_weight_pages; an engine built without
+    # the kernel library keeps them): at most one block's (its routed experts are one node) or the globals' (the
+    # head is one); its sessions' caches and the replayed step's. A streamed reference gives its weights back before the engine loads: the peak is the larger
+    # phase; a resident one (its blocks fit the budget) stays beside the engine. The lowering's working set (the
+    # globals, one block, a chunk) is within the reference's.
     prompts = min(recipe.validate.prompts, recipe.runtime.max_batch_size)
     caches = 4 * prompts * engine_cache_at_max
     streaming = blocks > DEFAULT_BUDGET
     resident = max(per_block.values(), default=0) if streaming else blocks + min(DEQUANT_CACHE_BYTES, 4 * blocks)
     reference = graph_globals + resident + READ_CHUNK + WIDEN_ROWS_BYTES + caches
-    engine = (graph_engine if recipe.target.kind == "cpu" else 0) + caches
+    engine_pages = max(max(per_block.values(), default=0), graph_globals)
+    engine = (engine_pages if recipe.target.kind == "cpu" else 0) + caches
     ram = BUILD_PROCESS_BYTES + (max(reference, engine) if streaming else reference + engine)
     copies, engine_links_bundle = _weight_copies(recipe.target.kind)
     synthetic = sum(shipped_layers.values()) if recipe.model.synthetic is not None else 0

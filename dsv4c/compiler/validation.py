@@ -542,7 +542,8 @@ def validate_engine(artifact, model, v, emulate: bool = False, engine=None) -> d
 
     The reference runs first, its steps written beside the artifact (`SpilledSteps`), and a streamed reference
     then gives its weights back before the engine is loaded: the two models are never resident at once (at
-    V4-Flash width: a layer and the globals, then the engine, instead of both)."""
+    V4-Flash width: a layer and the globals, then the engine, instead of both). An engine loaded here gives each
+    node's weight pages back after the node (CPU executor: `drop_weight_pages`)."""
     from dsv4c.artifact import read_manifest
     from dsv4c.runtime.engine import Engine
 
@@ -557,7 +558,13 @@ def validate_engine(artifact, model, v, emulate: bool = False, engine=None) -> d
         streamed = getattr(model, "streamed", None)
         if streamed is not None and streamed.streaming:
             streamed.release()
-        engine = engine if engine is not None else Engine.load(artifact, emulate=emulate)
+        if engine is None:
+            engine = Engine.load(artifact, emulate=emulate)
+            # the gate reads each weight once per step: its pages need not stay resident after the node that read
+            # them (CPU engines; at depth they were the build's peak, a serving engine keeps them)
+            drop = getattr(engine.executor, "drop_weight_pages", None)
+            if drop is not None:
+                drop()
         return ref.check(engine)
 
 

@@ -68,6 +68,22 @@ class OrtExecutor:
                                 f"({KERNELS}) for its collectives; rebuild on a machine with a C++ compiler")
         install_collectives(self.library)
 
+    def drop_weight_pages(self) -> bool:
+        """From now on, give each node's weight pages back after it ran (the kernel library's
+        dsv4_drop_weight_pages over this executor's weights maps): the build's validation runs the whole engine to
+        check it and would otherwise hold every weight page it read, so its peak would grow with the model's depth.
+        The page cache keeps them (a later read is a minor fault). A serving engine keeps its pages. False where
+        there is no library, or one built before it had this function: then nothing changes."""
+        drop = getattr(ctypes.CDLL(str(self.library)), "dsv4_drop_weight_pages", None) if self.kernels else None
+        if drop is None or not self.mapped:
+            return False
+        n = len(self.mapped)
+        starts = (ctypes.c_size_t * n)(*(m.ctypes.data for m in self.mapped))
+        sizes = (ctypes.c_size_t * n)(*(m.nbytes for m in self.mapped))
+        drop.argtypes, drop.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
+        drop(starts, sizes, n)
+        return True
+
     def new_cache(self, batch_size: int) -> HostCache:
         return HostCache(self.slots, batch_size)
 
