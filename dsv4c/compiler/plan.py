@@ -535,9 +535,10 @@ BUILD_PROCESS_BYTES = 850 << 20
 
 
 def build_peaks(recipe, shipped_layers: dict[Any, int], graph_rows: list[dict[str, Any]], graph_engine: int,
-                engine_cache_at_max: int) -> dict[str, Any]:
+                engine_cache_at_max: int, reference_workspace: int, engine_workspace: int) -> dict[str, Any]:
     """Host RAM and disk the build needs, from the streamed build's working set (graphs.streamed; README 'Plan').
-    `graph_rows`: the graph's tensors (graph_rows), per place."""
+    `graph_rows`: the graph's tensors (graph_rows), per place; `*_workspace`: the activations of a prefill chunk
+    of validation's reference (the whole model, its batch of prompts) and of the engine (trace_prefill)."""
     from dsv4c.compiler.validation import DEQUANT_CACHE_BYTES
     from dsv4c.graphs.ops.registry import WIDEN_ROWS_BYTES
     from dsv4c.graphs.streamed import DEFAULT_BUDGET, READ_CHUNK
@@ -554,19 +555,20 @@ def build_peaks(recipe, shipped_layers: dict[Any, int], graph_rows: list[dict[st
     # validate_engine). Reference: the globals and either every block (they fit the budget: kept, with their
     # decoded weights, bounded) or the one running (streamed, decoded per call), a checkpoint chunk being
     # converted, a BF16 weight's FP32 slice (registry.bf16_linear), a step's caches before and after
-    # (validate.prompts sequences at most, at max_seq_len). Engine: a CPU engine's weight pages as the validation
-    # touches them, which it gives back after each node (executor.drop_weight_pages; an engine built without
-    # the kernel library keeps them): at most one block's (its routed experts are one node) or the globals' (the
-    # head is one); its sessions' caches and the replayed step's. A streamed reference gives its weights back before the engine loads: the peak is the larger
-    # phase; a resident one (its blocks fit the budget) stays beside the engine. The lowering's working set (the
-    # globals, one block, a chunk) is within the reference's.
+    # (validate.prompts sequences at most, at max_seq_len), a prefill chunk's activations. Engine: a CPU engine's
+    # weight pages as the validation touches them, which it gives back after each node
+    # (executor.drop_weight_pages; an engine built without the kernel library keeps them): at most one block's
+    # (its routed experts are one node) or the globals' (the head is one); its sessions' caches and the replayed
+    # step's, a chunk's activations. A streamed reference gives its weights back before the engine loads: the
+    # peak is the larger phase; a resident one (its blocks fit the budget) stays beside the engine. The
+    # lowering's working set (the globals, one block, a chunk) is within the reference's.
     prompts = min(recipe.validate.prompts, recipe.runtime.max_batch_size)
     caches = 4 * prompts * engine_cache_at_max
     streaming = blocks > DEFAULT_BUDGET
     resident = max(per_block.values(), default=0) if streaming else blocks + min(DEQUANT_CACHE_BYTES, 4 * blocks)
-    reference = graph_globals + resident + READ_CHUNK + WIDEN_ROWS_BYTES + caches
+    reference = graph_globals + resident + READ_CHUNK + WIDEN_ROWS_BYTES + caches + reference_workspace
     engine_pages = max(max(per_block.values(), default=0), graph_globals)
-    engine = (engine_pages if recipe.target.kind == "cpu" else 0) + caches
+    engine = (engine_pages + engine_workspace if recipe.target.kind == "cpu" else 0) + caches
     ram = BUILD_PROCESS_BYTES + (max(reference, engine) if streaming else reference + engine)
     copies, engine_links_bundle = _weight_copies(recipe.target.kind)
     synthetic = sum(shipped_layers.values()) if recipe.model.synthetic is not None else 0
@@ -735,8 +737,12 @@ def make_plan(recipe) -> dict[str, Any]:
     shipped_layers: dict[Any, int] = defaultdict(int)
     for r in rows:
         shipped_layers[r["where"]] += r["shipped"]
+    # validation's reference runs the whole model on its prompts, chunked as the engine prefills
+    prompts = min(recipe.validate.prompts, seqs)
+    reference_workspace = workspace if shard is None and t.parallel.tensor == 1 and prompts == seqs else \
+        trace_prefill(cfg, numerics, graph_format, prompts, chunk, rt.max_seq_len)[1]
     peaks = build_peaks(recipe, shipped_layers, grows, sum(r["bytes"] for r in engine_grows),
-                        kv["dsv4c_engine"]["bytes_at_max_seq_len"])
+                        kv["dsv4c_engine"]["bytes_at_max_seq_len"], reference_workspace, workspace)
     host = host_ram_bytes()
     if peaks["host_ram_peak_bytes"] > host:
         warnings.append(f"the build needs at least {peaks['host_ram_peak_bytes'] / GIB:.1f} GiB of host RAM, this "
