@@ -89,3 +89,17 @@ def flat_cosine(a, b) -> float:
     import torch
 
     return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+def resident_pages(array) -> int:
+    """How many pages of `array` (a memory map, page-aligned) are in this process's resident set
+    (/proc/self/pagemap: bit 63 of a page's entry)."""
+    import os
+
+    import numpy as np
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(array.ctypes.data // page * 8)
+        entries = np.frombuffer(f.read(-(-array.nbytes // page) * 8), dtype=np.uint64)
+    return int((entries >> np.uint64(63)).sum())

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (RECIPES, assert_step_function_agrees, compare_with_reference, cosine, dsv4c_cli,
-                      reference_model)
+                      reference_model, resident_pages)
 
 import dsv4c
 from dsv4c import heap
@@ -183,16 +183,6 @@ def test_a_prefill_leaves_the_engines_resident_memory_where_it_was(official):
         engine.executor.release_scratch()  # both again: nothing left to give back
         heap.trim_heap()
         assert after - rss_anon() < 1 << 20
-
-
-def resident_pages(array: np.ndarray) -> int:
-    """How many pages of `array` (a memory map, page-aligned) are in this process's resident set
-    (/proc/self/pagemap: bit 63 of a page's entry)."""
-    page = os.sysconf("SC_PAGE_SIZE")
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek(array.ctypes.data // page * 8)
-        entries = np.frombuffer(f.read(-(-array.nbytes // page) * 8), dtype=np.uint64)
-    return int((entries >> np.uint64(63)).sum())
 
 
 @pytest.mark.skipif(not Path("/proc/self/pagemap").is_file(), reason="Linux only")

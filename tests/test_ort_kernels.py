@@ -29,6 +29,7 @@ from dsv4c.graphs.ops.onnx import (DOMAIN, DOMAIN_VERSION, ONNX_OPSET, attach_fu
 from dsv4c.targets.base import ToolchainMissing
 from dsv4c.targets.cpu.kernels import CPP_KERNELS, build
 
+from conftest import resident_pages
 from tensors import (assert_outputs_match, attention_blocks, bf16_initializer, differences_within_a_bf16_step,
                      e4m3_value, feeds, fp8_weight, indexer_grid, rand, reference, split_rows)
 
@@ -542,17 +543,6 @@ def test_large_scratch_is_kept_for_the_next_call_and_given_back_on_request(libra
     before = rss_anon()
     release()
     assert before - rss_anon() > 30 << 20
-
-
-def resident_pages(array: np.ndarray) -> int:
-    """How many pages of `array` (page-aligned) are in this process's resident set (/proc/self/pagemap, bit 63)."""
-    import os
-
-    page = os.sysconf("SC_PAGE_SIZE")
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek(array.ctypes.data // page * 8)
-        entries = np.frombuffer(f.read(-(-array.nbytes // page) * 8), dtype=np.uint64)
-    return int((entries >> np.uint64(63)).sum())
 
 
 @pytest.mark.skipif(not Path("/proc/self/pagemap").is_file(), reason="Linux only")
