@@ -47,13 +47,15 @@ class OrtExecutor:
         # the programs share one weights file: mapped once here, every session reads the same pages
         weights, self.mapped = mapped_initializers(models, engine_dir)
         self.threads = {name: program_threads(name, threads, sum(m.nbytes for m in self.mapped)) for name in programs}
-        # a decode step's intermediates are a few KB per token: ORT's planned buffer reuse costs more than it
-        # saves there (benchmarks/decode_ab.py --reuse-buffers, per step: tiny 0.95 vs 1.00 ms at batch 1, 2.74
-        # vs 2.84 at batch 8; mini-1b 28.4 vs 29.0 and 81.8 vs 83.1)
+        # no planned buffer reuse (ORT's enable_mem_reuse) in either program. On a decode step's intermediates, a
+        # few KB per token, it costs more than it saves (benchmarks/decode_ab.py --reuse-buffers, per step: tiny
+        # 0.95 vs 1.00 ms at batch 1, 2.74 vs 2.84 at batch 8; mini-1b 28.4 vs 29.0 and 81.8 vs 83.1); on a prefill
+        # chunk it holds more at once than allocating each output does, in the same time (mini-1b, 8 x 256 tokens:
+        # the engine's peak RSS 1,560 vs 1,802 MiB, ORT's blocks over 1 MiB at once 307 vs 526 MiB; 5.45 vs 5.39 s)
         for name, rel in programs.items():
             kernels = str(library) if self.kernels else None
             self.sessions[name] = ort_session(engine_dir / rel, custom_ops_library=kernels, threads=self.threads[name],
-                                              initializers=weights[name], reuse_buffers=name != "decode")
+                                              initializers=weights[name], reuse_buffers=False)
         # without the library ORT runs CacheWrite's function body, which has no in-place path
         self.in_place = {n: updated_in_place(m.graph) if self.kernels else [False] * len(self.slots)
                          for n, m in models.items()}
