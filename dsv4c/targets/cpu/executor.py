@@ -60,7 +60,7 @@ class OrtExecutor:
         self.in_place = {n: updated_in_place(m.graph) if self.kernels else [False] * len(self.slots)
                          for n, m in models.items()}
         self.run_options = {name: release_workspace_after() if name == "prefill" else None for name in programs}
-        self.release_scratch = scratch_release(library) if self.kernels else None
+        self.release_scratch = library_function(library, "dsv4_release_scratch", []) if self.kernels else None
         del models
         trim_heap()  # the parsed programs' memory (mini-1b width, 8 layers: 15 MB that malloc would keep)
 
@@ -78,13 +78,13 @@ class OrtExecutor:
         check it and would otherwise hold every weight page it read, so its peak would grow with the model's depth.
         The page cache keeps them (a later read is a minor fault). A serving engine keeps its pages. False where
         there is no library, or one built before it had this function: then nothing changes."""
-        drop = getattr(ctypes.CDLL(str(self.library)), "dsv4_drop_weight_pages", None) if self.kernels else None
+        drop = library_function(self.library, "dsv4_drop_weight_pages",
+                                [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]) if self.kernels else None
         if drop is None or not self.mapped:
             return False
         n = len(self.mapped)
         starts = (ctypes.c_size_t * n)(*(m.ctypes.data for m in self.mapped))
         sizes = (ctypes.c_size_t * n)(*(m.nbytes for m in self.mapped))
-        drop.argtypes, drop.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
         drop(starts, sizes, n)
         return True
 
@@ -120,13 +120,13 @@ def program_threads(program: str, threads: int | None, weight_bytes: int) -> int
     return threads
 
 
-def scratch_release(library: Path):
-    """The kernel library's dsv4_release_scratch (which unmaps the large scratch blocks it keeps for reuse), or None
-    for a library built before it had one. ctypes loads the library by the path ORT loaded it from: one copy."""
-    release = getattr(ctypes.CDLL(str(library)), "dsv4_release_scratch", None)
-    if release is not None:
-        release.argtypes, release.restype = [], None
-    return release
+def library_function(library: Path, name: str, argtypes: list):
+    """The kernel library's function `name` (returning nothing), or None for a library built before it had one.
+    ctypes loads the library by the path ORT loaded it from: one copy."""
+    function = getattr(ctypes.CDLL(str(library)), name, None)
+    if function is not None:
+        function.argtypes, function.restype = argtypes, None
+    return function
 
 
 def release_workspace_after() -> onnxruntime.RunOptions:
