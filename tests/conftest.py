@@ -103,3 +103,10 @@ def resident_pages(array) -> int:
         f.seek(array.ctypes.data // page * 8)
         entries = np.frombuffer(f.read(-(-array.nbytes // page) * 8), dtype=np.uint64)
     return int((entries >> np.uint64(63)).sum())
+
+
+def resident_share(array) -> float:
+    """The share of `array`'s pages (a memory map) in this process's resident set."""
+    import os
+
+    return resident_pages(array) / -(-array.nbytes // os.sysconf("SC_PAGE_SIZE"))

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import filecmp
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import (RECIPES, assert_step_function_agrees, compare_with_reference, cosine, dsv4c_cli,
-                      reference_model, resident_pages)
+                      reference_model, resident_share)
 
 import dsv4c
 from dsv4c import heap
@@ -206,7 +205,7 @@ def test_an_engine_told_to_gives_its_weight_pages_back_and_computes_the_same(off
             steps.append(session.decode(np.asarray(steps[-1]).argmax(-1)))
         results.append(np.stack([np.asarray(s) for s in steps]))
         [weights] = engine.executor.mapped
-        resident.append(resident_pages(weights) / -(-weights.nbytes // os.sysconf("SC_PAGE_SIZE")))
+        resident.append(resident_share(weights))
     np.testing.assert_array_equal(results[1], results[0])
     kept, dropped = resident
     assert kept > 0.5 and dropped < kept / 3
@@ -414,7 +413,7 @@ def test_validation_runs_the_engine_through_hard_links(official, stage_cache, tm
         spilled.extend(f.stat().st_size for d in layout.glob(".reference-*") for f in d.iterdir())
         report = reference_check(run, engine)
         [weights] = engine.executor.mapped
-        resident.append(resident_pages(weights) / -(-weights.nbytes // os.sysconf("SC_PAGE_SIZE")))
+        resident.append(resident_share(weights))
         return report
 
     validate_engine, reference_check = stages.validate_engine, ReferenceRun.check
