@@ -274,6 +274,22 @@ def test_the_cpu_runtime_runs_without_importing_torch(official):
     assert run.stdout.strip() == "False"
 
 
+def test_the_engines_programs_carry_no_trace_of_the_machine_that_built_them(official):
+    """The exporter's per-node metadata (each node's Python stack trace, FX node, module path) is not shipped: the
+    same recipe built from another checkout gives the same programs, and ONNX Runtime does not hold it per node."""
+    import onnx
+
+    out, _ = official
+    source = str(Path(dsv4c.__file__).parent).encode()
+    for path in (out / "engine").glob("*.onnx"):
+        assert source not in path.read_bytes(), f"{path.name} names {source.decode()}"
+        model = onnx.load(path, load_external_data=False)
+        nodes = [*model.graph.node, *(n for f in model.functions for n in f.node)]
+        values = [*model.graph.input, *model.graph.output, *model.graph.value_info]
+        assert not [n.name for n in nodes if n.metadata_props], path.name
+        assert not [v.name for v in values if v.metadata_props], path.name
+
+
 def test_the_programs_share_one_map_of_the_weights(official):
     """Prefill and decode read the same weights file; the engine maps it once for both (two maps would count
     every page both programs touch twice in the process's resident set)."""

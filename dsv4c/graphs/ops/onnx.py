@@ -628,6 +628,7 @@ def write_onnx_program(ep: torch.export.ExportedProgram, path: str | Path, *,
                                     opset_version=opset, verbose=False)
     forget_export_trace()
     model = program.model
+    drop_export_metadata(model)
     drop_identity_transposes(model.graph)
     _stream_initializers(model.graph, weights)
     if rewrite is not None:
@@ -707,6 +708,23 @@ def _weight_reader(name: str, placeholder, weights: Callable[[str], torch.Tensor
                              f"{expected[0]} {expected[1]}")
         return type(placeholder)(t.contiguous(), name=name)  # the exporter's own torch-backed tensor type
     return read
+
+
+def drop_export_metadata(model) -> None:
+    """Clear the exporter's per-node and per-value metadata (torch.onnx records each node's FX node, module path
+    and Python stack trace). Nothing reads it, and it cost twice: the stack traces name the build machine's source
+    paths, so the same recipe built from two checkouts gave different engine files, and ONNX Runtime keeps every
+    node's entries for the session's life (mini-1b's width, 8 layers: 3.7 of the prefill program's 4.3 MB, and
+    11 MB of the engine's resident heap)."""
+    for graph in (model.graph, *model.functions.values()):
+        for node in graph.all_nodes():
+            node.metadata_props.clear()
+            for value in node.outputs:
+                value.metadata_props.clear()
+        for value in graph.inputs:
+            value.metadata_props.clear()
+    for value in model.graph.initializers.values():
+        value.metadata_props.clear()
 
 
 def drop_identity_transposes(graph) -> int:
