@@ -235,14 +235,14 @@ def test_the_bf16_round_trips_behind_dsv4_ops_are_folded_and_need_the_library(of
 
 
 def test_the_engine_keeps_the_checkpoints_e8m0_scale_bytes(official, stage_cache):
-    """Weight scales stay the checkpoint's e8m0 bytes in the CPU engine (dsv4c.targets.cpu.passes): every scale a
+    """Weight scales stay the checkpoint's e8m0 bytes in the CPU engine (dsv4c.targets.e8m0_scales): every scale a
     linear or the experts read is a uint8 initializer holding the exponent byte of the reference model's scale,
     read by the kernel itself (no decode left in the engine's programs)."""
     import onnx
     import onnx.numpy_helper
 
     from dsv4c.graphs import quant
-    from dsv4c.targets.cpu.passes import E8M0_TABLE, SCALE_INPUTS
+    from dsv4c.targets.e8m0_scales import E8M0_TABLE, SCALE_INPUTS
 
     out, _ = official
     engine = json.loads((out / "engine" / "engine.json").read_text())

@@ -17,8 +17,9 @@ from dsv4c.graphs.ops.onnx import DOMAIN, DOMAIN_VERSION, ONNX_OPSET, attach_fun
 from dsv4c.targets.base import ToolchainMissing
 from dsv4c.targets.cpu.executor import folded_for_kernels
 from dsv4c.targets.cpu.kernels import build
-from dsv4c.targets.cpu.passes import (E8M0_TABLE, ROUND_ATTRIBUTE, e8m0_codes, fold_bf16_roundings,
-                                      fold_e8m0_decodes, store_scales_e8m0)
+from dsv4c.targets.cpu.passes import ROUND_ATTRIBUTE, fold_bf16_roundings
+from dsv4c.targets.e8m0_scales import (E8M0_TABLE, decode_e8m0_scales, e8m0_codes, fold_e8m0_decodes,
+                                      store_scales_e8m0)
 from tensors import fp8_weight, rand
 
 
@@ -141,6 +142,11 @@ def test_scales_are_stored_as_e8m0_bytes_and_decoded_in_the_graph(library):
     assert rewritten.graph.node[0].input[2] == "s" and E8M0_TABLE not in {t.name for t in rewritten.graph.initializer}
     assert folded_for_kernels(rewritten.graph)  # the executor refuses it without the library
     np.testing.assert_array_equal(run(rewritten, library)[0], run(model, library)[0])
+    # a runner whose op implementations take float scales (the function body here) gets the decode back
+    assert decode_e8m0_scales(rewritten.graph) == 1 and decode_e8m0_scales(rewritten.graph) == 0
+    assert [nd.op_type for nd in rewritten.graph.node] == ["Cast", "Gather", "Fp8Linear"]
+    assert not folded_for_kernels(rewritten.graph)
+    np.testing.assert_array_equal(run(rewritten, None)[0], want)
 
 
 def test_what_keeps_float_scales_or_its_decode():

@@ -72,6 +72,24 @@ def test_every_standard_op_is_on_tensorrts_list_and_every_v4_op_is_a_plugin_node
                 assert attrs.get("plugin_namespace") == "dsv4" and attrs.get("plugin_version") == "1"
 
 
+def test_the_plugins_read_the_checkpoints_e8m0_scale_bytes(bundle, stage_cache):
+    """Every weight scale a plugin reads is a uint8 initializer holding the e8m0 byte of the reference model's
+    (transcoded) scale, with no decode in the graph for the engine build to fold back into float32."""
+    from dsv4c.graphs import quant
+    from dsv4c.targets.e8m0_scales import E8M0_TABLE, SCALE_INPUTS
+    from dsv4c.targets.onnx_bundle import initializer_array
+
+    ref = reference_model(stage_cache, Numerics.reference(), expert_format="fp8").state_dict()
+    for name, model in programs(bundle).items():
+        inits = {t.name: t for t in model.graph.initializer}
+        scales = {n.input[i] for n in model.graph.node for i in SCALE_INPUTS.get(n.op_type, ())}
+        assert len(scales) > 20 and E8M0_TABLE not in inits, name
+        assert {onnx.TensorProto.DataType.Name(inits[s].data_type) for s in scales} == {"UINT8"}, name
+        for scale in ("model.layers.1.attn.wq_b.scale", "model.layers.0.ffn.experts.w2_scale"):
+            want = quant.float_to_e8m0(ref[scale.removeprefix("model.")]).view(torch.uint8).numpy()
+            assert (initializer_array(inits[scale], bundle / "engine") == want).all(), (name, scale)
+
+
 def test_emulated_engine_matches_reference(bundle, stage_cache):
     """The exact TensorRT ONNX on ONNX Runtime vs PyTorch (experts transcoded to FP8, as on sm_90): per-step
     agreement gated like recipes/tiny-cpu.yaml (85% of rows cosine >= 0.999 and top-1 equal, all >= 0.9)."""

@@ -93,11 +93,12 @@ def test_mode_matches_device():
 
 # ---- exact number-format helpers, through a one-line kernel ---------------------------------------------------
 @triton.jit
-def _formats_kernel(bits_ptr, x_ptr, e4m3_ptr, e2m1_ptr, bf16_ptr, n):
+def _formats_kernel(bits_ptr, x_ptr, e4m3_ptr, e2m1_ptr, bf16_ptr, e8m0_ptr, n):
     i = tl.arange(0, 256)
     ok = i < n
     bits = tl.load(bits_ptr + i, mask=ok, other=0)
     tl.store(e4m3_ptr + i, common.decode_e4m3(bits), mask=ok)
+    tl.store(e8m0_ptr + i, common.weight_scales(bits, True), mask=ok)
     tl.store(e2m1_ptr + i, common.decode_e2m1(bits.to(tl.int32) & 15), mask=ok)
     tl.store(bf16_ptr + i, common.round_bf16(tl.load(x_ptr + i, mask=ok, other=0.0)), mask=ok)
 
@@ -108,15 +109,19 @@ def test_number_formats_bit_exact():
     x = torch.cat([rand(200, seed=1) * torch.logspace(-40, 30, 200),
                    torch.tensor([1 + 2 ** -8, 1 + 3 * 2 ** -8, 1.9999999, -1 - 2 ** -8, 3.0e38, -0.0, 0.0, 1e-45]),
                    (torch.arange(48) - 24.0) * (1 + 2 ** -9)])
-    e4m3, e2m1, bf16 = (torch.empty(256) for _ in range(3))
-    d_bits, d_x, d_e4m3, d_e2m1, d_bf16 = dev(bits, x, e4m3, e2m1, bf16)
-    _formats_kernel[(1,)](d_bits, d_x, d_e4m3, d_e2m1, d_bf16, 256)
+    e4m3, e2m1, bf16, e8m0 = (torch.empty(256) for _ in range(4))
+    d_bits, d_x, d_e4m3, d_e2m1, d_bf16, d_e8m0 = dev(bits, x, e4m3, e2m1, bf16, e8m0)
+    _formats_kernel[(1,)](d_bits, d_x, d_e4m3, d_e2m1, d_bf16, d_e8m0, 256)
     want_e4m3 = bits.view(torch.float8_e4m3fn).float()
     got = d_e4m3.cpu()
     nan = torch.isnan(want_e4m3)
     assert torch.equal(torch.isnan(got), nan) and torch.equal(got[~nan], want_e4m3[~nan])
     assert torch.equal(d_e2m1.cpu()[:16], quant.decode_e2m1(torch.arange(16)).float())
     assert torch.equal(d_bf16.cpu(), x.to(torch.bfloat16).float())
+    # e8m0 weight scales: 2^(byte - 127), byte 0 the subnormal 2^-127, 0xFF NaN (OCP MX)
+    want_e8m0 = bits.view(torch.float8_e8m0fnu).float()
+    assert torch.equal(d_e8m0.cpu()[:255], want_e8m0[:255]) and torch.isnan(d_e8m0.cpu()[255])
+    assert d_e8m0.cpu()[0].item() == 2.0 ** -127 and torch.equal(want_e8m0[:255], quant.e8m0_to_float(bits[:255]))
 
 
 # ---- quantisation ops: bit-exact ------------------------------------------------------------------------------
@@ -187,6 +192,22 @@ def test_fp8_grouped_linear(act_quant):
     wd = quant.dequantize_fp8_blocks(w.view(torch.float8_e4m3fn), s).double().view(4, 96, 128)
     terms = torch.einsum("...gk,grk->...gr", xq.double().abs(), wd.abs())
     assert_within(got, want, dot_bound(terms, 128), "fp8_grouped_linear")
+
+
+def test_fp8_linears_read_e8m0_scale_bytes():
+    """Scales as the bundle stores them (the checkpoint's e8m0 bytes): the same output, bit for bit, as the
+    float32 scales they encode (checked against the reference above)."""
+    x, xg = rand(3, 256, seed=4), rand(2, 4, 128, seed=6)
+    w, s = fp8_weight(200, 256, seed=5)
+    wg, sg = fp8_weight(4 * 96, 128, seed=7)
+    codes, codes_g = (quant.float_to_e8m0(v).view(torch.uint8) for v in (s, sg))
+    for act_quant in (True, False):
+        assert torch.equal(K.fp8_linear(*dev(x, w, codes), act_quant).cpu(),
+                           K.fp8_linear(*dev(x, w, s), act_quant).cpu())
+        assert torch.equal(K.fp8_grouped_linear(*dev(xg, wg, codes_g), act_quant).cpu(),
+                           K.fp8_grouped_linear(*dev(xg, wg, sg), act_quant).cpu())
+    with pytest.raises(ValueError, match="must be e8m0 bytes \\(uint8\\) or float32"):
+        K.fp8_linear(*dev(x, w, codes.to(torch.int32)), True)
 
 
 # ---- attention, compressor, indexer -----------------------------------------------------------------------------
@@ -437,6 +458,25 @@ def test_moe_experts(fmt, act_quant, bf16, tokens):
     assert_within(got, want, 0.02 * scale, "moe_experts")
 
 
+@pytest.mark.parametrize("fmt", [0, 1])
+def test_moe_experts_read_e8m0_scale_bytes(fmt):
+    """FP4 1x32 and FP8 128x128 expert scales as e8m0 bytes: the same output, bit for bit, as their float32
+    values (checked against the reference above)."""
+    e, d, inter, topk, tokens = 4, 256, 128, 2, 5
+    g = torch.Generator().manual_seed(24)
+    x, weights = rand(tokens, d, seed=25), torch.rand(tokens, topk, generator=g) + 0.1
+    idx = torch.randint(0, e, (tokens, topk), generator=g)
+    stacks = [expert_stack(e, n, k, fmt, seed) for n, k, seed in ((inter, d, 26), (inter, d, 27), (d, inter, 28))]
+    floats = [t for w, s in stacks for t in (w, s)]
+    codes = [t for w, s in stacks for t in (w, quant.float_to_e8m0(s).view(torch.uint8))]
+    args = (fmt, 0.3, True, True)
+    got = K.moe_experts(*dev(x, weights, idx, *codes), *args).cpu()
+    assert torch.equal(got, K.moe_experts(*dev(x, weights, idx, *floats), *args).cpu())
+    mixed = codes[:5] + floats[5:]  # w2's scales float, the others bytes
+    with pytest.raises(ValueError, match="share one dtype"):
+        K.moe_experts(*dev(x, weights, idx, *mixed), *args)
+
+
 def test_route_tiles_by_hand():
     # pairs (token*k + slot): experts [[1, 0], [1, -1], [1, 1]] with tiles of 2 pairs
     idx = torch.tensor([[1, 0], [1, -1], [1, 1]])
@@ -561,8 +601,8 @@ import json, sys
 from triton.backends.compiler import GPUTarget
 from dsv4c.targets.tensorrt import plugins
 import triton
-for op, shapes, attrs, tactic in json.loads(sys.argv[1]):
-    spec = plugins.aot_kernel(op, shapes, attrs, triton.cdiv, tactic)
+for op, shapes, attrs, tactic, e8m0 in json.loads(sys.argv[1]):
+    spec = plugins.aot_kernel(op, shapes, attrs, triton.cdiv, tactic, e8m0_scales=e8m0)
     name, ptx, shared = plugins.compile_aot(spec, GPUTarget("cuda", 90, 32))
     head = ptx[ptx.index(".entry " + name):]
     head = head[:head.index(")")]
@@ -575,10 +615,12 @@ for op, shapes, attrs, tactic in json.loads(sys.argv[1]):
 @pytest.mark.slow
 def test_aot_kernels_compile_for_sm90_with_tensorrt_parameters():
     """Every AOT spec compiles to sm_90 PTX (Triton's bundled ptxas, no GPU needed) and, after dropping the
-    unused scratch pointers, has exactly TensorRT's AOT parameter list: inputs, int32 scalars, outputs."""
+    unused scratch pointers, has exactly TensorRT's AOT parameter list: inputs, int32 scalars, outputs. The FP8
+    linears also with the bundle's e8m0 scale bytes."""
     import json
 
-    cases = [(op, [list(t.shape) for t in ins], attrs, tactic) for op, ins, attrs, tactic in plugin_cases()]
+    cases = [(op, [list(t.shape) for t in ins], attrs, tactic, False) for op, ins, attrs, tactic in plugin_cases()]
+    cases += [(op, shapes, attrs, tactic, True) for op, shapes, attrs, tactic, _ in cases if op.startswith("fp8_")]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(cases)], env=env, capture_output=True,
                           text=True, cwd=Path(__file__).resolve().parents[1])
@@ -710,6 +752,32 @@ def test_aot_impls_under_the_plugin_api(plugin_api, case, monkeypatch):
     grid = [trt_api.value_of(g) for g in (launch.grid_x, launch.grid_y, launch.grid_z)]
     assert grid == list(want.grid) and trt_api.value_of(launch.block_x) == want.num_warps * 32
     assert [trt_api.value_of(e) for e in extra] == want.scalars
+
+
+@pytest.mark.parametrize("op", ["fp8_linear", "fp8_grouped_linear"])
+def test_fp8_linear_plugins_take_the_bundles_e8m0_scales(plugin_api, op, monkeypatch):
+    """The bundle's FP8 linears read e8m0 scale bytes (float32 where a scale is no power of two): the plugin
+    offers TensorRT both scale types, and its AOT kernel is compiled for the type the network gives it."""
+    api = plugin_api
+    compiled = []
+    monkeypatch.setattr(plugins, "compile_aot", lambda spec: compiled.append(spec) or ("kernel", "// ptx", 0))
+    plugins._register(api.trt, api.trtp)
+    api.shape_context(trt_api.IExprBuilder())
+    shapes = [(3, 4, 128), (4 * 96, 128), (3, 1)] if op == "fp8_grouped_linear" else [(3, 256), (200, 256), (2, 2)]
+    fns = api.definition(plugins.plugin_id(op))
+    outs = tuple(api.tensor_desc(dims(s)) for s in plugins.output_shapes(op, [list(s) for s in shapes], {"act_quant": 1}))
+    (combo,) = fns["autotune"](*(api.tensor_desc(dims(s)) for s in shapes), act_quant=1, outputs=outs)
+    if hasattr(combo, "_get_combinations"):  # NVIDIA's package: the type combinations it expands to
+        types = [c.types for c in combo._get_combinations()]
+        assert len(types) == 2 and {t[2] for t in types} == {api.trt.uint8, api.trt.float32}
+        assert all(t[:2] + t[3:] == [api.trt.float32, api.trt.uint8, api.trt.float32] for t in types)
+    else:
+        assert [t.strip() for t in combo.io_types.split(",")] == ["FP32", "UINT8", "UINT8*FP32", "FP32"]
+    for dtype, e8m0 in ((api.trt.uint8, True), (api.trt.float32, False)):
+        descs = [api.tensor_desc(dims(s), dtype if i == 2 else None) for i, s in enumerate(shapes)]
+        fns["aot_impl"](*descs, act_quant=1, outputs=outs, tactic=1)
+        assert compiled[-1].constexprs["E8M0"] is e8m0
+        assert compiled[-1].signature["ws_ptr"] == ("*u8" if e8m0 else "*fp32")
 
 
 def test_plugin_api_rejects_what_tensorrt_rejects(plugin_api):

@@ -113,6 +113,7 @@ def fake_core() -> types.ModuleType:
         setattr(core, enum, _Enum(enum))
     core.float32, core.float16, core.int64, core.int32 = (core.DataType.FLOAT, core.DataType.HALF,
                                                          core.DataType.INT64, core.DataType.INT32)
+    core.uint8, core.bfloat16 = core.DataType.UINT8, core.DataType.BF16
     core.IDimensionExpr, core.IExprBuilder, core.Logger = IDimensionExpr, IExprBuilder, _Logger
     registry = _Registry()
     core.get_plugin_registry = lambda: registry
@@ -181,9 +182,9 @@ class RealPluginAPI:
     def registered(self) -> set[str]:
         return set(self._lib.QDP_REGISTRY)
 
-    def tensor_desc(self, dims: list[IDimensionExpr]):
+    def tensor_desc(self, dims: list[IDimensionExpr], dtype=None):
         return self.trtp.TensorDesc(self.trtp.ShapeExprs.from_tuple(tuple(self.trtp.ShapeExpr(d) for d in dims)),
-                                    self.trt.float32)
+                                    self.trt.float32 if dtype is None else dtype)
 
 
 # ---- backend 2: the rules, re-stated ------------------------------------------------------------------------------
@@ -350,9 +351,9 @@ class StrictPluginAPI:
     def registered(self) -> set[str]:
         return set(self.defs)
 
-    def tensor_desc(self, dims: list[IDimensionExpr]):
+    def tensor_desc(self, dims: list[IDimensionExpr], dtype=None):
         return self.trtp.TensorDesc(self.trtp.ShapeExprs.from_tuple(tuple(self.trtp.ShapeExpr(d) for d in dims)),
-                                    self.trt.float32)
+                                    self.trt.float32 if dtype is None else dtype)
 
     # -- decorators
     def _register(self, plugin_id: str, lazy_register: bool = False):

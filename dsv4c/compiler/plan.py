@@ -5,7 +5,8 @@ Sources of every figure (nothing is loaded, no weights are needed):
   * weights: the official tensor list (`checkpoint.expected_tensors`, the spec §5.6 byte model that gives Flash's
     159,609,485,896 bytes exactly), each quantized linear re-expressed in the recipe's format for its group after
     the target's fallbacks (`FORMAT_BYTES`); plus what dsv4c's own engine holds (the model built on the meta device:
-    bf16 tensors kept bf16, weight scales as the target stores them: e8m0 bytes on the CPU, float32 elsewhere),
+    bf16 tensors kept bf16, weight scales as the target stores them: e8m0 bytes on the CPU and TensorRT,
+    float32 on CANN),
     reported beside it.
   * KV cache: the spec §4 layout per layer type (window ring, compressed CSA/HCA entries, indexer keys, compressor
     state) in the recipe's `kv_cache` / `indexer` formats, against a V3.2-style dense MLA cache of the same depth

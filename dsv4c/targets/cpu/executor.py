@@ -145,7 +145,8 @@ def release_workspace_after() -> onnxruntime.RunOptions:
 def folded_for_kernels(graph) -> bool:
     """Whether a graph pass of the kernel library (dsv4c.targets.cpu.passes) rewrote this program: its nodes then
     mean more than their ONNX function bodies say."""
-    from dsv4c.targets.cpu.passes import ROUND_ATTRIBUTE, reads_e8m0_scales
+    from dsv4c.targets.cpu.passes import ROUND_ATTRIBUTE
+    from dsv4c.targets.e8m0_scales import reads_e8m0_scales
 
     return any(a.name == ROUND_ATTRIBUTE for node in graph.node for a in node.attribute) or reads_e8m0_scales(graph)
 

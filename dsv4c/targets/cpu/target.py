@@ -27,7 +27,7 @@ class CpuTarget:
     kind = "cpu"
     weight_copies = {"lower_bundle": 1, "build_engine": 1, "artifact": 1}  # decode reads prefill.onnx.data
     engine_links_bundle = True  # the engine's weight files are hard links to the bundle's (dsv4c.files)
-    scale_bytes = 1  # weight scales as the checkpoint's e8m0 bytes (cpu.passes.store_scales_e8m0)
+    scale_bytes = 1  # weight scales as the checkpoint's e8m0 bytes (targets.e8m0_scales)
 
     def check(self, recipe: Any) -> TargetCheck:
         import onnxruntime
@@ -45,7 +45,7 @@ class CpuTarget:
     def lower(self, programs: dict[str, Any], bundle_dir: Path, recipe: Any, meta: dict[str, Any],
               weights: Callable[[str], Any] | None = None) -> None:
         from dsv4c.graphs.ops.onnx import ONNX_OPSET
-        from dsv4c.targets.cpu.passes import store_scales_e8m0
+        from dsv4c.targets.e8m0_scales import store_scales_e8m0
         from dsv4c.targets.onnx_bundle import export_bundle_programs
 
         # with the function bodies (portable); decode reads prefill's weights: one copy on disk and in the page cache;
@@ -75,7 +75,8 @@ def _fold_programs(engine_dir: Path, programs: dict[str, str]) -> dict[str, dict
 
     import onnx
 
-    from dsv4c.targets.cpu.passes import fold_bf16_roundings, fold_e8m0_decodes
+    from dsv4c.targets.cpu.passes import fold_bf16_roundings
+    from dsv4c.targets.e8m0_scales import fold_e8m0_decodes
 
     folded: dict[str, dict[str, int]] = {"bf16_roundings_folded": {}, "e8m0_decodes_folded": {}}
     for name, rel in programs.items():

@@ -1,7 +1,8 @@
 """Runtime side of the TensorRT target.
 
     emulate=True:  the bundle's ONNX (exactly what TensorRT parses) on ONNX Runtime CPU, each dsv4 plugin node
-                   run by the op's reference implementation (its ONNX function body).
+                   run by the op's reference implementation (its ONNX function body; the e8m0 weight scales the
+                   plugins read decoded for it in the graph).
     device="cuda": the bundle's ONNX interpreted by torch on the GPU, plugin nodes on the Triton kernels
                    (torch_executor.py): no TensorRT needed.
     emulate=False: the built `.plan` engines through TensorRT's Python API, every I/O tensor a CUDA buffer
@@ -35,10 +36,10 @@ def load_executor(root: Path, manifest: Manifest, emulate: bool = False, threads
     if emulate:
         from dsv4c.graphs.ops.onnx import function_bodies
         from dsv4c.targets.onnx_bundle import EmulatedExecutor
-        from dsv4c.targets.tensorrt.target import unmark_plugins
+        from dsv4c.targets.tensorrt.target import emulation_nodes
 
         return EmulatedExecutor(root / "engine", engine["programs"], cache_slots(engine), function_bodies(),
-                                unmark_plugins, threads)
+                                emulation_nodes, threads)
     if engine.get("format") != "tensorrt":
         raise ArtifactError(f"{root} is a TensorRT bundle, not a built engine: finish it on a TensorRT machine with "
                             f"`dsv4c build --from-bundle {root}`, or run it here with Engine.load(path, emulate=True)")

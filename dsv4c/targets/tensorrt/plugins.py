@@ -50,6 +50,8 @@ TORCH_GLUE_OPS = ("pack_kv_fp8", "pack_fp4")  # JIT plugins whose launcher is to
 # The collectives (all_reduce, all_gather) are no plugins: the engine build splices TensorRT's own
 # IDistCollectiveLayer (NCCL) in their place (collectives.py).
 GEMM_TACTICS = {1: (16, 32), 2: (64, 128)}  # (BLOCK_M, BLOCK_N): decode-shaped / prefill-shaped
+# x, w (e4m3 bits), w_scale: the bundle's e8m0 bytes, or float32 (independently, `*`), y
+FP8_LINEAR_TYPES = "FP32, UINT8, UINT8*FP32, FP32"
 
 
 def plugin_id(op_name: str) -> str:
@@ -123,11 +125,12 @@ def _ceil_div(a: Any, b: Any, cdiv: Callable) -> Any:
 
 
 def aot_kernel(op: str, shapes: Sequence[Sequence[Any]], attrs: dict, cdiv: Callable, tactic: int = 1,
-               bf16_inputs: Sequence[int] = ()) -> AotKernel:
+               bf16_inputs: Sequence[int] = (), e8m0_scales: bool = False) -> AotKernel:
     """The kernel, its constants, grid and int32 scalars for one op instance. Mirrors the launchers in
     dsv4c.targets.tensorrt.kernels (same kernels, same block choices); `cdiv` is triton.cdiv or trtp.cdiv
     (shape expressions), applied through _ceil_div. `bf16_inputs`: positions of inputs that come as bf16 (cache
-    rows; the kernels widen what they load), typed *bf16 in the signature."""
+    rows; the kernels widen what they load), typed *bf16 in the signature. `e8m0_scales`: the FP8 linears' weight
+    scales come as e8m0 bytes (the bundle's format; *u8, decoded in the kernel), else float32."""
     from dsv4c.graphs.quant import kv_row_bytes
     from dsv4c.targets.tensorrt.kernels import attention, compressor, fp8_gemm, hyper_connections, indexer, quant
     from dsv4c.targets.tensorrt.kernels.common import next_pow2
@@ -161,8 +164,9 @@ def aot_kernel(op: str, shapes: Sequence[Sequence[Any]], attrs: dict, cdiv: Call
         m = _prod(lead) if lead else 1
         bm, bn = GEMM_TACTICS[tactic]
         c = dict(ACT_QUANT=bool(attrs["act_quant"]), LOWP_DOT=True, PRECISION="tf32x3",
-                 BLOCK_M=bm, BLOCK_N=bn)
-        s = sig([("x_ptr", "fp32"), ("w_ptr", "u8"), ("ws_ptr", "fp32")], ["M", "N", "K", "G"], [("y_ptr", "fp32")], c)
+                 BLOCK_M=bm, BLOCK_N=bn, E8M0=e8m0_scales)
+        s = sig([("x_ptr", "fp32"), ("w_ptr", "u8"), ("ws_ptr", "u8" if e8m0_scales else "fp32")], ["M", "N", "K", "G"],
+                [("y_ptr", "fp32")], c)
         return AotKernel(fp8_gemm.fp8_gemm_kernel, s, c, (ceil_div(m, bm), ceil_div(n, bn), g), [m, n, k, g],
                          n_inputs=3)
     if op == "sparse_attn":
@@ -304,7 +308,8 @@ def _register(trt: Any, trtp: Any) -> None:  # noqa: C901  (one block per op, on
 
     def aot(op: str, inputs: list, attrs: dict, tactic: int):
         bf16 = [i for i, t in enumerate(inputs) if t.dtype == trt.bfloat16]
-        spec = aot_kernel(op, [list(t.shape_expr) for t in inputs], attrs, trtp.cdiv, tactic or 1, bf16)
+        e8m0 = op in ("fp8_linear", "fp8_grouped_linear") and inputs[2].dtype == trt.uint8
+        spec = aot_kernel(op, [list(t.shape_expr) for t in inputs], attrs, trtp.cdiv, tactic or 1, bf16, e8m0)
         name, ptx, shared = compile_aot(spec)
         launch = trtp.KernelLaunchParams()
         launch.grid_x, launch.grid_y, launch.grid_z = (trtp.ShapeExpr(v) if isinstance(v, int) else v
@@ -327,7 +332,7 @@ def _register(trt: Any, trtp: Any) -> None:  # noqa: C901  (one block per op, on
 
     @trtp.autotune(plugin_id("fp8_linear"))
     def _(x: TD, w: TD, w_scale: TD, act_quant: int, outputs: Tuple[TD]) -> List[trtp.AutoTuneCombination]:
-        combo = trtp.AutoTuneCombination("FP32, UINT8, FP32, FP32", "LINEAR")
+        combo = trtp.AutoTuneCombination(FP8_LINEAR_TYPES, "LINEAR")
         combo.tactics(list(GEMM_TACTICS))
         return [combo]
 
@@ -346,7 +351,7 @@ def _register(trt: Any, trtp: Any) -> None:  # noqa: C901  (one block per op, on
 
     @trtp.autotune(plugin_id("fp8_grouped_linear"))
     def _(x: TD, w: TD, w_scale: TD, act_quant: int, outputs: Tuple[TD]) -> List[trtp.AutoTuneCombination]:
-        combo = trtp.AutoTuneCombination("FP32, UINT8, FP32, FP32", "LINEAR")
+        combo = trtp.AutoTuneCombination(FP8_LINEAR_TYPES, "LINEAR")
         combo.tactics(list(GEMM_TACTICS))
         return [combo]
 

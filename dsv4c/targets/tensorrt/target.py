@@ -48,7 +48,7 @@ class TensorRTTarget:
     # the bundle ships each weight once (decode refers to prefill's); each serialized .plan embeds its own
     weight_copies = {"lower_bundle": 1, "build_engine": 2, "artifact": 2}
     engine_links_bundle = False  # the engine is new files (one .plan per program) compiled from the bundle
-    scale_bytes = 4  # weight scales as float32
+    scale_bytes = 1  # weight scales as the checkpoint's e8m0 bytes, read by the plugins' kernels (e8m0_scales)
 
     def check(self, recipe: Any) -> TargetCheck:
         check = TargetCheck(toolchain=toolchain())
@@ -73,13 +73,17 @@ class TensorRTTarget:
 
     def lower(self, programs: dict[str, Any], bundle_dir: Path, recipe: Any, meta: dict[str, Any],
               weights: Callable[[str], Any] | None = None) -> None:
+        from dsv4c.targets.e8m0_scales import store_scales_e8m0
         from dsv4c.targets.onnx_bundle import custom_nodes, export_bundle_programs
 
         from dsv4c.targets.tensorrt.collectives import COLLECTIVES, collective_nodes, mesh_groups
 
         bundle_dir.mkdir(parents=True, exist_ok=True)
-        # the bundle ships each weight once; the parser follows each initializer's location
-        files = export_bundle_programs(programs, bundle_dir, OPSET, hook=mark_plugins, weights=weights, share=True)
+        # the bundle ships each weight once; the parser follows each initializer's location. Weight scales stay
+        # the checkpoint's e8m0 bytes, which the plugins read (a decode in the graph would be constant-folded by
+        # the engine build into float32 scales: FP4 experts' 1x32 scales would weigh 4 bytes instead of 1)
+        files = export_bundle_programs(programs, bundle_dir, OPSET, hook=plugin_nodes, weights=weights, share=True,
+                                       rewrite=store_scales_e8m0)
         _copy_plugin_sources(bundle_dir / "plugins")
         rt = recipe.runtime
         models = {p: onnx.load(bundle_dir / f, load_external_data=False) for p, f in files.items()}
@@ -142,6 +146,24 @@ def toolchain() -> dict[str, str]:
     except Exception:
         device = "missing"
     return {"tensorrt": version, "cuda_device": device}
+
+
+def plugin_nodes(model: onnx.ModelProto) -> None:
+    """The bundle's dsv4 nodes as TensorRT's parser meets them: plugin attributes (mark_plugins), weight scales
+    read as e8m0 bytes (their decode folded away: the plugins' kernels decode them)."""
+    from dsv4c.targets.e8m0_scales import fold_e8m0_decodes
+
+    mark_plugins(model)
+    fold_e8m0_decodes(model.graph)
+
+
+def emulation_nodes(model: onnx.ModelProto) -> None:
+    """The inverse of plugin_nodes, for emulation on ONNX Runtime: the ops' function bodies declare only their
+    own attributes and take float scales."""
+    from dsv4c.targets.e8m0_scales import decode_e8m0_scales
+
+    unmark_plugins(model)
+    decode_e8m0_scales(model.graph)
 
 
 def mark_plugins(model: onnx.ModelProto) -> None:

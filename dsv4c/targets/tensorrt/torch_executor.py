@@ -237,7 +237,7 @@ def plugin_implementations(device: str) -> dict[str, Callable]:
     from dsv4c.graphs.ops.registry import OPS
 
     reference = {op.onnx_name: getattr(torch.ops.dsv4, name) for name, op in OPS.items()}
-    if device == "cuda" or _triton_interpreted():
+    if on_kernels(device):
         from dsv4c.targets.tensorrt.kernels import LAUNCHERS
 
         # vendor-native ops never reach a bundle as nodes (inlined at lowering); the reference stands in for them
@@ -246,10 +246,12 @@ def plugin_implementations(device: str) -> dict[str, Callable]:
     return reference
 
 
-def _triton_interpreted() -> bool:
+def on_kernels(device: str) -> bool:
+    """Whether the plugin nodes run on the Triton kernels (which read the bundle's e8m0 weight scales as bytes),
+    not on the ops' torch reference (which takes float scales)."""
     import os
 
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return device == "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _plugin_attributes(op_type: str, attrs: dict[str, Any]) -> list[Any]:
@@ -267,9 +269,12 @@ class Program:
     """One ONNX program ready to interpret: initializers as device tensors, nodes with parsed attributes."""
 
     def __init__(self, path: Path, device: str, plugins: dict[str, Callable]):
+        from dsv4c.targets.e8m0_scales import decode_e8m0_scales
         from dsv4c.targets.onnx_bundle import initializer_array
 
         model = onnx.load(path, load_external_data=False)  # the .onnx.data beside it is hard-linked: read it here
+        if not on_kernels(device):
+            decode_e8m0_scales(model.graph)  # the reference takes float scales
         self.device = device
         self.weights = {t.name: _tensor(initializer_array(t, path.parent)).to(device) for t in model.graph.initializer}
         self.inputs = [i.name for i in model.graph.input if i.name not in self.weights]

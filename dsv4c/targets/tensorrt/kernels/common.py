@@ -97,6 +97,28 @@ def exp2i(e):
 
 
 @triton.jit
+def weight_scales(s, E8M0: tl.constexpr):
+    """Loaded weight scales as fp32: e8m0 bytes (the checkpoint's format, which the bundle stores) decoded to
+    2^(byte - 127) exactly (byte 0 is the subnormal 2^-127, 0xFF NaN, as quant.e8m0_to_float), float32 as is."""
+    if E8M0:
+        b = s.to(tl.int32)
+        return tl.where(b == 0, 0x00400000, tl.where(b == 255, 0x7FC00000, b << 23)).to(tl.float32, bitcast=True)
+    else:
+        return s
+
+
+def scale_operand(s: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Weight scales as a kernel reads them: e8m0 bytes (uint8) as stored, anything else as float32; and whether
+    they are bytes (the kernels' E8M0 flag)."""
+    return (s.contiguous(), True) if s.dtype == torch.uint8 else (f32(s), False)
+
+
+def check_scale_dtype(op: str, name: str, s: torch.Tensor) -> None:
+    require(s.dtype in (torch.uint8, torch.float32), op,
+            f"`{name}` must be e8m0 bytes (uint8) or float32 scales, got {s.dtype}")
+
+
+@triton.jit
 def ceil_pow2(x):
     """Smallest power of two >= x (x > 0, normal): quant.ceil_pow2."""
     bits = x.to(tl.int32, bitcast=True)

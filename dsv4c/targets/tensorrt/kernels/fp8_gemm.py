@@ -1,6 +1,7 @@
 """FP8 block-scaled linears: `fp8_linear` (y = q(x) W^T) and `fp8_grouped_linear` (wo_a, one W slice per group).
 
-W is uint8 e4m3 bits [N, K] with one f32 scale per 128x128 block; with act_quant, x is FP8-quantised per row
+W is uint8 e4m3 bits [N, K] with one scale per 128x128 block (e8m0 bytes as the checkpoint ships them, or
+float32); with act_quant, x is FP8-quantised per row
 and 128 channels with power-of-two scales (W8A8, registry.fp8_linear). One kernel does both: a K step is
 exactly one 128-wide scale block, so the activation quantisation is local to the x tile the program already
 holds (fused, no extra pass over x), and
@@ -21,15 +22,16 @@ import triton
 import triton.language as tl
 
 from dsv4c.graphs.quant import FP8_BLOCK
-from dsv4c.targets.tensorrt.kernels.common import (F32_PRECISION, LOWP_DOT, check_shape, check_tensors, e4m3_values,
-                                                    f32, quantize_fp8_rows, require)
+from dsv4c.targets.tensorrt.kernels.common import (F32_PRECISION, LOWP_DOT, check_scale_dtype, check_shape, check_tensors,
+                                                    e4m3_values, f32, quantize_fp8_rows, require,
+                                                    scale_operand, weight_scales)
 
 
 @triton.jit
 def fp8_gemm_kernel(x_ptr, w_ptr, ws_ptr, M, N, K, G, y_ptr,
                     ACT_QUANT: tl.constexpr, LOWP_DOT: tl.constexpr,
-                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # x [M, G, K] f32, w [G*N, K] u8 e4m3, ws [ceil(G*N/128), ceil(K/128)] f32, y [M, G, N] f32
+                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, E8M0: tl.constexpr):
+    # x [M, G, K] f32, w [G*N, K] u8 e4m3, ws [ceil(G*N/128), ceil(K/128)] e8m0 u8 (E8M0) or f32, y [M, G, N] f32
     # program (m block, n block, group g); group g uses rows g*N .. g*N+N-1 of w
     BLOCK_K: tl.constexpr = 128  # = the scale block: one s_x per row and one s_w per column per step
     g = tl.program_id(2)
@@ -46,7 +48,7 @@ def fp8_gemm_kernel(x_ptr, w_ptr, ws_ptr, M, N, K, G, y_ptr,
         k_ok = ks < K
         x = tl.load(x_base + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, 128]
         wb = tl.load(w_base + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0)  # [128, BN] bits
-        s_w = tl.load(ws_ptr + (w_rows // 128) * kbs + kb, mask=col_ok, other=0.0)  # [BN]
+        s_w = weight_scales(tl.load(ws_ptr + (w_rows // 128) * kbs + kb, mask=col_ok, other=0), E8M0)  # [BN]
         if ACT_QUANT:
             xq, s_x = quantize_fp8_rows(x)
             if LOWP_DOT:  # e4m3 values are exact in bf16
@@ -76,6 +78,7 @@ def _check(op: str, x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, row
     require(w.dtype == torch.uint8, op, f"`w` must be uint8 e4m3 bit patterns, got {w.dtype}")
     check_shape(op, "w", w, (rows, k))
     check_shape(op, "w_scale", w_scale, (math.ceil(rows / FP8_BLOCK), math.ceil(k / FP8_BLOCK)))
+    check_scale_dtype(op, "w_scale", w_scale)
     require(not act_quant or k % FP8_BLOCK == 0, op,
             f"act_quant quantises `x` in blocks of {FP8_BLOCK}: its last dim ({k}) must be a multiple of {FP8_BLOCK}")
 
@@ -88,13 +91,15 @@ def _run(x3: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, n: int, act_q
         return y
     bm, bn = gemm_blocks(m)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), g)
-    fp8_gemm_kernel[grid](x3, w.contiguous(), f32(w_scale), m, n, k, g, y, ACT_QUANT=act_quant,
-                          LOWP_DOT=LOWP_DOT, PRECISION=F32_PRECISION, BLOCK_M=bm, BLOCK_N=bn)
+    scales, e8m0 = scale_operand(w_scale)
+    fp8_gemm_kernel[grid](x3, w.contiguous(), scales, m, n, k, g, y, ACT_QUANT=act_quant,
+                          LOWP_DOT=LOWP_DOT, PRECISION=F32_PRECISION, BLOCK_M=bm, BLOCK_N=bn, E8M0=e8m0)
     return y
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, act_quant: bool) -> torch.Tensor:
-    """dsv4::fp8_linear: x [..., K] f32, w [N, K] u8 e4m3, w_scale [ceil(N/128), ceil(K/128)] -> [..., N]."""
+    """dsv4::fp8_linear: x [..., K] f32, w [N, K] u8 e4m3, w_scale [ceil(N/128), ceil(K/128)] (e8m0 bytes or
+    float32) -> [..., N]."""
     _check("fp8_linear", x, w, w_scale, w.shape[0], act_quant)
     k, n = x.shape[-1], w.shape[0]
     y = _run(f32(x).reshape(-1, 1, k), w, w_scale, n, act_quant)

@@ -12,7 +12,7 @@ into tiles of BLOCK_M pairs of one expert; the tile table has a static upper bou
   Then y[t] = sum over the token's k slots (-1 slots stay zero).
 
 Weights are decoded in registers: FP4 (packed nibbles, low first, one scale per 1x32) is folded with its
-scale; FP8 keeps its 128x128 block scale outside the dot. On the GPU the dots are bf16 when both operands are
+scale (scales: e8m0 bytes as the checkpoint ships them, or float32); FP8 keeps its 128x128 block scale outside the dot. On the GPU the dots are bf16 when both operands are
 exactly bf16 (FP8-quantised activations against e4m3 / e2m1 values times power-of-two scales, i.e. e8m0 scales
 as DeepSeek ships them); otherwise tf32x3. The routing weight is applied before W2 and the sum over slots
 runs in slot order (the reference adds experts in id order: equal up to fp32 rounding).
@@ -27,8 +27,9 @@ import triton
 import triton.language as tl
 
 from dsv4c.graphs.quant import FP4_BLOCK, FP8_BLOCK, ExpertFormat
-from dsv4c.targets.tensorrt.kernels.common import (F32_PRECISION, LOWP_DOT, check_shape, check_tensors, e4m3_values,
-                                                    f32, quantize_fp8_rows, require, round_bf16, unpack_fp4)
+from dsv4c.targets.tensorrt.kernels.common import (F32_PRECISION, LOWP_DOT, check_scale_dtype, check_shape, check_tensors,
+                                                    e4m3_values, f32, quantize_fp8_rows, require, round_bf16,
+                                                    scale_operand, unpack_fp4, weight_scales)
 
 # the expert formats as the kernels' FMT values (a jit function reads a global only when it is a constexpr)
 FMT_FP4 = tl.constexpr(int(ExpertFormat.FP4))
@@ -36,9 +37,11 @@ FMT_FP8 = tl.constexpr(int(ExpertFormat.FP8))
 
 
 @triton.jit
-def _expert_tile(w_ptr, s_ptr, e, rows, k0, N, K, FMT: tl.constexpr, BLOCK_N: tl.constexpr, NATIVE: tl.constexpr):
+def _expert_tile(w_ptr, s_ptr, e, rows, k0, N, K, FMT: tl.constexpr, BLOCK_N: tl.constexpr, NATIVE: tl.constexpr,
+                 E8M0: tl.constexpr):
     """Rows `rows` x columns k0..k0+127 of expert e's weight [N, K] -> (values f32 [BLOCK_N, 128], per-row
-    scale [BLOCK_N] still to apply). FP4 comes back with its 1x32 scales folded in (scale 1)."""
+    scale [BLOCK_N] still to apply). FP4 comes back with its 1x32 scales folded in (scale 1). Scales: e8m0 bytes
+    (E8M0) or float32."""
     r_ok = rows < N
     e64 = e.to(tl.int64)
     if FMT == FMT_FP4:  # w [E, N, K/2] u8, s [E, N, K/32]
@@ -46,8 +49,8 @@ def _expert_tile(w_ptr, s_ptr, e, rows, k0, N, K, FMT: tl.constexpr, BLOCK_N: tl
         packed = tl.load(w_ptr + (e64 * N + rows)[:, None] * (K // 2) + byte[None, :],
                          mask=r_ok[:, None] & (byte < K // 2)[None, :], other=0)
         sub = k0 // 32 + tl.arange(0, 4)
-        s = tl.load(s_ptr + (e64 * N + rows)[:, None] * (K // 32) + sub[None, :],
-                    mask=r_ok[:, None] & (sub < K // 32)[None, :], other=0.0)  # [BN, 4]
+        s = weight_scales(tl.load(s_ptr + (e64 * N + rows)[:, None] * (K // 32) + sub[None, :],
+                                  mask=r_ok[:, None] & (sub < K // 32)[None, :], other=0), E8M0)  # [BN, 4]
         values = tl.reshape(unpack_fp4(packed, BLOCK_N, 64), (BLOCK_N, 4, 32)) * s[:, :, None]
         return tl.reshape(values, (BLOCK_N, 128)), tl.full((BLOCK_N,), 1.0, tl.float32)
     else:
@@ -56,7 +59,8 @@ def _expert_tile(w_ptr, s_ptr, e, rows, k0, N, K, FMT: tl.constexpr, BLOCK_N: tl
         mask = r_ok[:, None] & (ks < K)[None, :]
         if FMT == FMT_FP8:  # w [E, N, K] u8, s [E, ceil(N/128), ceil(K/128)]
             kb = tl.cdiv(K, 128)
-            s = tl.load(s_ptr + (e64 * tl.cdiv(N, 128) + rows // 128) * kb + k0 // 128, mask=r_ok, other=0.0)
+            s = weight_scales(tl.load(s_ptr + (e64 * tl.cdiv(N, 128) + rows // 128) * kb + k0 // 128, mask=r_ok,
+                                      other=0), E8M0)
             return e4m3_values(tl.load(w_ptr + offs, mask=mask, other=0), NATIVE), s
         else:  # float: w [E, N, K] f32
             return tl.load(w_ptr + offs, mask=mask, other=0.0), tl.full((BLOCK_N,), 1.0, tl.float32)
@@ -84,7 +88,7 @@ def moe_gate_up_kernel(x_ptr, rw_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_h
                        w1_ptr, s1_ptr, w3_ptr, s3_ptr, h_ptr, D, I, TOPK,
                        FMT: tl.constexpr, ACT_QUANT: tl.constexpr, BF16: tl.constexpr, LIMIT: tl.constexpr,
                        EXACT_BF16: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, NATIVE: tl.constexpr):
+                       BLOCK_N: tl.constexpr, NATIVE: tl.constexpr, E8M0: tl.constexpr):
     # x [T, D] f32, rw [P] f32 routing weight per pair (pair = token * TOPK + slot), order [P] i64: pair ids
     # sorted by expert; tile slot -> expert (-1: unused), first / end position in `order`
     # w1, w3: expert weights [E, I, D(...)] -> h [P, I] f32 in sorted order; program (tile slot, block of I)
@@ -102,8 +106,8 @@ def moe_gate_up_kernel(x_ptr, rw_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_h
             s_x = tl.full((BLOCK_M,), 1.0, tl.float32)
             if ACT_QUANT:
                 xt, s_x = quantize_fp8_rows(xt)
-            w1, s1 = _expert_tile(w1_ptr, s1_ptr, e, cols, k0, I, D, FMT, BLOCK_N, NATIVE)
-            w3, s3 = _expert_tile(w3_ptr, s3_ptr, e, cols, k0, I, D, FMT, BLOCK_N, NATIVE)
+            w1, s1 = _expert_tile(w1_ptr, s1_ptr, e, cols, k0, I, D, FMT, BLOCK_N, NATIVE, E8M0)
+            w3, s3 = _expert_tile(w3_ptr, s3_ptr, e, cols, k0, I, D, FMT, BLOCK_N, NATIVE, E8M0)
             gate += _dot(xt, w1, EXACT_BF16, PRECISION) * s_x[:, None] * s1[None, :]
             up += _dot(xt, w3, EXACT_BF16, PRECISION) * s_x[:, None] * s3[None, :]
         if BF16:
@@ -122,7 +126,8 @@ def moe_gate_up_kernel(x_ptr, rw_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_h
 @triton.jit
 def moe_down_kernel(h_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w2_ptr, s2_ptr, y_ptr, D, I,
                     FMT: tl.constexpr, ACT_QUANT: tl.constexpr, BF16: tl.constexpr, EXACT_BF16: tl.constexpr,
-                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NATIVE: tl.constexpr):
+                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NATIVE: tl.constexpr,
+                    E8M0: tl.constexpr):
     # h [P, I] f32 sorted by expert, w2 [E, D, I(...)] -> y_pairs [P, D] at the pairs' original positions
     # program (tile slot, block of D)
     slot = tl.program_id(0)
@@ -138,7 +143,7 @@ def moe_down_kernel(h_ptr, order_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, w2_p
             s_h = tl.full((BLOCK_M,), 1.0, tl.float32)
             if ACT_QUANT:
                 ht, s_h = quantize_fp8_rows(ht)
-            w2, s2 = _expert_tile(w2_ptr, s2_ptr, e, cols, k0, D, I, FMT, BLOCK_N, NATIVE)
+            w2, s2 = _expert_tile(w2_ptr, s2_ptr, e, cols, k0, D, I, FMT, BLOCK_N, NATIVE, E8M0)
             acc += _dot(ht, w2, EXACT_BF16, PRECISION) * s_h[:, None] * s2[None, :]
         if BF16:
             acc = round_bf16(acc)
@@ -151,10 +156,12 @@ def _check_weights(op: str, name: str, w: torch.Tensor, s: torch.Tensor, e: int,
         require(k % FP4_BLOCK == 0, op, f"FP4 experts need an input width that is a multiple of {FP4_BLOCK}, got {k}")
         check_shape(op, name, w, (e, n, k // 2))
         check_shape(op, f"scale of {name}", s, (e, n, k // FP4_BLOCK))
+        check_scale_dtype(op, f"scale of {name}", s)
     elif fmt == ExpertFormat.FP8:
         require(w.dtype == torch.uint8, op, f"`{name}` (fmt 1, FP8) must be uint8 e4m3 bits, got {w.dtype}")
         check_shape(op, name, w, (e, n, k))
         check_shape(op, f"scale of {name}", s, (e, math.ceil(n / FP8_BLOCK), math.ceil(k / FP8_BLOCK)))
+        check_scale_dtype(op, f"scale of {name}", s)
     else:
         check_shape(op, name, w, (e, n, k))
 
@@ -213,13 +220,18 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w
     exact = LOWP_DOT and fmt != ExpertFormat.FLOAT and act_quant  # both operands exactly bf16 (module doc)
     dummy = x  # scales are unused for float experts
     ws = [w.contiguous() if fmt != ExpertFormat.FLOAT else f32(w) for w in (w1, w3, w2)]
-    ss = [f32(s) if fmt != ExpertFormat.FLOAT else dummy for s in (s1, s3, s2)]
+    ss, e8m0 = [dummy] * 3, False
+    if fmt != ExpertFormat.FLOAT:
+        (ss[0], e8m0), (ss[1], e8m0_3), (ss[2], e8m0_2) = (scale_operand(s) for s in (s1, s3, s2))
+        require(e8m0 == e8m0_3 == e8m0_2, op, "the three expert scale tensors must share one dtype (e8m0 bytes or "
+                f"float32), got {s1.dtype}, {s3.dtype}, {s2.dtype}")
     bn_up = 32 if block_m == 16 else 64  # two decoded [BN, 128] weight tiles must fit in registers
     moe_gate_up_kernel[(tile_e.numel(), triton.cdiv(inter, bn_up))](
         f32(x), f32(weights).reshape(-1), order, tile_e, lo, hi, ws[0], ss[0], ws[1], ss[1], h, d, inter, topk,
         FMT=int(fmt), ACT_QUANT=act_quant, BF16=bf16, LIMIT=float(swiglu_limit), EXACT_BF16=exact,
-        PRECISION=F32_PRECISION, BLOCK_M=block_m, BLOCK_N=bn_up, NATIVE=LOWP_DOT, num_warps=warps)
+        PRECISION=F32_PRECISION, BLOCK_M=block_m, BLOCK_N=bn_up, NATIVE=LOWP_DOT, E8M0=e8m0, num_warps=warps)
     moe_down_kernel[(tile_e.numel(), triton.cdiv(d, 64))](
         h, order, tile_e, lo, hi, ws[2], ss[2], y_pairs, d, inter, FMT=int(fmt), ACT_QUANT=act_quant, BF16=bf16,
-        EXACT_BF16=exact, PRECISION=F32_PRECISION, BLOCK_M=block_m, BLOCK_N=64, NATIVE=LOWP_DOT, num_warps=warps)
+        EXACT_BF16=exact, PRECISION=F32_PRECISION, BLOCK_M=block_m, BLOCK_N=64, NATIVE=LOWP_DOT, E8M0=e8m0,
+        num_warps=warps)
     return y_pairs.view(t, topk, d).sum(1)
