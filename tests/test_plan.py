@@ -344,6 +344,23 @@ def test_a_kv_overflow_suggests_the_batch_that_fits():
     assert f"lower runtime.max_batch_size to {int(room // per_seq)} (from 128: every rank holds" in plan["problems"][0]
 
 
+def test_the_engine_column_holds_what_each_runtime_allocates(flash):
+    """The TensorRT runtime binds a second set of caches for the step to write (an engine's outputs may not alias
+    its inputs): a flash-h100 rank's engine holds the KV cache twice, which the recipe's formats fit and dsv4c's
+    engine does not. The warning says so and names the batch that fits, and at that batch it fits."""
+    stage, engine = flash["per_device"]["stages"][0], flash["per_device"]["dsv4c_engine_stages"][0]
+    _, per_seq = kv_by_hand(FLASH, 131072)
+    assert engine["kv_cache"] == 2 * stage["kv_cache"] == 2 * 64 * per_seq
+    assert engine["workspace"] > stage["workspace"]  # the JIT MoE plugin's h and pair rows, kept by torch's cache
+    (warning,) = [w for w in flash["warnings"] if "engine would need" in w]
+    room = 0.9 * 80 * GIB - engine["weights"] - engine["workspace"]
+    fit = int(room // (2 * per_seq))
+    assert "holds caches twice" in warning and f"runtime.max_batch_size {fit} fits it" in warning
+    smaller = make_plan(load_recipe(RECIPES / "flash-h100.yaml", [f"runtime.max_batch_size={fit}"]))
+    assert not [w for w in smaller["warnings"] if "engine would need" in w]
+    assert max(s["total"] for s in smaller["per_device"]["dsv4c_engine_stages"]) <= 0.9 * 80 * GIB
+
+
 # ---- ops and the human table ----------------------------------------------------------------------------------------
 def test_ops_follow_the_numerics():
     official = make_plan(load_recipe(RECIPES / "tiny-cpu.yaml"))

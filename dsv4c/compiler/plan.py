@@ -41,7 +41,7 @@ import weakref
 from collections import defaultdict
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils import _pytree as pytree
@@ -255,22 +255,36 @@ def kv_cache_plan(cfg: ModelConfig, formats: dict[str, str], max_seq_len: int, e
 
 # ---- tracing one prefill chunk on the meta device ---------------------------------------------------------------
 class _Trace(TorchDispatchMode):
-    """Records the dsv4 ops a forward calls and every storage it allocates or frees, in order."""
+    """Records the dsv4 ops a forward calls and every storage it allocates or frees, in order; with `scratch` (a
+    target's kernel_scratch) also the memory the kernels hold beside them. The kernels keep their large scratch
+    blocks for the next call until the chunk ends (the CPU library's block cache, ops.cc LargeBlocks; torch's
+    caching allocator under the TensorRT JIT plugins), so the largest op's scratch so far stays allocated through
+    everything after it: the trace holds the running maximum."""
 
     # A storage is keyed by `untyped_storage()._cdata` (its StorageImpl address): views share it, so a view is
     # not an allocation, and the storage is freed when the last tensor on it is (weakref finalizers count them).
-    def __init__(self, external: list[torch.Tensor]):
+    def __init__(self, external: list[torch.Tensor], scratch: Callable[[str, tuple], int] | None = None):
         super().__init__()
         self.external = {t.untyped_storage()._cdata for t in external}  # inputs and weights: not allocated here
+        self.scratch = scratch
         self.ops: set[str] = set()
         self.events: list[tuple[int, int]] = []  # (allocation id, +bytes | -bytes)
         self.live: dict[int, list[int]] = {}  # storage -> [allocation id, bytes, live tensors on it]
+        self.scratch_ids: set[int] = set()  # the kernels' scratch among the allocations
+        self.scratch_held = 0
         self.next_id = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        op = func.name().split("::")[-1] if func.namespace == "dsv4" else None
+        needs = self.scratch(op, tuple(args)) if op and self.scratch else 0
+        if needs > self.scratch_held:  # live before the op writes its outputs, kept after
+            self.next_id += 1
+            self.scratch_ids.add(self.next_id)
+            self.events.append((self.next_id, needs - self.scratch_held))
+            self.scratch_held = needs
         out = func(*args, **(kwargs or {}))
-        if func.namespace == "dsv4":
-            self.ops.add(func.name().split("::")[-1])
+        if op:
+            self.ops.add(op)
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self._track(t)
@@ -332,11 +346,12 @@ def rank_config(cfg: ModelConfig, tensor: int) -> ModelConfig:
 
 
 def trace_prefill(cfg: ModelConfig, numerics, expert_format: str, batch: int, seqlen: int,
-                  max_seq_len: int, shard: Shard | None = None) -> tuple[set[str], int]:
+                  max_seq_len: int, shard: Shard | None = None,
+                  scratch: Callable[[str, tuple], int] | None = None) -> tuple[set[str], int, int]:
     """(dsv4 ops called, peak bytes of the tensors the forward allocates, the updated caches excluded: a serving
-    engine writes them in place) for one prefill chunk of `seqlen` tokens x `batch` sequences from position 0,
-    on the rank `shard` of a mesh (its collectives and head-partial indexer scores among the ops) or, without
-    one, on the whole model."""
+    engine writes them in place; the same peak with the memory the kernels hold, `scratch` being the target's
+    kernel_scratch: _Trace) for one prefill chunk of `seqlen` tokens x `batch` sequences from position 0, on the rank `shard` of a
+    mesh (its collectives and head-partial indexer scores among the ops) or, without one, on the whole model."""
     from dsv4c.graphs.model import DeepseekV4
 
     with torch.device("meta"):
@@ -344,11 +359,11 @@ def trace_prefill(cfg: ModelConfig, numerics, expert_format: str, batch: int, se
         cache = tuple(torch.empty(e.shape, dtype=e.dtype) for e in model.cache_spec(batch, max_seq_len))
         tokens = torch.zeros(batch, seqlen, dtype=torch.long)
         start, n_valid = torch.zeros(batch, dtype=torch.long), torch.full((batch,), seqlen, dtype=torch.long)
-    trace = _Trace([*model.buffers(), *cache, tokens, start, n_valid])
+    trace = _Trace([*model.buffers(), *cache, tokens, start, n_valid], scratch)
     with torch.device("meta"), torch.no_grad(), trace:
         logits, new_cache = model(tokens, start, n_valid, cache)
     updated = {trace.allocation_id(c) for c in new_cache} - {None}
-    return trace.ops, trace.peak(exclude=updated)
+    return trace.ops, trace.peak(exclude=updated | trace.scratch_ids), trace.peak(exclude=updated)
 
 
 # ---- devices ----------------------------------------------------------------------------------------------------
@@ -405,6 +420,20 @@ def per_device(rows: list[dict[str, Any]], key: str, kv_per_layer: list[int], wo
         kv = seqs * sum(kv_per_layer[i] for i in layers)
         out.append({"stage": s, "layers": f"{layers.start}-{layers.stop - 1}", "weights": weights, "kv_cache": kv,
                     "workspace": workspace, "total": weights + kv + workspace})
+    return out
+
+
+def engine_overheads(formats: dict[str, int], engine: dict[str, int], scale_bytes: int) -> list[str]:
+    """What dsv4c's engine holds beyond the recipe's formats on one device (per_device rows of both)."""
+    out = []
+    if scale_bytes > 1 and engine["weights"] > formats["weights"]:
+        out.append(f"weight scales stored as float32, not e8m0 bytes "
+                   f"(+{(engine['weights'] - formats['weights']) / GIB:.1f} GiB)")
+    if engine["kv_cache"] > formats["kv_cache"]:
+        out.append(f"its runtime holds caches twice, a step writing beside the old values "
+                   f"(+{(engine['kv_cache'] - formats['kv_cache']) / GIB:.1f} GiB)")
+    if engine["workspace"] > formats["workspace"]:
+        out.append(f"its kernels' scratch (+{(engine['workspace'] - formats['workspace']) / GIB:.1f} GiB)")
     return out
 
 
@@ -694,17 +723,20 @@ def make_plan(recipe) -> dict[str, Any]:
     kv = kv_cache_plan(cfg, formats, rt.max_seq_len, engine_cache)
     per_layer_kv = _per_layer(cfg, kv["layer_types"], "bytes_at_max_seq_len_total")
     per_layer_growth = _per_layer(cfg, kv["layer_types"], "bytes_per_token_total")
-    engine_per_layer = [sum(e.nbytes for e in model.cache_spec(1, rt.max_seq_len) if e.name.startswith(f"layers.{i}."))
-                        for i in range(cfg.num_hidden_layers)]
+    # what the target's runtime holds: some fields twice, where a step writes the new value beside the old one
+    engine_per_layer = [sum(e.nbytes * target.cache_copies(e.field) for e in model.cache_spec(1, rt.max_seq_len)
+                            if e.name.startswith(f"layers.{i}.")) for i in range(cfg.num_hidden_layers)]
 
     # activations and ops
     seqs = rt.max_batch_size  # data replicas run the same batch
     chunk = max(2, min(PREFILL_CHUNK, rt.max_seq_len))
     if shard is not None:
-        ops, workspace = trace_prefill(cfg, numerics, graph_format, seqs, chunk, rt.max_seq_len, shard)
+        ops, workspace, engine_workspace = trace_prefill(cfg, numerics, graph_format, seqs, chunk, rt.max_seq_len,
+                                                         shard, target.kernel_scratch)
     else:
-        ops, workspace = trace_prefill(rank_config(cfg, t.parallel.tensor), numerics, graph_format, seqs, chunk,
-                                       rt.max_seq_len)
+        ops, workspace, engine_workspace = trace_prefill(rank_config(cfg, t.parallel.tensor), numerics,
+                                                         graph_format, seqs, chunk, rt.max_seq_len,
+                                                         scratch=target.kernel_scratch)
     coverage = op_coverage(t.kind, t.soc_version, ops)
 
     # devices
@@ -715,9 +747,9 @@ def make_plan(recipe) -> dict[str, Any]:
     stage_devs = per_device(engine_rows, "bytes", per_layer_kv, workspace, recipe, stages)
     if rank_model is not None:
         graph_devs = per_device([r for r in graph_rows(rank_model, scale_bytes) if r["where"] != "mtp"], "bytes",
-                                engine_per_layer, workspace, recipe, stages, presplit=True)
+                                engine_per_layer, engine_workspace, recipe, stages, presplit=True)
     else:
-        graph_devs = per_device(engine_grows, "bytes", engine_per_layer, workspace, recipe, stages)
+        graph_devs = per_device(engine_grows, "bytes", engine_per_layer, engine_workspace, recipe, stages)
     worst = max(stage_devs, key=lambda s: s["total"])
     worst_graph = max(graph_devs, key=lambda s: s["total"])
     worst_layers = stages[worst["stage"]]
@@ -732,9 +764,12 @@ def make_plan(recipe) -> dict[str, Any]:
                         f"dsv4c yet: {', '.join(missing_ops)}")
     warnings = []
     if worst_graph["total"] > usable and worst["total"] <= usable:
-        warnings.append(f"dsv4c's {t.kind} engine stores weight scales as float32 (not e8m0 bytes): it would "
-                        f"need {worst_graph['total'] / GIB:.1f} GiB per device, more than the "
-                        f"{usable / GIB:.1f} GiB usable (the recipe's formats need {worst['total'] / GIB:.1f})")
+        room = usable - worst_graph["weights"] - worst_graph["workspace"]
+        fit = int(room // (worst_graph["kv_cache"] / seqs)) if room > 0 and worst_graph["kv_cache"] else 0
+        warnings.append(f"dsv4c's {t.kind} engine would need {worst_graph['total'] / GIB:.1f} GiB per device, more "
+                        f"than the {usable / GIB:.1f} GiB usable (the recipe's formats need "
+                        f"{worst['total'] / GIB:.1f}): " + "; ".join(engine_overheads(worst, worst_graph, scale_bytes))
+                        + (f"; runtime.max_batch_size {fit} fits it" if fit >= 1 else ""))
     shipped_layers: dict[Any, int] = defaultdict(int)
     for r in rows:
         shipped_layers[r["where"]] += r["shipped"]
@@ -743,7 +778,7 @@ def make_plan(recipe) -> dict[str, Any]:
     reference_workspace = workspace if shard is None and t.parallel.tensor == 1 and prompts == seqs else \
         trace_prefill(cfg, numerics, graph_format, prompts, chunk, rt.max_seq_len)[1]
     peaks = build_peaks(recipe, shipped_layers, grows, sum(r["bytes"] for r in engine_grows),
-                        kv["dsv4c_engine"]["bytes_at_max_seq_len"], reference_workspace, workspace)
+                        kv["dsv4c_engine"]["bytes_at_max_seq_len"], reference_workspace, engine_workspace)
     host = host_ram_bytes()
     if peaks["host_ram_peak_bytes"] > host:
         warnings.append(f"the build needs at least {peaks['host_ram_peak_bytes'] / GIB:.1f} GiB of host RAM, this "

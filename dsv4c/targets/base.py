@@ -49,6 +49,14 @@ class Target(Protocol):
     # bytes per weight scale in the engine: 1 where it keeps the checkpoint's e8m0 bytes, 4 for float32 (`plan`)
     scale_bytes: int
 
+    def cache_copies(self, field: str) -> int:
+        """How many buffers of a cache field (CacheEntry.field) the target's runtime holds per session: 2 where a
+        step writes the field's new value beside the old one (`plan` sizes the engine by it)."""
+
+    def kernel_scratch(self, op: str, args: tuple) -> int:
+        """Bytes the target's kernel for dsv4 op `op` holds beyond its outputs while it runs, for the op's
+        arguments `args` (meta tensors and attributes, in schema order): `plan` counts them in the workspace."""
+
     def check(self, recipe: Any) -> TargetCheck: ...
 
     def lower(self, programs: dict[str, Any], bundle_dir: Path, recipe: Any, meta: dict[str, Any],
@@ -215,9 +223,11 @@ def _bind(bind, name: str, array: np.ndarray) -> None:
     bind(name, "cpu", 0, element_type, list(array.shape), array.ctypes.data)
 
 
-def ort_session(path: str | Path, *, custom_ops_library: str | None = None, threads: int | None = None,
-                initializers: dict | None = None, reuse_buffers: bool = True) -> onnxruntime.InferenceSession:
-    """An ONNX Runtime CPU session. With `custom_ops_library` its dsv4 kernels run the dsv4 nodes;
+def ort_session(model: str | Path | bytes, *, custom_ops_library: str | None = None, threads: int | None = None,
+                initializers: dict | None = None, reuse_buffers: bool = True,
+                data_dir: str | Path | None = None) -> onnxruntime.InferenceSession:
+    """An ONNX Runtime CPU session over the program at `model` (a path, or its serialized bytes with `data_dir`,
+    where its external weights' files are). With `custom_ops_library` its dsv4 kernels run the dsv4 nodes;
     without, ORT inlines the model-local function bodies. `initializers` (name -> OrtValue) replace the model's
     own: ORT uses their memory as it is (the caller keeps them alive as long as the session). `reuse_buffers`:
     ORT's planned reuse of one node's output buffer for a later node's (SessionOptions.enable_mem_reuse)."""
@@ -233,9 +243,12 @@ def ort_session(path: str | Path, *, custom_ops_library: str | None = None, thre
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     options.enable_mem_reuse = reuse_buffers
+    if data_dir is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(data_dir))
     for name, value in (initializers or {}).items():
         options.add_initializer(name, value)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                providers=["CPUExecutionProvider"])
 
 
 def numpy_dtype(name: str) -> np.dtype:

@@ -62,6 +62,12 @@ class CannTarget:
     engine_links_bundle = False  # the engine is new files (one .om per program) compiled from the bundle
     scale_bytes = 4  # weight scales as float32
 
+    def cache_copies(self, field: str) -> int:
+        return 2  # the runtime's caches are double-buffered in NPU memory (executor.AclCache: current, spare)
+
+    def kernel_scratch(self, op: str, args: tuple) -> int:
+        return 0  # the ops' CANN kernels are not written yet (mapping.py: cann_kernel="TBD")
+
     def check(self, recipe: Any) -> TargetCheck:
         check = TargetCheck(toolchain=toolchain())
         t, q = recipe.target, recipe.quantization

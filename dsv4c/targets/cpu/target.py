@@ -29,6 +29,36 @@ class CpuTarget:
     engine_links_bundle = True  # the engine's weight files are hard links to the bundle's (dsv4c.files)
     scale_bytes = 1  # weight scales as the checkpoint's e8m0 bytes (targets.e8m0_scales)
 
+    def cache_copies(self, field: str) -> int:
+        # the executor binds the compressed entries' and indexer keys' outputs to their inputs (updated in place);
+        # a step writes the window ring and the compressor state into spare buffers (executor.updated_in_place)
+        return 1 if field in ("cmp", "idx") else 2
+
+    def kernel_scratch(self, op: str, args: tuple) -> int:
+        """The large Scratch blocks of the kernel library's ops (ops.cc), at their most at once; the small ones
+        (picks, job lists, per-thread rows) are left out. tests/test_ort_kernels.py holds it against the library's
+        own count (dsv4_scratch_high_water)."""
+        f32 = 4
+        if op == "moe_experts":
+            # before the down projection: every pick's x row, gate, up and h as float32, its x row laid out again
+            # as bf16 for the matrix tiles (at most 16 rows of padding per expert) and the pick lists
+            x, indices, w1 = args[0], args[2], args[3]
+            picks, hidden, inter, experts = indices.numel(), x.shape[-1], w1.shape[1], w1.shape[0]
+            return picks * (f32 * (hidden + 3 * inter) + 16) + 2 * hidden * (picks + 16 * experts)
+        if op in ("fp8_linear", "fp8_grouped_linear"):  # x quantised to FP8 values first
+            return f32 * args[0].numel() if args[3] else 0
+        if op == "sparse_attn":  # packed rows unpacked: every kv / cmp row once, or each query's picks
+            q, kv, cmp, idx = args[0], args[1], args[2], args[4]
+            if str(kv.dtype) != "torch.uint8":  # float rows are read as they are
+                return 0
+            b, s, _, d = q.shape
+            rows, picks = kv.shape[1] + cmp.shape[1], s * idx.shape[-1]
+            return f32 * b * d * rows if rows <= picks else (f32 * d + 8) * b * picks
+        if op == "indexer_topk":  # every visible entry's score, per query
+            q, k = args[0], args[1]
+            return f32 * q.shape[0] * q.shape[1] * k.shape[1]
+        return 0
+
     def check(self, recipe: Any) -> TargetCheck:
         import onnxruntime
 

@@ -50,6 +50,21 @@ class TensorRTTarget:
     engine_links_bundle = False  # the engine is new files (one .plan per program) compiled from the bundle
     scale_bytes = 1  # weight scales as the checkpoint's e8m0 bytes, read by the plugins' kernels (e8m0_scales)
 
+    def cache_copies(self, field: str) -> int:
+        # an engine's outputs may not alias its inputs: the runtime reads one set of caches and has the step
+        # write the other (executor.TensorRTExecutor, device_cache.TorchCache(double_buffered=True))
+        return 2
+
+    def kernel_scratch(self, op: str, args: tuple) -> int:
+        """What the JIT plugins' launchers allocate beside their outputs (kernels/moe.py, kernels/indexer.py)."""
+        if op == "moe_experts":  # every pick's h row and its output row before the sum over slots
+            x, indices, w1 = args[0], args[2], args[3]
+            return 4 * indices.numel() * (x.shape[-1] + w1.shape[1])
+        if op == "indexer_topk":  # an int64 sort key per visible entry and query
+            q, k = args[0], args[1]
+            return 8 * q.shape[0] * q.shape[1] * k.shape[1]
+        return 0
+
     def check(self, recipe: Any) -> TargetCheck:
         check = TargetCheck(toolchain=toolchain())
         t, q = recipe.target, recipe.quantization

@@ -726,6 +726,28 @@ class ScratchPool {
 };
 thread_local ScratchPool tl_scratch;
 
+// Bytes of Scratch the kernels hold now and the most they held at once since the last reset: what they allocate
+// beyond their outputs (dsv4_scratch_high_water; `dsv4c plan` counts it in the CPU engine's workspace).
+class ScratchUse {
+ public:
+  void add(int64_t bytes) {
+    const int64_t now = now_.fetch_add(bytes, std::memory_order_relaxed) + bytes;
+    int64_t high = high_.load(std::memory_order_relaxed);
+    while (now > high && !high_.compare_exchange_weak(high, now, std::memory_order_relaxed)) {
+    }
+  }
+  void sub(int64_t bytes) { now_.fetch_sub(bytes, std::memory_order_relaxed); }
+  int64_t high_water(bool reset) {
+    const int64_t high = high_.load(std::memory_order_relaxed);
+    if (reset) high_.store(now_.load(std::memory_order_relaxed), std::memory_order_relaxed);
+    return high;
+  }
+
+ private:
+  std::atomic<int64_t> now_{0}, high_{0};
+};
+ScratchUse scratch_use;
+
 // n values of T (trivially copyable) for one call: uninitialised, or all `fill`.
 template <class T>
 class Scratch {
@@ -740,13 +762,13 @@ class Scratch {
     std::swap(p_, o.p_), std::swap(n_, o.n_), std::swap(bytes_, o.bytes_);
     return *this;
   }
-  ~Scratch() { tl_scratch.give(p_, bytes_); }
+  ~Scratch() { give(); }
   void resize(int64_t n) {  // contents not kept
     if (size_t(n) * sizeof(T) > bytes_) {
-      tl_scratch.give(p_, bytes_);
-      p_ = nullptr;
+      give();
       bytes_ = size_t(n) * sizeof(T);
       p_ = static_cast<T*>(tl_scratch.take(bytes_));
+      scratch_use.add(int64_t(bytes_));
     }
     n_ = n;
   }
@@ -759,6 +781,12 @@ class Scratch {
   const T& operator[](int64_t i) const { return p_[i]; }
 
  private:
+  void give() {
+    if (p_) scratch_use.sub(int64_t(bytes_));
+    tl_scratch.give(p_, bytes_);
+    p_ = nullptr;
+  }
+
   T* p_ = nullptr;
   int64_t n_ = 0;
   size_t bytes_ = 0;
@@ -1837,6 +1865,12 @@ __attribute__((visibility("default"))) const char* dsv4_kernels_isa(void) {
 // Unmaps the large scratch blocks the kernels keep for reuse (LargeBlocks above); any time: a block in use is not
 // in the cache.
 __attribute__((visibility("default"))) void dsv4_release_scratch(void) { dsv4::large_blocks.release(); }
+
+// The most bytes of kernel scratch (Scratch blocks) held at once since the last reset, which `reset` != 0 starts
+// anew from what is held now; for tests and benchmarks (ctypes).
+__attribute__((visibility("default"))) int64_t dsv4_scratch_high_water(int reset) {
+  return dsv4::scratch_use.high_water(reset != 0);
+}
 
 // Give back each node's weight pages after it ran, for weights inside these read-only file mappings (WeightPages
 // above); n = 0 stops. Call it between runs.
