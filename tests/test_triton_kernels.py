@@ -765,7 +765,8 @@ def test_fp8_linear_plugins_take_the_bundles_e8m0_scales(plugin_api, op, monkeyp
     api.shape_context(trt_api.IExprBuilder())
     shapes = [(3, 4, 128), (4 * 96, 128), (3, 1)] if op == "fp8_grouped_linear" else [(3, 256), (200, 256), (2, 2)]
     fns = api.definition(plugins.plugin_id(op))
-    outs = tuple(api.tensor_desc(dims(s)) for s in plugins.output_shapes(op, [list(s) for s in shapes], {"act_quant": 1}))
+    outs = tuple(api.tensor_desc(dims(s))
+                 for s in plugins.output_shapes(op, [list(s) for s in shapes], {"act_quant": 1}))
     (combo,) = fns["autotune"](*(api.tensor_desc(dims(s)) for s in shapes), act_quant=1, outputs=outs)
     if hasattr(combo, "_get_combinations"):  # NVIDIA's package: the type combinations it expands to
         types = [c.types for c in combo._get_combinations()]

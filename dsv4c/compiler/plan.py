@@ -14,7 +14,9 @@ Sources of every figure (nothing is loaded, no weights are needed):
     (`DeepseekV4.cache_spec`: the rows packed in the recipe's FP8 / FP4 formats, float32 compressor state) beside it.
   * activations and custom ops: one prefill chunk traced on the meta device through a model with one layer of
     each kind (transients live within a layer, so it peaks like the whole model): the peak bytes of the tensors
-    the forward allocates, and the `dsv4::*` ops it calls, checked against what the target implements.
+    the forward allocates, and the `dsv4::*` ops it calls, checked against what the target implements. dsv4c's
+    engine column adds what the target's runtime allocates beyond that: its kernels' scratch
+    (`Target.kernel_scratch`) and the caches it holds twice (`Target.cache_copies`).
   * per device (one rank of the mesh of dsv4c.graphs.parallel: world = tensor x data, pipeline 1): routed experts
     over `parallel.expert`, the tensor-parallel weights of spec §5.3 over `parallel.tensor` (the embedding and the
     head by vocabulary), everything else replicated (the shared expert, wq_a, wkv, compressors, gate, norms, hc);
@@ -350,8 +352,9 @@ def trace_prefill(cfg: ModelConfig, numerics, expert_format: str, batch: int, se
                   scratch: Callable[[str, tuple], int] | None = None) -> tuple[set[str], int, int]:
     """(dsv4 ops called, peak bytes of the tensors the forward allocates, the updated caches excluded: a serving
     engine writes them in place; the same peak with the memory the kernels hold, `scratch` being the target's
-    kernel_scratch: _Trace) for one prefill chunk of `seqlen` tokens x `batch` sequences from position 0, on the rank `shard` of a
-    mesh (its collectives and head-partial indexer scores among the ops) or, without one, on the whole model."""
+    kernel_scratch: _Trace) for one prefill chunk of `seqlen` tokens x `batch` sequences from position 0, on the
+    rank `shard` of a mesh (its collectives and head-partial indexer scores among the ops) or, without one, on the
+    whole model."""
     from dsv4c.graphs.model import DeepseekV4
 
     with torch.device("meta"):

@@ -168,7 +168,8 @@ def fold_e8m0_decodes(graph: onnx.GraphProto) -> int:
 
 
 def reads_e8m0_scales(graph: onnx.GraphProto) -> bool:
-    """Whether a dsv4 node reads uint8 initializers as its scales (fold_e8m0_decodes ran): only kernels that decode them can run it."""
+    """Whether a dsv4 node reads uint8 initializers as its scales (fold_e8m0_decodes ran): only kernels that
+    decode them can run it."""
     uint8 = {t.name for t in graph.initializer if t.data_type == TensorProto.UINT8}
     return any(node.input[i] in uint8 for node in graph.node for i in SCALE_INPUTS.get(node.op_type, ())
                if i < len(node.input))

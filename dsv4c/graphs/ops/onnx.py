@@ -612,7 +612,8 @@ def write_onnx_program(ep: torch.export.ExportedProgram, path: str | Path, *,
     initializers are not written again but refer to that file (the programs of a bundle are exported from one
     model, so a name is one buffer: prefill and decode share every weight, written and read from disk once).
     `rewrite(graph)`: a target's change to the onnx_ir graph before it is saved (its initializers' values still
-    lazy where `weights` supplies them), e.g. the e8m0 scales of the CPU and TensorRT bundles (dsv4c.targets.e8m0_scales)."""
+    lazy where `weights` supplies them), e.g. the e8m0 scales of the CPU and TensorRT bundles
+    (dsv4c.targets.e8m0_scales)."""
     if with_functions and opset != ONNX_OPSET:
         raise ValueError(f"function bodies need ONNX opset {ONNX_OPSET}; export at {opset} with_functions=False")
     import logging

@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 
 from dsv4c.graphs.quant import FP8_BLOCK
-from dsv4c.targets.tensorrt.kernels.common import (F32_PRECISION, LOWP_DOT, check_scale_dtype, check_shape, check_tensors,
-                                                    e4m3_values, f32, quantize_fp8_rows, require,
-                                                    scale_operand, weight_scales)
+from dsv4c.targets.tensorrt.kernels.common import (F32_PRECISION, LOWP_DOT, check_scale_dtype, check_shape,
+                                                   check_tensors, e4m3_values, f32, quantize_fp8_rows, require,
+                                                   scale_operand, weight_scales)
 
 
 @triton.jit

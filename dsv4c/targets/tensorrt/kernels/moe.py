@@ -11,11 +11,12 @@ into tiles of BLOCK_M pairs of one expert; the tile table has a static upper bou
       (a K step is one quantisation block), y_pair = bf16(h W2^T), scattered to the pair's original slot.
   Then y[t] = sum over the token's k slots (-1 slots stay zero).
 
-Weights are decoded in registers: FP4 (packed nibbles, low first, one scale per 1x32) is folded with its
-scale (scales: e8m0 bytes as the checkpoint ships them, or float32); FP8 keeps its 128x128 block scale outside the dot. On the GPU the dots are bf16 when both operands are
-exactly bf16 (FP8-quantised activations against e4m3 / e2m1 values times power-of-two scales, i.e. e8m0 scales
-as DeepSeek ships them); otherwise tf32x3. The routing weight is applied before W2 and the sum over slots
-runs in slot order (the reference adds experts in id order: equal up to fp32 rounding).
+Weights are decoded in registers (scales: e8m0 bytes as the checkpoint ships them, or float32): FP4 (packed
+nibbles, low first, one scale per 1x32) is folded with its scale; FP8 keeps its 128x128 block scale outside the
+dot. On the GPU the dots are bf16 when both operands are exactly bf16 (FP8-quantised activations against e4m3 /
+e2m1 values times power-of-two scales, i.e. e8m0 scales as DeepSeek ships them); otherwise tf32x3. The routing
+weight is applied before W2 and the sum over slots runs in slot order (the reference adds experts in id order:
+equal up to fp32 rounding).
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ import triton
 import triton.language as tl
 
 from dsv4c.graphs.quant import FP4_BLOCK, FP8_BLOCK, ExpertFormat
-from dsv4c.targets.tensorrt.kernels.common import (F32_PRECISION, LOWP_DOT, check_scale_dtype, check_shape, check_tensors,
-                                                    e4m3_values, f32, quantize_fp8_rows, require, round_bf16,
-                                                    scale_operand, unpack_fp4, weight_scales)
+from dsv4c.targets.tensorrt.kernels.common import (F32_PRECISION, LOWP_DOT, check_scale_dtype, check_shape,
+                                                   check_tensors, e4m3_values, f32, quantize_fp8_rows, require,
+                                                   round_bf16, scale_operand, unpack_fp4, weight_scales)
 
 # the expert formats as the kernels' FMT values (a jit function reads a global only when it is a constexpr)
 FMT_FP4 = tl.constexpr(int(ExpertFormat.FP4))
