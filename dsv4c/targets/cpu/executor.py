@@ -158,7 +158,7 @@ def drop_node_metadata(model) -> None:
     tests/mutants.py finds nodes by them) before ONNX Runtime parses the program: it keeps every node's entries
     for the session's life (mini-1b's width, 8 layers: 11 MB of the engine's resident heap, 3.7 of the prefill
     program's 4.3 MB)."""
-    for graph in (model.graph, *(f for f in model.functions)):
+    for graph in (model.graph, *model.functions):
         for node in graph.node:
             del node.metadata_props[:]
     for value in (*model.graph.input, *model.graph.output, *model.graph.value_info):

@@ -726,8 +726,9 @@ class ScratchPool {
 };
 thread_local ScratchPool tl_scratch;
 
-// Bytes of Scratch the kernels hold now and the most they held at once since the last reset: what they allocate
-// beyond their outputs (dsv4_scratch_high_water; `dsv4c plan` counts it in the CPU engine's workspace).
+// Bytes of Scratch the kernels ask for now and the most at once since the last reset: what they need beyond their
+// outputs (dsv4_scratch_high_water; `dsv4c plan` counts it in the CPU engine's workspace). What they ask for, not
+// the blocks they get: a pooled block may be larger, by what earlier calls of any engine in the process left.
 class ScratchUse {
  public:
   void add(int64_t bytes) {
@@ -757,19 +758,23 @@ class Scratch {
   Scratch() = default;
   explicit Scratch(int64_t n) { resize(n); }
   Scratch(int64_t n, T fill) : Scratch(n) { std::fill(begin(), end(), fill); }
-  Scratch(Scratch&& o) noexcept : p_(o.p_), n_(o.n_), bytes_(o.bytes_) { o.p_ = nullptr, o.n_ = o.bytes_ = 0; }
+  Scratch(Scratch&& o) noexcept : p_(o.p_), n_(o.n_), bytes_(o.bytes_), asked_(o.asked_) {
+    o.p_ = nullptr, o.n_ = o.bytes_ = o.asked_ = 0;
+  }
   Scratch& operator=(Scratch&& o) noexcept {
-    std::swap(p_, o.p_), std::swap(n_, o.n_), std::swap(bytes_, o.bytes_);
+    std::swap(p_, o.p_), std::swap(n_, o.n_), std::swap(bytes_, o.bytes_), std::swap(asked_, o.asked_);
     return *this;
   }
   ~Scratch() { give(); }
   void resize(int64_t n) {  // contents not kept
-    if (size_t(n) * sizeof(T) > bytes_) {
+    const size_t asked = size_t(n) * sizeof(T);
+    if (asked > bytes_) {
       give();
-      bytes_ = size_t(n) * sizeof(T);
+      bytes_ = asked;
       p_ = static_cast<T*>(tl_scratch.take(bytes_));
-      scratch_use.add(int64_t(bytes_));
     }
+    scratch_use.add(int64_t(asked) - int64_t(asked_));
+    asked_ = asked;
     n_ = n;
   }
   T* data() { return p_; }
@@ -782,14 +787,16 @@ class Scratch {
 
  private:
   void give() {
-    if (p_) scratch_use.sub(int64_t(bytes_));
+    scratch_use.sub(int64_t(asked_));
     tl_scratch.give(p_, bytes_);
     p_ = nullptr;
+    asked_ = 0;
   }
 
   T* p_ = nullptr;
   int64_t n_ = 0;
-  size_t bytes_ = 0;
+  size_t bytes_ = 0;  // the block's size
+  size_t asked_ = 0;  // what resize asked for (scratch_use)
 };
 
 // ---- kernels --------------------------------------------------------------------------------------------------

@@ -223,9 +223,10 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w
     ws = [w.contiguous() if fmt != ExpertFormat.FLOAT else f32(w) for w in (w1, w3, w2)]
     ss, e8m0 = [dummy] * 3, False
     if fmt != ExpertFormat.FLOAT:
-        (ss[0], e8m0), (ss[1], e8m0_3), (ss[2], e8m0_2) = (scale_operand(s) for s in (s1, s3, s2))
-        require(e8m0 == e8m0_3 == e8m0_2, op, "the three expert scale tensors must share one dtype (e8m0 bytes or "
+        ss, bytes_ = zip(*(scale_operand(s) for s in (s1, s3, s2)))
+        require(len(set(bytes_)) == 1, op, "the three expert scale tensors must share one dtype (e8m0 bytes or "
                 f"float32), got {s1.dtype}, {s3.dtype}, {s2.dtype}")
+        e8m0 = bytes_[0]
     bn_up = 32 if block_m == 16 else 64  # two decoded [BN, 128] weight tiles must fit in registers
     moe_gate_up_kernel[(tile_e.numel(), triton.cdiv(inter, bn_up))](
         f32(x), f32(weights).reshape(-1), order, tile_e, lo, hi, ws[0], ss[0], ws[1], ss[1], h, d, inter, topk,
