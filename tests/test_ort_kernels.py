@@ -376,12 +376,14 @@ def test_fp8_linear_with_scales_that_are_not_powers_of_two(library, isa, rows):
     check(library, "fp8_linear", {"act_quant": True}, x=rand(rows, 384, seed=9), w=w, w_scale=s)
 
 
-@pytest.mark.parametrize("rows", [1, 6, 200])  # the float loops, then the AMX tiles (5+ bf16-valued rows)
-def test_fp8_linear_reads_every_e4m3_code_exactly(library, isa, rows):
+@pytest.mark.parametrize("rows", [1, 2, 6, 8, 200])  # the float loops, then the AMX tiles (5+ bf16-valued rows)
+@pytest.mark.parametrize("k", [200, 192])
+def test_fp8_linear_reads_every_e4m3_code_exactly(library, isa, rows, k):
     """x = rows of the identity picks single weights: y[r, j] = e4m3(w[j, r]) * scale, exactly, for every code
     (subnormals and -0 included) under power-of-two block scales from 2^-10 to 2^4 (tensors.e4m3_value, the
-    format's definition, gives the expected values)."""
-    n, k = 256, 200  # K = 200: a partial 128-wide block and a scalar tail
+    format's definition, gives the expected values). K = 200: a partial 128-wide block and a scalar tail; K = 192
+    (a multiple of 64): the bf16 pair-dot path of CPUs with AVX512-BF16 and no AMX, up to 8 rows."""
+    n = 256
     codes = (torch.arange(n)[:, None] + torch.arange(k)[None, :]) % 256
     codes[(codes == 0x7F) | (codes == 0xFF)] = 0  # the NaN codes: not weights
     scale = torch.tensor([[2.0 ** -3, 2.0 ** 4], [2.0 ** -10, 1.0]])

@@ -1,6 +1,6 @@
 // Inner loops of the dsv4 kernels, compiled once per instruction set into namespace dsv4::DSV4_ISA
 // (isa_generic.cc: the compiler's baseline; isa_avx2.cc: -mavx2 -mfma -mf16c, explicit intrinsics below;
-// isa_avx512bf16.cc: the AVX2 loops plus vdpbf16ps pair dot products for FP4 and BF16 weights; isa_amx.cc: that
+// isa_avx512bf16.cc: the AVX2 loops plus vdpbf16ps pair dot products for FP4, BF16 and FP8 weights; isa_amx.cc: that
 // plus AMX tile products for 5+ rows).
 // Only raw pointers, libc/libm and intrinsics here: no std:: templates or inline library helpers whose
 // out-of-line copies the linker could share between the two builds (see kernels.h). No include guard: each
@@ -313,25 +313,31 @@ void decode_row(const QuantWeight& w, RowScales& scales, int64_t j, float* out) 
   }
 }
 
-// A weight row a few rows ahead of the one being read, into L1: a job reads short runs of rows (an expert's slice,
-// a small matrix) from memory, too short for the hardware prefetcher to ramp up on.
+// A weight row a few rows ahead of the one being read: a job reads short runs of rows (an expert's slice, a small
+// matrix) from memory, too short for the hardware prefetcher to ramp up on. Into L1 for a kernel of 1-2 x rows,
+// into L2 for more: M x rows fill L1 (8 bf16 rows of 1024 are 16 KB, 4 fp32 rows the same), and weight lines
+// pulled into it ahead of use evicted them, so the x loads missed. mini-1b's LM head at 8 rows (Zen 4, 2 threads):
+// 18.1 ms with L1 prefetches, 16.2 with none, 7.9 with L2 prefetches; a batch-1 decode step with L2 prefetches
+// everywhere was 2 % slower (16.69 vs 16.39 ms).
 constexpr int64_t kPrefetchRows = 4;
+template <int M>
 inline void prefetch(const void* p, int64_t bytes) {
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char*)p + b, _MM_HINT_T0);
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char*)p + b, M <= 2 ? _MM_HINT_T0 : _MM_HINT_T1);
 }
 
 // FP4 row j + kFp4PrefetchRows (packed values and scales), if it is one of this job's rows. Further ahead than
 // the other formats' rows: an expert's rows are short (K/2 bytes) and read once per token from memory
 // (mini-1b, batch 1: 4 rows ahead 30.48 ms per step, 8 rows 29.62, 16 rows 29.16; batch 8 the same).
 constexpr int64_t kFp4PrefetchRows = 16;
+template <int M>
 inline void prefetch_fp4_ahead(const QuantWeight& w, int64_t j, int64_t n1) {
   if (j + kFp4PrefetchRows >= n1) return;
   const int64_t K = w.k, ahead = j + kFp4PrefetchRows;
-  prefetch((const uint8_t*)w.data + ahead * (K / 2), K / 2);
+  prefetch<M>((const uint8_t*)w.data + ahead * (K / 2), K / 2);
   if (w.scale_e8m0)
-    prefetch(w.scale_e8m0 + ahead * (K / 32), K / 32);
+    prefetch<M>(w.scale_e8m0 + ahead * (K / 32), K / 32);
   else
-    prefetch(w.scale + ahead * (K / 32), K / 32 * (int64_t)sizeof(float));
+    prefetch<M>(w.scale + ahead * (K / 32), K / 32 * (int64_t)sizeof(float));
 }
 
 // ---- fused decode + dot for M <= 4 token rows: every decoded weight vector meets all M rows ---------------
@@ -344,7 +350,7 @@ void fused_fp8(const QuantWeight& w, const float* x, int64_t ldx, float* y, int6
   for (int64_t j = n0; j < n1; ++j) {
     const uint8_t* row = (const uint8_t*)w.data + j * K;
     const float* srow = scales(j);
-    if (j + kPrefetchRows < n1) prefetch(row + kPrefetchRows * K, K);
+    if (j + kPrefetchRows < n1) prefetch<M>(row + kPrefetchRows * K, K);
     __m256 acc[M];
     float tail[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps(), tail[m] = 0.f;
@@ -390,7 +396,7 @@ void fused_fp4(const QuantWeight& w, const float* x, int64_t ldx, float* y, int6
   for (int64_t j = n0; j < n1; ++j) {
     const uint8_t* row = (const uint8_t*)w.data + j * (K / 2);
     const float* srow = scales(j);
-    prefetch_fp4_ahead(w, j, n1);
+    prefetch_fp4_ahead<M>(w, j, n1);
     __m256 acc[M][A];
     for (int m = 0; m < M; ++m)
       for (int a = 0; a < A; ++a) acc[m][a] = _mm256_setzero_ps();
@@ -523,7 +529,7 @@ void dp_fp4(const QuantWeight& w, const uint16_t* xb, float* y, int64_t ldy, int
   for (int64_t j = n0; j < n1; ++j) {
     const uint8_t* row = (const uint8_t*)w.data + j * (K / 2);
     const float* srow = scales(j);
-    prefetch_fp4_ahead(w, j, n1);
+    prefetch_fp4_ahead<M>(w, j, n1);
     __m512 acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t c = 0; c < K; c += 64) {
@@ -549,7 +555,7 @@ void dp_bf16(const QuantWeight& w, const uint16_t* xb, float* y, int64_t ldy, in
   const int64_t K = w.k;
   for (int64_t j = n0; j < n1; ++j) {
     const uint16_t* row = (const uint16_t*)w.data + j * K;
-    if (M > 2 && j + kPrefetchRows < n1) prefetch(row + kPrefetchRows * K, K * 2);
+    if (M > 2 && j + kPrefetchRows < n1) prefetch<M>(row + kPrefetchRows * K, K * 2);
     __m512 acc[M][A];
     for (int m = 0; m < M; ++m)
       for (int a = 0; a < A; ++a) acc[m][a] = _mm512_setzero_ps();
@@ -572,11 +578,77 @@ void dp_bf16(const QuantWeight& w, const uint16_t* xb, float* y, int64_t ldy, in
   }
 }
 
-// The pair-dot path when it applies (FP4 or BF16 weights, K a multiple of 64, bf16-valued x): true if it ran.
+#if !defined(__AMX_BF16__)
+// FP8 weights as bf16 pairs, on CPUs with AVX512-BF16 but no AMX: every e4m3 value is a bf16 number, and on Zen 4
+// vdpbf16ps retires one 512-bit instruction a cycle, twice the products of the fp32 FMAs (mini-1b's FP8 linears
+// in a batch-8 decode step: 11.4 -> 7.6 ms, whose 5-8 rows the fp32 tiles ran). Not in the AMX build: there 5+
+// rows run on the tiles, and its vdpbf16ps (one per 2 cycles on Sapphire Rapids) gives no more products than the
+// FMA loops its fewer rows keep.
+#define DSV4_FP8_PAIR_DOT 1
+
+// bf16 bits of the e4m3 subnormals m x 2^-9 (m = 0..7), then zeros: a 32-word vpermw table
+alignas(64) const uint16_t kE4m3SubnormalBf16[32] = {0x0000, 0x3B00, 0x3B80, 0x3BC0, 0x3C00, 0x3C20, 0x3C40, 0x3C60};
+
+// 32 e4m3 bytes -> 32 bf16 words, exact. A normal code's exponent and mantissa bits, shifted into place, need
+// only the exponent rebiased (+120); a subnormal's (exponent bits 0) come from the table, which its low 5 bits
+// index directly; the sign goes to bit 15. (The NaN codes 0x7f / 0xff decode to +-480; weights never hold them.)
+inline __m512bh decode_fp8_bf16_32(const uint8_t* p) {
+  const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p));
+  const __m512i normal = _mm512_add_epi16(_mm512_slli_epi16(_mm512_and_si512(b, _mm512_set1_epi16(0x7F)), 4),
+                                          _mm512_set1_epi16(0x3C00));
+  const __mmask32 subnormal = _mm512_testn_epi16_mask(b, _mm512_set1_epi16(0x78));
+  const __m512i v = _mm512_mask_permutexvar_epi16(normal, subnormal, b, _mm512_load_si512(kE4m3SubnormalBf16));
+  // v | (b << 8 & 0x8000)
+  return (__m512bh)_mm512_ternarylogic_epi32(v, _mm512_slli_epi16(b, 8), _mm512_set1_epi16((short)0x8000), 0xF8);
+}
+
+// Per 128-column block the M rows' sums (A accumulators each for 1-2 rows: the dot products' latency), then each
+// times the block's scale, as the FMA loops do.
+template <int M>
+void dp_fp8(const QuantWeight& w, const uint16_t* xb, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  constexpr int A = M <= 2 ? 2 : 1;
+  const int64_t K = w.k;
+  RowScales scales(w);
+  for (int64_t j = n0; j < n1; ++j) {
+    const uint8_t* row = (const uint8_t*)w.data + j * K;
+    const float* srow = scales(j);
+    if (j + kPrefetchRows < n1) prefetch<M>(row + kPrefetchRows * K, K);
+    __m512 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += 128) {
+      const int64_t k1 = lo(K, k0 + 128);  // K % 64 == 0: 64 or 128 columns
+      __m512 t[M][A];
+      for (int m = 0; m < M; ++m)
+        for (int a = 0; a < A; ++a) t[m][a] = _mm512_setzero_ps();
+      for (int64_t k = k0; k < k1; k += 32 * A)
+        for (int a = 0; a < A; ++a) {
+          const __m512bh v = decode_fp8_bf16_32(row + k + 32 * a);
+          for (int m = 0; m < M; ++m)
+            t[m][a] = _mm512_dpbf16_ps(t[m][a], v, (__m512bh)_mm512_loadu_si512(xb + m * K + k + 32 * a));
+        }
+      const __m512 scale = _mm512_set1_ps(srow[k0 / 128]);
+      for (int m = 0; m < M; ++m) {
+        __m512 sum = t[m][0];
+        for (int a = 1; a < A; ++a) sum = _mm512_add_ps(sum, t[m][a]);
+        acc[m] = _mm512_fmadd_ps(sum, scale, acc[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) y[m * ldy + j] = _mm512_reduce_add_ps(acc[m]);
+  }
+}
+#endif
+
+// The pair-dot path when it applies (FP4 or BF16 weights, FP8 ones outside the AMX build, K a multiple of 64,
+// bf16-valued x): true if it ran.
 template <int M>
 bool fused_dp(const QuantWeight& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t K = w.k;
-  if ((w.format != kFp4 && w.format != kBf16) || K % 64 != 0 || !bf16_valued(x, ldx, M, K)) return false;
+#if defined(DSV4_FP8_PAIR_DOT)
+  const bool format = w.format == kFp4 || w.format == kBf16 || w.format == kFp8;
+#else
+  const bool format = w.format == kFp4 || w.format == kBf16;
+#endif
+  if (!format || K % 64 != 0 || !bf16_valued(x, ldx, M, K)) return false;
   uint16_t* xb = tl_xbf16.get(M * K);
   for (int m = 0; m < M; ++m) {
     if (w.format == kFp4)
@@ -586,6 +658,10 @@ bool fused_dp(const QuantWeight& w, const float* x, int64_t ldx, float* y, int64
   }
   if (w.format == kFp4)
     dp_fp4<M>(w, xb, y, ldy, n0, n1);
+#if defined(DSV4_FP8_PAIR_DOT)
+  else if (w.format == kFp8)
+    dp_fp8<M>(w, xb, y, ldy, n0, n1);
+#endif
   else
     dp_bf16<M>(w, xb, y, ldy, n0, n1);
   return true;
