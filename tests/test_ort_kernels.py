@@ -920,6 +920,28 @@ def test_kernels_read_packed_rows_as_their_values(library, isa, picks):
         np.testing.assert_array_equal(got, run_kernel(library, name, attrs, [3], q=q, k=values, w=w, **extra)[0])
 
 
+def test_sparse_attn_reads_packed_rows_that_bf16_cannot_hold_as_floats(library, isa):
+    """The kernel unpacks FP8 rows as bf16 bits when bf16 holds every value. Block scales of e8m0 byte 0 (2^-127)
+    put FP8's small codes below what bf16 holds (2^-9 x 2^-127 = 2^-136), and the call reads the rows as floats
+    instead: bit for bit the result on the unpacked floats (the outputs are float subnormals, which bf16 rows
+    would have cut short)."""
+    from tensors import attention_blocks
+
+    inputs = attention_blocks(d=192)
+    packed = {part: torch.ops.dsv4.pack_kv_fp8(inputs[part], 64) for part in ("kv", "cmp")}
+    for rows in packed.values():
+        rows[..., 256:258] = 0  # the two nope blocks' scales, after 128 FP8 codes and 64 bf16 RoPE dims
+        rows[..., 128:256] = 0  # RoPE dims 0: the output is the nope values' weighted sum alone
+    attrs = {"kv_rope": 64, "scale": 192 ** -0.5, "bf16": True}
+    got = run_kernel(library, "sparse_attn", attrs, [4], **{**inputs, **packed})[0]
+    values = {part: quant.unpack_kv_fp8(rows, 192, 64) for part, rows in packed.items()}
+    tiny = values["kv"][..., :128].abs()
+    assert tiny.max() <= 448 * 2.0 ** -127 and (tiny[tiny > 0].min() < 2.0 ** -133)  # some below bf16
+    as_float = run_kernel(library, "sparse_attn", {**attrs, "kv_rope": 0}, [4], **{**inputs, **values})[0]
+    np.testing.assert_array_equal(got, as_float)
+    assert np.abs(got).max() > 0
+
+
 def test_sparse_attn_refuses_packed_rows_without_kv_rope(library):
     from tensors import attention_blocks
 

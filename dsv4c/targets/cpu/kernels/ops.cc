@@ -211,6 +211,25 @@ void unpack_kv_row(const uint8_t* row, int64_t d, int64_t rope, float* out) {
     out[nope + i] = from_bits((uint32_t)(row[nope + 2 * i] | (row[nope + 2 * i + 1] << 8)) << 16);
 }
 
+// The same row as bf16 bits, when bf16 holds every value (an FP8 value times a power-of-two scale does, unless a
+// scale below 2^-124 puts small codes past bf16's subnormals): false otherwise, out partly written.
+bool unpack_kv_row_bf16(const uint8_t* row, int64_t d, int64_t rope, uint16_t* out) {
+  const int64_t nope = d - rope;
+  const uint8_t* scales = row + nope + 2 * rope;
+  const float* fp8 = packed_tables().fp8;
+  uint32_t low = 0;  // the low 16 bits of every value, or-ed: 0 when each is a bf16 number
+  for (int64_t b0 = 0; b0 < nope; b0 += kKvScaleBlock) {
+    const float scale = e8m0_value(scales[b0 / kKvScaleBlock]);
+    for (int64_t i = b0; i < b0 + kKvScaleBlock; ++i) {
+      const uint32_t u = to_bits(fp8[row[i]] * scale);
+      low |= u & 0xFFFFu;
+      out[i] = (uint16_t)(u >> 16);
+    }
+  }
+  for (int64_t i = 0; i < rope; ++i) out[nope + i] = (uint16_t)(row[nope + 2 * i] | (row[nope + 2 * i + 1] << 8));
+  return low == 0;
+}
+
 void pack_fp4_row(const float* x, int64_t d, uint8_t* out) {
   for (int64_t b0 = 0; b0 < d; b0 += 32) {  // fake_quant_fp4's arithmetic
     const float scale = block_scale(x + b0, 32, kFp4AmaxMin, 6.0f), inv = 1.0f / scale;
@@ -1445,24 +1464,42 @@ struct SparseAttn : Kernel {
       return r < N ? kv.u8() + (b * N + r) * width : cmp.u8() + (b * M + r - N) * width;
     };
     const bool whole = packed && N + M <= S * K;
-    Scratch<float> values;   // unpacked rows: [B, N + M, D] (whole) or [B, S, K, D] (each query's picks)
+    // unpacked rows: [B, N + M, D] (whole) or [B, S, K, D] (each query's picks), as bf16 bits where bf16 holds
+    // every value, else as float. Half the bytes to write and read again: mini-1b's decode at batch 8 (Zen 4),
+    // CSA 0.89 -> 0.77 ms per call, HCA 0.55 -> 0.46; the same values, so the same results.
+    Scratch<uint16_t> values16;
+    Scratch<float> values;
     Scratch<int64_t> order;  // picks into the latter: 0 .. K-1 per query, -1 kept
+    bool rows16 = false;
     if (packed) {
       const int64_t rows = whole ? B * (N + M) : B * S * K, per = 16;
-      values.resize(rows * D);
-      std::fill(values.begin(), values.end(), 0.f);  // rows no pick names stay defined
       if (!whole) {
         order.resize(B * S * K);
         for (int64_t i = 0; i < B * S * K; ++i) order[i] = ix[i] < 0 ? -1 : i % K;
       }
-      c.parallel((rows + per - 1) / per, 2.0 * rows * D, [&](size_t t) {
-        for (int64_t r = t * per; r < std::min(rows, (int64_t)(t + 1) * per); ++r) {
-          if (whole)
-            unpack_kv_row(packed_row(r / (N + M), r % (N + M)), D, kv_rope, values.data() + r * D);
-          else if (ix[r] >= 0)
-            unpack_kv_row(packed_row(r / (S * K), ix[r]), D, kv_rope, values.data() + r * D);
-        }
+      auto unpack = [&](auto* out, auto row_fn) {  // every row (whole) or each named pick into out[r * D ..]
+        c.parallel((rows + per - 1) / per, 2.0 * rows * D, [&](size_t t) {
+          for (int64_t r = t * per; r < std::min(rows, (int64_t)(t + 1) * per); ++r) {
+            if (whole)
+              row_fn(packed_row(r / (N + M), r % (N + M)), out + r * D);
+            else if (ix[r] >= 0)
+              row_fn(packed_row(r / (S * K), ix[r]), out + r * D);
+          }
+        });
+      };
+      values16.resize(rows * D);
+      std::fill(values16.begin(), values16.end(), 0);  // rows no pick names stay defined
+      std::atomic<bool> exact{true};
+      unpack(values16.data(), [&](const uint8_t* row, uint16_t* out) {
+        if (!unpack_kv_row_bf16(row, D, kv_rope, out)) exact.store(false, std::memory_order_relaxed);
       });
+      rows16 = exact.load();
+      if (!rows16) {
+        values16 = Scratch<uint16_t>();
+        values.resize(rows * D);
+        std::fill(values.begin(), values.end(), 0.f);
+        unpack(values.data(), [&](const uint8_t* row, float* out) { unpack_kv_row(row, D, kv_rope, out); });
+      }
     }
     const int64_t groups = (H + 3) / 4;  // tasks: (query position, 4 heads): decode still spreads over threads
     c.parallel(B * S * groups, 2.0 * B * S * H * K * D, [&](size_t t) {
@@ -1475,12 +1512,13 @@ struct SparseAttn : Kernel {
       const void* cmp_rows = cmp.row(b * M);
       int64_t n_rows = N;
       const int64_t* picks = ix + bs * K;
-      if (packed && whole)
-        rows = values.data() + b * (N + M) * D, cmp_rows = nullptr, n_rows = N + M;
-      else if (packed)
-        rows = values.data() + bs * K * D, cmp_rows = nullptr, n_rows = K, picks = order.data() + bs * K;
-      isa->sparse_attn_query(q.f32() + bs * H * D, rows, n_rows, cmp_rows, kv.type == BF16, picks, K, sink.f32(), h0,
-                             std::min(H, h0 + 4), D, scale, bf16, out + bs * H * D, scratch.data());
+      const int64_t first = whole ? b * (N + M) * D : bs * K * D;
+      if (packed)
+        rows = rows16 ? (const void*)(values16.data() + first) : (const void*)(values.data() + first),
+        cmp_rows = nullptr, n_rows = whole ? N + M : K, picks = whole ? picks : order.data() + bs * K;
+      isa->sparse_attn_query(q.f32() + bs * H * D, rows, n_rows, cmp_rows, packed ? rows16 : kv.type == BF16, picks,
+                             K, sink.f32(), h0, std::min(H, h0 + 4), D, scale, bf16, out + bs * H * D,
+                             scratch.data());
     });
   }
 };
