@@ -269,6 +269,21 @@ def test_sparse_attn_reads_bf16_cache_rows_as_their_values(library, isa, d):
         np.testing.assert_array_equal(got, as_float)
 
 
+@pytest.mark.parametrize("h", [4, 5])  # one group of 4 heads (a row's 4 logits reduced together), then 4 + 1
+def test_sparse_attn_of_bf16_q_against_bf16_rows(library, isa, h):
+    """q and the rows bf16 numbers, d a multiple of 64 (the engine's decode under the reference numerics): on CPUs
+    with AVX512-BF16 and no AMX the logits are pair dot products. The result matches the reference op, and the
+    float32 rows' FMA loops up to the order of the fp32 sums."""
+    inputs = attention_blocks(h=h, d=128)
+    bf16 = {**inputs, "q": inputs["q"].bfloat16().float(), "kv": inputs["kv"].bfloat16(),
+            "cmp": inputs["cmp"].bfloat16()}
+    attrs = {"kv_rope": 0, "scale": 128 ** -0.5, "bf16": False}
+    got = check(library, "sparse_attn", attrs, **bf16)[0]
+    as_float = run_kernel(library, "sparse_attn", attrs, [4], **{**bf16, "kv": bf16["kv"].float(),
+                                                                  "cmp": bf16["cmp"].float()})[0]
+    np.testing.assert_allclose(got, as_float, rtol=0, atol=1e-5 * np.abs(as_float).max())
+
+
 @pytest.mark.parametrize("name", ["indexer_topk", "indexer_scores"])
 def test_indexer_reads_bf16_keys_as_their_values(library, isa, name):
     """Indexer keys held as bf16: the scores are bit for bit those of the same keys in float32 (picks exact)."""
