@@ -1512,10 +1512,13 @@ struct SparseAttn : Kernel {
       const void* cmp_rows = cmp.row(b * M);
       int64_t n_rows = N;
       const int64_t* picks = ix + bs * K;
-      const int64_t first = whole ? b * (N + M) * D : bs * K * D;
-      if (packed)
-        rows = rows16 ? (const void*)(values16.data() + first) : (const void*)(values.data() + first),
-        cmp_rows = nullptr, n_rows = whole ? N + M : K, picks = whole ? picks : order.data() + bs * K;
+      if (packed) {
+        const int64_t first = whole ? b * (N + M) * D : bs * K * D;
+        rows = rows16 ? (const void*)(values16.data() + first) : (const void*)(values.data() + first);
+        cmp_rows = nullptr;
+        n_rows = whole ? N + M : K;
+        if (!whole) picks = order.data() + bs * K;
+      }
       isa->sparse_attn_query(q.f32() + bs * H * D, rows, n_rows, cmp_rows, packed ? rows16 : kv.type == BF16, picks,
                              K, sink.f32(), h0, std::min(H, h0 + 4), D, scale, bf16, out + bs * H * D,
                              scratch.data());
