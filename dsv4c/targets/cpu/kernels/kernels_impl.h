@@ -622,7 +622,7 @@ void dp_bf16(const QuantWeight& w, const uint16_t* xb, float* y, int64_t ldy, in
 #if !defined(__AMX_BF16__)
 // FP8 weights as bf16 pairs, on CPUs with AVX512-BF16 but no AMX: every e4m3 value is a bf16 number, and on Zen 4
 // vdpbf16ps retires one 512-bit instruction a cycle, twice the products of the fp32 FMAs (mini-1b's FP8 linears
-// in a batch-8 decode step: 11.4 -> 7.6 ms, whose 5-8 rows the fp32 tiles ran). Not in the AMX build: there 5+
+// in a batch-8 decode step: 11.4 -> 7.6 ms; 5-8 rows ran on fp32 FMAs before). Not in the AMX build: there 5+
 // rows run on the tiles, and its vdpbf16ps (one per 2 cycles on Sapphire Rapids) gives no more products than the
 // FMA loops its fewer rows keep.
 #define DSV4_FP8_PAIR_DOT 1
