@@ -1049,61 +1049,45 @@ constexpr int64_t kAttnBlock = 64;
 // another order. Two rows at a time share each q load; with 4 heads one transposed reduction gives a row's 4
 // logits. mini-1b's decode step on Zen 4 (its q and unpacked rows are bf16 numbers): batch 8 36.7 -> 34.8 ms,
 // batch 1 the same.
+// l[r][g] = q[g] . rows[r] for R rows (R = 2: each q load feeds both)
+template <int G, int R>
+void logits_dp_rows(const uint16_t* qb, int64_t d, const uint16_t* const* rows, float* l) {
+  __m512 acc[R][G][2];
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < G; ++g) acc[r][g][0] = acc[r][g][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < d; k += 64)
+    for (int h = 0; h < 2; ++h) {
+      __m512bh v[R];
+      for (int r = 0; r < R; ++r) v[r] = (__m512bh)_mm512_loadu_si512(rows[r] + k + 32 * h);
+      for (int g = 0; g < G; ++g) {
+        const __m512bh qv = (__m512bh)_mm512_loadu_si512(qb + g * d + k + 32 * h);
+        for (int r = 0; r < R; ++r) acc[r][g][h] = _mm512_dpbf16_ps(acc[r][g][h], v[r], qv);
+      }
+    }
+  for (int r = 0; r < R; ++r) {
+    __m512 sum[G];
+    for (int g = 0; g < G; ++g) sum[g] = _mm512_add_ps(acc[r][g][0], acc[r][g][1]);
+    if (G == 4)
+      _mm_storeu_ps(l + r * G, sums4(sum));
+    else
+      for (int g = 0; g < G; ++g) l[r * G + g] = _mm512_reduce_add_ps(sum[g]);
+  }
+}
+
 template <int G>
 bool logits_dp(const uint16_t* qb, int64_t d, const uint16_t* const* rows, int64_t n, float* l) {
   if (!qb) return false;
-  auto finish = [&](__m512 (*acc)[2], float* out) {
-    __m512 sum[G];
-    for (int g = 0; g < G; ++g) sum[g] = _mm512_add_ps(acc[g][0], acc[g][1]);
-    if (G == 4)
-      _mm_storeu_ps(out, sums4(sum));
-    else
-      for (int g = 0; g < G; ++g) out[g] = _mm512_reduce_add_ps(sum[g]);
-  };
   int64_t j = 0;
-  for (; j + 2 <= n; j += 2) {
-    const uint16_t* r0 = rows[j];
-    const uint16_t* r1 = rows[j + 1];
-    __m512 a[G][2], b[G][2];
-    for (int g = 0; g < G; ++g) a[g][0] = a[g][1] = b[g][0] = b[g][1] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < d; k += 64)
-      for (int h = 0; h < 2; ++h) {
-        const __m512bh v0 = (__m512bh)_mm512_loadu_si512(r0 + k + 32 * h);
-        const __m512bh v1 = (__m512bh)_mm512_loadu_si512(r1 + k + 32 * h);
-        for (int g = 0; g < G; ++g) {
-          const __m512bh qv = (__m512bh)_mm512_loadu_si512(qb + g * d + k + 32 * h);
-          a[g][h] = _mm512_dpbf16_ps(a[g][h], v0, qv);
-          b[g][h] = _mm512_dpbf16_ps(b[g][h], v1, qv);
-        }
-      }
-    finish(a, l + j * G);
-    finish(b, l + (j + 1) * G);
-  }
-  if (j < n) {
-    const uint16_t* r0 = rows[j];
-    __m512 a[G][2];
-    for (int g = 0; g < G; ++g) a[g][0] = a[g][1] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < d; k += 64)
-      for (int h = 0; h < 2; ++h) {
-        const __m512bh v0 = (__m512bh)_mm512_loadu_si512(r0 + k + 32 * h);
-        for (int g = 0; g < G; ++g)
-          a[g][h] = _mm512_dpbf16_ps(a[g][h], v0, (__m512bh)_mm512_loadu_si512(qb + g * d + k + 32 * h));
-      }
-    finish(a, l + j * G);
-  }
+  for (; j + 2 <= n; j += 2) logits_dp_rows<G, 2>(qb, d, rows + j, l + j * G);
+  if (j < n) logits_dp_rows<G, 1>(qb, d, rows + j, l + j * G);
   return true;
 }
 #endif
-template <int G>
-bool logits_dp(const uint16_t*, int64_t, const float* const*, int64_t, float*) {
-  return false;  // float rows: the FMA loops
-}
-#if !defined(DSV4_ATTN_PAIR_DOT)
-template <int G>
-bool logits_dp(const uint16_t*, int64_t, const uint16_t* const*, int64_t, float*) {
+// Rows the pair dots do not take (float rows; bf16 rows without DSV4_ATTN_PAIR_DOT): the FMA loops
+template <int G, typename T>
+bool logits_dp(const uint16_t*, int64_t, const T* const*, int64_t, float*) {
   return false;
 }
-#endif
 
 // One block for heads h..h+G-1: `rows` its n > 0 valid picks. Updates the running max, the
 // denominator and the accumulator acc [G][d] as the reference does: the block's own P.V sum first, then
