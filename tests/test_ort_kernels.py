@@ -223,6 +223,25 @@ def test_bf16_linear_reads_the_stored_weight_exactly(library, isa):
         np.testing.assert_array_equal(row[0], want[:, j])
 
 
+@pytest.mark.parametrize("rows", [5, 8])
+def test_bf16_linear_of_5_to_8_rows_reads_every_weight_exactly(library, isa, rows):
+    """5-8 rows of x = I (K = 48: three 16-wide chunks, the first read by a shift, the others by a mask on the
+    load one weight earlier) read each column of W back bit for bit: an even or odd weight taken from the wrong
+    place, or x's even / odd reordering wrong, puts another weight in its column. Random bit patterns with
+    subnormals and signed zeros; 7 weight rows (groups of 3, then a single row). AMX reads subnormals as 0."""
+    bits = torch.randint(0, 1 << 16, (7, 48), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+    bits[(bits & 0x7F80) == 0x7F80] = 0
+    bits[0, :4] = torch.tensor([0x0001, 0x8000, 0x807F, 0x3F80])
+    w = bits.to(torch.int16).view(torch.bfloat16)
+    want = w.float().numpy()
+    if isa == "amx":
+        want = np.where(np.abs(want) < np.finfo(np.float32).tiny, 0.0, want)
+    for j0 in range(0, 48, rows):
+        x = torch.eye(48)[j0:j0 + rows]
+        got = run_kernel(library, "bf16_linear", {}, [2], x=x, w=w)[0]
+        np.testing.assert_array_equal(got, want[:, j0:j0 + len(x)].T, err_msg=f"columns {j0}..")
+
+
 def test_cache_write(library):
     """The hand-written case of tests/test_onnx_ops.py, then a larger cache against the reference."""
     from test_onnx_ops import cache_write_case
