@@ -7,8 +7,10 @@
 For each preset the artifact is built with `dsv4c build` (stage cache: DSV4C_CACHE_DIR), then, at each batch size,
 prefill (equal-length prompts, so transformers can batch them) and greedy decode are timed on both (the first
 decode step after the prefill is run untimed on both: ONNX Runtime sets its decode session up on that run). dsv4c's
-figures are the mean of `--reps` runs after a warm-up run, as llama-bench reports its own (`-r`); transformers runs
-once (its mini-1b batch-8 decode takes minutes). The last columns are the memory-bandwidth bound of decode:
+figures are the mean of `--reps` runs after a warm-up run; at batch 1 beside llama.cpp, dsv4c and llama-bench
+instead run in `--rounds` alternating rounds (one run each) and the table gives each side's median and the
+median of the rounds' ratios (a shared machine's speed drifts by 20-30 % within minutes: runs taken minutes apart
+compared the machine with itself); transformers runs once (its mini-1b batch-8 decode takes minutes). The last columns are the memory-bandwidth bound of decode:
 tokens/s if every step only streamed the weights it must read (dense weights + the routed experts a batch of that
 size touches, packed as stored) at this machine's measured copy bandwidth, and dsv4c's decode as a share of it.
 
@@ -181,6 +183,26 @@ def llama_bench(binary: Path, gguf: Path, prompt: int, steps: int, threads: int,
     return pre["avg_ts"], dec["avg_ts"], build_info
 
 
+def interleaved(engine, prompts: np.ndarray, llama_bench_binary: Path, gguf: Path, args) -> tuple:
+    """dsv4c and llama.cpp at batch 1 in `--rounds` alternating rounds (one llama-bench run, then one dsv4c run),
+    after a warm-up run of dsv4c: (dsv4c prefill s, decode s per step, llama.cpp prefill tok/s, decode tok/s, the
+    median of the rounds' decode ratios, note). The medians of each side and of the per-round ratios: a shared
+    machine's speed drifts by 20-30 % within minutes, and a ratio of two runs taken minutes apart measured that."""
+    time_engine(engine, prompts, args.steps)
+    e_runs, l_runs = [], []
+    for _ in range(args.rounds):
+        l_runs.append(llama_bench(llama_bench_binary, gguf, args.prompt, args.steps, args.threads, 1))
+        e_runs.append(time_engine(engine, prompts, args.steps))
+    ratios = [1 / e[1] / l[1] for e, l in zip(e_runs, l_runs)]
+    med = np.median
+    info = (f"{l_runs[0][2].split(', prefill')[0]}, {args.rounds} rounds alternating with dsv4c: prefill "
+            f"{med([l[0] for l in l_runs]):.0f} (runs {', '.join(f'{l[0]:.0f}' for l in l_runs)}), decode "
+            f"{med([l[1] for l in l_runs]):.1f} tok/s (runs {', '.join(f'{l[1]:.1f}' for l in l_runs)}); dsv4c "
+            f"decode {', '.join(f'{1 / e[1]:.1f}' for e in e_runs)}; ratios {', '.join(f'{r:.2f}' for r in ratios)}")
+    return (float(med([e[0] for e in e_runs])), float(med([e[1] for e in e_runs])),
+            float(med([l[0] for l in l_runs])), float(med([l[1] for l in l_runs])), float(med(ratios)), info)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", default="tiny,mini-1b")
@@ -194,8 +216,10 @@ def main() -> None:
     ap.add_argument("--llama-cpp-python", default=sys.executable,
                     help="Python for llama.cpp's converter (needs torch, transformers, safetensors, numpy; gguf-py "
                          "comes from the tree)")
-    ap.add_argument("--llama-reps", type=int, default=3, help="llama-bench repetitions (it reports the mean)")
-    ap.add_argument("--reps", type=int, default=3, help="dsv4c runs after a warm-up run, their mean reported")
+    ap.add_argument("--reps", type=int, default=3, help="dsv4c runs after a warm-up run, their mean reported "
+                    "(rows without llama.cpp)")
+    ap.add_argument("--rounds", type=int, default=5, help="batch 1 with llama.cpp: alternating rounds of one "
+                    "llama-bench run and one dsv4c run, medians reported")
     args = ap.parse_args()
     llama = llama_cpp_tree(args.llama_cpp)
     torch.set_num_threads(args.threads)
@@ -211,27 +235,27 @@ def main() -> None:
         checkpoint = Path(engine.manifest.data["inputs"]["checkpoint"])
         hf = load_transformers_model(checkpoint)
         kernels = engine.manifest.engine.get("kernels", {}).get("implementation", "?")
-        l_pre = l_dec = None
-        if llama is not None and 1 in batches:
-            gguf = convert_gguf(llama[0], checkpoint, args.out, args.llama_cpp_python)
-            try:
-                l_pre, l_dec, build_info = llama_bench(llama[1], gguf, args.prompt, args.steps, args.threads,
-                                                       args.llama_reps)
-                notes.append(f"{preset}: llama.cpp {build_info}, {gguf.name} ({gguf.stat().st_size / 1e6:.1f} MB)")
-            except RuntimeError as e:
-                notes.append(f"{preset}: llama.cpp failed: {e}")
+        gguf = convert_gguf(llama[0], checkpoint, args.out, args.llama_cpp_python) \
+            if llama is not None and 1 in batches else None
         for batch in batches:
             rng = np.random.default_rng(0)
             prompts = rng.integers(2, engine.vocab_size, (batch, args.prompt)).astype(np.int64)
-            e_pre, e_dec = time_engine_mean(engine, prompts, args.steps, args.reps)
+            lp = ld = ratio = None
+            if batch == 1 and gguf is not None:
+                try:
+                    e_pre, e_dec, lp, ld, ratio, info = interleaved(engine, prompts, llama[1], gguf, args)
+                    notes.append(f"{preset}: llama.cpp {info}, {gguf.name} ({gguf.stat().st_size / 1e6:.1f} MB)")
+                except RuntimeError as e:
+                    notes.append(f"{preset}: llama.cpp failed: {e}")
+            if ld is None:
+                e_pre, e_dec = time_engine_mean(engine, prompts, args.steps, args.reps)
             h_pre, h_dec = time_transformers(hf, prompts, args.steps)
             bound = batch * bandwidth / decode_bytes(hf_config_of(engine), batch)
-            lp, ld = (l_pre, l_dec) if batch == 1 else (None, None)
             rows.append((preset, kernels, batch, batch * args.prompt / e_pre, lp, batch * args.prompt / h_pre,
-                         batch / e_dec, ld, batch / h_dec, h_dec / e_dec, None if ld is None else batch / e_dec / ld,
-                         bound))
+                         batch / e_dec, ld, batch / h_dec, h_dec / e_dec, ratio, bound))
+    paired = f"; batch 1 beside llama.cpp: medians of {args.rounds} alternating rounds" if llama is not None else ""
     print(f"\nthreads {args.threads}, prompt {args.prompt}, decode steps {args.steps}, dsv4c the mean of {args.reps} "
-          f"runs after a warm-up, copy bandwidth {bandwidth / 1e9:.1f} GB/s\n")
+          f"runs after a warm-up{paired}, copy bandwidth {bandwidth / 1e9:.1f} GB/s\n")
     head = ("preset", "kernels", "batch", "prefill tok/s", "llama.cpp prefill tok/s", "hf prefill tok/s",
             "decode tok/s", "llama.cpp decode tok/s", "hf decode tok/s", "decode speedup", "vs llama.cpp",
             "bandwidth bound tok/s", "of bound")
