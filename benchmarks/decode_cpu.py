@@ -10,9 +10,10 @@ decode step after the prefill is run untimed on both: ONNX Runtime sets its deco
 figures are the mean of `--reps` runs after a warm-up run; at batch 1 beside llama.cpp, dsv4c and llama-bench
 instead run in `--rounds` alternating rounds (one run each) and the table gives each side's median and the
 median of the rounds' ratios (a shared machine's speed drifts by 20-30 % within minutes: runs taken minutes apart
-compared the machine with itself); transformers runs once (its mini-1b batch-8 decode takes minutes). The last columns are the memory-bandwidth bound of decode:
-tokens/s if every step only streamed the weights it must read (dense weights + the routed experts a batch of that
-size touches, packed as stored) at this machine's measured copy bandwidth, and dsv4c's decode as a share of it.
+compared the machine with itself); transformers runs once (its mini-1b batch-8 decode takes minutes). The last
+columns are the memory-bandwidth bound of decode: tokens/s if every step only streamed the weights it must read
+(dense weights + the routed experts a batch of that size touches, packed as stored) at this machine's measured
+copy bandwidth, and dsv4c's decode as a share of it.
 
 llama.cpp (`--llama-cpp`, or DSV4C_LLAMA_CPP): the llama.cpp source tree with its tools built (vendor/llama.cpp of
 the llama-cpp-python sdist, `build/bin/llama-bench`; benchmarks/llama_cpp.md says how). The same checkpoint the
