@@ -16,7 +16,8 @@ Sources of every figure (nothing is loaded, no weights are needed):
     each kind (transients live within a layer, so it peaks like the whole model): the peak bytes of the tensors
     the forward allocates, and the `dsv4::*` ops it calls, checked against what the target implements. dsv4c's
     engine column adds what the target's runtime allocates beyond that: its kernels' scratch
-    (`Target.kernel_scratch`) and the caches it holds twice (`Target.cache_copies`).
+    (`Target.kernel_scratch`), the caches it holds twice (`Target.cache_copies`) and its sessions' own memory
+    (`Target.session_state`: ONNX Runtime's per graph node on the CPU target; not modelled for the others).
   * per device (one rank of the mesh of dsv4c.graphs.parallel: world = tensor x data, pipeline 1): routed experts
     over `parallel.expert`, the tensor-parallel weights of spec §5.3 over `parallel.tensor` (the embedding and the
     head by vocabulary), everything else replicated (the shared expert, wq_a, wkv, compressors, gate, norms, hc);
@@ -436,7 +437,8 @@ def engine_overheads(formats: dict[str, int], engine: dict[str, int], scale_byte
         out.append(f"its runtime holds caches twice, a step writing beside the old values "
                    f"(+{(engine['kv_cache'] - formats['kv_cache']) / GIB:.1f} GiB)")
     if engine["workspace"] > formats["workspace"]:
-        out.append(f"its kernels' scratch (+{(engine['workspace'] - formats['workspace']) / GIB:.1f} GiB)")
+        out.append(f"its kernels' scratch and runtime sessions "
+                   f"(+{(engine['workspace'] - formats['workspace']) / GIB:.1f} GiB)")
     return out
 
 
@@ -740,6 +742,7 @@ def make_plan(recipe) -> dict[str, Any]:
         ops, workspace, engine_workspace = trace_prefill(rank_config(cfg, t.parallel.tensor), numerics,
                                                          graph_format, seqs, chunk, rt.max_seq_len,
                                                          scratch=target.kernel_scratch)
+    engine_workspace += target.session_state(cfg.num_hidden_layers)  # the engine's runtime beside its tensors
     coverage = op_coverage(t.kind, t.soc_version, ops)
 
     # devices

@@ -57,6 +57,10 @@ class Target(Protocol):
         """Bytes the target's kernel for dsv4 op `op` holds beyond its outputs while it runs, for the op's
         arguments `args` (meta tensors and attributes, in schema order): `plan` counts them in the workspace."""
 
+    def session_state(self, layers: int) -> int:
+        """Bytes the target's runtime holds for an engine of `layers` transformer layers beyond its weights,
+        caches, activations and kernel scratch (sessions, code): `plan` counts them in the engine's workspace."""
+
     def check(self, recipe: Any) -> TargetCheck: ...
 
     def lower(self, programs: dict[str, Any], bundle_dir: Path, recipe: Any, meta: dict[str, Any],

@@ -65,6 +65,9 @@ class CannTarget:
     def cache_copies(self, field: str) -> int:
         return 2  # the runtime's caches are double-buffered in NPU memory (executor.AclCache: current, spare)
 
+    def session_state(self, layers: int) -> int:
+        return 0  # the ACL model descriptions' and streams' memory is not modelled
+
     def kernel_scratch(self, op: str, args: tuple) -> int:
         return 0  # the ops' CANN kernels are not written yet (mapping.py: cann_kernel="TBD")
 

@@ -34,6 +34,14 @@ class CpuTarget:
         # a step writes the window ring and the compressor state into spare buffers (executor.updated_in_place)
         return 1 if field in ("cmp", "idx") else 2
 
+    def session_state(self, layers: int) -> int:
+        """ONNX Runtime's sessions of the prefill and decode programs: ~5.7 KB per graph node and ~600 nodes per
+        layer (the two programs), plus ~5 MB of the sessions' own and ~13 MB of ORT's and the kernel library's
+        code pages. Measured at mini-1b's width: an engine's growth on load (sessions made, nothing run) was
+        26.0 / 32.8 / 46.2 MB at 2 / 4 / 8 layers (1363 / 2554 / 4936 nodes). The node count does not depend
+        on the width; that the bytes per node do not either is measured only at mini-1b's."""
+        return int(18.4e6 + 600 * 5.7e3 * layers)
+
     def kernel_scratch(self, op: str, args: tuple) -> int:
         """The large Scratch blocks of the kernel library's ops (ops.cc), at their most at once; the small ones
         (picks, job lists, per-thread rows) are left out. tests/test_ort_kernels.py holds it against the library's

@@ -55,6 +55,9 @@ class TensorRTTarget:
         # write the other (executor.TensorRTExecutor, device_cache.TorchCache(double_buffered=True))
         return 2
 
+    def session_state(self, layers: int) -> int:
+        return 0  # the execution contexts' device memory is not modelled (TensorRT reports it after the build)
+
     def kernel_scratch(self, op: str, args: tuple) -> int:
         """What the JIT plugins' launchers allocate beside their outputs (kernels/moe.py, kernels/indexer.py)."""
         if op == "moe_experts":  # every pick's h row and its output row before the sum over slots
