@@ -35,12 +35,13 @@ class CpuTarget:
         return 1 if field in ("cmp", "idx") else 2
 
     def session_state(self, layers: int) -> int:
-        """ONNX Runtime's sessions of the prefill and decode programs: ~5.7 KB per graph node and ~600 nodes per
-        layer (the two programs), plus ~5 MB of the sessions' own and ~13 MB of ORT's and the kernel library's
-        code pages. Measured at mini-1b's width: an engine's growth on load (sessions made, nothing run) was
-        26.0 / 32.8 / 46.2 MB at 2 / 4 / 8 layers (1363 / 2554 / 4936 nodes). The node count does not depend
-        on the width; that the bytes per node do not either is measured only at mini-1b's."""
-        return int(18.4e6 + 600 * 5.7e3 * layers)
+        """What loading the engine adds to a process that has imported ONNX Runtime: the sessions of the prefill
+        and decode programs, ~5.65 KB per graph node and ~600 nodes per layer (the two programs), and ~35 MB that
+        do not grow with depth (the runtime's imports, onnx among them; ORT's and the kernel library's code pages;
+        the sessions' own). Measured at mini-1b's width, a process's growth on Engine.load (nothing run):
+        43.1 / 49.8 / 63.3 MB at 2 / 4 / 8 layers (1363 / 2554 / 4936 nodes). The node count does not depend on
+        the width; that the bytes per node do not either is measured only at mini-1b's."""
+        return int(35.4e6 + 600 * 5.65e3 * layers)
 
     def kernel_scratch(self, op: str, args: tuple) -> int:
         """The large Scratch blocks of the kernel library's ops (ops.cc), at their most at once; the small ones
