@@ -31,6 +31,23 @@ namespace {
 
 inline int64_t lo(int64_t a, int64_t b) { return a < b ? a : b; }
 
+template <int N>
+struct Count {
+  static constexpr int value = N;
+};
+
+// f(Count<R>{}, m0) for rows [0, rows) in groups of 4 from row m0 (R = the group's 1-4 rows): a kernel's template
+// row count from a runtime one.
+template <class F>
+inline void in_fours(int64_t rows, F&& f) {
+  for (int64_t m0 = 0; m0 < rows; m0 += 4) switch (lo(4, rows - m0)) {
+      case 1: f(Count<1>{}, m0); break;
+      case 2: f(Count<2>{}, m0); break;
+      case 3: f(Count<3>{}, m0); break;
+      default: f(Count<4>{}, m0); break;
+    }
+}
+
 // Decoded value of every FP8 e4m3fn byte (0x7f / 0xff are NaN) and every FP4 e2m1 nibble.
 struct Tables {
   float fp8[256];
@@ -578,16 +595,9 @@ bool linear_bf16_pairs(const QuantWeight& w, const float* x, int64_t ldx, int64_
   const uint16_t* wd = (const uint16_t*)w.data;
   for (int64_t j = n0; j < n1; j += 3) {
     const int64_t c = lo(3, n1 - j);
-    for (int64_t m0 = 0; m0 < rows; m0 += 4) {
-      const float* xm = xp + m0 * K;
-      float* ym = y + m0 * ldy;
-      switch (lo(4, rows - m0)) {
-        case 1: bf16_pairs_rows<1>(xm, K, wd, j, c, ym, ldy); break;
-        case 2: bf16_pairs_rows<2>(xm, K, wd, j, c, ym, ldy); break;
-        case 3: bf16_pairs_rows<3>(xm, K, wd, j, c, ym, ldy); break;
-        default: bf16_pairs_rows<4>(xm, K, wd, j, c, ym, ldy); break;
-      }
-    }
+    in_fours(rows, [&](auto group, int64_t m0) {
+      bf16_pairs_rows<decltype(group)::value>(xp + m0 * K, K, wd, j, c, y + m0 * ldy, ldy);
+    });
   }
   return true;
 }
@@ -949,16 +959,9 @@ void linear_impl(const QuantWeight& w, const float* x, int64_t ldx, int64_t rows
 #endif
   if (linear_bf16_pairs(w, x, ldx, rows, y, ldy, n0, n1)) return;
   if (rows > 6) return linear_tiled(w, x, ldx, rows, y, ldy, n0, n1);  // 5-6 rows: two fused passes are cheaper
-  for (int64_t m0 = 0; m0 < rows; m0 += 4) {
-    const float* xm = x + m0 * ldx;
-    float* ym = y + m0 * ldy;
-    switch (lo(4, rows - m0)) {
-      case 1: fused<1>(w, xm, ldx, ym, ldy, n0, n1); break;
-      case 2: fused<2>(w, xm, ldx, ym, ldy, n0, n1); break;
-      case 3: fused<3>(w, xm, ldx, ym, ldy, n0, n1); break;
-      default: fused<4>(w, xm, ldx, ym, ldy, n0, n1); break;
-    }
-  }
+  in_fours(rows, [&](auto group, int64_t m0) {
+    fused<decltype(group)::value>(w, x + m0 * ldx, ldx, y + m0 * ldy, ldy, n0, n1);
+  });
 }
 
 // G (<= 4) heads against one kv row: G dot products sharing the row's loads.
