@@ -427,8 +427,9 @@ def per_device(rows: list[dict[str, Any]], key: str, kv_per_layer: list[int], wo
     return out
 
 
-def engine_overheads(formats: dict[str, int], engine: dict[str, int], scale_bytes: int) -> list[str]:
-    """What dsv4c's engine holds beyond the recipe's formats on one device (per_device rows of both)."""
+def engine_overheads(formats: dict[str, int], engine: dict[str, int], scale_bytes: int, sessions: int) -> list[str]:
+    """What dsv4c's engine holds beyond the recipe's formats on one device (per_device rows of both; `sessions`:
+    the target's session_state, part of the engine's workspace)."""
     out = []
     if scale_bytes > 1 and engine["weights"] > formats["weights"]:
         out.append(f"weight scales stored as float32, not e8m0 bytes "
@@ -436,9 +437,11 @@ def engine_overheads(formats: dict[str, int], engine: dict[str, int], scale_byte
     if engine["kv_cache"] > formats["kv_cache"]:
         out.append(f"its runtime holds caches twice, a step writing beside the old values "
                    f"(+{(engine['kv_cache'] - formats['kv_cache']) / GIB:.1f} GiB)")
-    if engine["workspace"] > formats["workspace"]:
-        out.append(f"its kernels' scratch and runtime sessions "
-                   f"(+{(engine['workspace'] - formats['workspace']) / GIB:.1f} GiB)")
+    scratch = engine["workspace"] - sessions - formats["workspace"]
+    if scratch > 0:
+        out.append(f"its kernels' scratch (+{scratch / GIB:.1f} GiB)")
+    if sessions:
+        out.append(f"its runtime's sessions (+{sessions / GIB:.2f} GiB)")
     return out
 
 
@@ -742,7 +745,8 @@ def make_plan(recipe) -> dict[str, Any]:
         ops, workspace, engine_workspace = trace_prefill(rank_config(cfg, t.parallel.tensor), numerics,
                                                          graph_format, seqs, chunk, rt.max_seq_len,
                                                          scratch=target.kernel_scratch)
-    engine_workspace += target.session_state(cfg.num_hidden_layers)  # the engine's runtime beside its tensors
+    sessions = target.session_state(cfg.num_hidden_layers)
+    engine_workspace += sessions  # the engine's runtime beside its tensors
     coverage = op_coverage(t.kind, t.soc_version, ops)
 
     # devices
@@ -774,7 +778,7 @@ def make_plan(recipe) -> dict[str, Any]:
         fit = int(room // (worst_graph["kv_cache"] / seqs)) if room > 0 and worst_graph["kv_cache"] else 0
         warnings.append(f"dsv4c's {t.kind} engine would need {worst_graph['total'] / GIB:.1f} GiB per device, more "
                         f"than the {usable / GIB:.1f} GiB usable (the recipe's formats need "
-                        f"{worst['total'] / GIB:.1f}): " + "; ".join(engine_overheads(worst, worst_graph, scale_bytes))
+                        f"{worst['total'] / GIB:.1f}): " + "; ".join(engine_overheads(worst, worst_graph, scale_bytes, sessions))
                         + (f"; runtime.max_batch_size {fit} fits it" if fit >= 1 else ""))
     shipped_layers: dict[Any, int] = defaultdict(int)
     for r in rows:
