@@ -14,7 +14,7 @@ layers alternating, so every added pair of layers is the same ~120 MB on disk) a
      one full prefill chunk each, then decode): its peak RSS growth, and its growth after the run, against
      `dsv4c plan`'s per-device figure for the same recipe (the recipe's formats, and this dsv4c's engine); and
      that peak with the embedding pages the workload's prompts did not read (/proc/self/pagemap), which `plan`
-     counts (a server's prompts come to read every row),
+     counts (a server's prompts come to read every row).
 
 and prints one table with issue 13's measured baseline beside it, then the 8-layer build's peak RSS per stage.
 

@@ -778,7 +778,8 @@ def make_plan(recipe) -> dict[str, Any]:
         fit = int(room // (worst_graph["kv_cache"] / seqs)) if room > 0 and worst_graph["kv_cache"] else 0
         warnings.append(f"dsv4c's {t.kind} engine would need {worst_graph['total'] / GIB:.1f} GiB per device, more "
                         f"than the {usable / GIB:.1f} GiB usable (the recipe's formats need "
-                        f"{worst['total'] / GIB:.1f}): " + "; ".join(engine_overheads(worst, worst_graph, scale_bytes, sessions))
+                        f"{worst['total'] / GIB:.1f}): "
+                        + "; ".join(engine_overheads(worst, worst_graph, scale_bytes, sessions))
                         + (f"; runtime.max_batch_size {fit} fits it" if fit >= 1 else ""))
     shipped_layers: dict[Any, int] = defaultdict(int)
     for r in rows:
