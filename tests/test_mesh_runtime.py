@@ -332,6 +332,7 @@ def test_torchrun_two_nodes(mesh_artifacts, plain_single):
     assert "tokens:" not in outs[1][0]  # rank 1 served only
 
 
+@pytest.mark.slow  # 90 s; CI builds the plain-numerics meshes through the same validate stage (mesh_artifacts)
 def test_official_numerics_mesh_passes_its_validation_gate(stage_cache, tmp_path_factory):
     """recipes/tiny-cpu-tp2.yaml (DeepSeek's numerics, tensor 2 x expert 2): the build's validate stage runs the
     mesh against the single-device reference under the derived gate and the build only succeeds if it passes."""
