@@ -11,8 +11,9 @@ figures are the mean of `--reps` runs after a warm-up run; at batch 1 beside lla
 instead run in `--rounds` alternating rounds (one run each) and the table gives each side's median and the
 median of the rounds' ratios (a shared machine's speed drifts by 20-30 % within minutes: runs taken minutes apart
 compared the machine with itself); transformers runs once (its mini-1b batch-8 decode takes minutes). The last
-columns are the memory-bandwidth bound of decode: tokens/s if every step only streamed the weights it must read
-(dense weights + the routed experts a batch of that size touches, packed as stored) at this machine's measured
+columns are the memory-bandwidth bound of decode: tokens/s if every step only streamed the bytes it must read
+(dense weights + the routed experts a batch of that size touches, packed as stored, one row per token of the tables
+looked up by token id, and the cache rows a step reads at the timed steps' mean context) at this machine's measured
 copy bandwidth, and dsv4c's decode as a share of it.
 
 llama.cpp (`--llama-cpp`, or DSV4C_LLAMA_CPP): the llama.cpp source tree with its tools built (vendor/llama.cpp of
@@ -67,9 +68,11 @@ def copy_bandwidth(nbytes: int = 1 << 28) -> float:
     return best
 
 
-def decode_bytes(cfg, batch: int) -> float:
-    """Weight bytes one decode step must read: everything except the routed experts (embedding: one row per
-    token) plus the expected number of distinct routed experts `batch` tokens select per layer."""
+def decode_bytes(cfg, batch: int, slots=(), context: int = 0) -> float:
+    """Bytes one decode step of `batch` sequences must read: the weights (everything except the routed experts, and
+    of the tables looked up by token id, the embedding and the hash layers' tid2eid, one row per token) plus the
+    expected number of distinct routed experts `batch` tokens select per layer; with the engine's cache `slots`
+    (Engine.cache_slots), also the cache rows a step at `context` tokens reads (cache_read_bytes)."""
     from dsv4c.graphs.checkpoint import expected_tensors
 
     dense, expert = 0, 0
@@ -78,13 +81,37 @@ def decode_bytes(cfg, batch: int) -> float:
             continue  # the MTP block is not run by plain decode
         if ".ffn.experts." in name:
             expert += spec.nbytes
-        elif name == "embed.weight":
+        elif name == "embed.weight" or name.endswith(".ffn.gate.tid2eid"):
             dense += batch * spec.nbytes / spec.shape[0]
         else:
             dense += spec.nbytes
     e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     touched = e * (1 - (1 - k / e) ** batch)
-    return dense + expert * touched / e
+    return dense + expert * touched / e + batch * cache_read_bytes(cfg, slots, context)
+
+
+def cache_read_bytes(cfg, slots, context: int) -> float:
+    """Cache bytes one sequence's decode step reads at `context` tokens (cache.py's layout): the sliding window's
+    rows; of the compressed entries (one per `ratio` tokens) all of an HCA layer's, the indexer's top-k of a CSA
+    layer's, whose indexer keys it reads all of; the compressor states whole."""
+    from dsv4c.targets.base import numpy_dtype
+
+    ratios = dict(enumerate(cfg.compress_ratios))
+    total = 0.0
+    for slot in slots:
+        layer, field = slot.name.split(".")[1], slot.name.split(".")[-1]
+        row = np.prod(slot.shape[1:]) * np.dtype(numpy_dtype(slot.dtype)).itemsize
+        ratio = ratios.get(int(layer), 0) if layer.isdigit() else 0
+        if field == "win":
+            rows = min(context, slot.shape[0])
+        elif field == "cmp":
+            rows = context // ratio if ratio != 4 else min(context // ratio, cfg.index_topk)
+        elif field == "idx":
+            rows = context // 4
+        else:
+            rows = slot.shape[0]
+        total += min(rows, slot.shape[0]) * row
+    return total
 
 
 def time_engine(engine, prompts: np.ndarray, steps: int,
@@ -251,7 +278,8 @@ def main() -> None:
             if ld is None:
                 e_pre, e_dec = time_engine_mean(engine, prompts, args.steps, args.reps)
             h_pre, h_dec = time_transformers(hf, prompts, args.steps)
-            bound = batch * bandwidth / decode_bytes(hf_config_of(engine), batch)
+            context = args.prompt + args.steps // 2  # the timed steps' mean context
+            bound = batch * bandwidth / decode_bytes(hf_config_of(engine), batch, engine.cache_slots, context)
             rows.append((preset, kernels, batch, batch * args.prompt / e_pre, lp, batch * args.prompt / h_pre,
                          batch / e_dec, ld, batch / h_dec, h_dec / e_dec, ratio, bound))
     paired = f"; batch 1 beside llama.cpp: medians of {args.rounds} alternating rounds" if llama is not None else ""

@@ -108,7 +108,7 @@ def main() -> None:
             prompts = np.random.default_rng(0).integers(2, cfg.vocab_size, (batch, args.prompt)).astype(np.int64)
             e_pre, e_dec = time_engine(engine, prompts, args.steps, lambda: sync(args.device))
             t_pre, t_dec = time_eager(eager, prompts, args.steps, engine.max_seq_len, args.device)
-            bound = batch * bandwidth / decode_bytes(cfg, batch)
+            bound = batch * bandwidth / decode_bytes(cfg, batch, engine.cache_slots, args.prompt + args.steps // 2)
             rows.append((preset, batch, batch * args.prompt / e_pre, batch * args.prompt / t_pre, batch / e_dec,
                          batch / t_dec, bound))
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
