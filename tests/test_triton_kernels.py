@@ -30,6 +30,7 @@ NATIVE = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") i
 # triton already imported natively by something earlier in this process: the interpreter cannot run here, so
 # test_kernels_in_fresh_process runs this file in a new Python and every other test is skipped in this one
 DELEGATE = not NATIVE and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+PRIOR_INTERPRET = os.environ.get("TRITON_INTERPRET")
 if not NATIVE:
     os.environ["TRITON_INTERPRET"] = "1"
     for _name in [m for m in sys.modules if m.startswith("dsv4c.targets.tensorrt.kernels")]:
@@ -47,6 +48,7 @@ from tensors import split_rows  # noqa: E402
 K = importlib.import_module("dsv4c.targets.tensorrt.kernels")
 common = importlib.import_module("dsv4c.targets.tensorrt.kernels.common")
 moe_mod = importlib.import_module("dsv4c.targets.tensorrt.kernels.moe")
+
 ops = torch.ops.dsv4
 DEV = K.DEVICE
 U = 2.0 ** -24  # fp32 unit roundoff
@@ -70,6 +72,15 @@ def dot_bound(abs_terms: torch.Tensor, k: int) -> torch.Tensor:
     """Allowed |kernel - reference| for sums of k products: reordering (k u) + tf32x3 operands (2^-20) +
     one rounding of each side's final scaling (4u); abs_terms = sum of |products| (fp64)."""
     return (k * U + 2.0 ** -20 + 4 * U) * abs_terms + 1e-30
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpret_mode():
+    """TRITON_INTERPRET as it was when this file decorated its kernels, for this file's tests only."""
+    with pytest.MonkeyPatch.context() as patch:
+        if not NATIVE:
+            patch.setenv("TRITON_INTERPRET", "1")
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -825,3 +836,14 @@ def test_kernels_read_and_write_packed_rows():
     n_visible = torch.tensor([[3, 7, 12], [12, 1, 0]])
     assert torch.equal(K.indexer_topk(*dev(qi, keys, w, n_visible), 5, True),
                        K.indexer_topk(*dev(qi, values, w, n_visible), 5, True))
+
+
+# Every kernel of this file and of dsv4c is decorated by now (the file's last statement): the variable goes back
+# to what it was, and is set again only while this file's tests run (interpret_mode). pytest imports every test
+# file before it runs any: left set, it reached the other files' tests, and the TensorRT torch executor, which
+# reads it at run time, ran its torch-reference tests on the interpreted Triton kernels instead
+# (test_tensorrt_torch_executor: 71 s for a 4 s test, and its reference path never ran in a full run).
+if PRIOR_INTERPRET is None:
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ["TRITON_INTERPRET"] = PRIOR_INTERPRET
