@@ -96,12 +96,11 @@ def cache_read_bytes(cfg, slots, context: int) -> float:
     layer's, whose indexer keys it reads all of; the compressor states whole."""
     from dsv4c.targets.base import numpy_dtype
 
-    ratios = dict(enumerate(cfg.compress_ratios))
     total = 0.0
-    for slot in slots:
-        layer, field = slot.name.split(".")[1], slot.name.split(".")[-1]
+    for slot in slots:  # named layers.<i>.<field> (cache.py)
+        _, layer, field = slot.name.split(".")
         row = np.prod(slot.shape[1:]) * np.dtype(numpy_dtype(slot.dtype)).itemsize
-        ratio = ratios.get(int(layer), 0) if layer.isdigit() else 0
+        ratio = cfg.compress_ratios[int(layer)]
         if field == "win":
             rows = min(context, slot.shape[0])
         elif field == "cmp":

@@ -48,7 +48,6 @@ from tensors import split_rows  # noqa: E402
 K = importlib.import_module("dsv4c.targets.tensorrt.kernels")
 common = importlib.import_module("dsv4c.targets.tensorrt.kernels.common")
 moe_mod = importlib.import_module("dsv4c.targets.tensorrt.kernels.moe")
-
 ops = torch.ops.dsv4
 DEV = K.DEVICE
 U = 2.0 ** -24  # fp32 unit roundoff
