@@ -101,8 +101,8 @@ def cache_read_bytes(cfg, slots, context: int) -> float:
         _, layer, field = slot.name.split(".")
         row = np.prod(slot.shape[1:]) * np.dtype(numpy_dtype(slot.dtype)).itemsize
         ratio = cfg.compress_ratios[int(layer)]
-        if field == "win":
-            rows = min(context, slot.shape[0])
+        if field == "win":  # a ring of the last shape[0] rows
+            rows = context
         elif field == "cmp":
             rows = context // ratio if ratio != 4 else min(context // ratio, cfg.index_topk)
         elif field == "idx":
